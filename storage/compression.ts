@@ -1,0 +1,56 @@
+/**
+ * Compression of layer blobs, detected from the bytes and never from the
+ * media type: a real skopeo version labels plain tars `+gzip`.
+ */
+import { createGunzip, createGzip, constants as zlibConstants } from 'node:zlib';
+import { PassThrough, type Transform } from 'node:stream';
+import { CompressStream, DecompressStream } from 'zstd-napi';
+import { ErrorCodes, LayerdError } from '../common/errors.js';
+
+export type Compression = 'gzip' | 'zstd' | 'none';
+
+/** Bytes needed to tell the formats apart (the ustar magic sits at 257). */
+export const SNIFF_BYTES = 512;
+
+export function sniffCompression(head: Buffer): Compression {
+  if (head.length >= 2 && head[0] === 0x1f && head[1] === 0x8b) return 'gzip';
+  if (head.length >= 4 && head.readUInt32LE(0) === 0xfd2fb528) return 'zstd';
+  if (head.length >= 3 && head.subarray(0, 3).toString('latin1') === 'BZh') {
+    throw new LayerdError(ErrorCodes.EUNSUPPORTED, 'bzip2-compressed layers are not supported');
+  }
+  if (head.length >= 6 && head.subarray(0, 6).equals(Buffer.from([0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00]))) {
+    throw new LayerdError(ErrorCodes.EUNSUPPORTED, 'xz-compressed layers are not supported');
+  }
+  return 'none';
+}
+
+/** A stream that turns the compressed bytes back into the tar. */
+export function createDecompressor(compression: Compression): Transform {
+  switch (compression) {
+    case 'gzip':
+      return createGunzip({ chunkSize: 256 * 1024 });
+    case 'zstd':
+      // A window limit of 2^27 (128 MiB) is what zstd's CLI accepts by
+      // default; it keeps a hostile frame from demanding gigabytes.
+      return new DecompressStream({ windowLogMax: 27 });
+    case 'none':
+      return new PassThrough({ highWaterMark: 1024 * 1024 });
+  }
+}
+
+export function createCompressor(compression: Compression): Transform {
+  switch (compression) {
+    case 'gzip':
+      return createGzip({ level: zlibConstants.Z_DEFAULT_COMPRESSION });
+    case 'zstd':
+      return new CompressStream({ compressionLevel: 3 });
+    case 'none':
+      return new PassThrough();
+  }
+}
+
+/** The OCI media type suffix of a layer compressed this way. */
+export function layerMediaType(compression: Compression): string {
+  const base = 'application/vnd.oci.image.layer.v1.tar';
+  return compression === 'none' ? base : `${base}+${compression}`;
+}

@@ -1,0 +1,121 @@
+/**
+ * `fsck`: re-verify everything the store claims. Every blob is re-hashed;
+ * every layer's diffID is recomputed from a stored blob of it where there
+ * is one, and every file of its unpacked form is re-hashed against the
+ * layer index; every image's records must point at present content; files
+ * no record refers to are reported as orphans.
+ */
+import { createHash } from 'node:crypto';
+import { createReadStream } from 'node:fs';
+import { open, readdir, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import { Writable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import { LayerdError } from '../common/errors.js';
+import { SNIFF_BYTES, createDecompressor, sniffCompression } from './compression.js';
+import { type Digest, DigestingStream } from './digest.js';
+import { type Store } from './store.js';
+
+export interface FsckProblem {
+  kind: 'blob' | 'layer' | 'image' | 'orphan';
+  id: string;
+  message: string;
+}
+
+export interface FsckReport {
+  ok: boolean;
+  checked: { blobs: number; layers: number; files: number; images: number };
+  problems: FsckProblem[];
+}
+
+export async function fsck(store: Store): Promise<FsckReport> {
+  const problems: FsckProblem[] = [];
+  const checked = { blobs: 0, layers: 0, files: 0, images: 0 };
+
+  for (const row of store.db.listBlobs()) {
+    checked.blobs++;
+    const path = store.layout.blobPath(row.digest);
+    try {
+      const { digest, size } = await hashFile(path);
+      if (size !== row.size) problems.push({ kind: 'blob', id: row.digest, message: `size ${size}, expected ${row.size}` });
+      else if (digest !== row.digest) problems.push({ kind: 'blob', id: row.digest, message: `content hashes to ${digest}` });
+    } catch (err) {
+      problems.push({ kind: 'blob', id: row.digest, message: `unreadable: ${(err as Error).message}` });
+    }
+  }
+
+  const blobOfLayer = new Map<Digest, Digest>();
+  for (const image of store.db.listImages()) {
+    checked.images++;
+    for (const d of [image.id, image.config_digest, ...(image.index_digest ? [image.index_digest] : [])]) {
+      if (!store.db.getBlob(d)) problems.push({ kind: 'image', id: image.id, message: `refers to missing blob ${d}` });
+    }
+    for (const l of store.db.imageLayers(image.id)) {
+      if (!store.db.getLayer(l.diff_id)) problems.push({ kind: 'image', id: image.id, message: `refers to missing layer ${l.diff_id}` });
+      if (l.blob_digest && store.db.getBlob(l.blob_digest)) blobOfLayer.set(l.diff_id, l.blob_digest);
+    }
+  }
+
+  for (const row of store.db.listLayers()) {
+    checked.layers++;
+    try {
+      const index = await store.layerIndex(row.diff_id);
+      const blob = blobOfLayer.get(row.diff_id);
+      if (blob) {
+        const diff = await diffIdOfBlob(store.layout.blobPath(blob));
+        if (diff !== row.diff_id) problems.push({ kind: 'layer', id: row.diff_id, message: `blob ${blob} decompresses to ${diff}` });
+      }
+      const dataDir = store.layout.layerDataDir(row.diff_id);
+      for (const entry of index.entries) {
+        if (entry.kind !== 'file' || entry.data === undefined || entry.link !== undefined) continue;
+        checked.files++;
+        try {
+          const { digest, size } = await hashFile(join(dataDir, entry.data));
+          if (size !== entry.size || digest !== `sha256:${entry.sha256}`) {
+            problems.push({ kind: 'layer', id: row.diff_id, message: `file /${entry.path} does not match its recorded size and sha256` });
+          }
+        } catch (err) {
+          problems.push({ kind: 'layer', id: row.diff_id, message: `file /${entry.path}: ${(err as Error).message}` });
+        }
+      }
+    } catch (err) {
+      problems.push({ kind: 'layer', id: row.diff_id, message: err instanceof LayerdError ? err.message : String(err) });
+    }
+  }
+
+  for (const hex of await readdir(store.layout.blobsDir)) {
+    if (!store.db.getBlob(`sha256:${hex}`)) problems.push({ kind: 'orphan', id: join('blobs/sha256', hex), message: 'file with no record' });
+  }
+  for (const hex of await readdir(store.layout.layersDir)) {
+    if (!store.db.getLayer(`sha256:${hex}`)) problems.push({ kind: 'orphan', id: join('layers/sha256', hex), message: 'directory with no record' });
+  }
+  for (const name of await readdir(store.layout.tmpDir)) {
+    const st = await stat(join(store.layout.tmpDir, name)).catch(() => undefined);
+    if (st && !name.startsWith(`${process.pid}-`)) problems.push({ kind: 'orphan', id: join('tmp', name), message: 'ingest directory (an import is running, or one was interrupted)' });
+  }
+  return { ok: problems.length === 0, checked, problems };
+}
+
+async function hashFile(path: string): Promise<{ digest: Digest; size: number }> {
+  const hash = createHash('sha256');
+  let size = 0;
+  await pipeline(createReadStream(path, { highWaterMark: 1024 * 1024 }), new Writable({
+    write(chunk: Buffer, _enc, cb) { hash.update(chunk); size += chunk.length; cb(); },
+  }));
+  return { digest: `sha256:${hash.digest('hex')}`, size };
+}
+
+async function diffIdOfBlob(path: string): Promise<Digest> {
+  const handle = await open(path, 'r');
+  let head: Buffer;
+  try {
+    const buf = Buffer.alloc(SNIFF_BYTES);
+    const { bytesRead } = await handle.read(buf, 0, SNIFF_BYTES, 0);
+    head = buf.subarray(0, bytesRead);
+  } finally {
+    await handle.close();
+  }
+  const hasher = new DigestingStream();
+  await pipeline(createReadStream(path, { highWaterMark: 1024 * 1024 }), createDecompressor(sniffCompression(head)), hasher, new Writable({ write(_c, _e, cb) { cb(); } }));
+  return hasher.result().digest;
+}

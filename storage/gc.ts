@@ -1,0 +1,108 @@
+/**
+ * Removing images and collecting garbage. Content goes only when no image
+ * record refers to it any more; the rows go in one write transaction and the
+ * files are moved aside inside it, then deleted, so a crash half-way leaves
+ * either the old state or orphans that recovery removes.
+ */
+import { renameSync } from 'node:fs';
+import { join } from 'node:path';
+import { ErrorCodes, LayerdError } from '../common/errors.js';
+import { type Digest } from './digest.js';
+import { formatRef, parseImageRef, splitNameTag } from './references.js';
+import { type Store } from './store.js';
+
+export interface RemoveResult {
+  untagged: string[];
+  deleted: Digest[];
+  gc: GcResult;
+}
+
+export interface GcResult {
+  blobs: Digest[];
+  layers: Digest[];
+  bytes: number;
+}
+
+/** Give an existing image another NAME:TAG. */
+export function tagImage(store: Store, source: string, target: string): { id: Digest; ref: string } {
+  const image = store.resolveImage(source);
+  const { name, tag } = splitNameTag(target);
+  store.db.write(() => store.db.setTag(name, tag, image.id));
+  return { id: image.id, ref: formatRef(name, tag) };
+}
+
+/**
+ * `rmi`: by NAME:TAG removes that tag (and the image once no tag is left);
+ * by digest removes the image and its tags, refusing an image with several
+ * tags unless forced, as Docker does.
+ */
+export async function removeImage(store: Store, ref: string, options: { force?: boolean } = {}): Promise<RemoveResult> {
+  const image = store.resolveImage(ref);
+  const parsed = parseImageRef(ref);
+  const tags = store.db.tagsOf(image.id);
+  const byTag = parsed.kind === 'tag' && tags.some((t) => t.name === parsed.name && t.tag === parsed.tag);
+  if (!byTag && tags.length > 1 && !options.force) {
+    throw new LayerdError(
+      ErrorCodes.ECONFLICT,
+      `image ${image.id} is tagged ${tags.map((t) => formatRef(t.name, t.tag)).join(', ')}; remove by tag or force`,
+      { image: image.id },
+    );
+  }
+  const untagged: string[] = [];
+  const deleted: Digest[] = [];
+  store.db.write(() => {
+    if (byTag && parsed.kind === 'tag') {
+      store.db.deleteTag(parsed.name, parsed.tag);
+      untagged.push(formatRef(parsed.name, parsed.tag));
+      if (store.db.tagsOf(image.id).length > 0) return;
+    } else {
+      untagged.push(...tags.map((t) => formatRef(t.name, t.tag)));
+    }
+    store.db.deleteImage(image.id);
+    deleted.push(image.id);
+  });
+  return { untagged, deleted, gc: await collectGarbage(store) };
+}
+
+/** `prune`: drop images no tag names, then everything nothing refers to. */
+export async function prune(store: Store): Promise<{ images: Digest[]; gc: GcResult; tmpDirs: number }> {
+  const images: Digest[] = [];
+  store.db.write(() => {
+    for (const row of store.db.untaggedImages()) {
+      store.db.deleteImage(row.id);
+      images.push(row.id);
+    }
+  });
+  const recovered = await store.recover();
+  return { images, gc: await collectGarbage(store), tmpDirs: recovered.tmpDirs };
+}
+
+export async function collectGarbage(store: Store): Promise<GcResult> {
+  const workDir = await store.newWorkDir();
+  const result: GcResult = { blobs: [], layers: [], bytes: 0 };
+  try {
+    let n = 0;
+    store.db.write(() => {
+      const blobs = store.db.referencedBlobs();
+      const layers = store.db.referencedLayers();
+      for (const row of store.db.listBlobs()) {
+        if (blobs.has(row.digest)) continue;
+        store.db.deleteBlob(row.digest);
+        renameSync(store.layout.blobPath(row.digest), join(workDir, String(n++)));
+        result.blobs.push(row.digest);
+        result.bytes += row.size;
+      }
+      for (const row of store.db.listLayers()) {
+        if (layers.has(row.diff_id)) continue;
+        store.db.deleteLayer(row.diff_id);
+        renameSync(store.layout.layerDir(row.diff_id), join(workDir, String(n++)));
+        store.forgetLayerIndex(row.diff_id);
+        result.layers.push(row.diff_id);
+        result.bytes += row.file_bytes;
+      }
+    });
+  } finally {
+    await store.releaseWorkDir(workDir);
+  }
+  return result;
+}

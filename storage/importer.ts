@@ -1,0 +1,286 @@
+/**
+ * Importing images into the store from any ImageSource: choose the
+ * platform from an index, verify the manifest, the config and every layer
+ * (distribution digest AND diffID), unpack what the store lacks, and commit
+ * it all at once. A failed import leaves no trace.
+ */
+import { createReadStream } from 'node:fs';
+import { mkdir, writeFile } from 'node:fs/promises';
+import { basename, join } from 'node:path';
+import { ErrorCodes, LayerdError } from '../common/errors.js';
+import { type Digest, digestOf, verifyDigest } from './digest.js';
+import { type IngestLimits, type IngestedLayer, ingestLayer } from './layerIngest.js';
+import { layerMediaType } from './compression.js';
+import {
+  type Descriptor, type ImageConfig, type ImageManifest, LAYER_MEDIA_TYPES,
+  MAX_DOCUMENT_BYTES, MediaTypes, parseImageConfig, parseManifestOrIndex,
+} from './oci.js';
+import { type PlatformSpec, formatPlatform, hostPlatform, normalizePlatform, selectPlatform } from './platform.js';
+import { formatRef, isValidName } from './references.js';
+import { type ImageSource } from './sources/source.js';
+import { type StagedItem, type Store } from './store.js';
+
+export type ImportProgress =
+  | { type: 'layer-start'; digest: Digest; size: number; index: number; count: number }
+  | { type: 'layer-progress'; digest: Digest; bytes: number; size: number }
+  | { type: 'layer-done'; digest: Digest; diffId: Digest }
+  | { type: 'layer-exists'; digest: Digest; diffId: Digest };
+
+export interface ImportOptions {
+  /** Platform to pick from indexes; the host's by default. */
+  platform?: PlatformSpec;
+  onProgress?: (event: ImportProgress) => void;
+  limits?: IngestLimits;
+}
+
+export interface ImportedImage {
+  id: Digest;
+  refs: string[];
+  platform: string;
+  layers: number;
+}
+
+/** Everything one image import has verified and staged, not yet committed. */
+interface StagedImage {
+  manifestDigest: Digest;
+  manifestMediaType: string;
+  configDigest: Digest;
+  config: ImageConfig;
+  indexDigest: Digest | null;
+  layers: { diffId: Digest; blobDigest: Digest | null; mediaType: string; size: number }[];
+  refs: { name: string; tag: string }[];
+}
+
+class Transaction {
+  readonly staged: StagedItem[] = [];
+  readonly blobs = new Map<Digest, { size: number; mediaType: string }>();
+  readonly layers = new Map<Digest, { size: number; fileBytes: number; entries: number }>();
+  readonly images = new Map<Digest, StagedImage>();
+  /** Manifests passed over because they are for another platform. */
+  readonly skipped: { digest: Digest; platform: string }[] = [];
+  private seq = 0;
+
+  constructor(readonly store: Store, readonly workDir: string) {}
+
+  nextDir(): string {
+    return join(this.workDir, String(this.seq++));
+  }
+
+  /** Stage a small document (manifest, config, index) as a blob. */
+  async stageDocument(digest: Digest, bytes: Buffer, mediaType: string): Promise<void> {
+    if (this.blobs.has(digest)) return;
+    this.blobs.set(digest, { size: bytes.length, mediaType });
+    if (this.store.db.getBlob(digest)) return;
+    const path = join(this.workDir, `doc-${this.seq++}`);
+    await writeFile(path, bytes, { mode: 0o600 });
+    this.staged.push({ kind: 'blob', digest, path });
+  }
+
+  stageLayer(layer: IngestedLayer, mediaType: string, keepBlob: boolean): void {
+    if (layer.blobPath && keepBlob) {
+      this.staged.push({ kind: 'blob', digest: layer.digest, path: layer.blobPath });
+    }
+    if (keepBlob) this.blobs.set(layer.digest, { size: layer.size, mediaType });
+    if (layer.layerDir && layer.index) {
+      this.staged.push({ kind: 'layer', diffId: layer.diffId, path: layer.layerDir });
+      this.layers.set(layer.diffId, { size: layer.diffSize, fileBytes: layer.fileBytes, entries: layer.index.entries.length });
+    }
+  }
+
+  async commit(): Promise<void> {
+    await this.store.commit(this.workDir, this.staged, (db) => {
+      for (const [digest, b] of this.blobs) db.putBlob({ digest, size: b.size, media_type: b.mediaType });
+      for (const [diffId, l] of this.layers) db.putLayer({ diff_id: diffId, size: l.size, file_bytes: l.fileBytes, entries: l.entries });
+      for (const img of this.images.values()) {
+        db.putImage(
+          {
+            id: img.manifestDigest, media_type: img.manifestMediaType, config_digest: img.configDigest,
+            os: img.config.os, architecture: img.config.architecture, variant: img.config.variant ?? null,
+            index_digest: img.indexDigest, created: img.config.created ?? null,
+          },
+          img.layers.map((l, position) => ({ position, diff_id: l.diffId, blob_digest: l.blobDigest, media_type: l.mediaType, blob_size: l.size })),
+        );
+        for (const r of img.refs) db.setTag(r.name, r.tag, img.manifestDigest);
+      }
+    });
+  }
+}
+
+export async function importFromSource(store: Store, source: ImageSource, options: ImportOptions = {}): Promise<ImportedImage[]> {
+  const images = await source.images();
+  if (images.length === 0) throw new LayerdError(ErrorCodes.EFORMAT, `${source.description}: the source offers no images`);
+  const workDir = await store.newWorkDir();
+  try {
+    const tx = new Transaction(store, workDir);
+    for (const image of images) {
+      await importImage(tx, source, image.descriptor, image.refs, options);
+    }
+    if (tx.images.size === 0 && tx.skipped.length > 0) {
+      const wanted = formatPlatform(normalizePlatform(options.platform ?? hostPlatform()));
+      throw new LayerdError(
+        ErrorCodes.EPLATFORM,
+        `${source.description}: no image for platform ${wanted} (found: ${[...new Set(tx.skipped.map((s) => s.platform))].join(', ')})`,
+        { platform: wanted },
+      );
+    }
+    await tx.commit();
+    return [...tx.images.values()].map((img) => ({
+      id: img.manifestDigest,
+      refs: img.refs.map((r) => formatRef(r.name, r.tag)),
+      platform: formatPlatform(normalizePlatform({ os: img.config.os, architecture: img.config.architecture, ...(img.config.variant ? { variant: img.config.variant } : {}) })),
+      layers: img.layers.length,
+    }));
+  } finally {
+    await store.releaseWorkDir(workDir);
+  }
+}
+
+async function readDocument(source: ImageSource, desc: Descriptor, what: string): Promise<Buffer> {
+  if (desc.size > MAX_DOCUMENT_BYTES) {
+    throw new LayerdError(ErrorCodes.ELIMIT, `${what} ${desc.digest} is ${desc.size} bytes, over ${MAX_DOCUMENT_BYTES}`, { digest: desc.digest });
+  }
+  const bytes = await source.readBlob(desc.digest, MAX_DOCUMENT_BYTES);
+  verifyDigest(what, { digest: desc.digest, size: desc.size }, { digest: digestOf(bytes), size: bytes.length });
+  return bytes;
+}
+
+async function importImage(
+  tx: Transaction, source: ImageSource, top: Descriptor, refs: { name: string; tag: string }[], options: ImportOptions,
+): Promise<void> {
+  const wanted = options.platform ?? hostPlatform();
+  // Walk down nested indexes to one manifest (the "fat manifest" choice).
+  let desc = top;
+  let indexDigest: Digest | null = null;
+  for (let depth = 0; ; depth++) {
+    if (depth > 8) throw new LayerdError(ErrorCodes.EBADJSON, `${source.description}: indexes nested too deeply`, { digest: top.digest });
+    const bytes = await readDocument(source, desc, 'manifest');
+    const parsed = parseManifestOrIndex(bytes, `${source.description}: ${desc.digest}`, desc.mediaType);
+    if (parsed.kind === 'index') {
+      await tx.stageDocument(desc.digest, bytes, parsed.mediaType);
+      indexDigest ??= desc.digest;
+      desc = selectPlatform(parsed.index.manifests, wanted, `${source.description}: index ${desc.digest}`);
+      continue;
+    }
+    await tx.stageDocument(desc.digest, bytes, parsed.mediaType);
+    const existing = tx.images.get(desc.digest);
+    if (existing) {
+      existing.refs.push(...refs);
+      return;
+    }
+    await importManifest(tx, source, desc.digest, parsed.mediaType, parsed.manifest, indexDigest, refs, options);
+    return;
+  }
+}
+
+async function importManifest(
+  tx: Transaction, source: ImageSource, manifestDigest: Digest, mediaType: string, manifest: ImageManifest,
+  indexDigest: Digest | null, refs: { name: string; tag: string }[], options: ImportOptions,
+): Promise<void> {
+  const what = `${source.description}: manifest ${manifestDigest}`;
+  const configBytes = await readDocument(source, manifest.config, 'image config');
+  const config = parseImageConfig(configBytes, `${source.description}: config ${manifest.config.digest}`);
+  await tx.stageDocument(manifest.config.digest, configBytes, manifest.config.mediaType);
+  if (config.rootfs.diff_ids.length !== manifest.layers.length) {
+    throw new LayerdError(ErrorCodes.EBADJSON, `${what}: ${manifest.layers.length} layers but the config lists ${config.rootfs.diff_ids.length} diff_ids`, { digest: manifestDigest });
+  }
+  if (options.platform && indexDigest === null) {
+    // A tag that names a manifest directly: with an explicit platform, only
+    // the images for that platform are wanted.
+    const want = normalizePlatform(options.platform);
+    const have = normalizePlatform({ os: config.os, architecture: config.architecture, ...(config.variant ? { variant: config.variant } : {}) });
+    if (want.os !== have.os || want.architecture !== have.architecture || (want.variant ?? '') !== (have.variant ?? '')) {
+      tx.skipped.push({ digest: manifestDigest, platform: formatPlatform(have) });
+      return;
+    }
+  }
+
+  const layers: StagedImage['layers'] = [];
+  for (const [i, layer] of manifest.layers.entries()) {
+    if (!LAYER_MEDIA_TYPES.includes(layer.mediaType)) {
+      throw new LayerdError(ErrorCodes.EUNSUPPORTED, `${what}: layer ${layer.digest} has unsupported media type ${layer.mediaType}`, { digest: layer.digest, mediaType: layer.mediaType });
+    }
+    const diffId = config.rootfs.diff_ids[i]!;
+    const haveLayer = tx.store.db.getLayer(diffId) !== undefined || tx.layers.has(diffId);
+    const haveBlob = tx.store.db.getBlob(layer.digest) !== undefined || tx.blobs.has(layer.digest);
+    if (haveLayer && haveBlob) {
+      options.onProgress?.({ type: 'layer-exists', digest: layer.digest, diffId });
+    } else {
+      options.onProgress?.({ type: 'layer-start', digest: layer.digest, size: layer.size, index: i, count: manifest.layers.length });
+      const workDir = tx.nextDir();
+      await mkdir(workDir);
+      const ingested = await ingestLayer(
+        await source.openBlob(layer.digest),
+        { digest: layer.digest, size: layer.size, diffId },
+        {
+          workDir,
+          keepBlob: !haveBlob,
+          unpack: !haveLayer,
+          ...(options.limits ? { limits: options.limits } : {}),
+          ...(options.onProgress ? { onProgress: (bytes: number) => options.onProgress!({ type: 'layer-progress', digest: layer.digest, bytes, size: layer.size }) } : {}),
+        },
+      );
+      tx.stageLayer(ingested, layer.mediaType, !haveBlob);
+      options.onProgress?.({ type: 'layer-done', digest: layer.digest, diffId });
+    }
+    layers.push({ diffId, blobDigest: layer.digest, mediaType: layer.mediaType, size: layer.size });
+  }
+  tx.images.set(manifestDigest, {
+    manifestDigest, manifestMediaType: mediaType, configDigest: manifest.config.digest, config, indexDigest, layers, refs: [...refs],
+  });
+}
+
+/**
+ * A raw layer tar (compressed or not) on its own becomes a one-layer image,
+ * as `docker import` does: the config is written for this host's platform.
+ */
+export async function importRawLayer(store: Store, path: string, name: string, options: ImportOptions = {}): Promise<ImportedImage[]> {
+  if (!isValidName(name)) throw new LayerdError(ErrorCodes.EINVAL, `invalid image name '${name}'`, { name });
+  const workDir = await store.newWorkDir();
+  try {
+    const tx = new Transaction(store, workDir);
+    const layerDir = tx.nextDir();
+    await mkdir(layerDir);
+    const ingested = await ingestLayer(createReadStream(path, { highWaterMark: 1024 * 1024 }), {}, {
+      workDir: layerDir, keepBlob: true, unpack: true, ...(options.limits ? { limits: options.limits } : {}),
+    });
+    const haveLayer = store.db.getLayer(ingested.diffId) !== undefined;
+    const mediaType = layerMediaType(ingested.compression);
+    if (haveLayer) {
+      delete ingested.layerDir;
+      delete ingested.index;
+    }
+    tx.stageLayer(ingested, mediaType, true);
+    const platform = options.platform ?? hostPlatform();
+    const created = new Date().toISOString();
+    const config: ImageConfig = {
+      created,
+      architecture: platform.architecture,
+      os: platform.os,
+      ...(platform.variant ? { variant: platform.variant } : {}),
+      config: {},
+      rootfs: { type: 'layers', diff_ids: [ingested.diffId] },
+      history: [{ created, created_by: `layerctl import ${basename(path)}` }],
+    };
+    const configBytes = Buffer.from(JSON.stringify(config));
+    const configDigest = digestOf(configBytes);
+    await tx.stageDocument(configDigest, configBytes, MediaTypes.ociConfig);
+    const manifest: ImageManifest = {
+      schemaVersion: 2,
+      mediaType: MediaTypes.ociManifest,
+      config: { mediaType: MediaTypes.ociConfig, digest: configDigest, size: configBytes.length },
+      layers: [{ mediaType, digest: ingested.digest, size: ingested.size }],
+    };
+    const manifestBytes = Buffer.from(JSON.stringify(manifest));
+    const manifestDigest = digestOf(manifestBytes);
+    await tx.stageDocument(manifestDigest, manifestBytes, MediaTypes.ociManifest);
+    tx.images.set(manifestDigest, {
+      manifestDigest, manifestMediaType: MediaTypes.ociManifest, configDigest, config, indexDigest: null,
+      layers: [{ diffId: ingested.diffId, blobDigest: ingested.digest, mediaType, size: ingested.size }],
+      refs: [{ name, tag: 'latest' }],
+    });
+    await tx.commit();
+    return [{ id: manifestDigest, refs: [formatRef(name, 'latest')], platform: formatPlatform(platform), layers: 1 }];
+  } finally {
+    await store.releaseWorkDir(workDir);
+  }
+}

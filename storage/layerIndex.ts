@@ -1,0 +1,95 @@
+/**
+ * The per-layer index: everything the union filesystem and the debugging
+ * tools need to know about one layer, built once (at import, or once per
+ * mount for a plain directory) and never by walking the layer again.
+ *
+ * Vocabulary:
+ * - path: a layer-relative path with no leading `/` or `./`, no trailing `/`,
+ *   components joined by `/`; the layer's root directory is the empty path "".
+ * - entry: one object the layer provides at a path (file, dir, symlink, device,
+ *   fifo). A hard link is an entry whose `link` names another entry's path.
+ * - whiteout: a path the layer deletes from the layers below (`.wh.<name>`).
+ * - opaque: a directory whose lower contents the layer hides (`.wh..wh..opq`).
+ *
+ * Metadata (mode, owner, times, xattrs, device numbers, link targets) lives
+ * only here; the layer's directory on disk holds only the bytes of regular
+ * files, in files named by `data`. So nothing a tar archive names is ever
+ * created on disk, and no device node or setuid binary lies in the store.
+ */
+
+export type EntryKind = 'file' | 'dir' | 'symlink' | 'char' | 'block' | 'fifo';
+
+export interface LayerEntry {
+  path: string;
+  kind: EntryKind;
+  /** Permission bits including setuid/setgid/sticky (mode & 0o7777). */
+  mode: number;
+  uid: number;
+  gid: number;
+  /** Modification time, whole seconds since the epoch (may be negative). */
+  mtime: number;
+  /** Size in bytes of a regular file's content; 0 for everything else. */
+  size: number;
+  /** Symlink target, verbatim as the archive gave it. */
+  target?: string;
+  /**
+   * For a hard link: the path of the entry it links to. Within one layer the
+   * target is an earlier entry of the same layer (resolved at import); a
+   * target not in this layer refers to the merged view of the layers below.
+   */
+  link?: string;
+  /** Device numbers of char/block devices. */
+  devMajor?: number;
+  devMinor?: number;
+  /** Extended attributes, name → value bytes encoded base64 (exact bytes). */
+  xattrs?: Record<string, string>;
+  /**
+   * Name of the content file under the layer's `data/` directory for a
+   * regular file with content; absent for empty files and hard links (which
+   * share their target's data).
+   */
+  data?: string;
+  /** sha256 (hex) of a regular file's content. */
+  sha256?: string;
+}
+
+export interface LayerIndex {
+  /** Format version of this structure; bumped on incompatible changes. */
+  version: 1;
+  /** The layer's diffID (`sha256:<hex>`), or a label for a plain directory. */
+  id: string;
+  entries: LayerEntry[];
+  /** Paths this layer deletes from the layers below. */
+  whiteouts: string[];
+  /** Directories whose lower contents this layer hides. */
+  opaques: string[];
+}
+
+export const LAYER_INDEX_VERSION = 1 as const;
+
+/** Extended-attribute helpers: the index stores exact bytes as base64. */
+export function xattrsFromBuffers(map: ReadonlyMap<string, Buffer>): Record<string, string> | undefined {
+  if (map.size === 0) return undefined;
+  const out: Record<string, string> = {};
+  for (const [name, value] of [...map.entries()].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))) {
+    out[name] = value.toString('base64');
+  }
+  return out;
+}
+
+export function xattrBytes(entry: LayerEntry, name: string): Buffer | undefined {
+  const value = entry.xattrs?.[name];
+  return value === undefined ? undefined : Buffer.from(value, 'base64');
+}
+
+/**
+ * A layer as the union filesystem consumes it: its index plus where the
+ * bytes of its regular files are. For a store layer the bytes are in the
+ * layer's `data/` directory; for a plain directory they are the files
+ * themselves.
+ */
+export interface LayerSource {
+  readonly index: LayerIndex;
+  /** Host path of a regular file's content, or undefined for an empty file. */
+  contentPath(entry: LayerEntry): string | undefined;
+}

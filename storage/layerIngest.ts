@@ -1,0 +1,213 @@
+/**
+ * Ingesting one layer blob in a single pass over its bytes:
+ *
+ *   source → sha256 (distribution digest) → [copy into the ingest area]
+ *          → sniff + decompress → sha256 (diffID) → tar unpack
+ *
+ * Everything lands in a private directory of the ingest area; the caller
+ * verifies the result and only then renames it into the store (see
+ * Store.commitIngest), so an unverified or interrupted layer is never
+ * visible.
+ */
+import { open, writeFile } from 'node:fs/promises';
+import { type FileHandle } from 'node:fs/promises';
+import { join } from 'node:path';
+import { Readable, Transform, Writable, type TransformCallback } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import { ErrorCodes, LayerdError } from '../common/errors.js';
+import { type Compression, SNIFF_BYTES, createDecompressor, sniffCompression } from './compression.js';
+import { type Digest, DigestingStream, verifyDigest } from './digest.js';
+import { type LayerIndex } from './layerIndex.js';
+import { DEFAULT_UNPACK_LIMITS, LayerUnpacker, type UnpackLimits } from './layerUnpack.js';
+
+export interface IngestLimits extends UnpackLimits {
+  /** Largest uncompressed layer tar (decompression bombs stop here). */
+  maxLayerBytes: number;
+  /** Largest compressed blob. */
+  maxBlobBytes: number;
+}
+
+export const DEFAULT_INGEST_LIMITS: IngestLimits = {
+  ...DEFAULT_UNPACK_LIMITS,
+  maxLayerBytes: 256 * 1024 ** 3,
+  maxBlobBytes: 256 * 1024 ** 3,
+};
+
+export interface LayerExpectation {
+  /** Distribution digest and size from the manifest, when known. */
+  digest?: Digest | undefined;
+  size?: number | undefined;
+  /** diffID from the image config, when known. */
+  diffId?: Digest | undefined;
+}
+
+export interface IngestedLayer {
+  digest: Digest;
+  size: number;
+  diffId: Digest;
+  diffSize: number;
+  compression: Compression;
+  /** The verified blob in the ingest area, when `keepBlob` was asked for. */
+  blobPath?: string;
+  /** The verified unpacked layer directory in the ingest area, when unpacked. */
+  layerDir?: string;
+  index?: LayerIndex;
+  fileBytes: number;
+}
+
+export interface IngestOptions {
+  /** A fresh private directory in the store's ingest area. */
+  workDir: string;
+  keepBlob: boolean;
+  unpack: boolean;
+  limits?: IngestLimits;
+  /** Called with the number of compressed bytes read so far. */
+  onProgress?: (bytes: number) => void;
+}
+
+export async function ingestLayer(source: Readable, expected: LayerExpectation, options: IngestOptions): Promise<IngestedLayer> {
+  const limits = options.limits ?? DEFAULT_INGEST_LIMITS;
+  const blobHasher = expected.size !== undefined
+    ? new DigestingStream(expected.size, `layer blob ${expected.digest ?? ''}`, ErrorCodes.EDIGEST)
+    : new DigestingStream(limits.maxBlobBytes, 'layer blob');
+  const diffHasher = new DigestingStream(limits.maxLayerBytes, 'uncompressed layer');
+  let compression: Compression = 'none';
+  const blobPath = options.keepBlob ? join(options.workDir, 'blob') : undefined;
+  const layerDir = options.unpack ? join(options.workDir, 'layer') : undefined;
+  const unpacker = layerDir ? new LayerUnpacker(layerDir, limits) : undefined;
+
+  const stages: (NodeJS.ReadableStream | NodeJS.WritableStream | NodeJS.ReadWriteStream | ((s: AsyncIterable<Buffer>) => AsyncIterable<Buffer>))[] = [];
+  stages.push(blobHasher);
+  if (options.onProgress) stages.push(progressStream(options.onProgress));
+  if (blobPath) stages.push(new FileTee(blobPath));
+  stages.push(sniffAndDecompress((c) => { compression = c; }));
+  stages.push(diffHasher);
+  stages.push(unpacker ? unpacker.writable : discard());
+
+  try {
+    await (pipeline as (...s: unknown[]) => Promise<void>)(source, ...stages);
+    if (unpacker) await unpacker.done;
+  } catch (err) {
+    if (unpacker) await unpacker.done.catch(() => undefined);
+    throw mapStreamError(err, expected);
+  }
+
+  const blob = blobHasher.result();
+  const diff = diffHasher.result();
+  if (expected.digest) verifyDigest('layer blob', { digest: expected.digest, size: expected.size }, blob);
+  if (expected.diffId) verifyDigest(`layer ${blob.digest} uncompressed`, { digest: expected.diffId }, diff, { blob: blob.digest });
+  if (!endsWithZeroBlock(diffHasher.tail())) {
+    throw new LayerdError(ErrorCodes.EBADTAR, `layer ${blob.digest}: the tar archive has no end-of-archive marker (truncated?)`, { digest: blob.digest });
+  }
+
+  const result: IngestedLayer = {
+    digest: blob.digest, size: blob.size, diffId: diff.digest, diffSize: diff.size, compression, fileBytes: 0,
+  };
+  if (blobPath) result.blobPath = blobPath;
+  if (unpacker && layerDir) {
+    const { index, fileBytes } = await unpacker.done;
+    result.index = { ...index, id: diff.digest };
+    result.fileBytes = fileBytes;
+    result.layerDir = layerDir;
+    await writeFile(join(layerDir, 'index.json'), JSON.stringify(result.index), { mode: 0o600 });
+  }
+  return result;
+}
+
+/** Copies the bytes flowing through into a new file, fsynced at the end. */
+class FileTee extends Transform {
+  private handle: FileHandle | undefined;
+
+  constructor(private readonly path: string) {
+    super({ highWaterMark: 1024 * 1024 });
+  }
+
+  override _construct(callback: (error?: Error | null) => void): void {
+    open(this.path, 'wx', 0o600).then((h) => { this.handle = h; callback(); }, callback);
+  }
+
+  override _transform(chunk: Buffer, _enc: BufferEncoding, callback: TransformCallback): void {
+    this.handle!.write(chunk).then(() => callback(null, chunk), callback);
+  }
+
+  override _flush(callback: TransformCallback): void {
+    const h = this.handle!;
+    h.sync().then(() => h.close()).then(() => { this.handle = undefined; callback(); }, callback);
+  }
+
+  override _destroy(error: Error | null, callback: (error?: Error | null) => void): void {
+    const h = this.handle;
+    this.handle = undefined;
+    if (!h) { callback(error); return; }
+    h.close().then(() => callback(error), () => callback(error));
+  }
+}
+
+function progressStream(onProgress: (bytes: number) => void): Transform {
+  let bytes = 0;
+  return new Transform({
+    transform(chunk: Buffer, _enc, callback) {
+      bytes += chunk.length;
+      onProgress(bytes);
+      callback(null, chunk);
+    },
+  });
+}
+
+function discard(): Writable {
+  return new Writable({ write(_chunk, _enc, callback) { callback(); } });
+}
+
+/** Decide the compression from the first bytes, then decompress the rest. */
+function sniffAndDecompress(onDetect: (c: Compression) => void): (source: AsyncIterable<Buffer>) => AsyncIterable<Buffer> {
+  return async function* (source) {
+    const it = source[Symbol.asyncIterator]();
+    const head: Buffer[] = [];
+    let headBytes = 0;
+    let ended = false;
+    while (headBytes < SNIFF_BYTES) {
+      const r = await it.next();
+      if (r.done) { ended = true; break; }
+      head.push(r.value);
+      headBytes += r.value.length;
+    }
+    const compression = sniffCompression(Buffer.concat(head));
+    onDetect(compression);
+    async function* all(): AsyncGenerator<Buffer> {
+      yield* head;
+      if (ended) return;
+      for (;;) {
+        const r = await it.next();
+        if (r.done) return;
+        yield r.value;
+      }
+    }
+    if (compression === 'none') {
+      yield* all();
+      return;
+    }
+    const decompressor = createDecompressor(compression);
+    const feeding = pipeline(Readable.from(all()), decompressor);
+    feeding.catch(() => undefined); // surfaces through the iteration below
+    for await (const chunk of decompressor as AsyncIterable<Buffer>) yield chunk;
+    await feeding;
+  };
+}
+
+function endsWithZeroBlock(tail: Buffer): boolean {
+  if (tail.length < 512) return false;
+  const last = tail.subarray(tail.length - 512);
+  for (const b of last) if (b !== 0) return false;
+  return true;
+}
+
+function mapStreamError(err: unknown, expected: LayerExpectation): LayerdError {
+  if (err instanceof LayerdError) return err;
+  const message = err instanceof Error ? err.message : String(err);
+  const code = (err as { code?: string }).code ?? '';
+  const context = expected.digest ? { digest: expected.digest } : {};
+  if (code.startsWith('Z_') || /zstd|incorrect header|invalid|unexpected end|corrupt/i.test(message)) {
+    return new LayerdError(ErrorCodes.EBADTAR, `layer ${expected.digest ?? ''} is corrupt: ${message}`.replace('  ', ' '), context, { cause: err });
+  }
+  return new LayerdError(ErrorCodes.EIO, `reading layer ${expected.digest ?? ''} failed: ${message}`, context, { cause: err });
+}

@@ -1,0 +1,312 @@
+/**
+ * Unpacking one layer tar into the store's layer format: the bytes of each
+ * regular file into `data/<n>`, everything else into the layer index.
+ *
+ * Nothing named by the archive is created on disk, so path traversal and
+ * symlink escapes cannot write outside the layer; they are still refused
+ * with EBADTAR, because an archive that contains them is broken or hostile
+ * and the image would not mean what it says.
+ */
+import { createHash } from 'node:crypto';
+import { createWriteStream } from 'node:fs';
+import { mkdir, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { type Readable, type Writable } from 'node:stream';
+import { finished, pipeline } from 'node:stream/promises';
+import tarStream, { type Headers } from 'tar-stream';
+import { ErrorCodes, LayerdError, asLayerdError } from '../common/errors.js';
+import { type EntryKind, type LayerEntry, type LayerIndex, LAYER_INDEX_VERSION } from './layerIndex.js';
+import { ancestorsOf, classifyWhiteout, normalizeTarPath } from './tarPaths.js';
+
+export interface UnpackLimits {
+  /** Most entries one layer may have. */
+  maxEntries: number;
+  /** Largest single regular file. */
+  maxFileSize: number;
+  /** Most bytes of extended attributes on one entry. */
+  maxXattrBytes: number;
+}
+
+export const DEFAULT_UNPACK_LIMITS: UnpackLimits = {
+  maxEntries: 2_000_000,
+  maxFileSize: 64 * 1024 ** 3,
+  maxXattrBytes: 1024 * 1024,
+};
+
+/** Files at most this big are buffered and written in the background. */
+const SMALL_FILE = 4 * 1024 * 1024;
+/** How many background writes may be in flight. */
+const MAX_INFLIGHT_WRITES = 32;
+
+/** tar-stream 3 with layerd's patch (patches/tar-stream+*.patch) adds paxRaw. */
+type RawHeaders = Headers;
+
+export interface UnpackResult {
+  index: Omit<LayerIndex, 'id'>;
+  /** Sum of regular-file sizes. */
+  fileBytes: number;
+}
+
+/**
+ * A writable end that accepts an uncompressed layer tar and unpacks it into
+ * `layerDir` (which must not exist yet). Await `done` for the index.
+ */
+export class LayerUnpacker {
+  readonly writable: Writable;
+  readonly done: Promise<UnpackResult>;
+
+  private readonly entries: LayerEntry[] = [];
+  private readonly byPath = new Map<string, LayerEntry>();
+  /** Paths that are the parent of some entry in this layer. */
+  private readonly parents = new Set<string>();
+  private readonly whiteouts = new Set<string>();
+  private readonly opaques = new Set<string>();
+  private readonly inflight = new Set<Promise<void>>();
+  private writeError: unknown = undefined;
+  private nextDataName = 0;
+  private fileBytes = 0;
+  private count = 0;
+
+  constructor(layerDir: string, private readonly limits: UnpackLimits = DEFAULT_UNPACK_LIMITS) {
+    const extract = tarStream.extract();
+    this.writable = extract;
+    const dataDir = join(layerDir, 'data');
+    const ready = mkdir(dataDir, { recursive: true });
+    extract.on('entry', (header: RawHeaders, stream: Readable, next: (err?: unknown) => void) => {
+      ready
+        .then(() => this.onEntry(header, stream, dataDir))
+        .then(() => next(), (err: unknown) => {
+          stream.resume();
+          next(err);
+        });
+    });
+    this.done = (async () => {
+      try {
+        await ready;
+        await finished(extract);
+        await Promise.all(this.inflight);
+      } catch (err) {
+        await Promise.allSettled(this.inflight);
+        throw tarError(err);
+      }
+      if (this.writeError !== undefined) throw asLayerdError(this.writeError);
+      return {
+        index: {
+          version: LAYER_INDEX_VERSION,
+          entries: this.entries,
+          whiteouts: [...this.whiteouts],
+          opaques: [...this.opaques],
+        },
+        fileBytes: this.fileBytes,
+      };
+    })();
+    // The caller observes failures through `done`; keep Node from reporting
+    // an unhandled rejection if it has not attached yet.
+    this.done.catch(() => undefined);
+  }
+
+  private async onEntry(header: RawHeaders, stream: Readable, dataDir: string): Promise<void> {
+    if (++this.count > this.limits.maxEntries) {
+      throw new LayerdError(ErrorCodes.ELIMIT, `layer has more than ${this.limits.maxEntries} entries`, { limit: this.limits.maxEntries });
+    }
+    const path = normalizeTarPath(header.name);
+    const kind = entryKind(header, path);
+
+    const whiteout = classifyWhiteout(path);
+    if (whiteout.kind !== 'none') {
+      await drain(stream);
+      if (whiteout.kind === 'whiteout') this.addOnce(this.whiteouts, whiteout.target, 'whiteout', path);
+      else if (whiteout.kind === 'opaque') this.addOnce(this.opaques, whiteout.dir, 'opaque marker', path);
+      // A whiteout below a path this layer made a file or symlink is kept as
+      // layer metadata (umoci writes such layers); the union never applies it
+      // through that non-directory.
+      return;
+    }
+
+    if (this.byPath.has(path)) {
+      throw new LayerdError(ErrorCodes.EBADTAR, `duplicate entry in layer: ${path || '/'}`, { path });
+    }
+    this.checkParents(path, 'entry');
+    if (kind !== 'dir' && this.parents.has(path)) {
+      throw new LayerdError(ErrorCodes.EBADTAR, `entry ${path} is not a directory but the layer has entries beneath it`, { path });
+    }
+
+    const pax = header.pax ?? {};
+    const entry: LayerEntry = {
+      path,
+      kind: kind === 'hardlink' ? 'file' : kind,
+      mode: (header.mode ?? 0) & 0o7777,
+      uid: paxInt(pax['uid']) ?? header.uid ?? 0,
+      gid: paxInt(pax['gid']) ?? header.gid ?? 0,
+      mtime: paxInt(pax['mtime']) ?? Math.floor((header.mtime?.getTime() ?? 0) / 1000),
+      size: 0,
+    };
+    const xattrs = this.xattrsOf(header, path);
+    if (xattrs) entry.xattrs = xattrs;
+
+    switch (kind) {
+      case 'file': {
+        const size = header.size ?? 0;
+        if (size > this.limits.maxFileSize) {
+          throw new LayerdError(ErrorCodes.ELIMIT, `file ${path} is ${size} bytes, over the limit of ${this.limits.maxFileSize}`, { path, size });
+        }
+        entry.size = size;
+        this.fileBytes += size;
+        if (size > 0) await this.storeContent(entry, stream, dataDir);
+        else await drain(stream);
+        break;
+      }
+      case 'hardlink':
+        await drain(stream);
+        this.linkEntry(entry, header.linkname ?? '');
+        break;
+      case 'symlink':
+        await drain(stream);
+        if (!header.linkname) throw new LayerdError(ErrorCodes.EBADTAR, `symlink ${path} has an empty target`, { path });
+        entry.target = header.linkname;
+        break;
+      case 'char':
+      case 'block':
+        await drain(stream);
+        entry.devMajor = header.devmajor ?? 0;
+        entry.devMinor = header.devminor ?? 0;
+        break;
+      default:
+        await drain(stream);
+    }
+
+    this.byPath.set(path, entry);
+    this.entries.push(entry);
+    for (const ancestor of ancestorsOf(path)) {
+      if (this.parents.has(ancestor)) break; // its own ancestors are in already
+      this.parents.add(ancestor);
+    }
+  }
+
+  private addOnce(set: Set<string>, path: string, what: string, raw: string): void {
+    if (set.has(path)) throw new LayerdError(ErrorCodes.EBADTAR, `duplicate ${what} in layer: ${raw}`, { path: raw });
+    set.add(path);
+  }
+
+  /** Refuse an entry beneath something this layer made a non-directory. */
+  private checkParents(path: string, what: string): void {
+    for (const ancestor of ancestorsOf(path)) {
+      const existing = this.byPath.get(ancestor);
+      if (existing && existing.kind !== 'dir') {
+        const how = existing.kind === 'symlink' ? 'through the symlink' : 'beneath the non-directory';
+        throw new LayerdError(ErrorCodes.EBADTAR, `${what} ${path} would be written ${how} ${ancestor}`, { path, parent: ancestor });
+      }
+      if (existing) return; // an explicit directory: its own ancestors were checked when it was added
+    }
+  }
+
+  private linkEntry(entry: LayerEntry, rawTarget: string): void {
+    const target = normalizeTarPath(rawTarget, 'hard link target');
+    if (target === entry.path) throw new LayerdError(ErrorCodes.EBADTAR, `hard link ${entry.path} points to itself`, { path: entry.path });
+    this.checkParents(target, 'hard link target');
+    const existing = this.byPath.get(target);
+    if (!existing) {
+      // A link to a file of a lower layer: kept by name, resolved by the union.
+      entry.link = target;
+      return;
+    }
+    if (existing.kind === 'dir') {
+      throw new LayerdError(ErrorCodes.EBADTAR, `hard link ${entry.path} points to a directory: ${target}`, { path: entry.path, target });
+    }
+    // The link shares its target's inode: same metadata, same data.
+    const root = existing.link && this.byPath.has(existing.link) ? this.byPath.get(existing.link)! : existing;
+    Object.assign(entry, { ...root, path: entry.path, link: root.path });
+  }
+
+  private xattrsOf(header: RawHeaders, path: string): Record<string, string> | undefined {
+    if (!header.paxRaw) return undefined;
+    let out: Record<string, string> | undefined;
+    let bytes = 0;
+    for (const [key, value] of header.paxRaw) {
+      let name: string;
+      let bytesValue: Buffer;
+      if (key.startsWith('SCHILY.xattr.')) {
+        name = key.slice('SCHILY.xattr.'.length);
+        bytesValue = value;
+      } else if (key.startsWith('LIBARCHIVE.xattr.')) {
+        name = decodeURIComponent(key.slice('LIBARCHIVE.xattr.'.length));
+        bytesValue = Buffer.from(value.toString('latin1'), 'base64');
+      } else {
+        continue;
+      }
+      if (name === '' || name.includes('\0')) throw new LayerdError(ErrorCodes.EBADTAR, `invalid xattr name on ${path}`, { path });
+      bytes += name.length + bytesValue.length;
+      if (bytes > this.limits.maxXattrBytes) {
+        throw new LayerdError(ErrorCodes.ELIMIT, `extended attributes of ${path} exceed ${this.limits.maxXattrBytes} bytes`, { path });
+      }
+      (out ??= {})[name] = bytesValue.toString('base64');
+    }
+    if (!out) return undefined;
+    return Object.fromEntries(Object.entries(out).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)));
+  }
+
+  private async storeContent(entry: LayerEntry, stream: Readable, dataDir: string): Promise<void> {
+    const name = String(this.nextDataName++);
+    const file = join(dataDir, name);
+    const hash = createHash('sha256');
+    entry.data = name;
+    if (entry.size > SMALL_FILE) {
+      const out = createWriteStream(file, { flags: 'wx', mode: 0o600 });
+      stream.on('data', (chunk: Buffer) => hash.update(chunk));
+      await pipeline(stream, out);
+      entry.sha256 = hash.digest('hex');
+      return;
+    }
+    const chunks: Buffer[] = [];
+    for await (const chunk of stream as AsyncIterable<Buffer>) {
+      hash.update(chunk);
+      chunks.push(chunk);
+    }
+    entry.sha256 = hash.digest('hex');
+    if (this.writeError !== undefined) throw asLayerdError(this.writeError);
+    while (this.inflight.size >= MAX_INFLIGHT_WRITES) await Promise.race(this.inflight);
+    const write = writeFile(file, chunks.length === 1 ? chunks[0]! : Buffer.concat(chunks), { flag: 'wx', mode: 0o600 })
+      .catch((err: unknown) => { this.writeError ??= err; })
+      .finally(() => this.inflight.delete(write));
+    this.inflight.add(write);
+  }
+}
+
+type TarKind = EntryKind | 'hardlink';
+
+function entryKind(header: Headers, path: string): TarKind {
+  switch (header.type) {
+    case 'file':
+    case 'contiguous-file':
+      return 'file';
+    case 'directory': return 'dir';
+    case 'symlink': return 'symlink';
+    case 'link': return 'hardlink';
+    case 'character-device': return 'char';
+    case 'block-device': return 'block';
+    case 'fifo': return 'fifo';
+    default:
+      throw new LayerdError(ErrorCodes.EBADTAR, `unsupported tar entry type '${String(header.type)}' for ${path || '/'}`, { path, type: String(header.type) });
+  }
+}
+
+function paxInt(value: string | undefined): number | undefined {
+  if (value === undefined) return undefined;
+  const n = Math.floor(Number(value));
+  return Number.isSafeInteger(n) ? n : undefined;
+}
+
+async function drain(stream: Readable): Promise<void> {
+  stream.resume();
+  await finished(stream);
+}
+
+/** tar-stream reports malformed archives with plain Errors. */
+function tarError(err: unknown): LayerdError {
+  if (err instanceof LayerdError) return err;
+  const message = err instanceof Error ? err.message : String(err);
+  if (/tar|header|unexpected end|premature close/i.test(message)) {
+    return new LayerdError(ErrorCodes.EBADTAR, `malformed tar archive: ${message}`, {}, { cause: err });
+  }
+  return asLayerdError(err);
+}

@@ -1,0 +1,33 @@
+/**
+ * Where things live under a store root. Only this module builds paths inside
+ * the store; every name it builds comes from a validated digest or from an
+ * id layerd generated itself, never from archive content.
+ *
+ *   <root>/metadata.db              image records, tags, layer and blob records
+ *   <root>/blobs/sha256/<hex>       blobs by distribution digest (layers, configs, manifests)
+ *   <root>/layers/sha256/<hex>/     extracted layers by diffID: index.json + data/<n>
+ *   <root>/tmp/<pid>-<rand>/        ingest area: becomes visible only by rename
+ */
+import { join } from 'node:path';
+import { type Digest, digestHex } from './digest.js';
+
+export const DEFAULT_ROOT = '/var/lib/layerd';
+
+export class StoreLayout {
+  constructor(readonly root: string) {}
+
+  get metadataDb(): string { return join(this.root, 'metadata.db'); }
+  get blobsDir(): string { return join(this.root, 'blobs', 'sha256'); }
+  get layersDir(): string { return join(this.root, 'layers', 'sha256'); }
+  get tmpDir(): string { return join(this.root, 'tmp'); }
+
+  blobPath(digest: Digest): string { return join(this.blobsDir, digestHex(digest)); }
+  layerDir(diffId: Digest): string { return join(this.layersDir, digestHex(diffId)); }
+  layerIndexPath(diffId: Digest): string { return join(this.layerDir(diffId), 'index.json'); }
+  layerDataDir(diffId: Digest): string { return join(this.layerDir(diffId), 'data'); }
+}
+
+/** The root from --root, then LAYERD_ROOT, then the default. */
+export function resolveRoot(flag?: string): string {
+  return flag ?? process.env['LAYERD_ROOT'] ?? DEFAULT_ROOT;
+}

@@ -1,0 +1,268 @@
+/**
+ * The content-addressed layer store: opening a root, the ingest area, the
+ * commit step that makes verified content visible, and reference lookup.
+ *
+ * How content becomes visible (and why a crash at any point is harmless):
+ *   1. An import writes and verifies everything in a private directory of
+ *      the ingest area, `tmp/<pid>-<random>/`.
+ *   2. In ONE write transaction of the metadata database it renames the
+ *      verified blobs and layers into `blobs/` and `layers/` and inserts
+ *      their rows. Renames happen only inside such a transaction.
+ *   3. A crash before the commit leaves only a tmp directory (removed on the
+ *      next open, once its process is gone); a crash inside it leaves files
+ *      in `blobs/`/`layers/` with no row, which `recover()` removes while
+ *      holding the write lock, so it can never race a live commit.
+ */
+import { execFile } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { existsSync, mkdirSync, readdirSync, renameSync } from 'node:fs';
+import { mkdir, readFile, readdir, rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { ErrorCodes, LayerdError, errnoCode } from '../common/errors.js';
+import { type Logger, silentLogger } from '../common/log.js';
+import { type Digest, isDigest } from './digest.js';
+import { type LayerIndex, type LayerSource, LAYER_INDEX_VERSION } from './layerIndex.js';
+import { StoreLayout } from './layout.js';
+import { type ImageRow, MetadataDb, type OpenOptions } from './metadata.js';
+import { parseImageRef } from './references.js';
+
+const run = promisify(execFile);
+
+export interface StoreOptions extends OpenOptions {
+  logger?: Logger;
+  /**
+   * 'full' (default): flush the filesystem before a commit, so committed
+   * content survives a power loss. 'none': rely on the page cache (tests,
+   * throwaway stores).
+   */
+  durability?: 'full' | 'none';
+}
+
+/** A verified item in the ingest area, ready to be renamed into place. */
+export type StagedItem =
+  | { kind: 'blob'; digest: Digest; path: string }
+  | { kind: 'layer'; diffId: Digest; path: string };
+
+export class Store {
+  readonly layout: StoreLayout;
+  readonly db: MetadataDb;
+  readonly logger: Logger;
+  private readonly durability: 'full' | 'none';
+  private readonly indexCache = new Map<Digest, LayerIndex>();
+
+  private constructor(root: string, db: MetadataDb, options: StoreOptions) {
+    this.layout = new StoreLayout(root);
+    this.db = db;
+    this.logger = options.logger ?? silentLogger();
+    this.durability = options.durability ?? 'full';
+  }
+
+  static async open(root: string, options: StoreOptions = {}): Promise<Store> {
+    const layout = new StoreLayout(root);
+    await mkdir(layout.root, { recursive: true, mode: 0o700 });
+    await Promise.all([
+      mkdir(layout.blobsDir, { recursive: true, mode: 0o700 }),
+      mkdir(layout.layersDir, { recursive: true, mode: 0o700 }),
+      mkdir(layout.tmpDir, { recursive: true, mode: 0o700 }),
+    ]);
+    const store = new Store(root, new MetadataDb(layout.metadataDb, options), options);
+    await store.recover();
+    return store;
+  }
+
+  close(): void {
+    this.db.close();
+  }
+
+  // --- the ingest area ------------------------------------------------------
+
+  /** A fresh private directory for one import; remove it with `releaseWorkDir`. */
+  async newWorkDir(): Promise<string> {
+    const dir = join(this.layout.tmpDir, `${process.pid}-${randomBytes(6).toString('hex')}`);
+    await mkdir(dir, { mode: 0o700 });
+    return dir;
+  }
+
+  async releaseWorkDir(dir: string): Promise<void> {
+    await rm(dir, { recursive: true, force: true });
+  }
+
+  /**
+   * Rename verified items into place and record them, all in one write
+   * transaction together with `record` (which inserts the rows that make
+   * them visible). Items already present are left as they are.
+   */
+  async commit(workDir: string, staged: readonly StagedItem[], record: (db: MetadataDb) => void): Promise<void> {
+    if (this.durability === 'full' && staged.length > 0) await syncFilesystem(workDir);
+    const trash = join(workDir, 'trash');
+    let trashed = 0;
+    this.db.write(() => {
+      for (const item of staged) {
+        if (item.kind === 'blob') {
+          if (this.db.getBlob(item.digest)) continue;
+          renameSync(item.path, this.layout.blobPath(item.digest));
+        } else {
+          if (this.db.getLayer(item.diffId)) continue;
+          const target = this.layout.layerDir(item.diffId);
+          if (existsSync(target)) {
+            // A leftover of an interrupted commit: no row points to it.
+            if (trashed === 0) mkdirSync(trash, { recursive: true });
+            renameSync(target, join(trash, String(trashed++)));
+          }
+          renameSync(item.path, target);
+        }
+      }
+      record(this.db);
+    });
+    if (this.durability === 'full' && staged.length > 0) await syncFilesystem(this.layout.root);
+  }
+
+  // --- recovery -------------------------------------------------------------
+
+  /**
+   * Remove what interrupted imports left: ingest directories of processes
+   * that are gone, and files under blobs/ or layers/ that no row refers to.
+   */
+  async recover(): Promise<{ tmpDirs: number; blobs: number; layers: number }> {
+    let tmpDirs = 0;
+    for (const name of await readdir(this.layout.tmpDir)) {
+      const pid = Number(name.split('-')[0]);
+      if (Number.isInteger(pid) && pid > 0 && pid !== process.pid && processAlive(pid)) continue;
+      if (pid === process.pid) continue;
+      await rm(join(this.layout.tmpDir, name), { recursive: true, force: true });
+      tmpDirs++;
+    }
+    const workDir = await this.newWorkDir();
+    const trash: string[] = [];
+    let blobs = 0;
+    let layers = 0;
+    try {
+      this.db.write(() => {
+        for (const hex of readdirSyncSafe(this.layout.blobsDir)) {
+          const digest = `sha256:${hex}`;
+          if (isDigest(digest) && this.db.getBlob(digest)) continue;
+          const to = join(workDir, `b${blobs++}`);
+          renameSync(join(this.layout.blobsDir, hex), to);
+          trash.push(to);
+        }
+        for (const hex of readdirSyncSafe(this.layout.layersDir)) {
+          const digest = `sha256:${hex}`;
+          if (isDigest(digest) && this.db.getLayer(digest)) continue;
+          const to = join(workDir, `l${layers++}`);
+          renameSync(join(this.layout.layersDir, hex), to);
+          trash.push(to);
+        }
+      });
+    } finally {
+      await this.releaseWorkDir(workDir);
+    }
+    if (tmpDirs + blobs + layers > 0) {
+      this.logger.info('recovered the store after an interrupted operation', { tmpDirs, blobs, layers, root: this.layout.root });
+    }
+    return { tmpDirs, blobs, layers };
+  }
+
+  // --- lookups --------------------------------------------------------------
+
+  /** The image a reference names: NAME[:TAG], NAME@digest, a digest or a unique digest prefix. */
+  resolveImage(text: string): ImageRow {
+    const ref = parseImageRef(text);
+    const notFound = (): LayerdError => new LayerdError(ErrorCodes.ENOTFOUND, `no such image: ${text}`, { ref: text });
+    switch (ref.kind) {
+      case 'digest': {
+        const row = this.db.getImage(ref.digest);
+        if (!row) throw notFound();
+        return row;
+      }
+      case 'prefix': {
+        const rows = this.db.findImagesByPrefix(ref.hex);
+        if (rows.length > 1) throw new LayerdError(ErrorCodes.EAMBIGUOUS, `image digest prefix ${ref.hex} matches more than one image`, { ref: text });
+        if (rows.length === 0) throw notFound();
+        return rows[0]!;
+      }
+      case 'tag': {
+        const tag = this.db.getTag(ref.name, ref.tag);
+        if (tag) return this.db.getImage(tag.image_id)!;
+        // A short hex string that is no tag may still be a digest prefix.
+        if (/^[0-9a-f]{4,}$/.test(text)) {
+          const rows = this.db.findImagesByPrefix(text);
+          if (rows.length === 1) return rows[0]!;
+          if (rows.length > 1) throw new LayerdError(ErrorCodes.EAMBIGUOUS, `image digest prefix ${text} matches more than one image`, { ref: text });
+        }
+        throw notFound();
+      }
+    }
+  }
+
+  async readBlob(digest: Digest): Promise<Buffer> {
+    if (!this.db.getBlob(digest)) throw new LayerdError(ErrorCodes.ENOTFOUND, `no such blob: ${digest}`, { digest });
+    return readFile(this.layout.blobPath(digest));
+  }
+
+  async layerIndex(diffId: Digest): Promise<LayerIndex> {
+    const cached = this.indexCache.get(diffId);
+    if (cached) return cached;
+    if (!this.db.getLayer(diffId)) throw new LayerdError(ErrorCodes.ENOTFOUND, `no such layer: ${diffId}`, { diffId });
+    const path = this.layout.layerIndexPath(diffId);
+    let index: LayerIndex;
+    try {
+      index = JSON.parse(await readFile(path, 'utf8')) as LayerIndex;
+    } catch (err) {
+      throw new LayerdError(ErrorCodes.ECORRUPT, `layer ${diffId}: cannot read its index ${path}: ${(err as Error).message}`, { diffId, path }, { cause: err });
+    }
+    if (index.version !== LAYER_INDEX_VERSION || index.id !== diffId) {
+      throw new LayerdError(ErrorCodes.ECORRUPT, `layer ${diffId}: index ${path} is for ${index.id} (version ${index.version})`, { diffId, path });
+    }
+    this.indexCache.set(diffId, index);
+    return index;
+  }
+
+  /** The layers of an image as the union filesystem consumes them, base first. */
+  async imageLayerSources(ref: string): Promise<LayerSource[]> {
+    const image = this.resolveImage(ref);
+    const sources: LayerSource[] = [];
+    for (const row of this.db.imageLayers(image.id)) {
+      sources.push(await this.layerSource(row.diff_id));
+    }
+    return sources;
+  }
+
+  async layerSource(diffId: Digest): Promise<LayerSource> {
+    const index = await this.layerIndex(diffId);
+    const dataDir = this.layout.layerDataDir(diffId);
+    return {
+      index,
+      contentPath: (entry) => (entry.data === undefined ? undefined : join(dataDir, entry.data)),
+    };
+  }
+
+  forgetLayerIndex(diffId: Digest): void {
+    this.indexCache.delete(diffId);
+  }
+}
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return errnoCode(err) === 'EPERM';
+  }
+}
+
+function readdirSyncSafe(dir: string): string[] {
+  try {
+    // Synchronous on purpose: runs inside a database transaction callback.
+    return readdirSync(dir);
+  } catch (err) {
+    if (errnoCode(err) === 'ENOENT') return [];
+    throw err;
+  }
+}
+
+/** Flush the filesystem holding `path` (one syncfs instead of an fsync per file). */
+async function syncFilesystem(path: string): Promise<void> {
+  await run('sync', ['--file-system', path]);
+}
+
