@@ -62,6 +62,11 @@ class Transaction {
 
   constructor(readonly store: Store, readonly workDir: string) {}
 
+  /** A blob this transaction already ingested (another image shares it). */
+  stagedBlobPath(digest: Digest): string | undefined {
+    return this.staged.find((item) => item.kind === 'blob' && item.digest === digest)?.path;
+  }
+
   nextDir(): string {
     return join(this.workDir, String(this.seq++));
   }
@@ -76,11 +81,11 @@ class Transaction {
     this.staged.push({ kind: 'blob', digest, path });
   }
 
-  stageLayer(layer: IngestedLayer, mediaType: string, keepBlob: boolean): void {
-    if (layer.blobPath && keepBlob) {
+  stageLayer(layer: IngestedLayer, mediaType: string): void {
+    if (layer.blobPath) {
       this.staged.push({ kind: 'blob', digest: layer.digest, path: layer.blobPath });
+      this.blobs.set(layer.digest, { size: layer.size, mediaType });
     }
-    if (keepBlob) this.blobs.set(layer.digest, { size: layer.size, mediaType });
     if (layer.layerDir && layer.index) {
       this.staged.push({ kind: 'layer', diffId: layer.diffId, path: layer.layerDir });
       this.layers.set(layer.diffId, { size: layer.diffSize, fileBytes: layer.fileBytes, entries: layer.index.entries.length });
@@ -208,18 +213,19 @@ async function importManifest(
       options.onProgress?.({ type: 'layer-start', digest: layer.digest, size: layer.size, index: i, count: manifest.layers.length });
       const workDir = tx.nextDir();
       await mkdir(workDir);
+      const storedBlob = tx.store.db.getBlob(layer.digest) ? tx.store.layout.blobPath(layer.digest) : tx.stagedBlobPath(layer.digest);
       const ingested = await ingestLayer(
-        await source.openBlob(layer.digest),
+        () => source.openBlob(layer.digest),
         { digest: layer.digest, size: layer.size, diffId },
         {
           workDir,
-          keepBlob: !haveBlob,
+          ...(storedBlob ? { storedBlob } : {}),
           unpack: !haveLayer,
           ...(options.limits ? { limits: options.limits } : {}),
           ...(options.onProgress ? { onProgress: (bytes: number) => options.onProgress!({ type: 'layer-progress', digest: layer.digest, bytes, size: layer.size }) } : {}),
         },
       );
-      tx.stageLayer(ingested, layer.mediaType, !haveBlob);
+      tx.stageLayer(ingested, layer.mediaType);
       options.onProgress?.({ type: 'layer-done', digest: layer.digest, diffId });
     }
     layers.push({ diffId, blobDigest: layer.digest, mediaType: layer.mediaType, size: layer.size });
@@ -240,16 +246,16 @@ export async function importRawLayer(store: Store, path: string, name: string, o
     const tx = new Transaction(store, workDir);
     const layerDir = tx.nextDir();
     await mkdir(layerDir);
-    const ingested = await ingestLayer(createReadStream(path, { highWaterMark: 1024 * 1024 }), {}, {
-      workDir: layerDir, keepBlob: true, unpack: true, ...(options.limits ? { limits: options.limits } : {}),
+    const ingested = await ingestLayer(async () => createReadStream(path, { highWaterMark: 1024 * 1024 }), {}, {
+      workDir: layerDir, unpack: true, ...(options.limits ? { limits: options.limits } : {}),
     });
-    const haveLayer = store.db.getLayer(ingested.diffId) !== undefined;
     const mediaType = layerMediaType(ingested.compression);
-    if (haveLayer) {
+    if (store.db.getLayer(ingested.diffId) !== undefined) {
       delete ingested.layerDir;
       delete ingested.index;
     }
-    tx.stageLayer(ingested, mediaType, true);
+    if (store.db.getBlob(ingested.digest) !== undefined) delete ingested.blobPath;
+    tx.stageLayer(ingested, mediaType);
     const platform = options.platform ?? hostPlatform();
     const created = new Date().toISOString();
     const config: ImageConfig = {

@@ -1,18 +1,22 @@
 /**
- * Ingesting one layer blob in a single pass over its bytes:
+ * Ingesting one layer blob, verify first, parse second:
  *
- *   source → sha256 (distribution digest) → [copy into the ingest area]
- *          → sniff + decompress → sha256 (diffID) → tar unpack
+ *   1. source → sha256 + size → a file in the ingest area; the distribution
+ *      digest and size are checked before anything looks inside the blob.
+ *   2. that file (or the store's copy) → sniff + decompress → sha256 (diffID)
+ *      → tar unpack into the ingest area; the diffID is checked.
  *
- * Everything lands in a private directory of the ingest area; the caller
- * verifies the result and only then renames it into the store (see
- * Store.commitIngest), so an unverified or interrupted layer is never
+ * So a blob that does not match its manifest never reaches the tar parser,
+ * and a mismatch is reported as what it is (EDIGEST). The second read comes
+ * from the page cache. The caller renames the verified result into the
+ * store (see Store.commit); an unverified or interrupted layer is never
  * visible.
  */
+import { createReadStream } from 'node:fs';
 import { open, writeFile } from 'node:fs/promises';
 import { type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
-import { Readable, Transform, Writable, type TransformCallback } from 'node:stream';
+import { Readable, Transform, Writable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { ErrorCodes, LayerdError } from '../common/errors.js';
 import { type Compression, SNIFF_BYTES, createDecompressor, sniffCompression } from './compression.js';
@@ -47,7 +51,7 @@ export interface IngestedLayer {
   diffId: Digest;
   diffSize: number;
   compression: Compression;
-  /** The verified blob in the ingest area, when `keepBlob` was asked for. */
+  /** The verified blob in the ingest area, when the blob was ingested. */
   blobPath?: string;
   /** The verified unpacked layer directory in the ingest area, when unpacked. */
   layerDir?: string;
@@ -58,43 +62,59 @@ export interface IngestedLayer {
 export interface IngestOptions {
   /** A fresh private directory in the store's ingest area. */
   workDir: string;
-  keepBlob: boolean;
+  /**
+   * Where the blob already is, verified (the store's copy). Without it the
+   * blob is read from the source and kept in the ingest area.
+   */
+  storedBlob?: string;
   unpack: boolean;
   limits?: IngestLimits;
   /** Called with the number of compressed bytes read so far. */
   onProgress?: (bytes: number) => void;
 }
 
-export async function ingestLayer(source: Readable, expected: LayerExpectation, options: IngestOptions): Promise<IngestedLayer> {
+export async function ingestLayer(source: () => Promise<Readable>, expected: LayerExpectation, options: IngestOptions): Promise<IngestedLayer> {
   const limits = options.limits ?? DEFAULT_INGEST_LIMITS;
-  const blobHasher = expected.size !== undefined
-    ? new DigestingStream(expected.size, `layer blob ${expected.digest ?? ''}`, ErrorCodes.EDIGEST)
-    : new DigestingStream(limits.maxBlobBytes, 'layer blob');
+
+  // Phase 1: the blob, verified as bytes.
+  let blobPath = options.storedBlob;
+  let blob: { digest: Digest; size: number } | undefined;
+  if (!blobPath) {
+    blobPath = join(options.workDir, 'blob');
+    const hasher = expected.size !== undefined
+      ? new DigestingStream(expected.size, `layer blob ${expected.digest ?? ''}`, ErrorCodes.EDIGEST)
+      : new DigestingStream(limits.maxBlobBytes, 'layer blob');
+    const stages: unknown[] = [await source(), hasher];
+    if (options.onProgress) stages.push(progressStream(options.onProgress));
+    stages.push(new FileSink(blobPath));
+    try {
+      await (pipeline as (...s: unknown[]) => Promise<void>)(...stages);
+    } catch (err) {
+      throw mapStreamError(err, expected);
+    }
+    blob = hasher.result();
+    if (expected.digest) verifyDigest('layer blob', { digest: expected.digest, size: expected.size }, blob);
+  }
+
+  // Phase 2: the tar inside, verified as the diffID, unpacked if wanted.
   const diffHasher = new DigestingStream(limits.maxLayerBytes, 'uncompressed layer');
   let compression: Compression = 'none';
-  const blobPath = options.keepBlob ? join(options.workDir, 'blob') : undefined;
   const layerDir = options.unpack ? join(options.workDir, 'layer') : undefined;
   const unpacker = layerDir ? new LayerUnpacker(layerDir, limits) : undefined;
-
-  const stages: (NodeJS.ReadableStream | NodeJS.WritableStream | NodeJS.ReadWriteStream | ((s: AsyncIterable<Buffer>) => AsyncIterable<Buffer>))[] = [];
-  stages.push(blobHasher);
-  if (options.onProgress) stages.push(progressStream(options.onProgress));
-  if (blobPath) stages.push(new FileTee(blobPath));
-  stages.push(sniffAndDecompress((c) => { compression = c; }));
-  stages.push(diffHasher);
-  stages.push(unpacker ? unpacker.writable : discard());
-
   try {
-    await (pipeline as (...s: unknown[]) => Promise<void>)(source, ...stages);
+    await (pipeline as (...s: unknown[]) => Promise<void>)(
+      createReadStream(blobPath, { highWaterMark: 1024 * 1024 }),
+      sniffAndDecompress((c) => { compression = c; }),
+      diffHasher,
+      unpacker ? unpacker.writable : discard(),
+    );
     if (unpacker) await unpacker.done;
   } catch (err) {
     if (unpacker) await unpacker.done.catch(() => undefined);
     throw mapStreamError(err, expected);
   }
-
-  const blob = blobHasher.result();
+  blob ??= { digest: expected.digest!, size: expected.size ?? 0 };
   const diff = diffHasher.result();
-  if (expected.digest) verifyDigest('layer blob', { digest: expected.digest, size: expected.size }, blob);
   if (expected.diffId) verifyDigest(`layer ${blob.digest} uncompressed`, { digest: expected.diffId }, diff, { blob: blob.digest });
   if (!endsWithZeroBlock(diffHasher.tail())) {
     throw new LayerdError(ErrorCodes.EBADTAR, `layer ${blob.digest}: the tar archive has no end-of-archive marker (truncated?)`, { digest: blob.digest });
@@ -103,7 +123,7 @@ export async function ingestLayer(source: Readable, expected: LayerExpectation, 
   const result: IngestedLayer = {
     digest: blob.digest, size: blob.size, diffId: diff.digest, diffSize: diff.size, compression, fileBytes: 0,
   };
-  if (blobPath) result.blobPath = blobPath;
+  if (!options.storedBlob) result.blobPath = blobPath;
   if (unpacker && layerDir) {
     const { index, fileBytes } = await unpacker.done;
     result.index = { ...index, id: diff.digest };
@@ -114,8 +134,8 @@ export async function ingestLayer(source: Readable, expected: LayerExpectation, 
   return result;
 }
 
-/** Copies the bytes flowing through into a new file, fsynced at the end. */
-class FileTee extends Transform {
+/** Writes the bytes into a new file, fsynced before the stream finishes. */
+class FileSink extends Writable {
   private handle: FileHandle | undefined;
 
   constructor(private readonly path: string) {
@@ -126,13 +146,14 @@ class FileTee extends Transform {
     open(this.path, 'wx', 0o600).then((h) => { this.handle = h; callback(); }, callback);
   }
 
-  override _transform(chunk: Buffer, _enc: BufferEncoding, callback: TransformCallback): void {
-    this.handle!.write(chunk).then(() => callback(null, chunk), callback);
+  override _write(chunk: Buffer, _enc: BufferEncoding, callback: (error?: Error | null) => void): void {
+    this.handle!.write(chunk).then(() => callback(), callback);
   }
 
-  override _flush(callback: TransformCallback): void {
+  override _final(callback: (error?: Error | null) => void): void {
     const h = this.handle!;
-    h.sync().then(() => h.close()).then(() => { this.handle = undefined; callback(); }, callback);
+    this.handle = undefined;
+    h.sync().then(() => h.close()).then(() => callback(), callback);
   }
 
   override _destroy(error: Error | null, callback: (error?: Error | null) => void): void {
