@@ -110,9 +110,11 @@ export function buildProgram(): Command {
     .description('give an image another NAME:TAG')
     .argument('<source>', 'image')
     .argument('<target>', 'NAME[:TAG]')
-    .action(async (source: string, target: string, _opts: object, cmd: Command) => {
+    .option('--json', 'print JSON')
+    .action(async (source: string, target: string, opts: { json?: boolean }, cmd: Command) => {
       await withBackend(cmd, async (backend) => {
         const r = await backend.tag(source, target);
+        if (opts.json) return printJson(r);
         print(`tagged ${short(r.id)} as ${r.ref}\n`);
       });
     });

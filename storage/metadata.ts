@@ -86,7 +86,8 @@ export class MetadataDb {
 
   constructor(path: string, options: OpenOptions = {}) {
     try {
-      this.db = new Database(path, { timeout: options.busyTimeoutMs ?? 10_000 });
+      const envTimeout = Number(process.env['LAYERD_BUSY_TIMEOUT_MS']);
+      this.db = new Database(path, { timeout: options.busyTimeoutMs ?? (envTimeout > 0 ? envTimeout : 10_000) });
       this.db.pragma('journal_mode = WAL');
       this.db.pragma('synchronous = FULL');
       this.db.pragma('foreign_keys = ON');
