@@ -12,9 +12,10 @@
  * - opaque: a directory whose lower contents the layer hides (`.wh..wh..opq`).
  *
  * Metadata (mode, owner, times, xattrs, device numbers, link targets) lives
- * only here; the layer's directory on disk holds only the bytes of regular
- * files, in files named by `data`. So nothing a tar archive names is ever
- * created on disk, and no device node or setuid binary lies in the store.
+ * only here; the bytes of regular files stay where they are in the layer's
+ * uncompressed tar, found by `offset`. So nothing a tar archive names is
+ * ever created on disk, and no device node or setuid binary lies in the
+ * store.
  */
 
 export type EntryKind = 'file' | 'dir' | 'symlink' | 'char' | 'block' | 'fifo';
@@ -44,13 +45,12 @@ export interface LayerEntry {
   /** Extended attributes, name → value bytes encoded base64 (exact bytes). */
   xattrs?: Record<string, string>;
   /**
-   * Name of the content file under the layer's `data/` directory for a
-   * regular file with content; absent for empty files and hard links (which
-   * share their target's data).
+   * Where a regular file's bytes start in the layer's uncompressed tar
+   * (`layer.tar`); absent for empty files. Hard links share their target's.
    */
+  offset?: number;
+  /** For layers read from a plain directory: the file holding the bytes. */
   data?: string;
-  /** sha256 (hex) of a regular file's content. */
-  sha256?: string;
 }
 
 export interface LayerIndex {
@@ -66,6 +66,9 @@ export interface LayerIndex {
 }
 
 export const LAYER_INDEX_VERSION = 1 as const;
+
+/** The uncompressed tar a store layer keeps beside its index. */
+export const LAYER_TAR = 'layer.tar';
 
 /** Extended-attribute helpers: the index stores exact bytes as base64. */
 export function xattrsFromBuffers(map: ReadonlyMap<string, Buffer>): Record<string, string> | undefined {

@@ -4,7 +4,8 @@
  *   1. source → sha256 + size → a file in the ingest area; the distribution
  *      digest and size are checked before anything looks inside the blob.
  *   2. that file (or the store's copy) → sniff + decompress → sha256 (diffID)
- *      → tar unpack into the ingest area; the diffID is checked.
+ *      → `layer.tar` + the layer index, in the ingest area; the diffID is
+ *      checked.
  *
  * So a blob that does not match its manifest never reaches the tar parser,
  * and a mismatch is reported as what it is (EDIGEST). The second read comes
@@ -13,15 +14,15 @@
  * visible.
  */
 import { createReadStream } from 'node:fs';
-import { open, writeFile } from 'node:fs/promises';
+import { link, mkdir, open, writeFile } from 'node:fs/promises';
 import { type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
-import { Readable, Transform, Writable } from 'node:stream';
+import { type Readable, Transform, Writable, type TransformCallback } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { ErrorCodes, LayerdError } from '../common/errors.js';
 import { type Compression, SNIFF_BYTES, createDecompressor, sniffCompression } from './compression.js';
 import { type Digest, DigestingStream, verifyDigest } from './digest.js';
-import { type LayerIndex } from './layerIndex.js';
+import { LAYER_TAR, type LayerIndex } from './layerIndex.js';
 import { DEFAULT_UNPACK_LIMITS, LayerUnpacker, type UnpackLimits } from './layerUnpack.js';
 
 export interface IngestLimits extends UnpackLimits {
@@ -86,7 +87,7 @@ export async function ingestLayer(source: () => Promise<Readable>, expected: Lay
       : new DigestingStream(limits.maxBlobBytes, 'layer blob');
     const stages: unknown[] = [await source(), hasher];
     if (options.onProgress) stages.push(progressStream(options.onProgress));
-    stages.push(new FileSink(blobPath));
+    stages.push(new FileTee(blobPath), discard());
     try {
       await (pipeline as (...s: unknown[]) => Promise<void>)(...stages);
     } catch (err) {
@@ -96,21 +97,27 @@ export async function ingestLayer(source: () => Promise<Readable>, expected: Lay
     if (expected.digest) verifyDigest('layer blob', { digest: expected.digest, size: expected.size }, blob);
   }
 
-  // Phase 2: the tar inside, verified as the diffID, unpacked if wanted.
+  // Phase 2: the tar inside, verified as the diffID and indexed. The layer
+  // keeps the uncompressed tar as `layer.tar`: for an uncompressed blob that
+  // is the blob itself (a hard link, no copy).
+  const compression = sniffCompression(await readHead(blobPath));
   const diffHasher = new DigestingStream(limits.maxLayerBytes, 'uncompressed layer');
-  let compression: Compression = 'none';
   const layerDir = options.unpack ? join(options.workDir, 'layer') : undefined;
-  const unpacker = layerDir ? new LayerUnpacker(layerDir, limits) : undefined;
+  const unpacker = layerDir ? new LayerUnpacker(limits) : undefined;
+  const stages: unknown[] = [createReadStream(blobPath, { highWaterMark: 1024 * 1024 })];
+  if (compression !== 'none') stages.push(createDecompressor(compression));
+  stages.push(diffHasher);
+  if (layerDir) {
+    await mkdir(layerDir);
+    const tarPath = join(layerDir, LAYER_TAR);
+    if (compression === 'none') await link(blobPath, tarPath);
+    else stages.push(new FileTee(tarPath));
+  }
+  stages.push(unpacker ? unpacker.writable : discard());
   try {
-    await (pipeline as (...s: unknown[]) => Promise<void>)(
-      createReadStream(blobPath, { highWaterMark: 1024 * 1024 }),
-      sniffAndDecompress((c) => { compression = c; }),
-      diffHasher,
-      unpacker ? unpacker.writable : discard(),
-    );
+    await (pipeline as (...s: unknown[]) => Promise<void>)(...stages);
     if (unpacker) await unpacker.done;
   } catch (err) {
-    if (unpacker) await unpacker.done.catch(() => undefined);
     throw mapStreamError(err, expected);
   }
   blob ??= { digest: expected.digest!, size: expected.size ?? 0 };
@@ -134,8 +141,8 @@ export async function ingestLayer(source: () => Promise<Readable>, expected: Lay
   return result;
 }
 
-/** Writes the bytes into a new file, fsynced before the stream finishes. */
-class FileSink extends Writable {
+/** Writes the bytes into a new file (fsynced at the end) and passes them on. */
+class FileTee extends Transform {
   private handle: FileHandle | undefined;
 
   constructor(private readonly path: string) {
@@ -146,11 +153,11 @@ class FileSink extends Writable {
     open(this.path, 'wx', 0o600).then((h) => { this.handle = h; callback(); }, callback);
   }
 
-  override _write(chunk: Buffer, _enc: BufferEncoding, callback: (error?: Error | null) => void): void {
-    this.handle!.write(chunk).then(() => callback(), callback);
+  override _transform(chunk: Buffer, _enc: BufferEncoding, callback: TransformCallback): void {
+    this.handle!.write(chunk).then(() => callback(null, chunk), callback);
   }
 
-  override _final(callback: (error?: Error | null) => void): void {
+  override _flush(callback: TransformCallback): void {
     const h = this.handle!;
     this.handle = undefined;
     h.sync().then(() => h.close()).then(() => callback(), callback);
@@ -161,6 +168,17 @@ class FileSink extends Writable {
     this.handle = undefined;
     if (!h) { callback(error); return; }
     h.close().then(() => callback(error), () => callback(error));
+  }
+}
+
+async function readHead(path: string): Promise<Buffer> {
+  const h = await open(path, 'r');
+  try {
+    const buf = Buffer.alloc(SNIFF_BYTES);
+    const { bytesRead } = await h.read(buf, 0, SNIFF_BYTES, 0);
+    return buf.subarray(0, bytesRead);
+  } finally {
+    await h.close();
   }
 }
 
@@ -177,42 +195,6 @@ function progressStream(onProgress: (bytes: number) => void): Transform {
 
 function discard(): Writable {
   return new Writable({ write(_chunk, _enc, callback) { callback(); } });
-}
-
-/** Decide the compression from the first bytes, then decompress the rest. */
-function sniffAndDecompress(onDetect: (c: Compression) => void): (source: AsyncIterable<Buffer>) => AsyncIterable<Buffer> {
-  return async function* (source) {
-    const it = source[Symbol.asyncIterator]();
-    const head: Buffer[] = [];
-    let headBytes = 0;
-    let ended = false;
-    while (headBytes < SNIFF_BYTES) {
-      const r = await it.next();
-      if (r.done) { ended = true; break; }
-      head.push(r.value);
-      headBytes += r.value.length;
-    }
-    const compression = sniffCompression(Buffer.concat(head));
-    onDetect(compression);
-    async function* all(): AsyncGenerator<Buffer> {
-      yield* head;
-      if (ended) return;
-      for (;;) {
-        const r = await it.next();
-        if (r.done) return;
-        yield r.value;
-      }
-    }
-    if (compression === 'none') {
-      yield* all();
-      return;
-    }
-    const decompressor = createDecompressor(compression);
-    const feeding = pipeline(Readable.from(all()), decompressor);
-    feeding.catch(() => undefined); // surfaces through the iteration below
-    for await (const chunk of decompressor as AsyncIterable<Buffer>) yield chunk;
-    await feeding;
-  };
 }
 
 function endsWithZeroBlock(tail: Buffer): boolean {

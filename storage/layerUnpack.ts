@@ -1,18 +1,15 @@
 /**
- * Unpacking one layer tar into the store's layer format: the bytes of each
- * regular file into `data/<n>`, everything else into the layer index.
+ * Indexing one layer tar: every entry's metadata, and for each regular file
+ * the offset of its bytes in the uncompressed tar, which the store keeps as
+ * the layer's `layer.tar` (see docs/storage.md).
  *
- * Nothing named by the archive is created on disk, so path traversal and
- * symlink escapes cannot write outside the layer; they are still refused
+ * Nothing named by the archive is ever created on disk, so path traversal
+ * and symlink escapes cannot write outside the layer; they are still refused
  * with EBADTAR, because an archive that contains them is broken or hostile
  * and the image would not mean what it says.
  */
-import { createHash } from 'node:crypto';
-import { createWriteStream } from 'node:fs';
-import { mkdir, writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
 import { type Readable, type Writable } from 'node:stream';
-import { finished, pipeline } from 'node:stream/promises';
+import { finished } from 'node:stream/promises';
 import tarStream, { type Headers } from 'tar-stream';
 import { ErrorCodes, LayerdError, asLayerdError } from '../common/errors.js';
 import { type EntryKind, type LayerEntry, type LayerIndex, LAYER_INDEX_VERSION } from './layerIndex.js';
@@ -33,11 +30,6 @@ export const DEFAULT_UNPACK_LIMITS: UnpackLimits = {
   maxXattrBytes: 1024 * 1024,
 };
 
-/** Files at most this big are buffered and written in the background. */
-const SMALL_FILE = 4 * 1024 * 1024;
-/** How many background writes may be in flight. */
-const MAX_INFLIGHT_WRITES = 32;
-
 /** tar-stream 3 with layerd's patch (patches/tar-stream+*.patch) adds paxRaw. */
 type RawHeaders = Headers;
 
@@ -48,8 +40,8 @@ export interface UnpackResult {
 }
 
 /**
- * A writable end that accepts an uncompressed layer tar and unpacks it into
- * `layerDir` (which must not exist yet). Await `done` for the index.
+ * A writable end that accepts an uncompressed layer tar and indexes it.
+ * Await `done` for the index.
  */
 export class LayerUnpacker {
   readonly writable: Writable;
@@ -61,35 +53,24 @@ export class LayerUnpacker {
   private readonly parents = new Set<string>();
   private readonly whiteouts = new Set<string>();
   private readonly opaques = new Set<string>();
-  private readonly inflight = new Set<Promise<void>>();
-  private writeError: unknown = undefined;
-  private nextDataName = 0;
   private fileBytes = 0;
   private count = 0;
 
-  constructor(layerDir: string, private readonly limits: UnpackLimits = DEFAULT_UNPACK_LIMITS) {
+  constructor(private readonly limits: UnpackLimits = DEFAULT_UNPACK_LIMITS) {
     const extract = tarStream.extract();
     this.writable = extract;
-    const dataDir = join(layerDir, 'data');
-    const ready = mkdir(dataDir, { recursive: true });
     extract.on('entry', (header: RawHeaders, stream: Readable, next: (err?: unknown) => void) => {
-      ready
-        .then(() => this.onEntry(header, stream, dataDir))
-        .then(() => next(), (err: unknown) => {
-          stream.resume();
-          next(err);
-        });
+      this.onEntry(header, stream).then(() => next(), (err: unknown) => {
+        stream.resume();
+        next(err);
+      });
     });
     this.done = (async () => {
       try {
-        await ready;
         await finished(extract);
-        await Promise.all(this.inflight);
       } catch (err) {
-        await Promise.allSettled(this.inflight);
         throw tarError(err);
       }
-      if (this.writeError !== undefined) throw asLayerdError(this.writeError);
       return {
         index: {
           version: LAYER_INDEX_VERSION,
@@ -105,7 +86,7 @@ export class LayerUnpacker {
     this.done.catch(() => undefined);
   }
 
-  private async onEntry(header: RawHeaders, stream: Readable, dataDir: string): Promise<void> {
+  private async onEntry(header: RawHeaders, stream: Readable): Promise<void> {
     if (++this.count > this.limits.maxEntries) {
       throw new LayerdError(ErrorCodes.ELIMIT, `layer has more than ${this.limits.maxEntries} entries`, { limit: this.limits.maxEntries });
     }
@@ -152,8 +133,8 @@ export class LayerUnpacker {
         }
         entry.size = size;
         this.fileBytes += size;
-        if (size > 0) await this.storeContent(entry, stream, dataDir);
-        else await drain(stream);
+        if (size > 0) entry.offset = header.byteOffset ?? 0;
+        await drain(stream);
         break;
       }
       case 'hardlink':
@@ -245,31 +226,6 @@ export class LayerUnpacker {
     return Object.fromEntries(Object.entries(out).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)));
   }
 
-  private async storeContent(entry: LayerEntry, stream: Readable, dataDir: string): Promise<void> {
-    const name = String(this.nextDataName++);
-    const file = join(dataDir, name);
-    const hash = createHash('sha256');
-    entry.data = name;
-    if (entry.size > SMALL_FILE) {
-      const out = createWriteStream(file, { flags: 'wx', mode: 0o600 });
-      stream.on('data', (chunk: Buffer) => hash.update(chunk));
-      await pipeline(stream, out);
-      entry.sha256 = hash.digest('hex');
-      return;
-    }
-    const chunks: Buffer[] = [];
-    for await (const chunk of stream as AsyncIterable<Buffer>) {
-      hash.update(chunk);
-      chunks.push(chunk);
-    }
-    entry.sha256 = hash.digest('hex');
-    if (this.writeError !== undefined) throw asLayerdError(this.writeError);
-    while (this.inflight.size >= MAX_INFLIGHT_WRITES) await Promise.race(this.inflight);
-    const write = writeFile(file, chunks.length === 1 ? chunks[0]! : Buffer.concat(chunks), { flag: 'wx', mode: 0o600 })
-      .catch((err: unknown) => { this.writeError ??= err; })
-      .finally(() => this.inflight.delete(write));
-    this.inflight.add(write);
-  }
 }
 
 type TarKind = EntryKind | 'hardlink';

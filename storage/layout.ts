@@ -5,11 +5,12 @@
  *
  *   <root>/metadata.db              image records, tags, layer and blob records
  *   <root>/blobs/sha256/<hex>       blobs by distribution digest (layers, configs, manifests)
- *   <root>/layers/sha256/<hex>/     extracted layers by diffID: index.json + data/<n>
+ *   <root>/layers/sha256/<hex>/     layers by diffID: layer.tar (sha256 = diffID) + index.json
  *   <root>/tmp/<pid>-<rand>/        ingest area: becomes visible only by rename
  */
 import { join } from 'node:path';
 import { type Digest, digestHex } from './digest.js';
+import { LAYER_TAR } from './layerIndex.js';
 
 export const DEFAULT_ROOT = '/var/lib/layerd';
 
@@ -24,7 +25,7 @@ export class StoreLayout {
   blobPath(digest: Digest): string { return join(this.blobsDir, digestHex(digest)); }
   layerDir(diffId: Digest): string { return join(this.layersDir, digestHex(diffId)); }
   layerIndexPath(diffId: Digest): string { return join(this.layerDir(diffId), 'index.json'); }
-  layerDataDir(diffId: Digest): string { return join(this.layerDir(diffId), 'data'); }
+  layerTarPath(diffId: Digest): string { return join(this.layerDir(diffId), LAYER_TAR); }
 }
 
 /** The root from --root, then LAYERD_ROOT, then the default. */

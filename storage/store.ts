@@ -22,7 +22,7 @@ import { promisify } from 'node:util';
 import { ErrorCodes, LayerdError, errnoCode } from '../common/errors.js';
 import { type Logger, silentLogger } from '../common/log.js';
 import { type Digest, isDigest } from './digest.js';
-import { type LayerIndex, type LayerSource, LAYER_INDEX_VERSION } from './layerIndex.js';
+import { type LayerIndex, LAYER_INDEX_VERSION } from './layerIndex.js';
 import { StoreLayout } from './layout.js';
 import { type ImageRow, MetadataDb, type OpenOptions } from './metadata.js';
 import { parseImageRef } from './references.js';
@@ -43,6 +43,13 @@ export interface StoreOptions extends OpenOptions {
 export type StagedItem =
   | { kind: 'blob'; digest: Digest; path: string }
   | { kind: 'layer'; diffId: Digest; path: string };
+
+/** A layer of the store: its index and its uncompressed tar (`offset`s point into it). */
+export interface StoredLayer {
+  diffId: Digest;
+  index: LayerIndex;
+  tarPath: string;
+}
 
 export class Store {
   readonly layout: StoreLayout;
@@ -218,23 +225,16 @@ export class Store {
     return index;
   }
 
-  /** The layers of an image as the union filesystem consumes them, base first. */
-  async imageLayerSources(ref: string): Promise<LayerSource[]> {
+  /** The layers of an image, base first: each index and the tar holding its bytes. */
+  async imageLayers(ref: string): Promise<StoredLayer[]> {
     const image = this.resolveImage(ref);
-    const sources: LayerSource[] = [];
-    for (const row of this.db.imageLayers(image.id)) {
-      sources.push(await this.layerSource(row.diff_id));
-    }
-    return sources;
+    const layers: StoredLayer[] = [];
+    for (const row of this.db.imageLayers(image.id)) layers.push(await this.storedLayer(row.diff_id));
+    return layers;
   }
 
-  async layerSource(diffId: Digest): Promise<LayerSource> {
-    const index = await this.layerIndex(diffId);
-    const dataDir = this.layout.layerDataDir(diffId);
-    return {
-      index,
-      contentPath: (entry) => (entry.data === undefined ? undefined : join(dataDir, entry.data)),
-    };
+  async storedLayer(diffId: Digest): Promise<StoredLayer> {
+    return { diffId, index: await this.layerIndex(diffId), tarPath: this.layout.layerTarPath(diffId) };
   }
 
   forgetLayerIndex(diffId: Digest): void {

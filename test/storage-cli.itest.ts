@@ -92,9 +92,10 @@ describe('layerctl (offline --root mode)', function () {
     const bytes = await readFile(blob);
     bytes[1000] = bytes[1000]! ^ 0xff;
     await writeFile(blob, bytes);
-    const layerDir = join(root, 'layers', 'sha256', '011a1c6c83112f58f96e3eb60b150d2eaa2f278ab73e0baaca462cf1378ea10d', 'data');
-    const first = (await readdir(layerDir))[0]!;
-    await writeFile(join(layerDir, first), 'tampered');
+    const tar = join(root, 'layers', 'sha256', '011a1c6c83112f58f96e3eb60b150d2eaa2f278ab73e0baaca462cf1378ea10d', 'layer.tar');
+    const tarBytes = await readFile(tar);
+    tarBytes[600] = tarBytes[600]! ^ 0xff;
+    await writeFile(tar, tarBytes);
     const r = await layerctl(['--root', root, 'fsck', '--json']);
     expect(r.code).to.equal(7);
     const report = JSON.parse(r.stdout) as { ok: boolean; problems: { kind: string; id: string }[] };

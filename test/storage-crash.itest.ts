@@ -26,11 +26,23 @@ describe('import: crash safety (SIGKILL mid-import)', function () {
   before(async () => { work = await scratch(); });
   after(async () => { await work?.remove(); });
 
-  // Early (reading documents), during layer 1, during later layers, around the commit.
-  for (const delay of [150, 700, 1500, 2300]) {
-    it(`killed after ${delay} ms: recovery leaves a clean store, and a re-import succeeds`, async () => {
+  // Kill points spread over one import's measured duration: reading the
+  // documents, inside layer 1, later layers, and around the commit.
+  let duration = 0;
+  let killedMidway = 0;
+  before(async () => {
+    const t0 = Date.now();
+    const r = await layerctl(['--root', join(work.dir, 'timing'), 'import', DEBIAN_MULTI]);
+    expect(r.code, r.stderr).to.equal(0);
+    duration = Date.now() - t0;
+  });
+
+  for (const fraction of [0.1, 0.35, 0.6, 0.85, 0.97]) {
+    it(`killed at ${Math.round(fraction * 100)}% of an import: recovery leaves a clean store, and a re-import succeeds`, async () => {
+      const delay = Math.round(duration * fraction);
       const root = join(work.dir, `store-${delay}`);
       const { killed } = await importThenKill(root, delay);
+      if (killed) killedMidway++;
       // Opening the store (here through fsck) recovers it.
       const fsck = await layerctl(['--root', root, 'fsck', '--json']);
       expect(fsck.code, fsck.stdout + fsck.stderr).to.equal(0);
@@ -48,4 +60,8 @@ describe('import: crash safety (SIGKILL mid-import)', function () {
       expect(fsck2.code, fsck2.stdout).to.equal(0);
     });
   }
+
+  it('interrupted at least three of those imports before they finished', () => {
+    expect(killedMidway).to.be.at.least(3);
+  });
 });

@@ -1,7 +1,7 @@
 /** The layer unpacker on hand-made archives: what the index records. */
 import { expect } from 'chai';
 import { createReadStream } from 'node:fs';
-import { readFile, readdir, writeFile } from 'node:fs/promises';
+import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import { LayerUnpacker } from '../storage/layerUnpack.js';
@@ -16,13 +16,13 @@ describe('layer unpacker', () => {
   async function unpack(name: string, items: Parameters<typeof writeTar>[1]) {
     const tar = join(work.dir, `${name}.tar`);
     await writeTar(tar, items);
-    const unpacker = new LayerUnpacker(join(work.dir, name));
+    const unpacker = new LayerUnpacker();
     await pipeline(createReadStream(tar), unpacker.writable);
-    return unpacker.done;
+    return { ...(await unpacker.done), tar };
   }
 
-  it('keeps metadata in the index and only file bytes on disk, hard links sharing data', async () => {
-    const { index, fileBytes } = await unpack('basic', [
+  it('indexes metadata and where the bytes of each file are in the tar, hard links sharing them', async () => {
+    const { index, fileBytes, tar } = await unpack('basic', [
       { header: { name: './', type: 'directory', mode: 0o755 } },
       { header: { name: './bin/', type: 'directory', mode: 0o755 } },
       { header: { name: './bin/tool', type: 'file', mode: 0o4755, uid: 0, gid: 0, size: 5 }, content: 'hello' },
@@ -37,16 +37,16 @@ describe('layer unpacker', () => {
     const by = new Map(index.entries.map((e) => [e.path, e]));
     expect(by.get('')?.kind).to.equal('dir');
     expect(by.get('bin/tool')).to.deep.include({ kind: 'file', mode: 0o4755, size: 5 });
-    expect(by.get('bin/alias')).to.deep.include({ kind: 'file', mode: 0o4755, link: 'bin/tool', data: by.get('bin/tool')!.data });
+    expect(by.get('bin/alias')).to.deep.include({ kind: 'file', mode: 0o4755, link: 'bin/tool', offset: by.get('bin/tool')!.offset });
     expect(by.get('bin/sh')).to.deep.include({ kind: 'symlink', target: '/bin/busybox' });
     expect(by.get('dev/null')).to.deep.include({ kind: 'char', devMajor: 1, devMinor: 3, mode: 0o666 });
     expect(by.get('empty')).to.deep.include({ uid: 1000, gid: 65534, size: 0 });
-    expect(by.get('empty')!.data).to.equal(undefined);
+    expect(by.get('empty')!.offset).to.equal(undefined);
     expect(index.whiteouts).to.deep.equal(['etc/motd']);
     expect(index.opaques).to.deep.equal(['usr/share/doc']);
-    const data = await readdir(join(work.dir, 'basic', 'data'));
-    expect(data).to.deep.equal([by.get('bin/tool')!.data]);
-    expect(await readFile(join(work.dir, 'basic', 'data', data[0]!), 'utf8')).to.equal('hello');
+    const bytes = await readFile(tar);
+    const offset = by.get('bin/tool')!.offset!;
+    expect(bytes.subarray(offset, offset + 5).toString()).to.equal('hello');
   });
 
   it('keeps xattr values byte for byte (binary PAX records)', async () => {
@@ -58,7 +58,7 @@ describe('layer unpacker', () => {
       ustarHeader('usr/bin/ping', '0', 1), block(Buffer.from('p')),
       Buffer.alloc(1024),
     ]));
-    const unpacker = new LayerUnpacker(join(work.dir, 'binary-pax'));
+    const unpacker = new LayerUnpacker();
     await pipeline(createReadStream(tar), unpacker.writable);
     const { index } = await unpacker.done;
     expect(index.entries[0]!.xattrs).to.deep.equal({

@@ -1,0 +1,117 @@
+/**
+ * Import throughput of debian-multi next to the bare decompressors
+ * (`pigz -d`, `zstd -d`) on the same blobs, in the same run, interleaved.
+ * Only ratios from one run mean anything on a shared, noisy machine.
+ *
+ *   make bench            (or: node dist/bench/import.js [--reps N])
+ *
+ * Writes bench/results/import-<timestamp>.{md,json}.
+ */
+import { execFile } from 'node:child_process';
+import { mkdir, mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { promisify } from 'node:util';
+import { importFromSource } from '../storage/importer.js';
+import { detectSource } from '../storage/sources/detect.js';
+import { Store } from '../storage/store.js';
+
+const run = promisify(execFile);
+const REPO = resolve(fileURLToPath(import.meta.url), '..', '..', '..');
+const CORPUS = process.env['LAYERD_CORPUS'] ?? resolve(REPO, '..', 'shared', 'corpus');
+const LAYOUT = join(CORPUS, 'oci', 'debian-multi');
+const LAYER_BLOBS = [
+  'c03315e586d033da36cda954a86e572ab9f2601a0000dc3377c6baef8fcf8639',
+  '5ed84ad7e40a78fab91ea775b355cbf16d84ee1a603977ccbdcf4df853ba1fb5',
+  '48faf52126d0077448cde6c03a61d062a89191f0f26f542f8ff4c25d422bddde',
+  'dd17963f6facdd5aa380bd5096c1233d3a57a73c168343b4875f369618766a96',
+];
+const UNCOMPRESSED_BYTES = 210_770_000; // sum of the four layer tars (CORPUS.generated.md)
+
+async function time(fn: () => Promise<void>): Promise<number> {
+  const t0 = performance.now();
+  await fn();
+  return performance.now() - t0;
+}
+
+async function decompressAll(tool: string, blobs: string[]): Promise<void> {
+  for (const b of blobs) await run('sh', ['-c', `${tool} -dc '${b}' > /dev/null`]);
+}
+
+async function importLayout(layout: string, root: string, durability: 'full' | 'none'): Promise<void> {
+  await rm(root, { recursive: true, force: true });
+  const store = await Store.open(root, { durability });
+  try {
+    const detected = await detectSource(layout, {});
+    if (detected.kind !== 'image') throw new Error('not an image');
+    await importFromSource(store, detected.source, {});
+  } finally {
+    store.close();
+  }
+}
+
+function stats(samples: number[]): { median: number; min: number; max: number } {
+  const s = [...samples].sort((a, b) => a - b);
+  return { median: s[Math.floor(s.length / 2)]!, min: s[0]!, max: s[s.length - 1]! };
+}
+
+async function main(): Promise<void> {
+  const repsArg = process.argv.indexOf('--reps');
+  const reps = repsArg > 0 ? Number(process.argv[repsArg + 1]) : 5;
+  const work = await mkdtemp(join(tmpdir(), 'layerd-bench-'));
+  try {
+    const zstdLayout = join(work, 'zstd');
+    await run('skopeo', ['--insecure-policy', 'copy', '-q', '--dest-compress-format', 'zstd', `oci:${LAYOUT}:latest`, `oci:${zstdLayout}:latest`]);
+    const gzipBlobs = LAYER_BLOBS.map((h) => join(LAYOUT, 'blobs', 'sha256', h));
+    const zstdBlobs = (await readdir(join(zstdLayout, 'blobs', 'sha256'))).map((h) => join(zstdLayout, 'blobs', 'sha256', h));
+    // Only the layer blobs of the zstd layout: they are the zstd frames.
+    const zstdLayerBlobs: string[] = [];
+    for (const b of zstdBlobs) {
+      const { stdout } = await run('sh', ['-c', `head -c 4 '${b}' | od -An -tx1`]);
+      if (stdout.replace(/\s/g, '') === '28b52ffd') zstdLayerBlobs.push(b);
+    }
+
+    const cases: Record<string, () => Promise<void>> = {
+      'pigz -d (gzip blobs)': () => decompressAll('pigz', gzipBlobs),
+      'layerd import gzip layout (durable)': () => importLayout(LAYOUT, join(work, 'store'), 'full'),
+      'layerd import gzip layout (no fsync)': () => importLayout(LAYOUT, join(work, 'store'), 'none'),
+      'zstd -d (zstd blobs)': () => decompressAll('zstd', zstdLayerBlobs),
+      'layerd import zstd layout (durable)': () => importLayout(zstdLayout, join(work, 'store'), 'full'),
+    };
+    const samples: Record<string, number[]> = Object.fromEntries(Object.keys(cases).map((k) => [k, []]));
+    await cases['layerd import gzip layout (durable)']!(); // warm the page cache
+    for (let r = 0; r < reps; r++) {
+      for (const [name, fn] of Object.entries(cases)) samples[name]!.push(await time(fn));
+    }
+    const result = Object.fromEntries(Object.entries(samples).map(([k, v]) => [k, { ...stats(v), samples: v }]));
+    const med = (k: string): number => result[k]!.median;
+    const ratios = {
+      'gzip import vs pigz -d (durable)': med('pigz -d (gzip blobs)') / med('layerd import gzip layout (durable)'),
+      'gzip import vs pigz -d (no fsync)': med('pigz -d (gzip blobs)') / med('layerd import gzip layout (no fsync)'),
+      'zstd import vs zstd -d (durable)': med('zstd -d (zstd blobs)') / med('layerd import zstd layout (durable)'),
+    };
+    const lines = [
+      `# Import throughput, debian-multi (4 layers, ${(UNCOMPRESSED_BYTES / 1e6).toFixed(0)} MB of tar), ${reps} repetitions, ${new Date().toISOString()}`,
+      '',
+      '| case | median ms | min–max ms | MB/s (uncompressed) |',
+      '|---|---|---|---|',
+      ...Object.entries(result).map(([k, s]) => `| ${k} | ${s.median.toFixed(0)} | ${s.min.toFixed(0)}–${s.max.toFixed(0)} | ${(UNCOMPRESSED_BYTES / 1e6 / (s.median / 1000)).toFixed(0)} |`),
+      '',
+      '| ratio (throughput of layerd / bare decompressor; goal ≥ 0.8) | value |',
+      '|---|---|',
+      ...Object.entries(ratios).map(([k, v]) => `| ${k} | ${v.toFixed(2)} |`),
+      '',
+    ];
+    const outDir = join(REPO, 'bench', 'results');
+    await mkdir(outDir, { recursive: true });
+    const stamp = new Date().toISOString().replace(/[:.]/g, '-');
+    await writeFile(join(outDir, `import-${stamp}.md`), lines.join('\n'));
+    await writeFile(join(outDir, `import-${stamp}.json`), JSON.stringify({ reps, result, ratios }, null, 2));
+    process.stdout.write(lines.join('\n'));
+  } finally {
+    await rm(work, { recursive: true, force: true });
+  }
+}
+
+await main();
