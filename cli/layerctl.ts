@@ -5,15 +5,20 @@
  */
 import { Command, Option } from 'commander';
 import { ErrorCodes, LayerdError, asLayerdError, exitStatusFor } from '../common/errors.js';
-import { createLogger } from '../common/log.js';
+import { existsSync } from 'node:fs';
+import { resolve as resolvePath } from 'node:path';
+import { type Logger, createLogger } from '../common/log.js';
+import { DEFAULT_SOCKET } from '../daemon/config.js';
 import { resolveRoot } from '../storage/layout.js';
 import { type Backend } from './backend.js';
 import { humanSize, short, table } from './format.js';
 import { openOfflineBackend } from './offline.js';
 import { LayerProgress } from './progress.js';
+import { socketBackend } from './socketBackend.js';
 
 interface GlobalOptions {
   root?: string;
+  socket?: string;
   json?: boolean;
   logLevel?: string;
 }
@@ -26,10 +31,23 @@ function printJson(value: unknown): void {
   process.stdout.write(JSON.stringify(value, null, 2) + '\n');
 }
 
+/**
+ * --socket (or $LAYERD_SOCKET) → the daemon; --root → the store directly;
+ * neither → the daemon's default socket if present, else the default root.
+ */
+async function chooseBackend(opts: GlobalOptions, logger: Logger): Promise<Backend> {
+  if (opts.socket && opts.root) throw new LayerdError(ErrorCodes.EINVAL, 'give --socket or --root, not both');
+  const socket = opts.socket ?? (opts.root ? undefined : process.env['LAYERD_SOCKET']);
+  if (socket) return socketBackend(socket);
+  if (!opts.root && !process.env['LAYERD_ROOT'] && existsSync(DEFAULT_SOCKET)) return socketBackend(DEFAULT_SOCKET);
+  return openOfflineBackend(resolveRoot(opts.root), logger);
+}
+
 export function buildProgram(): Command {
   const program = new Command('layerctl')
     .description('Drive layerd: import, inspect and manage container image layers')
-    .option('--root <dir>', 'work on the store under DIR directly (offline mode; default $LAYERD_ROOT or /var/lib/layerd)')
+    .option('--socket <path>', `talk to the layerd daemon on PATH (default $LAYERD_SOCKET, else ${DEFAULT_SOCKET} if it exists)`)
+    .option('--root <dir>', 'work on the store under DIR directly, without a daemon (offline mode; default $LAYERD_ROOT or /var/lib/layerd)')
     .option('--log-level <level>', 'error, warn, info or debug', 'warn')
     .showHelpAfterError()
     .exitOverride();
@@ -37,7 +55,7 @@ export function buildProgram(): Command {
   const withBackend = async <T>(cmd: Command, fn: (backend: Backend, opts: GlobalOptions) => Promise<T>): Promise<T> => {
     const opts = cmd.optsWithGlobals<GlobalOptions>();
     const logger = createLogger({ level: (opts.logLevel ?? 'warn') as 'warn', component: 'layerctl' });
-    const backend = await openOfflineBackend(resolveRoot(opts.root), logger);
+    const backend = await chooseBackend(opts, logger);
     try {
       return await fn(backend, opts);
     } finally {
@@ -56,7 +74,7 @@ export function buildProgram(): Command {
       await withBackend(cmd, async (backend) => {
         const progress = new LayerProgress();
         const result = await backend.importPath(
-          { path, ...(opts.name ? { name: opts.name } : {}), ...(opts.platform ? { platform: opts.platform } : {}), ...(opts.format ? { format: opts.format } : {}) },
+          { path: resolvePath(path), ...(opts.name ? { name: opts.name } : {}), ...(opts.platform ? { platform: opts.platform } : {}), ...(opts.format ? { format: opts.format } : {}) },
           progress.enabled ? progress.update : undefined,
         );
         if (opts.json) return printJson(result);

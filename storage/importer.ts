@@ -31,6 +31,11 @@ export interface ImportOptions {
   platform?: PlatformSpec;
   onProgress?: (event: ImportProgress) => void;
   limits?: IngestLimits;
+  /**
+   * How many layers to fetch and unpack at once (default 1). Worth raising
+   * for sources where fetching is the slow part (registries).
+   */
+  concurrency?: number;
 }
 
 export interface ImportedImage {
@@ -199,40 +204,81 @@ async function importManifest(
     }
   }
 
-  const layers: StagedImage['layers'] = [];
-  for (const [i, layer] of manifest.layers.entries()) {
+  for (const layer of manifest.layers) {
     if (!LAYER_MEDIA_TYPES.includes(layer.mediaType)) {
       throw new LayerdError(ErrorCodes.EUNSUPPORTED, `${what}: layer ${layer.digest} has unsupported media type ${layer.mediaType}`, { digest: layer.digest, mediaType: layer.mediaType });
     }
-    const diffId = config.rootfs.diff_ids[i]!;
-    const haveLayer = tx.store.db.getLayer(diffId) !== undefined || tx.layers.has(diffId);
-    const haveBlob = tx.store.db.getBlob(layer.digest) !== undefined || tx.blobs.has(layer.digest);
-    if (haveLayer && haveBlob) {
-      options.onProgress?.({ type: 'layer-exists', digest: layer.digest, diffId });
-    } else {
-      options.onProgress?.({ type: 'layer-start', digest: layer.digest, size: layer.size, index: i, count: manifest.layers.length });
-      const workDir = tx.nextDir();
-      await mkdir(workDir);
-      const storedBlob = tx.store.db.getBlob(layer.digest) ? tx.store.layout.blobPath(layer.digest) : tx.stagedBlobPath(layer.digest);
-      const ingested = await ingestLayer(
-        () => source.openBlob(layer.digest),
-        { digest: layer.digest, size: layer.size, diffId },
-        {
-          workDir,
-          ...(storedBlob ? { storedBlob } : {}),
-          unpack: !haveLayer,
-          ...(options.limits ? { limits: options.limits } : {}),
-          ...(options.onProgress ? { onProgress: (bytes: number) => options.onProgress!({ type: 'layer-progress', digest: layer.digest, bytes, size: layer.size }) } : {}),
-        },
-      );
-      tx.stageLayer(ingested, layer.mediaType);
-      options.onProgress?.({ type: 'layer-done', digest: layer.digest, diffId });
-    }
-    layers.push({ diffId, blobDigest: layer.digest, mediaType: layer.mediaType, size: layer.size });
   }
+  // Layers are ingested up to `concurrency` at a time. Two positions that
+  // share a blob or a diffID wait for each other, so each is ingested once.
+  const inFlight = new Map<Digest, Promise<void>>();
+  await forEachBounded(manifest.layers, options.concurrency ?? 1, async (layer, i) => {
+    const diffId = config.rootfs.diff_ids[i]!;
+    const earlier = [inFlight.get(layer.digest), inFlight.get(diffId)].filter((p): p is Promise<void> => p !== undefined);
+    const work = (async () => {
+      await Promise.allSettled(earlier);
+      await ingestManifestLayer(tx, source, layer, diffId, i, manifest.layers.length, options);
+    })();
+    inFlight.set(layer.digest, work);
+    inFlight.set(diffId, work);
+    await work;
+  });
+  const layers: StagedImage['layers'] = manifest.layers.map((layer, i) => (
+    { diffId: config.rootfs.diff_ids[i]!, blobDigest: layer.digest, mediaType: layer.mediaType, size: layer.size }
+  ));
   tx.images.set(manifestDigest, {
     manifestDigest, manifestMediaType: mediaType, configDigest: manifest.config.digest, config, indexDigest, layers, refs: [...refs],
   });
+}
+
+async function ingestManifestLayer(
+  tx: Transaction, source: ImageSource, layer: Descriptor, diffId: Digest, i: number, count: number, options: ImportOptions,
+): Promise<void> {
+  const haveLayer = tx.store.db.getLayer(diffId) !== undefined || tx.layers.has(diffId);
+  const haveBlob = tx.store.db.getBlob(layer.digest) !== undefined || tx.blobs.has(layer.digest);
+  if (haveLayer && haveBlob) {
+    options.onProgress?.({ type: 'layer-exists', digest: layer.digest, diffId });
+    return;
+  }
+  options.onProgress?.({ type: 'layer-start', digest: layer.digest, size: layer.size, index: i, count });
+  const workDir = tx.nextDir();
+  await mkdir(workDir);
+  const storedBlob = tx.store.db.getBlob(layer.digest) ? tx.store.layout.blobPath(layer.digest) : tx.stagedBlobPath(layer.digest);
+  const ingested = await ingestLayer(
+    () => source.openBlob(layer.digest),
+    { digest: layer.digest, size: layer.size, diffId },
+    {
+      workDir,
+      ...(storedBlob ? { storedBlob } : {}),
+      unpack: !haveLayer,
+      ...(options.limits ? { limits: options.limits } : {}),
+      ...(options.onProgress ? { onProgress: (bytes: number) => options.onProgress!({ type: 'layer-progress', digest: layer.digest, bytes, size: layer.size }) } : {}),
+    },
+  );
+  tx.stageLayer(ingested, layer.mediaType);
+  options.onProgress?.({ type: 'layer-done', digest: layer.digest, diffId });
+}
+
+/**
+ * Run `fn` over `items`, at most `limit` at a time. After the first failure
+ * no new item starts; the ones running are awaited (they write into the
+ * ingest area, which the caller removes), then the first error is thrown.
+ */
+async function forEachBounded<T>(items: readonly T[], limit: number, fn: (item: T, index: number) => Promise<void>): Promise<void> {
+  let next = 0;
+  let failure: { error: unknown } | undefined;
+  const worker = async (): Promise<void> => {
+    while (failure === undefined && next < items.length) {
+      const i = next++;
+      try {
+        await fn(items[i]!, i);
+      } catch (error) {
+        failure ??= { error };
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: Math.max(1, Math.min(limit, items.length)) }, worker));
+  if (failure) throw failure.error;
 }
 
 /**

@@ -49,8 +49,6 @@ export interface LayerEntry {
    * (`layer.tar`); absent for empty files. Hard links share their target's.
    */
   offset?: number;
-  /** For layers read from a plain directory: the file holding the bytes. */
-  data?: string;
 }
 
 export interface LayerIndex {
@@ -85,14 +83,30 @@ export function xattrBytes(entry: LayerEntry, name: string): Buffer | undefined 
   return value === undefined ? undefined : Buffer.from(value, 'base64');
 }
 
+/** Where a regular file's bytes are: `size` bytes of `path` from `offset`. */
+export interface ContentRef {
+  path: string;
+  offset: number;
+  size: number;
+}
+
 /**
  * A layer as the union filesystem consumes it: its index plus where the
- * bytes of its regular files are. For a store layer the bytes are in the
- * layer's `data/` directory; for a plain directory they are the files
- * themselves.
+ * bytes of its regular files are. For a store layer they are ranges of the
+ * layer's `layer.tar`; for a plain directory, the files themselves.
  */
 export interface LayerSource {
   readonly index: LayerIndex;
-  /** Host path of a regular file's content, or undefined for an empty file. */
-  contentPath(entry: LayerEntry): string | undefined;
+  /** The bytes of a regular file, or undefined for an empty one. */
+  content(entry: LayerEntry): ContentRef | undefined;
+}
+
+/** A store layer (index + its uncompressed tar) as a LayerSource. */
+export function tarLayerSource(index: LayerIndex, tarPath: string): LayerSource {
+  return {
+    index,
+    content: (entry) => (entry.kind !== 'file' || entry.size === 0 || entry.offset === undefined
+      ? undefined
+      : { path: tarPath, offset: entry.offset, size: entry.size }),
+  };
 }

@@ -73,6 +73,7 @@ export class Store {
       mkdir(layout.layersDir, { recursive: true, mode: 0o700 }),
       mkdir(layout.tmpDir, { recursive: true, mode: 0o700 }),
     ]);
+    await refuseIfDaemonHolds(root);
     const store = new Store(root, new MetadataDb(layout.metadataDb, options), options);
     await store.recover();
     return store;
@@ -239,6 +240,28 @@ export class Store {
 
   forgetLayerIndex(diffId: Digest): void {
     this.indexCache.delete(diffId);
+  }
+}
+
+/**
+ * The file a running daemon leaves in its root (`{pid, socket}`), so an
+ * offline `layerctl --root` can say at once which daemon holds the store.
+ * The database lock, not this file, is what actually keeps them apart.
+ */
+export function daemonMarker(root: string): string {
+  return join(root, 'daemon.json');
+}
+
+/** Refuse at once if a live daemon holds `root`. */
+async function refuseIfDaemonHolds(root: string): Promise<void> {
+  let marker: { pid?: unknown; socket?: unknown };
+  try {
+    marker = JSON.parse(await readFile(daemonMarker(root), 'utf8')) as typeof marker;
+  } catch {
+    return;
+  }
+  if (typeof marker.pid === 'number' && marker.pid !== process.pid && processAlive(marker.pid)) {
+    throw new LayerdError(ErrorCodes.EBUSY, `the store ${root} is held by the layerd daemon (pid ${marker.pid}); use --socket ${String(marker.socket)} or stop the daemon`, { root, pid: marker.pid });
   }
 }
 

@@ -1,0 +1,73 @@
+/**
+ * The daemon's configuration file (`/etc/layerd/config.json` by default).
+ * Validated strictly: an unknown key or a wrong type is an error that
+ * names the file and the key. Command-line flags win over the file.
+ */
+import { readFile } from 'node:fs/promises';
+import { ErrorCodes, LayerdError, errnoCode } from '../common/errors.js';
+import { type LogLevel } from '../common/log.js';
+
+export const DEFAULT_CONFIG_PATH = '/etc/layerd/config.json';
+export const DEFAULT_SOCKET = '/run/layerd/layerd.sock';
+
+export interface DaemonConfig {
+  root?: string;
+  socket?: string;
+  /** Group (name or gid) allowed to use the socket besides root. */
+  socketGroup?: string | number;
+  logLevel?: LogLevel;
+  gc?: {
+    /** Run `prune` this often; 0 or absent: never on its own. */
+    pruneIntervalSeconds?: number;
+  };
+  /** A directory watched for image archives to import. */
+  spoolDir?: string;
+  /** Where container mountpoints are made when a create names none. */
+  mountRoot?: string;
+}
+
+const LEVELS: LogLevel[] = ['error', 'warn', 'info', 'debug'];
+
+export async function loadConfig(path: string, required: boolean): Promise<DaemonConfig> {
+  let text: string;
+  try {
+    text = await readFile(path, 'utf8');
+  } catch (err) {
+    if (errnoCode(err) === 'ENOENT' && !required) return {};
+    throw new LayerdError(ErrorCodes.EINVAL, `cannot read the configuration ${path}: ${(err as Error).message}`, { path });
+  }
+  let value: unknown;
+  try {
+    value = JSON.parse(text);
+  } catch (err) {
+    throw new LayerdError(ErrorCodes.EINVAL, `${path}: not valid JSON: ${(err as Error).message}`, { path });
+  }
+  return validateConfig(value, path);
+}
+
+export function validateConfig(value: unknown, path: string): DaemonConfig {
+  const fail = (message: string, key?: string): never => {
+    throw new LayerdError(ErrorCodes.EINVAL, `${path}: ${message}`, key ? { path, key } : { path });
+  };
+  if (typeof value !== 'object' || value === null || Array.isArray(value)) fail('the configuration must be a JSON object');
+  const obj = value as Record<string, unknown>;
+  const allowed = ['root', 'socket', 'socketGroup', 'logLevel', 'gc', 'spoolDir', 'mountRoot'];
+  for (const key of Object.keys(obj)) if (!allowed.includes(key)) fail(`unknown key '${key}' (known: ${allowed.join(', ')})`, key);
+  for (const key of ['root', 'socket', 'spoolDir', 'mountRoot']) {
+    if (obj[key] !== undefined && (typeof obj[key] !== 'string' || !(obj[key] as string).startsWith('/'))) fail(`'${key}' must be an absolute path`, key);
+  }
+  if (obj['socketGroup'] !== undefined && typeof obj['socketGroup'] !== 'string' && !Number.isInteger(obj['socketGroup'])) {
+    fail(`'socketGroup' must be a group name or gid`, 'socketGroup');
+  }
+  if (obj['logLevel'] !== undefined && !LEVELS.includes(obj['logLevel'] as LogLevel)) fail(`'logLevel' must be one of ${LEVELS.join(', ')}`, 'logLevel');
+  if (obj['gc'] !== undefined) {
+    const gc = obj['gc'];
+    if (typeof gc !== 'object' || gc === null || Array.isArray(gc)) fail(`'gc' must be an object`, 'gc');
+    for (const key of Object.keys(gc as object)) if (key !== 'pruneIntervalSeconds') fail(`unknown key 'gc.${key}'`, `gc.${key}`);
+    const interval = (gc as Record<string, unknown>)['pruneIntervalSeconds'];
+    if (interval !== undefined && (typeof interval !== 'number' || interval < 0 || !Number.isFinite(interval))) {
+      fail(`'gc.pruneIntervalSeconds' must be a number ≥ 0`, 'gc.pruneIntervalSeconds');
+    }
+  }
+  return obj as DaemonConfig;
+}

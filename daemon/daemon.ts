@@ -1,0 +1,138 @@
+/**
+ * The layerd daemon: holds the store exclusively, serves the API on a Unix
+ * socket, watches its configuration, and shuts down gracefully on SIGTERM
+ * (stop accepting, finish in-flight requests, exit 0).
+ */
+import { rm, writeFile } from 'node:fs/promises';
+import { createServer, type Server } from 'node:http';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { watch, type FSWatcher } from 'chokidar';
+import { type Logger } from '../common/log.js';
+import { prune } from '../storage/gc.js';
+import { StoreOperations } from '../storage/operations.js';
+import { Store, daemonMarker } from '../storage/store.js';
+import { imageRoutes } from './api/images.js';
+import { systemRoutes } from './api/system.js';
+import { type DaemonConfig, loadConfig } from './config.js';
+import { Router } from './http.js';
+import { DaemonMetrics } from './metrics.js';
+import { claimSocketPath, secureSocket } from './socket.js';
+import { notifySystemd } from './systemd.js';
+
+export const VERSION = '0.1.0';
+const REPO = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
+
+export interface DaemonOptions {
+  root: string;
+  socket: string;
+  socketGroup?: string | number;
+  socketMode?: number;
+  /** The configuration file to watch for log level and GC policy changes. */
+  configPath?: string;
+  config: DaemonConfig;
+  logger: Logger;
+  durability?: 'full' | 'none';
+}
+
+export class Daemon {
+  readonly metrics = new DaemonMetrics();
+  private readonly inflight = new Set<Promise<void>>();
+  private watcher: FSWatcher | undefined;
+  private gcTimer: NodeJS.Timeout | undefined;
+  private stopping: Promise<void> | undefined;
+
+  private constructor(
+    readonly store: Store,
+    private readonly server: Server,
+    readonly options: DaemonOptions,
+  ) {}
+
+  static async start(options: DaemonOptions): Promise<Daemon> {
+    const { logger } = options;
+    const store = await Store.open(options.root, { exclusive: true, logger, ...(options.durability ? { durability: options.durability } : {}) });
+    try {
+      const router = new Router();
+      const server = createServer();
+      const daemon = new Daemon(store, server, options);
+      systemRoutes(router, store, daemon.metrics, join(REPO, 'docs'), VERSION);
+      imageRoutes(router, new StoreOperations(store), store, daemon.metrics);
+      server.on('request', (req, res) => {
+        const done = router.dispatch(req, res, logger).finally(() => {
+          daemon.inflight.delete(done);
+          daemon.metrics.requests.inc({ method: req.method ?? '', status: String(res.statusCode) });
+        });
+        daemon.inflight.add(done);
+      });
+      // A broken client connection must never take the daemon down.
+      server.on('clientError', (err, socket) => {
+        logger.debug('client error', { error: err.message });
+        socket.destroy();
+      });
+      await claimSocketPath(options.socket);
+      await new Promise<void>((resolvePromise, reject) => {
+        server.once('error', reject);
+        server.listen(options.socket, () => { server.off('error', reject); resolvePromise(); });
+      });
+      await secureSocket(options.socket, options.socketMode ?? 0o660, options.socketGroup);
+      await writeFile(daemonMarker(options.root), JSON.stringify({ pid: process.pid, socket: options.socket }), { mode: 0o600 });
+      daemon.applyPolicy(options.config);
+      daemon.watchConfig();
+      logger.info('layerd is ready', { socket: options.socket, root: options.root, version: VERSION });
+      await notifySystemd(`READY=1\nSTATUS=serving on ${options.socket}\nMAINPID=${process.pid}`, logger);
+      return daemon;
+    } catch (err) {
+      store.close();
+      throw err;
+    }
+  }
+
+  /** Log level and GC policy apply without a restart. */
+  private applyPolicy(config: DaemonConfig): void {
+    if (config.logLevel) this.options.logger.level = config.logLevel;
+    if (this.gcTimer) clearInterval(this.gcTimer);
+    this.gcTimer = undefined;
+    const interval = config.gc?.pruneIntervalSeconds ?? 0;
+    if (interval > 0) {
+      this.gcTimer = setInterval(() => {
+        prune(this.store).then(
+          (r) => this.options.logger.info('periodic prune', { images: r.images.length, layers: r.gc.layers.length, bytes: r.gc.bytes }),
+          (err: unknown) => this.options.logger.error('periodic prune failed', { error: String(err) }),
+        );
+      }, interval * 1000);
+      this.gcTimer.unref();
+    }
+  }
+
+  private watchConfig(): void {
+    const path = this.options.configPath;
+    if (!path) return;
+    this.watcher = watch(path, { ignoreInitial: true, awaitWriteFinish: { stabilityThreshold: 100, pollInterval: 50 } });
+    this.watcher.on('all', () => {
+      loadConfig(path, false).then(
+        (config) => {
+          this.applyPolicy(config);
+          this.options.logger.info('configuration reloaded', { path, logLevel: config.logLevel, gc: config.gc });
+        },
+        (err: unknown) => this.options.logger.error('configuration not reloaded', { path, error: (err as Error).message }),
+      );
+    });
+  }
+
+  /** Stop accepting, let in-flight requests finish, release everything. */
+  stop(): Promise<void> {
+    this.stopping ??= (async () => {
+      this.options.logger.info('layerd is stopping');
+      await notifySystemd('STOPPING=1', this.options.logger);
+      if (this.gcTimer) clearInterval(this.gcTimer);
+      await this.watcher?.close();
+      const closed = new Promise<void>((resolvePromise) => this.server.close(() => resolvePromise()));
+      this.server.closeIdleConnections();
+      await Promise.allSettled([...this.inflight]);
+      await closed;
+      await rm(daemonMarker(this.options.root), { force: true });
+      this.store.close();
+    })();
+    return this.stopping;
+  }
+}

@@ -1,0 +1,67 @@
+/**
+ * `layerd`: run the daemon in the foreground, or `layerd mount …` to serve
+ * one union mount (the process the daemon starts per container).
+ */
+import { Command } from 'commander';
+import { asLayerdError, exitStatusFor } from '../common/errors.js';
+import { type LogLevel, createLogger } from '../common/log.js';
+import { resolveRoot } from '../storage/layout.js';
+import { DEFAULT_CONFIG_PATH, DEFAULT_SOCKET, loadConfig } from './config.js';
+import { Daemon } from './daemon.js';
+
+interface DaemonFlags {
+  root?: string;
+  socket?: string;
+  config?: string;
+  socketGroup?: string;
+  logLevel?: LogLevel;
+}
+
+async function runDaemon(flags: DaemonFlags): Promise<number> {
+  const configPath = flags.config ?? process.env['LAYERD_CONFIG'] ?? DEFAULT_CONFIG_PATH;
+  const config = await loadConfig(configPath, flags.config !== undefined);
+  const logger = createLogger({ level: flags.logLevel ?? config.logLevel ?? 'info', component: 'layerd', json: !process.stderr.isTTY });
+  const root = flags.root ?? config.root ?? resolveRoot();
+  const socket = flags.socket ?? process.env['LAYERD_SOCKET'] ?? config.socket ?? DEFAULT_SOCKET;
+  const group = flags.socketGroup ?? config.socketGroup;
+  const daemon = await Daemon.start({
+    root, socket, config, configPath, logger, ...(group !== undefined ? { socketGroup: group } : {}),
+  });
+  await new Promise<void>((resolve) => {
+    const stop = (signal: string): void => {
+      logger.info('signal received', { signal });
+      daemon.stop().then(resolve, (err: unknown) => { logger.error('stop failed', { error: String(err) }); resolve(); });
+    };
+    process.once('SIGTERM', () => stop('SIGTERM'));
+    process.once('SIGINT', () => stop('SIGINT'));
+  });
+  return 0;
+}
+
+export async function main(argv: string[]): Promise<number> {
+  if (argv[2] === 'mount') {
+    const { mountCommand } = await import('../mount/mountCommand.js');
+    return mountCommand(argv.slice(3));
+  }
+  const program = new Command('layerd')
+    .description('layerd: the union-filesystem layer daemon (runs in the foreground)')
+    .option('--root <dir>', 'store root (default $LAYERD_ROOT or /var/lib/layerd)')
+    .option('--socket <path>', `API socket (default $LAYERD_SOCKET or ${DEFAULT_SOCKET})`)
+    .option('--config <file>', `configuration file (default ${DEFAULT_CONFIG_PATH})`)
+    .option('--socket-group <group>', 'group allowed to use the socket besides root')
+    .option('--log-level <level>', 'error, warn, info or debug')
+    .addHelpText('after', '\nAlso: layerd mount --help   serve one union mount in the foreground')
+    .exitOverride();
+  try {
+    program.parse(argv);
+    return await runDaemon(program.opts<DaemonFlags>());
+  } catch (err) {
+    const code = (err as { code?: string }).code;
+    if (typeof code === 'string' && code.startsWith('commander.')) {
+      return code === 'commander.helpDisplayed' || code === 'commander.help' ? 0 : 2;
+    }
+    const e = asLayerdError(err);
+    process.stderr.write(`layerd: ${e.code}: ${e.message}\n`);
+    return exitStatusFor(e.code);
+  }
+}

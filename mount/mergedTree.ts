@@ -1,0 +1,223 @@
+/**
+ * The merged view of ordered layers, built in memory once at mount time.
+ *
+ * Every visible path maps to a `UnionNode` (O(1) lookup by path); a
+ * directory node keeps the names of its children. Lower content is described
+ * by `LowerObject`s: one per lower inode, shared by all names of a hard-link
+ * group, so `names.size` is the group's link count in the merged view.
+ *
+ * Merge rules (OCI image layers, as overlayfs would show them):
+ * - a layer's whiteouts and opaque markers act only on the layers below it,
+ *   so they are applied before the layer's own entries;
+ * - a whiteout only ever names a path under real directories (the map never
+ *   holds a path below a symlink or file), so a whiteout below a path a higher
+ *   layer turned into a symlink or file simply matches nothing;
+ * - a directory over a directory merges; anything else replaces;
+ * - a merged directory takes its attributes from the topmost layer with an
+ *   explicit entry for it; a parent no index names is 0755 root:root, time 0.
+ */
+import type { EntryKind, LayerEntry, LayerSource } from '../storage/layerIndex.js';
+import { LowerInoAllocator, ROOT_INO } from './inodes.js';
+import { baseName, joinPath, normalizeIndexPath, parentOf } from './paths.js';
+import type { MarkerStyle, ScannedDirectory } from './lowerDir.js';
+import type { XattrMap } from './xattrTool.js';
+
+export interface LowerObject {
+  /** Metadata; for a hard link, its target's. */
+  readonly entry: LayerEntry;
+  /** Where the bytes are; undefined for an invented directory. */
+  readonly source: LayerSource | undefined;
+  readonly ino: number;
+  /** Merged paths currently naming this object (non-directories only). */
+  readonly names: Set<string>;
+}
+
+export class UnionNode {
+  /** Lower content shown here (non-dir), or the lower directory merged here. */
+  lower: LowerObject | undefined;
+  /** The path exists in the upper dir (content and attributes come from there). */
+  upper = false;
+  /** st_ino of the upper file, once `upper`. */
+  upperStIno = 0;
+  /** Upper directory that hides everything below it in the lower layers. */
+  opaque = false;
+  /** Child names (directories only). */
+  readonly children: Set<string> | undefined;
+  /** Cached xattrs of the upper file; undefined = read from disk when asked. */
+  upperXattrs: XattrMap | undefined;
+
+  constructor(readonly kind: EntryKind, lower: LowerObject | undefined) {
+    this.lower = lower;
+    this.children = kind === 'dir' ? new Set() : undefined;
+  }
+}
+
+export function inventedDirEntry(path: string): LayerEntry {
+  return { path, kind: 'dir', mode: 0o755, uid: 0, gid: 0, mtime: 0, size: 0 };
+}
+
+export class MergedTree {
+  readonly nodes = new Map<string, UnionNode>();
+  readonly root: UnionNode;
+  /** Index entries skipped because they made no sense (hard link to nothing, ...). */
+  skipped = 0;
+
+  constructor() {
+    this.root = new UnionNode('dir', { entry: inventedDirEntry(''), source: undefined, ino: ROOT_INO, names: new Set() });
+    this.nodes.set('', this.root);
+  }
+
+  get(path: string): UnionNode | undefined {
+    return this.nodes.get(path);
+  }
+
+  /** Add `node` at `path`; the parent must be a directory node. */
+  insert(path: string, node: UnionNode): void {
+    this.nodes.set(path, node);
+    this.nodes.get(parentOf(path))!.children!.add(baseName(path));
+    if (node.lower !== undefined && node.kind !== 'dir') node.lower.names.add(path);
+  }
+
+  /** Remove `path` and everything below it. */
+  removeSubtree(path: string): void {
+    const node = this.nodes.get(path);
+    if (node === undefined || path === '') return;
+    this.dropDescendants(path, node);
+    this.nodes.delete(path);
+    if (node.lower !== undefined && node.kind !== 'dir') node.lower.names.delete(path);
+    this.nodes.get(parentOf(path))?.children?.delete(baseName(path));
+  }
+
+  /** Remove everything below directory `path` (an opaque marker's effect). */
+  clearChildren(path: string): void {
+    const node = this.nodes.get(path);
+    if (node?.children === undefined) return;
+    for (const name of [...node.children]) this.removeSubtree(joinPath(path, name));
+  }
+
+  private dropDescendants(path: string, node: UnionNode): void {
+    if (node.children === undefined) return;
+    for (const name of node.children) {
+      const childPath = joinPath(path, name);
+      const child = this.nodes.get(childPath)!;
+      this.dropDescendants(childPath, child);
+      this.nodes.delete(childPath);
+      if (child.lower !== undefined && child.kind !== 'dir') child.lower.names.delete(childPath);
+    }
+    node.children.clear();
+  }
+
+  /** Re-key the subtree at `src` to `dst` (the parent of dst must exist, dst must not). */
+  move(src: string, dst: string): void {
+    const node = this.nodes.get(src)!;
+    const moved: Array<[string, UnionNode]> = [];
+    const collect = (p: string, n: UnionNode): void => {
+      moved.push([p, n]);
+      if (n.children) for (const name of n.children) collect(joinPath(p, name), this.nodes.get(joinPath(p, name))!);
+    };
+    collect(src, node);
+    this.nodes.get(parentOf(src))!.children!.delete(baseName(src));
+    for (const [p, n] of moved) {
+      this.nodes.delete(p);
+      if (n.lower !== undefined && n.kind !== 'dir') n.lower.names.delete(p);
+    }
+    for (const [p, n] of moved) {
+      const q = dst + p.slice(src.length);
+      this.nodes.set(q, n);
+      if (n.lower !== undefined && n.kind !== 'dir') n.lower.names.add(q);
+    }
+    this.nodes.get(parentOf(dst))!.children!.add(baseName(dst));
+  }
+
+  /** Make every ancestor of `path` a directory, inventing missing ones. */
+  ensureParents(path: string, invent: (dirPath: string) => UnionNode): void {
+    const parent = parentOf(path);
+    if (parent === '' ) return;
+    const existing = this.nodes.get(parent);
+    if (existing?.kind === 'dir') return;
+    this.ensureParents(parent, invent);
+    if (existing !== undefined) this.removeSubtree(parent);
+    this.insert(parent, invent(parent));
+  }
+
+  /** Merge one lower layer on top of what is there. */
+  addLayer(source: LayerSource, inos: LowerInoAllocator): void {
+    const { index } = source;
+    for (const opaque of index.opaques) this.clearChildren(normalizeIndexPath(opaque));
+    for (const whiteout of index.whiteouts) this.removeSubtree(normalizeIndexPath(whiteout));
+
+    const invent = (dirPath: string): UnionNode =>
+      new UnionNode('dir', { entry: inventedDirEntry(dirPath), source: undefined, ino: inos.take(), names: new Set() });
+
+    for (const entry of index.entries) {
+      const ino = inos.take();
+      const path = normalizeIndexPath(entry.path);
+      if (path === '') {
+        if (entry.kind === 'dir') this.root.lower = { entry, source, ino: ROOT_INO, names: new Set() };
+        else this.skipped++;
+        continue;
+      }
+      this.ensureParents(path, invent);
+      const existing = this.nodes.get(path);
+
+      if (entry.link !== undefined) {
+        const target = this.nodes.get(normalizeIndexPath(entry.link));
+        if (target === undefined || target.kind === 'dir' || target.lower === undefined || target === existing) {
+          this.skipped++;
+          continue;
+        }
+        if (existing !== undefined) this.removeSubtree(path);
+        this.insert(path, new UnionNode(target.kind, target.lower));
+        continue;
+      }
+
+      const object: LowerObject = { entry, source, ino, names: new Set() };
+      if (entry.kind === 'dir' && existing?.kind === 'dir') {
+        existing.lower = object; // explicit entry: its attributes win, children merge
+        continue;
+      }
+      if (existing !== undefined) this.removeSubtree(path);
+      this.insert(path, new UnionNode(entry.kind, object));
+    }
+  }
+
+  /**
+   * Put the upper dir on top, as the last layer: its entries become upper
+   * nodes (a directory over a lower directory still merges with it), its
+   * opaque directories are marked. Returns the whiteouts it holds.
+   */
+  addUpper(scanned: ScannedDirectory): Map<string, MarkerStyle> {
+    const whiteouts = new Map<string, MarkerStyle>();
+    for (const path of scanned.index.opaques) this.clearChildren(path);
+    for (const path of scanned.index.whiteouts) {
+      this.removeSubtree(path);
+      whiteouts.set(path, scanned.whiteoutStyles.get(path) ?? 'oci');
+    }
+    for (const entry of scanned.index.entries) {
+      const path = entry.path;
+      let node = this.nodes.get(path);
+      if (node === undefined || node.kind !== 'dir' || entry.kind !== 'dir') {
+        this.ensureParents(path, () => new UnionNode('dir', undefined)); // never needed: the walk lists parents first
+        if (node !== undefined) this.removeSubtree(path);
+        node = new UnionNode(entry.kind, undefined);
+        this.insert(path, node);
+      }
+      node.upper = true;
+      node.upperStIno = scanned.inodes.get(path) ?? 0;
+      node.upperXattrs = scanned.xattrs.get(path);
+      if (entry.kind !== 'dir') node.lower = undefined;
+    }
+    for (const path of scanned.index.opaques) {
+      const node = this.nodes.get(path);
+      if (node !== undefined) node.opaque = true;
+    }
+    return whiteouts;
+  }
+
+  /** Kind of every path, as a snapshot (used to know what the lower layers hold). */
+  snapshotKinds(): Map<string, EntryKind> {
+    const kinds = new Map<string, EntryKind>();
+    for (const [path, node] of this.nodes) kinds.set(path, node.kind);
+    return kinds;
+  }
+}

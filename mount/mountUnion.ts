@@ -1,0 +1,91 @@
+/**
+ * Mount a union of layers + upper dir with FUSE in this process, and notice
+ * when it goes away (our own unmount, or someone running `umount` on it).
+ */
+import { silentLogger, type Logger } from '../common/log.js';
+import { ErrorCodes, LayerdError } from '../common/errors.js';
+import type { LayerSource } from '../storage/layerIndex.js';
+import { clearDeadMount, findMount, isDeadMount } from './deadMount.js';
+import { LayerdFuse } from './fuseAdapter.js';
+import { UnionFs } from './unionFs.js';
+import { resolve } from 'node:path';
+import { isWithin } from './paths.js';
+
+export interface MountUnionOptions {
+  /** Layers bottom → top. */
+  layers: LayerSource[];
+  upper: string;
+  mountpoint: string;
+  readOnly?: boolean;
+  logger?: Logger;
+  /** Kernel name/attribute cache lifetime in seconds (default 60 read-only, 1 writable). */
+  cacheSeconds?: number;
+}
+
+export interface MountedUnion {
+  readonly mountpoint: string;
+  /** Unmount (idempotent); resolves once the mount is gone. */
+  unmount(): Promise<void>;
+  /** Resolves when the mount disappears, whoever unmounted it. */
+  readonly gone: Promise<void>;
+}
+
+const POLL_MS = 500;
+
+export async function mountUnion(options: MountUnionOptions): Promise<MountedUnion> {
+  const logger = options.logger ?? silentLogger();
+  const mountpoint = resolve(options.mountpoint);
+  const readOnly = options.readOnly ?? false;
+  const upper = resolve(options.upper);
+  // The server must never do I/O on its own mount (it would wait on itself).
+  if (isWithin(upper, mountpoint) || isWithin(mountpoint, upper)) {
+    throw new LayerdError(ErrorCodes.EINVAL, 'the upper dir and the mountpoint must not contain each other', { upper, mountpoint });
+  }
+
+  if (await isDeadMount(mountpoint)) {
+    logger.warn('clearing a dead mount left at the mountpoint', { mountpoint });
+    await clearDeadMount(mountpoint);
+  }
+  const union = await UnionFs.create({ layers: options.layers, upper, readOnly });
+  if (union.skippedEntries > 0) logger.warn('index entries ignored while merging', { count: union.skippedEntries });
+  const cache = options.cacheSeconds;
+  const fuse = new LayerdFuse(mountpoint, union, logger, cache === undefined ? { readOnly } : { readOnly, cacheSeconds: cache });
+  await new Promise<void>((done, fail) => fuse.mount((err) => (err
+    ? fail(new LayerdError(ErrorCodes.EIO, `cannot mount ${mountpoint}: ${err.message}`, { mountpoint }, { cause: err }))
+    : done())));
+  logger.info('mounted', { mountpoint, layers: options.layers.length, readOnly });
+
+  let markGone!: () => void;
+  const gone = new Promise<void>((done) => { markGone = done; });
+  let isGone = false;
+  // The interval also keeps the event loop alive: fuse-native's handles do not.
+  const poll = setInterval(() => {
+    findMount(mountpoint).then((entry) => {
+      if (entry === undefined || !entry.fstype.startsWith('fuse')) finish();
+    }, () => undefined);
+  }, POLL_MS);
+  const finish = (): void => {
+    if (isGone) return;
+    isGone = true;
+    clearInterval(poll);
+    void union.closeAll().finally(markGone);
+  };
+
+  let unmounting: Promise<void> | undefined;
+  const unmount = (): Promise<void> => {
+    unmounting ??= (async () => {
+      if (!isGone) {
+        await new Promise<void>((done) => fuse.unmount((err) => {
+          if (err) logger.warn('unmount reported an error', { mountpoint, error: err.message });
+          done();
+        }));
+        if ((await findMount(mountpoint))?.fstype.startsWith('fuse')) await clearDeadMount(mountpoint);
+      }
+      finish();
+      await gone;
+      logger.info('unmounted', { mountpoint });
+    })();
+    return unmounting;
+  };
+  return { mountpoint, unmount, gone };
+}

@@ -1,0 +1,94 @@
+/**
+ * The table of open files: FUSE file handles → host file descriptors.
+ * Reads and writes are positional (pread/pwrite) on the descriptor, so one
+ * descriptor serves any number of concurrent requests.
+ */
+import { close, fdatasync, fsync, ftruncate, read, write } from 'node:fs';
+import { fsError } from './fsError.js';
+import type { UnionNode } from './mergedTree.js';
+
+export interface OpenFile {
+  /** Host file descriptor, or -1 for an empty lower file (reads return 0 bytes). */
+  readonly fd: number;
+  readonly node: UnionNode;
+  /**
+   * For a lower file that is a range of a bigger file (a store layer's
+   * layer.tar): where the range starts and how long it is.
+   */
+  readonly range?: { offset: number; size: number };
+}
+
+type Callback<T> = (err: NodeJS.ErrnoException | null, value: T) => void;
+
+export function callback<T>(fn: (cb: Callback<T>) => void): Promise<T> {
+  return new Promise((resolve, reject) => fn((err, value) => (err ? reject(err) : resolve(value))));
+}
+
+function done(fn: (cb: (err: NodeJS.ErrnoException | null) => void) => void): Promise<void> {
+  return callback<void>((cb) => fn((err) => cb(err, undefined)));
+}
+
+const MAX_FH = 0x7fffffff;
+
+export class OpenFiles {
+  private readonly files = new Map<number, OpenFile>();
+  private nextFh = 1;
+
+  /** Register a descriptor; returns its file handle (never 0: fuse-native ignores 0). */
+  add(fd: number, node: UnionNode, range?: { offset: number; size: number }): number {
+    while (this.files.has(this.nextFh)) this.nextFh = this.nextFh >= MAX_FH ? 1 : this.nextFh + 1;
+    const fh = this.nextFh;
+    this.nextFh = fh >= MAX_FH ? 1 : fh + 1;
+    this.files.set(fh, range ? { fd, node, range } : { fd, node });
+    return fh;
+  }
+
+  get(fh: number): OpenFile {
+    const file = this.files.get(fh);
+    if (file === undefined) throw fsError('EBADF', String(fh), 'file handle');
+    return file;
+  }
+
+  get size(): number {
+    return this.files.size;
+  }
+
+  read(fh: number, buffer: Buffer, length: number, position: number): Promise<number> {
+    const { fd, range } = this.get(fh);
+    if (fd < 0) return Promise.resolve(0);
+    if (range) {
+      // Never read past the file's own bytes into the rest of the tar.
+      const n = Math.min(length, range.size - position);
+      if (n <= 0) return Promise.resolve(0);
+      return callback<number>((cb) => read(fd, buffer, 0, n, range.offset + position, cb));
+    }
+    return callback<number>((cb) => read(fd, buffer, 0, length, position, cb));
+  }
+
+  write(fh: number, buffer: Buffer, length: number, position: number): Promise<number> {
+    const { fd } = this.get(fh);
+    return callback<number>((cb) => write(fd, buffer, 0, length, position, cb));
+  }
+
+  truncate(fh: number, size: number): Promise<void> {
+    const { fd } = this.get(fh);
+    return done((cb) => ftruncate(fd, size, cb));
+  }
+
+  sync(fh: number, dataOnly: boolean): Promise<void> {
+    const { fd } = this.get(fh);
+    if (fd < 0) return Promise.resolve();
+    return done((cb) => (dataOnly ? fdatasync : fsync)(fd, cb));
+  }
+
+  release(fh: number): Promise<void> {
+    const file = this.files.get(fh);
+    this.files.delete(fh);
+    if (file === undefined || file.fd < 0) return Promise.resolve();
+    return done((cb) => close(file.fd, cb));
+  }
+
+  async closeAll(): Promise<void> {
+    for (const fh of [...this.files.keys()]) await this.release(fh).catch(() => undefined);
+  }
+}

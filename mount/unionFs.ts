@@ -1,0 +1,543 @@
+/**
+ * The union filesystem: ordered read-only layers plus one writable upper
+ * directory, seen as one tree with OCI-layer / overlayfs semantics. Imports
+ * nothing from the FUSE binding; the adapter translates FUSE calls into these
+ * methods and FsError into negative errnos.
+ *
+ * Vocabulary: a path is union-relative ("" = root, "a/b"); "lower" is the
+ * merge of the layers; "upper" is the writable directory, which always holds
+ * an OCI changeset of the lower: changed and new files as real files (real
+ * mode, owner, times and xattrs), deletions as `.wh.<name>`, directories
+ * replaced by new ones marked `.wh..wh..opq`.
+ *
+ * Reads of lower content are answered from the in-memory merged tree; only
+ * upper content is stat'ed on disk. Every namespace or metadata change runs
+ * under one async lock, so copy-ups never race each other.
+ */
+import { close, open, constants as fsConstants } from 'node:fs';
+import { chmod, lchown, link, lstat, lutimes, mkdir, readlink, rename, statfs, symlink, truncate, unlink } from 'node:fs/promises';
+import type { EntryKind, LayerSource } from '../storage/layerIndex.js';
+import { fsError } from './fsError.js';
+import { LowerInoAllocator } from './inodes.js';
+import { devMajor, devMinor, scanDirectory, type MarkerStyle } from './lowerDir.js';
+import { MergedTree, UnionNode } from './mergedTree.js';
+import { KIND_OF_TYPE, S_IFMT, TYPE_BITS, inoOf, lowerStat, upperStat, type UnionStat } from './nodeStats.js';
+import { OpenFiles, callback as call } from './openFiles.js';
+import { ancestorsOf, isWithin, joinPath, parentOf } from './paths.js';
+import { UpperDir } from './upperDir.js';
+import { deleteXattr, readXattrs, writeXattr, type XattrMap } from './xattrTool.js';
+
+export interface UnionStatfs {
+  bsize: number; frsize: number; blocks: number; bfree: number; bavail: number;
+  files: number; ffree: number; favail: number; fsid: number; flag: number; namemax: number;
+}
+
+export interface DirListing {
+  names: string[];
+  /** Parallel to names; only type bits and ino are meaningful (for d_type/d_ino). */
+  stats: Array<Pick<UnionStat, 'mode' | 'ino'>>;
+}
+
+/** Who creates a new file (the calling process), when the FUSE binding tells. */
+export interface Owner { uid: number; gid: number }
+
+export interface UnionFsOptions {
+  /** Layers bottom → top. */
+  layers: readonly LayerSource[];
+  upper: string;
+  readOnly?: boolean;
+}
+
+export type { UnionStat } from './nodeStats.js';
+
+const O_ACCMODE = 3;
+
+export const XATTR_CREATE = 1;
+export const XATTR_REPLACE = 2;
+const NO_OWNER_CHANGE = 0xffffffff;
+const S_ISGID = 0o2000;
+
+/** Flags kept when opening an upper file for a FUSE open (offsets come from the kernel, so no O_APPEND). */
+const OPEN_FLAGS_KEPT = O_ACCMODE | fsConstants.O_TRUNC | fsConstants.O_SYNC | fsConstants.O_DSYNC;
+
+function sameInode(a: UnionNode, b: UnionNode): boolean {
+  if (a.upper && b.upper) return a.upperStIno === b.upperStIno;
+  return !a.upper && !b.upper && a.lower === b.lower;
+}
+
+export class UnionFs {
+  private readonly tree: MergedTree;
+  /** What the lower layers alone hold at each path (decides whether a deletion needs a whiteout). */
+  private readonly lowerKinds: Map<string, EntryKind>;
+  /** Whiteouts present in the upper dir, and how they are written there. */
+  private readonly upperWhiteouts: Map<string, MarkerStyle>;
+  private readonly upper: UpperDir;
+  private readonly readOnly: boolean;
+  private readonly files = new OpenFiles();
+  private lock: Promise<unknown> = Promise.resolve();
+
+  private constructor(tree: MergedTree, lowerKinds: Map<string, EntryKind>, upperWhiteouts: Map<string, MarkerStyle>, upper: UpperDir, readOnly: boolean) {
+    this.tree = tree;
+    this.lowerKinds = lowerKinds;
+    this.upperWhiteouts = upperWhiteouts;
+    this.upper = upper;
+    this.readOnly = readOnly;
+  }
+
+  /** Merge the layers and the current upper dir (one walk of the upper, none of the layers). */
+  static async create(options: UnionFsOptions): Promise<UnionFs> {
+    const tree = new MergedTree();
+    const inos = new LowerInoAllocator();
+    for (const layer of options.layers) tree.addLayer(layer, inos);
+    const lowerKinds = tree.snapshotKinds();
+
+    const scanned = await scanDirectory(options.upper, 'upper');
+    const upperWhiteouts = tree.addUpper(scanned);
+    return new UnionFs(tree, lowerKinds, upperWhiteouts, new UpperDir(scanned.root), options.readOnly ?? false);
+  }
+
+  /** Index entries the merge ignored (e.g. hard links to nothing). */
+  get skippedEntries(): number {
+    return this.tree.skipped;
+  }
+
+  // ---- lookups --------------------------------------------------------------
+
+  private node(path: string, op: string): UnionNode {
+    const node = this.tree.get(path);
+    if (node === undefined) throw fsError('ENOENT', path, op);
+    return node;
+  }
+
+  private parentDir(path: string, op: string): UnionNode {
+    if (path === '') throw fsError('EEXIST', path, op);
+    const parent = this.tree.get(parentOf(path));
+    if (parent === undefined) throw fsError('ENOENT', path, op);
+    if (parent.kind !== 'dir') throw fsError('ENOTDIR', path, op);
+    return parent;
+  }
+
+  /** Attributes; synchronous for lower content (the common case). */
+  getattr(path: string): UnionStat | Promise<UnionStat> {
+    const node = this.node(path, 'getattr');
+    if (!node.upper) return lowerStat(path, node);
+    return lstat(this.upper.pathOf(path)).then((st) => upperStat(path, node, st));
+  }
+
+  readdir(path: string): DirListing {
+    const node = this.node(path, 'readdir');
+    if (node.children === undefined) throw fsError('ENOTDIR', path, 'readdir');
+    // glibc's readdir skips entries with d_ino 0, so "." and ".." need real numbers too.
+    const parentPath = path === '' ? '' : parentOf(path);
+    const names = ['.', '..'];
+    const stats: DirListing['stats'] = [
+      { mode: TYPE_BITS.dir, ino: inoOf(path, node) },
+      { mode: TYPE_BITS.dir, ino: inoOf(parentPath, this.tree.get(parentPath)!) },
+    ];
+    for (const name of node.children) {
+      const childPath = joinPath(path, name);
+      const child = this.tree.get(childPath)!;
+      names.push(name);
+      stats.push({ mode: TYPE_BITS[child.kind], ino: inoOf(childPath, child) });
+    }
+    return { names, stats };
+  }
+
+  async readlink(path: string): Promise<string> {
+    const node = this.node(path, 'readlink');
+    if (node.kind !== 'symlink') throw fsError('EINVAL', path, 'readlink');
+    if (node.upper) return readlink(this.upper.pathOf(path));
+    return node.lower!.entry.target ?? '';
+  }
+
+  access(path: string): void {
+    this.node(path, 'access');
+  }
+
+  async statfs(): Promise<UnionStatfs> {
+    const st = await statfs(this.upper.root);
+    return {
+      bsize: st.bsize, frsize: st.bsize, blocks: st.blocks, bfree: st.bfree, bavail: st.bavail,
+      files: st.files, ffree: st.ffree, favail: st.ffree, fsid: 0, flag: 0, namemax: 255,
+    };
+  }
+
+  // ---- xattrs ---------------------------------------------------------------
+
+  private async upperXattrs(path: string, node: UnionNode): Promise<XattrMap> {
+    if (node.upperXattrs === undefined) node.upperXattrs = await readXattrs(this.upper.pathOf(path));
+    return node.upperXattrs;
+  }
+
+  /** A value, or undefined for "no such attribute" (ENODATA, common enough not to throw). */
+  getxattr(path: string, name: string): Buffer | undefined | Promise<Buffer | undefined> {
+    const node = this.node(path, 'getxattr');
+    if (!node.upper) {
+      const value = node.lower!.entry.xattrs?.[name];
+      return value === undefined ? undefined : Buffer.from(value, 'base64');
+    }
+    return this.upperXattrs(path, node).then((map) => map.get(name));
+  }
+
+  listxattr(path: string): string[] | Promise<string[]> {
+    const node = this.node(path, 'listxattr');
+    if (!node.upper) return Object.keys(node.lower!.entry.xattrs ?? {});
+    return this.upperXattrs(path, node).then((map) => [...map.keys()]);
+  }
+
+  setxattr(path: string, name: string, value: Buffer, flags: number): Promise<void> {
+    const bytes = Buffer.from(value); // the caller's buffer is only valid during the call
+    return this.mutate(path, 'setxattr', async () => {
+      const node = await this.copyUp(path);
+      const map = await this.upperXattrs(path, node);
+      if ((flags & XATTR_CREATE) !== 0 && map.has(name)) throw fsError('EEXIST', path, 'setxattr');
+      if ((flags & XATTR_REPLACE) !== 0 && !map.has(name)) throw fsError('ENODATA', path, 'setxattr');
+      await writeXattr(this.upper.pathOf(path), name, bytes);
+      map.set(name, bytes);
+    });
+  }
+
+  removexattr(path: string, name: string): Promise<void> {
+    return this.mutate(path, 'removexattr', async () => {
+      const node = this.node(path, 'removexattr');
+      if (!node.upper && node.lower!.entry.xattrs?.[name] === undefined) throw fsError('ENODATA', path, 'removexattr');
+      await this.copyUp(path);
+      await deleteXattr(this.upper.pathOf(path), name);
+      node.upperXattrs?.delete(name);
+    });
+  }
+
+  // ---- open files -----------------------------------------------------------
+
+  open(path: string, flags: number): Promise<number> {
+    const node = this.node(path, 'open');
+    if (node.kind === 'dir') return Promise.reject(fsError('EISDIR', path, 'open'));
+    const writes = (flags & O_ACCMODE) !== fsConstants.O_RDONLY || (flags & fsConstants.O_TRUNC) !== 0;
+    if (!writes) return node.upper ? this.openUpper(path, node, flags) : this.openLower(node);
+    return this.mutate(path, 'open', async () => {
+      const current = await this.copyUp(path);
+      current.upperXattrs = undefined; // writing may drop security.capability
+      return this.openUpper(path, current, flags);
+    });
+  }
+
+  private async openLower(node: UnionNode): Promise<number> {
+    const object = node.lower!;
+    const content = object.source?.content(object.entry);
+    if (content === undefined) return this.files.add(-1, node);
+    const fd = await call<number>((cb) => open(content.path, fsConstants.O_RDONLY, cb));
+    return this.files.add(fd, node, content.offset === 0 && content.size === object.entry.size ? undefined : { offset: content.offset, size: content.size });
+  }
+
+  private async openUpper(path: string, node: UnionNode, flags: number): Promise<number> {
+    const fd = await call<number>((cb) => open(this.upper.pathOf(path), flags & OPEN_FLAGS_KEPT, cb));
+    return this.files.add(fd, node);
+  }
+
+  read(fh: number, buffer: Buffer, length: number, position: number): Promise<number> {
+    return this.files.read(fh, buffer, length, position);
+  }
+
+  write(fh: number, buffer: Buffer, length: number, position: number): Promise<number> {
+    this.files.get(fh).node.upperXattrs = undefined; // writing may drop security.capability
+    return this.files.write(fh, buffer, length, position);
+  }
+
+  ftruncate(fh: number, size: number): Promise<void> {
+    this.files.get(fh).node.upperXattrs = undefined;
+    return this.files.truncate(fh, size);
+  }
+
+  fsync(fh: number, dataOnly: boolean): Promise<void> {
+    return this.files.sync(fh, dataOnly);
+  }
+
+  release(fh: number): Promise<void> {
+    return this.files.release(fh);
+  }
+
+  /** Open handles (for shutdown and tests). */
+  get openFiles(): number {
+    return this.files.size;
+  }
+
+  closeAll(): Promise<void> {
+    return this.files.closeAll();
+  }
+
+  // ---- writes ---------------------------------------------------------------
+
+  /** Run a change under the lock; refuse it on a read-only union. */
+  private mutate<T>(path: string, op: string, change: () => Promise<T>): Promise<T> {
+    if (this.readOnly) return Promise.reject(fsError('EROFS', path, op));
+    const run = this.lock.then(change, change);
+    this.lock = run.catch(() => undefined);
+    return run;
+  }
+
+  /** True when the lower layers show something at `path` that an upper deletion must white out. */
+  private coversLower(path: string): boolean {
+    if (!this.lowerKinds.has(path)) return false;
+    for (const ancestor of ancestorsOf(path)) if (this.tree.get(ancestor)?.opaque) return false;
+    return true;
+  }
+
+  private async materializeDir(path: string): Promise<void> {
+    const node = this.tree.get(path)!;
+    if (node.upper) return;
+    if (path !== '') await this.materializeDir(parentOf(path));
+    await this.upper.copyUpObject(path, 'dir', node.lower!.entry, undefined);
+    await this.markUpper(path, node);
+  }
+
+  private async markUpper(path: string, node: UnionNode): Promise<void> {
+    node.upper = true;
+    node.upperStIno = (await lstat(this.upper.pathOf(path))).ino;
+    node.upperXattrs = undefined;
+  }
+
+  /**
+   * Bring `path` into the upper with content and attributes. For a file of a
+   * lower hard-link group, every name of the group is copied up as a hard
+   * link of the one copy, so the names stay one inode.
+   */
+  private async copyUp(path: string): Promise<UnionNode> {
+    const node = this.node(path, 'copy-up');
+    if (node.upper) return node;
+    if (node.kind === 'dir') {
+      await this.materializeDir(path);
+      return node;
+    }
+    const object = node.lower!;
+    const names = [path, ...[...object.names].filter((name) => name !== path)];
+    await this.materializeDir(parentOf(path));
+    await this.upper.copyUpObject(path, node.kind, object.entry, object.source?.content(object.entry));
+    for (const name of names.slice(1)) {
+      await this.materializeDir(parentOf(name));
+      await link(this.upper.pathOf(path), this.upper.pathOf(name));
+    }
+    for (const name of names) {
+      const named = this.tree.get(name)!;
+      named.lower = undefined;
+      await this.markUpper(name, named);
+    }
+    object.names.clear();
+    return node;
+  }
+
+  private async deepCopyUp(path: string): Promise<void> {
+    const node = await this.copyUp(path);
+    if (node.children === undefined) return;
+    for (const name of [...node.children]) await this.deepCopyUp(joinPath(path, name));
+  }
+
+  /** Prepare the upper for a new entry at `path`: parent present, no whiteout in the way. */
+  private async prepareNewEntry(path: string, op: string): Promise<void> {
+    this.parentDir(path, op);
+    if (this.tree.get(path) !== undefined) throw fsError('EEXIST', path, op);
+    await this.materializeDir(parentOf(path));
+    await this.clearWhiteout(path);
+  }
+
+  private async clearWhiteout(path: string): Promise<void> {
+    const style = this.upperWhiteouts.get(path);
+    if (style === undefined) return;
+    await this.upper.removeWhiteout(path, style);
+    this.upperWhiteouts.delete(path);
+  }
+
+  private async whiteoutIfCovered(path: string): Promise<void> {
+    if (!this.coversLower(path)) return;
+    await this.materializeDir(parentOf(path));
+    await this.upper.writeWhiteout(path);
+    this.upperWhiteouts.set(path, 'oci');
+  }
+
+  /**
+   * Give a new upper entry its creator's ownership, as the kernel would: in
+   * a setgid directory the group is the directory's (the upper fs already
+   * did that), otherwise the caller's.
+   */
+  private async applyOwner(path: string, owner: Owner | undefined): Promise<void> {
+    if (owner === undefined) return;
+    const parentSetgid = ((await lstat(this.upper.pathOf(parentOf(path)))).mode & S_ISGID) !== 0;
+    await lchown(this.upper.pathOf(path), owner.uid, parentSetgid ? -1 : owner.gid);
+  }
+
+  private async addUpperNode(path: string, kind: EntryKind): Promise<UnionNode> {
+    const node = new UnionNode(kind, undefined);
+    this.tree.insert(path, node);
+    await this.markUpper(path, node);
+    return node;
+  }
+
+  create(path: string, mode: number, owner?: Owner): Promise<number> {
+    return this.mutate(path, 'create', async () => {
+      await this.prepareNewEntry(path, 'create');
+      const hostPath = this.upper.pathOf(path);
+      const fd = await call<number>((cb) => open(hostPath, fsConstants.O_CREAT | fsConstants.O_EXCL | fsConstants.O_RDWR, mode & 0o7777, cb));
+      await this.applyOwner(path, owner);
+      await chmod(hostPath, mode & 0o7777); // open() applied our umask; chown cleared setuid
+      const node = await this.addUpperNode(path, 'file');
+      return this.files.add(fd, node);
+    });
+  }
+
+  mkdir(path: string, mode: number, owner?: Owner): Promise<void> {
+    return this.mutate(path, 'mkdir', async () => {
+      await this.prepareNewEntry(path, 'mkdir');
+      const hostPath = this.upper.pathOf(path);
+      await mkdir(hostPath, { mode: 0o700 });
+      const inherited = (await lstat(hostPath)).mode & S_ISGID; // a setgid parent's bit carries over
+      await this.applyOwner(path, owner);
+      await chmod(hostPath, (mode & 0o7777) | inherited);
+      const node = await this.addUpperNode(path, 'dir');
+      if (this.lowerKinds.get(path) === 'dir' && this.coversLower(path)) {
+        await this.upper.writeOpaqueMarker(path);
+        node.opaque = true;
+      }
+    });
+  }
+
+  symlink(target: string, path: string, owner?: Owner): Promise<void> {
+    return this.mutate(path, 'symlink', async () => {
+      await this.prepareNewEntry(path, 'symlink');
+      await symlink(target, this.upper.pathOf(path));
+      await this.applyOwner(path, owner);
+      await this.addUpperNode(path, 'symlink');
+    });
+  }
+
+  mknod(path: string, mode: number, dev: number, owner?: Owner): Promise<void> {
+    return this.mutate(path, 'mknod', async () => {
+      const kind = KIND_OF_TYPE.get(mode & S_IFMT);
+      if (kind === undefined || kind === 'dir' || kind === 'symlink') throw fsError('EOPNOTSUPP', path, 'mknod');
+      await this.prepareNewEntry(path, 'mknod');
+      if (kind === 'file') {
+        const fd = await call<number>((cb) => open(this.upper.pathOf(path), fsConstants.O_CREAT | fsConstants.O_EXCL | fsConstants.O_WRONLY, 0o600, cb));
+        await call<void>((cb) => close(fd, (err) => cb(err, undefined)));
+      } else {
+        await this.upper.mknod(path, kind, mode, devMajor(dev), devMinor(dev));
+      }
+      await this.applyOwner(path, owner);
+      await chmod(this.upper.pathOf(path), mode & 0o7777);
+      await this.addUpperNode(path, kind);
+    });
+  }
+
+  link(src: string, dst: string): Promise<void> {
+    return this.mutate(dst, 'link', async () => {
+      const source = this.node(src, 'link');
+      if (source.kind === 'dir') throw fsError('EPERM', src, 'link');
+      await this.prepareNewEntry(dst, 'link');
+      await this.copyUp(src);
+      await link(this.upper.pathOf(src), this.upper.pathOf(dst));
+      await this.addUpperNode(dst, source.kind);
+    });
+  }
+
+  unlink(path: string): Promise<void> {
+    return this.mutate(path, 'unlink', async () => {
+      const node = this.node(path, 'unlink');
+      if (node.kind === 'dir') throw fsError('EISDIR', path, 'unlink');
+      if (node.upper) await unlink(this.upper.pathOf(path));
+      this.tree.removeSubtree(path);
+      await this.whiteoutIfCovered(path);
+    });
+  }
+
+  rmdir(path: string): Promise<void> {
+    return this.mutate(path, 'rmdir', async () => {
+      const node = this.node(path, 'rmdir');
+      if (node.kind !== 'dir') throw fsError('ENOTDIR', path, 'rmdir');
+      if (path === '') throw fsError('EPERM', path, 'rmdir');
+      if (node.children!.size > 0) throw fsError('ENOTEMPTY', path, 'rmdir');
+      if (node.upper) await this.upper.removeDir(path);
+      this.forgetWhiteoutsBelow(path);
+      this.tree.removeSubtree(path);
+      await this.whiteoutIfCovered(path);
+    });
+  }
+
+  private forgetWhiteoutsBelow(dir: string): void {
+    for (const path of [...this.upperWhiteouts.keys()]) if (path !== dir && isWithin(path, dir)) this.upperWhiteouts.delete(path);
+  }
+
+  /**
+   * Rename anything, including directories that exist in lower layers (no
+   * EXDEV, unlike overlayfs without redirect_dir): the source subtree is
+   * copied up in full, renamed inside the upper, whited out at the old path,
+   * and made opaque at the new path if a lower directory lies there.
+   */
+  rename(src: string, dst: string): Promise<void> {
+    return this.mutate(src, 'rename', async () => {
+      const source = this.node(src, 'rename');
+      if (src === dst) return;
+      if (src === '' || isWithin(dst, src)) throw fsError('EINVAL', dst, 'rename');
+      this.parentDir(dst, 'rename');
+      const target = this.tree.get(dst);
+      if (target !== undefined) {
+        if (source.kind === 'dir' && target.kind !== 'dir') throw fsError('ENOTDIR', dst, 'rename');
+        if (source.kind !== 'dir' && target.kind === 'dir') throw fsError('EISDIR', dst, 'rename');
+        if (target.kind === 'dir' && target.children!.size > 0) throw fsError('ENOTEMPTY', dst, 'rename');
+        if (source.kind !== 'dir' && sameInode(source, target)) return; // rename(2): nothing to do
+      }
+
+      if (source.kind === 'dir') await this.deepCopyUp(src);
+      else await this.copyUp(src);
+      await this.materializeDir(parentOf(dst));
+      if (target !== undefined) {
+        if (target.upper && target.kind === 'dir') await this.upper.removeDir(dst);
+        this.forgetWhiteoutsBelow(dst);
+        this.tree.removeSubtree(dst);
+      }
+      await this.clearWhiteout(dst);
+      await rename(this.upper.pathOf(src), this.upper.pathOf(dst));
+      this.tree.move(src, dst);
+      for (const path of [...this.upperWhiteouts.keys()]) {
+        if (path !== src && isWithin(path, src)) {
+          this.upperWhiteouts.set(dst + path.slice(src.length), this.upperWhiteouts.get(path)!);
+          this.upperWhiteouts.delete(path);
+        }
+      }
+      const moved = this.tree.get(dst)!;
+      if (moved.kind === 'dir' && this.lowerKinds.get(dst) === 'dir' && this.coversLower(dst) && !moved.opaque) {
+        await this.upper.writeOpaqueMarker(dst);
+        moved.opaque = true;
+      }
+      await this.whiteoutIfCovered(src);
+    });
+  }
+
+  chmod(path: string, mode: number): Promise<void> {
+    return this.mutate(path, 'chmod', async () => {
+      const node = await this.copyUp(path);
+      if (node.kind !== 'symlink') await chmod(this.upper.pathOf(path), mode & 0o7777);
+    });
+  }
+
+  chown(path: string, uid: number, gid: number): Promise<void> {
+    return this.mutate(path, 'chown', async () => {
+      const node = await this.copyUp(path);
+      await lchown(this.upper.pathOf(path), uid === NO_OWNER_CHANGE ? -1 : uid, gid === NO_OWNER_CHANGE ? -1 : gid);
+      node.upperXattrs = undefined; // chown drops security.capability
+    });
+  }
+
+  truncate(path: string, size: number): Promise<void> {
+    return this.mutate(path, 'truncate', async () => {
+      const node = await this.copyUp(path);
+      if (node.kind === 'dir') throw fsError('EISDIR', path, 'truncate');
+      await truncate(this.upper.pathOf(path), size);
+      node.upperXattrs = undefined;
+    });
+  }
+
+  /** Times in milliseconds since the epoch. */
+  utimens(path: string, atimeMs: number, mtimeMs: number): Promise<void> {
+    return this.mutate(path, 'utimens', async () => {
+      await this.copyUp(path);
+      await lutimes(this.upper.pathOf(path), atimeMs / 1000, mtimeMs / 1000);
+    });
+  }
+}

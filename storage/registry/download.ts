@@ -1,0 +1,129 @@
+/**
+ * A blob download that survives a dropped connection: when the answer ends
+ * early (a reset, a registry restart), the rest is asked for with
+ * `Range: bytes=<received>-` and appended; what was received is kept. A
+ * registry that ignores Range (200 instead of 206) is handled by skipping
+ * the bytes already passed on. The bytes are not trusted here: the reader
+ * (storage/layerIngest.ts) hashes the whole stream and checks it against the
+ * manifest's digest and size.
+ */
+import { type IncomingMessage } from 'node:http';
+import { Readable } from 'node:stream';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { type Digest } from '../digest.js';
+import { type RegistryClient, backoffDelay, headerValue, isRetryableNetworkError } from './client.js';
+import { registryError } from './errors.js';
+
+export class ResumableBlobStream extends Readable {
+  private received = 0;
+  private current: IncomingMessage | undefined;
+  private started = false;
+
+  /** Which of `clients` (mirrors first, then the registry) is being read from. */
+  private which = 0;
+
+  constructor(
+    /** Endpoints to try in order until one serves the blob. */
+    private readonly clients: readonly RegistryClient[],
+    private readonly repository: string,
+    private readonly digest: Digest,
+    private readonly scopes: readonly string[],
+  ) {
+    super({ highWaterMark: 1024 * 1024 });
+  }
+
+  override _read(): void {
+    if (this.current) this.current.resume();
+    else if (!this.started) {
+      this.started = true;
+      this.fetchAll().then(() => this.push(null), (err: unknown) => this.destroy(err as Error));
+    }
+  }
+
+  override _destroy(error: Error | null, callback: (error?: Error | null) => void): void {
+    this.current?.destroy();
+    callback(error);
+  }
+
+  private get client(): RegistryClient {
+    return this.clients[this.which]!;
+  }
+
+  private async fetchAll(): Promise<void> {
+    const policy = this.client.retry;
+    const context = { registry: this.client.registry, repository: this.repository, digest: this.digest };
+    // Failures in a row without a single new byte; any progress resets it.
+    let failures = 0;
+    for (;;) {
+      const before = this.received;
+      try {
+        const done = await this.fetchOnce();
+        if (done) return;
+        throw registryError('network', `registry ${this.client.registry}: blob ${this.digest} ended early after ${this.received} bytes`, context);
+      } catch (err) {
+        if (this.destroyed) return;
+        const retryable = isRetryableNetworkError(err) || (err as { context?: { reason?: string } }).context?.reason === 'network';
+        if (this.received > before) failures = 0;
+        if (this.received === 0 && this.which < this.clients.length - 1) {
+          // Nothing read yet from this mirror: fall back to the next endpoint.
+          this.which++;
+          failures = 0;
+          continue;
+        }
+        if (!retryable || failures >= policy.retries) throw err;
+        await sleep(backoffDelay(policy, failures++));
+      }
+    }
+  }
+
+  /** One GET (from `received` on); true if the blob was read to its end. */
+  private async fetchOnce(): Promise<boolean> {
+    const resuming = this.received > 0;
+    const res = await this.client.request({
+      method: 'GET',
+      path: `/v2/${this.repository}/blobs/${this.digest}`,
+      headers: resuming ? { range: `bytes=${this.received}-` } : {},
+      scopes: this.scopes,
+      expect: [200, 206],
+      context: { repository: this.repository, digest: this.digest },
+    });
+    let skip = 0;
+    let total: number | undefined;
+    const length = Number(headerValue(res.headers['content-length']));
+    if (res.status === 206) {
+      const m = /^bytes (\d+)-(\d+)\/(\d+|\*)$/.exec(headerValue(res.headers['content-range']) ?? '');
+      if (!m || Number(m[1]) !== this.received) {
+        res.body.destroy();
+        throw registryError('protocol', `registry ${this.client.registry}: blob ${this.digest}: asked for bytes from ${this.received}, got Content-Range '${res.headers['content-range'] ?? ''}'`,
+          { registry: this.client.registry, repository: this.repository, digest: this.digest });
+      }
+      if (m[3] !== '*') total = Number(m[3]);
+    } else {
+      skip = this.received; // the registry ignored Range: drop what we have already
+      if (Number.isSafeInteger(length)) total = length;
+    }
+    this.current = res.body;
+    try {
+      await new Promise<void>((resolve, reject) => {
+        res.body.on('data', (chunk: Buffer) => {
+          if (skip > 0) {
+            const drop = Math.min(skip, chunk.length);
+            skip -= drop;
+            chunk = chunk.subarray(drop);
+            if (chunk.length === 0) return;
+          }
+          this.received += chunk.length;
+          if (!this.push(chunk)) res.body.pause();
+        });
+        res.body.on('end', resolve);
+        res.body.on('error', reject);
+        res.body.on('close', () => {
+          if (!res.body.complete) reject(Object.assign(new Error('aborted'), { code: 'ECONNRESET' }));
+        });
+      });
+    } finally {
+      this.current = undefined;
+    }
+    return total === undefined || this.received >= total;
+  }
+}

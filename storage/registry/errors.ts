@@ -1,0 +1,48 @@
+/**
+ * How registry failures map onto layerd's error codes, in one place.
+ *
+ * common/errors.ts has no code for "the registry refused our credentials"
+ * or "the registry could not be reached"; until it does, authentication
+ * failures are EINVAL (the caller's credentials are wrong) and transport
+ * failures EIO, both with `reason` and `status` in the context so scripts
+ * can tell them apart.
+ */
+import { type ErrorCode, ErrorCodes, LayerdError } from '../../common/errors.js';
+
+export type RegistryFailure = 'unauthorized' | 'denied' | 'not-found' | 'server' | 'network' | 'protocol';
+
+const CODE_OF: Record<RegistryFailure, ErrorCode> = {
+  unauthorized: ErrorCodes.EINVAL,
+  denied: ErrorCodes.EINVAL,
+  'not-found': ErrorCodes.ENOTFOUND,
+  server: ErrorCodes.EIO,
+  network: ErrorCodes.EIO,
+  protocol: ErrorCodes.EFORMAT,
+};
+
+export interface RegistryErrorContext {
+  registry: string;
+  repository?: string;
+  digest?: string;
+  ref?: string;
+  status?: number;
+  url?: string;
+}
+
+export function registryError(
+  reason: RegistryFailure, message: string, context: RegistryErrorContext, cause?: unknown,
+): LayerdError {
+  return new LayerdError(CODE_OF[reason], message, { ...context, reason }, cause === undefined ? undefined : { cause });
+}
+
+/** The registry's own error text (`{"errors":[{"code":..,"message":..}]}`), if any. */
+export function registryErrorDetail(body: Buffer): string {
+  try {
+    const parsed = JSON.parse(body.toString()) as { errors?: { code?: string; message?: string }[] };
+    const first = parsed.errors?.[0];
+    if (first) return `${first.code ?? ''}${first.message ? `: ${first.message}` : ''}`;
+  } catch {
+    // not JSON
+  }
+  return body.toString('utf8', 0, Math.min(body.length, 200)).trim();
+}

@@ -1,0 +1,295 @@
+/**
+ * Unit tests of the union core (mount/unionFs.ts) on its own: no FUSE, the
+ * layers are in-memory indexes with their bytes in a temporary directory.
+ */
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { lstatSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync, mkdirSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { type LayerEntry, type LayerSource, tarLayerSource } from '../storage/layerIndex.js';
+import { FsError } from '../mount/fsError.js';
+import { UnionFs, type UnionStat } from '../mount/unionFs.js';
+
+interface FileSpec extends Partial<LayerEntry> { content?: string }
+
+let work: string;
+let layerCount = 0;
+
+/** A layer whose index is given inline; file contents land in a data dir. */
+function layer(spec: Record<string, FileSpec>, whiteouts: string[] = [], opaques: string[] = []): LayerSource {
+  // Like a store layer: every file's bytes are a range of one blob.
+  const blobPath = join(work, `layer${layerCount++}.blob`);
+  const chunks: Buffer[] = [];
+  let offset = 512; // never at 0, so ranges are exercised
+  chunks.push(Buffer.alloc(512));
+  const entries: LayerEntry[] = Object.entries(spec).map(([path, s]) => {
+    const kind = s.kind ?? (s.link !== undefined ? 'file' : s.target !== undefined ? 'symlink' : path.endsWith('/') ? 'dir' : 'file');
+    const entry: LayerEntry = {
+      path: path.replace(/\/$/, ''), kind, mode: s.mode ?? (kind === 'dir' ? 0o755 : 0o644),
+      uid: s.uid ?? 0, gid: s.gid ?? 0, mtime: s.mtime ?? 1_000_000_000, size: s.content?.length ?? 0,
+    };
+    if (s.target !== undefined) entry.target = s.target;
+    if (s.link !== undefined) entry.link = s.link;
+    if (s.xattrs !== undefined) entry.xattrs = s.xattrs;
+    if (s.devMajor !== undefined) { entry.devMajor = s.devMajor; entry.devMinor = s.devMinor ?? 0; }
+    if (s.content) {
+      const bytes = Buffer.from(s.content);
+      entry.offset = offset;
+      chunks.push(bytes, Buffer.alloc(7, 0x58)); // trailing junk that must never be read
+      offset += bytes.length + 7;
+    }
+    return entry;
+  });
+  writeFileSync(blobPath, Buffer.concat(chunks));
+  return tarLayerSource({ version: 1, id: `test:${blobPath}`, entries, whiteouts, opaques }, blobPath);
+}
+
+function freshUpper(): string {
+  const upper = join(work, `upper${layerCount++}`);
+  mkdirSync(upper);
+  return upper;
+}
+
+async function stat(fs: UnionFs, path: string): Promise<UnionStat> {
+  return fs.getattr(path);
+}
+
+function names(fs: UnionFs, path: string): string[] {
+  return fs.readdir(path).names.filter((n) => n !== '.' && n !== '..').sort();
+}
+
+async function errnoOf(promise: Promise<unknown> | (() => unknown)): Promise<string | undefined> {
+  try {
+    await (typeof promise === 'function' ? promise() : promise);
+  } catch (err) {
+    if (err instanceof FsError) return err.errno;
+    return (err as NodeJS.ErrnoException).code;
+  }
+  return undefined;
+}
+
+async function readAll(fs: UnionFs, path: string): Promise<string> {
+  const fh = await fs.open(path, 0);
+  const buf = Buffer.alloc(65536);
+  const n = await fs.read(fh, buf, buf.length, 0);
+  await fs.release(fh);
+  return buf.toString('utf8', 0, n);
+}
+
+describe('mount union core (no FUSE)', () => {
+  beforeEach(() => {
+    work = mkdtempSync(join(tmpdir(), 'layerd-union-core-'));
+  });
+  afterEach(() => {
+    rmSync(work, { recursive: true, force: true });
+  });
+
+  describe('merging layers', () => {
+    it('applies whiteouts and opaque directories of higher layers only to lower ones', async () => {
+      const l1 = layer({ 'a/': {}, 'a/x': { content: 'x1' }, 'a/y': { content: 'y1' }, 'b/': {}, 'b/old': {}, 'c': { content: 'c' } });
+      const l2 = layer({ 'a/z': { content: 'z2' }, 'b/': {}, 'b/new': {}, 'c': { content: 'c2' } }, ['a/x', 'c'], ['b']);
+      const fs = await UnionFs.create({ layers: [l1, l2], upper: freshUpper() });
+      assert.deepEqual(names(fs, 'a'), ['y', 'z']);
+      assert.deepEqual(names(fs, 'b'), ['new']);
+      assert.equal(await readAll(fs, 'c'), 'c2'); // own entry survives own whiteout
+    });
+
+    it('gives a merged directory the attributes of the topmost explicit entry, an invented parent 0755 root', async () => {
+      const l1 = layer({ 'd/': { mode: 0o700, uid: 5, mtime: 100 }, 'd/f': {} });
+      const l2 = layer({ 'd/g': {}, 'p/q/r': {} }); // no entry for d, p or p/q
+      const fs = await UnionFs.create({ layers: [l1, l2], upper: freshUpper() });
+      const d = await stat(fs, 'd');
+      assert.equal(d.mode & 0o7777, 0o700);
+      assert.equal(d.uid, 5);
+      const p = await stat(fs, 'p/q');
+      assert.equal(p.mode, 0o040755);
+      assert.deepEqual([p.uid, p.gid, p.mtime], [0, 0, 0]);
+      const l3 = layer({ 'd/': { mode: 0o711 } });
+      const fs2 = await UnionFs.create({ layers: [l1, l2, l3], upper: freshUpper() });
+      assert.equal((await stat(fs2, 'd')).mode & 0o7777, 0o711);
+      assert.deepEqual(names(fs2, 'd'), ['f', 'g']);
+    });
+
+    it('never applies a whiteout through a symlink, and tolerates one under a file', async () => {
+      const l1 = layer({ 'doc/': {}, 'doc/apt/': {}, 'doc/apt/keep': {}, 'file/': {}, 'file/x': {} });
+      const l2 = layer({ 'doc/apt': { target: '/elsewhere' }, 'file': { content: 'now a file' } },
+        ['doc/apt/keep', 'file/x']);
+      const l3 = layer({}, ['doc/apt/keep', 'file/x']); // whiteouts below a symlink / a file
+      const fs = await UnionFs.create({ layers: [l1, l2, l3], upper: freshUpper() });
+      assert.equal((await stat(fs, 'doc/apt')).mode & 0o170000, 0o120000);
+      assert.equal(await fs.readlink('doc/apt'), '/elsewhere');
+      assert.equal(await readAll(fs, 'file'), 'now a file');
+    });
+
+    it('shares inode and data among hard links and counts names', async () => {
+      const l1 = layer({ 'bin/': {}, 'bin/a': { content: 'AAA' }, 'bin/b': { link: 'bin/a' } });
+      const l2 = layer({ 'bin/c': { link: 'bin/a' } }); // link to a lower file
+      const fs = await UnionFs.create({ layers: [l1, l2], upper: freshUpper() });
+      const [a, b, c] = await Promise.all(['bin/a', 'bin/b', 'bin/c'].map((p) => stat(fs, p)));
+      assert.equal(a!.ino, b!.ino);
+      assert.equal(a!.ino, c!.ino);
+      assert.equal(a!.nlink, 3);
+      assert.equal(await readAll(fs, 'bin/c'), 'AAA');
+      const l3 = layer({}, ['bin/a']);
+      const fs2 = await UnionFs.create({ layers: [l1, l2, l3], upper: freshUpper() });
+      assert.equal((await stat(fs2, 'bin/b')).nlink, 2);
+    });
+
+    it('gives different files different, stable inode numbers', async () => {
+      const l1 = layer({ 'x': {}, 'y': {}, 'd/': {}, 'd/z': {} });
+      const upper = freshUpper();
+      const fs1 = await UnionFs.create({ layers: [l1], upper });
+      const inos = await Promise.all(['', 'x', 'y', 'd', 'd/z'].map(async (p) => (await stat(fs1, p)).ino));
+      assert.equal(new Set(inos).size, 5);
+      assert.equal(inos[0], 1);
+      await fs1.chmod('d/z', 0o600); // copies d up too: d keeps its number
+      const fs2 = await UnionFs.create({ layers: [l1], upper });
+      const again = await Promise.all(['', 'x', 'y', 'd', 'd/z'].map(async (p) => (await stat(fs2, p)).ino));
+      assert.deepEqual(again.slice(0, 4), inos.slice(0, 4));
+      assert.equal(again[4], (await stat(fs1, 'd/z')).ino);
+      assert.equal(again[4]! >>> 31, 1); // upper numbers carry the top bit
+    });
+  });
+
+  describe('writes', () => {
+    it('copies up on chmod keeping content, owner, times and binary xattrs', async () => {
+      const xattr = Buffer.from([0, 1, 2, 255, 10]).toString('base64');
+      const l1 = layer({ 'f': { content: 'data', mode: 0o4755, uid: 1234, gid: 99, mtime: 1_500_000_000, xattrs: { 'user.bin': xattr, 'trusted.t': xattr } } });
+      const upper = freshUpper();
+      const fs = await UnionFs.create({ layers: [l1], upper });
+      await fs.chmod('f', 0o4750);
+      const st = lstatSync(join(upper, 'f'));
+      assert.equal(st.mode & 0o7777, 0o4750);
+      assert.deepEqual([st.uid, st.gid, Math.floor(st.mtimeMs / 1000)], [1234, 99, 1_500_000_000]);
+      assert.equal(readFileSync(join(upper, 'f'), 'utf8'), 'data');
+      assert.equal((await fs.getxattr('f', 'user.bin'))!.equals(Buffer.from(xattr, 'base64')), true);
+      const dump = execFileSync('getfattr', ['-d', '-m', '-', '-e', 'hex', join(upper, 'f')]).toString();
+      assert.ok(dump.includes('user.bin=0x000102ff0a'), dump);
+      assert.ok(dump.includes('trusted.t=0x000102ff0a'), dump);
+    });
+
+    it('copies up a hard-link group as one inode', async () => {
+      const l1 = layer({ 'a/': {}, 'b/': {}, 'a/one': { content: 'old' }, 'b/two': { link: 'a/one' }, 'a/three': { link: 'a/one' } });
+      const upper = freshUpper();
+      const fs = await UnionFs.create({ layers: [l1], upper });
+      const fh = await fs.open('b/two', 2 /* O_RDWR */);
+      await fs.write(fh, Buffer.from('NEW'), 3, 0);
+      await fs.release(fh);
+      for (const p of ['a/one', 'b/two', 'a/three']) assert.equal(await readAll(fs, p), 'NEW');
+      const sts = await Promise.all(['a/one', 'b/two', 'a/three'].map((p) => stat(fs, p)));
+      assert.deepEqual(sts.map((s) => s.nlink), [3, 3, 3]);
+      assert.equal(new Set(sts.map((s) => s.ino)).size, 1);
+      assert.equal(lstatSync(join(upper, 'a/one')).ino, lstatSync(join(upper, 'b/two')).ino);
+    });
+
+    it('records deletions of lower content as whiteouts and hides them from readdir', async () => {
+      const l1 = layer({ 'f': {}, 'd/': {}, 'd/x': {}, 'e/': {} });
+      const upper = freshUpper();
+      const fs = await UnionFs.create({ layers: [l1], upper });
+      await fs.unlink('f');
+      assert.equal(await errnoOf(fs.rmdir('d')), 'ENOTEMPTY');
+      await fs.unlink('d/x');
+      await fs.rmdir('d');
+      await fs.rmdir('e');
+      assert.deepEqual(readdirSync(upper).sort(), ['.wh.d', '.wh.e', '.wh.f']);
+      assert.deepEqual(names(fs, ''), []);
+      assert.equal(await errnoOf(() => fs.getattr('f')), 'ENOENT');
+      const fs2 = await UnionFs.create({ layers: [l1], upper }); // remount: same view
+      assert.deepEqual(names(fs2, ''), []);
+    });
+
+    it('marks a directory recreated over a deleted lower one opaque', async () => {
+      const l1 = layer({ 'd/': {}, 'd/x': {} });
+      const upper = freshUpper();
+      const fs = await UnionFs.create({ layers: [l1], upper });
+      await fs.unlink('d/x');
+      await fs.rmdir('d');
+      await fs.mkdir('d', 0o750);
+      assert.deepEqual(names(fs, 'd'), []);
+      assert.deepEqual(readdirSync(upper).sort(), ['d']);
+      assert.deepEqual(readdirSync(join(upper, 'd')), ['.wh..wh..opq']);
+      const fs2 = await UnionFs.create({ layers: [l1], upper });
+      assert.deepEqual(names(fs2, 'd'), []);
+      assert.equal((await stat(fs2, 'd')).mode & 0o7777, 0o750);
+    });
+
+    it('renames a lower directory (no EXDEV) and a lower file', async () => {
+      const l1 = layer({ 'src/': { mode: 0o711 }, 'src/a': { content: 'A' }, 'src/sub/': {}, 'src/sub/b': { content: 'B' }, 'dst/': {}, 'dst/old': {}, 'f': { content: 'F' } });
+      const upper = freshUpper();
+      const fs = await UnionFs.create({ layers: [l1], upper });
+      await fs.unlink('dst/old');
+      await fs.rename('src', 'dst'); // over an empty (merged) lower dir
+      await fs.rename('f', 'g');
+      assert.deepEqual(names(fs, ''), ['dst', 'g']);
+      assert.deepEqual(names(fs, 'dst'), ['a', 'sub']);
+      assert.equal(await readAll(fs, 'dst/sub/b'), 'B');
+      assert.equal(await readAll(fs, 'g'), 'F');
+      assert.equal((await stat(fs, 'dst')).mode & 0o7777, 0o711);
+      const fs2 = await UnionFs.create({ layers: [l1], upper });
+      assert.deepEqual(names(fs2, ''), ['dst', 'g']);
+      assert.deepEqual(names(fs2, 'dst'), ['a', 'sub']);
+      assert.deepEqual(readdirSync(upper).sort(), ['.wh.f', '.wh.src', 'dst', 'g']);
+    });
+
+    it('refuses renames that POSIX refuses', async () => {
+      const l1 = layer({ 'd/': {}, 'd/x': {}, 'e/': {}, 'f': {} });
+      const fs = await UnionFs.create({ layers: [l1], upper: freshUpper() });
+      assert.equal(await errnoOf(fs.rename('f', 'd')), 'EISDIR');
+      assert.equal(await errnoOf(fs.rename('e', 'f')), 'ENOTDIR');
+      assert.equal(await errnoOf(fs.rename('e', 'd')), 'ENOTEMPTY');
+      assert.equal(await errnoOf(fs.rename('d', 'd/x/y')), 'EINVAL');
+      assert.equal(await errnoOf(fs.rename('nope', 'z')), 'ENOENT');
+    });
+
+    it('round-trips binary xattrs and honours create/replace flags', async () => {
+      const l1 = layer({ 'f': {} });
+      const fs = await UnionFs.create({ layers: [l1], upper: freshUpper() });
+      const value = Buffer.from([0, 0xff, 0x0a, 0x3d, 0x22]);
+      await fs.setxattr('f', 'user.v', value, 0);
+      assert.equal((await fs.getxattr('f', 'user.v'))!.equals(value), true);
+      assert.equal(await errnoOf(fs.setxattr('f', 'user.v', value, 1)), 'EEXIST');
+      assert.equal(await errnoOf(fs.setxattr('f', 'user.w', value, 2)), 'ENODATA');
+      assert.deepEqual(await fs.listxattr('f'), ['user.v']);
+      await fs.removexattr('f', 'user.v');
+      assert.equal(await fs.getxattr('f', 'user.v'), undefined);
+      assert.equal(await errnoOf(fs.removexattr('f', 'user.v')), 'ENODATA');
+    });
+
+    it('creates files, fifos, devices and symlinks in the upper', async () => {
+      const upper = freshUpper();
+      const fs = await UnionFs.create({ layers: [layer({ 'dev/': {} })], upper });
+      const fh = await fs.create('dev/file', 0o640);
+      assert.equal(await fs.write(fh, Buffer.from('hello'), 5, 0), 5);
+      await fs.release(fh);
+      await fs.mknod('dev/fifo', 0o010644, 0);
+      await fs.mknod('dev/null2', 0o020666, (1 << 8) | 3);
+      await fs.symlink('../x', 'dev/link');
+      assert.equal(await readAll(fs, 'dev/file'), 'hello');
+      assert.equal((await stat(fs, 'dev/file')).mode, 0o100640);
+      assert.equal((await stat(fs, 'dev/fifo')).mode, 0o010644);
+      const dev = await stat(fs, 'dev/null2');
+      assert.equal(dev.mode, 0o020666);
+      assert.equal(dev.rdev, (1 << 8) | 3);
+      assert.equal(await fs.readlink('dev/link'), '../x');
+      assert.equal(await errnoOf(fs.mkdir('dev/file', 0o755)), 'EEXIST');
+    });
+
+    it('truncates and re-times lower files through copy-up', async () => {
+      const l1 = layer({ 'f': { content: '0123456789' } });
+      const fs = await UnionFs.create({ layers: [l1], upper: freshUpper() });
+      await fs.truncate('f', 4);
+      assert.equal(await readAll(fs, 'f'), '0123');
+      await fs.utimens('f', 2_000_000_000_000, 1_000_000_000_000);
+      const st = await stat(fs, 'f');
+      assert.equal(st.mtime, 1_000_000_000_000);
+      assert.equal(st.atime, 2_000_000_000_000);
+    });
+
+    it('refuses every change when read-only', async () => {
+      const fs = await UnionFs.create({ layers: [layer({ 'f': {} })], upper: freshUpper(), readOnly: true });
+      assert.equal(await errnoOf(fs.unlink('f')), 'EROFS');
+      assert.equal(await errnoOf(fs.open('f', 2)), 'EROFS');
+    });
+  });
+});
