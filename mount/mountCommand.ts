@@ -1,28 +1,66 @@
 /**
- * `layerd mount --lower DIR[:DIR...] --upper DIR MOUNTPOINT`: serve a union
- * of plain directories in the foreground. As with overlayfs, the leftmost
- * lower directory is the top layer. Prints `ready <mountpoint>` on stdout
+ * `layerd mount`: serve one union mount in the foreground, over
+ *   --root DIR --image REF     an image of a store (opened just long enough to find its layers),
+ *   --layers DIR[:DIR...]      store layer directories (what the daemon passes; no database), or
+ *   --lower DIR[:DIR...]       plain directories prepared for overlayfs.
+ * As with overlayfs, the leftmost of a list is the top layer. Prints `ready <mountpoint>` on stdout
  * once the mount is live; unmounts and exits 0 on SIGTERM/SIGINT, and exits
  * 0 when someone else unmounts it. Meant to run as its own process (the
  * daemon spawns it), never inside a process that uses the mount.
  */
 import { Command, CommanderError } from 'commander';
 import { pathToFileURL } from 'node:url';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { createLogger } from '../common/log.js';
-import { exitStatusFor, isLayerdError } from '../common/errors.js';
+import { ErrorCodes, LayerdError, exitStatusFor, isLayerdError } from '../common/errors.js';
+import { LAYER_TAR, type LayerSource, tarLayerSource } from '../storage/layerIndex.js';
+import { resolveRoot } from '../storage/layout.js';
+import { readLayerIndex } from '../storage/store.js';
 import { lowerDirSource } from './lowerDir.js';
 import { mountUnion } from './mountUnion.js';
 
 export { mountUnion, type MountUnionOptions, type MountedUnion } from './mountUnion.js';
 export { clearDeadMount, isDeadMount, findMount } from './deadMount.js';
 
-interface MountArgs { lower: string; upper: string; readOnly?: boolean; debug?: boolean }
+interface MountArgs {
+  lower?: string; layers?: string; root?: string; image?: string;
+  upper?: string; readOnly?: boolean; debug?: boolean;
+}
+
+/** The layers to mount, bottom → top, from whichever source the flags name. */
+async function resolveLayers(args: MountArgs): Promise<LayerSource[]> {
+  const given = [args.lower, args.layers, args.image].filter((v) => v !== undefined).length;
+  if (given !== 1) throw new LayerdError(ErrorCodes.EINVAL, 'give exactly one of --lower, --layers or --image');
+  if (args.image !== undefined && args.root === undefined && process.env['LAYERD_ROOT'] === undefined) {
+    throw new LayerdError(ErrorCodes.EINVAL, '--image needs --root (or $LAYERD_ROOT)');
+  }
+  const topFirst = (list: string): string[] => list.split(':').filter((d) => d !== '').reverse();
+  if (args.lower !== undefined) {
+    return Promise.all(topFirst(args.lower).map((dir, i) => lowerDirSource(dir, `lower${i}:${dir}`)));
+  }
+  if (args.layers !== undefined) {
+    return Promise.all(topFirst(args.layers).map(async (dir) => tarLayerSource(await readLayerIndex(dir), join(dir, LAYER_TAR))));
+  }
+  // Loaded only here: mount servers started by the daemon never open the database.
+  const { Store } = await import('../storage/store.js');
+  const store = await Store.open(resolveRoot(args.root));
+  try {
+    return (await store.imageLayers(args.image!)).map((l) => tarLayerSource(l.index, l.tarPath));
+  } finally {
+    store.close();
+  }
+}
 
 export async function mountCommand(argv: string[]): Promise<number> {
   const program = new Command('layerd mount')
     .description('serve a union of directories with FUSE (leftmost lower = top layer)')
-    .requiredOption('--lower <dirs>', 'lower directories, colon-separated, top first')
-    .requiredOption('--upper <dir>', 'writable upper directory (receives an OCI changeset)')
+    .option('--root <dir>', 'store root, with --image (default $LAYERD_ROOT)')
+    .option('--image <ref>', 'mount this image of the store')
+    .option('--layers <dirs>', 'store layer directories (layers/sha256/<diffID>), colon-separated, top first')
+    .option('--lower <dirs>', 'plain lower directories, colon-separated, top first')
+    .option('--upper <dir>', 'writable upper directory (receives an OCI changeset); without it the mount is read-only')
     .option('--read-only', 'refuse all changes')
     .option('--debug', 'log every FUSE request (libfuse debug)')
     .argument('<mountpoint>')
@@ -36,11 +74,13 @@ export async function mountCommand(argv: string[]): Promise<number> {
   const args = program.opts<MountArgs>();
   const mountpoint = program.args[0]!;
   const logger = createLogger({ component: 'mount', level: args.debug ? 'debug' : undefined });
+  let emptyUpper: string | undefined;
 
   try {
-    const lowers = args.lower.split(':').filter((d) => d !== '');
-    const layers = await Promise.all(lowers.reverse().map((dir, i) => lowerDirSource(dir, `lower${i}:${dir}`)));
-    const mounted = await mountUnion({ layers, upper: args.upper, mountpoint, readOnly: args.readOnly ?? false, logger });
+    const layers = await resolveLayers(args);
+    // Without an upper the mount is a read-only view over an empty private one.
+    const upper = args.upper ?? (emptyUpper = await mkdtemp(join(tmpdir(), 'layerd-ro-upper-')));
+    const mounted = await mountUnion({ layers, upper, mountpoint, readOnly: (args.readOnly ?? false) || args.upper === undefined, logger });
     process.stdout.write(`ready ${mounted.mountpoint}\n`);
 
     const stop = (): void => { void mounted.unmount(); };
@@ -54,6 +94,8 @@ export async function mountCommand(argv: string[]): Promise<number> {
   } catch (err) {
     logger.error(err instanceof Error ? err.message : String(err), isLayerdError(err) ? { code: err.code, ...err.context } : {});
     return isLayerdError(err) ? exitStatusFor(err.code) : 1;
+  } finally {
+    if (emptyUpper) await rm(emptyUpper, { recursive: true, force: true });
   }
 }
 

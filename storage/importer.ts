@@ -264,7 +264,7 @@ async function ingestManifestLayer(
  * no new item starts; the ones running are awaited (they write into the
  * ingest area, which the caller removes), then the first error is thrown.
  */
-async function forEachBounded<T>(items: readonly T[], limit: number, fn: (item: T, index: number) => Promise<void>): Promise<void> {
+export async function forEachBounded<T>(items: readonly T[], limit: number, fn: (item: T, index: number) => Promise<void>): Promise<void> {
   let next = 0;
   let failure: { error: unknown } | undefined;
   const worker = async (): Promise<void> => {

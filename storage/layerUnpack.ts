@@ -246,9 +246,9 @@ function entryKind(header: Headers, path: string): TarKind {
   }
 }
 
-function paxInt(value: string | undefined): number | undefined {
+function paxInt(value: string | Buffer | undefined): number | undefined {
   if (value === undefined) return undefined;
-  const n = Math.floor(Number(value));
+  const n = Math.floor(Number(value.toString()));
   return Number.isSafeInteger(n) ? n : undefined;
 }
 

@@ -212,16 +212,7 @@ export class Store {
     const cached = this.indexCache.get(diffId);
     if (cached) return cached;
     if (!this.db.getLayer(diffId)) throw new LayerdError(ErrorCodes.ENOTFOUND, `no such layer: ${diffId}`, { diffId });
-    const path = this.layout.layerIndexPath(diffId);
-    let index: LayerIndex;
-    try {
-      index = JSON.parse(await readFile(path, 'utf8')) as LayerIndex;
-    } catch (err) {
-      throw new LayerdError(ErrorCodes.ECORRUPT, `layer ${diffId}: cannot read its index ${path}: ${(err as Error).message}`, { diffId, path }, { cause: err });
-    }
-    if (index.version !== LAYER_INDEX_VERSION || index.id !== diffId) {
-      throw new LayerdError(ErrorCodes.ECORRUPT, `layer ${diffId}: index ${path} is for ${index.id} (version ${index.version})`, { diffId, path });
-    }
+    const index = await readLayerIndex(this.layout.layerDir(diffId), diffId);
     this.indexCache.set(diffId, index);
     return index;
   }
@@ -241,6 +232,25 @@ export class Store {
   forgetLayerIndex(diffId: Digest): void {
     this.indexCache.delete(diffId);
   }
+}
+
+/**
+ * Read a layer directory's index (`index.json`), checking it describes the
+ * layer it should. Needs no database: mount servers use it directly.
+ */
+export async function readLayerIndex(layerDir: string, diffId?: Digest): Promise<LayerIndex> {
+  const path = join(layerDir, 'index.json');
+  let index: LayerIndex;
+  try {
+    index = JSON.parse(await readFile(path, 'utf8')) as LayerIndex;
+  } catch (err) {
+    const code = errnoCode(err) === 'ENOENT' ? ErrorCodes.ENOTFOUND : ErrorCodes.ECORRUPT;
+    throw new LayerdError(code, `cannot read the layer index ${path}: ${(err as Error).message}`, { path }, { cause: err });
+  }
+  if (index.version !== LAYER_INDEX_VERSION || !Array.isArray(index.entries) || (diffId !== undefined && index.id !== diffId)) {
+    throw new LayerdError(ErrorCodes.ECORRUPT, `layer index ${path} is not a version-${LAYER_INDEX_VERSION} index${diffId ? ` of ${diffId}` : ''}`, { path });
+  }
+  return index;
 }
 
 /**

@@ -24,7 +24,7 @@ declare module 'tar-stream' {
     gname?: string;
     devmajor?: number;
     devminor?: number;
-    pax?: Record<string, string> | null;
+    pax?: Record<string, string | Buffer> | null;
     /** Offset of the entry's data in the archive (extract only). */
     byteOffset?: number;
     /** Raw PAX records, values as bytes (layerd patch). */
