@@ -11,6 +11,23 @@ import { type ImageInspect, type ImageSummary, type LayerSummary } from '../stor
 
 export type { ImportRequest };
 
+export interface ContainerSummary {
+  id: string; image: string; imageRefs: string[]; mountpoint: string; readOnly: boolean;
+  labels: Record<string, string>; created: string; state: string; serverPid: number | null;
+}
+
+/** Container operations: only the daemon has containers. */
+export interface ContainerBackend {
+  create(request: { id?: string; image: string; mountpoint?: string; readOnly?: boolean; labels?: Record<string, string> }): Promise<{ id: string; mountpoint: string }>;
+  list(): Promise<ContainerSummary[]>;
+  inspect(id: string): Promise<ContainerSummary>;
+  remove(id: string, keep: boolean): Promise<{ id: string; kept: boolean }>;
+  commit(id: string, ref?: string): Promise<{ image: string; ref: string | null; diffId: string; digest: string; size: number }>;
+  diff(id: string): Promise<{ kind: string; path: string }[]>;
+  export(id: string, out: NodeJS.WritableStream): Promise<void>;
+  health(): Promise<{ status: string; version: string; root: string; uptimeSeconds: number }>;
+}
+
 export interface Backend {
   importPath(request: ImportRequest, onProgress?: (event: ImportProgress) => void): Promise<ImportedImage[]>;
   images(): Promise<ImageSummary[]>;
@@ -21,4 +38,6 @@ export interface Backend {
   prune(): Promise<PruneResult>;
   fsck(): Promise<FsckReport>;
   close(): Promise<void>;
+  /** Present when talking to the daemon. */
+  containers?: ContainerBackend;
 }

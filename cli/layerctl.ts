@@ -5,12 +5,12 @@
  */
 import { Command, Option } from 'commander';
 import { ErrorCodes, LayerdError, asLayerdError, exitStatusFor } from '../common/errors.js';
-import { existsSync } from 'node:fs';
+import { createWriteStream, existsSync } from 'node:fs';
 import { resolve as resolvePath } from 'node:path';
 import { type Logger, createLogger } from '../common/log.js';
 import { DEFAULT_SOCKET } from '../daemon/config.js';
 import { resolveRoot } from '../storage/layout.js';
-import { type Backend } from './backend.js';
+import { type Backend, type ContainerBackend } from './backend.js';
 import { humanSize, short, table } from './format.js';
 import { openOfflineBackend } from './offline.js';
 import { LayerProgress } from './progress.js';
@@ -179,6 +179,116 @@ export function buildProgram(): Command {
           print(report.ok ? 'store is consistent\n' : `${report.problems.length} problems\n`);
         }
         if (!report.ok) throw new LayerdError(ErrorCodes.ECORRUPT, `fsck found ${report.problems.length} problems`);
+      });
+    });
+
+  const needDaemon = (backend: Backend): ContainerBackend => {
+    if (!backend.containers) {
+      throw new LayerdError(ErrorCodes.EUNSUPPORTED, 'containers live in the daemon: run layerd and use --socket (or $LAYERD_SOCKET)');
+    }
+    return backend.containers;
+  };
+
+  for (const name of ['create', 'run']) {
+    program.command(name)
+      .description(name === 'run' ? 'same as create: mount IMAGE as a new container' : 'mount IMAGE as a new container with its own writable layer')
+      .argument('<image>', 'image')
+      .option('--name <id>', 'container id (default: random)')
+      .option('--mountpoint <dir>', 'where to mount (default: the daemon\'s mount root / ID)')
+      .option('--read-only', 'a read-only mount')
+      .option('--label <key=value...>', 'labels')
+      .option('--json', 'print {"id", "mountpoint"}')
+      .action(async (image: string, opts: { name?: string; mountpoint?: string; readOnly?: boolean; label?: string[]; json?: boolean }, cmd: Command) => {
+        await withBackend(cmd, async (backend) => {
+          const labels: Record<string, string> = {};
+          for (const l of opts.label ?? []) {
+            const eq = l.indexOf('=');
+            if (eq <= 0) throw new LayerdError(ErrorCodes.EINVAL, `label '${l}' is not key=value`);
+            labels[l.slice(0, eq)] = l.slice(eq + 1);
+          }
+          const r = await needDaemon(backend).create({
+            image, ...(opts.name ? { id: opts.name } : {}), ...(opts.mountpoint ? { mountpoint: resolvePath(opts.mountpoint) } : {}),
+            ...(opts.readOnly ? { readOnly: true } : {}), ...(opts.label ? { labels } : {}),
+          });
+          if (opts.json) return printJson(r);
+          print(`${r.id} ${r.mountpoint}\n`);
+        });
+      });
+  }
+
+  program.command('ps')
+    .description('list containers')
+    .option('--json', 'print JSON')
+    .action(async (opts: { json?: boolean }, cmd: Command) => {
+      await withBackend(cmd, async (backend) => {
+        const list = await needDaemon(backend).list();
+        if (opts.json) return printJson(list);
+        print(table(['CONTAINER', 'IMAGE', 'STATE', 'MOUNTPOINT'], list.map((c) =>
+          [c.id, c.imageRefs[0] ?? short(c.image), c.state, c.mountpoint])));
+      });
+    });
+
+  program.command('rm')
+    .description('unmount containers and delete their writable layers')
+    .argument('<ids...>', 'containers')
+    .option('--keep', 'keep the writable layer on disk')
+    .option('--json', 'print JSON')
+    .action(async (ids: string[], opts: { keep?: boolean; json?: boolean }, cmd: Command) => {
+      await withBackend(cmd, async (backend) => {
+        const results = [];
+        for (const id of ids) results.push(await needDaemon(backend).remove(id, opts.keep === true));
+        if (opts.json) return printJson(results);
+        for (const r of results) print(`${r.id}\n`);
+      });
+    });
+
+  program.command('commit')
+    .description('turn a container\'s writable layer into a new layer and image')
+    .argument('<id>', 'container')
+    .argument('[ref]', 'NAME[:TAG] for the new image')
+    .option('--json', 'print JSON')
+    .action(async (id: string, ref: string | undefined, opts: { json?: boolean }, cmd: Command) => {
+      await withBackend(cmd, async (backend) => {
+        const r = await needDaemon(backend).commit(id, ref);
+        if (opts.json) return printJson(r);
+        print(`${r.image}${r.ref ? ` (${r.ref})` : ''} layer ${r.diffId}\n`);
+      });
+    });
+
+  program.command('diff')
+    .description('what a container changed: A added, C changed, D deleted')
+    .argument('<id>', 'container')
+    .option('--json', 'print JSON')
+    .action(async (id: string, opts: { json?: boolean }, cmd: Command) => {
+      await withBackend(cmd, async (backend) => {
+        const lines = await needDaemon(backend).diff(id);
+        if (opts.json) return printJson(lines);
+        for (const l of lines) print(`${l.kind} ${l.path}\n`);
+      });
+    });
+
+  program.command('export')
+    .description('write a container\'s writable layer as an OCI layer tar')
+    .argument('<id>', 'container')
+    .requiredOption('-o, --output <file>', 'where to write the tar (- for stdout)')
+    .action(async (id: string, opts: { output: string }, cmd: Command) => {
+      await withBackend(cmd, async (backend) => {
+        const out = opts.output === '-' ? process.stdout : createWriteStream(opts.output, { mode: 0o644 });
+        await needDaemon(backend).export(id, out);
+        if (out !== process.stdout) await new Promise<void>((r) => out.end(r));
+      });
+    });
+
+  program.command('status')
+    .description('is the daemon up, and what does it hold')
+    .option('--json', 'print JSON')
+    .action(async (opts: { json?: boolean }, cmd: Command) => {
+      await withBackend(cmd, async (backend) => {
+        const c = needDaemon(backend);
+        const [health, containers, images] = await Promise.all([c.health(), c.list(), backend.images()]);
+        const status = { ...health, images: images.length, containers: containers.length, mounted: containers.filter((x) => x.state === 'mounted').length };
+        if (opts.json) return printJson(status);
+        print(`layerd ${status.version}: up ${status.uptimeSeconds}s, root ${status.root}, ${status.images} images, ${status.containers} containers (${status.mounted} mounted)\n`);
       });
     });
 

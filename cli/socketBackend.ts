@@ -11,6 +11,32 @@ import { type Backend, type ImportRequest } from './backend.js';
 export class DaemonClient {
   constructor(readonly socketPath: string) {}
 
+  /** A request whose successful answer is raw bytes, copied to `out`. */
+  stream(method: string, path: string, out: NodeJS.WritableStream): Promise<void> {
+    return new Promise((resolve, reject) => {
+      const req = request({ socketPath: this.socketPath, method, path }, (res) => {
+        if ((res.statusCode ?? 500) >= 400) {
+          const chunks: Buffer[] = [];
+          res.on('data', (c: Buffer) => chunks.push(c));
+          res.on('end', () => {
+            try {
+              const e = JSON.parse(Buffer.concat(chunks).toString('utf8')) as { code: ErrorCode; message: string };
+              reject(new LayerdError(e.code, e.message));
+            } catch {
+              reject(new LayerdError(ErrorCodes.EIO, `layerd answered ${res.statusCode ?? 0}`));
+            }
+          });
+          return;
+        }
+        res.pipe(out);
+        res.on('end', () => resolve());
+        res.on('error', reject);
+      });
+      req.on('error', (err) => reject(new LayerdError(ErrorCodes.EIO, `cannot reach layerd at ${this.socketPath}: ${err.message}`)));
+      req.end();
+    });
+  }
+
   /** One request; with `onEvent`, an NDJSON stream whose last line is the result. */
   call<T>(method: string, path: string, body?: unknown, onEvent?: (event: unknown) => void): Promise<T> {
     return new Promise<T>((resolve, reject) => {
@@ -85,5 +111,15 @@ export function socketBackend(socketPath: string): Backend {
     prune: () => client.call('POST', '/v1/prune'),
     fsck: () => client.call('POST', '/v1/fsck'),
     close: async () => undefined,
+    containers: {
+      create: (request) => client.call('POST', '/v1/containers', request),
+      list: () => client.call('GET', '/v1/containers'),
+      inspect: (id) => client.call('GET', `/v1/containers/${enc(id)}`),
+      remove: (id, keep) => client.call('DELETE', `/v1/containers/${enc(id)}${keep ? '?keep=1' : ''}`),
+      commit: (id, ref) => client.call('POST', `/v1/containers/${enc(id)}/commit`, ref ? { ref } : {}),
+      diff: (id) => client.call('GET', `/v1/containers/${enc(id)}/diff`),
+      export: (id, out) => client.stream('GET', `/v1/containers/${enc(id)}/export`, out),
+      health: () => client.call('GET', '/v1/health'),
+    },
   };
 }

@@ -12,7 +12,9 @@ import { type Logger } from '../common/log.js';
 import { prune } from '../storage/gc.js';
 import { StoreOperations } from '../storage/operations.js';
 import { Store, daemonMarker } from '../storage/store.js';
+import { containerRoutes } from './api/containers.js';
 import { imageRoutes } from './api/images.js';
+import { ContainerManager } from './containers.js';
 import { systemRoutes } from './api/system.js';
 import { type DaemonConfig, loadConfig } from './config.js';
 import { Router } from './http.js';
@@ -33,7 +35,13 @@ export interface DaemonOptions {
   config: DaemonConfig;
   logger: Logger;
   durability?: 'full' | 'none';
+  /** Where containers are mounted when a create names no mountpoint. */
+  mountRoot?: string;
+  /** Unmount every container when stopping (default: leave them served). */
+  unmountOnStop?: boolean;
 }
+
+export const DEFAULT_MOUNT_ROOT = '/run/layerd/mounts';
 
 export class Daemon {
   readonly metrics = new DaemonMetrics();
@@ -41,6 +49,7 @@ export class Daemon {
   private watcher: FSWatcher | undefined;
   private gcTimer: NodeJS.Timeout | undefined;
   private stopping: Promise<void> | undefined;
+  containers!: ContainerManager;
 
   private constructor(
     readonly store: Store,
@@ -57,6 +66,9 @@ export class Daemon {
       const daemon = new Daemon(store, server, options);
       systemRoutes(router, store, daemon.metrics, join(REPO, 'docs'), VERSION);
       imageRoutes(router, new StoreOperations(store), store, daemon.metrics);
+      daemon.containers = new ContainerManager(store, options.mountRoot ?? options.config.mountRoot ?? DEFAULT_MOUNT_ROOT, logger);
+      containerRoutes(router, daemon.containers);
+      await daemon.containers.adoptAll();
       server.on('request', (req, res) => {
         const done = router.dispatch(req, res, logger).finally(() => {
           daemon.inflight.delete(done);
@@ -130,6 +142,7 @@ export class Daemon {
       this.server.closeIdleConnections();
       await Promise.allSettled([...this.inflight]);
       await closed;
+      if (this.options.unmountOnStop) await this.containers.unmountAll();
       await rm(daemonMarker(this.options.root), { force: true });
       this.store.close();
     })();

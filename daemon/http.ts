@@ -85,7 +85,7 @@ export class Router {
           params[name] = value;
         });
         const result = await route.handler({ req, res, params, query: url.searchParams });
-        if (result !== HANDLED) sendJson(res, 200, result ?? {});
+        if (result !== HANDLED) sendJson(res, res.statusCode, result ?? {});
         return;
       }
       if (pathMatched) throw new LayerdError(ErrorCodes.EINVAL, `method ${req.method ?? ''} not allowed on ${url.pathname}`, { status: 405 });

@@ -15,6 +15,8 @@ interface DaemonFlags {
   config?: string;
   socketGroup?: string;
   logLevel?: LogLevel;
+  mountRoot?: string;
+  unmountOnStop?: boolean;
 }
 
 async function runDaemon(flags: DaemonFlags): Promise<number> {
@@ -26,6 +28,7 @@ async function runDaemon(flags: DaemonFlags): Promise<number> {
   const group = flags.socketGroup ?? config.socketGroup;
   const daemon = await Daemon.start({
     root, socket, config, configPath, logger, ...(group !== undefined ? { socketGroup: group } : {}),
+    ...(flags.mountRoot ? { mountRoot: flags.mountRoot } : {}), unmountOnStop: flags.unmountOnStop === true,
   });
   await new Promise<void>((resolve) => {
     const stop = (signal: string): void => {
@@ -50,6 +53,8 @@ export async function main(argv: string[]): Promise<number> {
     .option('--config <file>', `configuration file (default ${DEFAULT_CONFIG_PATH})`)
     .option('--socket-group <group>', 'group allowed to use the socket besides root')
     .option('--log-level <level>', 'error, warn, info or debug')
+    .option('--mount-root <dir>', 'where containers are mounted by default (default /run/layerd/mounts)')
+    .option('--unmount-on-stop', 'unmount every container on SIGTERM (default: mounts keep being served)')
     .addHelpText('after', '\nAlso: layerd mount --help   serve one union mount in the foreground')
     .exitOverride();
   try {

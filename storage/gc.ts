@@ -50,6 +50,11 @@ export async function removeImage(store: Store, ref: string, options: { force?: 
   }
   const untagged: string[] = [];
   const deleted: Digest[] = [];
+  const lastTag = byTag && tags.length === 1;
+  const users = store.db.containersOfImage(image.id);
+  if ((lastTag || !byTag) && users.length > 0) {
+    throw new LayerdError(ErrorCodes.ECONFLICT, `image ${image.id} is used by container(s) ${users.map((c) => c.id).join(', ')}`, { image: image.id });
+  }
   store.db.write(() => {
     if (byTag && parsed.kind === 'tag') {
       store.db.deleteTag(parsed.name, parsed.tag);

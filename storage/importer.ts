@@ -46,7 +46,7 @@ export interface ImportedImage {
 }
 
 /** Everything one image import has verified and staged, not yet committed. */
-interface StagedImage {
+export interface StagedImage {
   manifestDigest: Digest;
   manifestMediaType: string;
   configDigest: Digest;
@@ -56,7 +56,8 @@ interface StagedImage {
   refs: { name: string; tag: string }[];
 }
 
-class Transaction {
+/** What one import (or commit) stages; all of it becomes visible in one commit. */
+export class Transaction {
   readonly staged: StagedItem[] = [];
   readonly blobs = new Map<Digest, { size: number; mediaType: string }>();
   readonly layers = new Map<Digest, { size: number; fileBytes: number; entries: number }>();

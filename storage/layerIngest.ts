@@ -120,8 +120,9 @@ export async function ingestLayer(source: () => Promise<Readable>, expected: Lay
   } catch (err) {
     throw mapStreamError(err, expected);
   }
-  blob ??= { digest: expected.digest!, size: expected.size ?? 0 };
   const diff = diffHasher.result();
+  // A stored uncompressed blob is its own tar: its digest is the diffID.
+  blob ??= expected.digest ? { digest: expected.digest, size: expected.size ?? 0 } : { digest: diff.digest, size: diff.size };
   if (expected.diffId) verifyDigest(`layer ${blob.digest} uncompressed`, { digest: expected.diffId }, diff, { blob: blob.digest });
   if (!endsWithZeroBlock(diffHasher.tail())) {
     throw new LayerdError(ErrorCodes.EBADTAR, `layer ${blob.digest}: the tar archive has no end-of-archive marker (truncated?)`, { digest: blob.digest });

@@ -7,6 +7,7 @@
  *   <root>/blobs/sha256/<hex>       blobs by distribution digest (layers, configs, manifests)
  *   <root>/layers/sha256/<hex>/     layers by diffID: layer.tar (sha256 = diffID) + index.json
  *   <root>/tmp/<pid>-<rand>/        ingest area: becomes visible only by rename
+ *   <root>/containers/<id>/         a container's writable layer (upper/) and mount server log
  */
 import { join } from 'node:path';
 import { type Digest, digestHex } from './digest.js';
@@ -21,6 +22,9 @@ export class StoreLayout {
   get blobsDir(): string { return join(this.root, 'blobs', 'sha256'); }
   get layersDir(): string { return join(this.root, 'layers', 'sha256'); }
   get tmpDir(): string { return join(this.root, 'tmp'); }
+
+  get containersDir(): string { return join(this.root, 'containers'); }
+  containerDir(id: string): string { return join(this.containersDir, id); }
 
   blobPath(digest: Digest): string { return join(this.blobsDir, digestHex(digest)); }
   layerDir(diffId: Digest): string { return join(this.layersDir, digestHex(diffId)); }

@@ -63,6 +63,15 @@ CREATE TABLE IF NOT EXISTS tags (
   PRIMARY KEY (name, tag)
 );
 CREATE INDEX IF NOT EXISTS tags_image_id ON tags(image_id);
+CREATE TABLE IF NOT EXISTS containers (
+  id          TEXT PRIMARY KEY,
+  image_id    TEXT NOT NULL REFERENCES images(id),
+  mountpoint  TEXT NOT NULL UNIQUE,
+  read_only   INTEGER NOT NULL,
+  labels      TEXT NOT NULL,     -- JSON object
+  created_at  INTEGER NOT NULL,
+  server_pid  INTEGER            -- the mount server process, while mounted
+);
 `;
 
 export interface BlobRow { digest: Digest; size: number; media_type: string; created_at: number }
@@ -73,6 +82,10 @@ export interface ImageRow {
 }
 export interface ImageLayerRow { image_id: Digest; position: number; diff_id: Digest; blob_digest: Digest | null; media_type: string; blob_size: number }
 export interface TagRow { name: string; tag: string; image_id: Digest; created_at: number }
+
+export interface ContainerRow {
+  id: string; image_id: Digest; mountpoint: string; read_only: number; labels: string; created_at: number; server_pid: number | null;
+}
 
 export interface OpenOptions {
   /** Hold the database exclusively (the daemon): other processes get EBUSY. */
@@ -231,6 +244,33 @@ export class MetadataDb {
     return this.db.prepare(`SELECT * FROM tags ORDER BY name, tag`).all() as TagRow[];
   }
 
+  // --- containers (a mount of an image with its own writable layer) ---------
+
+  getContainer(id: string): ContainerRow | undefined {
+    return this.db.prepare(`SELECT * FROM containers WHERE id = ?`).get(id) as ContainerRow | undefined;
+  }
+
+  listContainers(): ContainerRow[] {
+    return this.db.prepare(`SELECT * FROM containers ORDER BY created_at, id`).all() as ContainerRow[];
+  }
+
+  putContainer(row: Omit<ContainerRow, 'created_at'>): void {
+    this.db.prepare(`INSERT INTO containers (id, image_id, mountpoint, read_only, labels, created_at, server_pid) VALUES (?, ?, ?, ?, ?, ?, ?)`)
+      .run(row.id, row.image_id, row.mountpoint, row.read_only, row.labels, Date.now(), row.server_pid);
+  }
+
+  setContainerServer(id: string, pid: number | null): void {
+    this.db.prepare(`UPDATE containers SET server_pid = ? WHERE id = ?`).run(pid, id);
+  }
+
+  deleteContainer(id: string): void {
+    this.db.prepare(`DELETE FROM containers WHERE id = ?`).run(id);
+  }
+
+  containersOfImage(imageId: Digest): ContainerRow[] {
+    return this.db.prepare(`SELECT * FROM containers WHERE image_id = ?`).all(imageId) as ContainerRow[];
+  }
+
   // --- reachability (GC) ---------------------------------------------------
 
   /** Blobs any image record refers to: manifests, configs, indexes, layer blobs. */
@@ -249,6 +289,6 @@ export class MetadataDb {
   }
 
   untaggedImages(): ImageRow[] {
-    return this.db.prepare(`SELECT * FROM images WHERE id NOT IN (SELECT image_id FROM tags) ORDER BY id`).all() as ImageRow[];
+    return this.db.prepare(`SELECT * FROM images WHERE id NOT IN (SELECT image_id FROM tags) AND id NOT IN (SELECT image_id FROM containers) ORDER BY id`).all() as ImageRow[];
   }
 }

@@ -20,6 +20,7 @@ import { mkdir, readFile, readdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { ErrorCodes, LayerdError, errnoCode } from '../common/errors.js';
+import { processAlive } from '../common/process.js';
 import { type Logger, silentLogger } from '../common/log.js';
 import { type Digest, isDigest } from './digest.js';
 import { type LayerIndex, LAYER_INDEX_VERSION } from './layerIndex.js';
@@ -272,15 +273,6 @@ async function refuseIfDaemonHolds(root: string): Promise<void> {
   }
   if (typeof marker.pid === 'number' && marker.pid !== process.pid && processAlive(marker.pid)) {
     throw new LayerdError(ErrorCodes.EBUSY, `the store ${root} is held by the layerd daemon (pid ${marker.pid}); use --socket ${String(marker.socket)} or stop the daemon`, { root, pid: marker.pid });
-  }
-}
-
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return errnoCode(err) === 'EPERM';
   }
 }
 

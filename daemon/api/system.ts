@@ -16,6 +16,7 @@ export function systemRoutes(router: Router, store: Store, metrics: DaemonMetric
   });
   router.add('GET', '/metrics', async (ctx) => {
     metrics.images.set(store.db.listImages().length);
+    metrics.mounts.set(store.db.listContainers().filter((c) => c.server_pid !== null).length);
     const layers = store.db.listLayers();
     metrics.layers.set(layers.length);
     metrics.storeBytes.set(layers.reduce((n, l) => n + l.size, 0) + store.db.listBlobs().reduce((n, b) => n + b.size, 0));

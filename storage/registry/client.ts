@@ -108,7 +108,7 @@ export class RegistryClient {
   async request(spec: RequestSpec): Promise<RegistryResponse> {
     const url = this.url(spec.path);
     const context: RegistryErrorContext = { registry: this.registry, ...spec.context, url };
-    let authRetried = false;
+    let authRounds = 0;
     for (let attempt = 0; ; attempt++) {
       const headers: Record<string, string> = { ...spec.headers };
       const authorization = this.auth.headerFor(spec.scopes);
@@ -125,9 +125,12 @@ export class RegistryClient {
         throw registryError('network', `registry ${this.registry}: ${spec.method} ${url} failed: ${(err as Error).message}`, context, err);
       }
       const status = res.statusCode ?? 0;
-      if (status === 401 && !authRetried) {
+      // Up to two authentication rounds: the first learns the scheme (and
+      // fetches a token), the second tells a refused password or token apart.
+      if (status === 401 && authRounds < 2) {
         res.resume();
-        authRetried = await this.auth.answer(headerValue(res.headers['www-authenticate']), spec.scopes, authorization !== undefined, url);
+        await this.auth.answer(headerValue(res.headers['www-authenticate']), spec.scopes, authorization !== undefined, url);
+        authRounds++;
         attempt--; // an authentication round is not a failure
         continue;
       }

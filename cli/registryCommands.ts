@@ -1,0 +1,100 @@
+/**
+ * `layerctl pull` and `layerctl push`: images from and to registries (OCI
+ * distribution API). They follow layerctl's conventions: `--json` for
+ * scripts, progress on a terminal only, exit status from the error code.
+ *
+ * Registered by cli/layerctl.ts:
+ *   registerRegistryCommands(program, offlineStore);
+ */
+import { type Command, Option } from 'commander';
+import { createLogger } from '../common/log.js';
+import { resolveRoot } from '../storage/layout.js';
+import { parsePlatform } from '../storage/platform.js';
+import { EMPTY_CONFIG, type RegistriesConfig, loadRegistriesConfig } from '../storage/registry/config.js';
+import { pullImage } from '../storage/registry/pull.js';
+import { type PushCompression, type PushProgress, pushImage } from '../storage/registry/push.js';
+import { Store } from '../storage/store.js';
+import { humanSize, short } from './format.js';
+import { LayerProgress } from './progress.js';
+
+/** Run `fn` with the store the command works on, closing it afterwards. */
+export type WithStore = <T>(cmd: Command, fn: (store: Store) => Promise<T>) => Promise<T>;
+
+/** The offline `--root` mode: open the store directly. */
+export const offlineStore: WithStore = async (cmd, fn) => {
+  const opts = cmd.optsWithGlobals<{ root?: string; logLevel?: string }>();
+  const logger = createLogger({ level: (opts.logLevel ?? 'warn') as 'warn', component: 'layerctl' });
+  const store = await Store.open(resolveRoot(opts.root), { logger });
+  try {
+    return await fn(store);
+  } finally {
+    store.close();
+  }
+};
+
+function print(text: string): void {
+  process.stdout.write(text);
+}
+
+async function registriesConfig(file: string | undefined): Promise<RegistriesConfig> {
+  const path = file ?? process.env['LAYERD_REGISTRIES_CONFIG'];
+  return path ? loadRegistriesConfig(path) : EMPTY_CONFIG;
+}
+
+export function registerRegistryCommands(program: Command, withStore: WithStore): void {
+  program.command('pull')
+    .description('pull an image from a registry (HOST[:PORT]/REPO[:TAG] or ...@sha256:<hex>)')
+    .argument('<ref>', 'registry reference')
+    .option('--platform <os/arch[/variant]>', 'platform to select from image indexes (default: this host)')
+    .option('--registries-config <file>', 'registries config JSON (insecure, caFile, credentials, mirrors; default $LAYERD_REGISTRIES_CONFIG)')
+    .option('--json', 'print the result as JSON')
+    .action(async (ref: string, opts: { platform?: string; registriesConfig?: string; json?: boolean }, cmd: Command) => {
+      const config = await registriesConfig(opts.registriesConfig);
+      await withStore(cmd, async (store) => {
+        const progress = new LayerProgress();
+        const result = await pullImage(store, ref, {
+          config,
+          ...(opts.platform ? { platform: parsePlatform(opts.platform) } : {}),
+          ...(progress.enabled ? { onProgress: progress.update } : {}),
+        });
+        if (opts.json) return print(JSON.stringify(result, null, 2) + '\n');
+        for (const img of result) {
+          print(`pulled ${img.id} (${img.platform}, ${img.layers} layers)${img.refs.length ? ' as ' + img.refs.join(', ') : ''}\n`);
+        }
+      });
+    });
+
+  program.command('push')
+    .description('push an image from the store to a registry')
+    .argument('<image>', 'NAME[:TAG], digest or digest prefix in the store')
+    .argument('<ref>', 'HOST[:PORT]/REPO[:TAG] to push to')
+    .addOption(new Option('--compress <format>', 'compression for layers the store keeps uncompressed').choices(['gzip', 'zstd']).default('gzip'))
+    .option('--registries-config <file>', 'registries config JSON (default $LAYERD_REGISTRIES_CONFIG)')
+    .option('--json', 'print the result as JSON')
+    .action(async (image: string, ref: string, opts: { compress: PushCompression; registriesConfig?: string; json?: boolean }, cmd: Command) => {
+      const config = await registriesConfig(opts.registriesConfig);
+      await withStore(cmd, async (store) => {
+        const progress = process.stderr.isTTY ? pushProgressLine : undefined;
+        const result = await pushImage(store, image, ref, { config, compression: opts.compress, ...(progress ? { onProgress: progress } : {}) });
+        if (opts.json) return print(JSON.stringify(result, null, 2) + '\n');
+        const counts = { exists: 0, mounted: 0, uploaded: 0 };
+        for (const b of result.blobs) counts[b.outcome]++;
+        print(`pushed ${result.ref}: ${result.digest} (${result.manifests.length} manifest${result.manifests.length === 1 ? '' : 's'}; ` +
+          `${counts.uploaded} blobs uploaded, ${counts.mounted} mounted, ${counts.exists} already there)\n`);
+      });
+    });
+}
+
+/** One line per finished step, like `docker push` without the animation. */
+function pushProgressLine(event: PushProgress): void {
+  switch (event.type) {
+    case 'layer-compressed': process.stderr.write(`${short(event.diffId)}: Compressed to ${short(event.digest)} (${humanSize(event.size)})\n`); break;
+    case 'blob-done': {
+      const how = event.outcome === 'exists' ? 'Layer already exists' : event.outcome === 'mounted' ? `Mounted from ${event.from ?? ''}` : 'Pushed';
+      process.stderr.write(`${short(event.digest)}: ${how}\n`);
+      break;
+    }
+    case 'manifest-pushed': process.stderr.write(`${event.reference}: digest ${event.digest}\n`); break;
+    default: break;
+  }
+}

@@ -1,0 +1,289 @@
+/**
+ * Containers: a container is a mount of an image with its own writable
+ * layer. Each mount is served by its own `layerd mount` process, started
+ * detached so that it outlives a daemon restart or upgrade; the daemon
+ * records its PID and, on start, adopts servers that still run and mounts
+ * again those that died (clearing their dead mountpoints first).
+ */
+import { type ChildProcess, spawn } from 'node:child_process';
+import { createWriteStream } from 'node:fs';
+import { mkdir, open, readFile, rm, stat } from 'node:fs/promises';
+import { dirname, join, resolve } from 'node:path';
+import { type Writable } from 'node:stream';
+import { fileURLToPath } from 'node:url';
+import { ErrorCodes, LayerdError } from '../common/errors.js';
+import { processAlive, sleep } from '../common/process.js';
+import { type Logger } from '../common/log.js';
+import { clearDeadMount, findMount, isDeadMount } from '../mount/deadMount.js';
+import { LowerInoAllocator } from '../mount/inodes.js';
+import { directorySource, scanDirectory } from '../mount/lowerDir.js';
+import { MergedTree } from '../mount/mergedTree.js';
+import { type CommitResult, commitLayer } from '../storage/commit.js';
+import { type Digest } from '../storage/digest.js';
+import { LAYER_TAR, tarLayerSource } from '../storage/layerIndex.js';
+import { writeLayerTar } from '../storage/layerWriter.js';
+import { type ContainerRow } from '../storage/metadata.js';
+import { formatRef, splitNameTag } from '../storage/references.js';
+import { type Store } from '../storage/store.js';
+
+const LAYERD_BIN = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..', 'bin', 'layerd');
+const ID_RE = /^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$/;
+const READY_TIMEOUT_MS = 60_000;
+
+export interface CreateRequest {
+  id?: string;
+  image: string;
+  mountpoint?: string;
+  readOnly?: boolean;
+  labels?: Record<string, string>;
+}
+
+export interface ContainerInfo {
+  id: string;
+  image: Digest;
+  imageRefs: string[];
+  mountpoint: string;
+  readOnly: boolean;
+  labels: Record<string, string>;
+  created: string;
+  state: 'mounted' | 'stopped';
+  serverPid: number | null;
+}
+
+export interface DiffLine {
+  kind: 'A' | 'C' | 'D';
+  path: string;
+}
+
+export class ContainerManager {
+  /** Ids being created right now (so concurrent duplicates get 409 at once). */
+  private readonly creating = new Set<string>();
+
+  constructor(
+    private readonly store: Store,
+    private readonly mountRoot: string,
+    private readonly logger: Logger,
+  ) {}
+
+  private dir(id: string): string { return this.store.layout.containerDir(id); }
+  private upper(id: string): string { return join(this.dir(id), 'upper'); }
+
+  private row(id: string): ContainerRow {
+    checkId(id);
+    const row = this.store.db.getContainer(id);
+    if (!row) throw new LayerdError(ErrorCodes.ENOTFOUND, `no such container: ${id}`, { container: id });
+    return row;
+  }
+
+  async create(request: CreateRequest): Promise<{ id: string; mountpoint: string }> {
+    const id = request.id ?? randomId();
+    checkId(id);
+    if (request.labels !== undefined) {
+      for (const [k, v] of Object.entries(request.labels)) {
+        if (typeof v !== 'string') throw new LayerdError(ErrorCodes.EINVAL, `label '${k}' must be a string`, { label: k });
+      }
+    }
+    if (this.creating.has(id) || this.store.db.getContainer(id)) {
+      throw new LayerdError(ErrorCodes.EEXIST, `container ${id} already exists`, { container: id });
+    }
+    const image = this.store.resolveImage(request.image);
+    const mountpoint = resolve(request.mountpoint ?? join(this.mountRoot, id));
+    if (request.mountpoint !== undefined && !request.mountpoint.startsWith('/')) {
+      throw new LayerdError(ErrorCodes.EINVAL, 'mountpoint must be an absolute path', { mountpoint: request.mountpoint });
+    }
+    this.creating.add(id);
+    try {
+      if (this.store.db.listContainers().some((c) => c.mountpoint === mountpoint)) {
+        throw new LayerdError(ErrorCodes.EEXIST, `another container is mounted at ${mountpoint}`, { mountpoint });
+      }
+      await mkdir(this.upper(id), { recursive: true, mode: 0o755 });
+      await mkdir(mountpoint, { recursive: true });
+      this.store.db.write(() => this.store.db.putContainer({
+        id, image_id: image.id, mountpoint, read_only: request.readOnly ? 1 : 0,
+        labels: JSON.stringify(request.labels ?? {}), server_pid: null,
+      }));
+      try {
+        await this.startServer(this.store.db.getContainer(id)!);
+      } catch (err) {
+        this.store.db.write(() => this.store.db.deleteContainer(id));
+        await rm(this.dir(id), { recursive: true, force: true });
+        throw err;
+      }
+      return { id, mountpoint };
+    } finally {
+      this.creating.delete(id);
+    }
+  }
+
+  /** Start a detached `layerd mount` for the container and wait until it serves. */
+  private async startServer(row: ContainerRow): Promise<void> {
+    const layers = this.store.db.imageLayers(row.image_id).map((l) => this.store.layout.layerDir(l.diff_id)).reverse();
+    const args = [LAYERD_BIN, 'mount', '--layers', layers.join(':'), '--upper', this.upper(row.id)];
+    if (row.read_only) args.push('--read-only');
+    args.push(row.mountpoint);
+    const log = await open(join(this.dir(row.id), 'mount.log'), 'a', 0o600);
+    let child: ChildProcess;
+    try {
+      // Detached, in its own session, with no pipe to the daemon: it must
+      // keep serving when the daemon stops or restarts.
+      child = spawn(process.execPath, args, { detached: true, stdio: ['ignore', log.fd, log.fd] });
+    } finally {
+      await log.close();
+    }
+    child.unref();
+    const pid = child.pid;
+    if (pid === undefined) throw new LayerdError(ErrorCodes.EIO, `could not start the mount server for ${row.id}`, { container: row.id });
+    let exited: number | null | undefined;
+    child.once('exit', (code) => { exited = code; });
+    const deadline = Date.now() + READY_TIMEOUT_MS;
+    for (;;) {
+      const entry = await findMount(row.mountpoint);
+      if (entry?.fstype.startsWith('fuse')) break;
+      if (exited !== undefined || Date.now() > deadline) {
+        if (exited === undefined) process.kill(pid, 'SIGKILL');
+        const tail = (await readFile(join(this.dir(row.id), 'mount.log'), 'utf8').catch(() => '')).split('\n').slice(-5).join('\n');
+        throw new LayerdError(ErrorCodes.EIO, `the mount server for ${row.id} did not come up: ${tail}`, { container: row.id });
+      }
+      await sleep(25);
+    }
+    this.store.db.write(() => this.store.db.setContainerServer(row.id, pid));
+    this.logger.info('container mounted', { container: row.id, mountpoint: row.mountpoint, pid });
+  }
+
+  /**
+   * On daemon start: keep mounts whose server still runs, mount again those
+   * whose server died (clearing the dead mountpoint first).
+   */
+  async adoptAll(): Promise<{ adopted: string[]; remounted: string[] }> {
+    const adopted: string[] = [];
+    const remounted: string[] = [];
+    for (const row of this.store.db.listContainers()) {
+      const entry = await findMount(row.mountpoint);
+      const alive = row.server_pid !== null && processAlive(row.server_pid);
+      if (alive && entry?.fstype.startsWith('fuse') && !(await isDeadMount(row.mountpoint))) {
+        adopted.push(row.id);
+        continue;
+      }
+      if (alive) process.kill(row.server_pid!, 'SIGKILL');
+      if (entry) await clearDeadMount(row.mountpoint);
+      try {
+        await this.startServer(row);
+        remounted.push(row.id);
+      } catch (err) {
+        this.logger.error('could not mount a container again', { container: row.id, error: (err as Error).message });
+        this.store.db.write(() => this.store.db.setContainerServer(row.id, null));
+      }
+    }
+    if (adopted.length + remounted.length > 0) this.logger.info('containers restored', { adopted: adopted.length, remounted: remounted.length });
+    return { adopted, remounted };
+  }
+
+  list(): ContainerInfo[] {
+    return this.store.db.listContainers().map((r) => this.info(r));
+  }
+
+  inspect(id: string): ContainerInfo {
+    return this.info(this.row(id));
+  }
+
+  private info(row: ContainerRow): ContainerInfo {
+    const serving = row.server_pid !== null && processAlive(row.server_pid);
+    return {
+      id: row.id,
+      image: row.image_id,
+      imageRefs: this.store.db.tagsOf(row.image_id).map((t) => formatRef(t.name, t.tag)),
+      mountpoint: row.mountpoint,
+      readOnly: row.read_only === 1,
+      labels: JSON.parse(row.labels) as Record<string, string>,
+      created: new Date(row.created_at).toISOString(),
+      state: serving ? 'mounted' : 'stopped',
+      serverPid: serving ? row.server_pid : null,
+    };
+  }
+
+  /** Unmount, and delete the writable layer unless `keep`. */
+  async remove(id: string, keep: boolean): Promise<{ id: string; kept: boolean }> {
+    const row = this.row(id);
+    await this.stopServer(row);
+    this.store.db.write(() => this.store.db.deleteContainer(id));
+    if (!keep) await rm(this.dir(id), { recursive: true, force: true });
+    await rm(row.mountpoint, { recursive: false, force: true }).catch(() => undefined);
+    return { id, kept: keep };
+  }
+
+  private async stopServer(row: ContainerRow): Promise<void> {
+    const pid = row.server_pid;
+    if (pid !== null && processAlive(pid)) {
+      process.kill(pid, 'SIGTERM');
+      const deadline = Date.now() + 10_000;
+      while (processAlive(pid) && Date.now() < deadline) await sleep(25);
+      if (processAlive(pid)) process.kill(pid, 'SIGKILL');
+    }
+    if (await findMount(row.mountpoint)) await clearDeadMount(row.mountpoint);
+  }
+
+  /** Stop serving every mount (daemon stop with --unmount). */
+  async unmountAll(): Promise<void> {
+    for (const row of this.store.db.listContainers()) {
+      await this.stopServer(row);
+      this.store.db.write(() => this.store.db.setContainerServer(row.id, null));
+    }
+  }
+
+  /** What the container changed, like `docker diff`: A added, C changed, D deleted. */
+  async diff(id: string): Promise<DiffLine[]> {
+    const row = this.row(id);
+    const lower = new MergedTree();
+    const inos = new LowerInoAllocator();
+    for (const l of await this.store.imageLayers(row.image_id)) lower.addLayer(tarLayerSource(l.index, l.tarPath), inos);
+    const upper = await scanDirectory(this.upper(id), `container:${id}`);
+    const lines: DiffLine[] = [];
+    for (const w of upper.index.whiteouts) if (lower.get(w)) lines.push({ kind: 'D', path: `/${w}` });
+    for (const d of upper.index.opaques) {
+      const dir = lower.get(d);
+      for (const name of dir?.children ?? []) {
+        const child = d === '' ? name : `${d}/${name}`;
+        if (!upper.index.entries.some((e) => e.path === child)) lines.push({ kind: 'D', path: `/${child}` });
+      }
+    }
+    for (const e of upper.index.entries) {
+      if (e.path === '') continue;
+      lines.push({ kind: lower.get(e.path) ? 'C' : 'A', path: `/${e.path}` });
+    }
+    return lines.sort((a, b) => (a.path < b.path ? -1 : a.path > b.path ? 1 : 0));
+  }
+
+  /** The writable layer as an OCI layer tar (whiteouts included). */
+  async export(id: string, out: Writable): Promise<void> {
+    this.row(id);
+    const upper = await scanDirectory(this.upper(id), `container:${id}`);
+    await writeLayerTar(directorySource(upper), out);
+  }
+
+  /** Turn the writable layer into a layer of the store and a new image on the container's image. */
+  async commit(id: string, options: { ref?: string; comment?: string }): Promise<CommitResult> {
+    const row = this.row(id);
+    const ref = options.ref !== undefined ? splitNameTag(options.ref) : undefined;
+    const workDir = await this.store.newWorkDir();
+    try {
+      const tar = join(workDir, LAYER_TAR);
+      await this.export(id, createWriteStream(tar, { mode: 0o600 }));
+      await stat(tar);
+      return await commitLayer(this.store, row.image_id, tar, {
+        createdBy: `layerd commit ${id}`, ...(ref ? { ref } : {}), ...(options.comment ? { comment: options.comment } : {}),
+      });
+    } finally {
+      await this.store.releaseWorkDir(workDir);
+    }
+  }
+}
+
+function checkId(id: string): void {
+  if (!ID_RE.test(id)) {
+    throw new LayerdError(ErrorCodes.EINVAL, `invalid container id '${id.replace(/\0/g, '\\0')}': letters, digits, '_', '.', '-'; up to 128; no '/'`, { container: id.replace(/\0/g, '\\0') });
+  }
+}
+
+function randomId(): string {
+  return [...crypto.getRandomValues(new Uint8Array(6))].map((b) => b.toString(16).padStart(2, '0')).join('');
+}

@@ -1,0 +1,97 @@
+/**
+ * Committing a changeset (an OCI layer tar, e.g. a container's writable
+ * layer) as a new layer on top of an image: the result is a new image whose
+ * config lists the new diffID and whose history says how it was made.
+ *
+ * The new layer is stored uncompressed (its blob is its `layer.tar`, so its
+ * distribution digest is its diffID until a push compresses it).
+ */
+import { mkdir } from 'node:fs/promises';
+import { createReadStream } from 'node:fs';
+import { ErrorCodes, LayerdError } from '../common/errors.js';
+import { type Digest, digestOf } from './digest.js';
+import { Transaction } from './importer.js';
+import { ingestLayer } from './layerIngest.js';
+import { type Descriptor, type ImageConfig, type ImageManifest, MediaTypes, parseImageConfig, parseManifestOrIndex } from './oci.js';
+import { formatRef } from './references.js';
+import { type Store } from './store.js';
+
+export interface CommitResult {
+  image: Digest;
+  ref: string | null;
+  diffId: Digest;
+  /** Distribution digest of the new layer as stored (uncompressed: = diffID). */
+  digest: Digest;
+  size: number;
+}
+
+/** Docker media types of a base manifest, as the OCI types a new manifest uses. */
+const TO_OCI: Record<string, string> = {
+  [MediaTypes.dockerLayer]: MediaTypes.ociLayerGzip,
+  'application/vnd.docker.image.rootfs.diff.tar': MediaTypes.ociLayer,
+  [MediaTypes.dockerConfig]: MediaTypes.ociConfig,
+};
+
+export async function commitLayer(
+  store: Store, baseRef: string, layerTar: string,
+  options: { ref?: { name: string; tag: string }; createdBy: string; comment?: string },
+): Promise<CommitResult> {
+  const base = store.resolveImage(baseRef);
+  const parsed = parseManifestOrIndex(await store.readBlob(base.id), `manifest ${base.id}`, base.media_type);
+  if (parsed.kind !== 'manifest') throw new LayerdError(ErrorCodes.ECORRUPT, `image ${base.id} is not a manifest`);
+  const baseConfigBytes = await store.readBlob(base.config_digest);
+  const baseConfig = parseImageConfig(baseConfigBytes, `config ${base.config_digest}`);
+
+  const workDir = await store.newWorkDir();
+  try {
+    const tx = new Transaction(store, workDir);
+    const layerWork = tx.nextDir();
+    await mkdir(layerWork);
+    const ingested = await ingestLayer(async () => createReadStream(layerTar), {}, { workDir: layerWork, storedBlob: layerTar, unpack: true });
+    if (store.db.getLayer(ingested.diffId)) {
+      delete ingested.layerDir;
+      delete ingested.index;
+    }
+    tx.stageLayer(ingested, MediaTypes.ociLayer);
+
+    const created = new Date().toISOString();
+    const raw = JSON.parse(baseConfigBytes.toString('utf8')) as ImageConfig;
+    const config: ImageConfig = {
+      ...raw,
+      created,
+      rootfs: { type: 'layers', diff_ids: [...baseConfig.rootfs.diff_ids, ingested.diffId] },
+      history: [...(baseConfig.history ?? []), { created, created_by: options.createdBy, ...(options.comment ? { comment: options.comment } : {}) }],
+    };
+    const configBytes = Buffer.from(JSON.stringify(config));
+    const configDigest = digestOf(configBytes);
+    await tx.stageDocument(configDigest, configBytes, MediaTypes.ociConfig);
+
+    const newLayer: Descriptor = { mediaType: MediaTypes.ociLayer, digest: ingested.diffId, size: ingested.diffSize };
+    const manifest: ImageManifest = {
+      schemaVersion: 2,
+      mediaType: MediaTypes.ociManifest,
+      config: { mediaType: MediaTypes.ociConfig, digest: configDigest, size: configBytes.length },
+      layers: [...parsed.manifest.layers.map((l) => ({ ...l, mediaType: TO_OCI[l.mediaType] ?? l.mediaType })), newLayer],
+    };
+    const manifestBytes = Buffer.from(JSON.stringify(manifest));
+    const manifestDigest = digestOf(manifestBytes);
+    await tx.stageDocument(manifestDigest, manifestBytes, MediaTypes.ociManifest);
+
+    const baseLayers = store.db.imageLayers(base.id).map((l) => ({
+      diffId: l.diff_id, blobDigest: l.blob_digest, mediaType: TO_OCI[l.media_type] ?? l.media_type, size: l.blob_size,
+    }));
+    tx.images.set(manifestDigest, {
+      manifestDigest, manifestMediaType: MediaTypes.ociManifest, configDigest, config, indexDigest: null,
+      layers: [...baseLayers, { diffId: ingested.diffId, blobDigest: null, mediaType: MediaTypes.ociLayer, size: ingested.diffSize }],
+      refs: options.ref ? [options.ref] : [],
+    });
+    await tx.commit();
+    return {
+      image: manifestDigest,
+      ref: options.ref ? formatRef(options.ref.name, options.ref.tag) : null,
+      diffId: ingested.diffId, digest: ingested.diffId, size: ingested.diffSize,
+    };
+  } finally {
+    await store.releaseWorkDir(workDir);
+  }
+}

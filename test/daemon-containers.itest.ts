@@ -1,0 +1,161 @@
+/**
+ * Containers through the real daemon: mounts with their own writable
+ * layers, diff, commit, export/import round trip, mounts that outlive a
+ * daemon restart while another process works in them, concurrent creates,
+ * and bad container requests.
+ */
+import { expect } from 'chai';
+import { spawn } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { readFile, readdir, stat, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { DEBIAN_MULTI, execFileAsync, layerctl, scratch } from './support/env.js';
+import { type RunningDaemon, http, startDaemon } from './support/daemon.js';
+
+describe('daemon: containers', function () {
+  this.timeout(300_000);
+  let work: { dir: string; remove(): Promise<void> };
+  let daemon: RunningDaemon | undefined;
+  let mountRoot: string;
+
+  const cli = async (...args: string[]): Promise<string> => {
+    const r = await layerctl(['--socket', daemon!.socket, ...args]);
+    if (r.code !== 0) throw new Error(`layerctl ${args.join(' ')}: ${r.code} ${r.stderr}`);
+    return r.stdout;
+  };
+  const json = async <T>(...args: string[]): Promise<T> => JSON.parse(await cli(...args, '--json')) as T;
+
+  before(async () => {
+    work = await scratch();
+    mountRoot = join(work.dir, 'mounts');
+    daemon = await startDaemon(work.dir, ['--mount-root', mountRoot]);
+    await cli('import', DEBIAN_MULTI);
+  });
+  after(async () => {
+    if (daemon) {
+      // remove whatever a failed test left mounted, then stop
+      const list = await json<{ id: string }[]>('ps').catch(() => []);
+      for (const c of list) await cli('rm', c.id).catch(() => undefined);
+      await daemon.stop();
+    }
+    const { stdout } = await execFileAsync('sh', ['-c', `grep ' ${mountRoot}' /proc/self/mountinfo | wc -l`]);
+    expect(stdout.trim(), 'no mount left behind').to.equal('0');
+    await work?.remove();
+  });
+
+  it('gives each of three containers its own writable layer', async () => {
+    const made = [];
+    for (const id of ['a', 'b', 'c']) made.push(await json<{ id: string; mountpoint: string }>('create', 'debian-multi:latest', '--name', id));
+    expect(made.map((m) => m.mountpoint)).to.deep.equal(['a', 'b', 'c'].map((id) => join(mountRoot, id)));
+    for (const m of made) await writeFile(join(m.mountpoint, 'root', `only-${m.id}`), m.id);
+    for (const m of made) {
+      const names = await readdir(join(m.mountpoint, 'root'));
+      expect(names.filter((n) => n.startsWith('only-'))).to.deep.equal([`only-${m.id}`]);
+    }
+    expect((await readFile(join(mountRoot, 'a', 'etc', 'os-release'), 'utf8'))).to.contain('bookworm');
+    const ps = await json<{ id: string; state: string }[]>('ps');
+    expect(ps.filter((c) => c.state === 'mounted').map((c) => c.id)).to.include.members(['a', 'b', 'c']);
+  });
+
+  it('diffs, commits, and mounts the committed image with the change', async () => {
+    const mnt = join(mountRoot, 'a');
+    await execFileAsync('sh', ['-c', `rm ${mnt}/etc/hostname && chmod 600 ${mnt}/etc/passwd && mkdir ${mnt}/opt/new-dir`]);
+    const diff = await json<{ kind: string; path: string }[]>('diff', 'a');
+    expect(diff).to.deep.include.members([
+      { kind: 'D', path: '/etc/hostname' }, { kind: 'C', path: '/etc/passwd' },
+      { kind: 'A', path: '/opt/new-dir' }, { kind: 'A', path: '/root/only-a' },
+    ]);
+    const text = await cli('diff', 'a');
+    expect(text).to.match(/^D \/etc\/hostname$/m);
+
+    const commit = await json<{ image: string; diffId: string; ref: string }>('commit', 'a', 'committed:v1');
+    expect(commit.ref).to.equal('committed:v1');
+    const info = await json<{ Layers: { diffId: string }[]; History: { created_by?: string }[] }>('inspect', 'committed:v1');
+    expect(info.Layers).to.have.length(5);
+    expect(info.Layers[4]!.diffId).to.equal(commit.diffId);
+    expect(info.History.at(-1)!.created_by).to.equal('layerd commit a');
+
+    const m = await json<{ mountpoint: string }>('create', 'committed:v1', '--name', 'from-commit');
+    expect(await readFile(join(m.mountpoint, 'root', 'only-a'), 'utf8')).to.equal('a');
+    expect((await stat(join(m.mountpoint, 'etc', 'passwd'))).mode & 0o777).to.equal(0o600);
+    await stat(join(m.mountpoint, 'etc', 'hostname')).then(() => expect.fail('hostname should be deleted'), (err: NodeJS.ErrnoException) => expect(err.code).to.equal('ENOENT'));
+    await cli('rm', 'from-commit');
+  });
+
+  it('exports the writable layer as an OCI tar that imports back to the same diffID', async () => {
+    const tar = join(work.dir, 'a.tar');
+    await cli('export', 'a', '-o', tar);
+    const listing = (await execFileAsync('tar', ['-tf', tar])).stdout;
+    expect(listing).to.contain('etc/.wh.hostname');
+    const sha = `sha256:${createHash('sha256').update(await readFile(tar)).digest('hex')}`;
+    const commit = await json<{ Layers: { diffId: string }[] }>('inspect', 'committed:v1');
+    expect(sha, 'export and commit write the same bytes').to.equal(commit.Layers[4]!.diffId);
+    await cli('import', tar, '--name', 'roundtrip');
+    const back = await json<{ Layers: { diffId: string }[] }>('inspect', 'roundtrip');
+    expect(back.Layers[0]!.diffId).to.equal(sha);
+  });
+
+  it('keeps serving mounts while the daemon restarts, and adopts them', async () => {
+    const mnt = join(mountRoot, 'b');
+    // A separate process keeps writing and reading in the mount throughout.
+    const worker = spawn('sh', ['-c', `i=0; while [ $i -lt 60 ]; do echo $i >> ${mnt}/root/log || exit 11; cat ${mnt}/etc/os-release >/dev/null || exit 12; i=$((i+1)); sleep 0.05; done`]);
+    const workerDone = new Promise<number | null>((resolve) => worker.on('exit', (code) => resolve(code)));
+    await new Promise((r) => setTimeout(r, 300));
+    expect(await daemon!.stop()).to.equal(0);
+    expect((await readFile(`/proc/self/mountinfo`, 'utf8'))).to.contain(mnt);
+    daemon = await startDaemon(work.dir, ['--mount-root', mountRoot]);
+    expect(await workerDone, 'the worker saw no error').to.equal(0);
+    expect((await readFile(join(mnt, 'root', 'log'), 'utf8')).trim().split('\n')).to.have.length(60);
+    const ps = await json<{ id: string; state: string }[]>('ps');
+    expect(ps.find((c) => c.id === 'b')!.state).to.equal('mounted');
+    expect(daemon.log()).to.contain('"adopted":3');
+  });
+
+  it('mounts again a container whose server died while the daemon was down', async () => {
+    const c = await json<{ serverPid: number }>('ps').then((l) => (l as unknown as { id: string; serverPid: number }[]).find((x) => x.id === 'c')!);
+    expect(await daemon!.stop()).to.equal(0);
+    process.kill(c.serverPid, 'SIGKILL');
+    daemon = await startDaemon(work.dir, ['--mount-root', mountRoot]);
+    expect(daemon.log()).to.contain('"remounted":1');
+    expect(await readFile(join(mountRoot, 'c', 'root', 'only-c'), 'utf8')).to.equal('c');
+  });
+
+  it('creates 50 containers concurrently; a duplicate id gets 409; metrics count the mounts', async () => {
+    const ids = Array.from({ length: 50 }, (_, i) => `many-${i}`);
+    const results = await Promise.all(ids.map((id) => http(daemon!.socket, 'POST', '/v1/containers',
+      JSON.stringify({ id, image: 'debian-multi:l1-minbase', labels: { batch: 'x' } }), { 'content-type': 'application/json' })));
+    expect(results.map((r) => r.status)).to.deep.equal(ids.map(() => 201));
+    const dup = await http(daemon!.socket, 'POST', '/v1/containers', JSON.stringify({ id: 'many-0', image: 'debian-multi:latest' }), { 'content-type': 'application/json' });
+    expect(dup.status).to.equal(409);
+    expect(dup.json<{ code: string }>().code).to.equal('EEXIST');
+    const metrics = await http(daemon!.socket, 'GET', '/metrics');
+    expect(Number(/^layerd_mounts (\d+)/m.exec(metrics.body)![1])).to.be.at.least(53);
+    for (const id of ids) expect((await http(daemon!.socket, 'DELETE', `/v1/containers/${id}`)).status).to.equal(200);
+  });
+
+  it('refuses bad container requests with 4xx and stays up', async () => {
+    const s = daemon!.socket;
+    const post = (body: string) => http(s, 'POST', '/v1/containers', body, { 'content-type': 'application/json' });
+    for (const [body, status] of [
+      ['{"image": "debian-multi:latest", "id": "a/b"}', 400],
+      ['{"image": "debian-multi:latest", "id": ".."}', 400],
+      ['{"image": "debian-multi:latest", "id": "x\\u0000y"}', 400],
+      ['{"image": "no-such:image"}', 404],
+      ['{"image": 7}', 400],
+      ['{"image": "debian-multi:latest", "labels": {"k": 1}}', 400],
+      ['{"image": "debian-multi:latest", "mountpoint": "relative/dir"}', 400],
+    ] as const) {
+      const r = await post(body);
+      expect(r.status, body).to.equal(status);
+    }
+    expect((await http(s, 'GET', '/v1/containers/nope')).status).to.equal(404);
+    expect((await http(s, 'DELETE', '/v1/containers/nope')).status).to.equal(404);
+    expect((await http(s, 'GET', '/v1/containers/a%2Fb')).status).to.equal(400);
+    // an image a container uses cannot be removed
+    const rmi = await http(s, 'DELETE', `/v1/images/${encodeURIComponent('committed:v1')}`);
+    expect(rmi.status).to.equal(200); // committed:v1 is used by no container any more
+    const busy = await layerctl(['--socket', s, 'rmi', '--force', 'sha256:92865d204ee2bff5d5f8811ded92a9c70145095b9b829dc1137bb5b668a745fd']);
+    expect(busy.code).to.equal(4);
+    expect(busy.stderr).to.contain('ECONFLICT');
+  });
+});
