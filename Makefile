@@ -8,7 +8,13 @@ DEBIAN_PACKAGES := libfuse2 fuse3 fuse-overlayfs attr acl skopeo umoci pigz zstd
 DEBIAN_STAMP := /var/lib/layerd-build-deps.stamp
 MOCHA := npx mocha --config .mocharc.json
 
-.PHONY: all deps debian-deps build test unit integration demo bench clean
+.PHONY: all deps debian-deps build test unit integration demo bench clean install uninstall
+
+PREFIX ?= /usr/local
+LIBDIR := $(PREFIX)/lib/layerd
+UNITDIR ?= /etc/systemd/system
+CONFDIR ?= /etc/layerd
+SYSTEMCTL ?= systemctl
 
 all: build
 
@@ -46,3 +52,23 @@ bench: deps build
 
 clean:
 	rm -rf dist
+
+# Put the daemon, the CLI and the systemd unit in place (as root).
+install:
+	@test -d node_modules || { echo "run 'make build' first"; exit 1; }
+	npx tsc -p tsconfig.json
+	install -d $(LIBDIR) $(PREFIX)/bin $(UNITDIR) $(CONFDIR)
+	cp -a package.json package-lock.json README.md dist bin docs node_modules patches $(LIBDIR)/
+	ln -sf $(LIBDIR)/bin/layerd $(PREFIX)/bin/layerd
+	ln -sf $(LIBDIR)/bin/layerctl $(PREFIX)/bin/layerctl
+	sed -e 's|/usr/local/bin/layerd|$(PREFIX)/bin/layerd|' -e 's|/usr/local/lib/layerd|$(LIBDIR)|' -e 's|/etc/layerd/config.json|$(CONFDIR)/config.json|' systemd/layerd.service > $(UNITDIR)/layerd.service
+	[ -f $(CONFDIR)/config.json ] || install -m 0644 systemd/config.json $(CONFDIR)/config.json
+	-$(SYSTEMCTL) daemon-reload 2>/dev/null
+	@echo "installed; start with: systemctl enable --now layerd"
+
+# Remove what install put in place; the store (/var/lib/layerd) and the configuration stay.
+uninstall:
+	-$(SYSTEMCTL) disable --now layerd 2>/dev/null
+	rm -f $(UNITDIR)/layerd.service $(PREFIX)/bin/layerd $(PREFIX)/bin/layerctl
+	rm -rf $(LIBDIR)
+	-$(SYSTEMCTL) daemon-reload 2>/dev/null
