@@ -15,6 +15,7 @@ import { Store, daemonMarker } from '../storage/store.js';
 import { containerRoutes } from './api/containers.js';
 import { imageRoutes } from './api/images.js';
 import { ContainerManager } from './containers.js';
+import { Spool } from './spool.js';
 import { systemRoutes } from './api/system.js';
 import { type DaemonConfig, loadConfig } from './config.js';
 import { Router } from './http.js';
@@ -50,6 +51,7 @@ export class Daemon {
   private gcTimer: NodeJS.Timeout | undefined;
   private stopping: Promise<void> | undefined;
   containers!: ContainerManager;
+  private spool: Spool | undefined;
 
   private constructor(
     readonly store: Store,
@@ -65,7 +67,8 @@ export class Daemon {
       const server = createServer();
       const daemon = new Daemon(store, server, options);
       systemRoutes(router, store, daemon.metrics, join(REPO, 'docs'), VERSION);
-      imageRoutes(router, new StoreOperations(store), store, daemon.metrics);
+      const ops = new StoreOperations(store);
+      imageRoutes(router, ops, store, daemon.metrics);
       daemon.containers = new ContainerManager(store, options.mountRoot ?? options.config.mountRoot ?? DEFAULT_MOUNT_ROOT, logger);
       containerRoutes(router, daemon.containers);
       await daemon.containers.adoptAll();
@@ -89,6 +92,10 @@ export class Daemon {
       await secureSocket(options.socket, options.socketMode ?? 0o660, options.socketGroup);
       await writeFile(daemonMarker(options.root), JSON.stringify({ pid: process.pid, socket: options.socket }), { mode: 0o600 });
       daemon.applyPolicy(options.config);
+      if (options.config.spoolDir) {
+        daemon.spool = new Spool(options.config.spoolDir, ops, logger);
+        await daemon.spool.start();
+      }
       daemon.watchConfig();
       logger.info('layerd is ready', { socket: options.socket, root: options.root, version: VERSION });
       await notifySystemd(`READY=1\nSTATUS=serving on ${options.socket}\nMAINPID=${process.pid}`, logger);
@@ -138,6 +145,7 @@ export class Daemon {
       await notifySystemd('STOPPING=1', this.options.logger);
       if (this.gcTimer) clearInterval(this.gcTimer);
       await this.watcher?.close();
+      await this.spool?.stop();
       const closed = new Promise<void>((resolvePromise) => this.server.close(() => resolvePromise()));
       this.server.closeIdleConnections();
       await Promise.allSettled([...this.inflight]);

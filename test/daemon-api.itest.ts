@@ -5,7 +5,7 @@
  */
 import { expect } from 'chai';
 import { spawn } from 'node:child_process';
-import { writeFile } from 'node:fs/promises';
+import { access, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { BUSYBOX, DEBIAN_MULTI, execFileAsync, layerctl, scratch } from './support/env.js';
 import { type RunningDaemon, http, startDaemon } from './support/daemon.js';
@@ -15,11 +15,13 @@ describe('daemon: the socket API', function () {
   let work: { dir: string; remove(): Promise<void> };
   let daemon: RunningDaemon | undefined;
   let configPath: string;
+  let spool: string;
 
   before(async () => {
     work = await scratch();
     configPath = join(work.dir, 'config.json');
-    await writeFile(configPath, JSON.stringify({ logLevel: 'info' }));
+    spool = join(work.dir, 'spool');
+    await writeFile(configPath, JSON.stringify({ logLevel: 'info', spoolDir: spool }));
     daemon = await startDaemon(work.dir, ['--config', configPath]);
   });
   after(async () => {
@@ -105,8 +107,24 @@ describe('daemon: the socket API', function () {
     expect(Date.now() - t0).to.be.below(5000);
   });
 
+  it('imports archives dropped into the spool directory, and sets aside bad ones', async () => {
+    const good = join(work.dir, 'spooled.oci.tar');
+    await execFileAsync('skopeo', ['--insecure-policy', 'copy', '-q', `oci:${BUSYBOX}:latest`, `oci-archive:${good}:spooled`]);
+    await execFileAsync('cp', [good, join(spool, 'bb.oci.tar')]);
+    await writeFile(join(spool, 'junk.tar'), 'this is not a tar archive at all');
+    const deadline = Date.now() + 30_000;
+    const exists = (p: string) => access(p).then(() => true, () => false);
+    while (!(await exists(join(spool, 'done', 'bb.oci.tar')) && await exists(join(spool, 'failed', 'junk.tar.error'))) && Date.now() < deadline) {
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    expect(await exists(join(spool, 'done', 'bb.oci.tar'))).to.equal(true);
+    expect(await readFile(join(spool, 'failed', 'junk.tar.error'), 'utf8')).to.match(/^EBADTAR: /);
+    const images = JSON.parse((await cli('images', '--json')).stdout) as { refs: string[] }[];
+    expect(images.flatMap((i) => i.refs)).to.include('bb:spooled');
+  });
+
   it('applies a changed log level without a restart', async () => {
-    await writeFile(configPath, JSON.stringify({ logLevel: 'debug' }));
+    await writeFile(configPath, JSON.stringify({ logLevel: 'debug', spoolDir: spool }));
     const deadline = Date.now() + 10_000;
     while (!daemon!.log().includes('configuration reloaded') && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
     expect(daemon!.log()).to.contain('configuration reloaded');

@@ -127,6 +127,17 @@ describe('registry authentication and TLS', function () {
       expect(tokenRequests).to.have.length(1);
     });
 
+    it('pushes with a pull,push token', async () => {
+      const config = await writeConfig({ registries: { [front.host]: { username: 'bob', password: 'hunter2' } } });
+      const root = freshRoot();
+      await layerctlJson(['--root', root, 'import', BUSYBOX]);
+      const pushed = await layerctlRJson<{ digest: string }>(['--root', root, 'push', '--registries-config', config, 'busybox:amd64', `${front.host}/bearer/bb:1`]);
+      expect(pushed.digest).to.equal(BB_AMD64);
+      expect(tokenRequests.some((q) => q.includes('scope=repository%3Abearer%2Fbb%3Apull%2Cpush'))).to.equal(true);
+      const pulled = await layerctlRJson<{ id: string }[]>(['--root', freshRoot(), 'pull', `${registry.host}/bearer/bb:1`]);
+      expect(pulled[0]!.id).to.equal(BB_AMD64);
+    });
+
     it('credentials the token service refuses are EINVAL (reason unauthorized)', async () => {
       const config = await writeConfig({ registries: { [front.host]: { username: 'bob', password: 'wrong' } } });
       const r = await layerctlR(['--root', freshRoot(), 'pull', '--registries-config', config, `${front.host}/corpus/busybox:latest`]);

@@ -12,8 +12,9 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { type ImportProgress } from '../storage/importer.js';
 import { REQUEST_CHANNEL, type RequestEvent } from '../storage/registry/client.js';
 import { pullImage } from '../storage/registry/pull.js';
+import { pushImage } from '../storage/registry/push.js';
 import { Store } from '../storage/store.js';
-import { layerctl, layerctlJson, scratch } from './support/env.js';
+import { BUSYBOX, layerctl, layerctlJson, scratch } from './support/env.js';
 import { TestRegistry, freePort, layerctlR, layerctlRJson, pushCorpus, startProxy } from './support/registry.js';
 
 const DM_LATEST = 'sha256:92865d204ee2bff5d5f8811ded92a9c70145095b9b829dc1137bb5b668a745fd';
@@ -162,6 +163,39 @@ describe('registry pull under faults', function () {
     } finally {
       await mirror.close();
       await empty.close();
+    }
+  });
+
+  it('a chunked upload that loses a PATCH asks the session where it stands and goes on', async () => {
+    let patches = 0;
+    const proxy = await startProxy(registry.host, {
+      intercept: (req) => {
+        if (req.method !== 'PATCH' || ++patches !== 2) return false;
+        req.socket.destroy(); // the second chunk never arrives
+        return true;
+      },
+    });
+    try {
+      const root = freshRoot();
+      await layerctlJson(['--root', root, 'import', BUSYBOX]);
+      const requests: RequestEvent[] = [];
+      const listener = (m: unknown): void => { requests.push(m as RequestEvent); };
+      subscribe(REQUEST_CHANNEL, listener);
+      const store = await Store.open(root);
+      try {
+        // the 1.09 MB layer in 256 KiB chunks
+        const result = await pushImage(store, 'busybox:amd64', `${proxy.host}/chunked/bb:1`, { chunkThreshold: 256 << 10, chunkSize: 256 << 10 });
+        expect(result.blobs.map((b) => b.outcome)).to.deep.equal(['uploaded', 'uploaded']);
+      } finally {
+        store.close();
+        unsubscribe(REQUEST_CHANNEL, listener);
+      }
+      const statusQueries = requests.filter((r) => r.method === 'GET' && r.url.includes('/blobs/uploads/'));
+      expect(statusQueries.length).to.equal(1);
+      const pulled = await layerctlRJson<{ id: string }[]>(['--root', freshRoot(), 'pull', `${registry.host}/chunked/bb:1`]);
+      expect(pulled[0]!.id).to.equal('sha256:f294e8831b3c83087aee00afce2b4c7d5b8d71c07349384aa7a7160d3eb638c8');
+    } finally {
+      await proxy.close();
     }
   });
 });
