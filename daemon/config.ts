@@ -36,6 +36,7 @@ export async function loadConfig(path: string, required: boolean): Promise<Daemo
     if (errnoCode(err) === 'ENOENT' && !required) return {};
     throw new LayerdError(ErrorCodes.EINVAL, `cannot read the configuration ${path}: ${(err as Error).message}`, { path });
   }
+  if (text.trim() === '') return {}; // an empty file (or /dev/null): all defaults
   let value: unknown;
   try {
     value = JSON.parse(text);

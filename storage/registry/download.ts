@@ -50,7 +50,6 @@ export class ResumableBlobStream extends Readable {
   }
 
   private async fetchAll(): Promise<void> {
-    const policy = this.client.retry;
     const context = { registry: this.client.registry, repository: this.repository, digest: this.digest };
     // Failures in a row without a single new byte; any progress resets it.
     let failures = 0;
@@ -70,8 +69,8 @@ export class ResumableBlobStream extends Readable {
           failures = 0;
           continue;
         }
-        if (!retryable || failures >= policy.retries) throw err;
-        await sleep(backoffDelay(policy, failures++));
+        if (!retryable || failures >= this.client.retry.retries) throw err;
+        await sleep(backoffDelay(this.client.retry, failures++));
       }
     }
   }

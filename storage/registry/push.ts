@@ -16,7 +16,7 @@
  * has the image's whole multi-platform index — every child manifest by
  * digest and the index under the tag.
  */
-import { createReadStream, createWriteStream, readFileSync } from 'node:fs';
+import { createReadStream, createWriteStream } from 'node:fs';
 import { open } from 'node:fs/promises';
 import { join } from 'node:path';
 import { pipeline } from 'node:stream/promises';
@@ -24,8 +24,8 @@ import { ErrorCodes, LayerdError } from '../../common/errors.js';
 import { type Compression, SNIFF_BYTES, createCompressor, layerMediaType, sniffCompression } from '../compression.js';
 import { type Digest, DigestingStream, digestOf } from '../digest.js';
 import { type Descriptor, INDEX_MEDIA_TYPES, MediaTypes, parseJsonObject, parseManifestOrIndex } from '../oci.js';
-import { type ImageRow } from '../metadata.js';
 import { forEachBounded } from '../importer.js';
+import { type ImageRow } from '../metadata.js';
 import { type Store } from '../store.js';
 import { repositoryScope } from './auth.js';
 import { DEFAULT_RETRY, RegistryClient, type RetryPolicy, headerValue } from './client.js';
@@ -95,7 +95,6 @@ interface PushedManifest {
 
 class Pusher {
   private readonly scopes: string[];
-  private readonly uploader: BlobUploader;
   /** Blobs already made present in the target repository during this push. */
   private readonly done = new Map<Digest, Promise<PushedBlob>>();
   /** Layers compressed during this push, by diffID (children of an index share layers). */
@@ -111,16 +110,12 @@ class Pusher {
     private readonly options: PushOptions,
   ) {
     this.scopes = [repositoryScope(ref.repository, 'pull,push')];
-    this.uploader = new BlobUploader(client, ref.repository, this.scopes, {
-      chunkThreshold: options.chunkThreshold ?? DEFAULT_UPLOAD.chunkThreshold,
-      chunkSize: options.chunkSize ?? DEFAULT_UPLOAD.chunkSize,
-    });
     this.mountSources = this.findMountSources();
   }
 
   async push(row: ImageRow): Promise<PushResult> {
     const tag = this.ref.tag!;
-    const index = this.wholeIndex(row);
+    const index = await this.wholeIndex(row);
     if (!index) {
       const pushed = await this.pushManifest(row, tag);
       return this.result(pushed.descriptor, [{ row, pushed }]);
@@ -167,9 +162,9 @@ class Pusher {
    * (so a single-platform pull of a multi-platform image pushes only the
    * one manifest).
    */
-  private wholeIndex(row: ImageRow): { digest: Digest; bytes: Buffer; mediaType: string; children: ImageRow[] } | undefined {
+  private async wholeIndex(row: ImageRow): Promise<{ digest: Digest; bytes: Buffer; mediaType: string; children: ImageRow[] } | undefined> {
     if (!row.index_digest || !this.store.db.getBlob(row.index_digest)) return undefined;
-    const bytes = readStoredSync(this.store, row.index_digest);
+    const bytes = await this.store.readBlob(row.index_digest);
     const parsed = parseManifestOrIndex(bytes, `index ${row.index_digest}`);
     if (parsed.kind !== 'index' || !INDEX_MEDIA_TYPES.includes(parsed.mediaType)) return undefined;
     const children: ImageRow[] = [];
@@ -255,16 +250,14 @@ class Pusher {
       pending = (async () => {
         const onProgress = this.options.onProgress;
         onProgress?.({ type: 'blob-start', digest: blob.digest, size: blob.size });
-        const uploader = onProgress
-          ? new BlobUploader(this.client, this.ref.repository, this.scopes, {
-            chunkThreshold: this.options.chunkThreshold ?? DEFAULT_UPLOAD.chunkThreshold,
-            chunkSize: this.options.chunkSize ?? DEFAULT_UPLOAD.chunkSize,
-            onProgress: (bytes) => onProgress({ type: 'blob-progress', digest: blob.digest, bytes, size: blob.size }),
-          })
-          : this.uploader;
-        const from = this.mountSources.get(blob.digest) ?? [];
+        const uploader = new BlobUploader(this.client, this.ref.repository, this.scopes, {
+          chunkThreshold: this.options.chunkThreshold ?? DEFAULT_UPLOAD.chunkThreshold,
+          chunkSize: this.options.chunkSize ?? DEFAULT_UPLOAD.chunkSize,
+          ...(onProgress ? { onProgress: (bytes: number) => onProgress({ type: 'blob-progress', digest: blob.digest, bytes, size: blob.size }) } : {}),
+        });
+        const from = this.mountSources.get(blob.digest)?.[0];
         const outcome = await uploader.put(blob, from);
-        onProgress?.({ type: 'blob-done', digest: blob.digest, outcome, ...(outcome === 'mounted' ? { from: from[0]! } : {}) });
+        onProgress?.({ type: 'blob-done', digest: blob.digest, outcome, ...(outcome === 'mounted' && from ? { from } : {}) });
         return { digest: blob.digest, size: blob.size, outcome };
       })();
       this.done.set(blob.digest, pending);
@@ -353,9 +346,4 @@ function ociLayerType(mediaType: string): string {
 
 function platformOf(row: ImageRow): Descriptor['platform'] {
   return { os: row.os, architecture: row.architecture, ...(row.variant ? { variant: row.variant } : {}) };
-}
-
-function readStoredSync(store: Store, digest: Digest): Buffer {
-  // Small documents only (indexes); read synchronously to keep wholeIndex simple.
-  return readFileSync(store.layout.blobPath(digest));
 }

@@ -57,20 +57,24 @@ export class BlobUploader {
     return res.status === 200;
   }
 
-  /** Make `blob` present in the repository by the cheapest way there is. */
-  async put(blob: LocalBlob, mountFrom: readonly string[]): Promise<BlobOutcome> {
+  /**
+   * Make `blob` present in the repository by the cheapest way there is:
+   * already there, mounted from `mountFrom` (a repository of the same
+   * registry that should have it), or uploaded.
+   */
+  async put(blob: LocalBlob, mountFrom: string | undefined): Promise<BlobOutcome> {
     if (await this.exists(blob.digest)) return 'exists';
     let location: string | undefined;
-    for (const from of mountFrom) {
+    if (mountFrom) {
       const res = await this.client.request({
-        method: 'POST', path: `/v2/${this.repository}/blobs/uploads/?mount=${blob.digest}&from=${encodeURIComponent(from)}`,
-        scopes: [...this.scopes, `repository:${from}:pull`], expect: [201, 202], context: { repository: this.repository, digest: blob.digest },
+        method: 'POST', path: `/v2/${this.repository}/blobs/uploads/?mount=${blob.digest}&from=${encodeURIComponent(mountFrom)}`,
+        headers: { 'content-length': '0' },
+        scopes: [...this.scopes, `repository:${mountFrom}:pull`], expect: [201, 202], context: { repository: this.repository, digest: blob.digest },
       });
       res.body.resume();
       if (res.status === 201) return 'mounted';
       // 202: the source lacked it; distribution opened an ordinary session instead.
       location = this.locationOf(res.headers.location, blob.digest);
-      break;
     }
     location ??= await this.startSession(blob.digest);
     if (blob.size > this.options.chunkThreshold) await this.sendChunked(location, blob);
