@@ -3,8 +3,9 @@
  * FUSE calls into UnionFs calls and errors into negative errnos.
  *
  * fuse-native 2.2.6 (libfuse 2.9, high-level path API) and what layerd does
- * about its gaps (the proper fix is test/fixtures/mount/fuse-native+2.2.6.patch.proposed,
- * for patch-package, plus a rebuild of the native module):
+ * about its gaps (patches/fuse-native+2.2.6.patch, applied by patch-package
+ * on install, after which the native module is rebuilt from source; this
+ * adapter also works with a stock build, detected by `LAYERD_PATCH`):
  * - its option builder has no `use_ino`, `hard_remove`, `big_writes`,
  *   `negative_timeout` or `ro`, so `LayerdFuse` overrides `_fuseOptions`;
  *   without use_ino the kernel would see libfuse's own inode numbers, and
