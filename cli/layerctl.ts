@@ -14,7 +14,8 @@ import { type Backend, type ContainerBackend } from './backend.js';
 import { humanSize, short, table } from './format.js';
 import { openOfflineBackend } from './offline.js';
 import { LayerProgress } from './progress.js';
-import { socketBackend } from './socketBackend.js';
+import { DaemonClient, socketBackend } from './socketBackend.js';
+import { offlineStore, registerRegistryCommands } from './registryCommands.js';
 
 interface GlobalOptions {
   root?: string;
@@ -35,12 +36,17 @@ function printJson(value: unknown): void {
  * --socket (or $LAYERD_SOCKET) → the daemon; --root → the store directly;
  * neither → the daemon's default socket if present, else the default root.
  */
-async function chooseBackend(opts: GlobalOptions, logger: Logger): Promise<Backend> {
+function daemonSocket(opts: GlobalOptions): string | undefined {
   if (opts.socket && opts.root) throw new LayerdError(ErrorCodes.EINVAL, 'give --socket or --root, not both');
   const socket = opts.socket ?? (opts.root ? undefined : process.env['LAYERD_SOCKET']);
-  if (socket) return socketBackend(socket);
-  if (!opts.root && !process.env['LAYERD_ROOT'] && existsSync(DEFAULT_SOCKET)) return socketBackend(DEFAULT_SOCKET);
-  return openOfflineBackend(resolveRoot(opts.root), logger);
+  if (socket) return socket;
+  if (!opts.root && !process.env['LAYERD_ROOT'] && existsSync(DEFAULT_SOCKET)) return DEFAULT_SOCKET;
+  return undefined;
+}
+
+async function chooseBackend(opts: GlobalOptions, logger: Logger): Promise<Backend> {
+  const socket = daemonSocket(opts);
+  return socket ? socketBackend(socket) : openOfflineBackend(resolveRoot(opts.root), logger);
 }
 
 export function buildProgram(): Command {
@@ -291,6 +297,12 @@ export function buildProgram(): Command {
         print(`layerd ${status.version}: up ${status.uptimeSeconds}s, root ${status.root}, ${status.images} images, ${status.containers} containers (${status.mounted} mounted)\n`);
       });
     });
+
+  registerRegistryCommands(program, offlineStore, (cmd) => {
+    const opts = cmd.optsWithGlobals<GlobalOptions>();
+    const socket = daemonSocket(opts);
+    return socket ? new DaemonClient(socket) : undefined;
+  });
 
   return program;
 }

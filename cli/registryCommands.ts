@@ -12,7 +12,10 @@ import { resolveRoot } from '../storage/layout.js';
 import { parsePlatform } from '../storage/platform.js';
 import { EMPTY_CONFIG, type RegistriesConfig, loadRegistriesConfig } from '../storage/registry/config.js';
 import { pullImage } from '../storage/registry/pull.js';
-import { type PushCompression, type PushProgress, pushImage } from '../storage/registry/push.js';
+import { type PushCompression, type PushProgress, type PushResult, pushImage } from '../storage/registry/push.js';
+import { type ImportProgress, type ImportedImage } from '../storage/importer.js';
+import { ErrorCodes, LayerdError } from '../common/errors.js';
+import { type DaemonClient } from './socketBackend.js';
 import { Store } from '../storage/store.js';
 import { humanSize, short } from './format.js';
 import { LayerProgress } from './progress.js';
@@ -41,7 +44,14 @@ async function registriesConfig(file: string | undefined): Promise<RegistriesCon
   return path ? loadRegistriesConfig(path) : EMPTY_CONFIG;
 }
 
-export function registerRegistryCommands(program: Command, withStore: WithStore): void {
+/** The daemon to talk to, when the command was pointed at one. */
+export type DaemonFor = (cmd: Command) => DaemonClient | undefined;
+
+function refuseLocalConfig(file: string | undefined): void {
+  if (file) throw new LayerdError(ErrorCodes.EINVAL, '--registries-config is for the offline --root mode; the daemon uses its own (config key registriesConfig)');
+}
+
+export function registerRegistryCommands(program: Command, withStore: WithStore, daemonFor: DaemonFor): void {
   program.command('pull')
     .description('pull an image from a registry (HOST[:PORT]/REPO[:TAG] or ...@sha256:<hex>)')
     .argument('<ref>', 'registry reference')
@@ -49,19 +59,28 @@ export function registerRegistryCommands(program: Command, withStore: WithStore)
     .option('--registries-config <file>', 'registries config JSON (insecure, caFile, credentials, mirrors; default $LAYERD_REGISTRIES_CONFIG)')
     .option('--json', 'print the result as JSON')
     .action(async (ref: string, opts: { platform?: string; registriesConfig?: string; json?: boolean }, cmd: Command) => {
-      const config = await registriesConfig(opts.registriesConfig);
-      await withStore(cmd, async (store) => {
-        const progress = new LayerProgress();
-        const result = await pullImage(store, ref, {
+      const daemon = daemonFor(cmd);
+      const progress = new LayerProgress();
+      const pull = async (): Promise<ImportedImage[]> => {
+        if (daemon) {
+          refuseLocalConfig(opts.registriesConfig);
+          const r = await daemon.call<{ images: ImportedImage[] }>('POST', '/v1/images/pull',
+            { ref, ...(opts.platform ? { platform: opts.platform } : {}) },
+            progress.enabled ? (e) => progress.update(e as ImportProgress) : undefined);
+          return r.images;
+        }
+        const config = await registriesConfig(opts.registriesConfig);
+        return withStore(cmd, (store) => pullImage(store, ref, {
           config,
           ...(opts.platform ? { platform: parsePlatform(opts.platform) } : {}),
           ...(progress.enabled ? { onProgress: progress.update } : {}),
-        });
-        if (opts.json) return print(JSON.stringify(result, null, 2) + '\n');
-        for (const img of result) {
-          print(`pulled ${img.id} (${img.platform}, ${img.layers} layers)${img.refs.length ? ' as ' + img.refs.join(', ') : ''}\n`);
-        }
-      });
+        }));
+      };
+      const result = await pull();
+      if (opts.json) return print(JSON.stringify(result, null, 2) + '\n');
+      for (const img of result) {
+        print(`pulled ${img.id} (${img.platform}, ${img.layers} layers)${img.refs.length ? ' as ' + img.refs.join(', ') : ''}\n`);
+      }
     });
 
   program.command('push')
@@ -72,16 +91,22 @@ export function registerRegistryCommands(program: Command, withStore: WithStore)
     .option('--registries-config <file>', 'registries config JSON (default $LAYERD_REGISTRIES_CONFIG)')
     .option('--json', 'print the result as JSON')
     .action(async (image: string, ref: string, opts: { compress: PushCompression; registriesConfig?: string; json?: boolean }, cmd: Command) => {
-      const config = await registriesConfig(opts.registriesConfig);
-      await withStore(cmd, async (store) => {
+      const daemon = daemonFor(cmd);
+      const push = async (): Promise<PushResult> => {
+        if (daemon) {
+          refuseLocalConfig(opts.registriesConfig);
+          return daemon.call<PushResult>('POST', `/v1/images/${encodeURIComponent(image)}/push`, { target: ref, compress: opts.compress });
+        }
+        const config = await registriesConfig(opts.registriesConfig);
         const progress = process.stderr.isTTY ? pushProgressLine : undefined;
-        const result = await pushImage(store, image, ref, { config, compression: opts.compress, ...(progress ? { onProgress: progress } : {}) });
-        if (opts.json) return print(JSON.stringify(result, null, 2) + '\n');
-        const counts = { exists: 0, mounted: 0, uploaded: 0 };
-        for (const b of result.blobs) counts[b.outcome]++;
-        print(`pushed ${result.ref}: ${result.digest} (${result.manifests.length} manifest${result.manifests.length === 1 ? '' : 's'}; ` +
-          `${counts.uploaded} blobs uploaded, ${counts.mounted} mounted, ${counts.exists} already there)\n`);
-      });
+        return withStore(cmd, (store) => pushImage(store, image, ref, { config, compression: opts.compress, ...(progress ? { onProgress: progress } : {}) }));
+      };
+      const result = await push();
+      if (opts.json) return print(JSON.stringify(result, null, 2) + '\n');
+      const counts = { exists: 0, mounted: 0, uploaded: 0 };
+      for (const b of result.blobs) counts[b.outcome]++;
+      print(`pushed ${result.ref}: ${result.digest} (${result.manifests.length} manifest${result.manifests.length === 1 ? '' : 's'}; ` +
+        `${counts.uploaded} blobs uploaded, ${counts.mounted} mounted, ${counts.exists} already there)\n`);
     });
 }
 

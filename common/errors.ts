@@ -36,6 +36,8 @@ export const ErrorCodes = {
   EUNSUPPORTED: 'EUNSUPPORTED',
   /** The store's on-disk state is inconsistent. */
   ECORRUPT: 'ECORRUPT',
+  /** A remote service (a registry) refused our credentials. */
+  EAUTH: 'EAUTH',
   /** An operating-system call failed in a way not covered above. */
   EIO: 'EIO',
   /** A bug: an invariant of layerd itself did not hold. */
@@ -100,6 +102,7 @@ export function exitStatusFor(code: ErrorCode): number {
     case ErrorCodes.EPLATFORM:
     case ErrorCodes.EUNSUPPORTED: return 6;
     case ErrorCodes.ECORRUPT: return 7;
+    case ErrorCodes.EAUTH: return 8;
     default: return 1;
   }
 }

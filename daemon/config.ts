@@ -24,6 +24,8 @@ export interface DaemonConfig {
   spoolDir?: string;
   /** Where container mountpoints are made when a create names none. */
   mountRoot?: string;
+  /** Registries configuration (insecure, caFile, credentials, mirrors) for pull and push. */
+  registriesConfig?: string;
 }
 
 const LEVELS: LogLevel[] = ['error', 'warn', 'info', 'debug'];
@@ -52,9 +54,9 @@ export function validateConfig(value: unknown, path: string): DaemonConfig {
   };
   if (typeof value !== 'object' || value === null || Array.isArray(value)) fail('the configuration must be a JSON object');
   const obj = value as Record<string, unknown>;
-  const allowed = ['root', 'socket', 'socketGroup', 'logLevel', 'gc', 'spoolDir', 'mountRoot'];
+  const allowed = ['root', 'socket', 'socketGroup', 'logLevel', 'gc', 'spoolDir', 'mountRoot', 'registriesConfig'];
   for (const key of Object.keys(obj)) if (!allowed.includes(key)) fail(`unknown key '${key}' (known: ${allowed.join(', ')})`, key);
-  for (const key of ['root', 'socket', 'spoolDir', 'mountRoot']) {
+  for (const key of ['root', 'socket', 'spoolDir', 'mountRoot', 'registriesConfig']) {
     if (obj[key] !== undefined && (typeof obj[key] !== 'string' || !(obj[key] as string).startsWith('/'))) fail(`'${key}' must be an absolute path`, key);
   }
   if (obj['socketGroup'] !== undefined && typeof obj['socketGroup'] !== 'string' && !Number.isInteger(obj['socketGroup'])) {

@@ -14,6 +14,7 @@ import { StoreOperations } from '../storage/operations.js';
 import { Store, daemonMarker } from '../storage/store.js';
 import { containerRoutes } from './api/containers.js';
 import { imageRoutes } from './api/images.js';
+import { registryRoutes } from './api/registry.js';
 import { ContainerManager } from './containers.js';
 import { Spool } from './spool.js';
 import { systemRoutes } from './api/system.js';
@@ -71,6 +72,7 @@ export class Daemon {
       imageRoutes(router, ops, store, daemon.metrics);
       daemon.containers = new ContainerManager(store, options.mountRoot ?? options.config.mountRoot ?? DEFAULT_MOUNT_ROOT, logger);
       containerRoutes(router, daemon.containers);
+      registryRoutes(router, store, options.config.registriesConfig);
       await daemon.containers.adoptAll();
       server.on('request', (req, res) => {
         const done = router.dispatch(req, res, logger).finally(() => {

@@ -36,6 +36,7 @@ export function httpStatusFor(code: ErrorCode): number {
     case ErrorCodes.ECONFLICT:
     case ErrorCodes.EAMBIGUOUS: return 409;
     case ErrorCodes.EBUSY: return 503;
+    case ErrorCodes.EAUTH: return 502; // an upstream (registry) refused us, not the API client
     case ErrorCodes.ELIMIT: return 413;
     case ErrorCodes.EINVAL:
     case ErrorCodes.EBADJSON:

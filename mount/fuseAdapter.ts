@@ -6,11 +6,14 @@
  * about its gaps (patches/fuse-native+2.2.6.patch, applied by patch-package
  * on install, after which the native module is rebuilt from source; this
  * adapter also works with a stock build, detected by `LAYERD_PATCH`):
- * - its option builder has no `use_ino`, `hard_remove`, `big_writes`,
+ * - its option builder has no `use_ino`, `big_writes`,
  *   `negative_timeout` or `ro`, so `LayerdFuse` overrides `_fuseOptions`;
  *   without use_ino the kernel would see libfuse's own inode numbers, and
- *   without hard_remove libfuse would rename open-but-deleted files to
- *   `.fuse_hidden*` inside the union (and so into the upper changeset);
+ *   (`hard_remove` is deliberately NOT used: with it, libfuse 2.9 answers
+ *   ENOENT to fstat/fchmod of an open file that was unlinked, which breaks
+ *   apt among others; without it, libfuse renames such a file to
+ *   `.fuse_hidden<id>` until its last close, and the union keeps those names
+ *   out of listings and out of the writable layer's changeset);
  * - its getxattr/listxattr replies copy into the kernel's buffer without a
  *   size check and pad list sizes by 128 bytes; `LayerdFuse` overrides both
  *   to answer ERANGE and exact sizes;
@@ -78,6 +81,12 @@ export function fuseOperations(fs: UnionFs, logger: Logger, caller: () => Owner 
       const st = fs.getattr(fromFusePath(path));
       return st instanceof Promise ? st.then(toFuseStat) : toFuseStat(st);
     }),
+    // With the patched binding, an open file that was unlinked arrives with
+    // path "" and is known by its handle only.
+    fgetattr: (path, fh, cb) => reply(cb, logger, 'fgetattr', path, () => {
+      const st = fs.fgetattr(fh);
+      return st instanceof Promise ? st.then(toFuseStat) : toFuseStat(st);
+    }),
     readdir: (path, cb) => {
       try {
         const listing = fs.readdir(fromFusePath(path));
@@ -134,7 +143,7 @@ export function fuseOperations(fs: UnionFs, logger: Logger, caller: () => Owner 
 export function mountOptionString(options: FuseMountOptions): string {
   const cache = options.cacheSeconds ?? (options.readOnly ? 60 : 1);
   const list = [
-    'allow_other', 'default_permissions', 'use_ino', 'hard_remove', 'big_writes',
+    'allow_other', 'default_permissions', 'use_ino', 'big_writes',
     'fsname=layerd', 'subtype=layerd',
     `entry_timeout=${cache}`, `attr_timeout=${cache}`, 'negative_timeout=0',
     // Read-only: content never changes, keep pages across opens. Writable:

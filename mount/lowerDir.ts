@@ -19,7 +19,7 @@ import type { Stats } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { ErrorCodes, LayerdError, asLayerdError } from '../common/errors.js';
 import { LAYER_INDEX_VERSION, xattrsFromBuffers, type ContentRef, type EntryKind, type LayerEntry, type LayerIndex, type LayerSource } from '../storage/layerIndex.js';
-import { OPAQUE_MARKER, WHITEOUT_PREFIX, joinPath } from './paths.js';
+import { OPAQUE_MARKER, WHITEOUT_PREFIX, isFuseHidden, joinPath } from './paths.js';
 import { readXattrTree, type XattrMap } from './xattrTool.js';
 
 export type MarkerStyle = 'oci' | 'overlay';
@@ -122,6 +122,7 @@ export async function scanDirectory(dir: string, label?: string): Promise<Scanne
       const path = joinPath(dirPath, name);
       const st = stats[i]!;
       if (name === OPAQUE_MARKER) { opaques.push(dirPath); return; }
+      if (isFuseHidden(name)) return; // a file unlinked while open: transient, not content
       if (name.startsWith(WHITEOUT_PREFIX + WHITEOUT_PREFIX)) return; // other aufs metadata
       if (name.startsWith(WHITEOUT_PREFIX)) {
         const target = joinPath(dirPath, name.slice(WHITEOUT_PREFIX.length));

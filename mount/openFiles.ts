@@ -16,6 +16,8 @@ export interface OpenFile {
    * layer.tar): where the range starts and how long it is.
    */
   readonly range?: { offset: number; size: number };
+  /** Opened on the upper file (so fstat of the descriptor describes it). */
+  readonly upper: boolean;
 }
 
 type Callback<T> = (err: NodeJS.ErrnoException | null, value: T) => void;
@@ -35,11 +37,11 @@ export class OpenFiles {
   private nextFh = 1;
 
   /** Register a descriptor; returns its file handle (never 0: fuse-native ignores 0). */
-  add(fd: number, node: UnionNode, range?: { offset: number; size: number }): number {
+  add(fd: number, node: UnionNode, upper: boolean, range?: { offset: number; size: number }): number {
     while (this.files.has(this.nextFh)) this.nextFh = this.nextFh >= MAX_FH ? 1 : this.nextFh + 1;
     const fh = this.nextFh;
     this.nextFh = fh >= MAX_FH ? 1 : fh + 1;
-    this.files.set(fh, range ? { fd, node, range } : { fd, node });
+    this.files.set(fh, range ? { fd, node, upper, range } : { fd, node, upper });
     return fh;
   }
 

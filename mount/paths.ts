@@ -42,3 +42,11 @@ export function normalizeIndexPath(path: string): string {
 /** OCI whiteout naming. */
 export const WHITEOUT_PREFIX = '.wh.';
 export const OPAQUE_MARKER = '.wh..wh..opq';
+
+/**
+ * libfuse 2 (without hard_remove) renames a file that is unlinked while open
+ * to `.fuse_hidden<id>` until its last close: never content of the union.
+ */
+export function isFuseHidden(name: string): boolean {
+  return name.startsWith('.fuse_hidden');
+}

@@ -14,7 +14,7 @@
  * upper content is stat'ed on disk. Every namespace or metadata change runs
  * under one async lock, so copy-ups never race each other.
  */
-import { close, open, constants as fsConstants } from 'node:fs';
+import { close, fstat, open, constants as fsConstants, type Stats } from 'node:fs';
 import { chmod, lchown, link, lstat, lutimes, mkdir, readlink, rename, statfs, symlink, truncate, unlink } from 'node:fs/promises';
 import type { EntryKind, LayerSource } from '../storage/layerIndex.js';
 import { fsError } from './fsError.js';
@@ -23,7 +23,7 @@ import { devMajor, devMinor, scanDirectory, type MarkerStyle } from './lowerDir.
 import { MergedTree, UnionNode } from './mergedTree.js';
 import { KIND_OF_TYPE, S_IFMT, TYPE_BITS, inoOf, lowerStat, upperStat, type UnionStat } from './nodeStats.js';
 import { OpenFiles, callback as call } from './openFiles.js';
-import { ancestorsOf, isWithin, joinPath, parentOf } from './paths.js';
+import { ancestorsOf, isFuseHidden, isWithin, joinPath, parentOf } from './paths.js';
 import { UpperDir } from './upperDir.js';
 import { deleteXattr, readXattrs, writeXattr, type XattrMap } from './xattrTool.js';
 
@@ -51,6 +51,8 @@ export interface UnionFsOptions {
 export type { UnionStat } from './nodeStats.js';
 
 const O_ACCMODE = 3;
+/** Stands for the path of an open file in stat helpers (any non-root path). */
+const OPEN_FILE_PATH = '\0open-file';
 
 export const XATTR_CREATE = 1;
 export const XATTR_REPLACE = 2;
@@ -124,6 +126,16 @@ export class UnionFs {
     return lstat(this.upper.pathOf(path)).then((st) => upperStat(path, node, st));
   }
 
+  /**
+   * Attributes of an open file by its handle (fstat): right even after the
+   * file was renamed or unlinked, when there is no path to look up.
+   */
+  fgetattr(fh: number): UnionStat | Promise<UnionStat> {
+    const { fd, node, upper } = this.files.get(fh);
+    if (!upper || fd < 0) return lowerStat(OPEN_FILE_PATH, node);
+    return call<Stats>((cb) => fstat(fd, cb)).then((st) => upperStat(OPEN_FILE_PATH, node, st));
+  }
+
   readdir(path: string): DirListing {
     const node = this.node(path, 'readdir');
     if (node.children === undefined) throw fsError('ENOTDIR', path, 'readdir');
@@ -135,6 +147,7 @@ export class UnionFs {
       { mode: TYPE_BITS.dir, ino: inoOf(parentPath, this.tree.get(parentPath)!) },
     ];
     for (const name of node.children) {
+      if (isFuseHidden(name)) continue;
       const childPath = joinPath(path, name);
       const child = this.tree.get(childPath)!;
       names.push(name);
@@ -224,14 +237,14 @@ export class UnionFs {
   private async openLower(node: UnionNode): Promise<number> {
     const object = node.lower!;
     const content = object.source?.content(object.entry);
-    if (content === undefined) return this.files.add(-1, node);
+    if (content === undefined) return this.files.add(-1, node, false);
     const fd = await call<number>((cb) => open(content.path, fsConstants.O_RDONLY, cb));
-    return this.files.add(fd, node, content.offset === 0 && content.size === object.entry.size ? undefined : { offset: content.offset, size: content.size });
+    return this.files.add(fd, node, false, content.offset === 0 && content.size === object.entry.size ? undefined : { offset: content.offset, size: content.size });
   }
 
   private async openUpper(path: string, node: UnionNode, flags: number): Promise<number> {
     const fd = await call<number>((cb) => open(this.upper.pathOf(path), flags & OPEN_FLAGS_KEPT, cb));
-    return this.files.add(fd, node);
+    return this.files.add(fd, node, true);
   }
 
   read(fh: number, buffer: Buffer, length: number, position: number): Promise<number> {
@@ -379,7 +392,7 @@ export class UnionFs {
       await this.applyOwner(path, owner);
       await chmod(hostPath, mode & 0o7777); // open() applied our umask; chown cleared setuid
       const node = await this.addUpperNode(path, 'file');
-      return this.files.add(fd, node);
+      return this.files.add(fd, node, true);
     });
   }
 

@@ -51,14 +51,14 @@ describe('registry authentication and TLS', function () {
       expect(pulled[0]!.id).to.equal(BB_AMD64);
     });
 
-    it('a wrong password, or none, is refused with EINVAL (reason unauthorized)', async () => {
+    it('a wrong password, or none, is refused with EAUTH (reason unauthorized)', async () => {
       const wrong = await writeConfig({ registries: { [registry.host]: { caFile, username: 'alice', password: 'nope' } } });
       const r = await layerctlR(['--root', freshRoot(), 'pull', '--registries-config', wrong, `${registry.host}/auth/bb:1`]);
-      expect(r.code, r.stderr).to.equal(2);
-      expect(r.stderr).to.match(/EINVAL: registry 127\.0\.0\.1:\d+: username or password rejected/);
+      expect(r.code, r.stderr).to.equal(8);
+      expect(r.stderr).to.match(/EAUTH: registry 127\.0\.0\.1:\d+: username or password rejected/);
       const none = await writeConfig({ registries: { [registry.host]: { caFile } } });
       const r2 = await layerctlR(['--root', freshRoot(), 'pull', '--registries-config', none, `${registry.host}/auth/bb:1`]);
-      expect(r2.code, r2.stderr).to.equal(2);
+      expect(r2.code, r2.stderr).to.equal(8);
       expect(r2.stderr).to.contain('requires a username and password');
     });
 
@@ -138,11 +138,11 @@ describe('registry authentication and TLS', function () {
       expect(pulled[0]!.id).to.equal(BB_AMD64);
     });
 
-    it('credentials the token service refuses are EINVAL (reason unauthorized)', async () => {
+    it('credentials the token service refuses are EAUTH (reason unauthorized)', async () => {
       const config = await writeConfig({ registries: { [front.host]: { username: 'bob', password: 'wrong' } } });
       const r = await layerctlR(['--root', freshRoot(), 'pull', '--registries-config', config, `${front.host}/corpus/busybox:latest`]);
-      expect(r.code, r.stderr).to.equal(2);
-      expect(r.stderr).to.contain('EINVAL');
+      expect(r.code, r.stderr).to.equal(8);
+      expect(r.stderr).to.contain('EAUTH');
       expect(r.stderr).to.contain('token service');
     });
   });

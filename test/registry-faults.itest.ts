@@ -31,7 +31,7 @@ describe('registry pull under faults', function () {
   before(async () => {
     work = await scratch('layerd-registry-faults-');
     registry = await TestRegistry.start(join(work.dir, 'registry'));
-    await pushCorpus(registry.host, ['debian-multi:latest', 'debian-multi:v2s2'], work.dir);
+    await pushCorpus(registry.host, ['debian-multi:latest', 'debian-multi:v2s2', 'busybox:latest'], work.dir);
   });
   after(async () => {
     await registry?.stop();
@@ -94,6 +94,39 @@ describe('registry pull under faults', function () {
       await expectCleanStore(root);
     } finally {
       await proxy.close();
+    }
+  });
+
+  it('a manifest that does not match Docker-Content-Digest (by tag) or its digest (by digest) is EDIGEST', async () => {
+    const flip = (chunk: Buffer): Buffer => {
+      const copy = Buffer.from(chunk);
+      const at = copy.indexOf('"size":') + 7; // a digit of the first size: still JSON, different bytes
+      copy[at] = copy[at] === 0x39 ? 0x38 : copy[at]! + 1;
+      return copy;
+    };
+    const byTag = await startProxy(registry.host, {
+      mapChunk: (req, chunk, offset) => (req.method === 'GET' && req.url?.endsWith('/manifests/latest') && offset === 0 ? flip(chunk) : chunk),
+    });
+    // The index comes by tag untouched; the chosen manifest, fetched by digest, is altered and unlabelled.
+    const byDigest = await startProxy(registry.host, {
+      responseHeaders: (req, headers) => {
+        if (!/\/manifests\/sha256:/.test(req.url ?? '')) return headers;
+        const { 'docker-content-digest': _dropped, ...rest } = headers;
+        return rest;
+      },
+      mapChunk: (req, chunk, offset) => (/\/manifests\/sha256:/.test(req.url ?? '') && offset === 0 ? flip(chunk) : chunk),
+    });
+    try {
+      for (const ref of [`${byTag.host}/corpus/debian-multi:latest`, `${byDigest.host}/corpus/busybox:latest`]) {
+        const root = freshRoot();
+        const r = await layerctlR(['--root', root, 'pull', ref]);
+        expect(r.code, r.stderr).to.equal(6);
+        expect(r.stderr).to.match(/EDIGEST: .*manifest.*digest mismatch/);
+        await expectCleanStore(root);
+      }
+    } finally {
+      await byTag.close();
+      await byDigest.close();
     }
   });
 

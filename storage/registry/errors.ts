@@ -1,19 +1,16 @@
 /**
  * How registry failures map onto layerd's error codes, in one place.
  *
- * common/errors.ts has no code for "the registry refused our credentials"
- * or "the registry could not be reached"; until it does, authentication
- * failures are EINVAL (the caller's credentials are wrong) and transport
- * failures EIO, both with `reason` and `status` in the context so scripts
- * can tell them apart.
+ * Refused credentials are EAUTH; a registry that cannot be reached (or
+ * answers 5xx) is EIO; `reason` and `status` in the context say more.
  */
 import { type ErrorCode, ErrorCodes, LayerdError } from '../../common/errors.js';
 
 export type RegistryFailure = 'unauthorized' | 'denied' | 'not-found' | 'server' | 'network' | 'protocol';
 
 const CODE_OF: Record<RegistryFailure, ErrorCode> = {
-  unauthorized: ErrorCodes.EINVAL,
-  denied: ErrorCodes.EINVAL,
+  unauthorized: ErrorCodes.EAUTH,
+  denied: ErrorCodes.EAUTH,
   'not-found': ErrorCodes.ENOTFOUND,
   server: ErrorCodes.EIO,
   network: ErrorCodes.EIO,

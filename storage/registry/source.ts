@@ -35,7 +35,7 @@ export interface RegistrySourceOptions {
 
 export class RegistrySource implements ImageSource {
   // 'registry' is not yet in ImageSource's kind union (storage/sources/source.ts); nothing branches on kind.
-  readonly kind = 'registry' as unknown as ImageSource['kind'];
+  readonly kind = 'registry' as const;
   readonly ref: RegistryRef;
   private readonly documents = new Map<Digest, Buffer>();
   /** Digests known to name manifests or indexes (from an index), with their media type. */

@@ -16,7 +16,7 @@ export interface SourceImage {
 }
 
 export interface ImageSource {
-  readonly kind: 'oci-layout' | 'oci-archive' | 'docker-archive' | 'layer';
+  readonly kind: 'oci-layout' | 'oci-archive' | 'docker-archive' | 'layer' | 'registry';
   readonly description: string;
   images(): Promise<SourceImage[]>;
   /** A small blob (manifest, index, config), read whole; size is capped by the caller. */

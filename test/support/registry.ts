@@ -15,7 +15,7 @@ import https from 'node:https';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { BUSYBOX, CORPUS, DEBIAN_MULTI, REPO, type CliResult, execFileAsync } from './env.js';
+import { BUSYBOX, CORPUS, DEBIAN_MULTI, type CliResult, execFileAsync, layerctl } from './env.js';
 
 export interface RegistryOptions {
   /** Reuse a port and storage (restart after a kill). */
@@ -207,36 +207,9 @@ async function multiarchLayout(work: string): Promise<string> {
   return out;
 }
 
-/**
- * Run `layerctl ARGS` with the registry commands, whether or not
- * cli/layerctl.ts registers them yet, as a separate process.
- */
+/** Run the real `layerctl ARGS` (bin/layerctl) as a separate process. */
 export function layerctlR(args: string[], env: NodeJS.ProcessEnv = {}): Promise<CliResult> {
-  const script = `
-    import { buildProgram } from ${JSON.stringify(join(REPO, 'dist', 'cli', 'layerctl.js'))};
-    import { registerRegistryCommands, offlineStore } from ${JSON.stringify(join(REPO, 'dist', 'cli', 'registryCommands.js'))};
-    import { asLayerdError, exitStatusFor } from ${JSON.stringify(join(REPO, 'dist', 'common', 'errors.js'))};
-    const program = buildProgram();
-    if (!program.commands.some((c) => c.name() === 'pull')) registerRegistryCommands(program, offlineStore);
-    try { await program.parseAsync(process.argv); }
-    catch (err) {
-      const code = err && err.code;
-      if (typeof code === 'string' && code.startsWith('commander.')) process.exit(code === 'commander.helpDisplayed' ? 0 : 2);
-      const e = asLayerdError(err);
-      process.stderr.write('layerctl: ' + e.code + ': ' + e.message + '\\n');
-      process.exit(exitStatusFor(e.code));
-    }`;
-  return new Promise((resolvePromise, reject) => {
-    const child = spawn(process.execPath, ['--input-type=module', '-e', script, 'layerctl', ...args], {
-      env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'],
-    });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (d: Buffer) => { stdout += d.toString(); });
-    child.stderr.on('data', (d: Buffer) => { stderr += d.toString(); });
-    child.on('error', reject);
-    child.on('close', (code) => resolvePromise({ code: code ?? -1, stdout, stderr }));
-  });
+  return layerctl(args, env);
 }
 
 export async function layerctlRJson<T>(args: string[], env: NodeJS.ProcessEnv = {}): Promise<T> {
@@ -250,6 +223,8 @@ export interface ProxyHooks {
   intercept?(req: IncomingMessage, res: ServerResponse): boolean;
   /** Headers to send upstream (default: the client's). */
   requestHeaders?(req: IncomingMessage): OutgoingHttpHeaders;
+  /** Change the upstream answer's headers. */
+  responseHeaders?(req: IncomingMessage, headers: http.IncomingHttpHeaders): http.IncomingHttpHeaders;
   /** Change a chunk of the upstream answer's body; `offset` is where the chunk starts. */
   mapChunk?(req: IncomingMessage, chunk: Buffer, offset: number): Buffer;
 }
@@ -277,7 +252,7 @@ export async function startProxy(upstreamHost: string, hooks: ProxyHooks = {}): 
       host: upHost, port: Number(upPort), method: req.method, path: req.url,
       headers: hooks.requestHeaders ? hooks.requestHeaders(req) : req.headers,
     }, (up) => {
-      res.writeHead(up.statusCode ?? 502, up.headers);
+      res.writeHead(up.statusCode ?? 502, hooks.responseHeaders ? hooks.responseHeaders(req, up.headers) : up.headers);
       let offset = 0;
       up.on('data', (chunk: Buffer) => {
         const out = hooks.mapChunk ? hooks.mapChunk(req, chunk, offset) : chunk;

@@ -1,0 +1,48 @@
+/**
+ * /v1/images/pull and /v1/images/{ref}/push: registry transfers through the
+ * daemon, with the registries configuration the daemon was given. With
+ * `Accept: application/x-ndjson` a pull streams per-layer progress.
+ */
+import { type ImportProgress } from '../../storage/importer.js';
+import { parsePlatform } from '../../storage/platform.js';
+import { EMPTY_CONFIG, type RegistriesConfig, loadRegistriesConfig } from '../../storage/registry/config.js';
+import { pullImage } from '../../storage/registry/pull.js';
+import { type PushCompression, pushImage } from '../../storage/registry/push.js';
+import { type Store } from '../../storage/store.js';
+import { ErrorCodes, LayerdError } from '../../common/errors.js';
+import { HANDLED, type Router, checkFields, ndjson, readJsonBody, wantsNdjson } from '../http.js';
+
+export function registryRoutes(router: Router, store: Store, configPath: string | undefined): void {
+  const config = async (): Promise<RegistriesConfig> => (configPath ? loadRegistriesConfig(configPath) : EMPTY_CONFIG);
+
+  router.add('POST', '/v1/images/pull', async (ctx) => {
+    const body = checkFields<{ ref: string; platform?: string }>(await readJsonBody(ctx.req), {
+      ref: { type: 'string', required: true }, platform: { type: 'string' },
+    });
+    const run = async (onProgress?: (e: ImportProgress) => void): Promise<unknown> => ({
+      images: await pullImage(store, body.ref, {
+        config: await config(), ...(body.platform ? { platform: parsePlatform(body.platform) } : {}), ...(onProgress ? { onProgress } : {}),
+      }),
+    });
+    if (!wantsNdjson(ctx.req)) return run();
+    const stream = ndjson(ctx.res);
+    try {
+      stream.end(await run((e) => stream.event(e)));
+    } catch (err) {
+      stream.fail(err);
+    }
+    return HANDLED;
+  });
+
+  router.add('POST', '/v1/images/{ref}/push', async (ctx) => {
+    const body = checkFields<{ target: string; compress?: string }>(await readJsonBody(ctx.req), {
+      target: { type: 'string', required: true }, compress: { type: 'string' },
+    });
+    if (body.compress !== undefined && body.compress !== 'gzip' && body.compress !== 'zstd') {
+      throw new LayerdError(ErrorCodes.EINVAL, `compress must be gzip or zstd`);
+    }
+    return pushImage(store, ctx.params['ref']!, body.target, {
+      config: await config(), compression: (body.compress ?? 'gzip') as PushCompression,
+    });
+  });
+}
