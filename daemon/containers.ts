@@ -18,6 +18,7 @@ import { clearDeadMount, findMount, isDeadMount } from '../mount/deadMount.js';
 import { LowerInoAllocator } from '../mount/inodes.js';
 import { directorySource, scanDirectory } from '../mount/lowerDir.js';
 import { MergedTree } from '../mount/mergedTree.js';
+import { type OpStatsSnapshot } from '../mount/opStats.js';
 import { type CommitResult, commitLayer } from '../storage/commit.js';
 import { type Digest } from '../storage/digest.js';
 import { LAYER_TAR, tarLayerSource } from '../storage/layerIndex.js';
@@ -67,6 +68,27 @@ export class ContainerManager {
 
   private dir(id: string): string { return this.store.layout.containerDir(id); }
   private upper(id: string): string { return join(this.dir(id), 'upper'); }
+  statsFile(id: string): string { return join(this.dir(id), 'fuse-stats.json'); }
+
+  /** FUSE operation statistics of every container's mount server, summed by operation. */
+  async fuseStats(): Promise<OpStatsSnapshot> {
+    const total: OpStatsSnapshot = {};
+    for (const row of this.store.db.listContainers()) {
+      let snap: OpStatsSnapshot;
+      try {
+        snap = JSON.parse(await readFile(this.statsFile(row.id), 'utf8')) as OpStatsSnapshot;
+      } catch {
+        continue;
+      }
+      for (const [op, c] of Object.entries(snap)) {
+        const t = (total[op] ??= { count: 0, sumSeconds: 0, buckets: c.buckets.map(() => 0) });
+        t.count += c.count;
+        t.sumSeconds += c.sumSeconds;
+        c.buckets.forEach((b, i) => { t.buckets[i] = (t.buckets[i] ?? 0) + b; });
+      }
+    }
+    return total;
+  }
 
   private row(id: string): ContainerRow {
     checkId(id);
@@ -118,7 +140,7 @@ export class ContainerManager {
   /** Start a detached `layerd mount` for the container and wait until it serves. */
   private async startServer(row: ContainerRow): Promise<void> {
     const layers = this.store.db.imageLayers(row.image_id).map((l) => this.store.layout.layerDir(l.diff_id)).reverse();
-    const args = [LAYERD_BIN, 'mount', '--layers', layers.join(':'), '--upper', this.upper(row.id)];
+    const args = [LAYERD_BIN, 'mount', '--layers', layers.join(':'), '--upper', this.upper(row.id), '--stats-file', this.statsFile(row.id)];
     if (row.read_only) args.push('--read-only');
     args.push(row.mountpoint);
     const log = await open(join(this.dir(row.id), 'mount.log'), 'a', 0o600);

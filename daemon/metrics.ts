@@ -1,7 +1,7 @@
 /**
  * Prometheus metrics (prom-client), one registry per daemon.
  */
-import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
 
 export class DaemonMetrics {
   readonly registry = new Registry();
@@ -16,15 +16,7 @@ export class DaemonMetrics {
   readonly layers = new Gauge({ name: 'layerd_layers', help: 'Layers in the store', registers: [this.registry] });
   readonly storeBytes = new Gauge({ name: 'layerd_store_bytes', help: 'Bytes of layer tars and blobs in the store', registers: [this.registry] });
   readonly mounts = new Gauge({ name: 'layerd_mounts', help: 'Container mounts being served', registers: [this.registry] });
-  readonly fuseOps = new Counter({
-    name: 'layerd_fuse_operations_total', help: 'FUSE operations served, by operation',
-    labelNames: ['op'] as const, registers: [this.registry],
-  });
-  readonly fuseLatency = new Histogram({
-    name: 'layerd_fuse_operation_seconds', help: 'FUSE operation latency, by operation',
-    labelNames: ['op'] as const, buckets: [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 1],
-    registers: [this.registry],
-  });
+  // FUSE operation metrics come from the mount servers' stats files (api/system.ts).
 
   constructor() {
     collectDefaultMetrics({ register: this.registry, prefix: 'layerd_' });

@@ -37,6 +37,7 @@ import type { FuseOperations, FuseStat } from 'fuse-native';
 import type { Logger } from '../common/log.js';
 import { ERRNO, errnoNameOf, negativeErrno } from './fsError.js';
 import { fromFusePath } from './paths.js';
+import { type OpStats, instrumentOperations } from './opStats.js';
 import type { Owner, UnionFs, UnionStat } from './unionFs.js';
 
 export interface FuseMountOptions {
@@ -163,7 +164,7 @@ export class LayerdFuse extends Fuse {
   private readonly optionString: string;
   private readonly union: UnionFs;
 
-  constructor(mountpoint: string, union: UnionFs, logger: Logger, options: FuseMountOptions) {
+  constructor(mountpoint: string, union: UnionFs, logger: Logger, options: FuseMountOptions, stats?: OpStats) {
     let self: LayerdFuse | undefined;
     // caller() must run synchronously inside the handler, which these closures do.
     const caller = (): Owner | undefined => {
@@ -171,7 +172,8 @@ export class LayerdFuse extends Fuse {
       return who === undefined ? undefined : { uid: who.uid, gid: who.gid };
     };
     // Copy-ups of large files can take long; no per-operation reply timeout.
-    super(mountpoint, fuseOperations(union, logger, caller), { timeout: false });
+    const ops = fuseOperations(union, logger, caller);
+    super(mountpoint, stats ? instrumentOperations(ops, stats) : ops, { timeout: false });
     self = this;
     this.optionString = mountOptionString(options);
     this.union = union;

@@ -20,13 +20,14 @@ import { resolveRoot } from '../storage/layout.js';
 import { readLayerIndex } from '../storage/store.js';
 import { lowerDirSource } from './lowerDir.js';
 import { mountUnion } from './mountUnion.js';
+import { OpStats } from './opStats.js';
 
 export { mountUnion, type MountUnionOptions, type MountedUnion } from './mountUnion.js';
 export { clearDeadMount, isDeadMount, findMount } from './deadMount.js';
 
 interface MountArgs {
   lower?: string; layers?: string; root?: string; image?: string;
-  upper?: string; readOnly?: boolean; debug?: boolean;
+  upper?: string; readOnly?: boolean; debug?: boolean; statsFile?: string;
 }
 
 /** The layers to mount, bottom → top, from whichever source the flags name. */
@@ -62,6 +63,7 @@ export async function mountCommand(argv: string[]): Promise<number> {
     .option('--lower <dirs>', 'plain lower directories, colon-separated, top first')
     .option('--upper <dir>', 'writable upper directory (receives an OCI changeset); without it the mount is read-only')
     .option('--read-only', 'refuse all changes')
+    .option('--stats-file <file>', 'write FUSE operation counts and latencies there (JSON, every 2 s)')
     .option('--debug', 'log every FUSE request (libfuse debug)')
     .argument('<mountpoint>')
     .exitOverride()
@@ -80,7 +82,12 @@ export async function mountCommand(argv: string[]): Promise<number> {
     const layers = await resolveLayers(args);
     // Without an upper the mount is a read-only view over an empty private one.
     const upper = args.upper ?? (emptyUpper = await mkdtemp(join(tmpdir(), 'layerd-ro-upper-')));
-    const mounted = await mountUnion({ layers, upper, mountpoint, readOnly: (args.readOnly ?? false) || args.upper === undefined, logger });
+    const stats = args.statsFile ? new OpStats() : undefined;
+    const mounted = await mountUnion({
+      layers, upper, mountpoint, readOnly: (args.readOnly ?? false) || args.upper === undefined, logger, ...(stats ? { stats } : {}),
+    });
+    const statsTimer = stats && args.statsFile ? setInterval(() => { void stats.writeTo(args.statsFile!).catch(() => undefined); }, 2000) : undefined;
+    statsTimer?.unref();
     process.stdout.write(`ready ${mounted.mountpoint}\n`);
 
     const stop = (): void => { void mounted.unmount(); };
@@ -88,6 +95,8 @@ export async function mountCommand(argv: string[]): Promise<number> {
     process.once('SIGINT', stop);
     await mounted.gone;
     await mounted.unmount();
+    if (statsTimer) clearInterval(statsTimer);
+    if (stats && args.statsFile) await stats.writeTo(args.statsFile).catch(() => undefined);
     process.off('SIGTERM', stop);
     process.off('SIGINT', stop);
     return 0;

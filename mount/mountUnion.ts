@@ -8,6 +8,7 @@ import type { LayerSource } from '../storage/layerIndex.js';
 import { clearDeadMount, findMount, isDeadMount } from './deadMount.js';
 import { LayerdFuse } from './fuseAdapter.js';
 import { UnionFs } from './unionFs.js';
+import type { OpStats } from './opStats.js';
 import { resolve } from 'node:path';
 import { isWithin } from './paths.js';
 
@@ -20,6 +21,8 @@ export interface MountUnionOptions {
   logger?: Logger;
   /** Kernel name/attribute cache lifetime in seconds (default 60 read-only, 1 writable). */
   cacheSeconds?: number;
+  /** Where to count operations and their latencies. */
+  stats?: OpStats;
 }
 
 export interface MountedUnion {
@@ -49,7 +52,7 @@ export async function mountUnion(options: MountUnionOptions): Promise<MountedUni
   const union = await UnionFs.create({ layers: options.layers, upper, readOnly });
   if (union.skippedEntries > 0) logger.warn('index entries ignored while merging', { count: union.skippedEntries });
   const cache = options.cacheSeconds;
-  const fuse = new LayerdFuse(mountpoint, union, logger, cache === undefined ? { readOnly } : { readOnly, cacheSeconds: cache });
+  const fuse = new LayerdFuse(mountpoint, union, logger, cache === undefined ? { readOnly } : { readOnly, cacheSeconds: cache }, options.stats);
   await new Promise<void>((done, fail) => fuse.mount((err) => (err
     ? fail(new LayerdError(ErrorCodes.EIO, `cannot mount ${mountpoint}: ${err.message}`, { mountpoint }, { cause: err }))
     : done())));

@@ -128,8 +128,11 @@ describe('daemon: containers', function () {
     const dup = await http(daemon!.socket, 'POST', '/v1/containers', JSON.stringify({ id: 'many-0', image: 'debian-multi:latest' }), { 'content-type': 'application/json' });
     expect(dup.status).to.equal(409);
     expect(dup.json<{ code: string }>().code).to.equal('EEXIST');
+    await new Promise((r) => setTimeout(r, 2500)); // mount servers write their stats every 2 s
     const metrics = await http(daemon!.socket, 'GET', '/metrics');
     expect(Number(/^layerd_mounts (\d+)/m.exec(metrics.body)![1])).to.be.at.least(53);
+    expect(Number(/^layerd_fuse_operations_total\{op="getattr"\} (\d+)/m.exec(metrics.body)?.[1] ?? 0)).to.be.greaterThan(0);
+    expect(metrics.body).to.match(/^layerd_fuse_operation_seconds_bucket\{op="write",le="\+Inf"\} \d+/m);
     for (const id of ids) expect((await http(daemon!.socket, 'DELETE', `/v1/containers/${id}`)).status).to.equal(200);
   });
 
