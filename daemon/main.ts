@@ -44,7 +44,9 @@ async function runDaemon(flags: DaemonFlags): Promise<number> {
 export async function main(argv: string[]): Promise<number> {
   if (argv[2] === 'mount') {
     const { mountCommand } = await import('../mount/mountCommand.js');
-    return mountCommand(argv.slice(3));
+    // Exit explicitly: fuse-native's handles keep the event loop alive after
+    // the mount is gone (e.g. someone ran umount on it).
+    process.exit(await mountCommand(argv.slice(3)));
   }
   const program = new Command('layerd')
     .description('layerd: the union-filesystem layer daemon (runs in the foreground)')

@@ -16,7 +16,7 @@
  */
 import { close, fstat, open, constants as fsConstants, type Stats } from 'node:fs';
 import { chmod, lchown, link, lstat, lutimes, mkdir, readlink, rename, statfs, symlink, truncate, unlink } from 'node:fs/promises';
-import type { EntryKind, LayerSource } from '../storage/layerIndex.js';
+import { type EntryKind, type LayerEntry, type LayerSource, xattrBytes } from '../storage/layerIndex.js';
 import { fsError } from './fsError.js';
 import { LowerInoAllocator } from './inodes.js';
 import { devMajor, devMinor, scanDirectory, type MarkerStyle } from './lowerDir.js';
@@ -229,7 +229,7 @@ export class UnionFs {
     if (!writes) return node.upper ? this.openUpper(path, node, flags) : this.openLower(node);
     return this.mutate(path, 'open', async () => {
       const current = await this.copyUp(path);
-      current.upperXattrs = undefined; // writing may drop security.capability
+      this.dropKilledXattrs(current); // writing drops security.capability
       return this.openUpper(path, current, flags);
     });
   }
@@ -252,12 +252,12 @@ export class UnionFs {
   }
 
   write(fh: number, buffer: Buffer, length: number, position: number): Promise<number> {
-    this.files.get(fh).node.upperXattrs = undefined; // writing may drop security.capability
+    this.dropKilledXattrs(this.files.get(fh).node); // writing drops security.capability
     return this.files.write(fh, buffer, length, position);
   }
 
   ftruncate(fh: number, size: number): Promise<void> {
-    this.files.get(fh).node.upperXattrs = undefined;
+    this.dropKilledXattrs(this.files.get(fh).node);
     return this.files.truncate(fh, size);
   }
 
@@ -300,13 +300,31 @@ export class UnionFs {
     if (node.upper) return;
     if (path !== '') await this.materializeDir(parentOf(path));
     await this.upper.copyUpObject(path, 'dir', node.lower!.entry, undefined);
-    await this.markUpper(path, node);
+    await this.markUpper(path, node, node.lower!.entry);
   }
 
-  private async markUpper(path: string, node: UnionNode): Promise<void> {
+  /**
+   * The node's content now lives in the upper. Its xattrs are known without
+   * asking the disk (a getfattr process per lookup would cost milliseconds):
+   * a copy-up wrote exactly the lower entry's, a new object has none. (A
+   * default ACL on an upper parent would add some behind our back; such a
+   * parent drops the cache instead.)
+   */
+  private async markUpper(path: string, node: UnionNode, copiedFrom?: LayerEntry): Promise<void> {
     node.upper = true;
     node.upperStIno = (await lstat(this.upper.pathOf(path))).ino;
-    node.upperXattrs = undefined;
+    const parent = path === '' ? undefined : this.tree.get(parentOf(path));
+    const inheritsAcl = parent?.upperXattrs === undefined || parent.upperXattrs.has('system.posix_acl_default');
+    if (copiedFrom !== undefined) {
+      node.upperXattrs = new Map(Object.keys(copiedFrom.xattrs ?? {}).map((name) => [name, xattrBytes(copiedFrom, name)!]));
+    } else {
+      node.upperXattrs = inheritsAcl && path !== '' ? undefined : new Map();
+    }
+  }
+
+  /** ext4 (like any Linux fs) drops security.capability when a file is written, truncated or chowned. */
+  private dropKilledXattrs(node: UnionNode): void {
+    node.upperXattrs?.delete('security.capability');
   }
 
   /**
@@ -332,7 +350,7 @@ export class UnionFs {
     for (const name of names) {
       const named = this.tree.get(name)!;
       named.lower = undefined;
-      await this.markUpper(name, named);
+      await this.markUpper(name, named, object.entry);
     }
     object.names.clear();
     return node;
@@ -533,7 +551,7 @@ export class UnionFs {
     return this.mutate(path, 'chown', async () => {
       const node = await this.copyUp(path);
       await lchown(this.upper.pathOf(path), uid === NO_OWNER_CHANGE ? -1 : uid, gid === NO_OWNER_CHANGE ? -1 : gid);
-      node.upperXattrs = undefined; // chown drops security.capability
+      this.dropKilledXattrs(node); // chown drops security.capability
     });
   }
 
@@ -542,7 +560,7 @@ export class UnionFs {
       const node = await this.copyUp(path);
       if (node.kind === 'dir') throw fsError('EISDIR', path, 'truncate');
       await truncate(this.upper.pathOf(path), size);
-      node.upperXattrs = undefined;
+      this.dropKilledXattrs(node);
     });
   }
 

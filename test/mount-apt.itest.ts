@@ -7,12 +7,13 @@
  */
 import { expect } from 'chai';
 import { type ChildProcess, spawn } from 'node:child_process';
-import { access, copyFile, mkdir, readFile, rm } from 'node:fs/promises';
+import { access, copyFile, mkdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { clearDeadMount, findMount } from '../mount/deadMount.js';
 import { StoreOperations } from '../storage/operations.js';
 import { Store } from '../storage/store.js';
 import { DEBIAN_MULTI, REPO, execFileAsync, scratch } from './support/env.js';
+import { overlayLower } from './support/overlayLower.js';
 
 const IMAGE = 'debian-multi:l2-packages';
 const VOLATILE = ['var/cache', 'var/lib/apt/lists', 'var/log', 'etc/resolv.conf', 'tmp', 'dev', 'proc', 'var/lib/dpkg/status-old',
@@ -25,20 +26,6 @@ async function mirrorReachable(): Promise<boolean> {
     return true;
   } catch {
     return false;
-  }
-}
-
-/** Lay a store layer out as an overlayfs lower directory (GNU tar + whiteout conversion). */
-async function overlayLower(tarPath: string, dir: string): Promise<void> {
-  await mkdir(dir, { recursive: true });
-  await execFileAsync('tar', ['--xattrs', "--xattrs-include=*", '--numeric-owner', '-p', '-xf', tarPath, '-C', dir], { maxBuffer: 64 * 1024 * 1024 });
-  const { stdout } = await execFileAsync('find', [dir, '-name', '.wh.*'], { maxBuffer: 64 * 1024 * 1024 });
-  for (const marker of stdout.split('\n').filter((l) => l !== '')) {
-    const parent = marker.slice(0, marker.lastIndexOf('/'));
-    const name = marker.slice(marker.lastIndexOf('/') + 1);
-    await rm(marker);
-    if (name === '.wh..wh..opq') await execFileAsync('setfattr', ['-n', 'trusted.overlay.opaque', '-v', 'y', parent]);
-    else await execFileAsync('mknod', [join(parent, name.slice(4)), 'c', '0', '0']);
   }
 }
 
