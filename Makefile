@@ -50,6 +50,7 @@ demo: deps build
 bench: deps build
 	node dist/bench/import.js
 	node dist/bench/pull.js
+	node dist/bench/mount.js
 
 clean:
 	rm -rf dist
