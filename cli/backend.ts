@@ -2,6 +2,7 @@
  * What the CLI asks of layerd, whoever answers: the store opened directly
  * (offline `--root` mode) or the daemon over its socket.
  */
+import { type Efficiency, type HistoryRow, type LayerChange, type TreeEntry, type WhichResult } from '../storage/analysis.js';
 import { type Digest } from '../storage/digest.js';
 import { type FsckReport } from '../storage/fsck.js';
 import { type RemoveResult } from '../storage/gc.js';
@@ -37,6 +38,11 @@ export interface Backend {
   removeImage(ref: string, force: boolean): Promise<RemoveResult>;
   prune(): Promise<PruneResult>;
   fsck(): Promise<FsckReport>;
+  which(ref: string, path: string): Promise<WhichResult>;
+  history(ref: string): Promise<HistoryRow[]>;
+  layerDiff(ref: string, layer: number): Promise<LayerChange[]>;
+  tree(ref: string, path: string, depth: number): Promise<TreeEntry[]>;
+  efficiency(ref: string): Promise<Efficiency>;
   close(): Promise<void>;
   /** Present when talking to the daemon. */
   containers?: ContainerBackend;

@@ -12,6 +12,7 @@ import { DEFAULT_SOCKET } from '../daemon/config.js';
 import { resolveRoot } from '../storage/layout.js';
 import { type Backend, type ContainerBackend } from './backend.js';
 import { humanSize, short, table } from './format.js';
+import { layerLabel } from '../storage/analysis.js';
 import { openOfflineBackend } from './offline.js';
 import { LayerProgress } from './progress.js';
 import { DaemonClient, socketBackend } from './socketBackend.js';
@@ -262,14 +263,85 @@ export function buildProgram(): Command {
     });
 
   program.command('diff')
-    .description('what a container changed: A added, C changed, D deleted')
-    .argument('<id>', 'container')
+    .description('what a container changed (A added, C changed, D deleted), or with --layer N what layer N of an image changes')
+    .argument('<id>', 'container, or image with --layer')
+    .option('--layer <n>', 'layer of the image (1 = base) to compare against the stack below it')
     .option('--json', 'print JSON')
-    .action(async (id: string, opts: { json?: boolean }, cmd: Command) => {
+    .action(async (id: string, opts: { layer?: string; json?: boolean }, cmd: Command) => {
       await withBackend(cmd, async (backend) => {
-        const lines = await needDaemon(backend).diff(id);
+        const lines = opts.layer !== undefined ? await backend.layerDiff(id, Number(opts.layer)) : await needDaemon(backend).diff(id);
         if (opts.json) return printJson(lines);
         for (const l of lines) print(`${l.kind} ${l.path}\n`);
+      });
+    });
+
+  program.command('which')
+    .description('which layer provides PATH in an image, what it shadows, or what deleted it')
+    .argument('<image>', 'image')
+    .argument('<path>', 'path in the merged tree')
+    .option('--json', 'print JSON')
+    .action(async (image: string, path: string, opts: { json?: boolean }, cmd: Command) => {
+      await withBackend(cmd, async (backend) => {
+        const w = await backend.which(image, path);
+        if (opts.json) return printJson(w);
+        if (w.visible && w.layer && w.entry) {
+          const x = Object.keys(w.entry.xattrs ?? {});
+          print(`${w.path}: layer ${layerLabel(w.layer)} (${w.entry.kind}, mode ${w.entry.mode.toString(8).padStart(4, '0')}, ${w.entry.uid}:${w.entry.gid}, ${humanSize(w.entry.size)}${x.length ? `, xattrs ${x.join(' ')}` : ''})\n`);
+        } else if (w.deletedBy) {
+          print(`${w.path}: deleted by layer ${layerLabel(w.deletedBy.layer)} (${w.deletedBy.kind} ${w.deletedBy.marker})\n`);
+        } else {
+          print(`${w.path}: not visible\n`);
+        }
+        for (const s of w.shadows) print(`  shadows layer ${layerLabel(s.layer)}: ${s.kind}, mode ${s.mode.toString(8).padStart(4, '0')}, ${humanSize(s.size)}\n`);
+      });
+    });
+
+  program.command('history')
+    .description('one row per layer: digests, sizes, files added/modified/deleted, created_by')
+    .argument('<image>', 'image')
+    .option('--json', 'print JSON')
+    .action(async (image: string, opts: { json?: boolean }, cmd: Command) => {
+      await withBackend(cmd, async (backend) => {
+        const rows = await backend.history(image);
+        if (opts.json) return printJson(rows);
+        print(table(['LAYER', 'BLOB', 'COMPRESSED', 'SIZE', 'ADDED', 'MODIFIED', 'DELETED', 'CREATED BY'], rows.map((r) => [
+          layerLabel(r.layer), r.digest ? short(r.digest) : '-', humanSize(r.compressedSize), humanSize(r.size),
+          String(r.added), String(r.modified), String(r.deleted), (r.createdBy ?? '').slice(0, 60)])));
+      });
+    });
+
+  program.command('tree')
+    .description('the merged tree of an image, each entry with the layer providing it')
+    .argument('<image>', 'image')
+    .argument('[path]', 'subtree', '/')
+    .option('--depth <n>', 'levels below PATH')
+    .option('--json', 'print JSON')
+    .action(async (image: string, path: string, opts: { depth?: string; json?: boolean }, cmd: Command) => {
+      await withBackend(cmd, async (backend) => {
+        const entries = await backend.tree(image, path, opts.depth !== undefined ? Number(opts.depth) : Infinity);
+        if (opts.json) return printJson(entries);
+        for (const e of entries) print(`${layerLabel(e.layer).padEnd(15)} ${e.kind.padEnd(7)} ${humanSize(e.size).padStart(9)}  ${e.path}\n`);
+      });
+    });
+
+  program.command('efficiency')
+    .description('wasted space: bytes shadowed or deleted by upper layers, duplicated files, dive-style score')
+    .argument('<image>', 'image')
+    .option('--min <score>', 'exit 9 when the score is below this (0..1), for CI')
+    .option('--json', 'print JSON')
+    .action(async (image: string, opts: { min?: string; json?: boolean }, cmd: Command) => {
+      await withBackend(cmd, async (backend) => {
+        const e = await backend.efficiency(image);
+        if (opts.json) printJson(e);
+        else {
+          print(`efficiency ${(e.score * 100).toFixed(2)}%: ${humanSize(e.wastedBytes)} wasted of ${humanSize(e.totalBytes)} ` +
+            `(${humanSize(e.shadowedBytes)} shadowed, ${humanSize(e.deletedBytes)} deleted, ${e.duplicated} files in several layers)\n`);
+          print(table(['WASTED', 'COPIES', 'LAYERS', 'PATH'], e.offenders.slice(0, 10).map((o) => [humanSize(o.wastedBytes), String(o.count), o.layers.join(','), o.path])));
+        }
+        if (opts.min !== undefined && e.score < Number(opts.min)) {
+          process.exitCode = 9;
+          if (!opts.json) process.stderr.write(`layerctl: efficiency ${e.score.toFixed(4)} is below --min ${opts.min}\n`);
+        }
       });
     });
 
@@ -308,10 +380,15 @@ export function buildProgram(): Command {
 }
 
 export async function main(argv: string[]): Promise<number> {
+  // `layerctl tree … | head`: a closed pipe is the reader's choice, not an error.
+  process.stdout.on('error', (err: NodeJS.ErrnoException) => {
+    if (err.code === 'EPIPE') process.exit(0);
+    throw err;
+  });
   const program = buildProgram();
   try {
     await program.parseAsync(argv);
-    return 0;
+    return typeof process.exitCode === 'number' ? process.exitCode : 0;
   } catch (err) {
     const code = (err as { code?: string }).code;
     if (typeof code === 'string' && code.startsWith('commander.')) {

@@ -19,6 +19,11 @@ export async function openOfflineBackend(root: string, logger: Logger): Promise<
     removeImage: (ref, force) => ops.removeImage(ref, force),
     prune: () => ops.prune(),
     fsck: () => ops.fsck(),
+    which: (ref, path) => ops.which(ref, path),
+    history: (ref) => ops.history(ref),
+    layerDiff: (ref, layer) => ops.layerDiff(ref, layer),
+    tree: (ref, path, depth) => ops.tree(ref, path, depth),
+    efficiency: (ref) => ops.efficiency(ref),
     close: async () => store.close(),
   };
 }

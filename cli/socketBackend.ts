@@ -110,6 +110,11 @@ export function socketBackend(socketPath: string): Backend {
     removeImage: (ref, force) => client.call('DELETE', `/v1/images/${enc(ref)}${force ? '?force=1' : ''}`),
     prune: () => client.call('POST', '/v1/prune'),
     fsck: () => client.call('POST', '/v1/fsck'),
+    which: (ref, path) => client.call('GET', `/v1/images/${enc(ref)}/which?path=${enc(path)}`),
+    history: (ref) => client.call('GET', `/v1/images/${enc(ref)}/history`),
+    layerDiff: (ref, layer) => client.call('GET', `/v1/images/${enc(ref)}/layers/${layer}/diff`),
+    tree: (ref, path, depth) => client.call('GET', `/v1/images/${enc(ref)}/tree?path=${enc(path)}${Number.isFinite(depth) ? `&depth=${depth}` : ''}`),
+    efficiency: (ref) => client.call('GET', `/v1/images/${enc(ref)}/efficiency`),
     close: async () => undefined,
     containers: {
       create: (request) => client.call('POST', '/v1/containers', request),

@@ -2,6 +2,10 @@
  * The image operations of a store, as both faces of layerd offer them: the
  * daemon's API and `layerctl --root` (offline) call the same code.
  */
+import {
+  type Efficiency, type HistoryRow, type LayerChange, type TreeEntry, type WhichResult,
+  diffLayer, efficiency, history, loadStack, tree, which,
+} from './analysis.js';
 import { type Digest } from './digest.js';
 import { type FsckReport, fsck } from './fsck.js';
 import { type GcResult, type RemoveResult, prune, removeImage, tagImage } from './gc.js';
@@ -51,4 +55,11 @@ export class StoreOperations {
   removeImage(ref: string, force: boolean): Promise<RemoveResult> { return removeImage(this.store, ref, { force }); }
   prune(): Promise<PruneResult> { return prune(this.store); }
   fsck(): Promise<FsckReport> { return fsck(this.store); }
+
+  // --- debugging layer stacks (from the indexes; nothing is extracted) ---
+  async which(ref: string, path: string): Promise<WhichResult> { return which(await loadStack(this.store, ref), path); }
+  history(ref: string): Promise<HistoryRow[]> { return history(this.store, ref); }
+  async layerDiff(ref: string, layer: number): Promise<LayerChange[]> { return diffLayer(await loadStack(this.store, ref), layer); }
+  async tree(ref: string, path: string, depth: number): Promise<TreeEntry[]> { return tree(await loadStack(this.store, ref), path, depth); }
+  async efficiency(ref: string): Promise<Efficiency> { return efficiency(await loadStack(this.store, ref)); }
 }

@@ -80,5 +80,13 @@ export function imageRoutes(router: Router, ops: StoreOperations, store: Store, 
     return ops.tag(ctx.params['ref']!, body.target);
   });
   router.add('POST', '/v1/prune', () => ops.prune());
+  router.add('GET', '/v1/images/{ref}/which', (ctx) => ops.which(ctx.params['ref']!, ctx.query.get('path') ?? '/'));
+  router.add('GET', '/v1/images/{ref}/history', (ctx) => ops.history(ctx.params['ref']!));
+  router.add('GET', '/v1/images/{ref}/layers/{n}/diff', (ctx) => ops.layerDiff(ctx.params['ref']!, Number(ctx.params['n'])));
+  router.add('GET', '/v1/images/{ref}/tree', (ctx) => {
+    const depth = ctx.query.get('depth');
+    return ops.tree(ctx.params['ref']!, ctx.query.get('path') ?? '/', depth === null ? Infinity : Number(depth));
+  });
+  router.add('GET', '/v1/images/{ref}/efficiency', (ctx) => ops.efficiency(ctx.params['ref']!));
   router.add('POST', '/v1/fsck', () => ops.fsck());
 }
