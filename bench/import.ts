@@ -8,11 +8,12 @@
  * Writes bench/results/import-<timestamp>.{md,json}.
  */
 import { execFile } from 'node:child_process';
-import { mkdir, mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, readdir, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
+import { writeResults } from './report.js';
 import { importFromSource } from '../storage/importer.js';
 import { detectSource } from '../storage/sources/detect.js';
 import { Store } from '../storage/store.js';
@@ -103,12 +104,7 @@ async function main(): Promise<void> {
       ...Object.entries(ratios).map(([k, v]) => `| ${k} | ${v.toFixed(2)} |`),
       '',
     ];
-    const outDir = join(REPO, 'bench', 'results');
-    await mkdir(outDir, { recursive: true });
-    const stamp = new Date().toISOString().replace(/[:.]/g, '-');
-    await writeFile(join(outDir, `import-${stamp}.md`), lines.join('\n'));
-    await writeFile(join(outDir, `import-${stamp}.json`), JSON.stringify({ reps, result, ratios }, null, 2));
-    process.stdout.write(lines.join('\n'));
+    await writeResults('import', lines, { reps, result, ratios });
   } finally {
     await rm(work, { recursive: true, force: true });
   }

@@ -15,6 +15,7 @@ import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { writeResults } from './report.js';
 import { promisify } from 'node:util';
 import { clearDeadMount, findMount } from '../mount/deadMount.js';
 import { StoreOperations } from '../storage/operations.js';
@@ -148,12 +149,7 @@ async function main(): Promise<void> {
       lines.push(`| ${w} | ${cell(s.layerd)} | ${cell(s.overlayfs)} | ${cell(s['fuse-overlayfs'])} | ${(med(s.layerd) / med(s.overlayfs)).toFixed(2)} | ${(med(s.layerd) / med(s['fuse-overlayfs'])).toFixed(2)} |`);
     }
     lines.push('', 'Ratios are layerd time / peer time (lower is better for layerd).', '');
-    const outDir = join(REPO, 'bench', 'results');
-    await mkdir(outDir, { recursive: true });
-    const stamp = new Date().toISOString().replace(/[:.]/g, '-');
-    await writeFile(join(outDir, `mount-${stamp}.md`), lines.join('\n'));
-    await writeFile(join(outDir, `mount-${stamp}.json`), JSON.stringify({ reps, samples }, null, 2));
-    process.stdout.write(lines.join('\n'));
+    await writeResults('mount', lines, { reps, samples });
   } finally {
     for (const m of active) await m.stop().catch(() => undefined);
     await rm(work, { recursive: true, force: true });

@@ -12,10 +12,10 @@
  * Writes bench/results/pull-<timestamp>.{md,json}.
  */
 import { execFile } from 'node:child_process';
-import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { join, resolve } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
+import { writeResults } from './report.js';
 import { promisify } from 'node:util';
 import { importFromSource } from '../storage/importer.js';
 import { pullImage } from '../storage/registry/pull.js';
@@ -24,7 +24,6 @@ import { Store } from '../storage/store.js';
 import { TestRegistry, pushCorpus } from '../test/support/registry.js';
 
 const run = promisify(execFile);
-const REPO = resolve(fileURLToPath(import.meta.url), '..', '..', '..');
 const COMPRESSED_BYTES = 81_120_000; // debian-multi:latest layers (CORPUS.generated.md)
 
 async function time(fn: () => Promise<void>): Promise<number> {
@@ -105,12 +104,7 @@ async function main(): Promise<void> {
       ...Object.entries(ratios).map(([k, v]) => `| ${k} | ${v.toFixed(2)} |`),
       '',
     ];
-    const outDir = join(REPO, 'bench', 'results');
-    await mkdir(outDir, { recursive: true });
-    const stamp = new Date().toISOString().replace(/[:.]/g, '-');
-    await writeFile(join(outDir, `pull-${stamp}.md`), lines.join('\n'));
-    await writeFile(join(outDir, `pull-${stamp}.json`), JSON.stringify({ reps, result, ratios }, null, 2));
-    process.stdout.write(lines.join('\n'));
+    await writeResults('pull', lines, { reps, result, ratios });
   } finally {
     await registry.stop();
     await rm(work, { recursive: true, force: true });

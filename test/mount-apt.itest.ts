@@ -7,12 +7,12 @@
  */
 import { expect } from 'chai';
 import { type ChildProcess, spawn } from 'node:child_process';
-import { access, copyFile, mkdir, readFile } from 'node:fs/promises';
+import { access, copyFile, mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
-import { clearDeadMount, findMount } from '../mount/deadMount.js';
-import { StoreOperations } from '../storage/operations.js';
+import { findMount } from '../mount/deadMount.js';
 import { Store } from '../storage/store.js';
-import { DEBIAN_MULTI, REPO, execFileAsync, scratch } from './support/env.js';
+import { REPO, execFileAsync, scratch } from './support/env.js';
+import { clearMountsUnder, storeWithDebianMulti } from './support/store.js';
 import { overlayLower } from './support/overlayLower.js';
 
 const IMAGE = 'debian-multi:l2-packages';
@@ -62,18 +62,11 @@ describe('real workload: apt-get install in a chroot', function () {
     }
     work = await scratch('layerd-apt-');
     root = join(work.dir, 'store');
-    const store = await Store.open(root, { durability: 'none' });
-    try {
-      await new StoreOperations(store).importPath({ path: DEBIAN_MULTI });
-    } finally {
-      store.close();
-    }
+    await storeWithDebianMulti(root);
   });
   after(async () => {
     if (!work) return;
-    for (const line of (await readFile('/proc/self/mountinfo', 'utf8')).split('\n').filter((l) => l.includes(work.dir))) {
-      await clearDeadMount(line.split(' ')[4]!).catch(() => execFileAsync('umount', ['-l', line.split(' ')[4]!]).catch(() => undefined));
-    }
+    await clearMountsUnder(work.dir);
     await work.remove();
   });
 

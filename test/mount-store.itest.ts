@@ -9,9 +9,8 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { clearDeadMount, findMount } from '../mount/deadMount.js';
-import { StoreOperations } from '../storage/operations.js';
-import { Store } from '../storage/store.js';
-import { DEBIAN_MULTI, REPO, execFileAsync, scratch } from './support/env.js';
+import { REPO, execFileAsync, scratch } from './support/env.js';
+import { clearMountsUnder, storeWithDebianMulti } from './support/store.js';
 
 const MOUNTS = 100;
 
@@ -37,17 +36,10 @@ describe('mounts of store images', function () {
   before(async () => {
     work = await scratch();
     root = join(work.dir, 'store');
-    const store = await Store.open(root, { durability: 'none' });
-    try {
-      await new StoreOperations(store).importPath({ path: DEBIAN_MULTI });
-    } finally {
-      store.close();
-    }
+    await storeWithDebianMulti(root);
   });
   after(async () => {
-    // never leave a mount behind, whatever failed
-    const mounts = (await readFile('/proc/self/mountinfo', 'utf8')).split('\n').filter((l) => l.includes(work.dir));
-    for (const line of mounts) await clearDeadMount(line.split(' ')[4]!).catch(() => undefined);
+    if (work) await clearMountsUnder(work.dir);
     await work?.remove();
   });
 
