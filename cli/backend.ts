@@ -43,6 +43,8 @@ export interface Backend {
   layerDiff(ref: string, layer: number): Promise<LayerChange[]>;
   tree(ref: string, path: string, depth: number): Promise<TreeEntry[]>;
   efficiency(ref: string): Promise<Efficiency>;
+  /** A self-contained HTML page about the image's layers. */
+  report(ref: string): Promise<string>;
   close(): Promise<void>;
   /** Present when talking to the daemon. */
   containers?: ContainerBackend;

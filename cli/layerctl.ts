@@ -7,6 +7,7 @@ import { Command, Option } from 'commander';
 import { ErrorCodes, LayerdError, asLayerdError, exitStatusFor } from '../common/errors.js';
 import { createWriteStream, existsSync } from 'node:fs';
 import { resolve as resolvePath } from 'node:path';
+import { writeFile } from 'node:fs/promises';
 import { type Logger, createLogger } from '../common/log.js';
 import { DEFAULT_SOCKET } from '../daemon/config.js';
 import { resolveRoot } from '../storage/layout.js';
@@ -321,6 +322,18 @@ export function buildProgram(): Command {
         const entries = await backend.tree(image, path, opts.depth !== undefined ? Number(opts.depth) : Infinity);
         if (opts.json) return printJson(entries);
         for (const e of entries) print(`${layerLabel(e.layer).padEnd(15)} ${e.kind.padEnd(7)} ${humanSize(e.size).padStart(9)}  ${e.path}\n`);
+      });
+    });
+
+  program.command('report')
+    .description('write a self-contained HTML page about an image\'s layers (sizes, changes, treemap, wasted space)')
+    .argument('<image>', 'image')
+    .requiredOption('-o, --output <file>', 'the HTML file to write (- for stdout)')
+    .action(async (image: string, opts: { output: string }, cmd: Command) => {
+      await withBackend(cmd, async (backend) => {
+        const html = await backend.report(image);
+        if (opts.output === '-') print(html);
+        else await writeFile(opts.output, html);
       });
     });
 

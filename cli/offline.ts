@@ -24,6 +24,7 @@ export async function openOfflineBackend(root: string, logger: Logger): Promise<
     layerDiff: (ref, layer) => ops.layerDiff(ref, layer),
     tree: (ref, path, depth) => ops.tree(ref, path, depth),
     efficiency: (ref) => ops.efficiency(ref),
+    report: (ref) => ops.report(ref),
     close: async () => store.close(),
   };
 }

@@ -4,6 +4,7 @@
  * same LayerdError, so exit codes match the offline mode.
  */
 import { request } from 'node:http';
+import { Writable } from 'node:stream';
 import { ErrorCodes, type ErrorCode, LayerdError } from '../common/errors.js';
 import { type ImportProgress } from '../storage/importer.js';
 import { type Backend, type ImportRequest } from './backend.js';
@@ -115,6 +116,12 @@ export function socketBackend(socketPath: string): Backend {
     layerDiff: (ref, layer) => client.call('GET', `/v1/images/${enc(ref)}/layers/${layer}/diff`),
     tree: (ref, path, depth) => client.call('GET', `/v1/images/${enc(ref)}/tree?path=${enc(path)}${Number.isFinite(depth) ? `&depth=${depth}` : ''}`),
     efficiency: (ref) => client.call('GET', `/v1/images/${enc(ref)}/efficiency`),
+    report: async (ref) => {
+      const chunks: Buffer[] = [];
+      const sink = new Writable({ write(chunk: Buffer, _e, cb) { chunks.push(chunk); cb(); } });
+      await client.stream('GET', `/v1/images/${enc(ref)}/report`, sink);
+      return Buffer.concat(chunks).toString('utf8');
+    },
     close: async () => undefined,
     containers: {
       create: (request) => client.call('POST', '/v1/containers', request),

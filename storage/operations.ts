@@ -7,6 +7,7 @@ import {
   diffLayer, efficiency, history, loadStack, tree, which,
 } from './analysis.js';
 import { type Digest } from './digest.js';
+import { imageReport } from './report.js';
 import { type FsckReport, fsck } from './fsck.js';
 import { type GcResult, type RemoveResult, prune, removeImage, tagImage } from './gc.js';
 import { type ImportProgress, type ImportedImage, importFromSource, importRawLayer } from './importer.js';
@@ -62,4 +63,5 @@ export class StoreOperations {
   async layerDiff(ref: string, layer: number): Promise<LayerChange[]> { return diffLayer(await loadStack(this.store, ref), layer); }
   async tree(ref: string, path: string, depth: number): Promise<TreeEntry[]> { return tree(await loadStack(this.store, ref), path, depth); }
   async efficiency(ref: string): Promise<Efficiency> { return efficiency(await loadStack(this.store, ref)); }
+  report(ref: string): Promise<string> { return imageReport(this.store, ref); }
 }

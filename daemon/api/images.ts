@@ -88,5 +88,11 @@ export function imageRoutes(router: Router, ops: StoreOperations, store: Store, 
     return ops.tree(ctx.params['ref']!, ctx.query.get('path') ?? '/', depth === null ? Infinity : Number(depth));
   });
   router.add('GET', '/v1/images/{ref}/efficiency', (ctx) => ops.efficiency(ctx.params['ref']!));
+  router.add('GET', '/v1/images/{ref}/report', async (ctx) => {
+    const html = Buffer.from(await ops.report(ctx.params['ref']!));
+    ctx.res.writeHead(200, { 'content-type': 'text/html; charset=utf-8', 'content-length': html.length, 'content-security-policy': "default-src 'none'; style-src 'unsafe-inline'" });
+    ctx.res.end(html);
+    return HANDLED;
+  });
   router.add('POST', '/v1/fsck', () => ops.fsck());
 }
