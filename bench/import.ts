@@ -13,7 +13,7 @@ import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
-import { writeResults } from './report.js';
+import { stats, time, writeResults } from './report.js';
 import { importFromSource } from '../storage/importer.js';
 import { detectSource } from '../storage/sources/detect.js';
 import { Store } from '../storage/store.js';
@@ -30,12 +30,6 @@ const LAYER_BLOBS = [
 ];
 const UNCOMPRESSED_BYTES = 210_770_000; // sum of the four layer tars (CORPUS.generated.md)
 
-async function time(fn: () => Promise<void>): Promise<number> {
-  const t0 = performance.now();
-  await fn();
-  return performance.now() - t0;
-}
-
 async function decompressAll(tool: string, blobs: string[]): Promise<void> {
   for (const b of blobs) await run('sh', ['-c', `${tool} -dc '${b}' > /dev/null`]);
 }
@@ -50,11 +44,6 @@ async function importLayout(layout: string, root: string, durability: 'full' | '
   } finally {
     store.close();
   }
-}
-
-function stats(samples: number[]): { median: number; min: number; max: number } {
-  const s = [...samples].sort((a, b) => a - b);
-  return { median: s[Math.floor(s.length / 2)]!, min: s[0]!, max: s[s.length - 1]! };
 }
 
 async function main(): Promise<void> {

@@ -15,7 +15,7 @@ import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { writeResults } from './report.js';
+import { stats, time, writeResults } from './report.js';
 import { promisify } from 'node:util';
 import { clearDeadMount, findMount } from '../mount/deadMount.js';
 import { StoreOperations } from '../storage/operations.js';
@@ -57,12 +57,6 @@ for dp,dn,fn in os.walk(root):
         if n==1000: raise SystemExit"` },
   'rm -rf 5k lower files': { cold: false, script: 'rm -rf "$MNT/usr/lib/python3.11" "$MNT/usr/share/zoneinfo" "$MNT/etc/ssl"' },
 };
-
-async function time(fn: () => Promise<unknown>): Promise<number> {
-  const t0 = performance.now();
-  await fn();
-  return performance.now() - t0;
-}
 
 async function waitMounted(mnt: string, fstype: string): Promise<void> {
   for (let i = 0; i < 600; i++) {
@@ -137,7 +131,7 @@ async function main(): Promise<void> {
         if (m) await unmount(m);
       }
     }
-    const med = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+    const med = (xs: number[]): number => stats(xs).median;
     const lines = [
       `# Union mounts on debian-multi (4 layers, ~7k files), ${reps} repetitions, ${new Date().toISOString()}`,
       '',

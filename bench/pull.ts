@@ -15,7 +15,7 @@ import { execFile } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { writeResults } from './report.js';
+import { stats, time, writeResults } from './report.js';
 import { promisify } from 'node:util';
 import { importFromSource } from '../storage/importer.js';
 import { pullImage } from '../storage/registry/pull.js';
@@ -25,17 +25,6 @@ import { TestRegistry, pushCorpus } from '../test/support/registry.js';
 
 const run = promisify(execFile);
 const COMPRESSED_BYTES = 81_120_000; // debian-multi:latest layers (CORPUS.generated.md)
-
-async function time(fn: () => Promise<void>): Promise<number> {
-  const t0 = performance.now();
-  await fn();
-  return performance.now() - t0;
-}
-
-function stats(samples: number[]): { median: number; min: number; max: number } {
-  const s = [...samples].sort((a, b) => a - b);
-  return { median: s[Math.floor(s.length / 2)]!, min: s[0]!, max: s[s.length - 1]! };
-}
 
 async function layerdPull(ref: string, root: string, durability: 'full' | 'none'): Promise<void> {
   await rm(root, { recursive: true, force: true });

@@ -1,4 +1,4 @@
-/** Writing a benchmark's results: markdown to stdout and bench/results/<name>-<timestamp>.{md,json}. */
+/** What the benchmarks share: timing, summary statistics, and writing results (markdown to stdout and bench/results/<name>-<timestamp>.{md,json}). */
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -12,4 +12,15 @@ export async function writeResults(name: string, markdown: string[], data: unkno
   await writeFile(join(outDir, `${name}-${stamp}.md`), markdown.join('\n'));
   await writeFile(join(outDir, `${name}-${stamp}.json`), JSON.stringify(data, null, 2));
   process.stdout.write(markdown.join('\n'));
+}
+
+export async function time(fn: () => Promise<unknown>): Promise<number> {
+  const t0 = performance.now();
+  await fn();
+  return performance.now() - t0;
+}
+
+export function stats(samples: number[]): { median: number; min: number; max: number } {
+  const s = [...samples].sort((a, b) => a - b);
+  return { median: s[Math.floor(s.length / 2)]!, min: s[0]!, max: s[s.length - 1]! };
 }

@@ -2,6 +2,7 @@
  * Compression of layer blobs, detected from the bytes and never from the
  * media type: a real skopeo version labels plain tars `+gzip`.
  */
+import { open } from 'node:fs/promises';
 import { createGunzip, createGzip, constants as zlibConstants } from 'node:zlib';
 import { PassThrough, type Transform } from 'node:stream';
 import { CompressStream, DecompressStream } from 'zstd-napi';
@@ -11,6 +12,18 @@ export type Compression = 'gzip' | 'zstd' | 'none';
 
 /** Bytes needed to tell the formats apart (the ustar magic sits at 257). */
 export const SNIFF_BYTES = 512;
+
+/** The first SNIFF_BYTES of a file (fewer if it is shorter), for sniffCompression. */
+export async function readHead(path: string): Promise<Buffer> {
+  const handle = await open(path, 'r');
+  try {
+    const buf = Buffer.alloc(SNIFF_BYTES);
+    const { bytesRead } = await handle.read(buf, 0, SNIFF_BYTES, 0);
+    return buf.subarray(0, bytesRead);
+  } finally {
+    await handle.close();
+  }
+}
 
 export function sniffCompression(head: Buffer): Compression {
   if (head.length >= 2 && head[0] === 0x1f && head[1] === 0x8b) return 'gzip';

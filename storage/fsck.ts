@@ -7,12 +7,12 @@
  */
 import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
-import { open, readdir, stat } from 'node:fs/promises';
+import { readdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Writable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { LayerdError } from '../common/errors.js';
-import { SNIFF_BYTES, createDecompressor, sniffCompression } from './compression.js';
+import { createDecompressor, readHead, sniffCompression } from './compression.js';
 import { type Digest, DigestingStream } from './digest.js';
 import { type Store } from './store.js';
 
@@ -104,15 +104,7 @@ async function hashFile(path: string): Promise<{ digest: Digest; size: number }>
 }
 
 async function diffIdOfBlob(path: string): Promise<Digest> {
-  const handle = await open(path, 'r');
-  let head: Buffer;
-  try {
-    const buf = Buffer.alloc(SNIFF_BYTES);
-    const { bytesRead } = await handle.read(buf, 0, SNIFF_BYTES, 0);
-    head = buf.subarray(0, bytesRead);
-  } finally {
-    await handle.close();
-  }
+  const head = await readHead(path);
   const hasher = new DigestingStream();
   await pipeline(createReadStream(path, { highWaterMark: 1024 * 1024 }), createDecompressor(sniffCompression(head)), hasher, new Writable({ write(_c, _e, cb) { cb(); } }));
   return hasher.result().digest;

@@ -20,7 +20,7 @@ import { join } from 'node:path';
 import { type Readable, Transform, Writable, type TransformCallback } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { ErrorCodes, LayerdError } from '../common/errors.js';
-import { type Compression, SNIFF_BYTES, createDecompressor, sniffCompression } from './compression.js';
+import { type Compression, createDecompressor, readHead, sniffCompression } from './compression.js';
 import { type Digest, DigestingStream, verifyDigest } from './digest.js';
 import { LAYER_TAR, type LayerIndex } from './layerIndex.js';
 import { DEFAULT_UNPACK_LIMITS, LayerUnpacker, type UnpackLimits } from './layerUnpack.js';
@@ -169,17 +169,6 @@ class FileTee extends Transform {
     this.handle = undefined;
     if (!h) { callback(error); return; }
     h.close().then(() => callback(error), () => callback(error));
-  }
-}
-
-async function readHead(path: string): Promise<Buffer> {
-  const h = await open(path, 'r');
-  try {
-    const buf = Buffer.alloc(SNIFF_BYTES);
-    const { bytesRead } = await h.read(buf, 0, SNIFF_BYTES, 0);
-    return buf.subarray(0, bytesRead);
-  } finally {
-    await h.close();
   }
 }
 

@@ -3,10 +3,9 @@
  * OCI archive, a docker-save archive, or a raw layer tar. Detection reads
  * the bytes (and an archive's table of contents), never the file name.
  */
-import { open } from 'node:fs/promises';
 import { basename } from 'node:path';
 import { ErrorCodes, LayerdError, errnoCode } from '../../common/errors.js';
-import { sniffCompression } from '../compression.js';
+import { readHead, sniffCompression } from '../compression.js';
 import { isValidName } from '../references.js';
 import { DockerArchiveSource } from './dockerArchive.js';
 import { DirectoryTree, TarTree } from './fileTree.js';
@@ -33,7 +32,7 @@ export async function detectSource(path: string, options: { name?: string; forma
     return { kind: 'image', source: new OciLayoutSource('oci-layout', tree, name) };
   }
 
-  const head = await readHead(path);
+  const head = await headOf(path);
   const compression = sniffCompression(head);
   const isTar = head.length >= 262 && head.subarray(257, 262).toString('latin1') === 'ustar';
   if (options.format === 'layer' || compression !== 'none' || !isTar) {
@@ -53,20 +52,13 @@ export async function detectSource(path: string, options: { name?: string; forma
   return { kind: 'layer', path, name };
 }
 
-async function readHead(path: string): Promise<Buffer> {
-  let handle;
+/** The file's first bytes, with a clear error when there is no such file. */
+async function headOf(path: string): Promise<Buffer> {
   try {
-    handle = await open(path, 'r');
+    return await readHead(path);
   } catch (err) {
     if (errnoCode(err) === 'ENOENT') throw new LayerdError(ErrorCodes.ENOTFOUND, `no such file or directory: ${path}`, { path });
     throw new LayerdError(ErrorCodes.EIO, `cannot open ${path}: ${(err as Error).message}`, { path }, { cause: err });
-  }
-  try {
-    const buf = Buffer.alloc(512);
-    const { bytesRead } = await handle.read(buf, 0, 512, 0);
-    return buf.subarray(0, bytesRead);
-  } finally {
-    await handle.close();
   }
 }
 
