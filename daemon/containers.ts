@@ -1,20 +1,18 @@
 /**
  * Containers: a container is a mount of an image with its own writable
- * layer. Each mount is served by its own `layerd mount` process, started
+ * layer. Each mount is served by its own `layerd mount` process (see
+ * mountServer.ts), started
  * detached so that it outlives a daemon restart or upgrade; the daemon
  * records its PID and, on start, adopts servers that still run and mounts
  * again those that died (clearing their dead mountpoints first).
  */
-import { type ChildProcess, spawn } from 'node:child_process';
 import { createWriteStream } from 'node:fs';
-import { mkdir, open, readFile, rm, stat } from 'node:fs/promises';
-import { dirname, join, resolve } from 'node:path';
+import { mkdir, readFile, rm, stat } from 'node:fs/promises';
+import { join, resolve } from 'node:path';
 import { type Writable } from 'node:stream';
-import { fileURLToPath } from 'node:url';
 import { ErrorCodes, LayerdError } from '../common/errors.js';
-import { processAlive, sleep } from '../common/process.js';
+import { processAlive } from '../common/process.js';
 import { type Logger } from '../common/log.js';
-import { clearDeadMount, findMount, isDeadMount } from '../mount/deadMount.js';
 import { LowerInoAllocator } from '../mount/inodes.js';
 import { directorySource, scanDirectory } from '../mount/lowerDir.js';
 import { MergedTree } from '../mount/mergedTree.js';
@@ -26,10 +24,9 @@ import { writeLayerTar } from '../storage/layerWriter.js';
 import { type ContainerRow } from '../storage/metadata.js';
 import { formatRef, splitNameTag } from '../storage/references.js';
 import { type Store } from '../storage/store.js';
+import { isServing, startMount, stopMount } from './mountServer.js';
 
-const LAYERD_BIN = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..', 'bin', 'layerd');
 const ID_RE = /^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$/;
-const READY_TIMEOUT_MS = 60_000;
 
 export interface CreateRequest {
   id?: string;
@@ -137,39 +134,19 @@ export class ContainerManager {
     }
   }
 
-  /** Start a detached `layerd mount` for the container and wait until it serves. */
+  /** Start the container's mount server and wait until it serves. */
   private async startServer(row: ContainerRow): Promise<void> {
-    const layers = this.store.db.imageLayers(row.image_id).map((l) => this.store.layout.layerDir(l.diff_id)).reverse();
-    const args = [LAYERD_BIN, 'mount', '--layers', layers.join(':'), '--upper', this.upper(row.id), '--stats-file', this.statsFile(row.id)];
-    if (row.read_only) args.push('--read-only');
-    args.push(row.mountpoint);
-    const log = await open(join(this.dir(row.id), 'mount.log'), 'a', 0o600);
-    let child: ChildProcess;
-    try {
-      // Detached, in its own session, with no pipe to the daemon: it must
-      // keep serving when the daemon stops or restarts.
-      child = spawn(process.execPath, args, { detached: true, stdio: ['ignore', log.fd, log.fd] });
-    } finally {
-      await log.close();
-    }
-    child.unref();
-    const pid = child.pid;
-    if (pid === undefined) throw new LayerdError(ErrorCodes.EIO, `could not start the mount server for ${row.id}`, { container: row.id });
-    let exited: number | null | undefined;
-    child.once('exit', (code) => { exited = code; });
-    const deadline = Date.now() + READY_TIMEOUT_MS;
-    for (;;) {
-      const entry = await findMount(row.mountpoint);
-      if (entry?.fstype.startsWith('fuse')) break;
-      if (exited !== undefined || Date.now() > deadline) {
-        if (exited === undefined) process.kill(pid, 'SIGKILL');
-        const tail = (await readFile(join(this.dir(row.id), 'mount.log'), 'utf8').catch(() => '')).split('\n').slice(-5).join('\n');
-        throw new LayerdError(ErrorCodes.EIO, `the mount server for ${row.id} did not come up: ${tail}`, { container: row.id });
-      }
-      await sleep(25);
-    }
-    this.store.db.write(() => this.store.db.setContainerServer(row.id, pid));
-    this.logger.info('container mounted', { container: row.id, mountpoint: row.mountpoint, pid });
+    const served = await startMount({
+      layers: this.store.db.imageLayers(row.image_id).map((l) => this.store.layout.layerDir(l.diff_id)),
+      upper: this.upper(row.id),
+      mountpoint: row.mountpoint,
+      readOnly: row.read_only === 1,
+      logFile: join(this.dir(row.id), 'mount.log'),
+      statsFile: this.statsFile(row.id),
+      context: { container: row.id },
+    });
+    this.store.db.write(() => this.store.db.setContainerServer(row.id, served.pid));
+    this.logger.info('container mounted', { container: row.id, mountpoint: row.mountpoint, pid: served.pid });
   }
 
   /**
@@ -180,14 +157,12 @@ export class ContainerManager {
     const adopted: string[] = [];
     const remounted: string[] = [];
     for (const row of this.store.db.listContainers()) {
-      const entry = await findMount(row.mountpoint);
-      const alive = row.server_pid !== null && processAlive(row.server_pid);
-      if (alive && entry?.fstype.startsWith('fuse') && !(await isDeadMount(row.mountpoint))) {
+      if (row.server_pid !== null && await isServing({ pid: row.server_pid, mountpoint: row.mountpoint })) {
         adopted.push(row.id);
         continue;
       }
-      if (alive) process.kill(row.server_pid!, 'SIGKILL');
-      if (entry) await clearDeadMount(row.mountpoint);
+      if (row.server_pid !== null && processAlive(row.server_pid)) process.kill(row.server_pid, 'SIGKILL');
+      await stopMount(null, row.mountpoint);
       try {
         await this.startServer(row);
         remounted.push(row.id);
@@ -234,14 +209,7 @@ export class ContainerManager {
   }
 
   private async stopServer(row: ContainerRow): Promise<void> {
-    const pid = row.server_pid;
-    if (pid !== null && processAlive(pid)) {
-      process.kill(pid, 'SIGTERM');
-      const deadline = Date.now() + 10_000;
-      while (processAlive(pid) && Date.now() < deadline) await sleep(25);
-      if (processAlive(pid)) process.kill(pid, 'SIGKILL');
-    }
-    if (await findMount(row.mountpoint)) await clearDeadMount(row.mountpoint);
+    await stopMount(row.server_pid, row.mountpoint);
   }
 
   /** Stop serving every mount (daemon stop with --unmount). */
