@@ -14,12 +14,12 @@ export type { ImportRequest };
 
 export interface ContainerSummary {
   id: string; image: string; imageRefs: string[]; mountpoint: string; readOnly: boolean;
-  labels: Record<string, string>; created: string; state: string; serverPid: number | null;
+  labels: Record<string, string>; created: string; state: string; serverPid: number | null; layerDir: string | null;
 }
 
 /** Container operations: only the daemon has containers. */
 export interface ContainerBackend {
-  create(request: { id?: string; image: string; mountpoint?: string; readOnly?: boolean; labels?: Record<string, string> }): Promise<{ id: string; mountpoint: string }>;
+  create(request: { id?: string; image: string; mountpoint?: string; readOnly?: boolean; labels?: Record<string, string>; layerDir?: string }): Promise<{ id: string; mountpoint: string }>;
   list(): Promise<ContainerSummary[]>;
   inspect(id: string): Promise<ContainerSummary>;
   remove(id: string, keep: boolean): Promise<{ id: string; kept: boolean }>;
@@ -43,6 +43,8 @@ export interface Backend {
   layerDiff(ref: string, layer: number): Promise<LayerChange[]>;
   tree(ref: string, path: string, depth: number): Promise<TreeEntry[]>;
   efficiency(ref: string): Promise<Efficiency>;
+  /** A directory (absolute path) as a new layer on top of an image, in a new image. */
+  commitLayerDir(image: string, dir: string, ref?: string): Promise<{ image: string; ref: string | null; diffId: string; digest: string; size: number }>;
   /** A self-contained HTML page about the image's layers. */
   report(ref: string): Promise<string>;
   close(): Promise<void>;

@@ -205,8 +205,9 @@ export function buildProgram(): Command {
       .option('--mountpoint <dir>', 'where to mount (default: the daemon\'s mount root / ID)')
       .option('--read-only', 'a read-only mount')
       .option('--label <key=value...>', 'labels')
+      .option('--layer-dir <dir>', 'serve this host directory live as the top read-only layer (edits show at once)')
       .option('--json', 'print {"id", "mountpoint"}')
-      .action(async (image: string, opts: { name?: string; mountpoint?: string; readOnly?: boolean; label?: string[]; json?: boolean }, cmd: Command) => {
+      .action(async (image: string, opts: { name?: string; mountpoint?: string; readOnly?: boolean; label?: string[]; layerDir?: string; json?: boolean }, cmd: Command) => {
         await withBackend(cmd, async (backend) => {
           const labels: Record<string, string> = {};
           for (const l of opts.label ?? []) {
@@ -217,6 +218,7 @@ export function buildProgram(): Command {
           const r = await needDaemon(backend).create({
             image, ...(opts.name ? { id: opts.name } : {}), ...(opts.mountpoint ? { mountpoint: resolvePath(opts.mountpoint) } : {}),
             ...(opts.readOnly ? { readOnly: true } : {}), ...(opts.label ? { labels } : {}),
+            ...(opts.layerDir !== undefined ? { layerDir: resolvePath(opts.layerDir) } : {}),
           });
           if (opts.json) return printJson(r);
           print(`${r.id} ${r.mountpoint}\n`);
@@ -251,13 +253,16 @@ export function buildProgram(): Command {
     });
 
   program.command('commit')
-    .description('turn a container\'s writable layer into a new layer and image')
-    .argument('<id>', 'container')
+    .description('turn a container\'s writable layer into a new layer and image; with --layer-dir, a directory on top of IMAGE')
+    .argument('<id>', 'container (or, with --layer-dir, the base image)')
     .argument('[ref]', 'NAME[:TAG] for the new image')
+    .option('--layer-dir <dir>', 'commit this directory (`.wh.` files are whiteouts) as a layer on top of the image <id>')
     .option('--json', 'print JSON')
-    .action(async (id: string, ref: string | undefined, opts: { json?: boolean }, cmd: Command) => {
+    .action(async (id: string, ref: string | undefined, opts: { layerDir?: string; json?: boolean }, cmd: Command) => {
       await withBackend(cmd, async (backend) => {
-        const r = await needDaemon(backend).commit(id, ref);
+        const r = opts.layerDir !== undefined
+          ? await backend.commitLayerDir(id, resolvePath(opts.layerDir), ref)
+          : await needDaemon(backend).commit(id, ref);
         if (opts.json) return printJson(r);
         print(`${r.image}${r.ref ? ` (${r.ref})` : ''} layer ${r.diffId}\n`);
       });

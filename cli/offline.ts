@@ -3,6 +3,7 @@
  * store with no daemon. It refuses (EBUSY) while a daemon holds the store.
  */
 import { type Logger } from '../common/log.js';
+import { commitLayerDirectory } from '../mount/directoryLayer.js';
 import { StoreOperations } from '../storage/operations.js';
 import { Store } from '../storage/store.js';
 import { type Backend } from './backend.js';
@@ -25,6 +26,7 @@ export async function openOfflineBackend(root: string, logger: Logger): Promise<
     tree: (ref, path, depth) => ops.tree(ref, path, depth),
     efficiency: (ref) => ops.efficiency(ref),
     report: (ref) => ops.report(ref),
+    commitLayerDir: (image, dir, ref) => commitLayerDirectory(store, image, dir, ref !== undefined ? { ref } : {}),
     close: async () => store.close(),
   };
 }

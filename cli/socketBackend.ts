@@ -113,6 +113,7 @@ export function socketBackend(socketPath: string): Backend {
     fsck: () => client.call('POST', '/v1/fsck'),
     which: (ref, path) => client.call('GET', `/v1/images/${enc(ref)}/which?path=${enc(path)}`),
     history: (ref) => client.call('GET', `/v1/images/${enc(ref)}/history`),
+    commitLayerDir: (image, dir, ref) => client.call('POST', `/v1/images/${enc(image)}/commit`, { layerDir: dir, ...(ref !== undefined ? { ref } : {}) }),
     layerDiff: (ref, layer) => client.call('GET', `/v1/images/${enc(ref)}/layers/${layer}/diff`),
     tree: (ref, path, depth) => client.call('GET', `/v1/images/${enc(ref)}/tree?path=${enc(path)}${Number.isFinite(depth) ? `&depth=${depth}` : ''}`),
     efficiency: (ref) => client.call('GET', `/v1/images/${enc(ref)}/efficiency`),

@@ -6,7 +6,6 @@
  * records its PID and, on start, adopts servers that still run and mounts
  * again those that died (clearing their dead mountpoints first).
  */
-import { createWriteStream } from 'node:fs';
 import { mkdir, readFile, rm, stat } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { type Writable } from 'node:stream';
@@ -14,13 +13,14 @@ import { ErrorCodes, LayerdError } from '../common/errors.js';
 import { processAlive } from '../common/process.js';
 import { type Logger } from '../common/log.js';
 import { LowerInoAllocator } from '../mount/inodes.js';
-import { directorySource, scanDirectory } from '../mount/lowerDir.js';
+import { commitDirectory, writeDirectoryLayer } from '../mount/directoryLayer.js';
+import { lowerDirSource, scanDirectory } from '../mount/lowerDir.js';
+import { isWithin } from '../mount/paths.js';
 import { MergedTree } from '../mount/mergedTree.js';
 import { type OpStatsSnapshot } from '../mount/opStats.js';
-import { type CommitResult, commitLayer } from '../storage/commit.js';
+import { type CommitResult } from '../storage/commit.js';
 import { type Digest } from '../storage/digest.js';
-import { LAYER_TAR, tarLayerSource } from '../storage/layerIndex.js';
-import { writeLayerTar } from '../storage/layerWriter.js';
+import { tarLayerSource } from '../storage/layerIndex.js';
 import { type ContainerRow } from '../storage/metadata.js';
 import { formatRef, splitNameTag } from '../storage/references.js';
 import { type Store } from '../storage/store.js';
@@ -34,6 +34,8 @@ export interface CreateRequest {
   mountpoint?: string;
   readOnly?: boolean;
   labels?: Record<string, string>;
+  /** A host directory served live as the top read-only layer (absolute path). */
+  layerDir?: string;
 }
 
 export interface ContainerInfo {
@@ -46,6 +48,7 @@ export interface ContainerInfo {
   created: string;
   state: 'mounted' | 'stopped';
   serverPid: number | null;
+  layerDir: string | null;
 }
 
 export interface DiffLine {
@@ -110,6 +113,7 @@ export class ContainerManager {
     if (request.mountpoint !== undefined && !request.mountpoint.startsWith('/')) {
       throw new LayerdError(ErrorCodes.EINVAL, 'mountpoint must be an absolute path', { mountpoint: request.mountpoint });
     }
+    const layerDir = request.layerDir === undefined ? null : await this.checkLayerDir(request.layerDir, mountpoint);
     this.creating.add(id);
     try {
       if (this.store.db.listContainers().some((c) => c.mountpoint === mountpoint)) {
@@ -119,7 +123,7 @@ export class ContainerManager {
       await mkdir(mountpoint, { recursive: true });
       this.store.db.write(() => this.store.db.putContainer({
         id, image_id: image.id, mountpoint, read_only: request.readOnly ? 1 : 0,
-        labels: JSON.stringify(request.labels ?? {}), server_pid: null,
+        labels: JSON.stringify(request.labels ?? {}), server_pid: null, layer_dir: layerDir,
       }));
       try {
         await this.startServer(this.store.db.getContainer(id)!);
@@ -134,10 +138,27 @@ export class ContainerManager {
     }
   }
 
+  /** A live layer directory must exist, be absolute, and stay clear of the mountpoint and the store. */
+  private async checkLayerDir(dir: string, mountpoint: string): Promise<string> {
+    if (typeof dir !== 'string' || !dir.startsWith('/')) {
+      throw new LayerdError(ErrorCodes.EINVAL, 'layerDir must be an absolute path', { layerDir: String(dir) });
+    }
+    const path = resolve(dir);
+    const st = await stat(path).catch(() => undefined);
+    if (!st?.isDirectory()) throw new LayerdError(ErrorCodes.ENOTFOUND, `layer directory ${path} is not a directory`, { layerDir: path });
+    for (const other of [mountpoint, this.store.layout.root]) {
+      if (isWithin(path, other) || isWithin(other, path)) {
+        throw new LayerdError(ErrorCodes.EINVAL, `layer directory ${path} must not contain or lie inside ${other}`, { layerDir: path });
+      }
+    }
+    return path;
+  }
+
   /** Start the container's mount server and wait until it serves. */
   private async startServer(row: ContainerRow): Promise<void> {
     const served = await startMount({
       layers: this.store.db.imageLayers(row.image_id).map((l) => this.store.layout.layerDir(l.diff_id)),
+      ...(row.layer_dir !== null ? { liveLayer: row.layer_dir } : {}),
       upper: this.upper(row.id),
       mountpoint: row.mountpoint,
       readOnly: row.read_only === 1,
@@ -195,6 +216,7 @@ export class ContainerManager {
       created: new Date(row.created_at).toISOString(),
       state: serving ? 'mounted' : 'stopped',
       serverPid: serving ? row.server_pid : null,
+      layerDir: row.layer_dir,
     };
   }
 
@@ -226,6 +248,7 @@ export class ContainerManager {
     const lower = new MergedTree();
     const inos = new LowerInoAllocator();
     for (const l of await this.store.imageLayers(row.image_id)) lower.addLayer(tarLayerSource(l.index, l.tarPath), inos);
+    if (row.layer_dir !== null) lower.addLayer(await lowerDirSource(row.layer_dir), inos);
     const upper = await scanDirectory(this.upper(id), `container:${id}`);
     const lines: DiffLine[] = [];
     for (const w of upper.index.whiteouts) if (lower.get(w)) lines.push({ kind: 'D', path: `/${w}` });
@@ -246,25 +269,26 @@ export class ContainerManager {
   /** The writable layer as an OCI layer tar (whiteouts included). */
   async export(id: string, out: Writable): Promise<void> {
     this.row(id);
-    const upper = await scanDirectory(this.upper(id), `container:${id}`);
-    await writeLayerTar(directorySource(upper), out);
+    await writeDirectoryLayer(this.upper(id), out, `container:${id}`);
   }
 
-  /** Turn the writable layer into a layer of the store and a new image on the container's image. */
+  /**
+   * Turn the writable layer into a layer of the store and a new image on the
+   * container's image. A container with a live layer directory gets two new
+   * layers, the directory's and then the writable one, so that the new image
+   * shows what the container shows.
+   */
   async commit(id: string, options: { ref?: string; comment?: string }): Promise<CommitResult> {
     const row = this.row(id);
     const ref = options.ref !== undefined ? splitNameTag(options.ref) : undefined;
-    const workDir = await this.store.newWorkDir();
-    try {
-      const tar = join(workDir, LAYER_TAR);
-      await this.export(id, createWriteStream(tar, { mode: 0o600 }));
-      await stat(tar);
-      return await commitLayer(this.store, row.image_id, tar, {
-        createdBy: `layerd commit ${id}`, ...(ref ? { ref } : {}), ...(options.comment ? { comment: options.comment } : {}),
-      });
-    } finally {
-      await this.store.releaseWorkDir(workDir);
+    const createdBy = `layerd commit ${id}`;
+    let base: string = row.image_id;
+    if (row.layer_dir !== null) {
+      base = (await commitDirectory(this.store, base, row.layer_dir, { createdBy: `${createdBy} (layer dir ${row.layer_dir})` })).image;
     }
+    return commitDirectory(this.store, base, this.upper(id), {
+      createdBy, ...(ref ? { ref } : {}), ...(options.comment ? { comment: options.comment } : {}),
+    });
   }
 }
 

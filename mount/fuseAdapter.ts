@@ -44,6 +44,8 @@ export interface FuseMountOptions {
   readOnly: boolean;
   /** Seconds the kernel may cache names and attributes. */
   cacheSeconds?: number;
+  /** Lower content can change while mounted (a live layer): never keep file pages across opens. */
+  contentMayChange?: boolean;
   debug?: boolean;
 }
 
@@ -152,7 +154,9 @@ export function mountOptionString(options: FuseMountOptions): string {
     // a write through one name leaves stale pages under the others;
     // auto_cache drops them on open when size or mtime changed, and
     // ac_attr_timeout=0 makes it look every time (a getattr per open).
-    ...(options.readOnly ? ['kernel_cache'] : ['auto_cache', 'ac_attr_timeout=0']),
+    // A live layer: neither, so pages are dropped on every open (an edit
+    // of the same size within the same second would fool auto_cache).
+    ...(options.contentMayChange ? [] : options.readOnly ? ['kernel_cache'] : ['auto_cache', 'ac_attr_timeout=0']),
   ];
   if (options.readOnly) list.push('ro');
   if (options.debug) list.push('debug');

@@ -27,7 +27,7 @@ export { clearDeadMount, isDeadMount, findMount } from './deadMount.js';
 
 interface MountArgs {
   lower?: string; layers?: string; root?: string; image?: string;
-  upper?: string; readOnly?: boolean; debug?: boolean; statsFile?: string;
+  upper?: string; readOnly?: boolean; debug?: boolean; statsFile?: string; liveLayer?: string;
 }
 
 /** The layers to mount, bottom → top, from whichever source the flags name. */
@@ -61,6 +61,7 @@ export async function mountCommand(argv: string[]): Promise<number> {
     .option('--image <ref>', 'mount this image of the store')
     .option('--layers <dirs>', 'store layer directories (layers/sha256/<diffID>), colon-separated, top first')
     .option('--lower <dirs>', 'plain lower directories, colon-separated, top first')
+    .option('--live-layer <dir>', 'serve this directory as the top read-only layer, following its changes')
     .option('--upper <dir>', 'writable upper directory (receives an OCI changeset); without it the mount is read-only')
     .option('--read-only', 'refuse all changes')
     .option('--stats-file <file>', 'write FUSE operation counts and latencies there (JSON, every 2 s)')
@@ -84,7 +85,8 @@ export async function mountCommand(argv: string[]): Promise<number> {
     const upper = args.upper ?? (emptyUpper = await mkdtemp(join(tmpdir(), 'layerd-ro-upper-')));
     const stats = args.statsFile ? new OpStats() : undefined;
     const mounted = await mountUnion({
-      layers, upper, mountpoint, readOnly: (args.readOnly ?? false) || args.upper === undefined, logger, ...(stats ? { stats } : {}),
+      layers, upper, mountpoint, readOnly: (args.readOnly ?? false) || args.upper === undefined, logger,
+      ...(stats ? { stats } : {}), ...(args.liveLayer !== undefined ? { liveLayer: args.liveLayer } : {}),
     });
     const statsTimer = stats && args.statsFile ? setInterval(() => { void stats.writeTo(args.statsFile!).catch(() => undefined); }, 2000) : undefined;
     statsTimer?.unref();

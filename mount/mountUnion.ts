@@ -7,6 +7,7 @@ import { ErrorCodes, LayerdError } from '../common/errors.js';
 import type { LayerSource } from '../storage/layerIndex.js';
 import { clearDeadMount, findMount, isDeadMount } from './deadMount.js';
 import { LayerdFuse } from './fuseAdapter.js';
+import { LiveLayer } from './liveLayer.js';
 import { UnionFs } from './unionFs.js';
 import type { OpStats } from './opStats.js';
 import { resolve } from 'node:path';
@@ -23,6 +24,8 @@ export interface MountUnionOptions {
   cacheSeconds?: number;
   /** Where to count operations and their latencies. */
   stats?: OpStats;
+  /** A host directory served as the top read-only layer and kept current as it changes. */
+  liveLayer?: string;
 }
 
 export interface MountedUnion {
@@ -34,6 +37,7 @@ export interface MountedUnion {
 }
 
 const POLL_MS = 500;
+const LIVE_CACHE_SECONDS = 0.25;
 
 export async function mountUnion(options: MountUnionOptions): Promise<MountedUnion> {
   const logger = options.logger ?? silentLogger();
@@ -49,14 +53,33 @@ export async function mountUnion(options: MountUnionOptions): Promise<MountedUni
     logger.warn('clearing a dead mount left at the mountpoint', { mountpoint });
     await clearDeadMount(mountpoint);
   }
-  const union = await UnionFs.create({ layers: options.layers, upper, readOnly });
+  let union: UnionFs | undefined;
+  const live = options.liveLayer === undefined ? undefined : await LiveLayer.start(options.liveLayer, async (source) => {
+    await union?.replaceLayers([...options.layers, source]);
+    logger.debug('live layer changed', { dir: options.liveLayer, entries: source.index.entries.length });
+  }, logger);
+  try {
+    union = await UnionFs.create({ layers: live ? [...options.layers, live.source] : options.layers, upper, readOnly });
+  } catch (err) {
+    await live?.close();
+    throw err;
+  }
   if (union.skippedEntries > 0) logger.warn('index entries ignored while merging', { count: union.skippedEntries });
-  const cache = options.cacheSeconds;
-  const fuse = new LayerdFuse(mountpoint, union, logger, cache === undefined ? { readOnly } : { readOnly, cacheSeconds: cache }, options.stats);
-  await new Promise<void>((done, fail) => fuse.mount((err) => (err
-    ? fail(new LayerdError(ErrorCodes.EIO, `cannot mount ${mountpoint}: ${err.message}`, { mountpoint }, { cause: err }))
-    : done())));
-  logger.info('mounted', { mountpoint, layers: options.layers.length, readOnly });
+  // A live layer changes under the kernel's caches: keep them short, so an edit shows within a second.
+  const cacheSeconds = options.cacheSeconds ?? (live ? LIVE_CACHE_SECONDS : undefined);
+  const fuse = new LayerdFuse(mountpoint, union, logger, {
+    readOnly, contentMayChange: live !== undefined, ...(cacheSeconds === undefined ? {} : { cacheSeconds }),
+  }, options.stats);
+  try {
+    await new Promise<void>((done, fail) => fuse.mount((err) => (err
+      ? fail(new LayerdError(ErrorCodes.EIO, `cannot mount ${mountpoint}: ${err.message}`, { mountpoint }, { cause: err }))
+      : done())));
+  } catch (err) {
+    await live?.close();
+    throw err;
+  }
+  const mergedUnion = union;
+  logger.info('mounted', { mountpoint, layers: options.layers.length, readOnly, ...(live ? { liveLayer: live.dir } : {}) });
 
   let markGone!: () => void;
   const gone = new Promise<void>((done) => { markGone = done; });
@@ -71,7 +94,7 @@ export async function mountUnion(options: MountUnionOptions): Promise<MountedUni
     if (isGone) return;
     isGone = true;
     clearInterval(poll);
-    void union.closeAll().finally(markGone);
+    void Promise.all([mergedUnion.closeAll(), live?.close()]).finally(markGone);
   };
 
   let unmounting: Promise<void> | undefined;

@@ -67,12 +67,25 @@ function sameInode(a: UnionNode, b: UnionNode): boolean {
   return !a.upper && !b.upper && a.lower === b.lower;
 }
 
+async function merge(layers: readonly LayerSource[], upperDir: string): Promise<{
+  tree: MergedTree; lowerKinds: Map<string, EntryKind>; upperWhiteouts: Map<string, MarkerStyle>; upperRoot: string;
+}> {
+  const tree = new MergedTree();
+  const inos = new LowerInoAllocator();
+  for (const layer of layers) tree.addLayer(layer, inos);
+  const lowerKinds = tree.snapshotKinds();
+  const scanned = await scanDirectory(upperDir, 'upper');
+  const upperWhiteouts = tree.addUpper(scanned);
+  return { tree, lowerKinds, upperWhiteouts, upperRoot: scanned.root };
+}
+
 export class UnionFs {
-  private readonly tree: MergedTree;
+  // The three below are replaced together when the lower layers change (a live layer).
+  private tree: MergedTree;
   /** What the lower layers alone hold at each path (decides whether a deletion needs a whiteout). */
-  private readonly lowerKinds: Map<string, EntryKind>;
+  private lowerKinds: Map<string, EntryKind>;
   /** Whiteouts present in the upper dir, and how they are written there. */
-  private readonly upperWhiteouts: Map<string, MarkerStyle>;
+  private upperWhiteouts: Map<string, MarkerStyle>;
   private readonly upper: UpperDir;
   private readonly readOnly: boolean;
   private readonly files = new OpenFiles();
@@ -88,14 +101,26 @@ export class UnionFs {
 
   /** Merge the layers and the current upper dir (one walk of the upper, none of the layers). */
   static async create(options: UnionFsOptions): Promise<UnionFs> {
-    const tree = new MergedTree();
-    const inos = new LowerInoAllocator();
-    for (const layer of options.layers) tree.addLayer(layer, inos);
-    const lowerKinds = tree.snapshotKinds();
+    const merged = await merge(options.layers, options.upper);
+    return new UnionFs(merged.tree, merged.lowerKinds, merged.upperWhiteouts, new UpperDir(merged.upperRoot), options.readOnly ?? false);
+  }
 
-    const scanned = await scanDirectory(options.upper, 'upper');
-    const upperWhiteouts = tree.addUpper(scanned);
-    return new UnionFs(tree, lowerKinds, upperWhiteouts, new UpperDir(scanned.root), options.readOnly ?? false);
+  /**
+   * Replace the lower layers (bottom → top) and merge the upper dir, as it
+   * is on disk, on top of them again: how a live directory layer's changes
+   * become visible. Runs under the change lock, so no change is half-applied
+   * to the old tree; open files keep what they opened.
+   */
+  replaceLayers(layers: readonly LayerSource[]): Promise<void> {
+    const swap = async (): Promise<void> => {
+      const merged = await merge(layers, this.upper.root);
+      this.tree = merged.tree;
+      this.lowerKinds = merged.lowerKinds;
+      this.upperWhiteouts = merged.upperWhiteouts;
+    };
+    const run = this.lock.then(swap, swap);
+    this.lock = run.catch(() => undefined);
+    return run;
   }
 
   /** Index entries the merge ignored (e.g. hard links to nothing). */

@@ -14,7 +14,7 @@ import { type Digest } from './digest.js';
 
 type Db = Database.Database;
 
-const SCHEMA_VERSION = 1;
+const SCHEMA_VERSION = 2;
 
 const SCHEMA = `
 CREATE TABLE IF NOT EXISTS meta (
@@ -70,7 +70,8 @@ CREATE TABLE IF NOT EXISTS containers (
   read_only   INTEGER NOT NULL,
   labels      TEXT NOT NULL,     -- JSON object
   created_at  INTEGER NOT NULL,
-  server_pid  INTEGER            -- the mount server process, while mounted
+  server_pid  INTEGER,           -- the mount server process, while mounted
+  layer_dir   TEXT               -- a live directory layer on top of the image (schema 2)
 );
 `;
 
@@ -85,6 +86,7 @@ export interface TagRow { name: string; tag: string; image_id: Digest; created_a
 
 export interface ContainerRow {
   id: string; image_id: Digest; mountpoint: string; read_only: number; labels: string; created_at: number; server_pid: number | null;
+  layer_dir: string | null;
 }
 
 export interface OpenOptions {
@@ -128,6 +130,11 @@ export class MetadataDb {
         this.db.prepare(`INSERT INTO meta (key, value) VALUES ('schema_version', ?)`).run(String(SCHEMA_VERSION));
       } else if (Number(row.value) > SCHEMA_VERSION) {
         throw new LayerdError(ErrorCodes.ECORRUPT, `the store was written by a newer layerd (schema ${row.value}, this one knows ${SCHEMA_VERSION})`);
+      } else if (Number(row.value) < SCHEMA_VERSION) {
+        // 1 → 2: containers may have a live directory layer.
+        const columns = this.db.prepare(`PRAGMA table_info(containers)`).all() as Array<{ name: string }>;
+        if (!columns.some((c) => c.name === 'layer_dir')) this.db.exec(`ALTER TABLE containers ADD COLUMN layer_dir TEXT`);
+        this.db.prepare(`UPDATE meta SET value = ? WHERE key = 'schema_version'`).run(String(SCHEMA_VERSION));
       }
     });
     run.immediate();
@@ -255,8 +262,8 @@ export class MetadataDb {
   }
 
   putContainer(row: Omit<ContainerRow, 'created_at'>): void {
-    this.db.prepare(`INSERT INTO containers (id, image_id, mountpoint, read_only, labels, created_at, server_pid) VALUES (?, ?, ?, ?, ?, ?, ?)`)
-      .run(row.id, row.image_id, row.mountpoint, row.read_only, row.labels, Date.now(), row.server_pid);
+    this.db.prepare(`INSERT INTO containers (id, image_id, mountpoint, read_only, labels, created_at, server_pid, layer_dir) VALUES (?, ?, ?, ?, ?, ?, ?, ?)`)
+      .run(row.id, row.image_id, row.mountpoint, row.read_only, row.labels, Date.now(), row.server_pid, row.layer_dir);
   }
 
   setContainerServer(id: string, pid: number | null): void {

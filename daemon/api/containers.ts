@@ -9,7 +9,7 @@ export function containerRoutes(router: Router, containers: ContainerManager): v
   router.add('POST', '/v1/containers', async (ctx) => {
     const body = checkFields<CreateRequest>(await readJsonBody(ctx.req), {
       id: { type: 'string' }, image: { type: 'string', required: true }, mountpoint: { type: 'string' },
-      readOnly: { type: 'boolean' }, labels: { type: 'object' },
+      readOnly: { type: 'boolean' }, labels: { type: 'object' }, layerDir: { type: 'string' },
     });
     const created = await containers.create(body);
     ctx.res.statusCode = 201;

@@ -7,6 +7,7 @@ import { createWriteStream } from 'node:fs';
 import { join } from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import { ErrorCodes, LayerdError } from '../../common/errors.js';
+import { commitLayerDirectory } from '../../mount/directoryLayer.js';
 import { type ImportProgress } from '../../storage/importer.js';
 import { type ImportRequest, type StoreOperations } from '../../storage/operations.js';
 import { type Store } from '../../storage/store.js';
@@ -78,6 +79,13 @@ export function imageRoutes(router: Router, ops: StoreOperations, store: Store, 
   router.add('POST', '/v1/images/{ref}/tag', async (ctx) => {
     const body = checkFields<{ target: string }>(await readJsonBody(ctx.req), { target: { type: 'string', required: true } });
     return ops.tag(ctx.params['ref']!, body.target);
+  });
+  router.add('POST', '/v1/images/{ref}/commit', async (ctx) => {
+    const body = checkFields<{ layerDir: string; ref?: string; comment?: string }>(await readJsonBody(ctx.req), {
+      layerDir: { type: 'string', required: true }, ref: { type: 'string' }, comment: { type: 'string' },
+    });
+    ctx.res.statusCode = 201;
+    return commitLayerDirectory(store, ctx.params['ref']!, body.layerDir, body);
   });
   router.add('POST', '/v1/prune', () => ops.prune());
   router.add('GET', '/v1/images/{ref}/which', (ctx) => ops.which(ctx.params['ref']!, ctx.query.get('path') ?? '/'));

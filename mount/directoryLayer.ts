@@ -1,0 +1,60 @@
+/**
+ * A directory as a content-addressed layer: walk it (scanDirectory: `.wh.`
+ * whiteouts and opaque markers understood), write it as a deterministic OCI
+ * layer tar, and commit that as a new layer on top of an image. Used for a
+ * container's writable layer and for live directory layers
+ * (`layerctl commit --layer-dir`).
+ */
+import { createWriteStream } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { ErrorCodes, LayerdError } from '../common/errors.js';
+import { type CommitResult, commitLayer } from '../storage/commit.js';
+import { LAYER_TAR } from '../storage/layerIndex.js';
+import { writeLayerTar } from '../storage/layerWriter.js';
+import { splitNameTag } from '../storage/references.js';
+import { type Store } from '../storage/store.js';
+import { directorySource, scanDirectory } from './lowerDir.js';
+import { isWithin } from './paths.js';
+import type { Writable } from 'node:stream';
+
+export interface DirectoryCommitOptions {
+  ref?: { name: string; tag: string };
+  createdBy: string;
+  comment?: string;
+}
+
+/** Write `dir` as an OCI layer tar (whiteouts included) to `out`. */
+export async function writeDirectoryLayer(dir: string, out: Writable, label?: string): Promise<void> {
+  const scanned = await scanDirectory(dir, label);
+  await writeLayerTar(directorySource(scanned), out);
+}
+
+/** Commit `dir` as a new layer on top of image `baseRef`; the result is a new image. */
+export async function commitDirectory(store: Store, baseRef: string, dir: string, options: DirectoryCommitOptions): Promise<CommitResult> {
+  const workDir = await store.newWorkDir();
+  try {
+    const tar = join(workDir, LAYER_TAR);
+    await writeDirectoryLayer(dir, createWriteStream(tar, { mode: 0o600 }));
+    return await commitLayer(store, baseRef, tar, options);
+  } finally {
+    await store.releaseWorkDir(workDir);
+  }
+}
+
+/**
+ * `layerctl commit --layer-dir DIR IMAGE [REF]`: DIR (absolute) becomes a
+ * content-addressed layer on top of IMAGE, in a new image tagged REF.
+ */
+export async function commitLayerDirectory(
+  store: Store, image: string, dir: string, options: { ref?: string; comment?: string } = {},
+): Promise<CommitResult> {
+  if (!dir.startsWith('/')) throw new LayerdError(ErrorCodes.EINVAL, 'the layer directory must be an absolute path', { layerDir: dir });
+  const path = resolve(dir);
+  if (isWithin(path, store.layout.root) || isWithin(store.layout.root, path)) {
+    throw new LayerdError(ErrorCodes.EINVAL, `layer directory ${path} must not contain or lie inside the store`, { layerDir: path });
+  }
+  const ref = options.ref !== undefined ? splitNameTag(options.ref) : undefined;
+  return commitDirectory(store, image, path, {
+    createdBy: `layerctl commit --layer-dir ${path}`, ...(ref ? { ref } : {}), ...(options.comment ? { comment: options.comment } : {}),
+  });
+}

@@ -1,0 +1,95 @@
+/**
+ * A live directory layer: a host directory served as a read-only layer that
+ * follows the directory as it is edited. chokidar reports changes; a burst
+ * of them is coalesced into one walk of the directory (scanDirectory), and
+ * the new index is handed to `onChange`. `.wh.` files and `.wh..wh..opq`
+ * markers made by hand act as whiteouts, as in any directory layer.
+ *
+ * Walking the whole directory again is simpler and always right (renames,
+ * hard links, xattrs); the trees developers edit live are small enough that
+ * a walk costs milliseconds.
+ */
+import { watch, type FSWatcher } from 'chokidar';
+import { resolve } from 'node:path';
+import { silentLogger, type Logger } from '../common/log.js';
+import type { LayerSource } from '../storage/layerIndex.js';
+import { lowerDirSource } from './lowerDir.js';
+
+/** How long a burst of changes may last before the directory is walked again. */
+const SETTLE_MS = 75;
+
+export class LiveLayer {
+  private timer: NodeJS.Timeout | undefined;
+  private scanning: Promise<void> | undefined;
+  private dirty = false;
+  private closed = false;
+
+  private constructor(
+    readonly dir: string,
+    private current: LayerSource,
+    private readonly watcher: FSWatcher,
+    private readonly onChange: (source: LayerSource) => Promise<void>,
+    private readonly logger: Logger,
+  ) {}
+
+  /**
+   * Watch `dir` and describe it. The watcher is ready before the first walk,
+   * so no change made after `start` resolves can be missed.
+   */
+  static async start(dir: string, onChange: (source: LayerSource) => Promise<void>, logger: Logger = silentLogger()): Promise<LiveLayer> {
+    const root = resolve(dir);
+    const initial = await lowerDirSource(root, `live:${root}`); // also checks that it is a readable directory
+    const watcher = watch(root, { ignoreInitial: true, followSymlinks: false, persistent: true });
+    await new Promise<void>((done, fail) => {
+      watcher.once('ready', done);
+      watcher.once('error', fail);
+    });
+    const live = new LiveLayer(root, initial, watcher, onChange, logger);
+    watcher.on('all', () => live.schedule());
+    watcher.on('error', (err) => logger.warn('live layer watcher error', { dir: root, error: String(err) }));
+    // Anything changed between the first walk and the watcher being ready.
+    live.schedule();
+    return live;
+  }
+
+  /** The directory as last walked. */
+  get source(): LayerSource {
+    return this.current;
+  }
+
+  private schedule(): void {
+    if (this.closed) return;
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = setTimeout(() => { this.timer = undefined; this.rescan(); }, SETTLE_MS);
+  }
+
+  private rescan(): void {
+    if (this.scanning) {
+      this.dirty = true;
+      return;
+    }
+    this.scanning = (async () => {
+      do {
+        this.dirty = false;
+        try {
+          const source = await lowerDirSource(this.dir, `live:${this.dir}`);
+          if (this.closed) return;
+          this.current = source;
+          await this.onChange(source);
+        } catch (err) {
+          // E.g. the directory was removed: keep serving the last good view.
+          this.logger.warn('could not read the live layer again', { dir: this.dir, error: (err as Error).message });
+        }
+      } while (this.dirty && !this.closed);
+    })().finally(() => { this.scanning = undefined; });
+  }
+
+  /** Stop watching (idempotent); waits for a walk in progress. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    if (this.timer) clearTimeout(this.timer);
+    await this.watcher.close();
+    await this.scanning;
+  }
+}
