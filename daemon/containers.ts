@@ -1,8 +1,8 @@
 /**
  * Containers: a container is a mount of an image with its own writable
- * layer. Each mount is served by its own `layerd mount` process (see
- * mountServer.ts), started
- * detached so that it outlives a daemon restart or upgrade; the daemon
+ * layer, and optionally a live host directory as its top read-only layer.
+ * Each mount is served by its own `layerd mount` process (mountServer.ts),
+ * started detached so that it outlives a daemon restart or upgrade; the daemon
  * records its PID and, on start, adopts servers that still run and mounts
  * again those that died (clearing their dead mountpoints first).
  */

@@ -3,7 +3,8 @@
  *   --root DIR --image REF     an image of a store (opened just long enough to find its layers),
  *   --layers DIR[:DIR...]      store layer directories (what the daemon passes; no database), or
  *   --lower DIR[:DIR...]       plain directories prepared for overlayfs.
- * As with overlayfs, the leftmost of a list is the top layer. Prints `ready <mountpoint>` on stdout
+ * As with overlayfs, the leftmost of a list is the top layer. `--live-layer DIR` adds a host
+ * directory above them that is followed as it changes (mount/liveLayer.ts). Prints `ready <mountpoint>` on stdout
  * once the mount is live; unmounts and exits 0 on SIGTERM/SIGINT, and exits
  * 0 when someone else unmounts it. Meant to run as its own process (the
  * daemon spawns it), never inside a process that uses the mount.

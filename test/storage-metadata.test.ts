@@ -1,0 +1,45 @@
+/** The metadata database's schema versions: an older store is upgraded in place, a newer one refused. */
+import { expect } from 'chai';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { ErrorCodes, isLayerdError } from '../common/errors.js';
+import { MetadataDb } from '../storage/metadata.js';
+
+describe('metadata schema versions', () => {
+  let dir: string;
+  beforeEach(async () => { dir = await mkdtemp(join(tmpdir(), 'layerd-meta-')); });
+  afterEach(async () => { await rm(dir, { recursive: true, force: true }); });
+
+  const columns = (db: MetadataDb): string[] =>
+    (db.db.prepare('PRAGMA table_info(containers)').all() as Array<{ name: string }>).map((c) => c.name);
+  const version = (db: MetadataDb): string =>
+    (db.db.prepare(`SELECT value FROM meta WHERE key = 'schema_version'`).get() as { value: string }).value;
+
+  it('upgrades a schema-1 store in place (adds the live layer column)', () => {
+    const path = join(dir, 'metadata.db');
+    const old = new MetadataDb(path);
+    old.db.exec(`ALTER TABLE containers DROP COLUMN layer_dir`);
+    old.db.exec(`UPDATE meta SET value = '1' WHERE key = 'schema_version'`);
+    expect(columns(old)).to.not.include('layer_dir');
+    old.close();
+
+    const db = new MetadataDb(path);
+    try {
+      expect(columns(db)).to.include('layer_dir');
+      expect(version(db)).to.equal('2');
+    } finally {
+      db.close();
+    }
+  });
+
+  it('refuses a store written by a newer layerd', () => {
+    const path = join(dir, 'metadata.db');
+    const db = new MetadataDb(path);
+    db.db.exec(`UPDATE meta SET value = '99' WHERE key = 'schema_version'`);
+    db.close();
+    let code: string | undefined;
+    try { new MetadataDb(path).close(); } catch (err) { code = isLayerdError(err) ? err.code : 'other'; }
+    expect(code).to.equal(ErrorCodes.ECORRUPT);
+  });
+});
