@@ -1,10 +1,10 @@
 /**
  * Containers: a container is a mount of an image with its own writable
  * layer, and optionally a live host directory as its top read-only layer.
- * Each mount is served by its own `layerd mount` process (mountServer.ts),
- * started detached so that it outlives a daemon restart or upgrade; the daemon
- * records its PID and, on start, adopts servers that still run and mounts
- * again those that died (clearing their dead mountpoints first).
+ * Mounts are served by detached mount hosts, one per image (mountServer.ts),
+ * that outlive a daemon restart or upgrade; the daemon records the host's
+ * PID and, on start, adopts mounts still served and mounts again those whose
+ * server died (clearing their dead mountpoints first).
  */
 import { mkdir, readFile, rm, stat } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
@@ -162,7 +162,7 @@ export class ContainerManager {
       upper: this.upper(row.id),
       mountpoint: row.mountpoint,
       readOnly: row.read_only === 1,
-      logFile: join(this.dir(row.id), 'mount.log'),
+      hostsDir: this.store.layout.hostsDir(),
       statsFile: this.statsFile(row.id),
       context: { container: row.id },
     });
@@ -182,8 +182,8 @@ export class ContainerManager {
         adopted.push(row.id);
         continue;
       }
-      if (row.server_pid !== null && processAlive(row.server_pid)) process.kill(row.server_pid, 'SIGKILL');
-      await stopMount(null, row.mountpoint);
+      // Alive but not serving this mount (hung, or a host that lost it): stop it for this mount only.
+      await stopMount(row.server_pid, row.mountpoint);
       try {
         await this.startServer(row);
         remounted.push(row.id);

@@ -1,6 +1,7 @@
 /**
- * `layerd`: run the daemon in the foreground, or `layerd mount …` to serve
- * one union mount (the process the daemon starts per container).
+ * `layerd`: run the daemon in the foreground; `layerd mount-host …` is the
+ * process the daemon starts to serve the mounts of one image, and
+ * `layerd mount …` serves one union mount in the foreground.
  */
 import { Command } from 'commander';
 import { asLayerdError, exitStatusFor } from '../common/errors.js';
@@ -17,6 +18,7 @@ interface DaemonFlags {
   logLevel?: LogLevel;
   mountRoot?: string;
   unmountOnStop?: boolean;
+  snapshotterSocket?: string;
 }
 
 async function runDaemon(flags: DaemonFlags): Promise<number> {
@@ -29,6 +31,7 @@ async function runDaemon(flags: DaemonFlags): Promise<number> {
   const daemon = await Daemon.start({
     root, socket, config, configPath, logger, ...(group !== undefined ? { socketGroup: group } : {}),
     ...(flags.mountRoot ? { mountRoot: flags.mountRoot } : {}), unmountOnStop: flags.unmountOnStop === true,
+    ...(flags.snapshotterSocket !== undefined ? { snapshotterSocket: flags.snapshotterSocket } : {}),
   });
   await new Promise<void>((resolve) => {
     const stop = (signal: string): void => {
@@ -42,6 +45,10 @@ async function runDaemon(flags: DaemonFlags): Promise<number> {
 }
 
 export async function main(argv: string[]): Promise<number> {
+  if (argv[2] === 'mount-host') {
+    const { mountHostCommand } = await import('../mount/mountHost.js');
+    process.exit(await mountHostCommand(argv.slice(3)));
+  }
   if (argv[2] === 'mount') {
     const { mountCommand } = await import('../mount/mountCommand.js');
     // Exit explicitly: fuse-native's handles keep the event loop alive after
@@ -57,6 +64,7 @@ export async function main(argv: string[]): Promise<number> {
     .option('--log-level <level>', 'error, warn, info or debug')
     .option('--mount-root <dir>', 'where containers are mounted by default (default /run/layerd/mounts)')
     .option('--unmount-on-stop', 'unmount every container on SIGTERM (default: mounts keep being served)')
+    .option('--snapshotter-socket <path>', 'containerd proxy snapshotter socket (default: snapshotter.sock beside the API socket, /run/layerd/snapshotter.sock; "none": off)')
     .addHelpText('after', '\nAlso: layerd mount --help   serve one union mount in the foreground')
     .exitOverride();
   try {

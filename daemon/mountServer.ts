@@ -3,21 +3,32 @@
  * the daemon makes (a container's rootfs, a containerd snapshot) goes
  * through here, so how mounts are served is decided in one place.
  *
- * A mount is served by a detached `layerd mount --layers …` process in its
- * own session, with no pipe to the daemon: it keeps serving when the daemon
- * stops, restarts or is upgraded, and the daemon adopts it again by PID.
+ * Mounts are served by mount hosts (mount/mountHost.ts): detached
+ * `layerd mount-host` processes, one per layer stack (image), each serving
+ * every mount of that stack. A host is in its own session with no pipe to
+ * the daemon, so it keeps serving when the daemon stops, restarts or is
+ * upgraded; the daemon finds it again by PID and socket. A host is started
+ * on the first mount of its stack and leaves by itself a few seconds after
+ * its last mount is gone.
+ *
+ * Servers of older daemons (one `layerd mount` process per mount) are still
+ * understood when adopted and stopped.
  */
-import { type ChildProcess, spawn } from 'node:child_process';
-import { open, readFile } from 'node:fs/promises';
-import { dirname, resolve } from 'node:path';
+import { spawn } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { mkdir, open, readFile } from 'node:fs/promises';
+import { createConnection } from 'node:net';
+import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { ErrorCodes, LayerdError } from '../common/errors.js';
+import { type ErrorCode, ErrorCodes, LayerdError } from '../common/errors.js';
 import { processAlive, sleep } from '../common/process.js';
 import { clearDeadMount, findMount, isDeadMount } from '../mount/deadMount.js';
+import { EXITING, type HostMountRequest, type HostReply, type HostRequest, socketAnswers } from '../mount/mountHost.js';
 
 const LAYERD_BIN = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..', 'bin', 'layerd');
 const READY_TIMEOUT_MS = 60_000;
 const STOP_TIMEOUT_MS = 10_000;
+const DEFAULT_HOSTS_DIR = '/run/layerd/hosts';
 
 export interface MountSpec {
   /** Store layer directories (layers/sha256/<diffID>), bottom → top. */
@@ -28,12 +39,12 @@ export interface MountSpec {
   upper: string;
   mountpoint: string;
   readOnly: boolean;
-  /** The server's log (appended to). */
-  logFile: string;
   /** Where the server writes its FUSE operation statistics. */
   statsFile?: string;
   /** Put in errors, e.g. `{ container: id }`. */
   context?: Record<string, string>;
+  /** Where mount hosts keep their sockets and logs (default $LAYERD_HOSTS_DIR or /run/layerd/hosts). */
+  hostsDir?: string;
 }
 
 /** A mount being served: by whom, and where. */
@@ -45,34 +56,99 @@ export interface ServedMount {
 /** Start serving `spec` and resolve once the mount is live. */
 export async function startMount(spec: MountSpec): Promise<ServedMount> {
   const context = { mountpoint: spec.mountpoint, ...spec.context };
-  const args = [LAYERD_BIN, 'mount', '--layers', [...spec.layers].reverse().join(':'), '--upper', spec.upper];
-  if (spec.liveLayer !== undefined) args.push('--live-layer', spec.liveLayer);
-  if (spec.statsFile !== undefined) args.push('--stats-file', spec.statsFile);
-  if (spec.readOnly) args.push('--read-only');
-  args.push(spec.mountpoint);
-  const log = await open(spec.logFile, 'a', 0o600);
-  let child: ChildProcess;
+  const hostsDir = resolve(spec.hostsDir ?? process.env['LAYERD_HOSTS_DIR'] ?? DEFAULT_HOSTS_DIR);
+  const key = createHash('sha256').update(spec.layers.map((l) => resolve(l)).join('\n')).digest('hex').slice(0, 16);
+  const socket = join(hostsDir, `${key}.sock`);
+  const request: HostMountRequest = {
+    op: 'mount', layers: spec.layers.map((l) => resolve(l)), upper: resolve(spec.upper), mountpoint: resolve(spec.mountpoint),
+    ...(spec.readOnly ? { readOnly: true } : {}),
+    ...(spec.liveLayer !== undefined ? { liveLayer: resolve(spec.liveLayer) } : {}),
+    ...(spec.statsFile !== undefined ? { statsFile: resolve(spec.statsFile) } : {}),
+  };
+  for (let attempt = 0; ; attempt++) {
+    const reply = await askHost(socket, request, READY_TIMEOUT_MS).catch(() => undefined);
+    if (reply?.ok) return { pid: reply.pid!, mountpoint: request.mountpoint };
+    if (reply !== undefined && reply.code !== EXITING) {
+      throw new LayerdError(asErrorCode(reply.code), `cannot mount ${spec.mountpoint}: ${reply.message}`, context);
+    }
+    // No host answers (none yet, or it is leaving): start one, then ask again.
+    if (attempt >= 3) throw new LayerdError(ErrorCodes.EIO, `no mount host would serve ${spec.mountpoint}`, { ...context, socket });
+    await startHost(socket, join(hostsDir, `${key}.log`), context);
+  }
+}
+
+/** Hosts being started by this process, by socket (so concurrent mounts of one image share one). */
+const starting = new Map<string, Promise<void>>();
+
+function startHost(socket: string, logFile: string, context: Record<string, string>): Promise<void> {
+  let started = starting.get(socket);
+  if (started === undefined) {
+    started = spawnHost(socket, logFile, context).finally(() => starting.delete(socket));
+    starting.set(socket, started);
+  }
+  return started;
+}
+
+async function spawnHost(socket: string, logFile: string, context: Record<string, string>): Promise<void> {
+  if (await socketAnswers(socket)) return;
+  await mkdir(dirname(socket), { recursive: true, mode: 0o700 });
+  const log = await open(logFile, 'a', 0o600);
+  let pid: number | undefined;
+  let exited: number | null | undefined;
   try {
-    child = spawn(process.execPath, args, { detached: true, stdio: ['ignore', log.fd, log.fd] });
+    // Detached, in its own session, with no pipe to the daemon: it must
+    // keep serving when the daemon stops or restarts.
+    const child = spawn(process.execPath, [LAYERD_BIN, 'mount-host', '--socket', socket], { detached: true, stdio: ['ignore', log.fd, log.fd] });
+    child.unref();
+    child.once('exit', (code) => { exited = code; });
+    pid = child.pid;
   } finally {
     await log.close();
   }
-  child.unref();
-  const pid = child.pid;
-  if (pid === undefined) throw new LayerdError(ErrorCodes.EIO, `could not start a mount server for ${spec.mountpoint}`, context);
-  let exited: number | null | undefined;
-  child.once('exit', (code) => { exited = code; });
+  if (pid === undefined) throw new LayerdError(ErrorCodes.EIO, 'could not start a mount host', { ...context, socket });
   const deadline = Date.now() + READY_TIMEOUT_MS;
-  for (;;) {
-    const entry = await findMount(spec.mountpoint);
-    if (entry?.fstype.startsWith('fuse')) return { pid, mountpoint: spec.mountpoint };
-    if (exited !== undefined || Date.now() > deadline) {
-      if (exited === undefined) process.kill(pid, 'SIGKILL');
-      const tail = (await readFile(spec.logFile, 'utf8').catch(() => '')).split('\n').slice(-5).join('\n');
-      throw new LayerdError(ErrorCodes.EIO, `the mount server for ${spec.mountpoint} did not come up: ${tail}`, context);
+  while (!(await socketAnswers(socket))) {
+    if (exited !== undefined) return; // e.g. another host won the race; the caller asks again
+    if (Date.now() > deadline) {
+      process.kill(pid, 'SIGKILL');
+      const tail = (await readFile(logFile, 'utf8').catch(() => '')).split('\n').slice(-5).join('\n');
+      throw new LayerdError(ErrorCodes.EIO, `the mount host did not come up: ${tail}`, { ...context, socket });
     }
-    await sleep(25);
+    await sleep(10);
   }
+}
+
+/** One request line to a host, one reply line back. */
+function askHost(socket: string, request: HostRequest, timeoutMs: number): Promise<HostReply> {
+  return new Promise((done, fail) => {
+    const conn = createConnection(socket);
+    let text = '';
+    const timer = setTimeout(() => { conn.destroy(); fail(new Error(`mount host ${socket} did not answer`)); }, timeoutMs);
+    conn.setEncoding('utf8');
+    conn.once('connect', () => conn.write(JSON.stringify(request) + '\n'));
+    conn.on('data', (chunk: string) => { text += chunk; });
+    conn.once('error', (err) => { clearTimeout(timer); fail(err); });
+    conn.once('end', () => {
+      clearTimeout(timer);
+      try {
+        done(JSON.parse(text) as HostReply);
+      } catch (err) {
+        fail(err);
+      }
+    });
+  });
+}
+
+function asErrorCode(code: string): ErrorCode {
+  return (Object.values(ErrorCodes) as string[]).includes(code) ? code as ErrorCode : ErrorCodes.EIO;
+}
+
+/** The socket of the mount host running as `pid`, or undefined if `pid` is not a mount host. */
+async function hostSocketOf(pid: number): Promise<string | undefined> {
+  const argv = (await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '')).split('\0');
+  if (!argv.includes('mount-host')) return undefined;
+  const i = argv.indexOf('--socket');
+  return i >= 0 ? argv[i + 1] : undefined;
 }
 
 /** Whether `served` is still a live mount with its server running. */
@@ -83,16 +159,22 @@ export async function isServing(served: ServedMount): Promise<boolean> {
 }
 
 /**
- * Stop serving a mount: ask its server to unmount (SIGTERM), force it after
- * a while, and clear whatever is left at the mountpoint. `pid` may be null
- * (no server known) or a server that already died.
+ * Stop serving a mount: ask its host to unmount it (or, for a one-mount
+ * server of an older daemon, SIGTERM it, forced after a while), then clear
+ * whatever is left at the mountpoint. `pid` may be null (no server known)
+ * or a server that already died.
  */
 export async function stopMount(pid: number | null, mountpoint: string): Promise<void> {
   if (pid !== null && processAlive(pid)) {
-    process.kill(pid, 'SIGTERM');
-    const deadline = Date.now() + STOP_TIMEOUT_MS;
-    while (processAlive(pid) && Date.now() < deadline) await sleep(25);
-    if (processAlive(pid)) process.kill(pid, 'SIGKILL');
+    const socket = await hostSocketOf(pid);
+    if (socket !== undefined) {
+      await askHost(socket, { op: 'unmount', mountpoint: resolve(mountpoint) }, STOP_TIMEOUT_MS).catch(() => undefined);
+    } else {
+      process.kill(pid, 'SIGTERM');
+      const deadline = Date.now() + STOP_TIMEOUT_MS;
+      while (processAlive(pid) && Date.now() < deadline) await sleep(25);
+      if (processAlive(pid)) process.kill(pid, 'SIGKILL');
+    }
   }
   if (await findMount(mountpoint)) await clearDeadMount(mountpoint);
 }

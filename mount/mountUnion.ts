@@ -5,7 +5,8 @@
 import { silentLogger, type Logger } from '../common/log.js';
 import { ErrorCodes, LayerdError } from '../common/errors.js';
 import type { LayerSource } from '../storage/layerIndex.js';
-import { clearDeadMount, findMount, isDeadMount } from './deadMount.js';
+import { clearDeadMount, findMount, isDeadMount, parseMountinfo } from './deadMount.js';
+import { readFile } from 'node:fs/promises';
 import { LayerdFuse } from './fuseAdapter.js';
 import { LiveLayer } from './liveLayer.js';
 import { UnionFs } from './unionFs.js';
@@ -84,16 +85,11 @@ export async function mountUnion(options: MountUnionOptions): Promise<MountedUni
   let markGone!: () => void;
   const gone = new Promise<void>((done) => { markGone = done; });
   let isGone = false;
-  // The interval also keeps the event loop alive: fuse-native's handles do not.
-  const poll = setInterval(() => {
-    findMount(mountpoint).then((entry) => {
-      if (entry === undefined || !entry.fstype.startsWith('fuse')) finish();
-    }, () => undefined);
-  }, POLL_MS);
+  const stopWatching = watchMountGone(mountpoint, () => finish());
   const finish = (): void => {
     if (isGone) return;
     isGone = true;
-    clearInterval(poll);
+    stopWatching();
     void Promise.all([mergedUnion.closeAll(), live?.close()]).finally(markGone);
   };
 
@@ -114,4 +110,30 @@ export async function mountUnion(options: MountUnionOptions): Promise<MountedUni
     return unmounting;
   };
   return { mountpoint, unmount, gone };
+}
+
+/**
+ * One poll of /proc/self/mountinfo for all the mounts of this process
+ * (a mount host serves many): each watcher is told once its mountpoint is
+ * no longer a FUSE mount, whoever unmounted it. The timer also keeps the
+ * event loop alive while anything is mounted: fuse-native's handles do not.
+ */
+const goneWatchers = new Map<string, () => void>();
+let goneTimer: NodeJS.Timeout | undefined;
+
+function watchMountGone(mountpoint: string, onGone: () => void): () => void {
+  goneWatchers.set(mountpoint, onGone);
+  goneTimer ??= setInterval(() => {
+    readFile('/proc/self/mountinfo', 'utf8').then((text) => {
+      const fuse = new Set(parseMountinfo(text).filter((e) => e.fstype.startsWith('fuse')).map((e) => e.mountpoint));
+      for (const [mnt, notify] of [...goneWatchers]) if (!fuse.has(mnt)) notify();
+    }, () => undefined);
+  }, POLL_MS);
+  return () => {
+    if (goneWatchers.get(mountpoint) === onGone) goneWatchers.delete(mountpoint);
+    if (goneWatchers.size === 0 && goneTimer) {
+      clearInterval(goneTimer);
+      goneTimer = undefined;
+    }
+  };
 }

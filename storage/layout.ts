@@ -7,7 +7,8 @@
  *   <root>/blobs/sha256/<hex>       blobs by distribution digest (layers, configs, manifests)
  *   <root>/layers/sha256/<hex>/     layers by diffID: layer.tar (sha256 = diffID) + index.json
  *   <root>/tmp/<pid>-<rand>/        ingest area: becomes visible only by rename
- *   <root>/containers/<id>/         a container's writable layer (upper/) and mount server log
+ *   <root>/containers/<id>/         a container's writable layer (upper/) and FUSE statistics
+ *   <root>/hosts/<key>.{sock,log}   mount hosts: one process per layer stack serving its mounts
  */
 import { join } from 'node:path';
 import { type Digest, digestHex } from './digest.js';
@@ -25,6 +26,7 @@ export class StoreLayout {
 
   get containersDir(): string { return join(this.root, 'containers'); }
   containerDir(id: string): string { return join(this.containersDir, id); }
+  hostsDir(): string { return join(this.root, 'hosts'); }
 
   blobPath(digest: Digest): string { return join(this.blobsDir, digestHex(digest)); }
   layerDir(diffId: Digest): string { return join(this.layersDir, digestHex(diffId)); }

@@ -1,0 +1,235 @@
+/**
+ * `layerd mount-host --socket PATH`: one long-running process that serves
+ * many union mounts of the same layers (one image), on request.
+ *
+ * Why: a process per mount costs a Node.js heap and the layer indexes per
+ * container (~70 MiB each) and ~400 ms of process start-up per mount. A host
+ * loads each layer index once, shares it between its mounts, and adds a
+ * mount in milliseconds. The price is a shared fate: if the host dies, all
+ * its mounts die with it (the daemon remounts them on its next start), so
+ * the daemon keeps one host per image, not one for everything.
+ *
+ * Protocol: a client connects to the Unix socket, writes one JSON request
+ * line, and reads one JSON reply line:
+ *   {"op":"mount", "layers":[dir…bottom→top], "upper", "mountpoint", "readOnly"?, "liveLayer"?, "statsFile"?}
+ *   {"op":"unmount", "mountpoint"}     (resolves once the mount is gone)
+ *   {"op":"list"}                      → {"ok":true,"mounts":[mountpoint…]}
+ * Replies: {"ok":true,…} or {"ok":false,"code","message"}; code EXITING
+ * means this host is shutting down and the client should start another.
+ *
+ * The host exits on its own when it has had no mounts for IDLE_EXIT_MS, and
+ * on SIGTERM/SIGINT after unmounting everything. Like `layerd mount`, it
+ * never does I/O on its own mounts.
+ */
+import { Command, CommanderError } from 'commander';
+import { createServer, createConnection, type Server, type Socket } from 'node:net';
+import { mkdir, rm } from 'node:fs/promises';
+import { dirname, join } from 'node:path';
+import { createLogger, type Logger } from '../common/log.js';
+import { ErrorCodes, LayerdError, isLayerdError } from '../common/errors.js';
+import { LAYER_TAR, type LayerSource, tarLayerSource } from '../storage/layerIndex.js';
+import { readLayerIndex } from '../storage/store.js';
+import { mountUnion, type MountedUnion } from './mountUnion.js';
+import { OpStats } from './opStats.js';
+
+export const EXITING = 'EXITING';
+const IDLE_EXIT_MS = 5_000;
+const STATS_INTERVAL_MS = 2_000;
+const MAX_REQUEST_BYTES = 1024 * 1024;
+
+export interface HostMountRequest {
+  op: 'mount';
+  layers: string[];
+  upper: string;
+  mountpoint: string;
+  readOnly?: boolean;
+  liveLayer?: string;
+  statsFile?: string;
+}
+export type HostRequest = HostMountRequest | { op: 'unmount'; mountpoint: string } | { op: 'list' };
+export type HostReply = { ok: true; mounts?: string[]; pid?: number } | { ok: false; code: string; message: string };
+
+interface HostedMount {
+  mounted: MountedUnion;
+  stats: OpStats | undefined;
+  statsFile: string | undefined;
+}
+
+class MountHost {
+  private readonly mounts = new Map<string, HostedMount>();
+  /** Mountpoints being mounted right now (a second request for one gets EEXIST). */
+  private readonly pending = new Set<string>();
+  /** Layer indexes by directory, loaded once and shared by every mount. */
+  private readonly layers = new Map<string, Promise<LayerSource>>();
+  private exiting = false;
+  private idleTimer: NodeJS.Timeout | undefined;
+  private readonly statsTimer: NodeJS.Timeout;
+  private readonly finished: Promise<void>;
+  private finish!: () => void;
+
+  constructor(private readonly server: Server, private readonly logger: Logger) {
+    this.finished = new Promise((done) => { this.finish = done; });
+    this.statsTimer = setInterval(() => this.writeStats(), STATS_INTERVAL_MS);
+    this.armIdleExit();
+  }
+
+  get done(): Promise<void> { return this.finished; }
+
+  async handle(request: HostRequest): Promise<HostReply> {
+    if (this.exiting) return { ok: false, code: EXITING, message: 'this mount host is shutting down' };
+    switch (request.op) {
+      case 'mount': return this.mount(request);
+      case 'unmount': return this.unmount(request.mountpoint);
+      case 'list': return { ok: true, mounts: [...this.mounts.keys()], pid: process.pid };
+      default: throw new LayerdError(ErrorCodes.EINVAL, `unknown request ${JSON.stringify((request as { op?: unknown }).op)}`);
+    }
+  }
+
+  private layer(dir: string): Promise<LayerSource> {
+    let source = this.layers.get(dir);
+    if (source === undefined) {
+      source = readLayerIndex(dir).then((index) => tarLayerSource(index, join(dir, LAYER_TAR)));
+      source.catch(() => this.layers.delete(dir));
+      this.layers.set(dir, source);
+    }
+    return source;
+  }
+
+  private async mount(request: HostMountRequest): Promise<HostReply> {
+    const { mountpoint } = request;
+    if (this.mounts.has(mountpoint) || this.pending.has(mountpoint)) {
+      throw new LayerdError(ErrorCodes.EEXIST, `${mountpoint} is already served by this host`, { mountpoint });
+    }
+    this.pending.add(mountpoint);
+    if (this.idleTimer) clearTimeout(this.idleTimer);
+    try {
+      const layers = await Promise.all(request.layers.map((dir) => this.layer(dir)));
+      const stats = request.statsFile !== undefined ? new OpStats() : undefined;
+      const mounted = await mountUnion({
+        layers, upper: request.upper, mountpoint, readOnly: request.readOnly ?? false, logger: this.logger,
+        ...(stats ? { stats } : {}), ...(request.liveLayer !== undefined ? { liveLayer: request.liveLayer } : {}),
+      });
+      this.mounts.set(mountpoint, { mounted, stats, statsFile: request.statsFile });
+      // Someone else may unmount it (umount, the daemon clearing a mount): forget it then.
+      void mounted.gone.then(() => this.forget(mountpoint));
+      return { ok: true, pid: process.pid };
+    } finally {
+      this.pending.delete(mountpoint);
+      this.armIdleExit();
+    }
+  }
+
+  private async unmount(mountpoint: string): Promise<HostReply> {
+    const hosted = this.mounts.get(mountpoint);
+    if (hosted === undefined) throw new LayerdError(ErrorCodes.ENOTFOUND, `${mountpoint} is not served by this host`, { mountpoint });
+    await hosted.mounted.unmount();
+    await this.forget(mountpoint);
+    return { ok: true };
+  }
+
+  private async forget(mountpoint: string): Promise<void> {
+    const hosted = this.mounts.get(mountpoint);
+    if (hosted === undefined) return;
+    this.mounts.delete(mountpoint);
+    if (hosted.stats && hosted.statsFile) await hosted.stats.writeTo(hosted.statsFile).catch(() => undefined);
+    this.armIdleExit();
+  }
+
+  private writeStats(): void {
+    for (const { stats, statsFile } of this.mounts.values()) {
+      if (stats && statsFile) void stats.writeTo(statsFile).catch(() => undefined);
+    }
+  }
+
+  private armIdleExit(): void {
+    if (this.idleTimer) clearTimeout(this.idleTimer);
+    if (this.mounts.size > 0 || this.pending.size > 0 || this.exiting) return;
+    this.idleTimer = setTimeout(() => { void this.shutdown('idle'); }, IDLE_EXIT_MS);
+  }
+
+  /** Stop taking requests, unmount everything, and let the process end. */
+  async shutdown(why: string): Promise<void> {
+    if (this.exiting) return;
+    this.exiting = true;
+    if (this.idleTimer) clearTimeout(this.idleTimer);
+    clearInterval(this.statsTimer);
+    this.server.close();
+    this.logger.info('mount host stopping', { why, mounts: this.mounts.size });
+    await Promise.all([...this.mounts.keys()].map((mnt) => this.unmount(mnt).catch((err: unknown) => {
+      this.logger.warn('unmount failed while stopping', { mountpoint: mnt, error: String(err) });
+    })));
+    this.finish();
+  }
+}
+
+/** Read one request line, answer one reply line. */
+function serveConnection(host: MountHost, socket: Socket, logger: Logger): void {
+  let buffered = '';
+  socket.setEncoding('utf8');
+  socket.on('error', () => undefined);
+  socket.on('data', (chunk: string) => {
+    buffered += chunk;
+    if (buffered.length > MAX_REQUEST_BYTES) return socket.destroy();
+    const nl = buffered.indexOf('\n');
+    if (nl < 0) return;
+    socket.pause();
+    const line = buffered.slice(0, nl);
+    void (async () => {
+      let reply: HostReply;
+      try {
+        reply = await host.handle(JSON.parse(line) as HostRequest);
+      } catch (err) {
+        const code = isLayerdError(err) ? err.code : err instanceof SyntaxError ? ErrorCodes.EINVAL : ErrorCodes.EIO;
+        reply = { ok: false, code, message: err instanceof Error ? err.message : String(err) };
+        logger.warn('mount host request failed', { code, error: reply.message });
+      }
+      socket.end(JSON.stringify(reply) + '\n');
+    })();
+  });
+}
+
+/** True when something answers on `path` (a live host). */
+export function socketAnswers(path: string): Promise<boolean> {
+  return new Promise((done) => {
+    const s = createConnection(path);
+    s.once('connect', () => { s.destroy(); done(true); });
+    s.once('error', () => done(false));
+  });
+}
+
+export async function mountHostCommand(argv: string[]): Promise<number> {
+  const program = new Command('layerd mount-host')
+    .description('serve many union mounts of one image from one process, on request over a Unix socket')
+    .requiredOption('--socket <path>', 'where to listen')
+    .exitOverride()
+    .configureOutput({ writeErr: (s) => process.stderr.write(s) });
+  try {
+    program.parse(argv, { from: 'user' });
+  } catch (err) {
+    return err instanceof CommanderError && err.exitCode === 0 ? 0 : 2;
+  }
+  const { socket: socketPath } = program.opts<{ socket: string }>();
+  const logger = createLogger({ component: 'mount-host' });
+  await mkdir(dirname(socketPath), { recursive: true, mode: 0o700 });
+  // A socket file nobody answers on is left by a host that died; a live one is another host's.
+  if (await socketAnswers(socketPath)) {
+    logger.error('another mount host already serves this socket', { socket: socketPath });
+    return 4;
+  }
+  await rm(socketPath, { force: true });
+
+  let host!: MountHost;
+  const server = createServer((s) => serveConnection(host, s, logger));
+  host = new MountHost(server, logger);
+  await new Promise<void>((done, fail) => {
+    server.once('error', fail);
+    server.listen(socketPath, () => { server.off('error', fail); done(); });
+  });
+  process.stdout.write(`ready ${socketPath}\n`);
+  logger.info('mount host ready', { socket: socketPath, pid: process.pid });
+  const stop = (): void => { void host.shutdown('signal'); };
+  process.once('SIGTERM', stop);
+  process.once('SIGINT', stop);
+  await host.done; // server.close() has removed the socket file
+  return 0;
+}
