@@ -26,6 +26,13 @@ export interface DaemonConfig {
   mountRoot?: string;
   /** Registries configuration (insecure, caFile, credentials, mirrors) for pull and push. */
   registriesConfig?: string;
+  /**
+   * How long the kernel may cache names and attributes of writable container
+   * mounts, in seconds (default 1). Longer is faster for metadata-heavy work
+   * but lets `stat` of one name of a hard-linked file show stale attributes
+   * after a change through another name, for up to that long.
+   */
+  mountCacheSeconds?: number;
 }
 
 const LEVELS: LogLevel[] = ['error', 'warn', 'info', 'debug'];
@@ -54,7 +61,7 @@ export function validateConfig(value: unknown, path: string): DaemonConfig {
   };
   if (typeof value !== 'object' || value === null || Array.isArray(value)) fail('the configuration must be a JSON object');
   const obj = value as Record<string, unknown>;
-  const allowed = ['root', 'socket', 'socketGroup', 'logLevel', 'gc', 'spoolDir', 'mountRoot', 'registriesConfig'];
+  const allowed = ['root', 'socket', 'socketGroup', 'logLevel', 'gc', 'spoolDir', 'mountRoot', 'registriesConfig', 'mountCacheSeconds'];
   for (const key of Object.keys(obj)) if (!allowed.includes(key)) fail(`unknown key '${key}' (known: ${allowed.join(', ')})`, key);
   for (const key of ['root', 'socket', 'spoolDir', 'mountRoot', 'registriesConfig']) {
     if (obj[key] !== undefined && (typeof obj[key] !== 'string' || !(obj[key] as string).startsWith('/'))) fail(`'${key}' must be an absolute path`, key);
@@ -63,6 +70,10 @@ export function validateConfig(value: unknown, path: string): DaemonConfig {
     fail(`'socketGroup' must be a group name or gid`, 'socketGroup');
   }
   if (obj['logLevel'] !== undefined && !LEVELS.includes(obj['logLevel'] as LogLevel)) fail(`'logLevel' must be one of ${LEVELS.join(', ')}`, 'logLevel');
+  const cache = obj['mountCacheSeconds'];
+  if (cache !== undefined && (typeof cache !== 'number' || !Number.isFinite(cache) || cache < 0 || cache > 3600)) {
+    fail(`'mountCacheSeconds' must be a number of seconds from 0 to 3600`, 'mountCacheSeconds');
+  }
   if (obj['gc'] !== undefined) {
     const gc = obj['gc'];
     if (typeof gc !== 'object' || gc === null || Array.isArray(gc)) fail(`'gc' must be an object`, 'gc');

@@ -64,6 +64,7 @@ export class ContainerManager {
     private readonly store: Store,
     private readonly mountRoot: string,
     private readonly logger: Logger,
+    private readonly mountOptions: { cacheSeconds?: number } = {},
   ) {}
 
   private dir(id: string): string { return this.store.layout.containerDir(id); }
@@ -163,6 +164,7 @@ export class ContainerManager {
       mountpoint: row.mountpoint,
       readOnly: row.read_only === 1,
       hostsDir: this.store.layout.hostsDir(),
+      ...(this.mountOptions.cacheSeconds !== undefined && row.layer_dir === null && row.read_only === 0 ? { cacheSeconds: this.mountOptions.cacheSeconds } : {}),
       statsFile: this.statsFile(row.id),
       context: { container: row.id },
     });

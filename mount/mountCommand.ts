@@ -28,7 +28,7 @@ export { clearDeadMount, isDeadMount, findMount } from './deadMount.js';
 
 interface MountArgs {
   lower?: string; layers?: string; root?: string; image?: string;
-  upper?: string; readOnly?: boolean; debug?: boolean; statsFile?: string; liveLayer?: string;
+  upper?: string; readOnly?: boolean; debug?: boolean; statsFile?: string; liveLayer?: string; cacheSeconds?: string;
 }
 
 /** The layers to mount, bottom → top, from whichever source the flags name. */
@@ -55,6 +55,12 @@ async function resolveLayers(args: MountArgs): Promise<LayerSource[]> {
   }
 }
 
+function cacheSecondsOf(text: string): number {
+  const value = Number(text);
+  if (!Number.isFinite(value) || value < 0) throw new LayerdError(ErrorCodes.EINVAL, `--cache-seconds must be a number ≥ 0, not '${text}'`);
+  return value;
+}
+
 export async function mountCommand(argv: string[]): Promise<number> {
   const program = new Command('layerd mount')
     .description('serve a union of directories with FUSE (leftmost lower = top layer)')
@@ -66,6 +72,7 @@ export async function mountCommand(argv: string[]): Promise<number> {
     .option('--upper <dir>', 'writable upper directory (receives an OCI changeset); without it the mount is read-only')
     .option('--read-only', 'refuse all changes')
     .option('--stats-file <file>', 'write FUSE operation counts and latencies there (JSON, every 2 s)')
+    .option('--cache-seconds <s>', 'kernel name/attribute cache lifetime (default 60 read-only, 1 writable)')
     .option('--debug', 'log every FUSE request (libfuse debug)')
     .argument('<mountpoint>')
     .exitOverride()
@@ -88,6 +95,7 @@ export async function mountCommand(argv: string[]): Promise<number> {
     const mounted = await mountUnion({
       layers, upper, mountpoint, readOnly: (args.readOnly ?? false) || args.upper === undefined, logger,
       ...(stats ? { stats } : {}), ...(args.liveLayer !== undefined ? { liveLayer: args.liveLayer } : {}),
+      ...(args.cacheSeconds !== undefined ? { cacheSeconds: cacheSecondsOf(args.cacheSeconds) } : {}),
     });
     const statsTimer = stats && args.statsFile ? setInterval(() => { void stats.writeTo(args.statsFile!).catch(() => undefined); }, 2000) : undefined;
     statsTimer?.unref();

@@ -11,7 +11,7 @@
  *
  * Protocol: a client connects to the Unix socket, writes one JSON request
  * line, and reads one JSON reply line:
- *   {"op":"mount", "layers":[dir…bottom→top], "upper", "mountpoint", "readOnly"?, "liveLayer"?, "statsFile"?}
+ *   {"op":"mount", "layers":[dir…bottom→top], "upper", "mountpoint", "readOnly"?, "liveLayer"?, "statsFile"?, "cacheSeconds"?}
  *   {"op":"unmount", "mountpoint"}     (resolves once the mount is gone)
  *   {"op":"list"}                      → {"ok":true,"mounts":[mountpoint…]}
  * Replies: {"ok":true,…} or {"ok":false,"code","message"}; code EXITING
@@ -45,6 +45,7 @@ export interface HostMountRequest {
   readOnly?: boolean;
   liveLayer?: string;
   statsFile?: string;
+  cacheSeconds?: number;
 }
 export type HostRequest = HostMountRequest | { op: 'unmount'; mountpoint: string } | { op: 'list' };
 export type HostReply = { ok: true; mounts?: string[]; pid?: number } | { ok: false; code: string; message: string };
@@ -108,6 +109,7 @@ class MountHost {
       const mounted = await mountUnion({
         layers, upper: request.upper, mountpoint, readOnly: request.readOnly ?? false, logger: this.logger,
         ...(stats ? { stats } : {}), ...(request.liveLayer !== undefined ? { liveLayer: request.liveLayer } : {}),
+        ...(typeof request.cacheSeconds === 'number' ? { cacheSeconds: request.cacheSeconds } : {}),
       });
       this.mounts.set(mountpoint, { mounted, stats, statsFile: request.statsFile });
       // Someone else may unmount it (umount, the daemon clearing a mount): forget it then.
