@@ -24,8 +24,9 @@ import { tarLayerSource } from '../storage/layerIndex.js';
 import { type ContainerRow } from '../storage/metadata.js';
 import { formatRef, splitNameTag } from '../storage/references.js';
 import { type Store } from '../storage/store.js';
-import { isServing, startMount, stopMount } from './mountServer.js';
+import { isServing, prewarmMountHost, startMount, stopMount } from './mountServer.js';
 
+const SPARE_CHECK_MS = 5 * 60_000;
 const ID_RE = /^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$/;
 
 export interface CreateRequest {
@@ -195,7 +196,19 @@ export class ContainerManager {
       }
     }
     if (adopted.length + remounted.length > 0) this.logger.info('containers restored', { adopted: adopted.length, remounted: remounted.length });
+    this.keepSpareHost();
     return { adopted, remounted };
+  }
+
+  /** Keep a spare mount host ready (checked now and every few minutes), so first mounts are fast too. */
+  private keepSpareHost(): void {
+    const prewarm = (): void => {
+      prewarmMountHost(this.store.layout.hostsDir()).catch((err: unknown) => {
+        this.logger.warn('could not start a spare mount host', { error: (err as Error).message });
+      });
+    };
+    prewarm();
+    setInterval(prewarm, SPARE_CHECK_MS).unref();
   }
 
   list(): ContainerInfo[] {

@@ -14,16 +14,20 @@
  *   {"op":"mount", "layers":[dir…bottom→top], "upper", "mountpoint", "readOnly"?, "liveLayer"?, "statsFile"?, "cacheSeconds"?}
  *   {"op":"unmount", "mountpoint"}     (resolves once the mount is gone)
  *   {"op":"list"}                      → {"ok":true,"mounts":[mountpoint…]}
+ *   {"op":"bind", "socket"}            a spare host (started with --spare) moves
+ *                                      to `socket` and becomes that stack's host
  * Replies: {"ok":true,…} or {"ok":false,"code","message"}; code EXITING
  * means this host is shutting down and the client should start another.
  *
  * The host exits on its own when it has had no mounts for IDLE_EXIT_MS, and
- * on SIGTERM/SIGINT after unmounting everything. Like `layerd mount`, it
+ * on SIGTERM/SIGINT after unmounting everything. A spare host (`--spare`) is
+ * one started ahead of need, so that the first mount of an image does not
+ * wait for a process to start: it waits up to SPARE_IDLE_EXIT_MS to be bound. Like `layerd mount`, it
  * never does I/O on its own mounts.
  */
 import { Command, CommanderError } from 'commander';
 import { createServer, createConnection, type Server, type Socket } from 'node:net';
-import { mkdir, rm } from 'node:fs/promises';
+import { mkdir, rm, stat } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { createLogger, type Logger } from '../common/log.js';
 import { ErrorCodes, LayerdError, isLayerdError } from '../common/errors.js';
@@ -34,6 +38,7 @@ import { OpStats } from './opStats.js';
 
 export const EXITING = 'EXITING';
 const IDLE_EXIT_MS = 5_000;
+const SPARE_IDLE_EXIT_MS = 30 * 60_000;
 const STATS_INTERVAL_MS = 2_000;
 const MAX_REQUEST_BYTES = 1024 * 1024;
 
@@ -47,7 +52,7 @@ export interface HostMountRequest {
   statsFile?: string;
   cacheSeconds?: number;
 }
-export type HostRequest = HostMountRequest | { op: 'unmount'; mountpoint: string } | { op: 'list' };
+export type HostRequest = HostMountRequest | { op: 'unmount'; mountpoint: string } | { op: 'list' } | { op: 'bind'; socket: string };
 export type HostReply = { ok: true; mounts?: string[]; pid?: number } | { ok: false; code: string; message: string };
 
 interface HostedMount {
@@ -68,9 +73,12 @@ class MountHost {
   private readonly finished: Promise<void>;
   private finish!: () => void;
 
-  constructor(private readonly server: Server, private readonly logger: Logger) {
+  constructor(
+    private server: Server, private readonly logger: Logger, private spare: boolean,
+    private readonly serve: (s: Socket) => void, private socketPath: string,
+  ) {
     this.finished = new Promise((done) => { this.finish = done; });
-    this.statsTimer = setInterval(() => this.writeStats(), STATS_INTERVAL_MS);
+    this.statsTimer = setInterval(() => this.housekeeping(), STATS_INTERVAL_MS);
     this.armIdleExit();
   }
 
@@ -82,8 +90,30 @@ class MountHost {
       case 'mount': return this.mount(request);
       case 'unmount': return this.unmount(request.mountpoint);
       case 'list': return { ok: true, mounts: [...this.mounts.keys()], pid: process.pid };
+      case 'bind': return this.bind(request.socket);
       default: throw new LayerdError(ErrorCodes.EINVAL, `unknown request ${JSON.stringify((request as { op?: unknown }).op)}`);
     }
+  }
+
+  /** A spare host becomes the host at `socket` (unless a live host is there already). */
+  private async bind(socket: string): Promise<HostReply> {
+    if (!this.spare) throw new LayerdError(ErrorCodes.EINVAL, 'only a spare mount host can be bound', { socket });
+    if (typeof socket !== 'string' || !socket.startsWith('/')) throw new LayerdError(ErrorCodes.EINVAL, 'bind needs an absolute socket path');
+    if (await socketAnswers(socket)) throw new LayerdError(ErrorCodes.EEXIST, `a mount host already serves ${socket}`, { socket });
+    this.spare = false; // one bind only, even if two arrive at once
+    await rm(socket, { force: true });
+    const server = createServer((s) => this.serve(s));
+    await new Promise<void>((done, fail) => {
+      server.once('error', fail);
+      server.listen(socket, () => { server.off('error', fail); done(); });
+    });
+    const old = this.server;
+    this.server = server;
+    this.socketPath = socket;
+    old.close();
+    this.logger.info('spare mount host bound', { socket });
+    this.armIdleExit();
+    return { ok: true, pid: process.pid };
   }
 
   private layer(dir: string): Promise<LayerSource> {
@@ -137,6 +167,12 @@ class MountHost {
     this.armIdleExit();
   }
 
+  private housekeeping(): void {
+    this.writeStats();
+    // A spare whose socket is gone (its store was removed) can never be bound: leave.
+    if (this.spare) void stat(this.socketPath).catch(() => this.shutdown('spare socket removed'));
+  }
+
   private writeStats(): void {
     for (const { stats, statsFile } of this.mounts.values()) {
       if (stats && statsFile) void stats.writeTo(statsFile).catch(() => undefined);
@@ -146,7 +182,7 @@ class MountHost {
   private armIdleExit(): void {
     if (this.idleTimer) clearTimeout(this.idleTimer);
     if (this.mounts.size > 0 || this.pending.size > 0 || this.exiting) return;
-    this.idleTimer = setTimeout(() => { void this.shutdown('idle'); }, IDLE_EXIT_MS);
+    this.idleTimer = setTimeout(() => { void this.shutdown('idle'); }, this.spare ? SPARE_IDLE_EXIT_MS : IDLE_EXIT_MS);
   }
 
   /** Stop taking requests, unmount everything, and let the process end. */
@@ -203,6 +239,7 @@ export async function mountHostCommand(argv: string[]): Promise<number> {
   const program = new Command('layerd mount-host')
     .description('serve many union mounts of one image from one process, on request over a Unix socket')
     .requiredOption('--socket <path>', 'where to listen')
+    .option('--spare', 'a host started ahead of need: waits to be bound to a layer stack')
     .exitOverride()
     .configureOutput({ writeErr: (s) => process.stderr.write(s) });
   try {
@@ -210,7 +247,7 @@ export async function mountHostCommand(argv: string[]): Promise<number> {
   } catch (err) {
     return err instanceof CommanderError && err.exitCode === 0 ? 0 : 2;
   }
-  const { socket: socketPath } = program.opts<{ socket: string }>();
+  const { socket: socketPath, spare } = program.opts<{ socket: string; spare?: boolean }>();
   const logger = createLogger({ component: 'mount-host' });
   await mkdir(dirname(socketPath), { recursive: true, mode: 0o700 });
   // A socket file nobody answers on is left by a host that died; a live one is another host's.
@@ -221,8 +258,9 @@ export async function mountHostCommand(argv: string[]): Promise<number> {
   await rm(socketPath, { force: true });
 
   let host!: MountHost;
-  const server = createServer((s) => serveConnection(host, s, logger));
-  host = new MountHost(server, logger);
+  const serve = (s: Socket): void => serveConnection(host, s, logger);
+  const server = createServer(serve);
+  host = new MountHost(server, logger, spare === true, serve, socketPath);
   await new Promise<void>((done, fail) => {
     server.once('error', fail);
     server.listen(socketPath, () => { server.off('error', fail); done(); });

@@ -155,7 +155,10 @@ class FileTee extends Transform {
   }
 
   override _transform(chunk: Buffer, _enc: BufferEncoding, callback: TransformCallback): void {
-    this.handle!.write(chunk).then(() => callback(null, chunk), callback);
+    // Hand the bytes on at once (the index is built while the write runs);
+    // the next chunk waits for this write, so writes stay in order.
+    this.push(chunk);
+    this.handle!.write(chunk).then(() => callback(), callback);
   }
 
   override _flush(callback: TransformCallback): void {

@@ -1,0 +1,148 @@
+/**
+ * How the daemon serves container mounts: mount hosts (one process per
+ * image, serving all its containers), the spare host kept ready for the
+ * first mount of an image, and hosts leaving once their last mount is gone.
+ * Then the kernel cache lifetime of writable container mounts (config
+ * `mountCacheSeconds`): the default (1 s) bounds how long `stat` of one name
+ * of a hard-linked file can lag a change made through another name (a
+ * libfuse 2 limit: each name is its own kernel inode); a long setting trades
+ * that for speed. Real daemon, real mounts.
+ */
+import { expect } from 'chai';
+import { mkdir, readFile, writeFile } from 'node:fs/promises';
+import { processAlive } from '../common/process.js';
+import { join } from 'node:path';
+import { type RunningDaemon, startDaemon } from './support/daemon.js';
+import { DEBIAN_MULTI, REPO, execFileAsync, layerctl, scratch } from './support/env.js';
+import { clearMountsUnder } from './support/store.js';
+
+/** Size of `b` as the kernel reports it, after growing the file through its other name `a`. */
+async function sizeSeenThroughOtherName(mnt: string): Promise<number> {
+  const sh = (script: string) => execFileAsync('sh', ['-c', script]);
+  await sh(`cd ${mnt}/root && echo one > a && ln a b && stat -c %s b >/dev/null`);
+  await sh(`echo two-more >> ${mnt}/root/a`);
+  await new Promise((r) => setTimeout(r, 1500));
+  return Number((await sh(`stat -c %s ${mnt}/root/b`)).stdout.trim());
+}
+
+async function cmdline(pid: number): Promise<string[]> {
+  return (await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '')).split('\0');
+}
+
+/** PIDs of processes whose command line names `socket` (the mount hosts of a store). */
+async function hostsServing(socket: string): Promise<number[]> {
+  const { stdout } = await execFileAsync('pgrep', ['-f', `mount-host --socket ${socket}`]).catch(() => ({ stdout: '' }));
+  return stdout.split('\n').filter((l) => l !== '').map(Number);
+}
+
+async function until(what: string, check: () => Promise<boolean>, timeoutMs = 15_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await check())) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+describe('daemon: mount hosts', function () {
+  this.timeout(120_000);
+  let work: { dir: string; remove(): Promise<void> };
+  let daemon: RunningDaemon | undefined;
+  before(async () => {
+    work = await scratch();
+    daemon = await startDaemon(work.dir, ['--mount-root', join(work.dir, 'mounts')]);
+    expect((await layerctl(['--socket', daemon.socket, 'import', DEBIAN_MULTI])).code).to.equal(0);
+  });
+  after(async () => {
+    try {
+      if (daemon) {
+        for (const id of ['h1', 'h2', 'h3']) await layerctl(['--socket', daemon.socket, 'rm', id]);
+        await daemon.stop();
+      }
+    } finally {
+      await clearMountsUnder(work.dir);
+      await work.remove();
+    }
+  });
+  const ctl = (...args: string[]) => layerctl(['--socket', daemon!.socket, ...args]);
+  const serverOf = async (id: string): Promise<number> =>
+    (JSON.parse((await ctl('ps', '--json')).stdout) as Array<{ id: string; serverPid: number }>).find((c) => c.id === id)!.serverPid;
+
+  it('keeps a spare host ready, binds it to the first image mounted, and starts the next spare', async () => {
+    const spare = join(daemon!.root, 'hosts', 'spare.sock');
+    await until('a spare host', async () => (await hostsServing(spare)).length === 1);
+    const [sparePid] = await hostsServing(spare);
+    expect((await ctl('create', 'debian-multi:latest', '--name', 'h1')).code).to.equal(0);
+    expect(await serverOf('h1')).to.equal(sparePid);
+    expect(await cmdline(sparePid!)).to.include('--spare'); // the very process that was the spare
+    await until('the next spare host', async () => (await hostsServing(spare)).some((p) => p !== sparePid));
+  });
+
+  it('serves every container of one image from one host, and another image from another', async () => {
+    expect((await ctl('create', 'debian-multi:latest', '--name', 'h2')).code).to.equal(0);
+    expect((await ctl('create', 'debian-multi:l1-minbase', '--name', 'h3')).code).to.equal(0);
+    expect(await serverOf('h2')).to.equal(await serverOf('h1'));
+    expect(await serverOf('h3')).to.not.equal(await serverOf('h1'));
+    await execFileAsync('sh', ['-c', `echo mine > ${join(work.dir, 'mounts', 'h1', 'only-h1')}`]);
+    expect((await execFileAsync('ls', [join(work.dir, 'mounts', 'h2')])).stdout).to.not.include('only-h1');
+  });
+
+  it('lets a host leave once its last container is removed', async () => {
+    const host = await serverOf('h3');
+    expect((await ctl('rm', 'h3')).code).to.equal(0);
+    await until('the host to leave', async () => !processAlive(host));
+    const shared = await serverOf('h1');
+    expect((await ctl('rm', 'h1')).code).to.equal(0);
+    await new Promise((r) => setTimeout(r, 500));
+    expect(processAlive(shared), 'still serving h2').to.equal(true);
+    expect((await execFileAsync('cat', [join(work.dir, 'mounts', 'h2', 'etc', 'os-release')])).stdout).to.match(/Debian/);
+  });
+});
+
+describe('daemon: kernel cache lifetime of container mounts', function () {
+  this.timeout(120_000);
+  let work: { dir: string; remove(): Promise<void> };
+  let daemon: RunningDaemon | undefined;
+
+  beforeEach(async () => { work = await scratch(); });
+  afterEach(async () => {
+    try {
+      if (daemon) {
+        await layerctl(['--socket', daemon.socket, 'rm', 'c']);
+        await daemon.stop();
+        daemon = undefined;
+      }
+    } finally {
+      await clearMountsUnder(work.dir);
+      await work.remove();
+    }
+  });
+
+  async function containerWith(config: object): Promise<string> {
+    const configPath = join(work.dir, 'config.json');
+    await writeFile(configPath, JSON.stringify(config));
+    await mkdir(join(work.dir, 'mounts'));
+    daemon = await startDaemon(work.dir, ['--config', configPath, '--mount-root', join(work.dir, 'mounts')]);
+    const ctl = (...args: string[]) => layerctl(['--socket', daemon!.socket, ...args]);
+    expect((await ctl('import', DEBIAN_MULTI)).code).to.equal(0);
+    const r = await ctl('create', 'debian-multi:l1-minbase', '--name', 'c', '--json');
+    expect(r.code, r.stderr).to.equal(0);
+    return (JSON.parse(r.stdout) as { mountpoint: string }).mountpoint;
+  }
+
+  it('by default, another name of a changed hard-linked file is right within 1.5 s', async () => {
+    expect(await sizeSeenThroughOtherName(await containerWith({}))).to.equal(13);
+  });
+
+  it('with mountCacheSeconds: 30, the kernel keeps the cached attributes longer', async () => {
+    expect(await sizeSeenThroughOtherName(await containerWith({ mountCacheSeconds: 30 }))).to.equal(4);
+  });
+
+  it('refuses a mountCacheSeconds that is not a number of seconds', async () => {
+    const configPath = join(work.dir, 'config.json');
+    await writeFile(configPath, JSON.stringify({ mountCacheSeconds: 'long' }));
+    const r = await execFileAsync(join(REPO, 'bin', 'layerd'), ['--root', join(work.dir, 'root'), '--socket', join(work.dir, 's.sock'), '--config', configPath])
+      .then(() => ({ code: 0, stderr: '' }), (err: { code: number; stderr: string }) => err);
+    expect(r.code).to.not.equal(0);
+    expect(r.stderr).to.match(/mountCacheSeconds/);
+  });
+});
