@@ -4,7 +4,7 @@
 
 SHELL := /bin/bash
 NODE_MODULES_STAMP := node_modules/.layerd-installed
-DEBIAN_PACKAGES := libfuse2 fuse3 fuse-overlayfs attr acl skopeo umoci pigz zstd docker-registry python3 openssl curl coreutils util-linux chromium
+DEBIAN_PACKAGES := libfuse2 fuse3 fuse-overlayfs attr acl skopeo umoci pigz zstd docker-registry python3 openssl curl coreutils util-linux chromium containerd runc
 DEBIAN_STAMP := /var/lib/layerd-build-deps.stamp
 MOCHA := npx mocha --config .mocharc.json
 
@@ -61,6 +61,7 @@ install:
 	npx tsc -p tsconfig.json
 	install -d $(LIBDIR) $(PREFIX)/bin $(UNITDIR) $(CONFDIR)
 	cp -a package.json package-lock.json README.md dist bin docs node_modules patches $(LIBDIR)/
+	install -d $(LIBDIR)/daemon/snapshotter && install -m 0644 daemon/snapshotter/*.proto $(LIBDIR)/daemon/snapshotter/
 	ln -sf $(LIBDIR)/bin/layerd $(PREFIX)/bin/layerd
 	ln -sf $(LIBDIR)/bin/layerctl $(PREFIX)/bin/layerctl
 	sed -e 's|/usr/local/bin/layerd|$(PREFIX)/bin/layerd|' -e 's|/usr/local/lib/layerd|$(LIBDIR)|' -e 's|/etc/layerd/config.json|$(CONFDIR)/config.json|' systemd/layerd.service > $(UNITDIR)/layerd.service

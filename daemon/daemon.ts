@@ -16,6 +16,8 @@ import { containerRoutes } from './api/containers.js';
 import { imageRoutes } from './api/images.js';
 import { registryRoutes } from './api/registry.js';
 import { ContainerManager } from './containers.js';
+import { type SnapshotterServer, startSnapshotter } from './snapshotter/server.js';
+import { SnapshotService } from './snapshotter/service.js';
 import { Spool } from './spool.js';
 import { systemRoutes } from './api/system.js';
 import { type DaemonConfig, loadConfig } from './config.js';
@@ -41,6 +43,8 @@ export interface DaemonOptions {
   mountRoot?: string;
   /** Unmount every container when stopping (default: leave them served). */
   unmountOnStop?: boolean;
+  /** The containerd proxy snapshotter's socket (default: beside `socket`); 'none': no snapshotter. */
+  snapshotterSocket?: string;
 }
 
 export const DEFAULT_MOUNT_ROOT = '/run/layerd/mounts';
@@ -53,6 +57,8 @@ export class Daemon {
   private stopping: Promise<void> | undefined;
   containers!: ContainerManager;
   private spool: Spool | undefined;
+  snapshots!: SnapshotService;
+  private snapshotter: SnapshotterServer | undefined;
 
   private constructor(
     readonly store: Store,
@@ -63,6 +69,7 @@ export class Daemon {
   static async start(options: DaemonOptions): Promise<Daemon> {
     const { logger } = options;
     const store = await Store.open(options.root, { exclusive: true, logger, ...(options.durability ? { durability: options.durability } : {}) });
+    let snapshotter: SnapshotterServer | undefined;
     try {
       const router = new Router();
       const server = createServer();
@@ -70,10 +77,15 @@ export class Daemon {
       systemRoutes(router, store, daemon.metrics, join(REPO, 'docs'), VERSION, () => daemon.containers.fuseStats());
       const ops = new StoreOperations(store);
       imageRoutes(router, ops, store, daemon.metrics);
-      daemon.containers = new ContainerManager(store, options.mountRoot ?? options.config.mountRoot ?? DEFAULT_MOUNT_ROOT, logger);
+      daemon.containers = new ContainerManager(store, options.mountRoot ?? options.config.mountRoot ?? DEFAULT_MOUNT_ROOT, logger, {
+        ...(options.config.mountCacheSeconds !== undefined ? { cacheSeconds: options.config.mountCacheSeconds } : {}),
+      });
       containerRoutes(router, daemon.containers);
       registryRoutes(router, store, options.config.registriesConfig);
       await daemon.containers.adoptAll();
+      daemon.snapshots = new SnapshotService(store, logger);
+      await daemon.snapshots.adoptAll();
+      daemon.snapshotter = snapshotter = await startSnapshotter(options.socket, options.snapshotterSocket, daemon.snapshots, logger);
       server.on('request', (req, res) => {
         const done = router.dispatch(req, res, logger).finally(() => {
           daemon.inflight.delete(done);
@@ -103,6 +115,7 @@ export class Daemon {
       await notifySystemd(`READY=1\nSTATUS=serving on ${options.socket}\nMAINPID=${process.pid}`, logger);
       return daemon;
     } catch (err) {
+      await snapshotter?.stop(0);
       store.close();
       throw err;
     }
@@ -152,7 +165,9 @@ export class Daemon {
       this.server.closeIdleConnections();
       await Promise.allSettled([...this.inflight]);
       await closed;
+      await this.snapshotter?.stop();
       if (this.options.unmountOnStop) await this.containers.unmountAll();
+      if (this.options.unmountOnStop) await this.snapshots.unmountAll();
       await rm(daemonMarker(this.options.root), { force: true });
       this.store.close();
     })();

@@ -18,7 +18,7 @@
  */
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { mkdir, open, readFile } from 'node:fs/promises';
+import { mkdir, open, readFile, readdir } from 'node:fs/promises';
 import { createConnection } from 'node:net';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -169,12 +169,24 @@ function asErrorCode(code: string): ErrorCode {
   return (Object.values(ErrorCodes) as string[]).includes(code) ? code as ErrorCode : ErrorCodes.EIO;
 }
 
-/** The socket of the mount host running as `pid`, or undefined if `pid` is not a mount host. */
+/**
+ * The socket of the mount host running as `pid`, or undefined if `pid` is
+ * not a mount host. Its command line names the socket it started on; a
+ * spare host has since moved to another socket of the same directory, so
+ * the host that answers with `pid` is looked for there.
+ */
 async function hostSocketOf(pid: number): Promise<string | undefined> {
   const argv = (await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '')).split('\0');
-  if (!argv.includes('mount-host')) return undefined;
   const i = argv.indexOf('--socket');
-  return i >= 0 ? argv[i + 1] : undefined;
+  if (!argv.includes('mount-host') || i < 0 || argv[i + 1] === undefined) return undefined;
+  const started = argv[i + 1]!;
+  const candidates = [started, ...(await readdir(dirname(started)).catch(() => [] as string[]))
+    .filter((name) => name.endsWith('.sock')).map((name) => join(dirname(started), name)).filter((p) => p !== started)];
+  for (const socket of candidates) {
+    const reply = await askHost(socket, { op: 'list' }, STOP_TIMEOUT_MS).catch(() => undefined);
+    if (reply?.ok && reply.pid === pid) return socket;
+  }
+  return undefined;
 }
 
 /** Whether `served` is still a live mount with its server running. */
@@ -195,7 +207,7 @@ export async function stopMount(pid: number | null, mountpoint: string): Promise
     const socket = await hostSocketOf(pid);
     if (socket !== undefined) {
       await askHost(socket, { op: 'unmount', mountpoint: resolve(mountpoint) }, STOP_TIMEOUT_MS).catch(() => undefined);
-    } else {
+    } else if (!(await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '')).includes('mount-host')) {
       process.kill(pid, 'SIGTERM');
       const deadline = Date.now() + STOP_TIMEOUT_MS;
       while (processAlive(pid) && Date.now() < deadline) await sleep(25);

@@ -9,6 +9,7 @@ import { join } from 'node:path';
 import { ErrorCodes, LayerdError } from '../common/errors.js';
 import { type Digest } from './digest.js';
 import { formatRef, parseImageRef, splitNameTag } from './references.js';
+import { snapshotLayerRefs } from './snapshots.js';
 import { type Store } from './store.js';
 
 export interface RemoveResult {
@@ -90,6 +91,7 @@ export async function collectGarbage(store: Store): Promise<GcResult> {
     store.db.write(() => {
       const blobs = store.db.referencedBlobs();
       const layers = store.db.referencedLayers();
+      for (const d of snapshotLayerRefs(store.db)) layers.add(d); // committed containerd snapshots
       for (const row of store.db.listBlobs()) {
         if (blobs.has(row.digest)) continue;
         store.db.deleteBlob(row.digest);

@@ -1,0 +1,241 @@
+/**
+ * Snapshot records for the containerd proxy snapshotter, in their own table
+ * of the store's database, and the two store operations snapshots need:
+ * ingesting a layer tar as a standalone layer (no image), and deleting such a
+ * layer once nothing uses it.
+ *
+ *   <root>/snapshots/<id>/upper     the writable layer of an active snapshot
+ *   <root>/snapshots/<id>/mnt       its FUSE mountpoint (active and view snapshots)
+ *
+ * A committed snapshot is a layer of the store (`diff_id`) on top of its
+ * parent's chain; it owns no files of its own. Its layer stays in the store
+ * while any snapshot refers to it (`collectGarbage` asks `snapshotLayerRefs`).
+ * The keys are containerd's (its metadata layer namespaces them, e.g.
+ * `default/12/sha256:…`); `id` is layerd's own, used for directory names.
+ */
+import { renameSync } from 'node:fs';
+import { createReadStream } from 'node:fs';
+import { mkdir } from 'node:fs/promises';
+import { join } from 'node:path';
+import { ErrorCodes, LayerdError } from '../common/errors.js';
+import { type Digest } from './digest.js';
+import { Transaction } from './importer.js';
+import { ingestLayer } from './layerIngest.js';
+import { type MetadataDb } from './metadata.js';
+import { MediaTypes } from './oci.js';
+import { type Store } from './store.js';
+
+export type SnapshotKind = 'active' | 'view' | 'committed';
+
+export interface SnapshotRow {
+  id: number;
+  key: string;
+  kind: SnapshotKind;
+  /** Key of the parent (a committed snapshot), or null. */
+  parent: string | null;
+  /** JSON object of string labels. */
+  labels: string;
+  created_at: number;
+  updated_at: number;
+  /** Committed: the store layer holding its changes. */
+  diff_id: Digest | null;
+  /** Committed: the chain ID it is known to stand for (set by the remote path), else null. */
+  chain_id: Digest | null;
+  /** Active and view: the writable (view: empty) upper directory. */
+  upper: string | null;
+  /** Active and view: where it is mounted. */
+  mountpoint: string | null;
+  /** Active and view: the mount server, while one is known. */
+  server_pid: number | null;
+}
+
+const SCHEMA = `
+CREATE TABLE IF NOT EXISTS snapshots (
+  id          INTEGER PRIMARY KEY AUTOINCREMENT,
+  key         TEXT NOT NULL UNIQUE,
+  kind        TEXT NOT NULL CHECK (kind IN ('active', 'view', 'committed')),
+  parent      TEXT REFERENCES snapshots(key),
+  labels      TEXT NOT NULL,
+  created_at  INTEGER NOT NULL,
+  updated_at  INTEGER NOT NULL,
+  diff_id     TEXT REFERENCES layers(diff_id),
+  chain_id    TEXT,
+  upper       TEXT,
+  mountpoint  TEXT,
+  server_pid  INTEGER,
+  CHECK ((kind = 'committed') = (diff_id IS NOT NULL))
+);
+CREATE INDEX IF NOT EXISTS snapshots_parent ON snapshots(parent);
+CREATE INDEX IF NOT EXISTS snapshots_diff_id ON snapshots(diff_id);
+`;
+
+export function snapshotsDir(store: Store): string {
+  return join(store.layout.root, 'snapshots');
+}
+
+export function snapshotDir(store: Store, id: number): string {
+  return join(snapshotsDir(store), String(id));
+}
+
+/** The snapshot table of one store (created on first use). */
+export class SnapshotTable {
+  constructor(private readonly db: MetadataDb) {
+    db.write(() => db.db.exec(SCHEMA));
+  }
+
+  get(key: string): SnapshotRow | undefined {
+    return this.db.db.prepare(`SELECT * FROM snapshots WHERE key = ?`).get(key) as SnapshotRow | undefined;
+  }
+
+  list(): SnapshotRow[] {
+    return this.db.db.prepare(`SELECT * FROM snapshots ORDER BY id`).all() as SnapshotRow[];
+  }
+
+  children(key: string): SnapshotRow[] {
+    return this.db.db.prepare(`SELECT * FROM snapshots WHERE parent = ? ORDER BY id`).all(key) as SnapshotRow[];
+  }
+
+  /** Committed snapshots carrying `label` = `value` on top of `parent`. */
+  committedWithLabel(label: string, value: string, parent: string | null): SnapshotRow[] {
+    return this.list().filter((r) => r.kind === 'committed' && r.parent === parent && parseLabels(r.labels)[label] === value);
+  }
+
+  /** Insert (call inside a write transaction); returns the new row. */
+  insert(row: Omit<SnapshotRow, 'id' | 'created_at' | 'updated_at'> & { created_at?: number }): SnapshotRow {
+    const now = Date.now();
+    const result = this.db.db.prepare(`INSERT INTO snapshots (key, kind, parent, labels, created_at, updated_at, diff_id, chain_id, upper, mountpoint, server_pid)
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`)
+      .run(row.key, row.kind, row.parent, row.labels, row.created_at ?? now, now, row.diff_id, row.chain_id, row.upper, row.mountpoint, row.server_pid);
+    return this.db.db.prepare(`SELECT * FROM snapshots WHERE id = ?`).get(result.lastInsertRowid) as SnapshotRow;
+  }
+
+  /** Set the directories of a new row (they are named after its id). */
+  setPaths(key: string, upper: string, mountpoint: string): void {
+    this.db.db.prepare(`UPDATE snapshots SET upper = ?, mountpoint = ? WHERE key = ?`).run(upper, mountpoint, key);
+  }
+
+  setServer(key: string, pid: number | null): void {
+    this.db.db.prepare(`UPDATE snapshots SET server_pid = ? WHERE key = ?`).run(pid, key);
+  }
+
+  setLabels(key: string, labels: Record<string, string>): void {
+    this.db.db.prepare(`UPDATE snapshots SET labels = ?, updated_at = ? WHERE key = ?`).run(JSON.stringify(labels), Date.now(), key);
+  }
+
+  delete(key: string): void {
+    this.db.db.prepare(`DELETE FROM snapshots WHERE key = ?`).run(key);
+  }
+
+  /** The layers of a committed snapshot's chain, base first. */
+  chain(key: string | null): Digest[] {
+    const layers: Digest[] = [];
+    const seen = new Set<string>();
+    for (let k = key; k !== null;) {
+      if (seen.has(k)) throw new LayerdError(ErrorCodes.ECORRUPT, `snapshot parent chain loops at ${k}`, { snapshot: k });
+      seen.add(k);
+      const row = this.get(k);
+      if (!row) throw new LayerdError(ErrorCodes.ECORRUPT, `snapshot ${k} is missing from its child's chain`, { snapshot: k });
+      if (row.diff_id === null) throw new LayerdError(ErrorCodes.ECORRUPT, `snapshot ${k} in a parent chain is not committed`, { snapshot: k });
+      layers.push(row.diff_id);
+      k = row.parent;
+    }
+    return layers.reverse();
+  }
+}
+
+export function parseLabels(text: string): Record<string, string> {
+  try {
+    const value = JSON.parse(text) as unknown;
+    if (typeof value === 'object' && value !== null && !Array.isArray(value)) return value as Record<string, string>;
+  } catch {
+    // fall through
+  }
+  return {};
+}
+
+/**
+ * Layers that committed snapshots use (store GC keeps them). Works on a
+ * store whose snapshot table was never created.
+ */
+export function snapshotLayerRefs(db: MetadataDb): Set<Digest> {
+  const exists = db.db.prepare(`SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'snapshots'`).get();
+  if (!exists) return new Set();
+  const rows = db.db.prepare(`SELECT DISTINCT diff_id AS d FROM snapshots WHERE diff_id IS NOT NULL`).all() as { d: Digest }[];
+  return new Set(rows.map((r) => r.d));
+}
+
+export interface IngestedLayerTar {
+  diffId: Digest;
+  /** Bytes of the uncompressed tar. */
+  size: number;
+  /** Bytes of regular-file content. */
+  fileBytes: number;
+  entries: number;
+}
+
+/**
+ * Ingest an uncompressed OCI layer tar as a layer of the store with no image
+ * (verified and indexed like any layer). `record` runs inside the write
+ * transaction that makes the layer visible, so the rows that refer to it
+ * appear in the same step. A layer the store already has is reused.
+ */
+export async function ingestLayerTar(
+  store: Store, tarPath: string, record: (db: MetadataDb, layer: IngestedLayerTar) => void,
+): Promise<IngestedLayerTar> {
+  const workDir = await store.newWorkDir();
+  try {
+    const tx = new Transaction(store, workDir);
+    const layerWork = tx.nextDir();
+    await mkdir(layerWork);
+    const ingested = await ingestLayer(async () => createReadStream(tarPath, { highWaterMark: 1024 * 1024 }), {}, {
+      workDir: layerWork, storedBlob: tarPath, unpack: true,
+    });
+    if (ingested.compression !== 'none') {
+      throw new LayerdError(ErrorCodes.EFORMAT, `${tarPath} is compressed; a plain layer tar was expected`, { path: tarPath });
+    }
+    const layer: IngestedLayerTar = {
+      diffId: ingested.diffId, size: ingested.diffSize, fileBytes: ingested.fileBytes, entries: ingested.index?.entries.length ?? 0,
+    };
+    const existing = store.db.getLayer(ingested.diffId);
+    if (existing) {
+      delete ingested.layerDir;
+      delete ingested.index;
+      layer.fileBytes = existing.file_bytes;
+      layer.entries = existing.entries;
+    }
+    tx.stageLayer(ingested, MediaTypes.ociLayer);
+    await store.commit(workDir, tx.staged, (db) => {
+      for (const [diffId, l] of tx.layers) db.putLayer({ diff_id: diffId, size: l.size, file_bytes: l.fileBytes, entries: l.entries });
+      record(db, layer);
+    });
+    return layer;
+  } finally {
+    await store.releaseWorkDir(workDir);
+  }
+}
+
+/** Is this layer used by an image or a snapshot? (call inside a transaction) */
+function layerInUse(db: MetadataDb, diffId: Digest): boolean {
+  return db.db.prepare(`SELECT 1 FROM image_layers WHERE diff_id = ? LIMIT 1`).get(diffId) !== undefined
+    || snapshotLayerRefs(db).has(diffId);
+}
+
+/**
+ * Delete a layer that nothing uses any more (no image, no snapshot): the row
+ * goes and the directory is moved aside in one write transaction, then
+ * deleted. Returns whether it was deleted.
+ */
+export async function removeLayerIfUnused(store: Store, diffId: Digest): Promise<boolean> {
+  const workDir = await store.newWorkDir();
+  try {
+    return store.db.write(() => {
+      if (!store.db.getLayer(diffId) || layerInUse(store.db, diffId)) return false;
+      store.db.deleteLayer(diffId);
+      renameSync(store.layout.layerDir(diffId), join(workDir, 'layer'));
+      store.forgetLayerIndex(diffId);
+      return true;
+    });
+  } finally {
+    await store.releaseWorkDir(workDir);
+  }
+}

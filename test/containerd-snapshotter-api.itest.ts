@@ -1,0 +1,243 @@
+/**
+ * The proxy snapshotter's gRPC API, driven directly (no containerd): what
+ * each call does to mounts, the store and the records, the error codes
+ * containerd expects, the remote path's checks, Cleanup, and snapshot
+ * mounts that outlive a daemon restart.
+ */
+import { expect } from 'chai';
+import { status } from '@grpc/grpc-js';
+import { readFile, readdir, mkdir, stat, writeFile } from 'node:fs/promises';
+import { dirname, join } from 'node:path';
+import { BUSYBOX, layerctl, scratch } from './support/env.js';
+import { type RunningDaemon, startDaemon } from './support/daemon.js';
+import { type SnapshotsClient, grpcCode, snapshotsClient } from './support/containerd.js';
+import { clearMountsUnder } from './support/store.js';
+
+interface WireMount { type: string; source: string; options: string[] }
+interface InspectedImage { Layers: { diffId: string; digest: string | null }[] }
+
+describe('containerd snapshotter: the gRPC API', function () {
+  this.timeout(180_000);
+  let work: { dir: string; remove(): Promise<void> };
+  let daemon: RunningDaemon | undefined;
+  let client: SnapshotsClient;
+  let busybox: InspectedImage;
+  const socket = (): string => join(work.dir, 'snap.sock');
+
+  const prepare = (key: string, parent = '', labels: Record<string, string> = {}) =>
+    client.call<{ mounts: WireMount[] }>('Prepare', { snapshotter: 'layerd', key, parent, labels }).then((r) => r.mounts);
+  const view = (key: string, parent: string) =>
+    client.call<{ mounts: WireMount[] }>('View', { snapshotter: 'layerd', key, parent, labels: {} }).then((r) => r.mounts);
+  const commit = (name: string, key: string, labels: Record<string, string> = {}) => client.call('Commit', { snapshotter: 'layerd', name, key, labels });
+  const remove = (key: string) => client.call('Remove', { snapshotter: 'layerd', key });
+  const statOf = (key: string) => client.call<{ info: { name: string; parent: string; kind: string; labels: Record<string, string> } }>('Stat', { snapshotter: 'layerd', key }).then((r) => r.info);
+  const usage = (key: string) => client.call<{ size: number; inodes: number }>('Usage', { snapshotter: 'layerd', key });
+  const codeOf = async (p: Promise<unknown>): Promise<number | undefined> => p.then(() => undefined, (err: unknown) => grpcCode(err));
+  const mounted = async (path: string): Promise<boolean> => (await readFile('/proc/self/mountinfo', 'utf8')).split('\n').some((l) => l.split(' ')[4] === path);
+  const cli = async (...args: string[]): Promise<string> => {
+    const r = await layerctl(['--socket', daemon!.socket, ...args]);
+    if (r.code !== 0) throw new Error(`layerctl ${args.join(' ')}: ${r.code} ${r.stderr}`);
+    return r.stdout;
+  };
+  const storeLayers = async (): Promise<string[]> => (JSON.parse(await cli('layers', '--json')) as { diffId: string }[]).map((l) => l.diffId);
+
+  before(async () => {
+    work = await scratch('layerd-snapapi-');
+    daemon = await startDaemon(work.dir, ['--snapshotter-socket', join(work.dir, 'snap.sock')]);
+    client = snapshotsClient(socket());
+    await cli('import', BUSYBOX);
+    busybox = JSON.parse(await cli('inspect', 'busybox:latest')) as InspectedImage;
+  });
+
+  after(async () => {
+    if (daemon) {
+      // remove what a failed test left, children first
+      for (let pass = 0; pass < 5; pass++) {
+        const left = await client.list().catch(() => []);
+        if (left.length === 0) break;
+        for (const s of left) await remove(s.name).catch(() => undefined);
+      }
+      client.close();
+      await daemon.stop();
+    }
+    await clearMountsUnder(work.dir);
+    await stopMountHostsUnder(work.dir);
+    await work.remove();
+  });
+
+  it('prepares an empty writable snapshot as a bind mount of a FUSE mount, and commits it to a store layer', async () => {
+    const mounts = await prepare('a1', '', { 'containerd.io/snapshot/x': 'y' });
+    expect(mounts).to.have.length(1);
+    expect(mounts[0]!.type).to.equal('bind');
+    expect(mounts[0]!.options).to.deep.equal(['rbind', 'rw']);
+    const mnt = mounts[0]!.source;
+    expect(await mounted(mnt)).to.equal(true);
+    expect(await readdir(mnt)).to.deep.equal([]);
+    await mkdir(join(mnt, 'etc'));
+    await writeFile(join(mnt, 'etc', 'hello'), 'hello\n');
+    expect(await readFile(join(dirname(mnt), 'upper', 'etc', 'hello'), 'utf8'), 'the write is in the upper dir').to.equal('hello\n');
+    expect((await statOf('a1')).kind).to.equal('ACTIVE');
+    expect((await usage('a1')).inodes).to.equal(3);
+
+    const before = await storeLayers();
+    await commit('c1', 'a1', { 'containerd.io/snapshot/committed': 'yes' });
+    const info = await statOf('c1');
+    expect(info).to.include({ name: 'c1', parent: '', kind: 'COMMITTED' });
+    expect(info.labels).to.deep.equal({ 'containerd.io/snapshot/committed': 'yes' });
+    expect(await codeOf(statOf('a1'))).to.equal(status.NOT_FOUND);
+    expect(await mounted(mnt), 'the active mount is gone').to.equal(false);
+    const after = await storeLayers();
+    expect(after).to.have.length(before.length + 1);
+    await cli('prune');
+    expect(await storeLayers(), 'store GC keeps the layers of committed snapshots').to.deep.equal(after);
+    expect(await usage('c1')).to.deep.equal({ size: 6, inodes: 2 }); // the layer's entries: etc, etc/hello
+  });
+
+  it('views a committed snapshot read-only and prepares on top of it', async () => {
+    const v = await view('v1', 'c1');
+    expect(v[0]!.options).to.deep.equal(['rbind', 'ro']);
+    expect(await readFile(join(v[0]!.source, 'etc', 'hello'), 'utf8')).to.equal('hello\n');
+    await writeFile(join(v[0]!.source, 'x'), 'x').then(() => expect.fail('a view is read-only'), (err: NodeJS.ErrnoException) => expect(err.code).to.equal('EROFS'));
+    const a = await prepare('a2', 'c1');
+    await writeFile(join(a[0]!.source, 'etc', 'hello'), 'changed\n');
+    await writeFile(join(a[0]!.source, 'big'), Buffer.alloc(1024 * 1024, 1));
+    expect(await readFile(join(v[0]!.source, 'etc', 'hello'), 'utf8'), 'the view does not see the change').to.equal('hello\n');
+    const u = await usage('a2');
+    expect(u.size).to.be.at.least(1024 * 1024);
+    expect(u.inodes).to.equal(4);
+    const mountsAgain = await client.call<{ mounts: WireMount[] }>('Mounts', { snapshotter: 'layerd', key: 'a2' });
+    expect(mountsAgain.mounts).to.deep.equal(a.map((m) => ({ ...m })));
+  });
+
+  it('answers with the error codes containerd expects', async () => {
+    expect(await codeOf(statOf('nope'))).to.equal(status.NOT_FOUND);
+    expect(await codeOf(prepare('a2', 'c1'))).to.equal(status.ALREADY_EXISTS);
+    expect(await codeOf(prepare('a3', 'no-such-parent'))).to.equal(status.NOT_FOUND);
+    expect(await codeOf(prepare('a3', 'a2'))).to.equal(status.INVALID_ARGUMENT);
+    expect(await codeOf(prepare('', ''))).to.equal(status.INVALID_ARGUMENT);
+    expect(await codeOf(commit('c1', 'a2'))).to.equal(status.ALREADY_EXISTS);
+    expect(await codeOf(commit('c9', 'v1'))).to.equal(status.FAILED_PRECONDITION);
+    expect(await codeOf(commit('c9', 'nope'))).to.equal(status.NOT_FOUND);
+    expect(await codeOf(client.call('Mounts', { snapshotter: 'layerd', key: 'c1' }))).to.equal(status.FAILED_PRECONDITION);
+    expect(await codeOf(remove('c1')), 'a parent with children').to.equal(status.FAILED_PRECONDITION);
+    expect(await codeOf(remove('nope'))).to.equal(status.NOT_FOUND);
+    expect(await codeOf(client.call('Update', { snapshotter: 'layerd', info: { name: 'c1', labels: {} }, update_mask: { paths: ['parent'] } }))).to.equal(status.INVALID_ARGUMENT);
+    expect(await codeOf(client.list(['kind=="unterminated']))).to.equal(status.INVALID_ARGUMENT);
+  });
+
+  it('updates labels by field mask and lists with containerd filters', async () => {
+    const update = (labels: Record<string, string>, paths: string[]) =>
+      client.call<{ info: { labels: Record<string, string> } }>('Update', { snapshotter: 'layerd', info: { name: 'c1', labels }, update_mask: { paths } }).then((r) => r.info.labels);
+    expect(await update({ a: '1', b: '2' }, ['labels.a'])).to.deep.equal({ 'containerd.io/snapshot/committed': 'yes', a: '1' });
+    expect(await update({}, ['labels.a'])).to.deep.equal({ 'containerd.io/snapshot/committed': 'yes' });
+    expect(await update({ only: 'this' }, [])).to.deep.equal({ only: 'this' });
+    expect(await update({ only: 'this', 'containerd.io/snapshot/committed': 'yes' }, ['labels'])).to.deep.equal({ only: 'this', 'containerd.io/snapshot/committed': 'yes' });
+
+    const names = async (...filters: string[]): Promise<string[]> => (await client.list(filters)).map((s) => s.name).sort();
+    expect(await names()).to.deep.equal(['a2', 'c1', 'v1']);
+    expect(await names('kind==view', 'kind==active')).to.deep.equal(['a2', 'v1']);
+    expect(await names('parent==c1,kind==active')).to.deep.equal(['a2']);
+    expect(await names('labels.only==this')).to.deep.equal(['c1']);
+    expect(await names('labels."containerd.io/snapshot/committed"')).to.deep.equal(['c1']);
+    expect(await names('name~=^[av]')).to.deep.equal(['a2', 'v1']);
+    const c1 = (await client.list(['name==c1']))[0]!;
+    expect(c1.kind).to.equal('COMMITTED');
+    expect(Number(c1.created_at!.seconds)).to.be.closeTo(Date.now() / 1000, 300);
+  });
+
+  it('registers a layer the store has as a committed snapshot for a labelled Prepare (the remote path)', async () => {
+    const layer = busybox.Layers[0]!;
+    const storeBefore = await storeLayers();
+    // containerd's unpacker: snapshot.ref = the chain ID (for a base layer: its diffID)
+    const labels = { 'containerd.io/snapshot.ref': layer.diffId, 'containerd.io/snapshot/cri.layer-digest': layer.digest! };
+    expect(await codeOf(prepare('extract-1 base', '', labels))).to.equal(status.ALREADY_EXISTS);
+    expect(await codeOf(statOf('extract-1 base')), 'no active snapshot was made').to.equal(status.NOT_FOUND);
+    // what containerd's metadata layer then looks for
+    const found = await client.list([`labels."containerd.io/snapshot.ref"==${layer.diffId},parent==""`]);
+    expect(found).to.have.length(1);
+    expect(found[0]!).to.include({ name: layer.diffId, kind: 'COMMITTED', parent: '' });
+    expect(found[0]!.labels['containerd.io/snapshot/layerd.remote']).to.equal(layer.diffId);
+    // asked again (another namespace): the same snapshot, no second one
+    expect(await codeOf(prepare('extract-2 base', '', { 'containerd.io/snapshot.ref': layer.diffId, 'containerd.io/snapshot/layer.diffid': layer.diffId }))).to.equal(status.ALREADY_EXISTS);
+    expect(await client.list([`labels."containerd.io/snapshot.ref"==${layer.diffId}`])).to.have.length(1);
+    expect(await storeLayers(), 'nothing was unpacked or ingested').to.deep.equal(storeBefore);
+    // and it is usable as a parent
+    const v = await view('bb-view', layer.diffId);
+    expect((await stat(join(v[0]!.source, 'bin', 'busybox'))).isFile()).to.equal(true);
+    await remove('bb-view');
+  });
+
+  it('falls back to a normal Prepare when the labels do not fit (unknown layer, wrong chain ID)', async () => {
+    const layer = busybox.Layers[0]!;
+    const bogus = `sha256:${'1'.repeat(64)}`;
+    // a layer the store does not have: containerd must unpack
+    const m1 = await prepare('unpack-1', '', { 'containerd.io/snapshot.ref': bogus, 'containerd.io/snapshot/layer.diffid': bogus });
+    expect(m1[0]!.options).to.deep.equal(['rbind', 'rw']);
+    // a layer the store has, but the target is not parent + layer: refuse the shortcut
+    const m2 = await prepare('unpack-2', layer.diffId, { 'containerd.io/snapshot.ref': bogus, 'containerd.io/snapshot/layer.diffid': layer.diffId });
+    expect(m2[0]!.options).to.deep.equal(['rbind', 'rw']);
+    expect(await client.list([`labels."containerd.io/snapshot.ref"==${bogus}`])).to.have.length(2);
+    expect((await client.list([`labels."containerd.io/snapshot.ref"==${bogus}`])).map((s) => s.kind)).to.deep.equal(['ACTIVE', 'ACTIVE']);
+    await remove('unpack-1');
+    await remove('unpack-2');
+  });
+
+  it('removes snapshots: mounts go, a committed layer nothing else uses leaves the store, image layers stay', async () => {
+    const a2 = (await client.call<{ mounts: WireMount[] }>('Mounts', { snapshotter: 'layerd', key: 'a2' })).mounts[0]!.source;
+    await remove('a2');
+    await remove('v1');
+    expect(await mounted(a2)).to.equal(false);
+    await stat(dirname(a2)).then(() => expect.fail('the snapshot directory should be gone'), () => undefined);
+    const before = await storeLayers();
+    await remove('c1');
+    expect(await storeLayers()).to.have.length(before.length - 1);
+    await remove(busybox.Layers[0]!.diffId);
+    expect(await storeLayers(), 'the image still uses the busybox layer').to.include(busybox.Layers[0]!.diffId);
+    expect(await client.list()).to.deep.equal([]);
+  });
+
+  it('Cleanup removes snapshot directories no record owns', async () => {
+    const orphan = join(daemon!.root, 'snapshots', '999999');
+    await mkdir(join(orphan, 'upper'), { recursive: true });
+    await client.call('Cleanup', { snapshotter: 'layerd' });
+    await stat(orphan).then(() => expect.fail('the orphan should be gone'), () => undefined);
+  });
+
+  it('keeps snapshot mounts served across a daemon restart, and serves again one whose server died', async () => {
+    const m = (await prepare('live', ''))[0]!.source;
+    await writeFile(join(m, 'before'), '1');
+    client.close();
+    expect(await daemon!.stop()).to.equal(0);
+    expect(await mounted(m), 'still mounted while the daemon is down').to.equal(true);
+    await writeFile(join(m, 'during'), '2');
+    daemon = await startDaemon(work.dir, ['--snapshotter-socket', socket()]);
+    client = snapshotsClient(socket());
+    expect(daemon.log()).to.match(/snapshots restored.*"adopted":1|"adopted":1.*snapshots restored/);
+    expect((await readdir(m)).sort()).to.deep.equal(['before', 'during']);
+
+    // the mount's server dies while the daemon is down: the next daemon serves it again
+    client.close();
+    expect(await daemon.stop()).to.equal(0);
+    await stopMountHostsUnder(work.dir, 'SIGKILL');
+    daemon = await startDaemon(work.dir, ['--snapshotter-socket', socket()]);
+    client = snapshotsClient(socket());
+    expect(daemon.log()).to.match(/"remounted":1/);
+    expect((await readdir(m)).sort()).to.deep.equal(['before', 'during']);
+    await commit('live-c', 'live');
+    const v = await view('live-v', 'live-c');
+    expect((await readdir(v[0]!.source)).sort()).to.deep.equal(['before', 'during']);
+    await remove('live-v');
+    await remove('live-c');
+  });
+});
+
+/** Mount hosts serving mounts under `dir` (found by their socket path), stopped by PID. */
+async function stopMountHostsUnder(dir: string, signal: NodeJS.Signals = 'SIGTERM'): Promise<void> {
+  for (const name of await readdir('/proc')) {
+    if (!/^\d+$/.test(name)) continue;
+    const cmdline = await readFile(`/proc/${name}/cmdline`, 'utf8').catch(() => '');
+    if (cmdline.includes('mount-host') && cmdline.includes(dir)) {
+      try { process.kill(Number(name), signal); } catch { /* gone */ }
+    }
+  }
+}

@@ -1,0 +1,379 @@
+/**
+ * A private containerd (Debian's 1.6) with layerd as its proxy snapshotter,
+ * for integration tests. containerd 1.6 hard-codes /run/containerd/{s,fifo,runc},
+ * so everything runs in a private mount namespace whose /run is a scratch
+ * directory: a holder process (`unshare --mount --propagation private …
+ * sleep infinity`) owns the namespace, and containerd, layerd (and so its
+ * FUSE mount hosts, which must be visible to containerd's shims), ctr and
+ * runc are all entered into it with `nsenter -t HOLDER -m`.
+ *
+ * `stop()` always cleans up: tasks and containers through ctr, containerd
+ * and layerd by PID, then every process left in the namespace (shims,
+ * container processes, mount hosts) by PID after aborting the namespace's
+ * FUSE connections, then the holder, which takes the namespace's mounts
+ * with it; cgroups containerd made for the test namespace are removed.
+ */
+import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { mkdir, readFile, readdir, readlink, rm, rmdir, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import * as grpc from '@grpc/grpc-js';
+import { loadSnapshotsService } from '../../daemon/snapshotter/server.js';
+import { REPO } from './env.js';
+import { http } from './daemon.js';
+
+export interface RunResult {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+const TOOLS = ['containerd', 'ctr', 'runc', 'containerd-shim-runc-v2', 'unshare', 'nsenter'];
+
+/** Why the containerd tests cannot run here (a tool is missing), or undefined. */
+export function missingTools(): string | undefined {
+  const missing = TOOLS.filter((tool) => {
+    try {
+      execFileSync('sh', ['-c', `command -v ${tool}`], { stdio: 'ignore' });
+      return false;
+    } catch {
+      return true;
+    }
+  });
+  return missing.length > 0 ? `not installed: ${missing.join(', ')} (apt-get install containerd runc)` : undefined;
+}
+
+/** Run a command to completion (killed by PID after `timeoutMs`). */
+export function run(command: string, args: string[], options: { timeoutMs?: number; input?: string } = {}): Promise<RunResult> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(command, args, { stdio: [options.input !== undefined ? 'pipe' : 'ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout!.on('data', (d: Buffer) => { stdout += d.toString(); });
+    child.stderr!.on('data', (d: Buffer) => { stderr += d.toString(); });
+    if (options.input !== undefined) child.stdin!.end(options.input);
+    const timer = setTimeout(() => { if (child.pid !== undefined) process.kill(child.pid, 'SIGKILL'); }, options.timeoutMs ?? 120_000);
+    child.on('error', (err) => { clearTimeout(timer); reject(err); });
+    child.on('close', (code, signal) => {
+      clearTimeout(timer);
+      resolve({ code: code ?? (signal ? 128 : -1), stdout, stderr: signal ? `${stderr}\n(killed by ${signal})` : stderr });
+    });
+  });
+}
+
+/** Throw with the output unless the command succeeded. */
+export function ok(what: string, r: RunResult): string {
+  if (r.code !== 0) throw new Error(`${what} failed (${r.code}): ${r.stderr.trim()} ${r.stdout.trim()}`.trim());
+  return r.stdout;
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+async function waitGone(pid: number, ms: number): Promise<boolean> {
+  const deadline = Date.now() + ms;
+  while (alive(pid) && Date.now() < deadline) await sleep(50);
+  return !alive(pid);
+}
+
+/** SIGTERM, then SIGKILL after `ms`. */
+async function terminate(pid: number, ms = 10_000): Promise<void> {
+  if (!alive(pid)) return;
+  try { process.kill(pid, 'SIGTERM'); } catch { return; }
+  if (!(await waitGone(pid, ms))) {
+    try { process.kill(pid, 'SIGKILL'); } catch { /* gone */ }
+    await waitGone(pid, 5000);
+  }
+}
+
+export interface LayerdProcess {
+  pid: number;
+  child: ChildProcess;
+  log(): string;
+  exited: Promise<number | null>;
+}
+
+export interface ContainerdEnvOptions {
+  /** The containerd namespace ctr uses (also the cgroup parent of the containers). */
+  namespace?: string;
+}
+
+export class ContainerdEnv {
+  readonly runDir: string;
+  readonly layerdRoot: string;
+  readonly layerdSocket: string;
+  readonly snapshotterSocket: string;
+  readonly containerdSocket: string;
+  readonly namespace: string;
+  holderPid = 0;
+  containerd: ChildProcess | undefined;
+  layerd: LayerdProcess | undefined;
+  private containerdLog = '';
+  /** Namespaces ctr was used with (cleaned at the end). */
+  private readonly namespaces = new Set<string>();
+  private gcRuns = 0;
+
+  constructor(readonly dir: string, options: ContainerdEnvOptions = {}) {
+    this.runDir = join(dir, 'run');
+    this.layerdRoot = join(dir, 'layerd-root');
+    this.layerdSocket = join(dir, 'layerd.sock');
+    this.snapshotterSocket = join(dir, 'snapshotter.sock');
+    this.containerdSocket = join(dir, 'containerd.sock');
+    this.namespace = options.namespace ?? `layerd-itest-${process.pid}`;
+    this.namespaces.add(this.namespace);
+  }
+
+  /** The holder, layerd, then containerd with layerd as its `layerd` proxy snapshotter. */
+  async start(): Promise<void> {
+    await mkdir(this.runDir, { recursive: true });
+    const holder = spawn('unshare', ['--mount', '--propagation', 'private', 'sh', '-c', `mount --bind '${this.runDir}' /run && exec sleep infinity`], { stdio: 'ignore' });
+    this.holderPid = holder.pid!;
+    const deadline = Date.now() + 10_000;
+    while ((await readFile(`/proc/${this.holderPid}/comm`, 'utf8').catch(() => '')).trim() !== 'sleep') {
+      if (Date.now() > deadline || holder.exitCode !== null) throw new Error('the mount namespace holder did not start');
+      await sleep(20);
+    }
+    await this.startLayerd();
+    const config = [
+      'version = 2',
+      `root = "${join(this.dir, 'containerd-root')}"`,
+      `state = "${join(this.dir, 'containerd-state')}"`,
+      'disabled_plugins = ["io.containerd.grpc.v1.cri"]',
+      '[grpc]',
+      `  address = "${this.containerdSocket}"`,
+      '[plugins."io.containerd.internal.v1.opt"]',
+      `  path = "${join(this.dir, 'containerd-opt')}"`,
+      // containerd's default GC schedule; tests that wait for a collection ask for one (gc()).
+      // (Snapshots nothing references — e.g. made by hand without a lease — may go at any time.)
+      '[proxy_plugins.layerd]',
+      '  type = "snapshot"',
+      `  address = "${this.snapshotterSocket}"`,
+      '',
+    ].join('\n');
+    const configPath = join(this.dir, 'containerd.toml');
+    await writeFile(configPath, config);
+    const child = spawn('nsenter', ['-t', String(this.holderPid), '-m', '--', 'containerd', '--config', configPath], { stdio: ['ignore', 'pipe', 'pipe'] });
+    child.stdout!.on('data', (d: Buffer) => { this.containerdLog += d.toString(); });
+    child.stderr!.on('data', (d: Buffer) => { this.containerdLog += d.toString(); });
+    this.containerd = child;
+    for (const until = Date.now() + 20_000; ;) {
+      const r = await this.ctr(['version'], { timeoutMs: 5000 }).catch(() => undefined);
+      if (r?.code === 0) break;
+      if (child.exitCode !== null || Date.now() > until) throw new Error(`containerd did not start: ${this.containerdLog.slice(-2000)}`);
+      await sleep(100);
+    }
+    const plugins = ok('ctr plugins ls', await this.ctr(['plugins', 'ls']));
+    if (!/io\.containerd\.snapshotter\.v1\s+layerd\s+\S+\s+ok/.test(plugins)) throw new Error(`containerd did not load the layerd proxy snapshotter:\n${plugins}`);
+  }
+
+  containerdOutput(): string { return this.containerdLog; }
+
+  /** Start layerd inside the namespace (again after `stopLayerd`) and wait until it answers. */
+  async startLayerd(extraArgs: string[] = []): Promise<LayerdProcess> {
+    const child = spawn('nsenter', ['-t', String(this.holderPid), '-m', '--', join(REPO, 'bin', 'layerd'),
+      '--root', this.layerdRoot, '--socket', this.layerdSocket, '--snapshotter-socket', this.snapshotterSocket, '--log-level', 'debug', ...extraArgs],
+    { stdio: ['ignore', 'pipe', 'pipe'] });
+    let output = '';
+    child.stdout!.on('data', (d: Buffer) => { output += d.toString(); });
+    child.stderr!.on('data', (d: Buffer) => { output += d.toString(); });
+    const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
+    const layerd: LayerdProcess = { pid: child.pid!, child, log: () => output, exited };
+    this.layerd = layerd;
+    const deadline = Date.now() + 30_000;
+    for (;;) {
+      if (child.exitCode !== null) throw new Error(`layerd exited (${child.exitCode}): ${output}`);
+      const health = await http(this.layerdSocket, 'GET', '/v1/health').catch(() => undefined);
+      if (health?.status === 200 && existsSync(this.snapshotterSocket)) return layerd;
+      if (Date.now() > deadline) throw new Error(`layerd did not become ready: ${output}`);
+      await sleep(100);
+    }
+  }
+
+  /** SIGTERM layerd (by PID) and wait; resolves with its exit code. */
+  async stopLayerd(): Promise<number | null> {
+    const layerd = this.layerd;
+    if (!layerd) return null;
+    this.layerd = undefined;
+    if (layerd.child.exitCode === null && layerd.child.signalCode === null) process.kill(layerd.pid, 'SIGTERM');
+    const timer = setTimeout(() => { if (alive(layerd.pid)) process.kill(layerd.pid, 'SIGKILL'); }, 15_000);
+    const code = await layerd.exited;
+    clearTimeout(timer);
+    return code;
+  }
+
+  /** A command inside the namespace. */
+  ns(command: string, args: string[], options: { timeoutMs?: number; input?: string } = {}): Promise<RunResult> {
+    return run('nsenter', ['-t', String(this.holderPid), '-m', '--', command, ...args], options);
+  }
+
+  /** `ctr` on this containerd, in the test's containerd namespace unless `-n` is given. */
+  ctr(args: string[], options: { timeoutMs?: number; namespace?: string } = {}): Promise<RunResult> {
+    const namespace = options.namespace ?? this.namespace;
+    this.namespaces.add(namespace);
+    return this.ns('ctr', ['-a', this.containerdSocket, '-n', namespace, ...args], options);
+  }
+
+  /** A ctr command that must succeed; its stdout. */
+  async ctrOk(args: string[], options: { timeoutMs?: number; namespace?: string } = {}): Promise<string> {
+    return ok(`ctr ${args.join(' ')}`, await this.ctr(args, options));
+  }
+
+  /** Run containerd's garbage collection now, and wait for it (a lease removed with --sync). */
+  async gc(): Promise<void> {
+    const id = `gc-${process.pid}-${++this.gcRuns}`;
+    await this.ctrOk(['leases', 'create', '--id', id]);
+    await this.ctrOk(['leases', 'rm', '--sync', id], { timeoutMs: 120_000 });
+  }
+
+  /** The namespace's mount table (as its processes see it). */
+  async mountinfo(): Promise<string> {
+    return readFile(`/proc/${this.holderPid}/mountinfo`, 'utf8');
+  }
+
+  /** Everything started here goes, whatever state it is in. */
+  async stop(): Promise<void> {
+    if (this.holderPid === 0) return;
+    // 1. containers through containerd, while it runs
+    if (this.containerd && this.containerd.exitCode === null) {
+      for (const namespace of this.namespaces) {
+        const tasks = await this.ctr(['tasks', 'ls', '-q'], { namespace, timeoutMs: 15_000 }).catch(() => undefined);
+        for (const id of (tasks?.stdout ?? '').split('\n').filter(Boolean)) {
+          await this.ctr(['tasks', 'kill', '-s', 'SIGKILL', id], { namespace, timeoutMs: 10_000 }).catch(() => undefined);
+          await sleep(200);
+          await this.ctr(['tasks', 'rm', '-f', id], { namespace, timeoutMs: 15_000 }).catch(() => undefined);
+        }
+        const containers = await this.ctr(['containers', 'ls', '-q'], { namespace, timeoutMs: 15_000 }).catch(() => undefined);
+        for (const id of (containers?.stdout ?? '').split('\n').filter(Boolean)) {
+          await this.ctr(['containers', 'rm', id], { namespace, timeoutMs: 15_000 }).catch(() => undefined);
+        }
+      }
+    }
+    // 2. containerd and layerd
+    if (this.containerd?.pid !== undefined) await terminate(this.containerd.pid);
+    await this.stopLayerd().catch(() => undefined);
+    // 3. whatever is left in the namespace (shims, container processes, mount hosts): abort its
+    //    FUSE connections first so nothing blocks, then kill by PID; then the holder.
+    const minors = (await this.mountinfo().catch(() => '')).split('\n')
+      .filter((l) => / - fuse(\.\S+)? /.test(l)).map((l) => l.split(' ')[2]!.split(':')[1]!);
+    if (minors.length > 0) {
+      await this.ns('sh', ['-c', `grep -q fusectl /proc/self/mountinfo || mount -t fusectl fusectl /sys/fs/fuse/connections; for m in ${minors.join(' ')}; do [ -e /sys/fs/fuse/connections/$m/abort ] && echo 1 > /sys/fs/fuse/connections/$m/abort; done; true`], { timeoutMs: 10_000 }).catch(() => undefined);
+    }
+    const leftovers = await processesOf(this.holderPid);
+    for (const pid of leftovers) { try { process.kill(pid, 'SIGKILL'); } catch { /* gone */ } }
+    for (const pid of leftovers) await waitGone(pid, 5000);
+    await terminate(this.holderPid, 2000);
+    this.holderPid = 0;
+    // 4. cgroups containerd made for the containers (/sys/fs/cgroup/<controller>/<namespace>/<id>)
+    for (const namespace of this.namespaces) await removeCgroups(namespace);
+  }
+}
+
+/** Processes in the holder's mount namespace and all their descendants (e.g. containers), the holder excepted. */
+async function processesOf(holderPid: number): Promise<number[]> {
+  const ns = await readlink(`/proc/${holderPid}/ns/mnt`).catch(() => undefined);
+  if (ns === undefined) return [];
+  const parents = new Map<number, number>();
+  const inNs = new Set<number>();
+  for (const name of await readdir('/proc')) {
+    if (!/^\d+$/.test(name)) continue;
+    const pid = Number(name);
+    if (pid === holderPid || pid === process.pid) continue;
+    const stat = await readFile(`/proc/${pid}/stat`, 'utf8').catch(() => undefined);
+    if (stat === undefined) continue;
+    parents.set(pid, Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]));
+    if ((await readlink(`/proc/${pid}/ns/mnt`).catch(() => undefined)) === ns) inNs.add(pid);
+  }
+  const result = new Set(inNs);
+  for (let grew = true; grew;) {
+    grew = false;
+    for (const [pid, ppid] of parents) {
+      if (!result.has(pid) && result.has(ppid)) { result.add(pid); grew = true; }
+    }
+  }
+  return [...result];
+}
+
+async function removeCgroups(namespace: string): Promise<void> {
+  const roots = await readdir('/sys/fs/cgroup').catch(() => [] as string[]);
+  for (const root of ['', ...roots]) {
+    const dir = join('/sys/fs/cgroup', root, namespace);
+    if (!existsSync(dir)) continue;
+    for (const child of await readdir(dir, { withFileTypes: true }).catch(() => [])) {
+      if (child.isDirectory()) await rmdir(join(dir, child.name)).catch(() => undefined);
+    }
+    await rmdir(dir).catch(() => undefined);
+  }
+}
+
+/**
+ * An OCI archive (what `ctr images import` reads) of an OCI layout holding
+ * only the given tags of its index.
+ */
+export async function ociArchive(layout: string, tags: string[], out: string): Promise<void> {
+  const index = JSON.parse(await readFile(join(layout, 'index.json'), 'utf8')) as { manifests: Array<{ annotations?: Record<string, string> }> };
+  const kept = index.manifests.filter((m) => tags.includes(m.annotations?.['org.opencontainers.image.ref.name'] ?? ''));
+  const indexDir = `${out}.index`;
+  await mkdir(indexDir, { recursive: true });
+  await writeFile(join(indexDir, 'index.json'), JSON.stringify({ ...index, manifests: kept }));
+  ok('tar', await run('tar', ['-cf', out, '-C', layout, 'oci-layout', 'blobs', '-C', indexDir, 'index.json']));
+  await rm(indexDir, { recursive: true, force: true });
+}
+
+// --- a small client of the snapshots API (layerd's socket, or containerd's with a namespace) ---
+
+export interface SnapshotsClient {
+  call<T>(method: string, request: object): Promise<T>;
+  list(filters?: string[]): Promise<WireInfoLike[]>;
+  close(): void;
+}
+
+export interface WireInfoLike {
+  name: string; parent: string; kind: string; labels: Record<string, string>;
+  created_at: { seconds: number; nanos: number } | null; updated_at: { seconds: number; nanos: number } | null;
+}
+
+export function snapshotsClient(socket: string, options: { namespace?: string; lease?: string } = {}): SnapshotsClient {
+  const Ctor = loadSnapshotsService();
+  const client = new Ctor(`unix:${socket}`, grpc.credentials.createInsecure());
+  const metadata = (): grpc.Metadata => {
+    const md = new grpc.Metadata();
+    if (options.namespace) md.set('containerd-namespace', options.namespace);
+    if (options.lease) md.set('containerd-lease', options.lease);
+    return md;
+  };
+  type Unary = (req: object, md: grpc.Metadata, cb: (err: grpc.ServiceError | null, res: unknown) => void) => void;
+  type Streaming = (req: object, md: grpc.Metadata) => grpc.ClientReadableStream<{ info: WireInfoLike[] }>;
+  const methods = client as unknown as Record<string, Unary | Streaming>;
+  return {
+    call<T>(method: string, request: object): Promise<T> {
+      return new Promise((resolve, reject) => {
+        (methods[method] as Unary).call(client, request, metadata(), (err, res) => (err ? reject(err) : resolve(res as T)));
+      });
+    },
+    list(filters: string[] = []): Promise<WireInfoLike[]> {
+      return new Promise((resolve, reject) => {
+        const infos: WireInfoLike[] = [];
+        const stream = (methods['List'] as Streaming).call(client, { snapshotter: 'layerd', filters }, metadata());
+        stream.on('data', (msg: { info: WireInfoLike[] }) => infos.push(...msg.info));
+        stream.on('error', reject);
+        stream.on('end', () => resolve(infos));
+      });
+    },
+    close(): void { client.close(); },
+  };
+}
+
+/** The gRPC status code of a failed call (or undefined). */
+export function grpcCode(err: unknown): number | undefined {
+  return typeof err === 'object' && err !== null && 'code' in err ? (err as { code: number }).code : undefined;
+}
