@@ -51,6 +51,8 @@ bench: deps build
 	node dist/bench/import.js
 	node dist/bench/pull.js
 	node dist/bench/mount.js
+	node dist/bench/rss.js
+	node dist/bench/fuseFloor.js
 
 clean:
 	rm -rf dist

@@ -1,152 +1,322 @@
 /**
- * Union mounts compared on the same layers, in one run: layerd (store
- * layers), kernel overlayfs and fuse-overlayfs (lower directories laid out
- * from the same layer tars), each with a fresh empty upper per workload.
+ * Union mounts compared on the same layers, in one run: layerd (`layerd
+ * mount --layers …`, one process per mount as the daemon's store layers),
+ * kernel overlayfs and fuse-overlayfs (lower directories laid out from the
+ * same layer tars), each with a fresh empty upper where a workload writes.
+ * Two datasets, each its own table:
+ *  - debian-multi: the corpus image (4 real Debian layers, ~7k files);
+ *  - synthetic: bench/synthetic.ts (4 layers, 63,941 merged files with
+ *    overrides, whiteouts and an opaque directory, one 1 GiB file), built
+ *    once and cached under /var/tmp/layerd-bench-synthetic.
  * Workloads run in separate processes, the three implementations
- * interleaved, several repetitions; medians, min–max and ratios reported.
+ * interleaved (the order rotates each repetition), several repetitions;
+ * medians, min–max and ratios, plus the CPU time the mount server spent on
+ * each workload (/proc/PID/stat before and after). Cold workloads unmount,
+ * `sync; echo 3 > /proc/sys/vm/drop_caches`, and mount again first.
  * Only ratios from one run mean anything on a shared, noisy machine.
  *
- *   node dist/bench/mount.js [--reps N]       (root; part of `make bench`)
+ *   node dist/bench/mount.js [--reps N] [--dataset debian-multi|synthetic|all]   (root; part of `make bench`)
  *
  * Writes bench/results/mount-<timestamp>.{md,json}.
  */
-import { type ChildProcess, execFile, spawn } from 'node:child_process';
-import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { join, resolve } from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { stats, time, writeResults } from './report.js';
+import { execFile } from 'node:child_process';
+import { access, mkdir, mkdtemp, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { cpus, tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { clearDeadMount, findMount } from '../mount/deadMount.js';
-import { StoreOperations } from '../storage/operations.js';
-import { Store } from '../storage/store.js';
-import { overlayLower } from '../test/support/overlayLower.js';
+import { type Impl, IMPLS, type LayerStack, type Mounted, clearMountsUnder, debianMultiStack, mountStack } from './mounts.js';
+import { type CpuTimes, cpuDelta, cpuTimes } from './procstat.js';
+import { stats, writeResults } from './report.js';
+import { SYNTHETIC_PATHS, syntheticDataset } from './synthetic.js';
 
 const run = promisify(execFile);
-const REPO = resolve(fileURLToPath(import.meta.url), '..', '..', '..');
-const CORPUS = process.env['LAYERD_CORPUS'] ?? resolve(REPO, '..', 'shared', 'corpus');
-const IMAGE = 'debian-multi:latest';
+const CACHE = process.env['LAYERD_BENCH_CACHE'] ?? '/var/tmp/layerd-bench-synthetic';
+const EXDEV_EXIT = 18;
 
-type Impl = 'layerd' | 'overlayfs' | 'fuse-overlayfs';
-const IMPLS: Impl[] = ['layerd', 'overlayfs', 'fuse-overlayfs'];
+type DatasetName = 'debian-multi' | 'synthetic';
+const DATASETS: DatasetName[] = ['debian-multi', 'synthetic'];
 
-interface Mounted { mnt: string; stop(): Promise<void>; server?: ChildProcess }
+interface Workload {
+  /** Unmount, drop the caches, mount again before it. */
+  cold?: boolean;
+  /** A fresh mount (empty upper) before it. */
+  fresh?: boolean;
+  /** Untimed, before the script (e.g. load its input into the page cache). */
+  prepare?: string;
+  /** Timed, in its own process; $MNT is the mount, $SRC_TAR the untar input. Exit 18 with "EXDEV" = the rename was refused. */
+  script: string;
+  /** Untimed, after: checks the workload did what it says. */
+  check?: string;
+  /** Bytes it reads or writes, for MB/s. */
+  bytes?: number;
+}
 
-/** Shell workloads, run in a separate process against MNT. */
-const WORKLOADS: Record<string, { cold: boolean; script: string }> = {
-  'find (cold)': { cold: true, script: 'find "$MNT" > /dev/null' },
-  'find (warm)': { cold: false, script: 'find "$MNT" > /dev/null' },
-  'stat all (cold)': { cold: true, script: 'find "$MNT" -printf "%s %m %u\\n" > /dev/null' },
-  'stat all (warm)': { cold: false, script: 'find "$MNT" -printf "%s %m %u\\n" > /dev/null' },
-  'read all (cold)': { cold: true, script: 'tar -cf - -C "$MNT" . > /dev/null' },
-  'read all (warm)': { cold: false, script: 'tar -cf - -C "$MNT" . > /dev/null' },
-  'create 10k files': { cold: false, script: `python3 -c "
-import os,sys
+interface Dataset {
+  name: DatasetName;
+  title: string;
+  stack: LayerStack;
+  workloads: Record<string, Workload>;
+  notes: string[];
+}
+
+/** One measurement: wall time, server CPU (undefined: kernel), or the error a peer answers with. */
+interface Sample { ms: number; cpu?: CpuTimes; error?: 'EXDEV' }
+
+const py = (body: string): string => `python3 -c "${body.replace(/"/g, '\\"')}"`;
+
+/** Rename a lower directory with one rename(2); EXDEV is an answer, not a failure. */
+function renameWorkload(src: string, dst: string, check: string): Workload {
+  return {
+    fresh: true,
+    script: py(`
+import errno,os,sys
+m=os.environ['MNT']
+try: os.rename(m+'/${src}', m+'/${dst}')
+except OSError as e:
+    if e.errno!=errno.EXDEV: raise
+    print('EXDEV'); sys.exit(${EXDEV_EXIT})`),
+    check: `test ! -e "$MNT/${src}" && ${check}`,
+  };
+}
+
+/** Workloads both datasets run; paths differ. */
+function commonWorkloads(o: { readAllExclude: string; copyUpRoot: string; rmPaths: string[]; untarBytes: number }): Record<string, Workload> {
+  // GNU tar skips reading file data when its archive is /dev/null: pipe it.
+  const readAll = `tar -cf - -C "$MNT" ${o.readAllExclude} . | cat > /dev/null`;
+  const stat = 'find "$MNT" -printf "%s %m %u\\n" > /dev/null';
+  return {
+    'find (cold)': { cold: true, script: 'find "$MNT" > /dev/null' },
+    'find (warm)': { script: 'find "$MNT" > /dev/null' },
+    'stat all (cold)': { cold: true, script: stat },
+    'stat all (warm)': { script: stat },
+    'read all (cold)': { cold: true, script: readAll },
+    'read all (warm)': { script: readAll },
+    'create 10k files': {
+      fresh: true, script: py(`
+import os
 d=os.environ['MNT']+'/bench-new'; os.mkdir(d); b=b'x'*4096
 for i in range(10000):
-    with open(f'{d}/f{i}','wb') as f: f.write(b)"` },
-  'copy-up 1k files': { cold: false, script: `python3 -c "
+    with open(f'{d}/f{i}','wb') as f: f.write(b)`),
+    },
+    'copy-up 1k files': {
+      fresh: true, script: py(`
 import os
-root=os.environ['MNT']+'/usr/share'; n=0
+root=os.environ['MNT']+'/${o.copyUpRoot}'; n=0
 for dp,dn,fn in os.walk(root):
     for f in fn:
         p=os.path.join(dp,f)
         if os.path.islink(p): continue
         with open(p,'ab') as h: h.write(b'!')
         n+=1
-        if n==1000: raise SystemExit"` },
-  'rm -rf 5k lower files': { cold: false, script: 'rm -rf "$MNT/usr/lib/python3.11" "$MNT/usr/share/zoneinfo" "$MNT/etc/ssl"' },
-};
+        if n==1000: raise SystemExit
+raise SystemExit('only %d files' % n)`),
+    },
+    'rm -rf 5k lower files': { fresh: true, script: `cd "$MNT" && rm -rf ${o.rmPaths.join(' ')}`, check: `cd "$MNT" && for p in ${o.rmPaths.join(' ')}; do test ! -e "$p" || exit 1; done` },
+    'untar source tree': {
+      fresh: true, prepare: 'cat "$SRC_TAR" > /dev/null', bytes: o.untarBytes,
+      script: 'mkdir "$MNT/untar" && tar -xf "$SRC_TAR" -C "$MNT/untar"',
+      check: 'test "$(tar -tf "$SRC_TAR" | wc -l)" -eq "$(cd "$MNT/untar" && find . | wc -l)"',
+    },
+  };
+}
 
-async function waitMounted(mnt: string, fstype: string): Promise<void> {
-  for (let i = 0; i < 600; i++) {
-    if ((await findMount(mnt))?.fstype.startsWith(fstype)) return;
-    await new Promise((r) => setTimeout(r, 5));
+/** A tar of the host's /usr/include (without the node and llvm headers), made once. */
+async function untarSource(): Promise<{ path: string; bytes: number; entries: number }> {
+  const path = join(CACHE, 'untar-src-v1.tar');
+  if (!(await access(path).then(() => true, () => false))) {
+    await mkdir(CACHE, { recursive: true });
+    await run('tar', ['-cf', `${path}.tmp`, '-C', '/usr/include', '--exclude=./node', '--exclude=./llvm-14', '.']);
+    await rename(`${path}.tmp`, path);
   }
-  throw new Error(`${mnt} did not mount`);
+  const { stdout } = await run('sh', ['-c', 'wc -c < "$0"; tar -tf "$0" | wc -l', path]);
+  const [bytes, entries] = stdout.trim().split('\n').map(Number);
+  return { path, bytes: bytes!, entries: entries! };
+}
+
+async function debianMulti(work: string, untar: { bytes: number }): Promise<Dataset> {
+  const rmPaths = ['usr/lib/python3.11', 'usr/share/zoneinfo', 'etc/ssl'];
+  return {
+    name: 'debian-multi',
+    title: 'debian-multi (4 layers, ~7k files)',
+    stack: await debianMultiStack(join(work, 'debian-multi')),
+    workloads: {
+      ...commonWorkloads({ readAllExclude: '', copyUpRoot: 'usr/share', rmPaths, untarBytes: untar.bytes }),
+      'rename lower dir (usr/share/zoneinfo, 1.3k entries)': renameWorkload('usr/share/zoneinfo', 'usr/share/zoneinfo.moved', 'test -f "$MNT/usr/share/zoneinfo.moved/UTC"'),
+    },
+    notes: [],
+  };
+}
+
+async function synthetic(untar: { bytes: number }): Promise<Dataset> {
+  const d = await syntheticDataset(CACHE);
+  const big = SYNTHETIC_PATHS.bigFile;
+  const seqRead = `dd if="$MNT/${big}" of=/dev/null bs=1M status=none`;
+  return {
+    name: 'synthetic',
+    title: `synthetic (${d.layerDirs.length} layers, ${d.mergedFiles.toLocaleString('en')} merged files, one 1 GiB file)`,
+    stack: d,
+    workloads: {
+      ...commonWorkloads({ readAllExclude: `--exclude=./${big.split('/')[0]}`, copyUpRoot: SYNTHETIC_PATHS.copyUpRoot, rmPaths: [...SYNTHETIC_PATHS.rmPaths], untarBytes: untar.bytes }),
+      'rename lower dir (1,000 entries)': renameWorkload(SYNTHETIC_PATHS.renameDir, 'rename/dst', `test "$(ls -A "$MNT/rename/dst" | wc -l)" -eq ${SYNTHETIC_PATHS.renameEntries}`),
+      'sequential read 1 GiB (cold)': { cold: true, script: seqRead, bytes: SYNTHETIC_PATHS.bigBytes },
+      'sequential read 1 GiB (warm)': { script: seqRead, bytes: SYNTHETIC_PATHS.bigBytes },
+    },
+    notes: [
+      `Layers: ${d.layerEntries.map((n, i) => `${n.toLocaleString('en')} entries / ${(d.layerBytes[i]! / 1e6).toFixed(0)} MB`).join(', ')} (tar entries / uncompressed bytes, bottom → top).`,
+      `"read all" leaves out the 1 GiB file (big/), which the sequential-read rows cover; it reads the other ${(d.mergedFiles - 1).toLocaleString('en')} files.`,
+      '"rm -rf 5k lower files" removes data/d000…d020 (5,061 files, top versions in layers 1–3).',
+    ],
+  };
+}
+
+async function loadAverage(): Promise<string> {
+  return (await readFile('/proc/loadavg', 'utf8')).split(' ')[0]!;
+}
+
+async function dropCaches(): Promise<void> {
+  await run('sync');
+  await writeFile('/proc/sys/vm/drop_caches', '3');
+}
+
+async function runWorkload(w: Workload, m: Mounted, env: NodeJS.ProcessEnv): Promise<Sample> {
+  const opts = { env: { ...env, MNT: m.mnt }, maxBuffer: 1 << 26 };
+  if (w.prepare) await run('sh', ['-c', w.prepare], opts);
+  const before = m.pid !== undefined ? await cpuTimes(m.pid) : undefined;
+  const t0 = performance.now();
+  let error: Sample['error'];
+  try {
+    await run('sh', ['-c', w.script], opts);
+  } catch (err) {
+    const e = err as { code?: unknown; stdout?: string };
+    if (e.code !== EXDEV_EXIT || !String(e.stdout).includes('EXDEV')) throw err;
+    error = 'EXDEV';
+  }
+  const ms = performance.now() - t0;
+  const cpu = before && m.pid !== undefined ? cpuDelta(before, await cpuTimes(m.pid)) : undefined;
+  if (!error && w.check) await run('sh', ['-c', w.check], opts);
+  return { ms, ...(cpu ? { cpu } : {}), ...(error ? { error } : {}) };
+}
+
+type Samples = Record<string, Record<Impl, Sample[]>>;
+
+async function benchDataset(ds: Dataset, reps: number, work: string, env: NodeJS.ProcessEnv, active: Set<Mounted>): Promise<Samples> {
+  const samples: Samples = {};
+  const add = (w: string, impl: Impl, s: Sample): void => {
+    ((samples[w] ??= { layerd: [], overlayfs: [], 'fuse-overlayfs': [] })[impl]).push(s);
+  };
+  let seq = 0;
+  const mount = async (impl: Impl): Promise<Mounted> => {
+    const m = await mountStack(impl, ds.stack, join(work, `run-${ds.name}-${seq++}`));
+    active.add(m);
+    return m;
+  };
+  const unmount = async (m: Mounted): Promise<void> => { await m.stop(); active.delete(m); };
+  for (let r = 0; r < reps; r++) {
+    for (const impl of [...IMPLS.slice(r % IMPLS.length), ...IMPLS.slice(0, r % IMPLS.length)]) {
+      process.stderr.write(`mount bench: ${ds.name} rep ${r + 1}/${reps} ${impl}\n`);
+      await unmount(await mount(impl)); // warm-up: server binaries and layer indexes in the page cache
+      const ready = await mount(impl);
+      add('mount until ready', impl, { ms: ready.readyMs, ...(ready.pid !== undefined ? { cpu: await cpuTimes(ready.pid) } : {}) });
+      await unmount(ready);
+      let m: Mounted | undefined;
+      for (const [name, w] of Object.entries(ds.workloads)) {
+        if (m === undefined || w.cold || w.fresh) {
+          if (m) await unmount(m);
+          if (w.cold) await dropCaches();
+          m = await mount(impl);
+        }
+        add(name, impl, await runWorkload(w, m, env));
+      }
+      if (m) await unmount(m);
+    }
+  }
+  return samples;
+}
+
+function table(ds: Dataset, samples: Samples): string[] {
+  const ms = (xs: Sample[]): number[] => xs.map((s) => s.ms);
+  const med = (xs: number[]): number => stats(xs).median;
+  const failed = (xs: Sample[]): string | undefined => xs.find((s) => s.error)?.error;
+  const cell = (xs: Sample[]): string => failed(xs) ?? `${med(ms(xs)).toFixed(0)} (${Math.min(...ms(xs)).toFixed(0)}–${Math.max(...ms(xs)).toFixed(0)})`;
+  const ratio = (a: Sample[], b: Sample[]): string => (failed(a) || failed(b) ? '–' : (med(ms(a)) / med(ms(b))).toFixed(2));
+  const cpu = (xs: Sample[]): string => {
+    const c = xs.map((s) => s.cpu).filter((x) => x !== undefined);
+    if (c.length === 0) return 'kernel';
+    const total = med(c.map((x) => x.self + x.children));
+    const children = med(c.map((x) => x.children));
+    return children >= 0.005 ? `${total.toFixed(2)} (${children.toFixed(2)} children)` : total.toFixed(2);
+  };
+  const lines = [
+    `## ${ds.title}`,
+    '',
+    '| workload | layerd ms | overlayfs ms | fuse-overlayfs ms | layerd / overlayfs | layerd / fuse-overlayfs | layerd server CPU s | overlayfs server CPU s | fuse-overlayfs server CPU s |',
+    '|---|---|---|---|---|---|---|---|---|',
+  ];
+  for (const [w, s] of Object.entries(samples)) {
+    lines.push(`| ${w} | ${cell(s.layerd)} | ${cell(s.overlayfs)} | ${cell(s['fuse-overlayfs'])} | ${ratio(s.layerd, s.overlayfs)} | ${ratio(s.layerd, s['fuse-overlayfs'])} | ${cpu(s.layerd)} | ${cpu(s.overlayfs)} | ${cpu(s['fuse-overlayfs'])} |`);
+  }
+  const withBytes = Object.entries(ds.workloads).filter(([, w]) => w.bytes !== undefined);
+  if (withBytes.length > 0) {
+    const mbs = (xs: Sample[], bytes: number): string => failed(xs) ?? (bytes / 1e6 / (med(ms(xs)) / 1000)).toFixed(0);
+    lines.push('', '| throughput (MB/s = 10^6 bytes/s, from the median time) | layerd | overlayfs | fuse-overlayfs |', '|---|---|---|---|');
+    for (const [w, wl] of withBytes) {
+      const s = samples[w]!;
+      lines.push(`| ${w} (${(wl.bytes! / 1e6).toFixed(0)} MB) | ${mbs(s.layerd, wl.bytes!)} | ${mbs(s.overlayfs, wl.bytes!)} | ${mbs(s['fuse-overlayfs'], wl.bytes!)} |`);
+    }
+  }
+  if (ds.notes.length > 0) lines.push('', ...ds.notes.map((n) => `- ${n}`));
+  lines.push('');
+  return lines;
+}
+
+function argOf(name: string, fallback: string): string {
+  const i = process.argv.indexOf(name);
+  return i > 0 && process.argv[i + 1] !== undefined ? process.argv[i + 1]! : fallback;
 }
 
 async function main(): Promise<void> {
-  const repsArg = process.argv.indexOf('--reps');
-  const reps = repsArg > 0 ? Number(process.argv[repsArg + 1]) : 3;
+  const reps = Number(argOf('--reps', '3'));
+  const which = argOf('--dataset', 'all');
+  if (!Number.isInteger(reps) || reps < 1) throw new Error('--reps must be a positive integer');
+  if (which !== 'all' && !DATASETS.includes(which as DatasetName)) throw new Error(`--dataset must be one of ${DATASETS.join(', ')}, all`);
+  const chosen = which === 'all' ? DATASETS : [which as DatasetName];
+  const started = performance.now();
+  const loadStart = await loadAverage();
   const work = await mkdtemp(join(tmpdir(), 'layerd-bench-mount-'));
   const active = new Set<Mounted>();
-  try {
-    const root = join(work, 'store');
-    const store = await Store.open(root, { durability: 'none' });
-    await new StoreOperations(store).importPath({ path: join(CORPUS, 'oci', 'debian-multi') });
-    const layers = await store.imageLayers(IMAGE);
-    store.close();
-    const lowers: string[] = [];
-    for (const [i, l] of layers.entries()) {
-      const dir = join(work, `lower-${i}`);
-      await overlayLower(l.tarPath, dir);
-      lowers.unshift(dir);
-    }
-    let seq = 0;
-    const mount = async (impl: Impl): Promise<Mounted> => {
-      const base = join(work, `run-${seq++}`);
-      const [upper, wd, mnt] = [join(base, 'upper'), join(base, 'work'), join(base, 'mnt')];
-      for (const d of [upper, wd, mnt]) await mkdir(d, { recursive: true });
-      let m: Mounted;
-      if (impl === 'overlayfs') {
-        await run('mount', ['-t', 'overlay', 'overlay', '-o', `lowerdir=${lowers.join(':')},upperdir=${upper},workdir=${wd}`, mnt]);
-        m = { mnt, stop: async () => { await run('umount', [mnt]); } };
-      } else {
-        const server = impl === 'layerd'
-          ? spawn(join(REPO, 'bin', 'layerd'), ['mount', '--root', root, '--image', IMAGE, '--upper', upper, mnt], { stdio: ['ignore', 'ignore', 'inherit'] })
-          : spawn('fuse-overlayfs', ['-f', '-o', `lowerdir=${lowers.join(':')},upperdir=${upper},workdir=${wd}`, mnt], { stdio: 'ignore' });
-        await waitMounted(mnt, 'fuse');
-        m = {
-          mnt, server,
-          stop: async () => {
-            await run('umount', [mnt]).catch(() => clearDeadMount(mnt));
-            if (server.exitCode === null) { server.kill('SIGTERM'); await new Promise((r) => server.once('exit', r)); }
-          },
-        };
-      }
-      active.add(m);
-      return m;
-    };
-    const unmount = async (m: Mounted): Promise<void> => { await m.stop(); active.delete(m); };
-
-    const samples: Record<string, Record<Impl, number[]>> = {};
-    const add = (w: string, impl: Impl, ms: number): void => {
-      ((samples[w] ??= { layerd: [], overlayfs: [], 'fuse-overlayfs': [] })[impl]).push(ms);
-    };
-    for (let r = 0; r < reps; r++) {
-      for (const impl of IMPLS) {
-        // mount until ready
-        add('mount until ready', impl, await time(async () => { const m = await mount(impl); await unmount(m); }));
-        let m: Mounted | undefined;
-        for (const [name, w] of Object.entries(WORKLOADS)) {
-          if (w.cold || m === undefined || name.startsWith('create') || name.startsWith('copy-up') || name.startsWith('rm')) {
-            if (m) await unmount(m);
-            if (w.cold) await writeFile('/proc/sys/vm/drop_caches', '3');
-            m = await mount(impl);
-          }
-          const mnt = m.mnt;
-          add(name, impl, await time(() => run('sh', ['-c', w.script], { env: { ...process.env, MNT: mnt }, maxBuffer: 1 << 26 })));
-        }
-        if (m) await unmount(m);
-      }
-    }
-    const med = (xs: number[]): number => stats(xs).median;
-    const lines = [
-      `# Union mounts on debian-multi (4 layers, ~7k files), ${reps} repetitions, ${new Date().toISOString()}`,
-      '',
-      '| workload | layerd ms | overlayfs ms | fuse-overlayfs ms | layerd / overlayfs | layerd / fuse-overlayfs |',
-      '|---|---|---|---|---|---|',
-    ];
-    for (const [w, s] of Object.entries(samples)) {
-      const cell = (xs: number[]): string => `${med(xs).toFixed(0)} (${Math.min(...xs).toFixed(0)}–${Math.max(...xs).toFixed(0)})`;
-      lines.push(`| ${w} | ${cell(s.layerd)} | ${cell(s.overlayfs)} | ${cell(s['fuse-overlayfs'])} | ${(med(s.layerd) / med(s.overlayfs)).toFixed(2)} | ${(med(s.layerd) / med(s['fuse-overlayfs'])).toFixed(2)} |`);
-    }
-    lines.push('', 'Ratios are layerd time / peer time (lower is better for layerd).', '');
-    await writeResults('mount', lines, { reps, samples });
-  } finally {
+  const cleanup = async (): Promise<void> => {
     for (const m of active) await m.stop().catch(() => undefined);
+    await clearMountsUnder(work);
     await rm(work, { recursive: true, force: true });
+  };
+  const onSignal = (): void => { void cleanup().finally(() => process.exit(130)); };
+  process.once('SIGINT', onSignal);
+  process.once('SIGTERM', onSignal);
+  try {
+    const untar = await untarSource();
+    const env = { ...process.env, SRC_TAR: untar.path };
+    const lines = [`# Union mounts: layerd vs kernel overlayfs vs fuse-overlayfs, ${reps} repetitions, ${new Date().toISOString()}`, ''];
+    const data: Record<string, Samples> = {};
+    for (const name of chosen) {
+      const ds = name === 'synthetic' ? await synthetic(untar) : await debianMulti(work, untar);
+      data[name] = await benchDataset(ds, reps, work, env, active);
+      lines.push(...table(ds, data[name]));
+    }
+    const minutes = (performance.now() - started) / 60_000;
+    lines.push(
+      'Times are medians (min–max) in ms of the workload process, which also pays its own start-up (sh, python3: ~10–30 ms).',
+      'Ratios are layerd time / peer time (lower is better for layerd). "EXDEV": rename(2) of a lower directory was refused (overlayfs without redirect_dir, fuse-overlayfs); `mv` would fall back to copying.',
+      'Server CPU s: user+system time of the mount server process during the workload (/proc/PID/stat utime+stime, plus cutime+cstime of helper processes it ran, shown as "children"); "kernel": overlayfs has no server process. For "mount until ready" it is the CPU from spawn until ready.',
+      'Mount until ready: from spawning the server (or running mount(8)) until the mount shows in /proc/self/mountinfo; measured after one untimed warm-up mount.',
+      `Cold rows: unmount, \`sync; echo 3 > /proc/sys/vm/drop_caches\`, mount again. "untar source tree": \`tar -xf\` of ${(untar.bytes / 1e6).toFixed(0)} MB (${untar.entries.toLocaleString('en')} entries, the host's /usr/include without node/ and llvm-14/) into a new directory of a fresh mount; input in the page cache.`,
+      `Whole run: ${minutes.toFixed(1)} min. Load average (1 min) at start ${loadStart}, at end ${await loadAverage()} on ${cpus().length} CPUs: other work on the machine shares them.`,
+      '',
+    );
+    await writeResults('mount', lines, { reps, datasets: chosen, untar, samples: data });
+  } finally {
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+    await cleanup();
   }
 }
 

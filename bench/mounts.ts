@@ -1,0 +1,128 @@
+/**
+ * Mounting one layer stack three ways for the benchmarks: layerd (one
+ * `layerd mount --layers …` process, as the daemon passes store layers),
+ * kernel overlayfs and fuse-overlayfs (lower directories laid out from the
+ * same layer tars, test/support/overlayLower.ts), each with its own fresh
+ * upper. A mount counts as ready once it shows in /proc/self/mountinfo.
+ */
+import { type ChildProcess, execFile, spawn } from 'node:child_process';
+import { mkdir, readFile, rm } from 'node:fs/promises';
+import { dirname, join } from 'node:path';
+import { promisify } from 'node:util';
+import { clearDeadMount, findMount, parseMountinfo } from '../mount/deadMount.js';
+import { StoreOperations } from '../storage/operations.js';
+import { Store } from '../storage/store.js';
+import { overlayLower } from '../test/support/overlayLower.js';
+import { REPO } from './report.js';
+
+const run = promisify(execFile);
+export const CORPUS = process.env['LAYERD_CORPUS'] ?? join(REPO, '..', 'shared', 'corpus');
+export const LAYERD_BIN = join(REPO, 'bin', 'layerd');
+
+export type Impl = 'layerd' | 'overlayfs' | 'fuse-overlayfs';
+export const IMPLS: Impl[] = ['layerd', 'overlayfs', 'fuse-overlayfs'];
+
+/** The same layers as layerd and as overlayfs see them. */
+export interface LayerStack {
+  /** Store layer directories (layers/sha256/<hex>), bottom → top. */
+  layerDirs: string[];
+  /** overlayfs lower directories of the same layer tars, bottom → top. */
+  lowers: string[];
+}
+
+export interface Mounted {
+  impl: Impl;
+  mnt: string;
+  /** The serving process (FUSE implementations); none for kernel overlayfs. */
+  pid?: number;
+  /** From spawn (or the mount command) until the mount showed in mountinfo. */
+  readyMs: number;
+  stop(): Promise<void>;
+}
+
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+const topFirst = (dirs: string[]): string => [...dirs].reverse().join(':');
+
+async function waitMounted(mnt: string, server: ChildProcess | undefined, timeoutMs = 120_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    if ((await findMount(mnt))?.fstype.startsWith('fuse')) return;
+    if (server && server.exitCode !== null) throw new Error(`the server of ${mnt} exited with ${server.exitCode}`);
+    if (Date.now() > deadline) throw new Error(`${mnt} did not mount`);
+    await sleep(2);
+  }
+}
+
+async function stopServer(mnt: string, server: ChildProcess): Promise<void> {
+  const exited = server.exitCode !== null || server.signalCode !== null ? Promise.resolve() : new Promise<void>((r) => server.once('exit', () => r()));
+  await run('umount', [mnt]).catch(() => clearDeadMount(mnt));
+  const timer = setTimeout(() => { if (server.exitCode === null) server.kill('SIGTERM'); }, 5000);
+  await exited;
+  clearTimeout(timer);
+}
+
+/** Mount `stack` with `impl` at `<base>/mnt`, upper `<base>/upper`; stop() unmounts and removes `base`. */
+export async function mountStack(impl: Impl, stack: LayerStack, base: string): Promise<Mounted> {
+  const [upper, wd, mnt] = [join(base, 'upper'), join(base, 'work'), join(base, 'mnt')];
+  for (const d of [upper, wd, mnt]) await mkdir(d, { recursive: true });
+  const overlayOpts = `lowerdir=${topFirst(stack.lowers)},upperdir=${upper},workdir=${wd}`;
+  if (impl === 'overlayfs') {
+    const t0 = performance.now();
+    await run('mount', ['-t', 'overlay', 'overlay', '-o', overlayOpts, mnt]);
+    if (!(await findMount(mnt))) throw new Error(`${mnt} did not mount`);
+    const readyMs = performance.now() - t0;
+    return { impl, mnt, readyMs, stop: async () => { await run('umount', [mnt]); await rm(base, { recursive: true, force: true }); } };
+  }
+  // A server that exits before mounting is started once more: other people's
+  // builds rewrite dist/ under a starting `layerd mount` on a shared machine.
+  for (let attempt = 1; ; attempt++) {
+    const t0 = performance.now();
+    const server = impl === 'layerd'
+      ? spawn(process.execPath, [LAYERD_BIN, 'mount', '--layers', topFirst(stack.layerDirs), '--upper', upper, mnt], { stdio: ['ignore', 'ignore', 'pipe'] })
+      : spawn('fuse-overlayfs', ['-f', '-o', overlayOpts, mnt], { stdio: ['ignore', 'ignore', 'pipe'] });
+    // The server's log (a line per mount and unmount) is kept out of the report; its tail explains a failure.
+    let log = '';
+    server.stderr!.on('data', (chunk: Buffer) => { log = (log + chunk.toString()).slice(-4000); });
+    try {
+      await waitMounted(mnt, server);
+    } catch (err) {
+      await stopServer(mnt, server).catch(() => undefined);
+      if (attempt < 3 && server.exitCode !== null) {
+        process.stderr.write(`${impl} server for ${mnt} exited before mounting (${log.trim().split('\n').pop() ?? ''}); starting it again\n`);
+        await sleep(1000);
+        continue;
+      }
+      throw new Error(`${impl}: ${(err as Error).message}\n${log}`);
+    }
+    const readyMs = performance.now() - t0;
+    return {
+      impl, mnt, pid: server.pid!, readyMs,
+      stop: async () => { await stopServer(mnt, server); await rm(base, { recursive: true, force: true }); },
+    };
+  }
+}
+
+/** Never leave a mount behind: clear (abort + lazy unmount) everything mounted under `dir`, innermost first. */
+export async function clearMountsUnder(dir: string): Promise<number> {
+  const entries = parseMountinfo(await readFile('/proc/self/mountinfo', 'utf8')).filter((e) => e.mountpoint.startsWith(dir + '/'));
+  for (const e of entries.reverse()) await clearDeadMount(e.mountpoint).catch(() => undefined);
+  return entries.length;
+}
+
+/** debian-multi:latest from the corpus, imported into a store under `work`, with its overlayfs lowers. */
+export async function debianMultiStack(work: string): Promise<LayerStack> {
+  const store = await Store.open(join(work, 'store'), { durability: 'none' });
+  let tars: string[];
+  try {
+    await new StoreOperations(store).importPath({ path: join(CORPUS, 'oci', 'debian-multi') });
+    tars = (await store.imageLayers('debian-multi:latest')).map((l) => l.tarPath);
+  } finally {
+    store.close();
+  }
+  const lowers: string[] = [];
+  for (const [i, tar] of tars.entries()) {
+    lowers.push(join(work, `lower-${i}`));
+    await overlayLower(tar, lowers[i]!);
+  }
+  return { layerDirs: tars.map((t) => dirname(t)), lowers };
+}
