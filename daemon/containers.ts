@@ -72,7 +72,7 @@ export class ContainerManager {
   private upper(id: string): string { return join(this.dir(id), 'upper'); }
   statsFile(id: string): string { return join(this.dir(id), 'fuse-stats.json'); }
 
-  /** FUSE operation statistics of every container's mount server, summed by operation. */
+  /** FUSE operation statistics of every container's mount, summed by operation. */
   async fuseStats(): Promise<OpStatsSnapshot> {
     const total: OpStatsSnapshot = {};
     for (const row of this.store.db.listContainers()) {
@@ -156,7 +156,7 @@ export class ContainerManager {
     return path;
   }
 
-  /** Start the container's mount server and wait until it serves. */
+  /** Have the container mounted by its image's mount host, and wait until it serves. */
   private async startServer(row: ContainerRow): Promise<void> {
     const served = await startMount({
       layers: this.store.db.imageLayers(row.image_id).map((l) => this.store.layout.layerDir(l.diff_id)),
