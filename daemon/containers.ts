@@ -27,6 +27,7 @@ import { type Store } from '../storage/store.js';
 import { isServing, prewarmMountHost, startMount, stopMount } from './mountServer.js';
 
 const SPARE_CHECK_MS = 5 * 60_000;
+const SUPERVISE_MS = 2_000;
 const ID_RE = /^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$/;
 
 export interface CreateRequest {
@@ -60,6 +61,10 @@ export interface DiffLine {
 export class ContainerManager {
   /** Ids being created right now (so concurrent duplicates get 409 at once). */
   private readonly creating = new Set<string>();
+  /** Ids being removed right now (the supervisor leaves them alone). */
+  private readonly removing = new Set<string>();
+  private supervisor: NodeJS.Timeout | undefined;
+  private reviving = false;
 
   constructor(
     private readonly store: Store,
@@ -200,6 +205,44 @@ export class ContainerManager {
     return { adopted, remounted };
   }
 
+  /**
+   * While the daemon runs, notice mount hosts that died (a crash, an OOM
+   * kill) and mount their containers again, instead of leaving them dead
+   * until the next daemon start. Processes that had files open on the old
+   * mount see ENOTCONN for those; new accesses work again.
+   */
+  superviseHosts(intervalMs = SUPERVISE_MS): void {
+    this.supervisor ??= setInterval(() => { void this.reviveDead(); }, intervalMs);
+    this.supervisor.unref();
+  }
+
+  stopSupervising(): void {
+    if (this.supervisor) clearInterval(this.supervisor);
+    this.supervisor = undefined;
+  }
+
+  private async reviveDead(): Promise<void> {
+    if (this.reviving) return;
+    this.reviving = true;
+    try {
+      for (const row of this.store.db.listContainers()) {
+        if (row.server_pid === null || processAlive(row.server_pid) || this.removing.has(row.id) || this.creating.has(row.id)) continue;
+        this.logger.warn('the mount host of a container died; mounting it again', { container: row.id, pid: row.server_pid });
+        await stopMount(null, row.mountpoint); // clears the dead mount
+        try {
+          await this.startServer(row);
+        } catch (err) {
+          this.logger.error('could not mount a container again', { container: row.id, error: (err as Error).message });
+          this.store.db.write(() => this.store.db.setContainerServer(row.id, null));
+        }
+        // Removed while it was being mounted again: take the new mount down too.
+        if (this.removing.has(row.id) || !this.store.db.getContainer(row.id)) await stopMount(null, row.mountpoint);
+      }
+    } finally {
+      this.reviving = false;
+    }
+  }
+
   /** Keep a spare mount host ready (checked now and every few minutes), so first mounts are fast too. */
   private keepSpareHost(): void {
     const prewarm = (): void => {
@@ -238,8 +281,13 @@ export class ContainerManager {
   /** Unmount, and delete the writable layer unless `keep`. */
   async remove(id: string, keep: boolean): Promise<{ id: string; kept: boolean }> {
     const row = this.row(id);
-    await this.stopServer(row);
-    this.store.db.write(() => this.store.db.deleteContainer(id));
+    this.removing.add(id);
+    try {
+      await this.stopServer(row);
+      this.store.db.write(() => this.store.db.deleteContainer(id));
+    } finally {
+      this.removing.delete(id);
+    }
     if (!keep) await rm(this.dir(id), { recursive: true, force: true });
     await rm(row.mountpoint, { recursive: false, force: true }).catch(() => undefined);
     return { id, kept: keep };

@@ -83,6 +83,7 @@ export class Daemon {
       containerRoutes(router, daemon.containers);
       registryRoutes(router, store, options.config.registriesConfig);
       await daemon.containers.adoptAll();
+      daemon.containers.superviseHosts();
       daemon.snapshots = new SnapshotService(store, logger);
       await daemon.snapshots.adoptAll();
       daemon.snapshotter = snapshotter = await startSnapshotter(options.socket, options.snapshotterSocket, daemon.snapshots, logger);
@@ -166,6 +167,7 @@ export class Daemon {
       await Promise.allSettled([...this.inflight]);
       await closed;
       await this.snapshotter?.stop();
+      this.containers.stopSupervising();
       if (this.options.unmountOnStop) await this.containers.unmountAll();
       if (this.options.unmountOnStop) await this.snapshots.unmountAll();
       await rm(daemonMarker(this.options.root), { force: true });

@@ -98,6 +98,44 @@ describe('daemon: mount hosts', function () {
   });
 });
 
+describe('daemon: supervision of mount hosts', function () {
+  this.timeout(120_000);
+  let work: { dir: string; remove(): Promise<void> };
+  let daemon: RunningDaemon | undefined;
+  before(async () => {
+    work = await scratch();
+    daemon = await startDaemon(work.dir, ['--mount-root', join(work.dir, 'mounts')]);
+    const ctl = (...args: string[]) => layerctl(['--socket', daemon!.socket, ...args]);
+    expect((await ctl('import', DEBIAN_MULTI)).code).to.equal(0);
+    for (const id of ['s1', 's2']) expect((await ctl('create', 'debian-multi:latest', '--name', id)).code).to.equal(0);
+  });
+  after(async () => {
+    try {
+      if (daemon) {
+        for (const id of ['s1', 's2']) await layerctl(['--socket', daemon.socket, 'rm', id]);
+        await daemon.stop();
+      }
+    } finally {
+      await clearMountsUnder(work.dir);
+      await work.remove();
+    }
+  });
+
+  it('mounts the containers of a host that died again, while the daemon keeps running', async () => {
+    const ps = async () => JSON.parse((await layerctl(['--socket', daemon!.socket, 'ps', '--json'])).stdout) as Array<{ id: string; serverPid: number | null; state: string }>;
+    await execFileAsync('sh', ['-c', `echo kept > ${join(work.dir, 'mounts', 's1', 'root', 'kept')}`]);
+    const host = (await ps()).find((c) => c.id === 's1')!.serverPid!;
+    process.kill(host, 'SIGKILL');
+    await until('both containers mounted by a new host', async () => {
+      const list = await ps();
+      return list.every((c) => c.state === 'mounted' && c.serverPid !== host);
+    });
+    expect((await execFileAsync('cat', [join(work.dir, 'mounts', 's1', 'root', 'kept')])).stdout).to.equal('kept\n');
+    expect((await execFileAsync('cat', [join(work.dir, 'mounts', 's2', 'etc', 'os-release')])).stdout).to.match(/Debian/);
+    expect(daemon!.log()).to.contain('mounting it again');
+  });
+});
+
 describe('daemon: kernel cache lifetime of container mounts', function () {
   this.timeout(120_000);
   let work: { dir: string; remove(): Promise<void> };
