@@ -6,16 +6,15 @@
  * PID and, on start, adopts mounts still served and mounts again those whose
  * server died (clearing their dead mountpoints first).
  */
-import { mkdir, readFile, rm, stat } from 'node:fs/promises';
+import { mkdir, readFile, rm } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { type Writable } from 'node:stream';
 import { ErrorCodes, LayerdError } from '../common/errors.js';
 import { processAlive } from '../common/process.js';
 import { type Logger } from '../common/log.js';
 import { LowerInoAllocator } from '../mount/inodes.js';
-import { commitDirectory, writeDirectoryLayer } from '../mount/directoryLayer.js';
+import { checkLayerDirectory, commitDirectory, writeDirectoryLayer } from '../mount/directoryLayer.js';
 import { lowerDirSource, scanDirectory } from '../mount/lowerDir.js';
-import { isWithin } from '../mount/paths.js';
 import { MergedTree } from '../mount/mergedTree.js';
 import { type OpStatsSnapshot } from '../mount/opStats.js';
 import { type CommitResult } from '../storage/commit.js';
@@ -120,7 +119,7 @@ export class ContainerManager {
     if (request.mountpoint !== undefined && !request.mountpoint.startsWith('/')) {
       throw new LayerdError(ErrorCodes.EINVAL, 'mountpoint must be an absolute path', { mountpoint: request.mountpoint });
     }
-    const layerDir = request.layerDir === undefined ? null : await this.checkLayerDir(request.layerDir, mountpoint);
+    const layerDir = request.layerDir === undefined ? null : await checkLayerDirectory(request.layerDir, [mountpoint, this.store.layout.root]);
     this.creating.add(id);
     try {
       if (this.store.db.listContainers().some((c) => c.mountpoint === mountpoint)) {
@@ -143,22 +142,6 @@ export class ContainerManager {
     } finally {
       this.creating.delete(id);
     }
-  }
-
-  /** A live layer directory must exist, be absolute, and stay clear of the mountpoint and the store. */
-  private async checkLayerDir(dir: string, mountpoint: string): Promise<string> {
-    if (typeof dir !== 'string' || !dir.startsWith('/')) {
-      throw new LayerdError(ErrorCodes.EINVAL, 'layerDir must be an absolute path', { layerDir: String(dir) });
-    }
-    const path = resolve(dir);
-    const st = await stat(path).catch(() => undefined);
-    if (!st?.isDirectory()) throw new LayerdError(ErrorCodes.ENOTFOUND, `layer directory ${path} is not a directory`, { layerDir: path });
-    for (const other of [mountpoint, this.store.layout.root]) {
-      if (isWithin(path, other) || isWithin(other, path)) {
-        throw new LayerdError(ErrorCodes.EINVAL, `layer directory ${path} must not contain or lie inside ${other}`, { layerDir: path });
-      }
-    }
-    return path;
   }
 
   /** Have the container mounted by its image's mount host, and wait until it serves. */

@@ -170,23 +170,25 @@ function asErrorCode(code: string): ErrorCode {
 }
 
 /**
- * The socket of the mount host running as `pid`, or undefined if `pid` is
- * not a mount host. Its command line names the socket it started on; a
- * spare host has since moved to another socket of the same directory, so
- * the host that answers with `pid` is looked for there.
+ * What serves as `pid`: a mount host, with the socket it answers on now
+ * (undefined if none answers), or a one-mount server of an older daemon.
+ * A host's command line names the socket it started on; a spare host has
+ * since moved to another socket of the same directory, so the host that
+ * answers with `pid` is looked for there.
  */
-async function hostSocketOf(pid: number): Promise<string | undefined> {
+async function serverOf(pid: number): Promise<{ kind: 'host'; socket: string | undefined } | { kind: 'single' }> {
   const argv = (await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '')).split('\0');
+  if (!argv.includes('mount-host')) return { kind: 'single' };
   const i = argv.indexOf('--socket');
-  if (!argv.includes('mount-host') || i < 0 || argv[i + 1] === undefined) return undefined;
+  if (i < 0 || argv[i + 1] === undefined) return { kind: 'host', socket: undefined };
   const started = argv[i + 1]!;
   const candidates = [started, ...(await readdir(dirname(started)).catch(() => [] as string[]))
     .filter((name) => name.endsWith('.sock')).map((name) => join(dirname(started), name)).filter((p) => p !== started)];
   for (const socket of candidates) {
     const reply = await askHost(socket, { op: 'list' }, STOP_TIMEOUT_MS).catch(() => undefined);
-    if (reply?.ok && reply.pid === pid) return socket;
+    if (reply?.ok && reply.pid === pid) return { kind: 'host', socket };
   }
-  return undefined;
+  return { kind: 'host', socket: undefined };
 }
 
 /** Whether `served` is still a live mount with its server running. */
@@ -204,10 +206,13 @@ export async function isServing(served: ServedMount): Promise<boolean> {
  */
 export async function stopMount(pid: number | null, mountpoint: string): Promise<void> {
   if (pid !== null && processAlive(pid)) {
-    const socket = await hostSocketOf(pid);
-    if (socket !== undefined) {
-      await askHost(socket, { op: 'unmount', mountpoint: resolve(mountpoint) }, STOP_TIMEOUT_MS).catch(() => undefined);
-    } else if (!(await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '')).includes('mount-host')) {
+    const server = await serverOf(pid);
+    if (server.kind === 'host') {
+      // Never killed: it serves other mounts. One that does not answer loses just this mount below.
+      if (server.socket !== undefined) {
+        await askHost(server.socket, { op: 'unmount', mountpoint: resolve(mountpoint) }, STOP_TIMEOUT_MS).catch(() => undefined);
+      }
+    } else {
       process.kill(pid, 'SIGTERM');
       const deadline = Date.now() + STOP_TIMEOUT_MS;
       while (processAlive(pid) && Date.now() < deadline) await sleep(25);

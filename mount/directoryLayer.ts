@@ -6,6 +6,7 @@
  * (`layerctl commit --layer-dir`).
  */
 import { createWriteStream } from 'node:fs';
+import { stat } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { ErrorCodes, LayerdError } from '../common/errors.js';
 import { type CommitResult, commitLayer } from '../storage/commit.js';
@@ -42,17 +43,33 @@ export async function commitDirectory(store: Store, baseRef: string, dir: string
 }
 
 /**
+ * A layer directory as given by a user: an absolute path to a directory that
+ * neither contains nor lies inside any of `keepClearOf` (the store, a
+ * mountpoint: a layer must never include them). Returns it resolved.
+ */
+export async function checkLayerDirectory(dir: string, keepClearOf: string[]): Promise<string> {
+  if (typeof dir !== 'string' || !dir.startsWith('/')) {
+    throw new LayerdError(ErrorCodes.EINVAL, 'the layer directory must be an absolute path', { layerDir: String(dir) });
+  }
+  const path = resolve(dir);
+  const st = await stat(path).catch(() => undefined);
+  if (!st?.isDirectory()) throw new LayerdError(ErrorCodes.ENOTFOUND, `layer directory ${path} is not a directory`, { layerDir: path });
+  for (const other of keepClearOf) {
+    if (isWithin(path, other) || isWithin(other, path)) {
+      throw new LayerdError(ErrorCodes.EINVAL, `layer directory ${path} must not contain or lie inside ${other}`, { layerDir: path });
+    }
+  }
+  return path;
+}
+
+/**
  * `layerctl commit --layer-dir DIR IMAGE [REF]`: DIR (absolute) becomes a
  * content-addressed layer on top of IMAGE, in a new image tagged REF.
  */
 export async function commitLayerDirectory(
   store: Store, image: string, dir: string, options: { ref?: string; comment?: string } = {},
 ): Promise<CommitResult> {
-  if (!dir.startsWith('/')) throw new LayerdError(ErrorCodes.EINVAL, 'the layer directory must be an absolute path', { layerDir: dir });
-  const path = resolve(dir);
-  if (isWithin(path, store.layout.root) || isWithin(store.layout.root, path)) {
-    throw new LayerdError(ErrorCodes.EINVAL, `layer directory ${path} must not contain or lie inside the store`, { layerDir: path });
-  }
+  const path = await checkLayerDirectory(dir, [store.layout.root]);
   const ref = options.ref !== undefined ? splitNameTag(options.ref) : undefined;
   return commitDirectory(store, image, path, {
     createdBy: `layerctl commit --layer-dir ${path}`, ...(ref ? { ref } : {}), ...(options.comment ? { comment: options.comment } : {}),

@@ -116,15 +116,12 @@ export class UnionFs {
    * to the old tree; open files keep what they opened.
    */
   replaceLayers(layers: readonly LayerSource[]): Promise<void> {
-    const swap = async (): Promise<void> => {
+    return this.locked(async () => {
       const merged = await merge(layers, this.upper.root);
       this.tree = merged.tree;
       this.lowerKinds = merged.lowerKinds;
       this.upperWhiteouts = merged.upperWhiteouts;
-    };
-    const run = this.lock.then(swap, swap);
-    this.lock = run.catch(() => undefined);
-    return run;
+    });
   }
 
   /** Index entries the merge ignored (e.g. hard links to nothing). */
@@ -312,7 +309,12 @@ export class UnionFs {
   /** Run a change under the lock; refuse it on a read-only union. */
   private mutate<T>(path: string, op: string, change: () => Promise<T>): Promise<T> {
     if (this.readOnly) return Promise.reject(fsError('EROFS', path, op));
-    const run = this.lock.then(change, change);
+    return this.locked(change);
+  }
+
+  /** Run `work` after every change queued before it (one at a time, in order). */
+  private locked<T>(work: () => Promise<T>): Promise<T> {
+    const run = this.lock.then(work, work);
     this.lock = run.catch(() => undefined);
     return run;
   }
