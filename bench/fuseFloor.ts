@@ -18,26 +18,22 @@
  *
  *   node dist/bench/fuseFloor.js [--reps N]      (root)
  */
-import { type ChildProcess, execFile, spawn } from 'node:child_process';
+import { execFile } from 'node:child_process';
 import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import Fuse from 'fuse-native';
 import type { FuseStat } from 'fuse-native';
-import { clearDeadMount, findMount } from '../mount/deadMount.js';
 import { LowerInoAllocator } from '../mount/inodes.js';
 import { MergedTree } from '../mount/mergedTree.js';
 import { lowerStat } from '../mount/nodeStats.js';
-import { tarLayerSource } from '../storage/layerIndex.js';
-import { StoreOperations } from '../storage/operations.js';
-import { Store } from '../storage/store.js';
-import { overlayLower } from '../test/support/overlayLower.js';
-import { REPO, stats, time, writeResults } from './report.js';
+import { LAYER_TAR, tarLayerSource } from '../storage/layerIndex.js';
+import { readLayerIndex } from '../storage/store.js';
+import { clearMountsUnder, debianMultiStack, mountStack } from './mounts.js';
+import { argOf, stats, time, writeResults } from './report.js';
 
 const run = promisify(execFile);
-const CORPUS = process.env['LAYERD_CORPUS'] ?? join(REPO, '..', 'shared', 'corpus');
-const IMAGE = 'debian-multi:latest';
 
 type Impl = 'floor' | 'layerd' | 'layerd, 60 s cache' | 'fuse-overlayfs' | 'overlayfs';
 const IMPLS: Impl[] = ['floor', 'layerd', 'layerd, 60 s cache', 'fuse-overlayfs', 'overlayfs'];
@@ -55,15 +51,7 @@ class FloorFuse extends Fuse {
   protected override _fuseOptions(): string { return this.options; }
 }
 
-interface Mounted { mnt: string; stop(): Promise<void>; server?: ChildProcess }
-
-async function waitMounted(mnt: string): Promise<void> {
-  for (let i = 0; i < 2000; i++) {
-    if (await findMount(mnt)) return;
-    await new Promise((r) => setTimeout(r, 5));
-  }
-  throw new Error(`${mnt} did not mount`);
-}
+interface Mounted { mnt: string; stop(): Promise<void> }
 
 const WORKLOADS: Record<string, string> = {
   'lstat all (cold dentries)': `python3 -c "
@@ -74,27 +62,16 @@ for p in paths: os.lstat(os.environ['MNT']+p)" "$PATHS"`,
 };
 
 async function main(): Promise<void> {
-  const repsArg = process.argv.indexOf('--reps');
-  const reps = repsArg > 0 ? Number(process.argv[repsArg + 1]) : 5;
+  const reps = Number(argOf('--reps', '5'));
   const work = await mkdtemp(join(tmpdir(), 'layerd-bench-floor-'));
   const active = new Set<Mounted>();
   try {
-    const root = join(work, 'store');
-    const store = await Store.open(root, { durability: 'none' });
-    await new StoreOperations(store).importPath({ path: join(CORPUS, 'oci', 'debian-multi') });
-    const layers = await store.imageLayers(IMAGE);
-    store.close();
-    const lowers: string[] = [];
-    for (const [i, l] of layers.entries()) {
-      const dir = join(work, `lower-${i}`);
-      await overlayLower(l.tarPath, dir);
-      lowers.unshift(dir);
-    }
+    const stack = await debianMultiStack(work);
 
     // The floor's answers: the same merged tree and stats layerd computes, precomputed.
     const tree = new MergedTree();
     const inos = new LowerInoAllocator();
-    for (const l of layers) tree.addLayer(tarLayerSource(l.index, l.tarPath), inos);
+    for (const dir of stack.layerDirs) tree.addLayer(tarLayerSource(await readLayerIndex(dir), join(dir, LAYER_TAR)), inos);
     const files = new Map<string, FuseStat>();
     const dirs = new Map<string, string[]>();
     for (const path of tree.snapshotKinds().keys()) {
@@ -109,32 +86,17 @@ async function main(): Promise<void> {
     let seq = 0;
     const mount = async (impl: Impl, policy: Policy): Promise<Mounted> => {
       const base = join(work, `run-${seq++}`);
-      const [upper, wd, mnt] = [join(base, 'upper'), join(base, 'work'), join(base, 'mnt')];
-      for (const d of [upper, wd, mnt]) await mkdir(d, { recursive: true });
       let m: Mounted;
-      if (impl === 'overlayfs') {
-        await run('mount', ['-t', 'overlay', 'overlay', '-o', `lowerdir=${lowers.join(':')},upperdir=${upper},workdir=${wd}`, mnt]);
-        m = { mnt, stop: async () => { await run('umount', [mnt]); } };
-      } else if (impl === 'floor') {
+      if (impl === 'floor') {
+        const mnt = join(base, 'mnt');
+        await mkdir(mnt, { recursive: true });
         const cache = policy === 'no cache' ? 0 : 1;
         const fuse = new FloorFuse(mnt, `-oallow_other,use_ino,entry_timeout=${cache},attr_timeout=${cache},negative_timeout=0`, files, dirs);
         await new Promise<void>((done, fail) => fuse.mount((err) => (err ? fail(err) : done())));
         m = { mnt, stop: () => new Promise<void>((done) => fuse.unmount(() => done())) };
       } else {
-        const isLayerd = impl !== 'fuse-overlayfs';
-        const cacheArgs = impl === 'layerd, 60 s cache' ? ['--cache-seconds', '60']
-          : policy === 'no cache' ? (isLayerd ? ['--cache-seconds', '0'] : [',timeout=0']) : [];
-        const server = isLayerd
-          ? spawn(join(REPO, 'bin', 'layerd'), ['mount', '--layers', layers.map((l) => join(root, 'layers', 'sha256', l.diffId.slice(7))).reverse().join(':'), '--upper', upper, ...cacheArgs, mnt], { stdio: ['ignore', 'ignore', 'inherit'] })
-          : spawn('fuse-overlayfs', ['-f', '-o', `lowerdir=${lowers.join(':')},upperdir=${upper},workdir=${wd}${cacheArgs.join('')}`, mnt], { stdio: 'ignore' });
-        await waitMounted(mnt);
-        m = {
-          mnt, server,
-          stop: async () => {
-            await run('umount', [mnt]).catch(() => clearDeadMount(mnt));
-            if (server.exitCode === null) { server.kill('SIGTERM'); await new Promise((r) => server.once('exit', r)); }
-          },
-        };
+        const cacheSeconds = impl === 'layerd, 60 s cache' ? 60 : policy === 'no cache' ? 0 : undefined;
+        m = await mountStack(impl === 'layerd, 60 s cache' ? 'layerd' : impl, stack, base, cacheSeconds === undefined ? {} : { cacheSeconds });
       }
       active.add(m);
       return m;
@@ -186,6 +148,7 @@ async function main(): Promise<void> {
     await writeResults('fuse-floor', lines, { reps, paths: n, samples });
   } finally {
     for (const m of active) await m.stop().catch(() => undefined);
+    await clearMountsUnder(work);
     await rm(work, { recursive: true, force: true });
   }
 }

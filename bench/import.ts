@@ -10,17 +10,14 @@
 import { execFile } from 'node:child_process';
 import { mkdtemp, readdir, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { join, resolve } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { stats, time, writeResults } from './report.js';
+import { CORPUS, argOf, stats, time, writeResults } from './report.js';
 import { importFromSource } from '../storage/importer.js';
 import { detectSource } from '../storage/sources/detect.js';
 import { Store } from '../storage/store.js';
 
 const run = promisify(execFile);
-const REPO = resolve(fileURLToPath(import.meta.url), '..', '..', '..');
-const CORPUS = process.env['LAYERD_CORPUS'] ?? resolve(REPO, '..', 'shared', 'corpus');
 const LAYOUT = join(CORPUS, 'oci', 'debian-multi');
 const LAYER_BLOBS = [
   'c03315e586d033da36cda954a86e572ab9f2601a0000dc3377c6baef8fcf8639',
@@ -47,8 +44,7 @@ async function importLayout(layout: string, root: string, durability: 'full' | '
 }
 
 async function main(): Promise<void> {
-  const repsArg = process.argv.indexOf('--reps');
-  const reps = repsArg > 0 ? Number(process.argv[repsArg + 1]) : 5;
+  const reps = Number(argOf('--reps', '5'));
   const work = await mkdtemp(join(tmpdir(), 'layerd-bench-'));
   try {
     const zstdLayout = join(work, 'zstd');

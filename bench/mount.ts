@@ -26,7 +26,7 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { type Impl, IMPLS, type LayerStack, type Mounted, clearMountsUnder, debianMultiStack, mountStack } from './mounts.js';
 import { type CpuTimes, cpuDelta, cpuTimes } from './procstat.js';
-import { stats, writeResults } from './report.js';
+import { argOf, stats, writeResults } from './report.js';
 import { SYNTHETIC_PATHS, syntheticDataset } from './synthetic.js';
 
 const run = promisify(execFile);
@@ -267,11 +267,6 @@ function table(ds: Dataset, samples: Samples): string[] {
   if (ds.notes.length > 0) lines.push('', ...ds.notes.map((n) => `- ${n}`));
   lines.push('');
   return lines;
-}
-
-function argOf(name: string, fallback: string): string {
-  const i = process.argv.indexOf(name);
-  return i > 0 && process.argv[i + 1] !== undefined ? process.argv[i + 1]! : fallback;
 }
 
 async function main(): Promise<void> {

@@ -13,10 +13,9 @@ import { clearDeadMount, findMount, parseMountinfo } from '../mount/deadMount.js
 import { StoreOperations } from '../storage/operations.js';
 import { Store } from '../storage/store.js';
 import { overlayLower } from '../test/support/overlayLower.js';
-import { REPO } from './report.js';
+import { CORPUS, REPO } from './report.js';
 
 const run = promisify(execFile);
-export const CORPUS = process.env['LAYERD_CORPUS'] ?? join(REPO, '..', 'shared', 'corpus');
 export const LAYERD_BIN = join(REPO, 'bin', 'layerd');
 
 export type Impl = 'layerd' | 'overlayfs' | 'fuse-overlayfs';
@@ -61,11 +60,22 @@ async function stopServer(mnt: string, server: ChildProcess): Promise<void> {
   clearTimeout(timer);
 }
 
+export interface MountOptions {
+  /**
+   * Kernel name/attribute cache lifetime for the FUSE implementations
+   * (layerd `--cache-seconds`, fuse-overlayfs `timeout=`); default: each one's own.
+   */
+  cacheSeconds?: number;
+}
+
 /** Mount `stack` with `impl` at `<base>/mnt`, upper `<base>/upper`; stop() unmounts and removes `base`. */
-export async function mountStack(impl: Impl, stack: LayerStack, base: string): Promise<Mounted> {
+export async function mountStack(impl: Impl, stack: LayerStack, base: string, options: MountOptions = {}): Promise<Mounted> {
   const [upper, wd, mnt] = [join(base, 'upper'), join(base, 'work'), join(base, 'mnt')];
   for (const d of [upper, wd, mnt]) await mkdir(d, { recursive: true });
+  const cache = options.cacheSeconds;
   const overlayOpts = `lowerdir=${topFirst(stack.lowers)},upperdir=${upper},workdir=${wd}`;
+  const layerdCacheArgs = cache === undefined ? [] : ['--cache-seconds', String(cache)];
+  const fuseOverlayOpts = cache === undefined ? overlayOpts : `${overlayOpts},timeout=${cache}`;
   if (impl === 'overlayfs') {
     const t0 = performance.now();
     await run('mount', ['-t', 'overlay', 'overlay', '-o', overlayOpts, mnt]);
@@ -78,8 +88,8 @@ export async function mountStack(impl: Impl, stack: LayerStack, base: string): P
   for (let attempt = 1; ; attempt++) {
     const t0 = performance.now();
     const server = impl === 'layerd'
-      ? spawn(process.execPath, [LAYERD_BIN, 'mount', '--layers', topFirst(stack.layerDirs), '--upper', upper, mnt], { stdio: ['ignore', 'ignore', 'pipe'] })
-      : spawn('fuse-overlayfs', ['-f', '-o', overlayOpts, mnt], { stdio: ['ignore', 'ignore', 'pipe'] });
+      ? spawn(process.execPath, [LAYERD_BIN, 'mount', '--layers', topFirst(stack.layerDirs), '--upper', upper, ...layerdCacheArgs, mnt], { stdio: ['ignore', 'ignore', 'pipe'] })
+      : spawn('fuse-overlayfs', ['-f', '-o', fuseOverlayOpts, mnt], { stdio: ['ignore', 'ignore', 'pipe'] });
     // The server's log (a line per mount and unmount) is kept out of the report; its tail explains a failure.
     let log = '';
     server.stderr!.on('data', (chunk: Buffer) => { log = (log + chunk.toString()).slice(-4000); });

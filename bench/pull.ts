@@ -15,7 +15,7 @@ import { execFile } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { stats, time, writeResults } from './report.js';
+import { argOf, stats, time, writeResults } from './report.js';
 import { promisify } from 'node:util';
 import { importFromSource } from '../storage/importer.js';
 import { pullImage } from '../storage/registry/pull.js';
@@ -56,8 +56,7 @@ async function skopeoThenImport(ref: string, dir: string, root: string): Promise
 }
 
 async function main(): Promise<void> {
-  const repsArg = process.argv.indexOf('--reps');
-  const reps = repsArg > 0 ? Number(process.argv[repsArg + 1]) : 5;
+  const reps = Number(argOf('--reps', '5'));
   const work = await mkdtemp(join(tmpdir(), 'layerd-bench-pull-'));
   const registry = await TestRegistry.start(join(work, 'registry'));
   try {

@@ -4,6 +4,13 @@ import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 export const REPO = resolve(fileURLToPath(import.meta.url), '..', '..', '..');
+export const CORPUS = process.env['LAYERD_CORPUS'] ?? resolve(REPO, '..', 'shared', 'corpus');
+
+/** The value after `name` on the command line, or `fallback`. */
+export function argOf(name: string, fallback: string): string {
+  const i = process.argv.indexOf(name);
+  return i > 0 && process.argv[i + 1] !== undefined ? process.argv[i + 1]! : fallback;
+}
 
 export async function writeResults(name: string, markdown: string[], data: unknown): Promise<void> {
   const outDir = join(REPO, 'bench', 'results');

@@ -25,7 +25,7 @@ import { processAlive } from '../common/process.js';
 import { prewarmMountHost, startMount, stopMount } from '../daemon/mountServer.js';
 import { type LayerStack, type Mounted, clearMountsUnder, debianMultiStack, mountStack } from './mounts.js';
 import { pssKiB, rssKiB } from './procstat.js';
-import { writeResults } from './report.js';
+import { argOf, writeResults } from './report.js';
 
 const SETTLE_MS = 3000;
 const CONCURRENCY = 4;
@@ -133,11 +133,6 @@ async function measure(servers: MountServers, count: number): Promise<Measured> 
   let pss = 0;
   for (const pid of pids) { rss += await rssKiB(pid); pss += await pssKiB(pid); }
   return { count, processes: pids.length, rssMiB: rss / 1024, pssMiB: pss / 1024, readyMs: servers.readyMs };
-}
-
-function argOf(name: string, fallback: string): string {
-  const i = process.argv.indexOf(name);
-  return i > 0 && process.argv[i + 1] !== undefined ? process.argv[i + 1]! : fallback;
 }
 
 async function main(): Promise<void> {
