@@ -9,7 +9,7 @@
  * that for speed. Real daemon, real mounts.
  */
 import { expect } from 'chai';
-import { mkdir, readFile, writeFile } from 'node:fs/promises';
+import { readFile, writeFile } from 'node:fs/promises';
 import { processAlive } from '../common/process.js';
 import { join } from 'node:path';
 import { type RunningDaemon, startDaemon } from './support/daemon.js';
@@ -43,26 +43,35 @@ async function until(what: string, check: () => Promise<boolean>, timeoutMs = 15
   }
 }
 
+/** A daemon on `work` (mounts under work/mounts) with debian-multi imported. */
+async function daemonWithDebianMulti(work: string, extraArgs: string[] = []): Promise<RunningDaemon> {
+  const daemon = await startDaemon(work, ['--mount-root', join(work, 'mounts'), ...extraArgs]);
+  expect((await layerctl(['--socket', daemon.socket, 'import', DEBIAN_MULTI])).code).to.equal(0);
+  return daemon;
+}
+
+/** Remove the containers, stop the daemon, and leave no mount and no file behind, whatever failed. */
+async function tearDown(daemon: RunningDaemon | undefined, ids: string[], work: { dir: string; remove(): Promise<void> }): Promise<void> {
+  try {
+    if (daemon) {
+      for (const id of ids) await layerctl(['--socket', daemon.socket, 'rm', id]);
+      await daemon.stop();
+    }
+  } finally {
+    await clearMountsUnder(work.dir);
+    await work.remove();
+  }
+}
+
 describe('daemon: mount hosts', function () {
   this.timeout(120_000);
   let work: { dir: string; remove(): Promise<void> };
   let daemon: RunningDaemon | undefined;
   before(async () => {
     work = await scratch();
-    daemon = await startDaemon(work.dir, ['--mount-root', join(work.dir, 'mounts')]);
-    expect((await layerctl(['--socket', daemon.socket, 'import', DEBIAN_MULTI])).code).to.equal(0);
+    daemon = await daemonWithDebianMulti(work.dir);
   });
-  after(async () => {
-    try {
-      if (daemon) {
-        for (const id of ['h1', 'h2', 'h3']) await layerctl(['--socket', daemon.socket, 'rm', id]);
-        await daemon.stop();
-      }
-    } finally {
-      await clearMountsUnder(work.dir);
-      await work.remove();
-    }
-  });
+  after(() => tearDown(daemon, ['h1', 'h2', 'h3'], work));
   const ctl = (...args: string[]) => layerctl(['--socket', daemon!.socket, ...args]);
   const serverOf = async (id: string): Promise<number> =>
     (JSON.parse((await ctl('ps', '--json')).stdout) as Array<{ id: string; serverPid: number }>).find((c) => c.id === id)!.serverPid;
@@ -104,22 +113,10 @@ describe('daemon: supervision of mount hosts', function () {
   let daemon: RunningDaemon | undefined;
   before(async () => {
     work = await scratch();
-    daemon = await startDaemon(work.dir, ['--mount-root', join(work.dir, 'mounts')]);
-    const ctl = (...args: string[]) => layerctl(['--socket', daemon!.socket, ...args]);
-    expect((await ctl('import', DEBIAN_MULTI)).code).to.equal(0);
-    for (const id of ['s1', 's2']) expect((await ctl('create', 'debian-multi:latest', '--name', id)).code).to.equal(0);
+    daemon = await daemonWithDebianMulti(work.dir);
+    for (const id of ['s1', 's2']) expect((await layerctl(['--socket', daemon.socket, 'create', 'debian-multi:latest', '--name', id])).code).to.equal(0);
   });
-  after(async () => {
-    try {
-      if (daemon) {
-        for (const id of ['s1', 's2']) await layerctl(['--socket', daemon.socket, 'rm', id]);
-        await daemon.stop();
-      }
-    } finally {
-      await clearMountsUnder(work.dir);
-      await work.remove();
-    }
-  });
+  after(() => tearDown(daemon, ['s1', 's2'], work));
 
   it('mounts the containers of a host that died again, while the daemon keeps running', async () => {
     const ps = async () => JSON.parse((await layerctl(['--socket', daemon!.socket, 'ps', '--json'])).stdout) as Array<{ id: string; serverPid: number | null; state: string }>;
@@ -143,26 +140,15 @@ describe('daemon: kernel cache lifetime of container mounts', function () {
 
   beforeEach(async () => { work = await scratch(); });
   afterEach(async () => {
-    try {
-      if (daemon) {
-        await layerctl(['--socket', daemon.socket, 'rm', 'c']);
-        await daemon.stop();
-        daemon = undefined;
-      }
-    } finally {
-      await clearMountsUnder(work.dir);
-      await work.remove();
-    }
+    await tearDown(daemon, ['c'], work);
+    daemon = undefined;
   });
 
   async function containerWith(config: object): Promise<string> {
     const configPath = join(work.dir, 'config.json');
     await writeFile(configPath, JSON.stringify(config));
-    await mkdir(join(work.dir, 'mounts'));
-    daemon = await startDaemon(work.dir, ['--config', configPath, '--mount-root', join(work.dir, 'mounts')]);
-    const ctl = (...args: string[]) => layerctl(['--socket', daemon!.socket, ...args]);
-    expect((await ctl('import', DEBIAN_MULTI)).code).to.equal(0);
-    const r = await ctl('create', 'debian-multi:l1-minbase', '--name', 'c', '--json');
+    daemon = await daemonWithDebianMulti(work.dir, ['--config', configPath]);
+    const r = await layerctl(['--socket', daemon.socket, 'create', 'debian-multi:l1-minbase', '--name', 'c', '--json']);
     expect(r.code, r.stderr).to.equal(0);
     return (JSON.parse(r.stdout) as { mountpoint: string }).mountpoint;
   }
