@@ -63,6 +63,7 @@ export class ContainerManager {
   /** Ids being removed right now (the supervisor leaves them alone). */
   private readonly removing = new Set<string>();
   private supervisor: NodeJS.Timeout | undefined;
+  private spareTimer: NodeJS.Timeout | undefined;
   private reviving = false;
 
   constructor(
@@ -199,9 +200,11 @@ export class ContainerManager {
     this.supervisor.unref();
   }
 
+  /** Stop the timers of superviseHosts and the spare host check (daemon stop). */
   stopSupervising(): void {
-    if (this.supervisor) clearInterval(this.supervisor);
-    this.supervisor = undefined;
+    clearInterval(this.supervisor);
+    clearInterval(this.spareTimer);
+    this.supervisor = this.spareTimer = undefined;
   }
 
   private async reviveDead(): Promise<void> {
@@ -234,7 +237,8 @@ export class ContainerManager {
       });
     };
     prewarm();
-    setInterval(prewarm, SPARE_CHECK_MS).unref();
+    this.spareTimer ??= setInterval(prewarm, SPARE_CHECK_MS);
+    this.spareTimer.unref();
   }
 
   list(): ContainerInfo[] {

@@ -34,21 +34,29 @@ export class LiveLayer {
 
   /**
    * Watch `dir` and describe it. The watcher is ready before the first walk,
-   * so no change made after `start` resolves can be missed.
+   * so no change can fall between the two.
    */
   static async start(dir: string, onChange: (source: LayerSource) => Promise<void>, logger: Logger = silentLogger()): Promise<LiveLayer> {
     const root = resolve(dir);
-    const initial = await lowerDirSource(root, `live:${root}`); // also checks that it is a readable directory
     const watcher = watch(root, { ignoreInitial: true, followSymlinks: false, persistent: true });
-    await new Promise<void>((done, fail) => {
-      watcher.once('ready', done);
-      watcher.once('error', fail);
-    });
-    const live = new LiveLayer(root, initial, watcher, onChange, logger);
-    watcher.on('all', () => live.schedule());
+    let live: LiveLayer | undefined;
+    let changedDuringWalk = false;
+    watcher.on('all', () => { if (live) live.schedule(); else changedDuringWalk = true; });
+    let initial: LayerSource;
+    try {
+      await new Promise<void>((done, fail) => {
+        watcher.once('ready', done);
+        watcher.once('error', fail);
+      });
+      // Walked once the watcher is ready: a change after this point is reported, none before it is missed.
+      initial = await lowerDirSource(root, `live:${root}`); // also checks that it is a readable directory
+    } catch (err) {
+      await watcher.close();
+      throw err;
+    }
+    live = new LiveLayer(root, initial, watcher, onChange, logger);
     watcher.on('error', (err) => logger.warn('live layer watcher error', { dir: root, error: String(err) }));
-    // Anything changed between the first walk and the watcher being ready.
-    live.schedule();
+    if (changedDuringWalk) live.schedule();
     return live;
   }
 
