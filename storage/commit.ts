@@ -6,12 +6,9 @@
  * The new layer is stored uncompressed (its blob is its `layer.tar`, so its
  * distribution digest is its diffID until a push compresses it).
  */
-import { mkdir } from 'node:fs/promises';
-import { createReadStream } from 'node:fs';
 import { ErrorCodes, LayerdError } from '../common/errors.js';
 import { type Digest, digestOf } from './digest.js';
 import { Transaction } from './importer.js';
-import { ingestLayer } from './layerIngest.js';
 import { type Descriptor, type ImageConfig, type ImageManifest, MediaTypes, parseImageConfig, parseManifestOrIndex } from './oci.js';
 import { formatRef } from './references.js';
 import { type Store } from './store.js';
@@ -45,13 +42,7 @@ export async function commitLayer(
   const workDir = await store.newWorkDir();
   try {
     const tx = new Transaction(store, workDir);
-    const layerWork = tx.nextDir();
-    await mkdir(layerWork);
-    const ingested = await ingestLayer(async () => createReadStream(layerTar), {}, { workDir: layerWork, storedBlob: layerTar, unpack: true });
-    if (store.db.getLayer(ingested.diffId)) {
-      delete ingested.layerDir;
-      delete ingested.index;
-    }
+    const ingested = await tx.ingestLayerFile(layerTar, { storedBlob: true });
     tx.stageLayer(ingested, MediaTypes.ociLayer);
 
     const created = new Date().toISOString();

@@ -87,6 +87,25 @@ export class Transaction {
     this.staged.push({ kind: 'blob', digest, path });
   }
 
+  /**
+   * Verify and index a layer file on this machine (a tar, compressed or
+   * not) in this transaction's work area. `storedBlob`: the file itself is
+   * the layer's blob (it is not copied). The unpacked layer of a diffID the
+   * store already has is dropped, so staging it adds nothing twice.
+   */
+  async ingestLayerFile(path: string, options: { storedBlob?: boolean; limits?: IngestLimits } = {}): Promise<IngestedLayer> {
+    const workDir = this.nextDir();
+    await mkdir(workDir);
+    const ingested = await ingestLayer(async () => createReadStream(path, { highWaterMark: 1024 * 1024 }), {}, {
+      workDir, unpack: true, ...(options.storedBlob ? { storedBlob: path } : {}), ...(options.limits ? { limits: options.limits } : {}),
+    });
+    if (this.store.db.getLayer(ingested.diffId) !== undefined) {
+      delete ingested.layerDir;
+      delete ingested.index;
+    }
+    return ingested;
+  }
+
   stageLayer(layer: IngestedLayer, mediaType: string): void {
     if (layer.blobPath) {
       this.staged.push({ kind: 'blob', digest: layer.digest, path: layer.blobPath });
@@ -291,16 +310,8 @@ export async function importRawLayer(store: Store, path: string, name: string, o
   const workDir = await store.newWorkDir();
   try {
     const tx = new Transaction(store, workDir);
-    const layerDir = tx.nextDir();
-    await mkdir(layerDir);
-    const ingested = await ingestLayer(async () => createReadStream(path, { highWaterMark: 1024 * 1024 }), {}, {
-      workDir: layerDir, unpack: true, ...(options.limits ? { limits: options.limits } : {}),
-    });
+    const ingested = await tx.ingestLayerFile(path, options.limits ? { limits: options.limits } : {});
     const mediaType = layerMediaType(ingested.compression);
-    if (store.db.getLayer(ingested.diffId) !== undefined) {
-      delete ingested.layerDir;
-      delete ingested.index;
-    }
     if (store.db.getBlob(ingested.digest) !== undefined) delete ingested.blobPath;
     tx.stageLayer(ingested, mediaType);
     const platform = options.platform ?? hostPlatform();

@@ -14,13 +14,10 @@
  * `default/12/sha256:…`); `id` is layerd's own, used for directory names.
  */
 import { renameSync } from 'node:fs';
-import { createReadStream } from 'node:fs';
-import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ErrorCodes, LayerdError } from '../common/errors.js';
 import { type Digest } from './digest.js';
 import { Transaction } from './importer.js';
-import { ingestLayer } from './layerIngest.js';
 import { type MetadataDb } from './metadata.js';
 import { MediaTypes } from './oci.js';
 import { type Store } from './store.js';
@@ -185,21 +182,15 @@ export async function ingestLayerTar(
   const workDir = await store.newWorkDir();
   try {
     const tx = new Transaction(store, workDir);
-    const layerWork = tx.nextDir();
-    await mkdir(layerWork);
-    const ingested = await ingestLayer(async () => createReadStream(tarPath, { highWaterMark: 1024 * 1024 }), {}, {
-      workDir: layerWork, storedBlob: tarPath, unpack: true,
-    });
+    const ingested = await tx.ingestLayerFile(tarPath, { storedBlob: true });
     if (ingested.compression !== 'none') {
       throw new LayerdError(ErrorCodes.EFORMAT, `${tarPath} is compressed; a plain layer tar was expected`, { path: tarPath });
     }
     const layer: IngestedLayerTar = {
       diffId: ingested.diffId, size: ingested.diffSize, fileBytes: ingested.fileBytes, entries: ingested.index?.entries.length ?? 0,
     };
-    const existing = store.db.getLayer(ingested.diffId);
+    const existing = store.db.getLayer(ingested.diffId); // (then ingestLayerFile dropped the unpacked copy)
     if (existing) {
-      delete ingested.layerDir;
-      delete ingested.index;
       layer.fileBytes = existing.file_bytes;
       layer.entries = existing.entries;
     }
