@@ -28,9 +28,11 @@ export interface DaemonConfig {
   registriesConfig?: string;
   /**
    * How long the kernel may cache names and attributes of writable container
-   * mounts, in seconds (default 1). Longer is faster for metadata-heavy work
-   * but lets `stat` of one name of a hard-linked file show stale attributes
-   * after a change through another name, for up to that long.
+   * mounts, in seconds. Default: 3600 with layerd's own FUSE binding (a
+   * container's changes all go through its mount, so the cache stays right),
+   * 1 with fuse-native (where another name of a hard-linked file can show
+   * stale attributes for that long). Shorter only matters to someone who
+   * changes a container's upper directory behind its mount.
    */
   mountCacheSeconds?: number;
 }

@@ -7,7 +7,7 @@
  * Safe to call from any process except the one serving the mount.
  */
 import { execFile } from 'node:child_process';
-import { access, readFile, stat, writeFile } from 'node:fs/promises';
+import { access, readFile, statfs, writeFile } from 'node:fs/promises';
 import { resolve } from 'node:path';
 
 export interface MountInfoEntry {
@@ -46,12 +46,16 @@ export async function findMount(mountpoint: string): Promise<MountInfoEntry | un
   return entries.filter((e) => e.mountpoint === target).pop();
 }
 
-/** True if `mountpoint` is a mount whose stat fails with ENOTCONN or does not answer in time. */
+/**
+ * True if `mountpoint` is a mount whose statfs fails with ENOTCONN or does
+ * not answer in time. statfs, not stat: the kernel may answer a stat from
+ * its attribute cache long after the server died; statfs always asks.
+ */
 export async function isDeadMount(mountpoint: string, timeoutMs = 2000): Promise<boolean> {
   if ((await findMount(mountpoint)) === undefined) return false;
   let timer: NodeJS.Timeout | undefined;
   const timedOut = new Promise<boolean>((done) => { timer = setTimeout(() => done(true), timeoutMs); });
-  const probed = stat(mountpoint).then(() => false, (err: NodeJS.ErrnoException) => err.code === 'ENOTCONN');
+  const probed = statfs(mountpoint).then(() => false, (err: NodeJS.ErrnoException) => err.code === 'ENOTCONN');
   try {
     return await Promise.race([probed, timedOut]);
   } finally {

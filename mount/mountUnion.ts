@@ -8,6 +8,7 @@ import type { LayerSource } from '../storage/layerIndex.js';
 import { clearDeadMount, findMount, isDeadMount, parseMountinfo } from './deadMount.js';
 import { readFile } from 'node:fs/promises';
 import { LayerdFuse } from './fuseAdapter.js';
+import { KernelFuse } from './kernelFuse.js';
 import { LiveLayer } from './liveLayer.js';
 import { UnionFs } from './unionFs.js';
 import type { OpStats } from './opStats.js';
@@ -39,6 +40,31 @@ export interface MountedUnion {
 
 const POLL_MS = 500;
 const LIVE_CACHE_SECONDS = 0.25;
+/**
+ * Served over /dev/fuse directly (kernelFuse.ts), nothing changes behind the
+ * kernel of a mount without a live layer: it may cache for long.
+ */
+const KERNEL_CACHE_SECONDS = 3600;
+
+export type FuseBinding = 'kernel' | 'libfuse2';
+
+/**
+ * Which FUSE implementation serves mounts: layerd's own /dev/fuse session
+ * needs root (it mounts with mount(8)); fuse-native (libfuse 2) works for
+ * others through fusermount. LAYERD_FUSE=libfuse2 forces the latter (benchmarks
+ * compare the two).
+ */
+export function fuseBinding(): FuseBinding {
+  if (process.env['LAYERD_FUSE'] === 'libfuse2') return 'libfuse2';
+  return process.getuid?.() === 0 ? 'kernel' : 'libfuse2';
+}
+
+/** A mounted FUSE connection, whichever binding serves it. */
+interface Served {
+  unmount(): Promise<void>;
+  /** Resolves when the connection ends on its own (kernel binding only). */
+  closed?: Promise<void>;
+}
 
 export async function mountUnion(options: MountUnionOptions): Promise<MountedUnion> {
   const logger = options.logger ?? silentLogger();
@@ -68,13 +94,11 @@ export async function mountUnion(options: MountUnionOptions): Promise<MountedUni
   if (union.skippedEntries > 0) logger.warn('index entries ignored while merging', { count: union.skippedEntries });
   // A live layer changes under the kernel's caches: keep them short, so an edit shows within a second.
   const cacheSeconds = options.cacheSeconds ?? (live ? LIVE_CACHE_SECONDS : undefined);
-  const fuse = new LayerdFuse(mountpoint, union, logger, {
-    readOnly, contentMayChange: live !== undefined, ...(cacheSeconds === undefined ? {} : { cacheSeconds }),
-  }, options.stats);
+  let served: Served;
   try {
-    await new Promise<void>((done, fail) => fuse.mount((err) => (err
-      ? fail(new LayerdError(ErrorCodes.EIO, `cannot mount ${mountpoint}: ${err.message}`, { mountpoint }, { cause: err }))
-      : done())));
+    served = fuseBinding() === 'kernel'
+      ? await mountKernel(mountpoint, union, { readOnly, live: live !== undefined, cacheSeconds, logger, stats: options.stats })
+      : await mountLibfuse2(mountpoint, union, { readOnly, live: live !== undefined, cacheSeconds, logger, stats: options.stats });
   } catch (err) {
     await live?.close();
     throw err;
@@ -85,7 +109,8 @@ export async function mountUnion(options: MountUnionOptions): Promise<MountedUni
   let markGone!: () => void;
   const gone = new Promise<void>((done) => { markGone = done; });
   let isGone = false;
-  const stopWatching = watchMountGone(mountpoint, () => finish());
+  const stopWatching = served.closed ? () => undefined : watchMountGone(mountpoint, () => finish());
+  void served.closed?.then(() => finish());
   const finish = (): void => {
     if (isGone) return;
     isGone = true;
@@ -96,13 +121,7 @@ export async function mountUnion(options: MountUnionOptions): Promise<MountedUni
   let unmounting: Promise<void> | undefined;
   const unmount = (): Promise<void> => {
     unmounting ??= (async () => {
-      if (!isGone) {
-        await new Promise<void>((done) => fuse.unmount((err) => {
-          if (err) logger.warn('unmount reported an error', { mountpoint, error: err.message });
-          done();
-        }));
-        if ((await findMount(mountpoint))?.fstype.startsWith('fuse')) await clearDeadMount(mountpoint);
-      }
+      if (!isGone) await served.unmount();
       finish();
       await gone;
       logger.info('unmounted', { mountpoint });
@@ -110,6 +129,34 @@ export async function mountUnion(options: MountUnionOptions): Promise<MountedUni
     return unmounting;
   };
   return { mountpoint, unmount, gone };
+}
+
+interface ServeOptions { readOnly: boolean; live: boolean; cacheSeconds: number | undefined; logger: Logger; stats: OpStats | undefined }
+
+async function mountKernel(mountpoint: string, union: UnionFs, o: ServeOptions): Promise<Served> {
+  const session = await KernelFuse.mount(mountpoint, union, {
+    readOnly: o.readOnly, contentMayChange: o.live, cacheSeconds: o.cacheSeconds ?? KERNEL_CACHE_SECONDS, logger: o.logger,
+    ...(o.stats ? { stats: o.stats } : {}),
+  });
+  return { unmount: () => session.unmount(), closed: session.closed };
+}
+
+async function mountLibfuse2(mountpoint: string, union: UnionFs, o: ServeOptions): Promise<Served> {
+  const fuse = new LayerdFuse(mountpoint, union, o.logger, {
+    readOnly: o.readOnly, contentMayChange: o.live, ...(o.cacheSeconds === undefined ? {} : { cacheSeconds: o.cacheSeconds }),
+  }, o.stats);
+  await new Promise<void>((done, fail) => fuse.mount((err) => (err
+    ? fail(new LayerdError(ErrorCodes.EIO, `cannot mount ${mountpoint}: ${err.message}`, { mountpoint }, { cause: err }))
+    : done())));
+  return {
+    unmount: async () => {
+      await new Promise<void>((done) => fuse.unmount((err) => {
+        if (err) o.logger.warn('unmount reported an error', { mountpoint, error: err.message });
+        done();
+      }));
+      if ((await findMount(mountpoint))?.fstype.startsWith('fuse')) await clearDeadMount(mountpoint);
+    },
+  };
 }
 
 /**

@@ -1,0 +1,301 @@
+/**
+ * The FUSE kernel protocol (linux/fuse.h), as far as layerd speaks it:
+ * opcodes, flags, and the layouts of the requests read from /dev/fuse and
+ * the replies written to it. Little-endian, as on every Linux layerd runs on.
+ *
+ * Only encoding and decoding live here; what a request means for the union
+ * is kernelFuse.ts' business.
+ */
+import type { UnionStat } from './nodeStats.js';
+
+export const FUSE_KERNEL_VERSION = 7;
+/** 7.31: FOPEN_CACHE_DIR, FUSE_MAX_PAGES, FUSE_CACHE_SYMLINKS, readdirplus all exist. */
+export const FUSE_KERNEL_MINOR_VERSION = 31;
+export const FUSE_ROOT_ID = 1;
+
+export const Op = {
+  LOOKUP: 1, FORGET: 2, GETATTR: 3, SETATTR: 4, READLINK: 5, SYMLINK: 6, MKNOD: 8, MKDIR: 9,
+  UNLINK: 10, RMDIR: 11, RENAME: 12, LINK: 13, OPEN: 14, READ: 15, WRITE: 16, STATFS: 17,
+  RELEASE: 18, FSYNC: 20, SETXATTR: 21, GETXATTR: 22, LISTXATTR: 23, REMOVEXATTR: 24, FLUSH: 25,
+  INIT: 26, OPENDIR: 27, READDIR: 28, RELEASEDIR: 29, FSYNCDIR: 30, ACCESS: 34, CREATE: 35,
+  INTERRUPT: 36, DESTROY: 38, BATCH_FORGET: 42, READDIRPLUS: 44, RENAME2: 45,
+} as const;
+
+/** FUSE_INIT flags. */
+export const InitFlag = {
+  ASYNC_READ: 1 << 0,
+  BIG_WRITES: 1 << 5,
+  AUTO_INVAL_DATA: 1 << 12,
+  DO_READDIRPLUS: 1 << 13,
+  READDIRPLUS_AUTO: 1 << 14,
+  PARALLEL_DIROPS: 1 << 18,
+  MAX_PAGES: 1 << 22,
+  CACHE_SYMLINKS: 1 << 23,
+} as const;
+
+/** open_out.open_flags. */
+export const FOPEN_KEEP_CACHE = 1 << 1;
+export const FOPEN_CACHE_DIR = 1 << 3;
+
+/** setattr_in.valid bits. */
+export const Fattr = {
+  MODE: 1 << 0, UID: 1 << 1, GID: 1 << 2, SIZE: 1 << 3, ATIME: 1 << 4, MTIME: 1 << 5,
+  FH: 1 << 6, ATIME_NOW: 1 << 7, MTIME_NOW: 1 << 8,
+} as const;
+
+export const FUSE_GETATTR_FH = 1 << 0;
+export const RENAME_NOREPLACE = 1 << 0;
+export const RENAME_EXCHANGE = 1 << 1;
+
+/** Notification codes (written with unique 0). */
+export const Notify = { INVAL_INODE: 2, INVAL_ENTRY: 3 } as const;
+
+export const IN_HEADER_SIZE = 40;
+export const OUT_HEADER_SIZE = 16;
+const ATTR_SIZE = 88;
+export const ENTRY_OUT_SIZE = 40 + ATTR_SIZE;
+const DIRENT_HEADER_SIZE = 24;
+
+/** The fixed header of every request. */
+export interface RequestHeader {
+  opcode: number;
+  unique: bigint;
+  nodeid: number;
+  uid: number;
+  gid: number;
+  pid: number;
+}
+
+export function readHeader(buf: Buffer): RequestHeader {
+  return {
+    opcode: buf.readUInt32LE(4),
+    unique: buf.readBigUInt64LE(8),
+    // Node ids are ours (see fuseNodes.ts) and stay far below 2^53.
+    nodeid: Number(buf.readBigUInt64LE(16)),
+    uid: buf.readUInt32LE(24),
+    gid: buf.readUInt32LE(28),
+    pid: buf.readUInt32LE(32),
+  };
+}
+
+/** Reads a request body field by field. */
+export class BodyReader {
+  private offset: number;
+
+  constructor(private readonly buf: Buffer, offset = IN_HEADER_SIZE) {
+    this.offset = offset;
+  }
+
+  u32(): number {
+    const value = this.buf.readUInt32LE(this.offset);
+    this.offset += 4;
+    return value;
+  }
+
+  u64(): number {
+    const value = Number(this.buf.readBigUInt64LE(this.offset));
+    this.offset += 8;
+    return value;
+  }
+
+  skip(bytes: number): this {
+    this.offset += bytes;
+    return this;
+  }
+
+  /** A NUL-terminated name (bytes kept as UTF-8, as every other path in layerd). */
+  name(): string {
+    const end = this.buf.indexOf(0, this.offset);
+    const stop = end < 0 ? this.buf.length : end;
+    const value = this.buf.toString('utf8', this.offset, stop);
+    this.offset = stop + 1;
+    return value;
+  }
+
+  rest(length?: number): Buffer {
+    const end = length === undefined ? this.buf.length : this.offset + length;
+    const value = this.buf.subarray(this.offset, end);
+    this.offset = end;
+    return value;
+  }
+}
+
+export interface SetattrIn {
+  valid: number; fh: number; size: number;
+  atimeMs: number; mtimeMs: number; mode: number; uid: number; gid: number;
+}
+
+export function readSetattr(buf: Buffer): SetattrIn {
+  const r = new BodyReader(buf);
+  const valid = r.u32();
+  r.skip(4);
+  const fh = r.u64();
+  const size = r.u64();
+  r.skip(8); // lock_owner
+  const atime = r.u64();
+  const mtime = r.u64();
+  r.skip(8); // ctime
+  const atimensec = r.u32();
+  const mtimensec = r.u32();
+  r.skip(4);
+  const mode = r.u32();
+  r.skip(4);
+  const uid = r.u32();
+  const gid = r.u32();
+  return { valid, fh, size, atimeMs: atime * 1000 + atimensec / 1e6, mtimeMs: mtime * 1000 + mtimensec / 1e6, mode, uid, gid };
+}
+
+/** read_in, for READ, READDIR and READDIRPLUS. */
+export function readReadIn(buf: Buffer): { fh: number; offset: number; size: number } {
+  const r = new BodyReader(buf);
+  return { fh: r.u64(), offset: r.u64(), size: r.u32() };
+}
+
+// ---- replies ------------------------------------------------------------------
+
+export function outHeader(length: number, errno: number, unique: bigint): Buffer {
+  const out = Buffer.allocUnsafe(OUT_HEADER_SIZE);
+  writeOutHeader(out, length, errno, unique);
+  return out;
+}
+
+export function writeOutHeader(out: Buffer, length: number, errno: number, unique: bigint): void {
+  out.writeUInt32LE(length, 0);
+  out.writeInt32LE(errno, 4);
+  out.writeBigUInt64LE(unique, 8);
+}
+
+function writeTime(buf: Buffer, secondsAt: number, nsecAt: number, ms: number): void {
+  const whole = Math.floor(ms / 1000);
+  buf.writeBigUInt64LE(BigInt(Math.max(0, whole)), secondsAt);
+  buf.writeUInt32LE(Math.max(0, Math.min(999_999_999, Math.round((ms - whole * 1000) * 1e6))), nsecAt);
+}
+
+function writeAttr(buf: Buffer, at: number, st: UnionStat): void {
+  buf.writeBigUInt64LE(BigInt(st.ino), at);
+  buf.writeBigUInt64LE(BigInt(st.size), at + 8);
+  buf.writeBigUInt64LE(BigInt(st.blocks), at + 16);
+  writeTime(buf, at + 24, at + 48, st.atime);
+  writeTime(buf, at + 32, at + 52, st.mtime);
+  writeTime(buf, at + 40, at + 56, st.ctime);
+  buf.writeUInt32LE(st.mode >>> 0, at + 60);
+  buf.writeUInt32LE(st.nlink, at + 64);
+  buf.writeUInt32LE(st.uid >>> 0, at + 68);
+  buf.writeUInt32LE(st.gid >>> 0, at + 72);
+  buf.writeUInt32LE(st.rdev >>> 0, at + 76);
+  buf.writeUInt32LE(st.blksize, at + 80);
+  buf.writeUInt32LE(0, at + 84);
+}
+
+function writeValid(buf: Buffer, secondsAt: number, nsecAt: number, seconds: number): void {
+  const whole = Math.floor(seconds);
+  buf.writeBigUInt64LE(BigInt(whole), secondsAt);
+  buf.writeUInt32LE(Math.round((seconds - whole) * 1e9), nsecAt);
+}
+
+/** fuse_entry_out at `at`; nodeid 0 with a timeout is a cached "no such name". */
+export function writeEntry(buf: Buffer, at: number, nodeid: number, st: UnionStat | undefined, entrySeconds: number, attrSeconds: number): void {
+  buf.writeBigUInt64LE(BigInt(nodeid), at);
+  buf.writeBigUInt64LE(0n, at + 8); // generation: node ids are never reused
+  writeValid(buf, at + 16, at + 32, entrySeconds);
+  writeValid(buf, at + 24, at + 36, attrSeconds);
+  if (st) writeAttr(buf, at + 40, st);
+  else buf.fill(0, at + 40, at + ENTRY_OUT_SIZE);
+}
+
+export function entryOut(nodeid: number, st: UnionStat | undefined, entrySeconds: number, attrSeconds: number): Buffer {
+  const buf = Buffer.allocUnsafe(ENTRY_OUT_SIZE);
+  writeEntry(buf, 0, nodeid, st, entrySeconds, attrSeconds);
+  return buf;
+}
+
+export function attrOut(st: UnionStat, attrSeconds: number): Buffer {
+  const buf = Buffer.allocUnsafe(16 + ATTR_SIZE);
+  writeValid(buf, 0, 8, attrSeconds);
+  buf.writeUInt32LE(0, 12);
+  writeAttr(buf, 16, st);
+  return buf;
+}
+
+export function openOut(fh: number, openFlags: number): Buffer {
+  const buf = Buffer.alloc(16);
+  buf.writeBigUInt64LE(BigInt(fh), 0);
+  buf.writeUInt32LE(openFlags, 8);
+  return buf;
+}
+
+export function u32Out(value: number): Buffer {
+  const buf = Buffer.alloc(8);
+  buf.writeUInt32LE(value, 0);
+  return buf;
+}
+
+export interface KStatfs {
+  blocks: number; bfree: number; bavail: number; files: number; ffree: number;
+  bsize: number; namelen: number; frsize: number;
+}
+
+export function statfsOut(st: KStatfs): Buffer {
+  const buf = Buffer.alloc(80);
+  [st.blocks, st.bfree, st.bavail, st.files, st.ffree].forEach((v, i) => buf.writeBigUInt64LE(BigInt(Math.max(0, Math.floor(v))), i * 8));
+  buf.writeUInt32LE(st.bsize, 40);
+  buf.writeUInt32LE(st.namelen, 44);
+  buf.writeUInt32LE(st.frsize, 48);
+  return buf;
+}
+
+export interface InitIn { major: number; minor: number; maxReadahead: number; flags: number }
+
+export function readInit(buf: Buffer): InitIn {
+  const r = new BodyReader(buf);
+  return { major: r.u32(), minor: r.u32(), maxReadahead: r.u32(), flags: r.u32() };
+}
+
+export interface InitOut {
+  maxReadahead: number; flags: number; maxBackground: number; congestionThreshold: number;
+  maxWrite: number; timeGran: number; maxPages: number;
+}
+
+export function initOut(init: InitOut): Buffer {
+  const buf = Buffer.alloc(64);
+  buf.writeUInt32LE(FUSE_KERNEL_VERSION, 0);
+  buf.writeUInt32LE(FUSE_KERNEL_MINOR_VERSION, 4);
+  buf.writeUInt32LE(init.maxReadahead, 8);
+  buf.writeUInt32LE(init.flags >>> 0, 12);
+  buf.writeUInt16LE(init.maxBackground, 16);
+  buf.writeUInt16LE(init.congestionThreshold, 18);
+  buf.writeUInt32LE(init.maxWrite, 20);
+  buf.writeUInt32LE(init.timeGran, 24);
+  buf.writeUInt16LE(init.maxPages, 28);
+  return buf;
+}
+
+/** Size of one fuse_dirent (or fuse_direntplus) record for `name`, padded to 8 bytes. */
+export function direntSize(name: string, plus: boolean): number {
+  const bytes = DIRENT_HEADER_SIZE + Buffer.byteLength(name);
+  return (plus ? ENTRY_OUT_SIZE : 0) + ((bytes + 7) & ~7);
+}
+
+/** Write one fuse_dirent at `at`; `next` is the offset the kernel passes back to continue after it. */
+export function writeDirent(buf: Buffer, at: number, ino: number, next: number, mode: number, name: string): number {
+  const length = Buffer.byteLength(name);
+  buf.writeBigUInt64LE(BigInt(ino), at);
+  buf.writeBigUInt64LE(BigInt(next), at + 8);
+  buf.writeUInt32LE(length, at + 16);
+  buf.writeUInt32LE((mode & 0o170000) >>> 12, at + 20);
+  buf.write(name, at + DIRENT_HEADER_SIZE, 'utf8');
+  const end = at + DIRENT_HEADER_SIZE + length;
+  const padded = (end - at + 7) & ~7;
+  buf.fill(0, end, at + padded);
+  return at + padded;
+}
+
+/** FUSE_NOTIFY_INVAL_ENTRY body: forget `name` under `parent` in the kernel's dentry cache. */
+export function invalEntryOut(parent: number, name: string): Buffer {
+  const length = Buffer.byteLength(name);
+  const buf = Buffer.alloc(16 + length + 1);
+  buf.writeBigUInt64LE(BigInt(parent), 0);
+  buf.writeUInt32LE(length, 8);
+  buf.write(name, 16, 'utf8');
+  return buf;
+}

@@ -1,0 +1,200 @@
+/**
+ * One FUSE connection spoken directly over /dev/fuse, without libfuse.
+ *
+ * Why not a binding: the only maintained Node binding (fuse-native) wraps
+ * libfuse 2's high-level, path-based API, which gives every name of a
+ * hard-linked file its own kernel inode and has no per-entry timeouts,
+ * readdirplus or directory caching (docs/performance.md measures what that
+ * costs). The kernel protocol itself is small and stable (linux/fuse.h).
+ *
+ * How it is wired:
+ * - /dev/fuse is opened here and mounted with mount(8) (`-o fd=3`, the
+ *   descriptor handed to the child), so this needs root (CAP_SYS_ADMIN);
+ *   mountUnion falls back to fuse-native otherwise.
+ * - The descriptor is read through a libuv stream handle (the pipe handle
+ *   Node's net.Socket sits on; /dev/fuse supports poll), so a mount costs
+ *   no thread: a mount host serves a hundred mounts from one event loop.
+ *   Each read() returns exactly one request; libuv reads 64 KiB at a time,
+ *   which is why max_write stays below that (see MAX_WRITE).
+ * - Replies are written synchronously, one write() each: a write to
+ *   /dev/fuse hands the reply to the waiting request and never blocks.
+ */
+import { spawn } from 'node:child_process';
+import { closeSync, openSync, writeSync } from 'node:fs';
+import { Socket } from 'node:net';
+import { ErrorCodes, LayerdError } from '../common/errors.js';
+import { findMount } from './deadMount.js';
+import {
+  FUSE_KERNEL_VERSION, IN_HEADER_SIZE, InitFlag, OUT_HEADER_SIZE, Op, initOut, outHeader, readHeader, readInit,
+  writeOutHeader, type RequestHeader,
+} from './fuseProtocol.js';
+
+/** libuv's read size is 64 KiB; a request must fit: header + write_in + data. */
+export const MAX_WRITE = 64 * 1024 - 4096;
+/** Pages per READ request (1 MiB): fewer round trips for sequential reads. */
+const MAX_PAGES = 256;
+
+export interface SessionOptions {
+  readOnly: boolean;
+  /** FUSE_INIT flags this filesystem wants (intersected with the kernel's). */
+  wantFlags: number;
+}
+
+export interface RequestHandler {
+  (header: RequestHeader, request: Buffer, session: FuseSession): void;
+}
+
+/** The pipe handle of Node's internals, as net.Socket uses it. */
+interface PipeHandle { open(fd: number): number }
+interface PipeWrapBinding { Pipe: new (type: number) => PipeHandle; constants: { SOCKET: number } }
+
+function pipeHandleFor(fd: number): PipeHandle {
+  // process.binding is deprecated for general use but is the only way to put
+  // a pollable descriptor that is not a socket/pipe/tty on the event loop.
+  const binding = (process as unknown as { binding(name: string): PipeWrapBinding }).binding('pipe_wrap');
+  const handle = new binding.Pipe(binding.constants.SOCKET);
+  const rc = handle.open(fd);
+  if (rc !== 0) throw new LayerdError(ErrorCodes.EIO, `cannot poll /dev/fuse (uv error ${rc})`);
+  return handle;
+}
+
+function run(command: string, args: string[], fd?: number): Promise<{ code: number; stderr: string }> {
+  return new Promise((resolve) => {
+    const child = spawn(command, args, { stdio: ['ignore', 'ignore', 'pipe', ...(fd === undefined ? [] : [fd])] });
+    let stderr = '';
+    child.stderr?.on('data', (chunk: Buffer) => { stderr += chunk.toString(); });
+    child.on('error', (err) => resolve({ code: -1, stderr: err.message }));
+    child.on('close', (code) => resolve({ code: code ?? -1, stderr: stderr.trim() }));
+  });
+}
+
+export class FuseSession {
+  /** Resolves when the connection ends (unmounted, aborted, or closed by us). */
+  readonly closed: Promise<void>;
+  /** Flags agreed at FUSE_INIT. */
+  flags = 0;
+  private socket: Socket | undefined;
+  private isClosed = false;
+  private markClosed!: () => void;
+  private initDone!: (err?: Error) => void;
+  private readonly initialized: Promise<void>;
+
+  private constructor(readonly mountpoint: string, private readonly fd: number, private readonly handler: RequestHandler, private readonly options: SessionOptions) {
+    this.closed = new Promise((done) => { this.markClosed = done; });
+    this.initialized = new Promise((done, fail) => { this.initDone = (err) => (err ? fail(err) : done()); });
+  }
+
+  /** Start reading requests: only once mounted (before, read() fails with EPERM). */
+  private listen(): void {
+    // net.Socket takes an existing handle (undocumented in its types, used by child_process for stdio).
+    this.socket = new Socket({ handle: pipeHandleFor(this.fd), readable: true, writable: false } as unknown as ConstructorParameters<typeof Socket>[0]);
+    this.socket.on('data', (request: Buffer) => this.dispatch(request));
+    // ENODEV: unmounted or aborted; anything else ends the session too.
+    this.socket.on('error', () => this.close());
+    this.socket.on('end', () => this.close());
+  }
+
+  /** Mount a FUSE filesystem at `mountpoint` served by `handler`. */
+  static async mount(mountpoint: string, handler: RequestHandler, options: SessionOptions): Promise<FuseSession> {
+    let fd: number;
+    try {
+      fd = openSync('/dev/fuse', 'r+');
+    } catch (err) {
+      throw new LayerdError(ErrorCodes.EIO, `cannot open /dev/fuse: ${(err as Error).message}`, { mountpoint }, { cause: err });
+    }
+    const session = new FuseSession(mountpoint, fd, handler, options);
+    const data = ['fd=3', 'rootmode=40000', `user_id=${process.getuid?.() ?? 0}`, `group_id=${process.getgid?.() ?? 0}`,
+      'allow_other', 'default_permissions', ...(options.readOnly ? ['ro'] : [])];
+    // -i: no /sbin/mount.fuse* helper; the kernel gets our options as they are.
+    const mounted = await run('mount', ['-i', '-n', '-t', 'fuse.layerd', '-o', data.join(','), 'layerd', mountpoint], fd);
+    if (mounted.code !== 0) {
+      session.close();
+      throw new LayerdError(ErrorCodes.EIO, `cannot mount ${mountpoint}: ${mounted.stderr || `mount exited ${mounted.code}`}`, { mountpoint });
+    }
+    try {
+      session.listen();
+      await Promise.race([session.initialized, session.closed.then(() => { throw new Error('connection closed before FUSE_INIT'); })]);
+    } catch (err) {
+      await session.unmount();
+      throw new LayerdError(ErrorCodes.EIO, `cannot mount ${mountpoint}: ${(err as Error).message}`, { mountpoint }, { cause: err });
+    }
+    return session;
+  }
+
+  private dispatch(request: Buffer): void {
+    if (request.length < IN_HEADER_SIZE) return;
+    const header = readHeader(request);
+    if (header.opcode === Op.INIT) return this.init(header, request);
+    if (header.opcode === Op.DESTROY) return this.reply(header.unique, 0);
+    this.handler(header, request, this);
+  }
+
+  private init(header: RequestHeader, request: Buffer): void {
+    const kernel = readInit(request);
+    if (kernel.major !== FUSE_KERNEL_VERSION) {
+      this.reply(header.unique, -71 /* EPROTO */);
+      this.initDone(new Error(`kernel FUSE protocol ${kernel.major}.${kernel.minor} is not 7.x`));
+      return;
+    }
+    this.flags = kernel.flags & (this.options.wantFlags | InitFlag.ASYNC_READ | InitFlag.BIG_WRITES | InitFlag.MAX_PAGES | InitFlag.PARALLEL_DIROPS);
+    this.reply(header.unique, 0, initOut({
+      maxReadahead: kernel.maxReadahead, flags: this.flags, maxBackground: 64, congestionThreshold: 48,
+      maxWrite: MAX_WRITE, timeGran: 1, maxPages: MAX_PAGES,
+    }));
+    this.initDone();
+  }
+
+  /** Answer request `unique`: `errno` is 0 or negative; `body` follows the header. */
+  reply(unique: bigint, errno: number, body?: Buffer): void {
+    if (this.isClosed) return;
+    const length = OUT_HEADER_SIZE + (errno === 0 && body ? body.length : 0);
+    const out = errno === 0 && body ? Buffer.concat([outHeader(length, 0, unique), body], length) : outHeader(length, errno, unique);
+    this.write(out);
+  }
+
+  /**
+   * Answer with data already placed after OUT_HEADER_SIZE bytes of room at
+   * the start of `buf` (reads: no copy of the payload).
+   */
+  replyInPlace(unique: bigint, buf: Buffer, payloadLength: number): void {
+    if (this.isClosed) return;
+    const length = OUT_HEADER_SIZE + payloadLength;
+    writeOutHeader(buf, length, 0, unique);
+    this.write(buf.subarray(0, length));
+  }
+
+  /** Send an unsolicited notification (cache invalidation). */
+  notify(code: number, body: Buffer): void {
+    if (this.isClosed) return;
+    const length = OUT_HEADER_SIZE + body.length;
+    this.write(Buffer.concat([outHeader(length, code, 0n), body], length));
+  }
+
+  private write(out: Buffer): void {
+    try {
+      writeSync(this.fd, out);
+    } catch {
+      // ENOENT: the request was interrupted and is gone; ENODEV: unmounted.
+      // Either way there is nobody left to tell.
+    }
+  }
+
+  /** Stop serving: closing the descriptor aborts the connection. */
+  close(): void {
+    if (this.isClosed) return;
+    this.isClosed = true;
+    if (this.socket) this.socket.destroy(); // closes the fd
+    else closeSync(this.fd);
+    this.markClosed();
+  }
+
+  /** Unmount (a lazy detach if the mount is busy) and close the connection. */
+  async unmount(): Promise<void> {
+    if (!this.isClosed && (await findMount(this.mountpoint))?.fstype.startsWith('fuse')) {
+      const plain = await run('umount', [this.mountpoint]);
+      if (plain.code !== 0 && (await findMount(this.mountpoint))?.fstype.startsWith('fuse')) await run('umount', ['-l', this.mountpoint]);
+    }
+    this.close();
+    await this.closed;
+  }
+}

@@ -1,0 +1,466 @@
+/**
+ * Serves a UnionFs over a FuseSession: turns kernel requests (node ids,
+ * names) into UnionFs calls (paths) and their results into replies.
+ *
+ * What this buys over fuse-native (mount/fuseAdapter.ts):
+ * - one kernel inode per file, hard links included (fuseNodes.ts), so the
+ *   kernel may cache names and attributes for as long as nothing changes
+ *   behind it: everything a writable mount changes goes through it;
+ * - readdirplus (names with attributes in one round trip) and directory
+ *   contents cached by the kernel (FOPEN_CACHE_DIR);
+ * - 1 MiB reads, and `touch -a`/`touch -m` alone (libfuse 2 dropped them).
+ *
+ * Like libfuse without `hard_remove`, a file unlinked (or renamed over)
+ * while open is renamed to `.fuse_hidden…` until its last close, so
+ * fstat/fchmod keep working; the union hides those names.
+ */
+import type { Logger } from '../common/log.js';
+import { errnoNameOf, negativeErrno } from './fsError.js';
+import {
+  BodyReader, ENTRY_OUT_SIZE, FOPEN_CACHE_DIR, FOPEN_KEEP_CACHE, FUSE_GETATTR_FH, Fattr, InitFlag, OUT_HEADER_SIZE, Op,
+  RENAME_EXCHANGE, RENAME_NOREPLACE, attrOut, direntSize, entryOut, openOut, readReadIn, readSetattr, statfsOut, u32Out,
+  writeDirent, writeEntry, type RequestHeader,
+} from './fuseProtocol.js';
+import { FuseNode, NodeTable } from './fuseNodes.js';
+import { FuseSession } from './fuseSession.js';
+import type { OpStats } from './opStats.js';
+import type { DirListing, Owner, UnionFs, UnionStat } from './unionFs.js';
+
+export interface KernelFuseOptions {
+  readOnly: boolean;
+  /** Seconds the kernel may keep names, attributes and "no such name" answers. */
+  cacheSeconds: number;
+  /** Lower content can change under the mount (a live layer): no page or directory caching. */
+  contentMayChange: boolean;
+  logger: Logger;
+  stats?: OpStats;
+}
+
+const NO_OWNER_CHANGE = 0xffffffff;
+const O_ACCMODE = 3;
+const OP_NAMES = new Map<number, string>(Object.entries(Op).map(([name, code]) => [code, name.toLowerCase()]));
+
+interface DirHandle { listing: DirListing; nodeid: number }
+
+/** Replies of an operation: a body, or nothing (errno 0 alone). */
+type Answer = Buffer | undefined;
+
+export class KernelFuse {
+  private readonly nodes: NodeTable;
+  private readonly dirs = new Map<number, DirHandle>();
+  private nextDirHandle = 1;
+  /** Open file handle → node, for release and for files unlinked while open. */
+  private readonly handles = new Map<number, number>();
+  private hiddenCounter = 0;
+  private readonly ttl: number;
+  private readonly negativeTtl: number;
+
+  private constructor(private readonly union: UnionFs, private readonly options: KernelFuseOptions) {
+    this.nodes = new NodeTable(!options.contentMayChange);
+    this.ttl = options.cacheSeconds;
+    this.negativeTtl = options.contentMayChange ? 0 : options.cacheSeconds;
+  }
+
+  /** Mount `union` at `mountpoint`; the session ends when it is unmounted. */
+  static async mount(mountpoint: string, union: UnionFs, options: KernelFuseOptions): Promise<FuseSession> {
+    const server = new KernelFuse(union, options);
+    const wantFlags = InitFlag.DO_READDIRPLUS | InitFlag.READDIRPLUS_AUTO
+      | (options.contentMayChange ? InitFlag.AUTO_INVAL_DATA : InitFlag.CACHE_SYMLINKS);
+    return FuseSession.mount(mountpoint, (header, request, session) => server.handle(header, request, session), {
+      readOnly: options.readOnly, wantFlags,
+    });
+  }
+
+  private handle(header: RequestHeader, request: Buffer, session: FuseSession): void {
+    switch (header.opcode) {
+      case Op.FORGET:
+        this.nodes.forget(header.nodeid, new BodyReader(request).u64());
+        return;
+      case Op.BATCH_FORGET: {
+        const r = new BodyReader(request);
+        const count = r.u32();
+        r.skip(4);
+        for (let i = 0; i < count; i++) this.nodes.forget(r.u64(), r.u64());
+        return;
+      }
+      case Op.INTERRUPT:
+        return; // operations are short or not interruptible; the kernel copes
+      case Op.READ:
+        return this.read(header, request, session);
+      case Op.RELEASE:
+        session.reply(header.unique, 0); // nobody waits for a close's result
+        return this.release(new BodyReader(request).u64());
+      default:
+    }
+    const started = this.options.stats ? process.hrtime.bigint() : 0n;
+    const done = (errno: number, body?: Buffer): void => {
+      session.reply(header.unique, errno, body);
+      if (this.options.stats) this.options.stats.record(OP_NAMES.get(header.opcode) ?? `op${header.opcode}`, Number(process.hrtime.bigint() - started) / 1e9);
+    };
+    const fail = (err: unknown): void => {
+      if (errnoNameOf(err) === undefined) {
+        this.options.logger.warn('unexpected error in FUSE operation', { op: OP_NAMES.get(header.opcode), nodeid: header.nodeid, error: String(err) });
+      }
+      done(negativeErrno(err));
+    };
+    try {
+      const answer = this.answer(header, request);
+      if (answer instanceof Promise) answer.then((body) => done(0, body), fail);
+      else done(0, answer);
+    } catch (err) {
+      fail(err);
+    }
+  }
+
+  private answer(h: RequestHeader, req: Buffer): Answer | Promise<Answer> {
+    const r = new BodyReader(req);
+    switch (h.opcode) {
+      case Op.LOOKUP: return this.lookup(h.nodeid, r.name());
+      case Op.GETATTR: {
+        const flags = r.u32();
+        r.skip(4);
+        const fh = r.u64();
+        return this.attrReply(h.nodeid, (flags & FUSE_GETATTR_FH) !== 0 ? fh : undefined);
+      }
+      case Op.SETATTR: return this.setattr(h.nodeid, req);
+      case Op.READLINK: return this.union.readlink(this.path(h.nodeid)).then((target) => Buffer.from(target));
+      case Op.SYMLINK: {
+        const name = r.name();
+        const target = r.name();
+        return this.made(h.nodeid, name, (path) => this.union.symlink(target, path, ownerOf(h)));
+      }
+      case Op.MKNOD: {
+        const mode = r.u32();
+        const rdev = r.u32();
+        r.skip(8);
+        return this.made(h.nodeid, r.name(), (path) => this.union.mknod(path, mode, rdev, ownerOf(h)));
+      }
+      case Op.MKDIR: {
+        const mode = r.u32();
+        r.skip(4);
+        return this.made(h.nodeid, r.name(), (path) => this.union.mkdir(path, mode, ownerOf(h)));
+      }
+      case Op.UNLINK: return this.unlink(h.nodeid, r.name());
+      case Op.RMDIR: {
+        const name = r.name();
+        return this.union.rmdir(this.childPath(h.nodeid, name)).then(() => { this.nodes.removeName(h.nodeid, name); return undefined; });
+      }
+      case Op.RENAME: {
+        const newdir = r.u64();
+        return this.rename(h.nodeid, r.name(), newdir, r.name(), 0);
+      }
+      case Op.RENAME2: {
+        const newdir = r.u64();
+        const flags = r.u32();
+        r.skip(4);
+        return this.rename(h.nodeid, r.name(), newdir, r.name(), flags);
+      }
+      case Op.LINK: {
+        const oldNode = r.u64();
+        return this.link(oldNode, h.nodeid, r.name());
+      }
+      case Op.OPEN: return this.open(h.nodeid, r.u32());
+      case Op.WRITE: {
+        const fh = r.u64();
+        const offset = r.u64();
+        const size = r.u32();
+        const data = r.skip(4 + 8 + 8).rest(size);
+        return this.union.write(fh, data, size, offset).then(u32Out);
+      }
+      case Op.STATFS: return this.union.statfs().then((st) => statfsOut({
+        blocks: st.blocks, bfree: st.bfree, bavail: st.bavail, files: st.files, ffree: st.ffree,
+        bsize: st.bsize, namelen: st.namemax, frsize: st.frsize,
+      }));
+      case Op.FSYNC: {
+        const fh = r.u64();
+        return this.union.fsync(fh, (r.u32() & 1) !== 0).then(() => undefined);
+      }
+      case Op.FLUSH: case Op.FSYNCDIR: return undefined;
+      case Op.SETXATTR: {
+        const size = r.u32();
+        const flags = r.u32();
+        const name = r.name();
+        return this.union.setxattr(this.path(h.nodeid), name, Buffer.from(r.rest(size)), flags).then(() => undefined);
+      }
+      case Op.GETXATTR: {
+        const size = r.u32();
+        r.skip(4);
+        return this.getxattr(h.nodeid, r.name(), size);
+      }
+      case Op.LISTXATTR: return this.listxattr(h.nodeid, r.u32());
+      case Op.REMOVEXATTR: return this.union.removexattr(this.path(h.nodeid), r.name()).then(() => undefined);
+      case Op.ACCESS: this.union.access(this.path(h.nodeid)); return undefined;
+      case Op.CREATE: {
+        const flags = r.u32();
+        const mode = r.u32();
+        r.skip(8);
+        return this.create(h, r.name(), flags, mode);
+      }
+      case Op.OPENDIR: return this.opendir(h.nodeid);
+      case Op.READDIR: return this.readdir(req, false);
+      case Op.READDIRPLUS: return this.readdir(req, true);
+      case Op.RELEASEDIR: this.dirs.delete(new BodyReader(req).u64()); return undefined;
+      default: throw Object.assign(new Error('not implemented'), { code: 'ENOSYS' });
+    }
+  }
+
+  // ---- names and attributes -----------------------------------------------------
+
+  private path(nodeid: number): string {
+    const path = this.nodes.pathOf(nodeid);
+    if (path === undefined) throw Object.assign(new Error(`node ${nodeid} has no name`), { code: 'ENOENT' });
+    return path;
+  }
+
+  private childPath(parent: number, name: string): string {
+    const path = this.nodes.childPath(parent, name);
+    if (path === undefined) throw Object.assign(new Error(`node ${parent} has no name`), { code: 'ENOENT' });
+    return path;
+  }
+
+  private async stat(path: string): Promise<UnionStat> {
+    return this.union.getattr(path);
+  }
+
+  private entry(parent: number, name: string, st: UnionStat): Buffer {
+    const node = this.nodes.remember(parent, name, st);
+    return entryOut(node.id, st, this.ttl, this.ttl);
+  }
+
+  private async lookup(parent: number, name: string): Promise<Answer> {
+    let st: UnionStat;
+    try {
+      st = await this.stat(this.childPath(parent, name));
+    } catch (err) {
+      // A cached negative answer (node id 0) spares the kernel asking again.
+      if (errnoNameOf(err) === 'ENOENT' && this.negativeTtl > 0) return entryOut(0, undefined, this.negativeTtl, 0);
+      throw err;
+    }
+    return this.entry(parent, name, st);
+  }
+
+  private async attrReply(nodeid: number, fh: number | undefined): Promise<Answer> {
+    const st = fh !== undefined ? await this.union.fgetattr(fh) : await this.stat(this.path(nodeid));
+    const node = this.nodes.get(nodeid);
+    if (node) this.nodes.noteIno(node, st.ino);
+    return attrOut(st, this.ttl);
+  }
+
+  private async setattr(nodeid: number, req: Buffer): Promise<Answer> {
+    const s = readSetattr(req);
+    const path = this.path(nodeid);
+    if (s.valid & Fattr.MODE) await this.union.chmod(path, s.mode);
+    if (s.valid & (Fattr.UID | Fattr.GID)) {
+      await this.union.chown(path, s.valid & Fattr.UID ? s.uid : NO_OWNER_CHANGE, s.valid & Fattr.GID ? s.gid : NO_OWNER_CHANGE);
+    }
+    if (s.valid & Fattr.SIZE) {
+      if (s.valid & Fattr.FH) await this.union.ftruncate(s.fh, s.size);
+      else await this.union.truncate(path, s.size);
+    }
+    if (s.valid & (Fattr.ATIME | Fattr.MTIME)) {
+      // utimensat may set one time alone; the union sets both.
+      const now = Date.now();
+      const current = (s.valid & Fattr.ATIME) && (s.valid & Fattr.MTIME) ? undefined : await this.stat(path);
+      const atime = s.valid & Fattr.ATIME ? (s.valid & Fattr.ATIME_NOW ? now : s.atimeMs) : current!.atime;
+      const mtime = s.valid & Fattr.MTIME ? (s.valid & Fattr.MTIME_NOW ? now : s.mtimeMs) : current!.mtime;
+      await this.union.utimens(path, atime, mtime);
+    }
+    return this.attrReply(nodeid, undefined);
+  }
+
+  /** Create something at (parent, name), then answer with its entry. */
+  private async made(parent: number, name: string, make: (path: string) => Promise<void>): Promise<Answer> {
+    const path = this.childPath(parent, name);
+    await make(path);
+    return this.entry(parent, name, await this.stat(path));
+  }
+
+  private async link(oldNode: number, parent: number, name: string): Promise<Answer> {
+    const path = this.childPath(parent, name);
+    await this.union.link(this.path(oldNode), path);
+    const st = await this.stat(path);
+    // The link copied the source up: its number changed; the new name must join its node.
+    const source = this.nodes.get(oldNode);
+    if (source) this.nodes.noteIno(source, st.ino);
+    return this.entry(parent, name, st);
+  }
+
+  // ---- removal and renames ------------------------------------------------------
+
+  /** A name of an open file that is about to disappear: move it aside until the last close. */
+  private async hideIfOpen(node: FuseNode | undefined, parent: number, name: string): Promise<boolean> {
+    if (node === undefined || node.openHandles === 0 || node.names.length !== 1) return false;
+    const hidden = `.fuse_hidden${node.id.toString(16).padStart(8, '0')}${(this.hiddenCounter++).toString(16).padStart(8, '0')}`;
+    await this.union.rename(this.childPath(parent, name), this.childPath(parent, hidden));
+    this.nodes.move(parent, name, parent, hidden);
+    node.hiddenName = { parent, name: hidden };
+    return true;
+  }
+
+  private async unlink(parent: number, name: string): Promise<Answer> {
+    if (await this.hideIfOpen(this.nodes.find(parent, name), parent, name)) return undefined;
+    await this.union.unlink(this.childPath(parent, name));
+    this.nodes.removeName(parent, name);
+    return undefined;
+  }
+
+  private async rename(parent: number, name: string, newParent: number, newName: string, flags: number): Promise<Answer> {
+    if (flags & RENAME_EXCHANGE || flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE)) throw Object.assign(new Error('rename flags'), { code: 'EINVAL' });
+    const src = this.childPath(parent, name);
+    const dst = this.childPath(newParent, newName);
+    if (flags & RENAME_NOREPLACE) {
+      const exists = await this.stat(dst).then(() => true, () => false);
+      if (exists) throw Object.assign(new Error('exists'), { code: 'EEXIST' });
+    }
+    const target = this.nodes.find(newParent, newName);
+    if (target !== undefined && target.type !== 0o040000 && src !== dst) await this.hideIfOpen(target, newParent, newName);
+    await this.union.rename(src, dst);
+    this.nodes.move(parent, name, newParent, newName);
+    return undefined;
+  }
+
+  // ---- files --------------------------------------------------------------------
+
+  private openFlags(): number {
+    // Pages stay valid across opens: every write goes through this kernel (and the
+    // node table gives hard links one inode). Not so if lower content may change.
+    return this.options.contentMayChange ? 0 : FOPEN_KEEP_CACHE;
+  }
+
+  private opened(node: FuseNode | undefined, fh: number): void {
+    if (node === undefined) return;
+    node.openHandles++;
+    this.handles.set(fh, node.id);
+  }
+
+  private async open(nodeid: number, flags: number): Promise<Answer> {
+    const path = this.path(nodeid);
+    const fh = await this.union.open(path, flags);
+    const node = this.nodes.get(nodeid);
+    this.opened(node, fh);
+    if (node && (flags & O_ACCMODE) !== 0) {
+      // Opening for writing copied the file up: its inode number is the upper one now.
+      this.nodes.noteIno(node, (await this.stat(path).catch(() => undefined))?.ino ?? node.ino);
+    }
+    return openOut(fh, this.openFlags());
+  }
+
+  private async create(h: RequestHeader, name: string, _flags: number, mode: number): Promise<Answer> {
+    const path = this.childPath(h.nodeid, name);
+    const fh = await this.union.create(path, mode, ownerOf(h));
+    let st: UnionStat;
+    try {
+      st = await this.stat(path);
+    } catch (err) {
+      await this.union.release(fh);
+      throw err;
+    }
+    const node = this.nodes.remember(h.nodeid, name, st);
+    this.opened(node, fh);
+    const out = Buffer.allocUnsafe(ENTRY_OUT_SIZE + 16);
+    writeEntry(out, 0, node.id, st, this.ttl, this.ttl);
+    openOut(fh, this.openFlags()).copy(out, ENTRY_OUT_SIZE);
+    return out;
+  }
+
+  private read(h: RequestHeader, req: Buffer, session: FuseSession): void {
+    const { fh, offset, size } = readReadIn(req);
+    const started = this.options.stats ? process.hrtime.bigint() : 0n;
+    const buf = Buffer.allocUnsafe(OUT_HEADER_SIZE + size);
+    this.union.read(fh, buf.subarray(OUT_HEADER_SIZE), size, offset).then(
+      (n) => session.replyInPlace(h.unique, buf, n),
+      (err: unknown) => session.reply(h.unique, negativeErrno(err)),
+    ).finally(() => {
+      if (this.options.stats) this.options.stats.record('read', Number(process.hrtime.bigint() - started) / 1e9);
+    });
+  }
+
+  private release(fh: number): void {
+    const node = this.nodes.get(this.handles.get(fh) ?? 0);
+    this.handles.delete(fh);
+    const closing = this.union.release(fh);
+    if (node === undefined) {
+      closing.catch((err: unknown) => this.options.logger.warn('close failed', { fh, error: String(err) }));
+      return;
+    }
+    node.openHandles--;
+    const hidden = node.openHandles === 0 ? node.hiddenName : undefined;
+    closing.then(async () => {
+      if (hidden === undefined) return;
+      node.hiddenName = undefined;
+      const path = this.nodes.childPath(hidden.parent, hidden.name);
+      if (path !== undefined && this.nodes.find(hidden.parent, hidden.name) === node) {
+        await this.union.unlink(path);
+        this.nodes.removeName(hidden.parent, hidden.name);
+      }
+    }).catch((err: unknown) => this.options.logger.warn('close failed', { fh, error: String(err) }));
+  }
+
+  // ---- xattrs -------------------------------------------------------------------
+
+  private async getxattr(nodeid: number, name: string, size: number): Promise<Answer> {
+    const value = await this.union.getxattr(this.path(nodeid), name);
+    if (value === undefined) throw Object.assign(new Error('no such attribute'), { code: 'ENODATA' });
+    if (size === 0) return u32Out(value.length);
+    if (value.length > size) throw Object.assign(new Error('too small'), { code: 'ERANGE' });
+    return value;
+  }
+
+  private async listxattr(nodeid: number, size: number): Promise<Answer> {
+    const names = await this.union.listxattr(this.path(nodeid));
+    const list = Buffer.from(names.map((n) => `${n}\0`).join(''));
+    if (size === 0) return u32Out(list.length);
+    if (list.length > size) throw Object.assign(new Error('too small'), { code: 'ERANGE' });
+    return list;
+  }
+
+  // ---- directories --------------------------------------------------------------
+
+  private opendir(nodeid: number): Answer {
+    // The listing is taken once per open, so offsets stay valid while it is read.
+    const listing = this.union.readdir(this.path(nodeid));
+    const fh = this.nextDirHandle++;
+    this.dirs.set(fh, { listing, nodeid });
+    return openOut(fh, this.options.contentMayChange ? 0 : FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE);
+  }
+
+  private async readdir(req: Buffer, plus: boolean): Promise<Answer> {
+    const { fh, offset, size } = readReadIn(req);
+    const dir = this.dirs.get(fh);
+    if (dir === undefined) throw Object.assign(new Error('bad directory handle'), { code: 'EBADF' });
+    const { names, stats } = dir.listing;
+    let end = offset;
+    let bytes = 0;
+    for (; end < names.length; end++) {
+      const next = bytes + direntSize(names[end]!, plus);
+      if (next > size) break;
+      bytes = next;
+    }
+    const out = Buffer.allocUnsafe(bytes);
+    if (!plus) {
+      let at = 0;
+      for (let i = offset; i < end; i++) at = writeDirent(out, at, stats[i]!.ino, i + 1, stats[i]!.mode, names[i]!);
+      return out;
+    }
+    // Attributes first (upper entries need an lstat); lookups are counted only
+    // for entries that go out in this reply.
+    const dirPath = this.path(dir.nodeid);
+    const attrs = await Promise.all(names.slice(offset, end).map((name) => (name === '.' || name === '..'
+      ? undefined
+      : Promise.resolve(this.union.getattr(dirPath === '' ? name : `${dirPath}/${name}`)).catch(() => undefined))));
+    let at = 0;
+    for (let i = offset; i < end; i++) {
+      const st = attrs[i - offset];
+      const name = names[i]!;
+      if (st === undefined) writeEntry(out, at, 0, undefined, 0, 0);
+      else writeEntry(out, at, this.nodes.remember(dir.nodeid, name, st).id, st, this.ttl, this.ttl);
+      at = writeDirent(out, at + ENTRY_OUT_SIZE, st?.ino ?? stats[i]!.ino, i + 1, stats[i]!.mode, name);
+    }
+    return out;
+  }
+}
+
+function ownerOf(h: RequestHeader): Owner {
+  return { uid: h.uid, gid: h.gid };
+}
+
