@@ -3,7 +3,7 @@
  * Reads and writes are positional (pread/pwrite) on the descriptor, so one
  * descriptor serves any number of concurrent requests.
  */
-import { close, fdatasync, fsync, ftruncate, read, write } from 'node:fs';
+import { closeSync, fdatasync, fsync, ftruncate, read, write } from 'node:fs';
 import { fsError } from './fsError.js';
 import type { UnionNode } from './mergedTree.js';
 
@@ -83,11 +83,20 @@ export class OpenFiles {
     return done((cb) => (dataOnly ? fdatasync : fsync)(fd, cb));
   }
 
+  /**
+   * Forget a handle and close its descriptor — synchronously: close(2) of a
+   * local file takes µs, a thread-pool round trip ~50 µs of CPU.
+   */
   release(fh: number): Promise<void> {
     const file = this.files.get(fh);
     this.files.delete(fh);
     if (file === undefined || file.fd < 0) return Promise.resolve();
-    return done((cb) => close(file.fd, cb));
+    try {
+      closeSync(file.fd);
+      return Promise.resolve();
+    } catch (err) {
+      return Promise.reject(err);
+    }
   }
 
   async closeAll(): Promise<void> {

@@ -3,18 +3,33 @@
  * `.wh.` whiteouts and `.wh..wh..opq` markers written into it, is an OCI
  * changeset of the lower layers. This module only touches the disk; which
  * paths to touch is decided by the union core.
+ *
+ * Metadata system calls here (mkdir, chown, chmod, utimes, stat, link,
+ * unlink, ...) are made synchronously: on a local upper dir each takes a few
+ * µs, while a round trip through libuv's thread pool costs ~50 µs of CPU
+ * (measured on the 2-core bench machines) — most of the cost of a copy-up
+ * or a create. File content (which can be big or miss the page cache) is
+ * still copied on the thread pool.
  */
 import { execFile } from 'node:child_process';
-import { copyFile, chmod, lchown, lutimes, mkdir, rm, symlink, unlink, writeFile } from 'node:fs/promises';
-import { createReadStream, createWriteStream } from 'node:fs';
-import { pipeline } from 'node:stream/promises';
-import type { ContentRef, EntryKind, LayerEntry } from '../storage/layerIndex.js';
-import { xattrBytes } from '../storage/layerIndex.js';
+import {
+  closeSync, copyFile, fchmodSync, fchownSync, fstatSync, futimesSync, lchownSync, chmodSync, lstatSync, lutimesSync,
+  mkdirSync, openSync, read, rmSync, symlinkSync, unlinkSync, write, constants as fsConstants,
+} from 'node:fs';
+import { type ContentRef, type EntryKind, type LayerEntry, xattrBytes } from '../storage/layerIndex.js';
 import { FsError } from './fsError.js';
+import { callback as call } from './openFiles.js';
 import { OPAQUE_MARKER, WHITEOUT_PREFIX, baseName, parentOf } from './paths.js';
-import { writeXattr } from './xattrTool.js';
+import { writeXattrs } from './xattrTool.js';
 
 export type NodeKind = 'fifo' | 'char' | 'block';
+
+const NEW_FILE_FLAGS = fsConstants.O_WRONLY | fsConstants.O_CREAT | fsConstants.O_TRUNC;
+
+/** Create (or empty) a marker file. */
+function writeEmptyFile(path: string): void {
+  closeSync(openSync(path, NEW_FILE_FLAGS, 0o600));
+}
 
 export class UpperDir {
   constructor(readonly root: string) {}
@@ -28,22 +43,22 @@ export class UpperDir {
     return `${this.pathOf(parent)}/${WHITEOUT_PREFIX}${baseName(path)}`;
   }
 
-  async writeWhiteout(path: string): Promise<void> {
-    await writeFile(this.whiteoutPathOf(path), '', { mode: 0o600 });
+  writeWhiteout(path: string): void {
+    writeEmptyFile(this.whiteoutPathOf(path));
   }
 
-  async writeOpaqueMarker(dirPath: string): Promise<void> {
-    await writeFile(`${this.pathOf(dirPath)}/${OPAQUE_MARKER}`, '', { mode: 0o600 });
+  writeOpaqueMarker(dirPath: string): void {
+    writeEmptyFile(`${this.pathOf(dirPath)}/${OPAQUE_MARKER}`);
   }
 
   /** Remove a whiteout in either on-disk style. */
-  async removeWhiteout(path: string, style: 'oci' | 'overlay'): Promise<void> {
-    await unlink(style === 'oci' ? this.whiteoutPathOf(path) : this.pathOf(path));
+  removeWhiteout(path: string, style: 'oci' | 'overlay'): void {
+    unlinkSync(style === 'oci' ? this.whiteoutPathOf(path) : this.pathOf(path));
   }
 
   /** Remove a directory the union shows as empty (so it holds only markers). */
-  async removeDir(path: string): Promise<void> {
-    await rm(this.pathOf(path), { recursive: true, force: false });
+  removeDir(path: string): void {
+    rmSync(this.pathOf(path), { recursive: true, force: false });
   }
 
   /** Special files: Node has no mknod(2), coreutils' mknod does it. */
@@ -62,23 +77,64 @@ export class UpperDir {
    * Copy a lower object into the upper at `path` with all its attributes:
    * owner first (chown clears setuid and capabilities), then xattrs, then
    * mode, then times (last, since every other change touches ctime/mtime).
+   * Returns the new upper object's st_ino.
    */
-  async copyUpObject(path: string, kind: EntryKind, entry: LayerEntry, content: ContentRef | undefined): Promise<void> {
+  async copyUpObject(path: string, kind: EntryKind, entry: LayerEntry, content: ContentRef | undefined): Promise<number> {
     const dest = this.pathOf(path);
+    if (kind === 'file') return this.copyUpFile(dest, entry, content);
     switch (kind) {
-      case 'dir': await mkdir(dest, { mode: 0o700 }); break;
-      case 'file':
-        if (content === undefined) await writeFile(dest, '', { mode: 0o600 });
-        else if (content.offset === 0) await copyFile(content.path, dest);
-        else await pipeline(createReadStream(content.path, { start: content.offset, end: content.offset + content.size - 1 }), createWriteStream(dest, { mode: 0o600 }));
-        break;
-      case 'symlink': await symlink(entry.target ?? '', dest); break;
+      case 'dir': mkdirSync(dest, { mode: 0o700 }); break;
+      case 'symlink': symlinkSync(entry.target ?? '', dest); break;
       default: await this.mknod(path, kind, 0o600, entry.devMajor ?? 0, entry.devMinor ?? 0);
     }
-    await lchown(dest, entry.uid, entry.gid);
-    for (const name of Object.keys(entry.xattrs ?? {})) await writeXattr(dest, name, xattrBytes(entry, name)!);
-    if (kind !== 'symlink') await chmod(dest, entry.mode & 0o7777);
-    const seconds = entry.mtime;
-    await lutimes(dest, seconds, seconds);
+    lchownSync(dest, entry.uid, entry.gid);
+    await writeXattrs(dest, entryXattrs(entry));
+    if (kind !== 'symlink') chmodSync(dest, entry.mode & 0o7777);
+    lutimesSync(dest, entry.mtime, entry.mtime);
+    return lstatSync(dest).ino;
+  }
+
+  /** A regular file: content and attributes through one descriptor. */
+  private async copyUpFile(dest: string, entry: LayerEntry, content: ContentRef | undefined): Promise<number> {
+    // A whole file (a directory layer's) is copied in the kernel; a range of layer.tar by positioned reads.
+    const whole = content !== undefined && content.offset === 0;
+    if (whole) await call<void>((cb) => copyFile(content.path, dest, (err) => cb(err, undefined)));
+    // After copyFile the file has the lower mode, maybe read-only: the f-calls below need no write access.
+    const fd = openSync(dest, whole ? fsConstants.O_RDONLY : NEW_FILE_FLAGS, 0o600);
+    try {
+      if (content !== undefined && !whole) await copyRange(content, fd, dest);
+      fchownSync(fd, entry.uid, entry.gid);
+      await writeXattrs(dest, entryXattrs(entry));
+      fchmodSync(fd, entry.mode & 0o7777);
+      futimesSync(fd, entry.mtime, entry.mtime);
+      return fstatSync(fd).ino;
+    } finally {
+      closeSync(fd);
+    }
+  }
+}
+
+function entryXattrs(entry: LayerEntry): Array<[string, Buffer]> {
+  return Object.keys(entry.xattrs ?? {}).map((name) => [name, xattrBytes(entry, name)!]);
+}
+
+const COPY_CHUNK = 1 << 20;
+
+/** Copy `content` (a range of a bigger file) to the start of `destFd`. */
+async function copyRange(content: ContentRef, destFd: number, dest: string): Promise<void> {
+  const srcFd = openSync(content.path, fsConstants.O_RDONLY);
+  try {
+    const buffer = Buffer.allocUnsafe(Math.min(content.size, COPY_CHUNK));
+    for (let done = 0; done < content.size;) {
+      const want = Math.min(buffer.length, content.size - done);
+      const got = await call<number>((cb) => read(srcFd, buffer, 0, want, content.offset + done, cb));
+      if (got === 0) throw new FsError('EIO', dest, `copy-up: ${content.path} ends before its entry`);
+      for (let written = 0; written < got;) {
+        written += await call<number>((cb) => write(destFd, buffer, written, got - written, done + written, cb));
+      }
+      done += got;
+    }
+  } finally {
+    closeSync(srcFd);
   }
 }

@@ -4,7 +4,8 @@
  * Node has no xattr API. Rather than a native npm addon (none is installed
  * and none builds offline here), layerd shells out to getfattr/setfattr: one
  * `getfattr -R` per directory tree at mount time, and one process per xattr
- * change on the upper dir at run time (rare; reads are served from memory).
+ * change on the upper dir at run time (rare; reads are served from memory),
+ * or per copied-up object that has xattrs (all of them in one process).
  * Values travel hex-encoded, so binary values keep their exact bytes.
  */
 import { execFile } from 'node:child_process';
@@ -14,12 +15,13 @@ export type XattrMap = Map<string, Buffer>;
 
 interface ToolResult { stdout: Buffer; stderr: string; code: number }
 
-function run(tool: string, args: string[]): Promise<ToolResult> {
+function run(tool: string, args: string[], input?: string): Promise<ToolResult> {
   return new Promise((resolve, reject) => {
-    execFile(tool, args, { encoding: 'buffer', maxBuffer: 1 << 30 }, (err, stdout, stderr) => {
+    const child = execFile(tool, args, { encoding: 'buffer', maxBuffer: 1 << 30 }, (err, stdout, stderr) => {
       if (err && typeof err.code !== 'number') return reject(err);
       resolve({ stdout, stderr: stderr.toString('utf8'), code: err ? Number(err.code) : 0 });
     });
+    if (input !== undefined) child.stdin?.on('error', () => undefined).end(input, 'latin1');
   });
 }
 
@@ -96,6 +98,28 @@ export async function readXattrs(file: string): Promise<XattrMap> {
 export async function writeXattr(file: string, name: string, value: Buffer): Promise<void> {
   const res = await run('setfattr', ['-h', '-n', name, '-v', '0x' + value.toString('hex'), '--', file]);
   if (res.code !== 0) throw new FsError(toolErrno(res.stderr), file, `setxattr ${name}`);
+}
+
+/** Quote a name for a `getfattr --dump` file: every byte outside a safe set as `\ooo` (setfattr unquotes it). */
+function quoteName(bytes: Buffer): string {
+  let out = '';
+  for (const c of bytes) {
+    const safe = (c >= 0x30 && c <= 0x39) || (c >= 0x41 && c <= 0x5a) || (c >= 0x61 && c <= 0x7a) || c === 0x2f || c === 0x2e || c === 0x5f || c === 0x2d;
+    out += safe ? String.fromCharCode(c) : `\\${c.toString(8).padStart(3, '0')}`;
+  }
+  return out;
+}
+
+/**
+ * Set several xattrs of one file (not following a symlink) with one
+ * `setfattr --restore` process instead of one process per attribute.
+ */
+export async function writeXattrs(file: string, xattrs: Iterable<readonly [string, Buffer]>): Promise<void> {
+  let dump = '';
+  for (const [name, value] of xattrs) dump += `${quoteName(Buffer.from(name, 'utf8'))}=0x${value.toString('hex')}\n`;
+  if (dump === '') return;
+  const res = await run('setfattr', ['-h', '--restore=-'], `# file: ${quoteName(Buffer.from(file, 'utf8'))}\n${dump}`);
+  if (res.code !== 0) throw new FsError(toolErrno(res.stderr), file, 'setxattr');
 }
 
 export async function deleteXattr(file: string, name: string): Promise<void> {
