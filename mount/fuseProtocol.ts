@@ -31,6 +31,8 @@ export const InitFlag = {
   PARALLEL_DIROPS: 1 << 18,
   MAX_PAGES: 1 << 22,
   CACHE_SYMLINKS: 1 << 23,
+  /** The kernel may skip OPENDIR/RELEASEDIR once OPENDIR answers ENOSYS (and then caches directories). */
+  NO_OPENDIR_SUPPORT: 1 << 24,
 } as const;
 
 /** open_out.open_flags. */

@@ -38,6 +38,7 @@ export interface KernelFuseOptions {
 
 const NO_OWNER_CHANGE = 0xffffffff;
 const O_ACCMODE = 3;
+const NAMESPACE_CHANGES = new Set<number>([Op.CREATE, Op.MKNOD, Op.MKDIR, Op.SYMLINK, Op.LINK, Op.UNLINK, Op.RMDIR, Op.RENAME, Op.RENAME2]);
 const OP_NAMES = new Map<number, string>(Object.entries(Op).map(([name, code]) => [code, name.toLowerCase()]));
 
 interface DirHandle { listing: DirListing; nodeid: number }
@@ -48,6 +49,12 @@ type Answer = Buffer | undefined;
 export class KernelFuse {
   private readonly nodes: NodeTable;
   private readonly dirs = new Map<number, DirHandle>();
+  /**
+   * Without OPENDIR (fh 0), the listing a READDIR continues is kept per
+   * directory node from its offset-0 read until its end, and dropped on any
+   * change of the namespace.
+   */
+  private readonly listings = new Map<number, DirListing>();
   private nextDirHandle = 1;
   /** Open file handle → node, for release and for files unlinked while open. */
   private readonly handles = new Map<number, number>();
@@ -64,8 +71,10 @@ export class KernelFuse {
   /** Mount `union` at `mountpoint`; the session ends when it is unmounted. */
   static async mount(mountpoint: string, union: UnionFs, options: KernelFuseOptions): Promise<FuseSession> {
     const server = new KernelFuse(union, options);
+    // Content that cannot change behind the kernel: no OPENDIR/RELEASEDIR round
+    // trips, directories and symlinks cached. A live layer: pages revalidated.
     const wantFlags = InitFlag.DO_READDIRPLUS | InitFlag.READDIRPLUS_AUTO
-      | (options.contentMayChange ? InitFlag.AUTO_INVAL_DATA : InitFlag.CACHE_SYMLINKS);
+      | (options.contentMayChange ? InitFlag.AUTO_INVAL_DATA : InitFlag.CACHE_SYMLINKS | InitFlag.NO_OPENDIR_SUPPORT);
     return FuseSession.mount(mountpoint, (header, request, session) => server.handle(header, request, session), {
       readOnly: options.readOnly, wantFlags,
     });
@@ -114,6 +123,7 @@ export class KernelFuse {
 
   private answer(h: RequestHeader, req: Buffer): Answer | Promise<Answer> {
     const r = new BodyReader(req);
+    if (NAMESPACE_CHANGES.has(h.opcode)) this.listings.clear();
     switch (h.opcode) {
       case Op.LOOKUP: return this.lookup(h.nodeid, r.name());
       case Op.GETATTR: {
@@ -175,7 +185,9 @@ export class KernelFuse {
         const fh = r.u64();
         return this.union.fsync(fh, (r.u32() & 1) !== 0).then(() => undefined);
       }
-      case Op.FLUSH: case Op.FSYNCDIR: return undefined;
+      // ENOSYS to FLUSH: the kernel stops sending it (nothing to do at close but RELEASE).
+      case Op.FLUSH: throw Object.assign(new Error('no flush'), { code: 'ENOSYS' });
+      case Op.FSYNCDIR: return undefined;
       case Op.SETXATTR: {
         const size = r.u32();
         const flags = r.u32();
@@ -197,8 +209,8 @@ export class KernelFuse {
         return this.create(h, r.name(), flags, mode);
       }
       case Op.OPENDIR: return this.opendir(h.nodeid);
-      case Op.READDIR: return this.readdir(req, false);
-      case Op.READDIRPLUS: return this.readdir(req, true);
+      case Op.READDIR: return this.readdir(h.nodeid, req, false);
+      case Op.READDIRPLUS: return this.readdir(h.nodeid, req, true);
       case Op.RELEASEDIR: this.dirs.delete(new BodyReader(req).u64()); return undefined;
       default: throw Object.assign(new Error('not implemented'), { code: 'ENOSYS' });
     }
@@ -417,6 +429,7 @@ export class KernelFuse {
   // ---- directories --------------------------------------------------------------
 
   private opendir(nodeid: number): Answer {
+    if (!this.options.contentMayChange) throw Object.assign(new Error('zero-message opendir'), { code: 'ENOSYS' });
     // The listing is taken once per open, so offsets stay valid while it is read.
     const listing = this.union.readdir(this.path(nodeid));
     const fh = this.nextDirHandle++;
@@ -424,10 +437,20 @@ export class KernelFuse {
     return openOut(fh, this.options.contentMayChange ? 0 : FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE);
   }
 
-  private async readdir(req: Buffer, plus: boolean): Promise<Answer> {
+  private listingOf(nodeid: number, fh: number, offset: number): DirHandle {
+    if (fh !== 0) {
+      const dir = this.dirs.get(fh);
+      if (dir === undefined) throw Object.assign(new Error('bad directory handle'), { code: 'EBADF' });
+      return dir;
+    }
+    let listing = offset === 0 ? undefined : this.listings.get(nodeid);
+    if (listing === undefined) this.listings.set(nodeid, listing = this.union.readdir(this.path(nodeid)));
+    return { listing, nodeid };
+  }
+
+  private async readdir(nodeid: number, req: Buffer, plus: boolean): Promise<Answer> {
     const { fh, offset, size } = readReadIn(req);
-    const dir = this.dirs.get(fh);
-    if (dir === undefined) throw Object.assign(new Error('bad directory handle'), { code: 'EBADF' });
+    const dir = this.listingOf(nodeid, fh, offset);
     const { names, stats } = dir.listing;
     let end = offset;
     let bytes = 0;
@@ -436,6 +459,7 @@ export class KernelFuse {
       if (next > size) break;
       bytes = next;
     }
+    if (fh === 0 && end >= names.length) this.listings.delete(nodeid);
     const out = Buffer.allocUnsafe(bytes);
     if (!plus) {
       let at = 0;
@@ -447,7 +471,7 @@ export class KernelFuse {
     const dirPath = this.path(dir.nodeid);
     const attrs = await Promise.all(names.slice(offset, end).map((name) => (name === '.' || name === '..'
       ? undefined
-      : Promise.resolve(this.union.getattr(dirPath === '' ? name : `${dirPath}/${name}`)).catch(() => undefined))));
+      : this.stat(dirPath === '' ? name : `${dirPath}/${name}`).catch(() => undefined))));
     let at = 0;
     for (let i = offset; i < end; i++) {
       const st = attrs[i - offset];
