@@ -61,11 +61,14 @@ export class KernelFuse {
   private hiddenCounter = 0;
   private readonly ttl: number;
   private readonly negativeTtl: number;
+  /** Log every request (`layerd mount --debug`): checked once, not per request. */
+  private readonly trace: boolean;
 
   private constructor(private readonly union: UnionFs, private readonly options: KernelFuseOptions) {
     this.nodes = new NodeTable(!options.contentMayChange);
     this.ttl = options.cacheSeconds;
     this.negativeTtl = options.contentMayChange ? 0 : options.cacheSeconds;
+    this.trace = options.logger.isDebugEnabled();
   }
 
   /** Mount `union` at `mountpoint`; the session ends when it is unmounted. */
@@ -101,10 +104,14 @@ export class KernelFuse {
         return this.release(new BodyReader(request).u64());
       default:
     }
-    const started = this.options.stats ? process.hrtime.bigint() : 0n;
+    const started = this.options.stats || this.trace ? process.hrtime.bigint() : 0n;
     const done = (errno: number, body?: Buffer): void => {
       session.reply(header.unique, errno, body);
-      if (this.options.stats) this.options.stats.record(OP_NAMES.get(header.opcode) ?? `op${header.opcode}`, Number(process.hrtime.bigint() - started) / 1e9);
+      if (!this.options.stats && !this.trace) return;
+      const op = OP_NAMES.get(header.opcode) ?? `op${header.opcode}`;
+      const seconds = Number(process.hrtime.bigint() - started) / 1e9;
+      this.options.stats?.record(op, seconds);
+      if (this.trace) this.options.logger.debug('fuse request', { op, nodeid: header.nodeid, pid: header.pid, errno, us: Math.round(seconds * 1e6) });
     };
     const fail = (err: unknown): void => {
       if (errnoNameOf(err) === undefined) {
