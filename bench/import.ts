@@ -1,7 +1,9 @@
 /**
  * Import throughput of debian-multi next to the bare decompressors
- * (`pigz -d`, `zstd -d`) on the same blobs, in the same run, interleaved.
- * Only ratios from one run mean anything on a shared, noisy machine.
+ * (`pigz -d`, `zstd -d`) on the same blobs, in the same run, interleaved
+ * (the order of the cases rotates each repetition). Only ratios from one run
+ * mean anything on a shared, noisy machine. Each import starts from an empty
+ * store whose removal is not timed; it includes opening the store.
  *
  *   make bench            (or: node dist/bench/import.js [--reps N])
  *
@@ -9,7 +11,7 @@
  */
 import { execFile } from 'node:child_process';
 import { mkdtemp, readdir, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { availableParallelism, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { CORPUS, argOf, stats, time, writeResults } from './report.js';
@@ -31,13 +33,14 @@ async function decompressAll(tool: string, blobs: string[]): Promise<void> {
   for (const b of blobs) await run('sh', ['-c', `${tool} -dc '${b}' > /dev/null`]);
 }
 
-async function importLayout(layout: string, root: string, durability: 'full' | 'none'): Promise<void> {
-  await rm(root, { recursive: true, force: true });
-  const store = await Store.open(root, { durability });
+interface ImportCase { layout: string; durability: 'full' | 'none'; concurrency: number }
+
+async function importLayout(c: ImportCase, root: string): Promise<void> {
+  const store = await Store.open(root, { durability: c.durability });
   try {
-    const detected = await detectSource(layout, {});
+    const detected = await detectSource(c.layout, {});
     if (detected.kind !== 'image') throw new Error('not an image');
-    await importFromSource(store, detected.source, {});
+    await importFromSource(store, detected.source, { concurrency: c.concurrency });
   } finally {
     store.close();
   }
@@ -58,27 +61,47 @@ async function main(): Promise<void> {
       if (stdout.replace(/\s/g, '') === '28b52ffd') zstdLayerBlobs.push(b);
     }
 
+    const store = join(work, 'store');
+    const imports: Record<string, ImportCase> = {
+      'layerd import gzip layout (durable)': { layout: LAYOUT, durability: 'full', concurrency: 1 },
+      'layerd import gzip layout (no fsync)': { layout: LAYOUT, durability: 'none', concurrency: 1 },
+      'layerd import gzip layout (no fsync, 2 layers at once)': { layout: LAYOUT, durability: 'none', concurrency: 2 },
+      'layerd import zstd layout (durable)': { layout: zstdLayout, durability: 'full', concurrency: 1 },
+      'layerd import zstd layout (no fsync)': { layout: zstdLayout, durability: 'none', concurrency: 1 },
+    };
     const cases: Record<string, () => Promise<void>> = {
       'pigz -d (gzip blobs)': () => decompressAll('pigz', gzipBlobs),
-      'layerd import gzip layout (durable)': () => importLayout(LAYOUT, join(work, 'store'), 'full'),
-      'layerd import gzip layout (no fsync)': () => importLayout(LAYOUT, join(work, 'store'), 'none'),
       'zstd -d (zstd blobs)': () => decompressAll('zstd', zstdLayerBlobs),
-      'layerd import zstd layout (durable)': () => importLayout(zstdLayout, join(work, 'store'), 'full'),
+      ...Object.fromEntries(Object.entries(imports).map(([k, c]) => [k, () => importLayout(c, store)])),
+    };
+    const untimed = async (name: string): Promise<void> => {
+      if (name in imports) await rm(store, { recursive: true, force: true });
     };
     const samples: Record<string, number[]> = Object.fromEntries(Object.keys(cases).map((k) => [k, []]));
-    await cases['layerd import gzip layout (durable)']!(); // warm the page cache
+    const names = Object.keys(cases);
+    for (const name of names) { await untimed(name); await cases[name]!(); } // warm the page cache and the JIT
+    const load = [loadavg()[0]!];
     for (let r = 0; r < reps; r++) {
-      for (const [name, fn] of Object.entries(cases)) samples[name]!.push(await time(fn));
+      for (let i = 0; i < names.length; i++) {
+        const name = names[(i + r) % names.length]!;
+        await untimed(name);
+        samples[name]!.push(await time(cases[name]!));
+      }
     }
+    load.push(loadavg()[0]!);
     const result = Object.fromEntries(Object.entries(samples).map(([k, v]) => [k, { ...stats(v), samples: v }]));
     const med = (k: string): number => result[k]!.median;
     const ratios = {
       'gzip import vs pigz -d (durable)': med('pigz -d (gzip blobs)') / med('layerd import gzip layout (durable)'),
       'gzip import vs pigz -d (no fsync)': med('pigz -d (gzip blobs)') / med('layerd import gzip layout (no fsync)'),
+      'gzip import vs pigz -d (no fsync, 2 layers at once)': med('pigz -d (gzip blobs)') / med('layerd import gzip layout (no fsync, 2 layers at once)'),
       'zstd import vs zstd -d (durable)': med('zstd -d (zstd blobs)') / med('layerd import zstd layout (durable)'),
+      'zstd import vs zstd -d (no fsync)': med('zstd -d (zstd blobs)') / med('layerd import zstd layout (no fsync)'),
     };
     const lines = [
       `# Import throughput, debian-multi (4 layers, ${(UNCOMPRESSED_BYTES / 1e6).toFixed(0)} MB of tar), ${reps} repetitions, ${new Date().toISOString()}`,
+      '',
+      `Load average (1 min) at the start and end of the timed runs: ${load.map((l) => l.toFixed(1)).join(' → ')} on ${availableParallelism()} CPUs.`,
       '',
       '| case | median ms | min–max ms | MB/s (uncompressed) |',
       '|---|---|---|---|',
@@ -89,7 +112,7 @@ async function main(): Promise<void> {
       ...Object.entries(ratios).map(([k, v]) => `| ${k} | ${v.toFixed(2)} |`),
       '',
     ];
-    await writeResults('import', lines, { reps, result, ratios });
+    await writeResults('import', lines, { reps, load, result, ratios });
   } finally {
     await rm(work, { recursive: true, force: true });
   }

@@ -3,9 +3,10 @@
  * media type: a real skopeo version labels plain tars `+gzip`.
  */
 import { open } from 'node:fs/promises';
+import { createRequire } from 'node:module';
 import { createGunzip, createGzip, constants as zlibConstants } from 'node:zlib';
-import { PassThrough, type Transform } from 'node:stream';
-import { CompressStream, DecompressStream } from 'zstd-napi';
+import { PassThrough, Transform, type TransformCallback } from 'node:stream';
+import { CompressStream } from 'zstd-napi';
 import { ErrorCodes, LayerdError } from '../common/errors.js';
 
 export type Compression = 'gzip' | 'zstd' | 'none';
@@ -41,13 +42,57 @@ export function sniffCompression(head: Buffer): Compression {
 export function createDecompressor(compression: Compression): Transform {
   switch (compression) {
     case 'gzip':
-      return createGunzip({ chunkSize: 256 * 1024 });
+      // 1 MiB output chunks: each chunk costs a trip through the hash, the
+      // tar tee and the indexer on the main thread (measured: 6-20 % faster
+      // imports than 256 KiB, docs/performance.md).
+      return createGunzip({ chunkSize: 1024 * 1024 });
     case 'zstd':
-      // A window limit of 2^27 (128 MiB) is what zstd's CLI accepts by
-      // default; it keeps a hostile frame from demanding gigabytes.
-      return new DecompressStream({ windowLogMax: 27 });
+      return new ZstdDecompressor();
     case 'none':
       return new PassThrough({ highWaterMark: 1024 * 1024 });
+  }
+}
+
+const zstd = createRequire(import.meta.url)('zstd-napi/binding.js') as typeof import('zstd-napi/binding.js');
+const ZSTD_CHUNK = 1024 * 1024;
+
+/**
+ * zstd-napi's DecompressStream, with 1 MiB output chunks instead of 128 KiB
+ * (each chunk costs a trip through the hash, the tar tee and the indexer).
+ */
+class ZstdDecompressor extends Transform {
+  private readonly dctx = new zstd.DCtx();
+  private inFrame = false;
+
+  constructor() {
+    super({ highWaterMark: ZSTD_CHUNK });
+    // A window limit of 2^27 (128 MiB) is what zstd's CLI accepts by
+    // default; it keeps a hostile frame from demanding gigabytes.
+    this.dctx.setParameter(zstd.DParameter.windowLogMax, 27);
+  }
+
+  override _transform(chunk: Buffer, _enc: BufferEncoding, callback: TransformCallback): void {
+    try {
+      let src = chunk;
+      for (;;) {
+        const dst = Buffer.allocUnsafe(ZSTD_CHUNK);
+        const [ret, produced, consumed] = this.dctx.decompressStream(dst, src);
+        if (produced > 0) this.push(dst.subarray(0, produced));
+        src = src.subarray(consumed);
+        if (src.length === 0 && (produced < dst.length || ret === 0)) {
+          this.inFrame = ret !== 0;
+          break;
+        }
+      }
+    } catch (err) {
+      callback(err as Error);
+      return;
+    }
+    callback();
+  }
+
+  override _flush(callback: TransformCallback): void {
+    callback(this.inFrame ? new Error('zstd stream ended in the middle of a frame (truncated?)') : null);
   }
 }
 

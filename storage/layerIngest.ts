@@ -1,17 +1,18 @@
 /**
- * Ingesting one layer blob, verify first, parse second:
+ * Ingesting one layer blob in one pass over its bytes:
  *
- *   1. source → sha256 + size → a file in the ingest area; the distribution
- *      digest and size are checked before anything looks inside the blob.
- *   2. that file (or the store's copy) → sniff + decompress → sha256 (diffID)
- *      → `layer.tar` + the layer index, in the ingest area; the diffID is
- *      checked.
+ *   source → sha256 + size → the blob file in the ingest area
+ *          ↘ sniff + decompress → sha256 (diffID) → `layer.tar` + the layer
+ *            index, in the ingest area
  *
- * So a blob that does not match its manifest never reaches the tar parser,
- * and a mismatch is reported as what it is (EDIGEST). The second read comes
- * from the page cache. The caller renames the verified result into the
- * store (see Store.commit); an unverified or interrupted layer is never
- * visible.
+ * The distribution digest and size are checked when the blob has been read
+ * to its end, and the diffID after that; only then is the result handed to
+ * the caller, who renames it into the store (Store.commit). So bytes that do
+ * not match the manifest are decompressed and parsed, but only into this
+ * ingest directory, and nothing unverified is ever visible. When the tar or
+ * the compression is broken, the rest of the blob is still read and hashed:
+ * a blob that does not match its digest is reported as EDIGEST, never as
+ * the parse error its wrong bytes caused (docs/storage.md).
  */
 import { createReadStream } from 'node:fs';
 import { link, mkdir, open, writeFile } from 'node:fs/promises';
@@ -20,8 +21,9 @@ import { join } from 'node:path';
 import { type Readable, Transform, Writable, type TransformCallback } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { ErrorCodes, LayerdError } from '../common/errors.js';
-import { type Compression, createDecompressor, readHead, sniffCompression } from './compression.js';
+import { type Compression, createDecompressor, sniffCompression } from './compression.js';
 import { type Digest, DigestingStream, verifyDigest } from './digest.js';
+import { type Downstream, IngestFeed } from './ingestFeed.js';
 import { LAYER_TAR, type LayerIndex } from './layerIndex.js';
 import { DEFAULT_UNPACK_LIMITS, LayerUnpacker, type UnpackLimits } from './layerUnpack.js';
 
@@ -76,50 +78,50 @@ export interface IngestOptions {
 
 export async function ingestLayer(source: () => Promise<Readable>, expected: LayerExpectation, options: IngestOptions): Promise<IngestedLayer> {
   const limits = options.limits ?? DEFAULT_INGEST_LIMITS;
+  const stored = options.storedBlob;
+  const blobPath = stored ?? join(options.workDir, 'blob');
+  const layerDir = options.unpack ? join(options.workDir, 'layer') : undefined;
+  if (layerDir) await mkdir(layerDir);
 
-  // Phase 1: the blob, verified as bytes.
-  let blobPath = options.storedBlob;
+  // The second pipeline: the tar inside, hashed as the diffID and indexed.
+  // The layer keeps the uncompressed tar as `layer.tar`: for an uncompressed
+  // blob that is the blob itself (a hard link once it is complete, no copy).
+  const diffHasher = new DigestingStream(limits.maxLayerBytes, 'uncompressed layer');
+  const unpacker = layerDir ? new LayerUnpacker(limits) : undefined;
+  let compression: Compression = 'none';
+  const openDownstream = (head: Buffer): Downstream => {
+    compression = sniffCompression(head);
+    const stages: unknown[] = [];
+    if (compression !== 'none') stages.push(createDecompressor(compression));
+    stages.push(diffHasher);
+    if (layerDir && compression !== 'none') stages.push(new FileTee(join(layerDir, LAYER_TAR)));
+    stages.push(unpacker ? unpacker.writable : discard());
+    const done = (pipeline as (...s: unknown[]) => Promise<void>)(...stages).then(async () => { if (unpacker) await unpacker.done; });
+    return { head: stages[0] as Writable, done };
+  };
+
+  // The first pipeline: the blob's bytes, hashed and kept (unless the store
+  // has them already, verified), feeding the second as they arrive.
+  const hasher = stored ? undefined : expected.size !== undefined
+    ? new DigestingStream(expected.size, `layer blob ${expected.digest ?? ''}`, ErrorCodes.EDIGEST)
+    : new DigestingStream(limits.maxBlobBytes, 'layer blob');
+  const feed = new IngestFeed(openDownstream, hasher !== undefined && expected.digest !== undefined);
+  const stages: unknown[] = [stored ? createReadStream(stored, { highWaterMark: 1024 * 1024 }) : await source()];
+  if (hasher) stages.push(hasher);
+  if (options.onProgress && !stored) stages.push(progressStream(options.onProgress));
+  if (!stored) stages.push(new FileTee(blobPath));
+  stages.push(feed);
+  const [read, parsed] = await Promise.allSettled([(pipeline as (...s: unknown[]) => Promise<void>)(...stages), feed.done]);
+
+  // The blob's own digest decides first: bytes that are not what the
+  // manifest names fail as EDIGEST, whatever they did to the parser.
+  if (read.status === 'rejected') throw mapStreamError(read.reason, expected);
   let blob: { digest: Digest; size: number } | undefined;
-  if (!blobPath) {
-    blobPath = join(options.workDir, 'blob');
-    const hasher = expected.size !== undefined
-      ? new DigestingStream(expected.size, `layer blob ${expected.digest ?? ''}`, ErrorCodes.EDIGEST)
-      : new DigestingStream(limits.maxBlobBytes, 'layer blob');
-    const stages: unknown[] = [await source(), hasher];
-    if (options.onProgress) stages.push(progressStream(options.onProgress));
-    stages.push(new FileTee(blobPath), discard());
-    try {
-      await (pipeline as (...s: unknown[]) => Promise<void>)(...stages);
-    } catch (err) {
-      throw mapStreamError(err, expected);
-    }
+  if (hasher) {
     blob = hasher.result();
     if (expected.digest) verifyDigest('layer blob', { digest: expected.digest, size: expected.size }, blob);
   }
-
-  // Phase 2: the tar inside, verified as the diffID and indexed. The layer
-  // keeps the uncompressed tar as `layer.tar`: for an uncompressed blob that
-  // is the blob itself (a hard link, no copy).
-  const compression = sniffCompression(await readHead(blobPath));
-  const diffHasher = new DigestingStream(limits.maxLayerBytes, 'uncompressed layer');
-  const layerDir = options.unpack ? join(options.workDir, 'layer') : undefined;
-  const unpacker = layerDir ? new LayerUnpacker(limits) : undefined;
-  const stages: unknown[] = [createReadStream(blobPath, { highWaterMark: 1024 * 1024 })];
-  if (compression !== 'none') stages.push(createDecompressor(compression));
-  stages.push(diffHasher);
-  if (layerDir) {
-    await mkdir(layerDir);
-    const tarPath = join(layerDir, LAYER_TAR);
-    if (compression === 'none') await link(blobPath, tarPath);
-    else stages.push(new FileTee(tarPath));
-  }
-  stages.push(unpacker ? unpacker.writable : discard());
-  try {
-    await (pipeline as (...s: unknown[]) => Promise<void>)(...stages);
-    if (unpacker) await unpacker.done;
-  } catch (err) {
-    throw mapStreamError(err, expected);
-  }
+  if (parsed.status === 'rejected') throw mapStreamError(parsed.reason, expected);
   const diff = diffHasher.result();
   // A stored uncompressed blob is its own tar: its digest is the diffID.
   blob ??= expected.digest ? { digest: expected.digest, size: expected.size ?? 0 } : { digest: diff.digest, size: diff.size };
@@ -131,8 +133,9 @@ export async function ingestLayer(source: () => Promise<Readable>, expected: Lay
   const result: IngestedLayer = {
     digest: blob.digest, size: blob.size, diffId: diff.digest, diffSize: diff.size, compression, fileBytes: 0,
   };
-  if (!options.storedBlob) result.blobPath = blobPath;
+  if (!stored) result.blobPath = blobPath;
   if (unpacker && layerDir) {
+    if (compression === 'none') await link(blobPath, join(layerDir, LAYER_TAR));
     const { index, fileBytes } = await unpacker.done;
     result.index = { ...index, id: diff.digest };
     result.fileBytes = fileBytes;

@@ -173,6 +173,31 @@ describe('import: hostile and broken input fails cleanly', function () {
       await expectRefused(dir, ErrorCodes.EDIGEST, ['--platform', 'linux/amd64']);
     });
 
+    // The blob is decompressed and parsed while it is hashed (into the ingest
+    // area only): its digest must still decide the error, and nothing stays.
+    it('a blob corrupted near its start (the decompressor fails at once) is EDIGEST', async () => {
+      const dir = join(work.dir, `layout-${n++}`);
+      await cp(BUSYBOX, dir, { recursive: true });
+      const blob = join(dir, 'blobs', 'sha256', '0cd702848a3beeea7fc66881c07855b8d186e06494fb70f926316299adf65219');
+      const bytes = await readFile(blob);
+      for (let i = 12; i < 64; i++) bytes[i] = bytes[i]! ^ 0x5a;
+      await writeFile(blob, bytes);
+      await expectRefused(dir, ErrorCodes.EDIGEST, ['--platform', 'linux/amd64']);
+    });
+
+    it('a hostile tar in place of the blob a manifest names is EDIGEST, not a parse error', async () => {
+      const evil = await readFile(await hostileTar([file('ok'), file('../../outside/evil')], true));
+      const promised = await readFile(await hostileTar([file('etc/data', randomBytes(2048).toString('hex'))], true));
+      expect(evil.length).to.be.lessThan(promised.length);
+      for (const extra of [0, promised.length]) {
+        const dir = join(work.dir, `layout-${n++}`);
+        const { layerDigests } = await writeLayout(dir, { layers: [promised] });
+        // Shorter than promised, and longer (the size check stops it early).
+        await writeFile(join(dir, 'blobs', 'sha256', layerDigests[0]!), Buffer.concat([evil, Buffer.alloc(extra)]));
+        await expectRefused(dir, ErrorCodes.EDIGEST);
+      }
+    });
+
     it('a manifest that states the wrong size', async () => {
       const dir = join(work.dir, `layout-${n++}`);
       await writeLayout(dir, { layers: [layer], wrongSize: layer.length - 3 });
