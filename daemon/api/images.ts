@@ -23,10 +23,14 @@ export function imageRoutes(router: Router, ops: StoreOperations, store: Store, 
     if (request.format !== undefined && !FORMATS.includes(request.format)) {
       throw new LayerdError(ErrorCodes.EINVAL, `format must be one of ${FORMATS.join(', ')}`);
     }
-    let last = 0;
+    // Per layer: progress events of layers imported side by side interleave.
+    const last = new Map<string, number>();
     const count = (e: ImportProgress): void => {
-      if (e.type === 'layer-progress') { metrics.importBytes.inc(Math.max(0, e.bytes - last)); last = e.bytes; }
-      if (e.type === 'layer-start') last = 0;
+      if (e.type === 'layer-progress') {
+        metrics.importBytes.inc(Math.max(0, e.bytes - (last.get(e.digest) ?? 0)));
+        last.set(e.digest, e.bytes);
+      }
+      if (e.type === 'layer-start') last.set(e.digest, 0);
     };
     if (!wantsNdjson(ctx.req)) return { images: await ops.importPath(request, count) };
     const stream = ndjson(ctx.res);
