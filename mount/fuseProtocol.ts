@@ -61,19 +61,32 @@ const DIRENT_HEADER_SIZE = 24;
 /** The fixed header of every request. */
 export interface RequestHeader {
   opcode: number;
-  unique: bigint;
+  /** The kernel's request number: a u64 counter, far below 2^53 in any real lifetime. */
+  unique: number;
   nodeid: number;
   uid: number;
   gid: number;
   pid: number;
 }
 
+const TWO_32 = 0x1_0000_0000;
+
+/** u64 fields as plain numbers (all of ours stay below 2^53): no BigInt on the hot path. */
+export function readU64(buf: Buffer, at: number): number {
+  return buf.readUInt32LE(at) + buf.readUInt32LE(at + 4) * TWO_32;
+}
+
+export function writeU64(buf: Buffer, value: number, at: number): void {
+  buf.writeUInt32LE(value % TWO_32 >>> 0, at);
+  buf.writeUInt32LE(Math.floor(value / TWO_32) >>> 0, at + 4);
+}
+
 export function readHeader(buf: Buffer): RequestHeader {
   return {
     opcode: buf.readUInt32LE(4),
-    unique: buf.readBigUInt64LE(8),
+    unique: readU64(buf, 8),
     // Node ids are ours (see fuseNodes.ts) and stay far below 2^53.
-    nodeid: Number(buf.readBigUInt64LE(16)),
+    nodeid: readU64(buf, 16),
     uid: buf.readUInt32LE(24),
     gid: buf.readUInt32LE(28),
     pid: buf.readUInt32LE(32),
@@ -95,7 +108,7 @@ export class BodyReader {
   }
 
   u64(): number {
-    const value = Number(this.buf.readBigUInt64LE(this.offset));
+    const value = readU64(this.buf, this.offset);
     this.offset += 8;
     return value;
   }
@@ -155,28 +168,28 @@ export function readReadIn(buf: Buffer): { fh: number; offset: number; size: num
 
 // ---- replies ------------------------------------------------------------------
 
-export function outHeader(length: number, errno: number, unique: bigint): Buffer {
+export function outHeader(length: number, errno: number, unique: number): Buffer {
   const out = Buffer.allocUnsafe(OUT_HEADER_SIZE);
   writeOutHeader(out, length, errno, unique);
   return out;
 }
 
-export function writeOutHeader(out: Buffer, length: number, errno: number, unique: bigint): void {
+export function writeOutHeader(out: Buffer, length: number, errno: number, unique: number): void {
   out.writeUInt32LE(length, 0);
   out.writeInt32LE(errno, 4);
-  out.writeBigUInt64LE(unique, 8);
+  writeU64(out, unique, 8);
 }
 
 function writeTime(buf: Buffer, secondsAt: number, nsecAt: number, ms: number): void {
   const whole = Math.floor(ms / 1000);
-  buf.writeBigUInt64LE(BigInt(Math.max(0, whole)), secondsAt);
+  writeU64(buf, Math.max(0, whole), secondsAt);
   buf.writeUInt32LE(Math.max(0, Math.min(999_999_999, Math.round((ms - whole * 1000) * 1e6))), nsecAt);
 }
 
 function writeAttr(buf: Buffer, at: number, st: UnionStat): void {
-  buf.writeBigUInt64LE(BigInt(st.ino), at);
-  buf.writeBigUInt64LE(BigInt(st.size), at + 8);
-  buf.writeBigUInt64LE(BigInt(st.blocks), at + 16);
+  writeU64(buf, st.ino, at);
+  writeU64(buf, st.size, at + 8);
+  writeU64(buf, st.blocks, at + 16);
   writeTime(buf, at + 24, at + 48, st.atime);
   writeTime(buf, at + 32, at + 52, st.mtime);
   writeTime(buf, at + 40, at + 56, st.ctime);
@@ -191,14 +204,14 @@ function writeAttr(buf: Buffer, at: number, st: UnionStat): void {
 
 function writeValid(buf: Buffer, secondsAt: number, nsecAt: number, seconds: number): void {
   const whole = Math.floor(seconds);
-  buf.writeBigUInt64LE(BigInt(whole), secondsAt);
+  writeU64(buf, whole, secondsAt);
   buf.writeUInt32LE(Math.round((seconds - whole) * 1e9), nsecAt);
 }
 
 /** fuse_entry_out at `at`; nodeid 0 with a timeout is a cached "no such name". */
 export function writeEntry(buf: Buffer, at: number, nodeid: number, st: UnionStat | undefined, entrySeconds: number, attrSeconds: number): void {
-  buf.writeBigUInt64LE(BigInt(nodeid), at);
-  buf.writeBigUInt64LE(0n, at + 8); // generation: node ids are never reused
+  writeU64(buf, nodeid, at);
+  writeU64(buf, 0, at + 8); // generation: node ids are never reused
   writeValid(buf, at + 16, at + 32, entrySeconds);
   writeValid(buf, at + 24, at + 36, attrSeconds);
   if (st) writeAttr(buf, at + 40, st);
@@ -221,7 +234,7 @@ export function attrOut(st: UnionStat, attrSeconds: number): Buffer {
 
 export function openOut(fh: number, openFlags: number): Buffer {
   const buf = Buffer.alloc(16);
-  buf.writeBigUInt64LE(BigInt(fh), 0);
+  writeU64(buf, fh, 0);
   buf.writeUInt32LE(openFlags, 8);
   return buf;
 }
@@ -239,7 +252,7 @@ export interface KStatfs {
 
 export function statfsOut(st: KStatfs): Buffer {
   const buf = Buffer.alloc(80);
-  [st.blocks, st.bfree, st.bavail, st.files, st.ffree].forEach((v, i) => buf.writeBigUInt64LE(BigInt(Math.max(0, Math.floor(v))), i * 8));
+  [st.blocks, st.bfree, st.bavail, st.files, st.ffree].forEach((v, i) => writeU64(buf, Math.max(0, Math.floor(v)), i * 8));
   buf.writeUInt32LE(st.bsize, 40);
   buf.writeUInt32LE(st.namelen, 44);
   buf.writeUInt32LE(st.frsize, 48);
@@ -281,8 +294,8 @@ export function direntSize(name: string, plus: boolean): number {
 /** Write one fuse_dirent at `at`; `next` is the offset the kernel passes back to continue after it. */
 export function writeDirent(buf: Buffer, at: number, ino: number, next: number, mode: number, name: string): number {
   const length = Buffer.byteLength(name);
-  buf.writeBigUInt64LE(BigInt(ino), at);
-  buf.writeBigUInt64LE(BigInt(next), at + 8);
+  writeU64(buf, ino, at);
+  writeU64(buf, next, at + 8);
   buf.writeUInt32LE(length, at + 16);
   buf.writeUInt32LE((mode & 0o170000) >>> 12, at + 20);
   buf.write(name, at + DIRENT_HEADER_SIZE, 'utf8');
@@ -296,7 +309,7 @@ export function writeDirent(buf: Buffer, at: number, ino: number, next: number, 
 export function invalEntryOut(parent: number, name: string): Buffer {
   const length = Buffer.byteLength(name);
   const buf = Buffer.alloc(16 + length + 1);
-  buf.writeBigUInt64LE(BigInt(parent), 0);
+  writeU64(buf, parent, 0);
   buf.writeUInt32LE(length, 8);
   buf.write(name, 16, 'utf8');
   return buf;

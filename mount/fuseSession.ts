@@ -145,7 +145,7 @@ export class FuseSession {
   }
 
   /** Answer request `unique`: `errno` is 0 or negative; `body` follows the header. */
-  reply(unique: bigint, errno: number, body?: Buffer): void {
+  reply(unique: number, errno: number, body?: Buffer): void {
     if (this.isClosed) return;
     const length = OUT_HEADER_SIZE + (errno === 0 && body ? body.length : 0);
     const out = errno === 0 && body ? Buffer.concat([outHeader(length, 0, unique), body], length) : outHeader(length, errno, unique);
@@ -156,7 +156,7 @@ export class FuseSession {
    * Answer with data already placed after OUT_HEADER_SIZE bytes of room at
    * the start of `buf` (reads: no copy of the payload).
    */
-  replyInPlace(unique: bigint, buf: Buffer, payloadLength: number): void {
+  replyInPlace(unique: number, buf: Buffer, payloadLength: number): void {
     if (this.isClosed) return;
     const length = OUT_HEADER_SIZE + payloadLength;
     writeOutHeader(buf, length, 0, unique);
@@ -167,7 +167,7 @@ export class FuseSession {
   notify(code: number, body: Buffer): void {
     if (this.isClosed) return;
     const length = OUT_HEADER_SIZE + body.length;
-    this.write(Buffer.concat([outHeader(length, code, 0n), body], length));
+    this.write(Buffer.concat([outHeader(length, code, 0), body], length));
   }
 
   private write(out: Buffer): void {
