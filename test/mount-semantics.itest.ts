@@ -146,7 +146,7 @@ for (const impl of ALL_IMPLEMENTATIONS) {
         assert.equal(await readFile(at('hl/b'), 'utf8'), 'hl\nmore\n');
         assert.equal(a.ino, b.ino);
         assert.deepEqual([a.nlink, b.nlink], [2, 2]);
-        if (impl.name === 'layerd') {
+        if (impl.name.startsWith('layerd')) {
           // layerd's upper holds the group as real hard links.
           assert.equal((await lstat(join(ws.upper, 'hl/a'))).ino, (await lstat(join(ws.upper, 'hl/b'))).ino);
         }
