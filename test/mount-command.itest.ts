@@ -10,6 +10,7 @@ import { join } from 'node:path';
 import { clearDeadMount, findMount, isDeadMount } from '../mount/deadMount.js';
 import { lowerDirSource } from '../mount/lowerDir.js';
 import { mountUnion, type MountedUnion } from '../mount/mountCommand.js';
+import { fuseBinding } from '../mount/mountUnion.js';
 import { MOUNT_COMMAND, makeWorkspace, removeWorkspace, run, startLayerdServer, stopLayerdServer, type Workspace } from './fixtures/mount/harness.js';
 
 function exitOf(child: ReturnType<typeof spawn>, timeoutMs = 10_000): Promise<number | null> {
@@ -35,6 +36,17 @@ describe('mount command (layerd mount server)', function () {
       child.kill('SIGTERM');
       assert.equal(await exitOf(child), 0);
       assert.equal(await findMount(ws.mnt), undefined);
+    } finally {
+      await stopLayerdServer(child, ws.mnt);
+    }
+  });
+
+  it('raises the mount\'s read-ahead to one READ request (1 MiB) with its own binding', async function () {
+    if (fuseBinding() !== 'kernel') this.skip();
+    const child = await startLayerdServer(['--lower', ws.lowers.join(':'), '--upper', ws.upper], ws.mnt);
+    try {
+      const mount = await findMount(ws.mnt);
+      assert.equal((await readFile(`/sys/class/bdi/${mount!.major}:${mount!.minor}/read_ahead_kb`, 'utf8')).trim(), '1024');
     } finally {
       await stopLayerdServer(child, ws.mnt);
     }
