@@ -38,6 +38,12 @@ export interface KernelFuseOptions {
 
 const NO_OWNER_CHANGE = 0xffffffff;
 const O_ACCMODE = 3;
+/**
+ * Answers the kernel gets often and that need no context (ioctl probes such
+ * as isatty() on every Python open, the first FLUSH and OPENDIR): one error
+ * object each, so no stack is captured per request.
+ */
+const NOT_IMPLEMENTED = Object.assign(new Error('not implemented'), { code: 'ENOSYS' });
 const NAMESPACE_CHANGES = new Set<number>([Op.CREATE, Op.MKNOD, Op.MKDIR, Op.SYMLINK, Op.LINK, Op.UNLINK, Op.RMDIR, Op.RENAME, Op.RENAME2]);
 const OP_NAMES = new Map<number, string>(Object.entries(Op).map(([name, code]) => [code, name.toLowerCase()]));
 
@@ -193,7 +199,7 @@ export class KernelFuse {
         return this.union.fsync(fh, (r.u32() & 1) !== 0).then(() => undefined);
       }
       // ENOSYS to FLUSH: the kernel stops sending it (nothing to do at close but RELEASE).
-      case Op.FLUSH: throw Object.assign(new Error('no flush'), { code: 'ENOSYS' });
+      case Op.FLUSH: throw NOT_IMPLEMENTED;
       case Op.FSYNCDIR: return undefined;
       case Op.SETXATTR: {
         const size = r.u32();
@@ -219,7 +225,7 @@ export class KernelFuse {
       case Op.READDIR: return this.readdir(h.nodeid, req, false);
       case Op.READDIRPLUS: return this.readdir(h.nodeid, req, true);
       case Op.RELEASEDIR: this.dirs.delete(new BodyReader(req).u64()); return undefined;
-      default: throw Object.assign(new Error('not implemented'), { code: 'ENOSYS' });
+      default: throw NOT_IMPLEMENTED;
     }
   }
 
@@ -436,7 +442,7 @@ export class KernelFuse {
   // ---- directories --------------------------------------------------------------
 
   private opendir(nodeid: number): Answer {
-    if (!this.options.contentMayChange) throw Object.assign(new Error('zero-message opendir'), { code: 'ENOSYS' });
+    if (!this.options.contentMayChange) throw NOT_IMPLEMENTED; // zero-message opendir
     // The listing is taken once per open, so offsets stay valid while it is read.
     const listing = this.union.readdir(this.path(nodeid));
     const fh = this.nextDirHandle++;
