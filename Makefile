@@ -53,6 +53,7 @@ bench: deps build
 	node dist/bench/mount.js
 	node dist/bench/rss.js
 	node dist/bench/fuseFloor.js
+	node dist/bench/seqRead.js
 
 clean:
 	rm -rf dist

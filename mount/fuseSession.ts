@@ -14,8 +14,10 @@
  * - The descriptor is read through a libuv stream handle (the pipe handle
  *   Node's net.Socket sits on; /dev/fuse supports poll), so a mount costs
  *   no thread: a mount host serves a hundred mounts from one event loop.
- *   Each read() returns exactly one request; libuv reads 64 KiB at a time,
- *   which is why max_write stays below that (see MAX_WRITE).
+ *   Each read() returns exactly one request, into one buffer shared by all
+ *   sessions of the process (READ_BUFFER): no allocation per request. A
+ *   request is parsed before the next read() reuses the buffer; only WRITE
+ *   data, which outlives that, is copied (kernelFuse.ts).
  * - Replies are written synchronously, one write() each: a write to
  *   /dev/fuse hands the reply to the waiting request and never blocks.
  */
@@ -30,10 +32,11 @@ import {
   writeOutHeader, type RequestHeader,
 } from './fuseProtocol.js';
 
-/** libuv's read size is 64 KiB; a request must fit: header + write_in + data. */
-export const MAX_WRITE = 64 * 1024 - 4096;
-/** Pages per READ request (1 MiB): fewer round trips for sequential reads. */
+/** Pages per READ or WRITE request (1 MiB): fewer round trips for big files. */
 const MAX_PAGES = 256;
+export const MAX_WRITE = MAX_PAGES * 4096;
+/** Room for the largest request: a WRITE's headers and data (the kernel refuses smaller reads). */
+const READ_BUFFER = Buffer.allocUnsafe(MAX_WRITE + 4096);
 /**
  * The kernel reads ahead 128 KiB on a new FUSE mount; as much as one READ
  * may carry halves the time of a cold sequential read (1 GiB: ~1.9 → ~1.05 s).
@@ -93,8 +96,10 @@ export class FuseSession {
   /** Start reading requests: only once mounted (before, read() fails with EPERM). */
   private listen(): void {
     // net.Socket takes an existing handle (undocumented in its types, used by child_process for stdio).
-    this.socket = new Socket({ handle: pipeHandleFor(this.fd), readable: true, writable: false } as unknown as ConstructorParameters<typeof Socket>[0]);
-    this.socket.on('data', (request: Buffer) => this.dispatch(request));
+    this.socket = new Socket({
+      handle: pipeHandleFor(this.fd), readable: true, writable: false,
+      onread: { buffer: READ_BUFFER, callback: (length: number, buffer: Buffer) => { this.dispatch(buffer.subarray(0, length)); } },
+    } as unknown as ConstructorParameters<typeof Socket>[0]);
     // ENODEV: unmounted or aborted; anything else ends the session too.
     this.socket.on('error', () => this.close());
     this.socket.on('end', () => this.close());

@@ -187,7 +187,8 @@ export class KernelFuse {
         const fh = r.u64();
         const offset = r.u64();
         const size = r.u32();
-        const data = r.skip(4 + 8 + 8).rest(size);
+        // A copy: the request buffer is reused by the next read (fuseSession.ts).
+        const data = Buffer.from(r.skip(4 + 8 + 8).rest(size));
         return this.union.write(fh, data, size, offset).then(u32Out);
       }
       case Op.STATFS: return this.union.statfs().then((st) => statfsOut({
