@@ -17,9 +17,10 @@
  * matching off (and keep short caches instead).
  */
 import { FUSE_ROOT_ID } from './fuseProtocol.js';
-import { S_IFMT, type UnionStat } from './nodeStats.js';
+import { S_IFMT, TYPE_BITS, type UnionStat } from './nodeStats.js';
+import { joinPath } from './paths.js';
 
-const S_IFDIR = 0o040000;
+const S_IFDIR = TYPE_BITS.dir;
 
 export interface NodeName { parent: number; name: string }
 
@@ -63,15 +64,12 @@ export class NodeTable {
     if (id === FUSE_ROOT_ID) return '';
     const name = this.nodes.get(id)?.names[0];
     if (name === undefined) return undefined;
-    const parentPath = this.pathOf(name.parent);
-    if (parentPath === undefined) return undefined;
-    return parentPath === '' ? name.name : `${parentPath}/${name.name}`;
+    return this.childPath(name.parent, name.name);
   }
 
   childPath(parent: number, name: string): string | undefined {
     const parentPath = this.pathOf(parent);
-    if (parentPath === undefined) return undefined;
-    return parentPath === '' ? name : `${parentPath}/${name}`;
+    return parentPath === undefined ? undefined : joinPath(parentPath, name);
   }
 
   /**

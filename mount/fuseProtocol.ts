@@ -37,7 +37,6 @@ export const InitFlag = {
 
 /** open_out.open_flags. */
 export const FOPEN_KEEP_CACHE = 1 << 1;
-export const FOPEN_CACHE_DIR = 1 << 3;
 
 /** setattr_in.valid bits. */
 export const Fattr = {
@@ -48,9 +47,6 @@ export const Fattr = {
 export const FUSE_GETATTR_FH = 1 << 0;
 export const RENAME_NOREPLACE = 1 << 0;
 export const RENAME_EXCHANGE = 1 << 1;
-
-/** Notification codes (written with unique 0). */
-export const Notify = { INVAL_INODE: 2, INVAL_ENTRY: 3 } as const;
 
 export const IN_HEADER_SIZE = 40;
 export const OUT_HEADER_SIZE = 16;
@@ -303,14 +299,4 @@ export function writeDirent(buf: Buffer, at: number, ino: number, next: number, 
   const padded = (end - at + 7) & ~7;
   buf.fill(0, end, at + padded);
   return at + padded;
-}
-
-/** FUSE_NOTIFY_INVAL_ENTRY body: forget `name` under `parent` in the kernel's dentry cache. */
-export function invalEntryOut(parent: number, name: string): Buffer {
-  const length = Buffer.byteLength(name);
-  const buf = Buffer.alloc(16 + length + 1);
-  writeU64(buf, parent, 0);
-  buf.writeUInt32LE(length, 8);
-  buf.write(name, 16, 'utf8');
-  return buf;
 }

@@ -80,8 +80,6 @@ function run(command: string, args: string[], fd?: number): Promise<{ code: numb
 export class FuseSession {
   /** Resolves when the connection ends (unmounted, aborted, or closed by us). */
   readonly closed: Promise<void>;
-  /** Flags agreed at FUSE_INIT. */
-  flags = 0;
   private socket: Socket | undefined;
   private isClosed = false;
   private markClosed!: () => void;
@@ -155,9 +153,9 @@ export class FuseSession {
       this.initDone(new Error(`kernel FUSE protocol ${kernel.major}.${kernel.minor} is not 7.x`));
       return;
     }
-    this.flags = kernel.flags & (this.options.wantFlags | InitFlag.ASYNC_READ | InitFlag.BIG_WRITES | InitFlag.MAX_PAGES | InitFlag.PARALLEL_DIROPS);
+    const flags = kernel.flags & (this.options.wantFlags | InitFlag.ASYNC_READ | InitFlag.BIG_WRITES | InitFlag.MAX_PAGES | InitFlag.PARALLEL_DIROPS);
     this.reply(header.unique, 0, initOut({
-      maxReadahead: kernel.maxReadahead, flags: this.flags, maxBackground: 64, congestionThreshold: 48,
+      maxReadahead: kernel.maxReadahead, flags, maxBackground: 64, congestionThreshold: 48,
       maxWrite: MAX_WRITE, timeGran: 1, maxPages: MAX_PAGES,
     }));
     this.initDone();
@@ -180,13 +178,6 @@ export class FuseSession {
     const length = OUT_HEADER_SIZE + payloadLength;
     writeOutHeader(buf, length, 0, unique);
     this.write(buf.subarray(0, length));
-  }
-
-  /** Send an unsolicited notification (cache invalidation). */
-  notify(code: number, body: Buffer): void {
-    if (this.isClosed) return;
-    const length = OUT_HEADER_SIZE + body.length;
-    this.write(Buffer.concat([outHeader(length, code, 0), body], length));
   }
 
   private write(out: Buffer): void {

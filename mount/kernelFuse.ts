@@ -7,7 +7,7 @@
  *   kernel may cache names and attributes for as long as nothing changes
  *   behind it: everything a writable mount changes goes through it;
  * - readdirplus (names with attributes in one round trip) and directory
- *   contents cached by the kernel (FOPEN_CACHE_DIR);
+ *   contents cached by the kernel (zero-message opendir);
  * - 1 MiB reads, and `touch -a`/`touch -m` alone (libfuse 2 dropped them).
  *
  * Like libfuse without `hard_remove`, a file unlinked (or renamed over)
@@ -15,16 +15,18 @@
  * fstat/fchmod keep working; the union hides those names.
  */
 import type { Logger } from '../common/log.js';
-import { errnoNameOf, negativeErrno } from './fsError.js';
+import { errnoNameOf, fsError, negativeErrno } from './fsError.js';
 import {
-  BodyReader, ENTRY_OUT_SIZE, FOPEN_CACHE_DIR, FOPEN_KEEP_CACHE, FUSE_GETATTR_FH, Fattr, InitFlag, OUT_HEADER_SIZE, Op,
+  BodyReader, ENTRY_OUT_SIZE, FOPEN_KEEP_CACHE, FUSE_GETATTR_FH, Fattr, InitFlag, OUT_HEADER_SIZE, Op,
   RENAME_EXCHANGE, RENAME_NOREPLACE, attrOut, direntSize, entryOut, openOut, readReadIn, readSetattr, statfsOut, u32Out,
   writeDirent, writeEntry, type RequestHeader,
 } from './fuseProtocol.js';
 import { FuseNode, NodeTable } from './fuseNodes.js';
 import { FuseSession } from './fuseSession.js';
 import type { OpStats } from './opStats.js';
-import type { DirListing, Owner, UnionFs, UnionStat } from './unionFs.js';
+import { TYPE_BITS } from './nodeStats.js';
+import { FUSE_HIDDEN_PREFIX, joinPath } from './paths.js';
+import { NO_OWNER_CHANGE, opensForWriting, type DirListing, type Owner, type UnionFs, type UnionStat } from './unionFs.js';
 
 export interface KernelFuseOptions {
   readOnly: boolean;
@@ -36,14 +38,12 @@ export interface KernelFuseOptions {
   stats?: OpStats;
 }
 
-const NO_OWNER_CHANGE = 0xffffffff;
-const O_ACCMODE = 3;
 /**
  * Answers the kernel gets often and that need no context (ioctl probes such
  * as isatty() on every Python open, the first FLUSH and OPENDIR): one error
  * object each, so no stack is captured per request.
  */
-const NOT_IMPLEMENTED = Object.assign(new Error('not implemented'), { code: 'ENOSYS' });
+const NOT_IMPLEMENTED = fsError('ENOSYS', '', 'FUSE request');
 const NAMESPACE_CHANGES = new Set<number>([Op.CREATE, Op.MKNOD, Op.MKDIR, Op.SYMLINK, Op.LINK, Op.UNLINK, Op.RMDIR, Op.RENAME, Op.RENAME2]);
 const OP_NAMES = new Map<number, string>(Object.entries(Op).map(([name, code]) => [code, name.toLowerCase()]));
 
@@ -217,10 +217,10 @@ export class KernelFuse {
       case Op.REMOVEXATTR: return this.union.removexattr(this.path(h.nodeid), r.name()).then(() => undefined);
       case Op.ACCESS: this.union.access(this.path(h.nodeid)); return undefined;
       case Op.CREATE: {
-        const flags = r.u32();
+        r.skip(4); // flags: the union's create always opens read-write
         const mode = r.u32();
         r.skip(8);
-        return this.create(h, r.name(), flags, mode);
+        return this.create(h, r.name(), mode);
       }
       case Op.OPENDIR: return this.opendir(h.nodeid);
       case Op.READDIR: return this.readdir(h.nodeid, req, false);
@@ -234,13 +234,13 @@ export class KernelFuse {
 
   private path(nodeid: number): string {
     const path = this.nodes.pathOf(nodeid);
-    if (path === undefined) throw Object.assign(new Error(`node ${nodeid} has no name`), { code: 'ENOENT' });
+    if (path === undefined) throw fsError('ENOENT', `node ${nodeid}`, 'path of node');
     return path;
   }
 
   private childPath(parent: number, name: string): string {
     const path = this.nodes.childPath(parent, name);
-    if (path === undefined) throw Object.assign(new Error(`node ${parent} has no name`), { code: 'ENOENT' });
+    if (path === undefined) throw fsError('ENOENT', `node ${parent}/${name}`, 'path of node');
     return path;
   }
 
@@ -316,7 +316,7 @@ export class KernelFuse {
   /** A name of an open file that is about to disappear: move it aside until the last close. */
   private async hideIfOpen(node: FuseNode | undefined, parent: number, name: string): Promise<boolean> {
     if (node === undefined || node.openHandles === 0 || node.names.length !== 1) return false;
-    const hidden = `.fuse_hidden${node.id.toString(16).padStart(8, '0')}${(this.hiddenCounter++).toString(16).padStart(8, '0')}`;
+    const hidden = `${FUSE_HIDDEN_PREFIX}${node.id.toString(16).padStart(8, '0')}${(this.hiddenCounter++).toString(16).padStart(8, '0')}`;
     await this.union.rename(this.childPath(parent, name), this.childPath(parent, hidden));
     this.nodes.move(parent, name, parent, hidden);
     node.hiddenName = { parent, name: hidden };
@@ -331,15 +331,15 @@ export class KernelFuse {
   }
 
   private async rename(parent: number, name: string, newParent: number, newName: string, flags: number): Promise<Answer> {
-    if (flags & RENAME_EXCHANGE || flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE)) throw Object.assign(new Error('rename flags'), { code: 'EINVAL' });
     const src = this.childPath(parent, name);
     const dst = this.childPath(newParent, newName);
+    if (flags & RENAME_EXCHANGE || flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE)) throw fsError('EINVAL', src, `rename flags ${flags}`);
     if (flags & RENAME_NOREPLACE) {
       const exists = await this.stat(dst).then(() => true, () => false);
-      if (exists) throw Object.assign(new Error('exists'), { code: 'EEXIST' });
+      if (exists) throw fsError('EEXIST', dst, 'rename');
     }
     const target = this.nodes.find(newParent, newName);
-    if (target !== undefined && target.type !== 0o040000 && src !== dst) await this.hideIfOpen(target, newParent, newName);
+    if (target !== undefined && target.type !== TYPE_BITS.dir && src !== dst) await this.hideIfOpen(target, newParent, newName);
     await this.union.rename(src, dst);
     this.nodes.move(parent, name, newParent, newName);
     return undefined;
@@ -364,14 +364,14 @@ export class KernelFuse {
     const fh = await this.union.open(path, flags);
     const node = this.nodes.get(nodeid);
     this.opened(node, fh);
-    if (node && (flags & O_ACCMODE) !== 0) {
+    if (node && opensForWriting(flags)) {
       // Opening for writing copied the file up: its inode number is the upper one now.
       this.nodes.noteIno(node, (await this.stat(path).catch(() => undefined))?.ino ?? node.ino);
     }
     return openOut(fh, this.openFlags());
   }
 
-  private async create(h: RequestHeader, name: string, _flags: number, mode: number): Promise<Answer> {
+  private async create(h: RequestHeader, name: string, mode: number): Promise<Answer> {
     const path = this.childPath(h.nodeid, name);
     const fh = await this.union.create(path, mode, ownerOf(h));
     let st: UnionStat;
@@ -426,9 +426,9 @@ export class KernelFuse {
 
   private async getxattr(nodeid: number, name: string, size: number): Promise<Answer> {
     const value = await this.union.getxattr(this.path(nodeid), name);
-    if (value === undefined) throw Object.assign(new Error('no such attribute'), { code: 'ENODATA' });
+    if (value === undefined) throw fsError('ENODATA', this.path(nodeid), `getxattr ${name}`);
     if (size === 0) return u32Out(value.length);
-    if (value.length > size) throw Object.assign(new Error('too small'), { code: 'ERANGE' });
+    if (value.length > size) throw fsError('ERANGE', this.path(nodeid), `getxattr ${name}`);
     return value;
   }
 
@@ -436,25 +436,27 @@ export class KernelFuse {
     const names = await this.union.listxattr(this.path(nodeid));
     const list = Buffer.from(names.map((n) => `${n}\0`).join(''));
     if (size === 0) return u32Out(list.length);
-    if (list.length > size) throw Object.assign(new Error('too small'), { code: 'ERANGE' });
+    if (list.length > size) throw fsError('ERANGE', this.path(nodeid), 'listxattr');
     return list;
   }
 
   // ---- directories --------------------------------------------------------------
 
   private opendir(nodeid: number): Answer {
-    if (!this.options.contentMayChange) throw NOT_IMPLEMENTED; // zero-message opendir
+    // Only a live layer's mounts open directories (the others negotiated
+    // zero-message opendir): no kernel directory cache for them.
+    if (!this.options.contentMayChange) throw NOT_IMPLEMENTED;
     // The listing is taken once per open, so offsets stay valid while it is read.
     const listing = this.union.readdir(this.path(nodeid));
     const fh = this.nextDirHandle++;
     this.dirs.set(fh, { listing, nodeid });
-    return openOut(fh, this.options.contentMayChange ? 0 : FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE);
+    return openOut(fh, 0);
   }
 
   private listingOf(nodeid: number, fh: number, offset: number): DirHandle {
     if (fh !== 0) {
       const dir = this.dirs.get(fh);
-      if (dir === undefined) throw Object.assign(new Error('bad directory handle'), { code: 'EBADF' });
+      if (dir === undefined) throw fsError('EBADF', `node ${nodeid}`, `readdir of handle ${fh}`);
       return dir;
     }
     let listing = offset === 0 ? undefined : this.listings.get(nodeid);
@@ -485,7 +487,7 @@ export class KernelFuse {
     const dirPath = this.path(dir.nodeid);
     const attrs = await Promise.all(names.slice(offset, end).map((name) => (name === '.' || name === '..'
       ? undefined
-      : this.stat(dirPath === '' ? name : `${dirPath}/${name}`).catch(() => undefined))));
+      : this.stat(joinPath(dirPath, name)).catch(() => undefined))));
     let at = 0;
     for (let i = offset; i < end; i++) {
       const st = attrs[i - offset];

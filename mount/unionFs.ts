@@ -65,11 +65,17 @@ const OPEN_FILE_PATH = '\0open-file';
 
 export const XATTR_CREATE = 1;
 export const XATTR_REPLACE = 2;
-const NO_OWNER_CHANGE = 0xffffffff;
+/** chown's "leave this id alone" ((uid_t) -1), as the FUSE bindings pass it. */
+export const NO_OWNER_CHANGE = 0xffffffff;
 const S_ISGID = 0o2000;
 
 /** Flags kept when opening an upper file for a FUSE open (offsets come from the kernel, so no O_APPEND). */
 const OPEN_FLAGS_KEPT = O_ACCMODE | fsConstants.O_TRUNC | fsConstants.O_SYNC | fsConstants.O_DSYNC;
+
+/** Whether open(2) with `flags` may change the file (and so copies it up). */
+export function opensForWriting(flags: number): boolean {
+  return (flags & O_ACCMODE) !== fsConstants.O_RDONLY || (flags & fsConstants.O_TRUNC) !== 0;
+}
 
 function sameInode(a: UnionNode, b: UnionNode): boolean {
   if (a.upper && b.upper) return a.upperStIno === b.upperStIno;
@@ -256,8 +262,7 @@ export class UnionFs {
   open(path: string, flags: number): Promise<number> {
     const node = this.node(path, 'open');
     if (node.kind === 'dir') return Promise.reject(fsError('EISDIR', path, 'open'));
-    const writes = (flags & O_ACCMODE) !== fsConstants.O_RDONLY || (flags & fsConstants.O_TRUNC) !== 0;
-    if (!writes) return node.upper ? this.openUpper(path, node, flags) : this.openLower(node);
+    if (!opensForWriting(flags)) return node.upper ? this.openUpper(path, node, flags) : this.openLower(node);
     return this.mutate(path, 'open', async () => {
       const current = await this.copyUp(path);
       this.dropKilledXattrs(current); // writing drops security.capability
