@@ -6,10 +6,11 @@
  * upper. A mount counts as ready once it shows in /proc/self/mountinfo.
  */
 import { type ChildProcess, execFile, spawn } from 'node:child_process';
-import { mkdir, readFile } from 'node:fs/promises';
+import { mkdir } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { promisify } from 'node:util';
-import { clearDeadMount, findMount, parseMountinfo } from '../mount/deadMount.js';
+import { clearDeadMount, findMount } from '../mount/deadMount.js';
+export { clearMountsUnder } from '../mount/deadMount.js';
 import { StoreOperations } from '../storage/operations.js';
 import { Store } from '../storage/store.js';
 import { overlayLower } from '../test/support/overlayLower.js';
@@ -121,12 +122,6 @@ export async function mountStack(impl: Impl, stack: LayerStack, base: string, op
   }
 }
 
-/** Never leave a mount behind: clear (abort + lazy unmount) everything mounted under `dir`, innermost first. */
-export async function clearMountsUnder(dir: string): Promise<number> {
-  const entries = parseMountinfo(await readFile('/proc/self/mountinfo', 'utf8')).filter((e) => e.mountpoint.startsWith(dir + '/'));
-  for (const e of entries.reverse()) await clearDeadMount(e.mountpoint).catch(() => undefined);
-  return entries.length;
-}
 
 /** debian-multi:latest from the corpus, imported into a store under `work`, with its overlayfs lowers. */
 export async function debianMultiStack(work: string): Promise<LayerStack> {

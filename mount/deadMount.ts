@@ -9,6 +9,7 @@
 import { execFile } from 'node:child_process';
 import { access, readFile, statfs, writeFile } from 'node:fs/promises';
 import { resolve } from 'node:path';
+import { isWithin } from './paths.js';
 
 export interface MountInfoEntry {
   mountpoint: string;
@@ -86,4 +87,16 @@ export async function clearDeadMount(mountpoint: string): Promise<boolean> {
   }
   await run('umount', ['-l', resolve(mountpoint)]);
   return true;
+}
+
+/**
+ * Clear (abort + lazy unmount) every mount at or below `dir`, innermost
+ * first; returns how many there were. For tests and benchmarks, which must
+ * never leave a mount behind, whatever failed.
+ */
+export async function clearMountsUnder(dir: string): Promise<number> {
+  const root = resolve(dir);
+  const entries = parseMountinfo(await readFile('/proc/self/mountinfo', 'utf8')).filter((e) => isWithin(e.mountpoint, root));
+  for (const e of entries.reverse()) await clearDeadMount(e.mountpoint).catch(() => undefined);
+  return entries.length;
 }
