@@ -54,6 +54,7 @@ bench: deps build
 	node dist/bench/rss.js
 	node dist/bench/fuseFloor.js
 	node dist/bench/seqRead.js
+	node dist/bench/mountApi.js
 
 clean:
 	rm -rf dist

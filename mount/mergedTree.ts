@@ -46,9 +46,9 @@ export class UnionNode {
   /** Cached xattrs of the upper file; undefined = read from disk when asked. */
   upperXattrs: XattrMap | undefined;
 
-  constructor(readonly kind: EntryKind, lower: LowerObject | undefined) {
+  constructor(readonly kind: EntryKind, lower: LowerObject | undefined, children?: Iterable<string>) {
     this.lower = lower;
-    this.children = kind === 'dir' ? new Set() : undefined;
+    this.children = kind === 'dir' ? new Set(children) : undefined;
   }
 }
 
@@ -57,40 +57,93 @@ export function inventedDirEntry(path: string): LayerEntry {
 }
 
 export class MergedTree {
-  readonly nodes = new Map<string, UnionNode>();
-  readonly root: UnionNode;
+  /**
+   * Nodes by path. Over a base: only the paths read or changed through this
+   * tree, and `null` for a path removed here that the base still holds.
+   */
+  private readonly nodes = new Map<string, UnionNode | null>();
+  /** A merge shared with other trees (never changed), that this one changes on top of. */
+  private readonly base: MergedTree | undefined;
+  /** The base's lower objects → this tree's copies (one per hard-link group, as in the base). */
+  private readonly objects = new Map<LowerObject, LowerObject>();
+  /** Set once another tree is built over this one: from then on it must not change. */
+  private frozen = false;
   /** Index entries skipped because they made no sense (hard link to nothing, ...). */
   skipped = 0;
 
-  constructor() {
-    this.root = new UnionNode('dir', { entry: inventedDirEntry(''), source: undefined, ino: ROOT_INO, names: new Set() });
-    this.nodes.set('', this.root);
+  /**
+   * A new tree: empty (just the root), or one that shows `base` and keeps its
+   * own changes apart. `base` is frozen by this: mounts of the same layers all
+   * build on one merge, and each copies only the nodes it touches (reading a
+   * node copies it too, since callers change the nodes they get).
+   */
+  constructor(base?: MergedTree) {
+    if (base !== undefined) {
+      if (base.base !== undefined) throw new Error('a merged tree can only be built over a tree without a base');
+      base.frozen = true;
+      this.base = base;
+      this.skipped = base.skipped;
+    } else {
+      this.nodes.set('', new UnionNode('dir', { entry: inventedDirEntry(''), source: undefined, ino: ROOT_INO, names: new Set() }));
+    }
   }
 
   get(path: string): UnionNode | undefined {
-    return this.nodes.get(path);
+    const own = this.nodes.get(path);
+    if (own !== undefined) return own ?? undefined;
+    const shared = this.base?.nodes.get(path);
+    if (shared == null) return undefined;
+    const copy = new UnionNode(shared.kind, this.ownObject(shared.lower), shared.children);
+    copy.upper = shared.upper;
+    copy.upperStIno = shared.upperStIno;
+    copy.opaque = shared.opaque;
+    copy.upperXattrs = shared.upperXattrs;
+    this.nodes.set(path, copy);
+    return copy;
+  }
+
+  /** This tree's copy of a lower object of the base (names of one hard-link group keep sharing one). */
+  private ownObject(object: LowerObject | undefined): LowerObject | undefined {
+    if (object === undefined) return undefined;
+    let copy = this.objects.get(object);
+    if (copy === undefined) {
+      copy = { entry: object.entry, source: object.source, ino: object.ino, names: new Set(object.names) };
+      this.objects.set(object, copy);
+    }
+    return copy;
+  }
+
+  private set(path: string, node: UnionNode): void {
+    if (this.frozen) throw new Error(`a merge shared by mounts must not change (at '${path}')`);
+    this.nodes.set(path, node);
+  }
+
+  private forget(path: string): void {
+    if (this.frozen) throw new Error(`a merge shared by mounts must not change (at '${path}')`);
+    if (this.base?.nodes.has(path)) this.nodes.set(path, null);
+    else this.nodes.delete(path);
   }
 
   /** Add `node` at `path`; the parent must be a directory node. */
   insert(path: string, node: UnionNode): void {
-    this.nodes.set(path, node);
-    this.nodes.get(parentOf(path))!.children!.add(baseName(path));
+    this.set(path, node);
+    this.get(parentOf(path))!.children!.add(baseName(path));
     if (node.lower !== undefined && node.kind !== 'dir') node.lower.names.add(path);
   }
 
   /** Remove `path` and everything below it. */
   removeSubtree(path: string): void {
-    const node = this.nodes.get(path);
+    const node = this.get(path);
     if (node === undefined || path === '') return;
     this.dropDescendants(path, node);
-    this.nodes.delete(path);
+    this.forget(path);
     if (node.lower !== undefined && node.kind !== 'dir') node.lower.names.delete(path);
-    this.nodes.get(parentOf(path))?.children?.delete(baseName(path));
+    this.get(parentOf(path))?.children?.delete(baseName(path));
   }
 
   /** Remove everything below directory `path` (an opaque marker's effect). */
   clearChildren(path: string): void {
-    const node = this.nodes.get(path);
+    const node = this.get(path);
     if (node?.children === undefined) return;
     for (const name of [...node.children]) this.removeSubtree(joinPath(path, name));
   }
@@ -99,9 +152,9 @@ export class MergedTree {
     if (node.children === undefined) return;
     for (const name of node.children) {
       const childPath = joinPath(path, name);
-      const child = this.nodes.get(childPath)!;
+      const child = this.get(childPath)!;
       this.dropDescendants(childPath, child);
-      this.nodes.delete(childPath);
+      this.forget(childPath);
       if (child.lower !== undefined && child.kind !== 'dir') child.lower.names.delete(childPath);
     }
     node.children.clear();
@@ -109,31 +162,31 @@ export class MergedTree {
 
   /** Re-key the subtree at `src` to `dst` (the parent of dst must exist, dst must not). */
   move(src: string, dst: string): void {
-    const node = this.nodes.get(src)!;
+    const node = this.get(src)!;
     const moved: Array<[string, UnionNode]> = [];
     const collect = (p: string, n: UnionNode): void => {
       moved.push([p, n]);
-      if (n.children) for (const name of n.children) collect(joinPath(p, name), this.nodes.get(joinPath(p, name))!);
+      if (n.children) for (const name of n.children) collect(joinPath(p, name), this.get(joinPath(p, name))!);
     };
     collect(src, node);
-    this.nodes.get(parentOf(src))!.children!.delete(baseName(src));
+    this.get(parentOf(src))!.children!.delete(baseName(src));
     for (const [p, n] of moved) {
-      this.nodes.delete(p);
+      this.forget(p);
       if (n.lower !== undefined && n.kind !== 'dir') n.lower.names.delete(p);
     }
     for (const [p, n] of moved) {
       const q = dst + p.slice(src.length);
-      this.nodes.set(q, n);
+      this.set(q, n);
       if (n.lower !== undefined && n.kind !== 'dir') n.lower.names.add(q);
     }
-    this.nodes.get(parentOf(dst))!.children!.add(baseName(dst));
+    this.get(parentOf(dst))!.children!.add(baseName(dst));
   }
 
   /** Make every ancestor of `path` a directory, inventing missing ones. */
   ensureParents(path: string, invent: (dirPath: string) => UnionNode): void {
     const parent = parentOf(path);
     if (parent === '' ) return;
-    const existing = this.nodes.get(parent);
+    const existing = this.get(parent);
     if (existing?.kind === 'dir') return;
     this.ensureParents(parent, invent);
     if (existing !== undefined) this.removeSubtree(parent);
@@ -153,15 +206,15 @@ export class MergedTree {
       const ino = inos.take();
       const path = normalizeIndexPath(entry.path);
       if (path === '') {
-        if (entry.kind === 'dir') this.root.lower = { entry, source, ino: ROOT_INO, names: new Set() };
+        if (entry.kind === 'dir') this.get('')!.lower = { entry, source, ino: ROOT_INO, names: new Set() };
         else this.skipped++;
         continue;
       }
       this.ensureParents(path, invent);
-      const existing = this.nodes.get(path);
+      const existing = this.get(path);
 
       if (entry.link !== undefined) {
-        const target = this.nodes.get(normalizeIndexPath(entry.link));
+        const target = this.get(normalizeIndexPath(entry.link));
         if (target === undefined || target.kind === 'dir' || target.lower === undefined || target === existing) {
           this.skipped++;
           continue;
@@ -195,7 +248,7 @@ export class MergedTree {
     }
     for (const entry of scanned.index.entries) {
       const path = entry.path;
-      let node = this.nodes.get(path);
+      let node = this.get(path);
       if (node === undefined || node.kind !== 'dir' || entry.kind !== 'dir') {
         this.ensureParents(path, () => new UnionNode('dir', undefined)); // never needed: the walk lists parents first
         if (node !== undefined) this.removeSubtree(path);
@@ -208,7 +261,7 @@ export class MergedTree {
       if (entry.kind !== 'dir') node.lower = undefined;
     }
     for (const path of scanned.index.opaques) {
-      const node = this.nodes.get(path);
+      const node = this.get(path);
       if (node !== undefined) node.opaque = true;
     }
     return whiteouts;
@@ -216,8 +269,9 @@ export class MergedTree {
 
   /** Kind of every path, as a snapshot (used to know what the lower layers hold). */
   snapshotKinds(): Map<string, EntryKind> {
+    if (this.base !== undefined) throw new Error('snapshotKinds needs a tree without a base');
     const kinds = new Map<string, EntryKind>();
-    for (const [path, node] of this.nodes) kinds.set(path, node.kind);
+    for (const [path, node] of this.nodes) kinds.set(path, node!.kind);
     return kinds;
   }
 }

@@ -33,8 +33,10 @@ import { createLogger, type Logger } from '../common/log.js';
 import { ErrorCodes, LayerdError, isLayerdError } from '../common/errors.js';
 import { LAYER_TAR, type LayerSource, tarLayerSource } from '../storage/layerIndex.js';
 import { readLayerIndex } from '../storage/store.js';
+import { LowerMergeCache } from './lowerMerges.js';
 import { mountUnion, type MountedUnion } from './mountUnion.js';
 import { OpStats } from './opStats.js';
+import { warmUpMounting } from './warmUp.js';
 
 export const EXITING = 'EXITING';
 const IDLE_EXIT_MS = 5_000;
@@ -67,6 +69,8 @@ class MountHost {
   private readonly pending = new Set<string>();
   /** Layer indexes by directory, loaded once and shared by every mount. */
   private readonly layers = new Map<string, Promise<LayerSource>>();
+  /** Their merge, kept: a host's next mount of the same image only clones it. */
+  private readonly lowerMerges = new LowerMergeCache();
   private exiting = false;
   private idleTimer: NodeJS.Timeout | undefined;
   private readonly statsTimer: NodeJS.Timeout;
@@ -137,7 +141,7 @@ class MountHost {
       const layers = await Promise.all(request.layers.map((dir) => this.layer(dir)));
       const stats = request.statsFile !== undefined ? new OpStats() : undefined;
       const mounted = await mountUnion({
-        layers, upper: request.upper, mountpoint, readOnly: request.readOnly ?? false, logger: this.logger,
+        layers, upper: request.upper, mountpoint, readOnly: request.readOnly ?? false, logger: this.logger, lowerMerges: this.lowerMerges,
         ...(stats ? { stats } : {}), ...(request.liveLayer !== undefined ? { liveLayer: request.liveLayer } : {}),
         ...(typeof request.cacheSeconds === 'number' ? { cacheSeconds: request.cacheSeconds } : {}),
       });
@@ -267,6 +271,7 @@ export async function mountHostCommand(argv: string[]): Promise<number> {
   });
   process.stdout.write(`ready ${socketPath}\n`);
   logger.info('mount host ready', { socket: socketPath, pid: process.pid });
+  if (spare) void warmUpMounting().catch((err: unknown) => logger.warn('warm-up failed', { error: String(err) }));
   const stop = (): void => { void host.shutdown('signal'); };
   process.once('SIGTERM', stop);
   process.once('SIGINT', stop);

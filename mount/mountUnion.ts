@@ -10,6 +10,7 @@ import { readFile } from 'node:fs/promises';
 import { LayerdFuse } from './fuseAdapter.js';
 import { KernelFuse } from './kernelFuse.js';
 import { LiveLayer } from './liveLayer.js';
+import type { LowerMergeCache } from './lowerMerges.js';
 import { UnionFs } from './unionFs.js';
 import type { OpStats } from './opStats.js';
 import { resolve } from 'node:path';
@@ -28,6 +29,8 @@ export interface MountUnionOptions {
   stats?: OpStats;
   /** A host directory served as the top read-only layer and kept current as it changes. */
   liveLayer?: string;
+  /** Merges of lower layers kept between mounts of the same layers (not used with a live layer, whose layers change). */
+  lowerMerges?: LowerMergeCache;
 }
 
 export interface MountedUnion {
@@ -80,17 +83,21 @@ export async function mountUnion(options: MountUnionOptions): Promise<MountedUni
     logger.warn('clearing a dead mount left at the mountpoint', { mountpoint });
     await clearDeadMount(mountpoint);
   }
+  const started = performance.now();
   let union: UnionFs | undefined;
   const live = options.liveLayer === undefined ? undefined : await LiveLayer.start(options.liveLayer, async (source) => {
     await union?.replaceLayers([...options.layers, source]);
     logger.debug('live layer changed', { dir: options.liveLayer, entries: source.index.entries.length });
   }, logger);
   try {
-    union = await UnionFs.create({ layers: live ? [...options.layers, live.source] : options.layers, upper, readOnly });
+    union = await UnionFs.create(live
+      ? { layers: [...options.layers, live.source], upper, readOnly }
+      : { layers: options.layers, upper, readOnly, ...(options.lowerMerges ? { lowerMerges: options.lowerMerges } : {}) });
   } catch (err) {
     await live?.close();
     throw err;
   }
+  const merged = performance.now();
   if (union.skippedEntries > 0) logger.warn('index entries ignored while merging', { count: union.skippedEntries });
   // A live layer changes under the kernel's caches: keep them short, so an edit shows within a second.
   const cacheSeconds = options.cacheSeconds ?? (live ? LIVE_CACHE_SECONDS : undefined);
@@ -104,7 +111,10 @@ export async function mountUnion(options: MountUnionOptions): Promise<MountedUni
     throw err;
   }
   const mergedUnion = union;
-  logger.info('mounted', { mountpoint, layers: options.layers.length, readOnly, ...(live ? { liveLayer: live.dir } : {}) });
+  logger.info('mounted', {
+    mountpoint, layers: options.layers.length, readOnly, ...(live ? { liveLayer: live.dir } : {}),
+    mergeMs: Math.round(merged - started), serveMs: Math.round(performance.now() - merged),
+  });
 
   let markGone!: () => void;
   const gone = new Promise<void>((done) => { markGone = done; });

@@ -34,8 +34,13 @@ export function isWithin(path: string, dir: string): boolean {
   return dir === '' || path === dir || path.startsWith(dir + '/');
 }
 
+/** An empty or `.` component: `/a`, `a//b`, `a/`, `./a`, `a/./b`, `.`, "". */
+const ODD_COMPONENT = /(?:^|\/)\.?(?:\/|$)/;
+
 /** Normalise an index path (`./a/b/`, `a//b`) to the union convention. */
 export function normalizeIndexPath(path: string): string {
+  // Indexes written by the importer are normal already: check before building anything (mount time).
+  if (!ODD_COMPONENT.test(path)) return path;
   return path.split('/').filter((c) => c !== '' && c !== '.').join('/');
 }
 

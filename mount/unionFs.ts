@@ -23,8 +23,8 @@ import {
 import { readlink, statfs, truncate } from 'node:fs/promises';
 import { type EntryKind, type LayerEntry, type LayerSource, xattrBytes } from '../storage/layerIndex.js';
 import { fsError } from './fsError.js';
-import { LowerInoAllocator } from './inodes.js';
 import { devMajor, devMinor, scanDirectory, type MarkerStyle } from './lowerDir.js';
+import { type LowerMergeCache, mergeLayers } from './lowerMerges.js';
 import { MergedTree, UnionNode } from './mergedTree.js';
 import { KIND_OF_TYPE, S_IFMT, TYPE_BITS, inoOf, lowerStat, upperStat, type UnionStat } from './nodeStats.js';
 import { OpenFiles, callback as call } from './openFiles.js';
@@ -51,6 +51,8 @@ export interface UnionFsOptions {
   layers: readonly LayerSource[];
   upper: string;
   readOnly?: boolean;
+  /** Where merges of lower layers are kept between mounts of the same layers (a mount host's). */
+  lowerMerges?: LowerMergeCache;
 }
 
 export type { UnionStat } from './nodeStats.js';
@@ -82,23 +84,24 @@ function sameInode(a: UnionNode, b: UnionNode): boolean {
   return !a.upper && !b.upper && a.lower === b.lower;
 }
 
-async function merge(layers: readonly LayerSource[], upperDir: string): Promise<{
-  tree: MergedTree; lowerKinds: Map<string, EntryKind>; upperWhiteouts: Map<string, MarkerStyle>; upperRoot: string;
+async function merge(layers: readonly LayerSource[], upperDir: string, lowerMerges?: LowerMergeCache): Promise<{
+  tree: MergedTree; lowerKinds: ReadonlyMap<string, EntryKind>; upperWhiteouts: Map<string, MarkerStyle>; upperRoot: string;
 }> {
-  const tree = new MergedTree();
-  const inos = new LowerInoAllocator();
-  for (const layer of layers) tree.addLayer(layer, inos);
-  const lowerKinds = tree.snapshotKinds();
-  const scanned = await scanDirectory(upperDir, 'upper');
+  // The upper's walk (and its getfattr process) runs while the lower layers merge.
+  const scanning = scanDirectory(upperDir, 'upper');
+  scanning.catch(() => undefined); // awaited below; not "unhandled" if merging throws first
+  const lower = lowerMerges?.get(layers) ?? mergeLayers(layers);
+  const tree = new MergedTree(lower.tree); // this mount's changes, over the lower merge (shared with other mounts, never changed)
+  const scanned = await scanning;
   const upperWhiteouts = tree.addUpper(scanned);
-  return { tree, lowerKinds, upperWhiteouts, upperRoot: scanned.root };
+  return { tree, lowerKinds: lower.kinds, upperWhiteouts, upperRoot: scanned.root };
 }
 
 export class UnionFs {
   // The three below are replaced together when the lower layers change (a live layer).
   private tree: MergedTree;
   /** What the lower layers alone hold at each path (decides whether a deletion needs a whiteout). */
-  private lowerKinds: Map<string, EntryKind>;
+  private lowerKinds: ReadonlyMap<string, EntryKind>;
   /** Whiteouts present in the upper dir, and how they are written there. */
   private upperWhiteouts: Map<string, MarkerStyle>;
   private readonly upper: UpperDir;
@@ -106,7 +109,7 @@ export class UnionFs {
   private readonly files = new OpenFiles();
   private lock: Promise<unknown> = Promise.resolve();
 
-  private constructor(tree: MergedTree, lowerKinds: Map<string, EntryKind>, upperWhiteouts: Map<string, MarkerStyle>, upper: UpperDir, readOnly: boolean) {
+  private constructor(tree: MergedTree, lowerKinds: ReadonlyMap<string, EntryKind>, upperWhiteouts: Map<string, MarkerStyle>, upper: UpperDir, readOnly: boolean) {
     this.tree = tree;
     this.lowerKinds = lowerKinds;
     this.upperWhiteouts = upperWhiteouts;
@@ -116,7 +119,7 @@ export class UnionFs {
 
   /** Merge the layers and the current upper dir (one walk of the upper, none of the layers). */
   static async create(options: UnionFsOptions): Promise<UnionFs> {
-    const merged = await merge(options.layers, options.upper);
+    const merged = await merge(options.layers, options.upper, options.lowerMerges);
     return new UnionFs(merged.tree, merged.lowerKinds, merged.upperWhiteouts, new UpperDir(merged.upperRoot), options.readOnly ?? false);
   }
 

@@ -79,7 +79,7 @@ describe('daemon: mount hosts', function () {
     work = await scratch();
     daemon = await daemonWithDebianMulti(work.dir);
   });
-  after(() => tearDown(daemon, ['h1', 'h2', 'h3'], work));
+  after(() => tearDown(daemon, ['h1', 'h2', 'h3', 'h4'], work));
   const ctl = (...args: string[]) => layerctl(['--socket', daemon!.socket, ...args]);
   const serverOf = async (id: string): Promise<number> =>
     (JSON.parse((await ctl('ps', '--json')).stdout) as Array<{ id: string; serverPid: number }>).find((c) => c.id === id)!.serverPid;
@@ -101,6 +101,25 @@ describe('daemon: mount hosts', function () {
     expect(await serverOf('h3')).to.not.equal(await serverOf('h1'));
     await execFileAsync('sh', ['-c', `echo mine > ${join(work.dir, 'mounts', 'h1', 'only-h1')}`]);
     expect((await execFileAsync('ls', [join(work.dir, 'mounts', 'h2')])).stdout).to.not.include('only-h1');
+  });
+
+  it('keeps the image\'s containers apart although their host merged the layers once: deletions, renames and hard links', async () => {
+    const [h1, h2] = ['h1', 'h2'].map((id) => join(work.dir, 'mounts', id));
+    // Lower content changed in h1 only: a file deleted, a directory renamed, one name of a hard-link group removed.
+    await execFileAsync('sh', ['-c', `rm ${h1}/etc/os-release && mv ${h1}/usr/share/zoneinfo ${h1}/usr/share/tz && ln ${h1}/usr/bin/perl ${h1}/perl-too`]);
+    const links = async (dir: string): Promise<string> => (await execFileAsync('stat', ['-c', '%h', join(dir, 'usr', 'bin', 'perl')])).stdout.trim();
+    expect(await links(h1)).to.equal('3');
+    expect(await links(h2)).to.equal('2');
+    expect((await execFileAsync('sh', ['-c', `ls -d ${h2}/etc/os-release ${h2}/usr/share/zoneinfo/UTC; ls ${h2}/usr/share | grep -c '^tz$' || true`])).stdout)
+      .to.equal(`${h2}/etc/os-release\n${h2}/usr/share/zoneinfo/UTC\n0\n`);
+    // A container created now starts from the untouched merge.
+    expect((await ctl('create', 'debian-multi:latest', '--name', 'h4')).code).to.equal(0);
+    expect(await serverOf('h4')).to.equal(await serverOf('h1'));
+    const h4 = join(work.dir, 'mounts', 'h4');
+    expect((await execFileAsync('sh', ['-c', `grep -c VERSION_CODENAME=bookworm ${h4}/etc/os-release; ls -d ${h4}/usr/share/zoneinfo; [ -e ${h4}/usr/share/tz ] || echo no-tz`])).stdout)
+      .to.equal(`1\n${h4}/usr/share/zoneinfo\nno-tz\n`);
+    expect(await links(h4)).to.equal('2');
+    expect((await ctl('rm', 'h4')).code).to.equal(0);
   });
 
   it('lets a host leave once its last container is removed', async () => {

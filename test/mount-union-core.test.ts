@@ -9,6 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { type LayerEntry, type LayerSource, tarLayerSource } from '../storage/layerIndex.js';
 import { FsError } from '../mount/fsError.js';
+import { LowerMergeCache } from '../mount/lowerMerges.js';
 import { UnionFs, type UnionStat } from '../mount/unionFs.js';
 
 interface FileSpec extends Partial<LayerEntry> { content?: string }
@@ -95,6 +96,14 @@ describe('mount union core (no FUSE)', () => {
       assert.equal(await readAll(fs, 'c'), 'c2'); // own entry survives own whiteout
     });
 
+    it('reads index paths in any spelling tar allows (./a, a//b, /c, a/./d)', async () => {
+      const l1 = layer({ './a/': { kind: 'dir' }, 'a//b': { content: 'B' }, '/c': { content: 'C' }, 'a/./d': { content: 'D' }, '.': { kind: 'dir' } });
+      const fs = await UnionFs.create({ layers: [l1], upper: freshUpper() });
+      assert.deepEqual(names(fs, ''), ['a', 'c']);
+      assert.deepEqual(names(fs, 'a'), ['b', 'd']);
+      assert.equal(await readAll(fs, 'a/d'), 'D');
+    });
+
     it('gives a merged directory the attributes of the topmost explicit entry, an invented parent 0755 root', async () => {
       const l1 = layer({ 'd/': { mode: 0o700, uid: 5, mtime: 100 }, 'd/f': {} });
       const l2 = layer({ 'd/g': {}, 'p/q/r': {} }); // no entry for d, p or p/q
@@ -149,6 +158,45 @@ describe('mount union core (no FUSE)', () => {
       assert.deepEqual(again.slice(0, 4), inos.slice(0, 4));
       assert.equal(again[4], (await stat(fs1, 'd/z')).ino);
       assert.equal(again[4]! >>> 31, 1); // upper numbers carry the top bit
+    });
+  });
+
+  describe('merges kept between mounts of the same layers', () => {
+    it('builds every mount over one kept merge: a mount\'s changes never show in another mount or in the kept merge', async () => {
+      const l1 = layer({ 'bin/': {}, 'bin/a': { content: 'AAA' }, 'bin/b': { link: 'bin/a' }, 'd/': {}, 'd/x': { content: 'X' }, 'gone': {} });
+      const l2 = layer({ 'bin/c': { link: 'bin/a' }, 'd/y': {} }, ['gone']);
+      const cache = new LowerMergeCache();
+      assert.equal(cache.get([l1, l2]), cache.get([l1, l2]), 'the same layers: the same merge');
+      assert.notEqual(cache.get([l1]), cache.get([l1, l2]));
+
+      const upper1 = freshUpper();
+      const fs1 = await UnionFs.create({ layers: [l1, l2], upper: upper1, lowerMerges: cache });
+      const fs2 = await UnionFs.create({ layers: [l1, l2], upper: freshUpper(), lowerMerges: cache });
+      await fs1.unlink('bin/b');
+      await fs1.rename('d', 'e');
+      await fs1.mkdir('new', 0o755);
+      assert.deepEqual(names(fs1, ''), ['bin', 'e', 'new']);
+      assert.equal((await stat(fs1, 'bin/a')).nlink, 2);
+
+      assert.deepEqual(names(fs2, ''), ['bin', 'd']);
+      assert.deepEqual(names(fs2, 'd'), ['x', 'y']);
+      assert.equal((await stat(fs2, 'bin/a')).nlink, 3);
+      assert.equal((await stat(fs2, 'bin/a')).ino, (await stat(fs2, 'bin/b')).ino);
+      assert.equal(await readAll(fs2, 'd/x'), 'X');
+
+      const kept = cache.get([l1, l2]).tree;
+      assert.deepEqual([...kept.get('')!.children!].sort(), ['bin', 'd']);
+      assert.equal(kept.get('bin/a')!.lower!.names.size, 3);
+      assert.throws(() => kept.removeSubtree('d'), /must not change/, 'the kept merge is frozen');
+
+      // A later mount of fs1's upper: the kept merge with that upper on top, the same view as fs1.
+      const fs3 = await UnionFs.create({ layers: [l1, l2], upper: upper1, lowerMerges: cache });
+      assert.deepEqual(names(fs3, ''), ['bin', 'e', 'new']);
+      assert.deepEqual(names(fs3, 'e'), ['x', 'y']);
+      assert.equal((await stat(fs3, 'bin/c')).nlink, 2);
+      // Same numbering as a merge made from scratch.
+      const fresh = await UnionFs.create({ layers: [l1, l2], upper: freshUpper() });
+      for (const p of ['', 'bin', 'bin/a', 'd/y']) assert.equal((await stat(fs2, p)).ino, (await stat(fresh, p)).ino, p);
     });
   });
 
