@@ -117,7 +117,7 @@ export function fuseOperations(fs: UnionFs, logger: Logger, caller: () => Owner 
       fs.read(fh, buf, len, pos).then(cb, (err: unknown) => cb(negativeErrno(err)));
     },
     write: (_path, fh, buf, len, pos, cb) => {
-      fs.write(fh, buf, len, pos).then(cb, (err: unknown) => cb(negativeErrno(err)));
+      Promise.resolve().then(() => fs.write(fh, buf, len, pos)).then(cb, (err: unknown) => cb(negativeErrno(err)));
     },
     // Nobody waits for a release's result: answer at once, close behind.
     release: (path, fh, cb) => {

@@ -187,9 +187,9 @@ export class KernelFuse {
         const fh = r.u64();
         const offset = r.u64();
         const size = r.u32();
-        // A copy: the request buffer is reused by the next read (fuseSession.ts).
-        const data = Buffer.from(r.skip(4 + 8 + 8).rest(size));
-        return this.union.write(fh, data, size, offset).then(u32Out);
+        // A view of the request buffer, which the next read reuses (fuseSession.ts): the union copies what it does not write at once.
+        const written = this.union.write(fh, r.skip(4 + 8 + 8).rest(size), size, offset);
+        return written instanceof Promise ? written.then(u32Out) : u32Out(written);
       }
       case Op.STATFS: return this.union.statfs().then((st) => statfsOut({
         blocks: st.blocks, bfree: st.bfree, bavail: st.bavail, files: st.files, ffree: st.ffree,

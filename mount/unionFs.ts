@@ -276,9 +276,10 @@ export class UnionFs {
   private async openLower(node: UnionNode): Promise<number> {
     const object = node.lower!;
     const content = object.source?.content(object.entry);
-    if (content === undefined) return this.files.add(-1, node, false);
+    if (content === undefined) return this.files.add({ fd: -1, node, upper: false });
     const fd = openSync(content.path, fsConstants.O_RDONLY);
-    return this.files.add(fd, node, false, content.offset === 0 && content.size === object.entry.size ? undefined : { offset: content.offset, size: content.size });
+    const whole = content.offset === 0 && content.size === object.entry.size;
+    return this.files.add(whole ? { fd, node, upper: false } : { fd, node, upper: false, range: { offset: content.offset, size: content.size } });
   }
 
   private async openUpper(path: string, node: UnionNode, flags: number): Promise<number> {
@@ -286,14 +287,15 @@ export class UnionFs {
     const kept = flags & OPEN_FLAGS_KEPT;
     // Truncating frees the file's blocks, which can take long: that one goes to the thread pool.
     const fd = (kept & fsConstants.O_TRUNC) === 0 ? openSync(hostPath, kept) : await call<number>((cb) => open(hostPath, kept, cb));
-    return this.files.add(fd, node, true);
+    return this.files.add({ fd, node, upper: true, durable: (kept & (fsConstants.O_SYNC | fsConstants.O_DSYNC)) !== 0 });
   }
 
   read(fh: number, buffer: Buffer, length: number, position: number): Promise<number> {
     return this.files.read(fh, buffer, length, position);
   }
 
-  write(fh: number, buffer: Buffer, length: number, position: number): Promise<number> {
+  /** `buffer` may be reused as soon as this returns (a write not done at once works on a copy). */
+  write(fh: number, buffer: Buffer, length: number, position: number): number | Promise<number> {
     this.dropKilledXattrs(this.files.get(fh).node); // writing drops security.capability
     return this.files.write(fh, buffer, length, position);
   }
@@ -470,7 +472,7 @@ export class UnionFs {
         try { unlinkSync(hostPath); } catch { /* the first error is the one to report */ }
         throw err;
       }
-      return this.files.add(fd, this.addUpperNode(path, 'file', ino), true);
+      return this.files.add({ fd, node: this.addUpperNode(path, 'file', ino), upper: true });
     });
   }
 
