@@ -37,8 +37,19 @@ export class FsError extends LayerdError {
   }
 }
 
+/**
+ * An FsError without a stack trace: these are routine answers (every
+ * negative lookup is an ENOENT), and capturing the stack costs several times
+ * more than the rest of making one. The errno, path and op say where it came from.
+ */
 export function fsError(errno: ErrnoName, path: string, op?: string): FsError {
-  return new FsError(errno, path, op);
+  const limit = Error.stackTraceLimit;
+  Error.stackTraceLimit = 0;
+  try {
+    return new FsError(errno, path, op);
+  } finally {
+    Error.stackTraceLimit = limit;
+  }
 }
 
 /** The errno name an error stands for (FsError, or a Node system error), if any. */
