@@ -97,7 +97,8 @@ export class Transaction {
     const workDir = this.nextDir();
     await mkdir(workDir);
     const ingested = await ingestLayer(async () => createReadStream(path, { highWaterMark: 1024 * 1024 }), {}, {
-      workDir, unpack: true, ...(options.storedBlob ? { storedBlob: path } : {}), ...(options.limits ? { limits: options.limits } : {}),
+      workDir, unpack: true, flushEarly: this.store.durable,
+      ...(options.storedBlob ? { storedBlob: path } : {}), ...(options.limits ? { limits: options.limits } : {}),
     });
     if (this.store.db.getLayer(ingested.diffId) !== undefined) {
       delete ingested.layerDir;
@@ -271,6 +272,7 @@ async function ingestManifestLayer(
       workDir,
       ...(storedBlob ? { storedBlob } : {}),
       unpack: !haveLayer,
+      flushEarly: tx.store.durable,
       ...(options.limits ? { limits: options.limits } : {}),
       ...(options.onProgress ? { onProgress: (bytes: number) => options.onProgress!({ type: 'layer-progress', digest: layer.digest, bytes, size: layer.size }) } : {}),
     },

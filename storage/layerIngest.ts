@@ -74,6 +74,11 @@ export interface IngestOptions {
   limits?: IngestLimits;
   /** Called with the number of compressed bytes read so far. */
   onProgress?: (bytes: number) => void;
+  /**
+   * Start writing each file to disk as soon as it is complete (for a store
+   * that syncs before it commits: that sync then finds the pages written).
+   */
+  flushEarly?: boolean;
 }
 
 export async function ingestLayer(source: () => Promise<Readable>, expected: LayerExpectation, options: IngestOptions): Promise<IngestedLayer> {
@@ -94,7 +99,7 @@ export async function ingestLayer(source: () => Promise<Readable>, expected: Lay
     const stages: unknown[] = [];
     if (compression !== 'none') stages.push(createDecompressor(compression));
     stages.push(diffHasher);
-    if (layerDir && compression !== 'none') stages.push(new FileTee(join(layerDir, LAYER_TAR)));
+    if (layerDir && compression !== 'none') stages.push(new FileTee(join(layerDir, LAYER_TAR), options.flushEarly === true));
     stages.push(unpacker ? unpacker.writable : discard());
     const done = (pipeline as (...s: unknown[]) => Promise<void>)(...stages).then(async () => { if (unpacker) await unpacker.done; });
     return { head: stages[0] as Writable, done };
@@ -109,7 +114,7 @@ export async function ingestLayer(source: () => Promise<Readable>, expected: Lay
   const stages: unknown[] = [stored ? createReadStream(stored, { highWaterMark: 1024 * 1024 }) : await source()];
   if (hasher) stages.push(hasher);
   if (options.onProgress && !stored) stages.push(progressStream(options.onProgress));
-  if (!stored) stages.push(new FileTee(blobPath));
+  if (!stored) stages.push(new FileTee(blobPath, options.flushEarly === true));
   stages.push(feed);
   const [read, parsed] = await Promise.allSettled([(pipeline as (...s: unknown[]) => Promise<void>)(...stages), feed.done]);
 
@@ -146,14 +151,17 @@ export async function ingestLayer(source: () => Promise<Readable>, expected: Lay
 }
 
 /**
- * Writes the bytes into a new file and passes them on. No fsync here: the
- * store syncs the whole filesystem once before an import becomes visible
- * (Store.commit), which is one flush instead of one per layer.
+ * Writes the bytes into a new file and passes them on. No fsync waited for
+ * here: the store syncs the whole filesystem once before an import becomes
+ * visible (Store.commit), which is one flush instead of one per layer. With
+ * `flushEarly`, an fdatasync of the complete file is started in the
+ * background, so that flush runs while the rest of the import does (a
+ * durable import of debian-multi: ~100 ms less, docs/performance.md).
  */
 class FileTee extends Transform {
   private handle: FileHandle | undefined;
 
-  constructor(private readonly path: string) {
+  constructor(private readonly path: string, private readonly flushEarly: boolean) {
     super({ highWaterMark: 1024 * 1024 });
   }
 
@@ -171,6 +179,12 @@ class FileTee extends Transform {
   override _flush(callback: TransformCallback): void {
     const h = this.handle!;
     this.handle = undefined;
+    if (this.flushEarly) {
+      // The file is complete: it may be renamed or removed while this runs. Errors are the store sync's to report.
+      void h.datasync().catch(() => undefined).finally(() => h.close().catch(() => undefined));
+      callback();
+      return;
+    }
     h.close().then(() => callback(), callback);
   }
 

@@ -84,6 +84,11 @@ export class Store {
     this.db.close();
   }
 
+  /** Whether commits wait for the disk (imports then start flushing their files early). */
+  get durable(): boolean {
+    return this.durability === 'full';
+  }
+
   // --- the ingest area ------------------------------------------------------
 
   /** A fresh private directory for one import; remove it with `releaseWorkDir`. */
