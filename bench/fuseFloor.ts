@@ -75,7 +75,7 @@ async function main(): Promise<void> {
     for (const dir of stack.layerDirs) tree.addLayer(tarLayerSource(await readLayerIndex(dir), join(dir, LAYER_TAR)), inos);
     const files = new Map<string, FuseStat>();
     const dirs = new Map<string, string[]>();
-    for (const path of tree.snapshotKinds().keys()) {
+    for (const path of tree.paths()) {
       const node = tree.get(path)!;
       const fusePath = '/' + path;
       files.set(path === '' ? '/' : fusePath, lowerStat(path, node) as FuseStat);

@@ -7,35 +7,28 @@
  * mount's tree is built over it (`new MergedTree(base)`) and copies only the
  * nodes it touches.
  */
-import type { EntryKind, LayerSource } from '../storage/layerIndex.js';
+import type { LayerSource } from '../storage/layerIndex.js';
 import { LowerInoAllocator } from './inodes.js';
 import { MergedTree } from './mergedTree.js';
 
-export interface LowerMerge {
-  /** The layers merged, bottom → top. Shared and frozen: mounts build their trees over it. */
-  readonly tree: MergedTree;
-  /** What the lower layers hold at each path (whether a deletion needs a whiteout). */
-  readonly kinds: ReadonlyMap<string, EntryKind>;
-}
-
-/** Merge `layers` (bottom → top) into a new tree. */
-export function mergeLayers(layers: readonly LayerSource[]): LowerMerge {
+/** Merge `layers` (bottom → top) into a new tree (frozen once a mount's tree is built over it). */
+export function mergeLayers(layers: readonly LayerSource[]): MergedTree {
   const tree = new MergedTree();
   const inos = new LowerInoAllocator();
   for (const layer of layers) tree.addLayer(layer, inos);
-  return { tree, kinds: tree.snapshotKinds() };
+  return tree;
 }
 
 /** Merges by layer stack (the identity of its LayerSource objects), the most recently used kept. */
 export class LowerMergeCache {
-  private readonly merges = new Map<string, LowerMerge>();
+  private readonly merges = new Map<string, MergedTree>();
   private readonly ids = new WeakMap<LayerSource, number>();
   private nextId = 1;
 
   constructor(private readonly limit = 2) {}
 
   /** The merge of `layers`, made now if it is not kept. */
-  get(layers: readonly LayerSource[]): LowerMerge {
+  get(layers: readonly LayerSource[]): MergedTree {
     const key = layers.map((l) => this.idOf(l)).join(',');
     let merge = this.merges.get(key);
     if (merge === undefined) {

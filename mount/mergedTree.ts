@@ -102,6 +102,11 @@ export class MergedTree {
     return copy;
   }
 
+  /** What the base (the lower layers' merge) holds at `path`, whatever this tree changed since. */
+  baseKind(path: string): EntryKind | undefined {
+    return this.base?.nodes.get(path)?.kind;
+  }
+
   /** This tree's copy of a lower object of the base (names of one hard-link group keep sharing one). */
   private ownObject(object: LowerObject | undefined): LowerObject | undefined {
     if (object === undefined) return undefined;
@@ -267,11 +272,9 @@ export class MergedTree {
     return whiteouts;
   }
 
-  /** Kind of every path, as a snapshot (used to know what the lower layers hold). */
-  snapshotKinds(): Map<string, EntryKind> {
-    if (this.base !== undefined) throw new Error('snapshotKinds needs a tree without a base');
-    const kinds = new Map<string, EntryKind>();
-    for (const [path, node] of this.nodes) kinds.set(path, node!.kind);
-    return kinds;
+  /** Every path of a tree without a base (the benchmarks walk a merge with it). */
+  paths(): IterableIterator<string> {
+    if (this.base !== undefined) throw new Error('paths() needs a tree without a base');
+    return this.nodes.keys();
   }
 }

@@ -69,7 +69,7 @@ class MountHost {
   private readonly pending = new Set<string>();
   /** Layer indexes by directory, loaded once and shared by every mount. */
   private readonly layers = new Map<string, Promise<LayerSource>>();
-  /** Their merge, kept: a host's next mount of the same image only clones it. */
+  /** Their merge, kept: each mount of the image builds its tree over it. */
   private readonly lowerMerges = new LowerMergeCache();
   private exiting = false;
   private idleTimer: NodeJS.Timeout | undefined;

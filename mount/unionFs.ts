@@ -85,23 +85,22 @@ function sameInode(a: UnionNode, b: UnionNode): boolean {
 }
 
 async function merge(layers: readonly LayerSource[], upperDir: string, lowerMerges?: LowerMergeCache): Promise<{
-  tree: MergedTree; lowerKinds: ReadonlyMap<string, EntryKind>; upperWhiteouts: Map<string, MarkerStyle>; upperRoot: string;
+  tree: MergedTree; upperWhiteouts: Map<string, MarkerStyle>; upperRoot: string;
 }> {
   // The upper's walk (and its getfattr process) runs while the lower layers merge.
   const scanning = scanDirectory(upperDir, 'upper');
   scanning.catch(() => undefined); // awaited below; not "unhandled" if merging throws first
   const lower = lowerMerges?.get(layers) ?? mergeLayers(layers);
-  const tree = new MergedTree(lower.tree); // this mount's changes, over the lower merge (shared with other mounts, never changed)
+  const tree = new MergedTree(lower); // this mount's changes, over the lower merge (shared with other mounts, never changed)
   const scanned = await scanning;
   const upperWhiteouts = tree.addUpper(scanned);
-  return { tree, lowerKinds: lower.kinds, upperWhiteouts, upperRoot: scanned.root };
+  return { tree, upperWhiteouts, upperRoot: scanned.root };
 }
 
 export class UnionFs {
-  // The three below are replaced together when the lower layers change (a live layer).
+  // The two below are replaced together when the lower layers change (a live layer).
+  /** The merged view; what the lower layers alone hold is its base (`baseKind`: whether a deletion needs a whiteout). */
   private tree: MergedTree;
-  /** What the lower layers alone hold at each path (decides whether a deletion needs a whiteout). */
-  private lowerKinds: ReadonlyMap<string, EntryKind>;
   /** Whiteouts present in the upper dir, and how they are written there. */
   private upperWhiteouts: Map<string, MarkerStyle>;
   private readonly upper: UpperDir;
@@ -109,9 +108,8 @@ export class UnionFs {
   private readonly files = new OpenFiles();
   private lock: Promise<unknown> = Promise.resolve();
 
-  private constructor(tree: MergedTree, lowerKinds: ReadonlyMap<string, EntryKind>, upperWhiteouts: Map<string, MarkerStyle>, upper: UpperDir, readOnly: boolean) {
+  private constructor(tree: MergedTree, upperWhiteouts: Map<string, MarkerStyle>, upper: UpperDir, readOnly: boolean) {
     this.tree = tree;
-    this.lowerKinds = lowerKinds;
     this.upperWhiteouts = upperWhiteouts;
     this.upper = upper;
     this.readOnly = readOnly;
@@ -120,7 +118,7 @@ export class UnionFs {
   /** Merge the layers and the current upper dir (one walk of the upper, none of the layers). */
   static async create(options: UnionFsOptions): Promise<UnionFs> {
     const merged = await merge(options.layers, options.upper, options.lowerMerges);
-    return new UnionFs(merged.tree, merged.lowerKinds, merged.upperWhiteouts, new UpperDir(merged.upperRoot), options.readOnly ?? false);
+    return new UnionFs(merged.tree, merged.upperWhiteouts, new UpperDir(merged.upperRoot), options.readOnly ?? false);
   }
 
   /**
@@ -133,7 +131,6 @@ export class UnionFs {
     return this.locked(async () => {
       const merged = await merge(layers, this.upper.root);
       this.tree = merged.tree;
-      this.lowerKinds = merged.lowerKinds;
       this.upperWhiteouts = merged.upperWhiteouts;
     });
   }
@@ -339,7 +336,7 @@ export class UnionFs {
 
   /** True when the lower layers show something at `path` that an upper deletion must white out. */
   private coversLower(path: string): boolean {
-    if (!this.lowerKinds.has(path)) return false;
+    if (this.tree.baseKind(path) === undefined) return false;
     for (const ancestor of ancestorsOf(path)) if (this.tree.get(ancestor)?.opaque) return false;
     return true;
   }
@@ -485,7 +482,7 @@ export class UnionFs {
       this.applyOwner(path, owner);
       chmodSync(hostPath, (mode & 0o7777) | (made.mode & S_ISGID)); // a setgid parent's bit carries over
       const node = this.addUpperNode(path, 'dir', made.ino);
-      if (this.lowerKinds.get(path) === 'dir' && this.coversLower(path)) {
+      if (this.tree.baseKind(path) === 'dir' && this.coversLower(path)) {
         this.upper.writeOpaqueMarker(path);
         node.opaque = true;
       }
@@ -592,7 +589,7 @@ export class UnionFs {
         }
       }
       const moved = this.tree.get(dst)!;
-      if (moved.kind === 'dir' && this.lowerKinds.get(dst) === 'dir' && this.coversLower(dst) && !moved.opaque) {
+      if (moved.kind === 'dir' && this.tree.baseKind(dst) === 'dir' && this.coversLower(dst) && !moved.opaque) {
         this.upper.writeOpaqueMarker(dst);
         moved.opaque = true;
       }

@@ -184,7 +184,7 @@ describe('mount union core (no FUSE)', () => {
       assert.equal((await stat(fs2, 'bin/a')).ino, (await stat(fs2, 'bin/b')).ino);
       assert.equal(await readAll(fs2, 'd/x'), 'X');
 
-      const kept = cache.get([l1, l2]).tree;
+      const kept = cache.get([l1, l2]);
       assert.deepEqual([...kept.get('')!.children!].sort(), ['bin', 'd']);
       assert.equal(kept.get('bin/a')!.lower!.names.size, 3);
       assert.throws(() => kept.removeSubtree('d'), /must not change/, 'the kept merge is frozen');
