@@ -33,7 +33,14 @@ function done(fn: (cb: (err: NodeJS.ErrnoException | null) => void) => void): Pr
 }
 
 const MAX_FH = 0x7fffffff;
-const SYNC_WRITE_MAX = 64 * 1024;
+/**
+ * File content up to this size is read or written synchronously (writes
+ * here, copy-ups in upperDir.ts): between page caches that takes µs, where a
+ * thread-pool round trip costs ~50–100 µs of CPU, and most files and writes
+ * are small. Bigger ones go through the pool, so one large transfer does not
+ * hold up the other mounts of a host.
+ */
+export const SYNC_IO_MAX = 64 * 1024;
 
 export class OpenFiles {
   private readonly files = new Map<number, OpenFile>();
@@ -71,15 +78,13 @@ export class OpenFiles {
   }
 
   /**
-   * Write at `position`. Up to SYNC_WRITE_MAX bytes are written at once: into
-   * the page cache that takes µs, where a thread-pool round trip costs
-   * ~50–100 µs of CPU (most writes are small). Bigger writes, and those on a
-   * descriptor whose writes wait for the disk, go to the pool and work on a
-   * copy: `buffer` may be reused as soon as this returns.
+   * Write at `position`: at once up to SYNC_IO_MAX bytes. Bigger writes, and
+   * those on a descriptor whose writes wait for the disk, go to the pool and
+   * work on a copy: `buffer` may be reused as soon as this returns.
    */
   write(fh: number, buffer: Buffer, length: number, position: number): number | Promise<number> {
     const { fd, durable } = this.get(fh);
-    if (length <= SYNC_WRITE_MAX && durable !== true) return writeSync(fd, buffer, 0, length, position);
+    if (length <= SYNC_IO_MAX && durable !== true) return writeSync(fd, buffer, 0, length, position);
     const copy = Buffer.from(buffer.subarray(0, length));
     return callback<number>((cb) => write(fd, copy, 0, length, position, cb));
   }

@@ -18,7 +18,7 @@ import {
 } from 'node:fs';
 import { type ContentRef, type EntryKind, type LayerEntry, xattrBytes } from '../storage/layerIndex.js';
 import { FsError } from './fsError.js';
-import { callback as call } from './openFiles.js';
+import { SYNC_IO_MAX, callback as call } from './openFiles.js';
 import { OPAQUE_MARKER, WHITEOUT_PREFIX, baseName, parentOf } from './paths.js';
 import { writeXattrs } from './xattrTool.js';
 
@@ -119,19 +119,12 @@ function entryXattrs(entry: LayerEntry): Array<[string, Buffer]> {
 }
 
 const COPY_CHUNK = 1 << 20;
-/**
- * Up to this size the bytes are copied synchronously: two thread-pool round
- * trips (~100 µs of CPU) cost more than the copy of a small file between two
- * page caches, and most files of an image are small. Bigger files go through
- * the pool, so one large copy-up does not hold up the other mounts of a host.
- */
-const SYNC_COPY_MAX = 64 * 1024;
 
 /** Copy `content` (a range of a bigger file) to the start of `destFd`. */
 async function copyRange(content: ContentRef, destFd: number, dest: string): Promise<void> {
   const srcFd = openSync(content.path, fsConstants.O_RDONLY);
   try {
-    if (content.size <= SYNC_COPY_MAX) {
+    if (content.size <= SYNC_IO_MAX) { // copied at once, as small writes are
       const buffer = Buffer.allocUnsafe(content.size);
       if (readSync(srcFd, buffer, 0, content.size, content.offset) !== content.size) {
         throw new FsError('EIO', dest, `copy-up: ${content.path} ends before its entry`);
