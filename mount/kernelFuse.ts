@@ -41,7 +41,7 @@ export interface KernelFuseOptions {
 /**
  * Answers the kernel gets often and that need no context (ioctl probes such
  * as isatty() on every Python open, the first FLUSH and OPENDIR): one error
- * object each, so no stack is captured per request.
+ * object, made once.
  */
 const NOT_IMPLEMENTED = fsError('ENOSYS', '', 'FUSE request');
 const NAMESPACE_CHANGES = new Set<number>([Op.CREATE, Op.MKNOD, Op.MKDIR, Op.SYMLINK, Op.LINK, Op.UNLINK, Op.RMDIR, Op.RENAME, Op.RENAME2]);
@@ -425,18 +425,20 @@ export class KernelFuse {
   // ---- xattrs -------------------------------------------------------------------
 
   private async getxattr(nodeid: number, name: string, size: number): Promise<Answer> {
-    const value = await this.union.getxattr(this.path(nodeid), name);
-    if (value === undefined) throw fsError('ENODATA', this.path(nodeid), `getxattr ${name}`);
+    const path = this.path(nodeid);
+    const value = await this.union.getxattr(path, name);
+    if (value === undefined) throw fsError('ENODATA', path, `getxattr ${name}`);
     if (size === 0) return u32Out(value.length);
-    if (value.length > size) throw fsError('ERANGE', this.path(nodeid), `getxattr ${name}`);
+    if (value.length > size) throw fsError('ERANGE', path, `getxattr ${name}`);
     return value;
   }
 
   private async listxattr(nodeid: number, size: number): Promise<Answer> {
-    const names = await this.union.listxattr(this.path(nodeid));
+    const path = this.path(nodeid);
+    const names = await this.union.listxattr(path);
     const list = Buffer.from(names.map((n) => `${n}\0`).join(''));
     if (size === 0) return u32Out(list.length);
-    if (list.length > size) throw fsError('ERANGE', this.path(nodeid), 'listxattr');
+    if (list.length > size) throw fsError('ERANGE', path, 'listxattr');
     return list;
   }
 
