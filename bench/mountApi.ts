@@ -19,10 +19,10 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { cpus, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { socketBackend } from '../cli/socketBackend.js';
+import { sleep } from '../common/process.js';
 import { clearMountsUnder } from './mounts.js';
 import { argOf, CORPUS, REPO, stats, time, writeResults } from './report.js';
 
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 interface Round { first: number; next: number[] }
 

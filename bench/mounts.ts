@@ -9,6 +9,7 @@ import { type ChildProcess, execFile, spawn } from 'node:child_process';
 import { mkdir } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { promisify } from 'node:util';
+import { sleep } from '../common/process.js';
 import { clearDeadMount, findMount } from '../mount/deadMount.js';
 export { clearMountsUnder } from '../mount/deadMount.js';
 import { StoreOperations } from '../storage/operations.js';
@@ -40,7 +41,6 @@ export interface Mounted {
   stop(): Promise<void>;
 }
 
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 const topFirst = (dirs: string[]): string => [...dirs].reverse().join(':');
 
 async function waitMounted(mnt: string, server: ChildProcess | undefined, timeoutMs = 120_000): Promise<void> {

@@ -21,7 +21,7 @@
 import { mkdir, mkdtemp, readFile, readdir, rm } from 'node:fs/promises';
 import { cpus, tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { processAlive } from '../common/process.js';
+import { processAlive, sleep } from '../common/process.js';
 import { prewarmMountHost, startMount, stopMount } from '../daemon/mountServer.js';
 import { type LayerStack, type Mounted, clearMountsUnder, debianMultiStack, mountStack } from './mounts.js';
 import { pssKiB, rssKiB } from './procstat.js';
@@ -48,7 +48,6 @@ export interface MountServers {
 export interface RssContext { stack: LayerStack; work: string }
 
 let seq = 0;
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 /** Run `fn` for 0…count-1, at most `limit` at a time. */
 async function bounded<T>(count: number, limit: number, fn: (i: number) => Promise<T>): Promise<T[]> {
