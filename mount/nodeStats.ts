@@ -28,7 +28,7 @@ export interface UnionStat {
 
 export const S_IFMT = 0o170000;
 export const TYPE_BITS: Readonly<Record<EntryKind, number>> = {
-  file: 0o100000, dir: 0o040000, symlink: 0o120000, char: 0o020000, block: 0o060000, fifo: 0o010000,
+  file: 0o100000, dir: 0o040000, symlink: 0o120000, char: 0o020000, block: 0o060000, fifo: 0o010000, socket: 0o140000,
 };
 export const KIND_OF_TYPE: ReadonlyMap<number, EntryKind> =
   new Map(Object.entries(TYPE_BITS).map(([kind, bits]) => [bits, kind as EntryKind]));

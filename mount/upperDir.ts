@@ -22,7 +22,7 @@ import { SYNC_IO_MAX, callback as call } from './openFiles.js';
 import { OPAQUE_MARKER, WHITEOUT_PREFIX, baseName, parentOf } from './paths.js';
 import { writeXattrs } from './xattrTool.js';
 
-export type NodeKind = 'fifo' | 'char' | 'block';
+export type NodeKind = 'fifo' | 'char' | 'block' | 'socket';
 
 const NEW_FILE_FLAGS = fsConstants.O_WRONLY | fsConstants.O_CREAT | fsConstants.O_TRUNC;
 

@@ -18,7 +18,12 @@
  * store.
  */
 
-export type EntryKind = 'file' | 'dir' | 'symlink' | 'char' | 'block' | 'fifo';
+/**
+ * 'socket' exists only in directories (a container's writable layer): an
+ * OCI layer tar cannot hold one, so commit and export leave sockets out, as
+ * Docker and GNU tar do.
+ */
+export type EntryKind = 'file' | 'dir' | 'symlink' | 'char' | 'block' | 'fifo' | 'socket';
 
 export interface LayerEntry {
   path: string;
@@ -29,6 +34,8 @@ export interface LayerEntry {
   gid: number;
   /** Modification time, whole seconds since the epoch (may be negative). */
   mtime: number;
+  /** Nanoseconds of the modification time (0–999,999,999); absent means 0. */
+  mtimeNsec?: number;
   /** Size in bytes of a regular file's content; 0 for everything else. */
   size: number;
   /** Symlink target, verbatim as the archive gave it. */
@@ -88,6 +95,13 @@ export interface ContentRef {
   path: string;
   offset: number;
   size: number;
+  /**
+   * Open the bytes for reading, when `path` must not be opened by name (a
+   * file of a directory a user owns: opened beneath the directory's root
+   * without following any symlink, and checked to be the file the scan
+   * saw). Returns a descriptor the caller closes.
+   */
+  open?: () => number;
 }
 
 /**
