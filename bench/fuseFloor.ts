@@ -78,7 +78,8 @@ async function main(): Promise<void> {
     for (const path of tree.paths()) {
       const node = tree.get(path)!;
       const fusePath = '/' + path;
-      files.set(path === '' ? '/' : fusePath, lowerStat(path, node) as FuseStat);
+      const st = lowerStat(path, node, 0);
+      files.set(path === '' ? '/' : fusePath, { ...st, atime: st.atime.sec * 1000, mtime: st.mtime.sec * 1000, ctime: st.ctime.sec * 1000 });
       if (node.kind === 'dir') dirs.set(path === '' ? '/' : fusePath, [...(node.children ?? [])]);
     }
     const pathList = join(work, 'paths.txt');

@@ -298,7 +298,7 @@ export class ContainerManager {
     const lower = new MergedTree();
     const inos = new LowerInoAllocator();
     for (const l of await this.store.imageLayers(row.image_id)) lower.addLayer(tarLayerSource(l.index, l.tarPath), inos);
-    if (row.layer_dir !== null) lower.addLayer(await lowerDirSource(row.layer_dir), inos);
+    if (row.layer_dir !== null) lower.addLayer(await lowerDirSource(row.layer_dir, undefined, 'layer-dir'), inos);
     const upper = await scanDirectory(this.upper(id), `container:${id}`);
     const lines: DiffLine[] = [];
     for (const w of upper.index.whiteouts) if (lower.get(w)) lines.push({ kind: 'D', path: `/${w}` });
@@ -319,7 +319,7 @@ export class ContainerManager {
   /** The writable layer as an OCI layer tar (whiteouts included). */
   async export(id: string, out: Writable): Promise<void> {
     this.row(id);
-    await writeDirectoryLayer(this.upper(id), out, `container:${id}`);
+    await writeDirectoryLayer(this.upper(id), out, `container:${id}`, 'overlay');
   }
 
   /**
@@ -334,10 +334,10 @@ export class ContainerManager {
     const createdBy = `layerd commit ${id}`;
     let base: string = row.image_id;
     if (row.layer_dir !== null) {
-      base = (await commitDirectory(this.store, base, row.layer_dir, { createdBy: `${createdBy} (layer dir ${row.layer_dir})` })).image;
+      base = (await commitDirectory(this.store, base, row.layer_dir, { dialect: 'layer-dir', createdBy: `${createdBy} (layer dir ${row.layer_dir})` })).image;
     }
     return commitDirectory(this.store, base, this.upper(id), {
-      createdBy, ...(ref ? { ref } : {}), ...(options.comment ? { comment: options.comment } : {}),
+      dialect: 'overlay', createdBy, ...(ref ? { ref } : {}), ...(options.comment ? { comment: options.comment } : {}),
     });
   }
 }

@@ -1,6 +1,6 @@
 /**
- * A directory as a content-addressed layer: walk it (scanDirectory: `.wh.`
- * whiteouts and opaque markers understood), write it as a deterministic OCI
+ * A directory as a content-addressed layer: walk it (scanDirectory, with
+ * the markers of its dialect), write it as a deterministic OCI
  * layer tar, and commit that as a new layer on top of an image. Used for a
  * container's writable layer and for live directory layers
  * (`layerctl commit --layer-dir`).
@@ -14,19 +14,21 @@ import { LAYER_TAR } from '../storage/layerIndex.js';
 import { writeLayerTar } from '../storage/layerWriter.js';
 import { splitNameTag } from '../storage/references.js';
 import { type Store } from '../storage/store.js';
-import { directorySource, scanDirectory } from './lowerDir.js';
+import { directorySource, scanDirectory, type MarkerDialect } from './lowerDir.js';
 import { isWithin } from './paths.js';
 import type { Writable } from 'node:stream';
 
 export interface DirectoryCommitOptions {
   ref?: { name: string; tag: string };
+  /** How markers are read: 'overlay' for a container's writable layer, 'layer-dir' for a directory a user prepared. */
+  dialect: MarkerDialect;
   createdBy: string;
   comment?: string;
 }
 
 /** Write `dir` as an OCI layer tar (whiteouts included) to `out`. */
-export async function writeDirectoryLayer(dir: string, out: Writable, label?: string): Promise<void> {
-  const scanned = await scanDirectory(dir, label);
+export async function writeDirectoryLayer(dir: string, out: Writable, label: string | undefined, dialect: MarkerDialect): Promise<void> {
+  const scanned = await scanDirectory(dir, label, dialect);
   await writeLayerTar(directorySource(scanned), out);
 }
 
@@ -35,7 +37,7 @@ export async function commitDirectory(store: Store, baseRef: string, dir: string
   const workDir = await store.newWorkDir();
   try {
     const tar = join(workDir, LAYER_TAR);
-    await writeDirectoryLayer(dir, createWriteStream(tar, { mode: 0o600 }));
+    await writeDirectoryLayer(dir, createWriteStream(tar, { mode: 0o600 }), undefined, options.dialect);
     return await commitLayer(store, baseRef, tar, options);
   } finally {
     await store.releaseWorkDir(workDir);
@@ -72,6 +74,7 @@ export async function commitLayerDirectory(
   const path = await checkLayerDirectory(dir, [store.layout.root]);
   const ref = options.ref !== undefined ? splitNameTag(options.ref) : undefined;
   return commitDirectory(store, image, path, {
+    dialect: 'layer-dir',
     createdBy: `layerctl commit --layer-dir ${path}`, ...(ref ? { ref } : {}), ...(options.comment ? { comment: options.comment } : {}),
   });
 }

@@ -66,7 +66,8 @@ function reply<T>(settle: Settle<T>, logger: Logger, op: string, path: string, w
 }
 
 function toFuseStat(st: UnionStat): FuseStat {
-  return st;
+  const ms = (t: { sec: number; nsec: number }): number => t.sec * 1000 + t.nsec / 1e6;
+  return { ...st, atime: ms(st.atime), mtime: ms(st.mtime), ctime: ms(st.ctime) };
 }
 
 /** Whether the installed fuse-native carries layerd's patch (see the module comment). */
@@ -128,7 +129,7 @@ export function fuseOperations(fs: UnionFs, logger: Logger, caller: () => Owner 
     ftruncate: (path, fh, size, cb) => reply(done(cb), logger, 'ftruncate', path, () => fs.ftruncate(fh, size)),
     truncate: (path, size, cb) => reply(done(cb), logger, 'truncate', path, () => fs.truncate(fromFusePath(path), size)),
     utimens: (path, atime, mtime, cb) =>
-      reply(done(cb), logger, 'utimens', path, () => fs.utimens(fromFusePath(path), atime, mtime)),
+      reply(done(cb), logger, 'utimens', path, () => fs.utimens(fromFusePath(path), msTime(atime), msTime(mtime))),
     chmod: (path, mode, cb) => reply(done(cb), logger, 'chmod', path, () => fs.chmod(fromFusePath(path), mode)),
     chown: (path, uid, gid, cb) => reply(done(cb), logger, 'chown', path, () => fs.chown(fromFusePath(path), uid, gid)),
     mknod: (path, mode, dev, cb) => reply(done(cb), logger, 'mknod', path, () => fs.mknod(fromFusePath(path), mode, dev, caller())),
@@ -225,4 +226,10 @@ export class LayerdFuse extends Fuse {
       signal(negativeErrno(err), listBuf.buffer);
     }
   }
+}
+
+/** fuse-native passes times as milliseconds. */
+function msTime(ms: number): { sec: number; nsec: number } {
+  const sec = Math.floor(ms / 1000);
+  return { sec, nsec: Math.round((ms - sec * 1000) * 1e6) };
 }

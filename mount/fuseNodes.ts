@@ -29,8 +29,6 @@ export class FuseNode {
   names: NodeName[] = [];
   /** Handles open on this node (the kernel opened it through some name). */
   openHandles = 0;
-  /** Set while the node's last name is a `.fuse_hidden` stand-in (unlinked while open). */
-  hiddenName: NodeName | undefined;
 
   constructor(readonly id: number, public ino: number, public type: number) {}
 }

@@ -6,6 +6,7 @@
  * Only encoding and decoding live here; what a request means for the union
  * is kernelFuse.ts' business.
  */
+import type { Timespec } from '../common/sys/fs.js';
 import type { UnionStat } from './nodeStats.js';
 
 export const FUSE_KERNEL_VERSION = 7;
@@ -109,6 +110,13 @@ export class BodyReader {
     return value;
   }
 
+  /** A signed 64-bit field (times before 1970). */
+  i64(): number {
+    const value = Number(this.buf.readBigInt64LE(this.offset));
+    this.offset += 8;
+    return value;
+  }
+
   skip(bytes: number): this {
     this.offset += bytes;
     return this;
@@ -133,7 +141,7 @@ export class BodyReader {
 
 export interface SetattrIn {
   valid: number; fh: number; size: number;
-  atimeMs: number; mtimeMs: number; mode: number; uid: number; gid: number;
+  atime: Timespec; mtime: Timespec; mode: number; uid: number; gid: number;
 }
 
 export function readSetattr(buf: Buffer): SetattrIn {
@@ -143,8 +151,8 @@ export function readSetattr(buf: Buffer): SetattrIn {
   const fh = r.u64();
   const size = r.u64();
   r.skip(8); // lock_owner
-  const atime = r.u64();
-  const mtime = r.u64();
+  const atime = r.i64();
+  const mtime = r.i64();
   r.skip(8); // ctime
   const atimensec = r.u32();
   const mtimensec = r.u32();
@@ -153,7 +161,7 @@ export function readSetattr(buf: Buffer): SetattrIn {
   r.skip(4);
   const uid = r.u32();
   const gid = r.u32();
-  return { valid, fh, size, atimeMs: atime * 1000 + atimensec / 1e6, mtimeMs: mtime * 1000 + mtimensec / 1e6, mode, uid, gid };
+  return { valid, fh, size, atime: { sec: atime, nsec: atimensec }, mtime: { sec: mtime, nsec: mtimensec }, mode, uid, gid };
 }
 
 /** read_in, for READ, READDIR and READDIRPLUS. */
@@ -176,10 +184,11 @@ export function writeOutHeader(out: Buffer, length: number, errno: number, uniqu
   writeU64(out, unique, 8);
 }
 
-function writeTime(buf: Buffer, secondsAt: number, nsecAt: number, ms: number): void {
-  const whole = Math.floor(ms / 1000);
-  writeU64(buf, Math.max(0, whole), secondsAt);
-  buf.writeUInt32LE(Math.max(0, Math.min(999_999_999, Math.round((ms - whole * 1000) * 1e6))), nsecAt);
+function writeTime(buf: Buffer, secondsAt: number, nsecAt: number, t: Timespec): void {
+  // The kernel stores the u64 into a signed time64_t: times before 1970 travel as two's complement.
+  if (t.sec >= 0) writeU64(buf, t.sec, secondsAt);
+  else buf.writeBigInt64LE(BigInt(t.sec), secondsAt);
+  buf.writeUInt32LE(t.nsec, nsecAt);
 }
 
 function writeAttr(buf: Buffer, at: number, st: UnionStat): void {

@@ -10,22 +10,25 @@
  *   contents cached by the kernel (zero-message opendir);
  * - 1 MiB reads, and `touch -a`/`touch -m` alone (libfuse 2 dropped them).
  *
- * Like libfuse without `hard_remove`, a file unlinked (or renamed over)
- * while open is renamed to `.fuse_hidden…` until its last close, so
- * fstat/fchmod keep working; the union hides those names.
+ * A file unlinked (or renamed over) while open is really gone from the
+ * namespace at once, as on a local filesystem: no stand-in name is left in
+ * the user's namespace (libfuse's `.fuse_hidden…` would be a name a user
+ * can also create). Its node lives on while handles are open: fstat,
+ * fchmod, fchown and futimens on it reach the file through an open handle,
+ * and fstat shows nlink 0.
  */
 import type { Logger } from '../common/log.js';
 import { errnoNameOf, fsError, negativeErrno } from './fsError.js';
 import {
   BodyReader, ENTRY_OUT_SIZE, FOPEN_KEEP_CACHE, FUSE_GETATTR_FH, Fattr, InitFlag, OUT_HEADER_SIZE, Op,
   RENAME_EXCHANGE, RENAME_NOREPLACE, attrOut, direntSize, entryOut, openOut, readReadIn, readSetattr, statfsOut, u32Out,
-  writeDirent, writeEntry, type RequestHeader,
+  writeDirent, writeEntry, type RequestHeader, type SetattrIn,
 } from './fuseProtocol.js';
+import { UTIME_NOW, UTIME_OMIT, type TimeChange } from '../common/sys/fs.js';
 import { FuseNode, NodeTable } from './fuseNodes.js';
 import { FuseSession } from './fuseSession.js';
 import type { OpStats } from './opStats.js';
-import { TYPE_BITS } from './nodeStats.js';
-import { FUSE_HIDDEN_PREFIX, joinPath } from './paths.js';
+import { joinPath } from './paths.js';
 import { NO_OWNER_CHANGE, opensForWriting, type DirListing, type Owner, type UnionFs, type UnionStat } from './unionFs.js';
 
 export interface KernelFuseOptions {
@@ -64,7 +67,6 @@ export class KernelFuse {
   private nextDirHandle = 1;
   /** Open file handle → node, for release and for files unlinked while open. */
   private readonly handles = new Map<number, number>();
-  private hiddenCounter = 0;
   private readonly ttl: number;
   private readonly negativeTtl: number;
   /** Log every request (`layerd mount --debug`): checked once, not per request. */
@@ -265,8 +267,16 @@ export class KernelFuse {
     return this.entry(parent, name, st);
   }
 
+  /** An open handle of a node that has no name left (unlinked while open), if it is one. */
+  private orphanHandle(nodeid: number): number | undefined {
+    if (this.nodes.pathOf(nodeid) !== undefined) return undefined;
+    for (const [fh, id] of this.handles) if (id === nodeid) return fh;
+    return undefined;
+  }
+
   private async attrReply(nodeid: number, fh: number | undefined): Promise<Answer> {
-    const st = fh !== undefined ? await this.union.fgetattr(fh) : await this.stat(this.path(nodeid));
+    const handle = fh ?? this.orphanHandle(nodeid);
+    const st = handle !== undefined ? this.union.fgetattr(handle) : await this.stat(this.path(nodeid));
     const node = this.nodes.get(nodeid);
     if (node) this.nodes.noteIno(node, st.ino);
     return attrOut(st, this.ttl);
@@ -274,6 +284,8 @@ export class KernelFuse {
 
   private async setattr(nodeid: number, req: Buffer): Promise<Answer> {
     const s = readSetattr(req);
+    const orphan = this.orphanHandle(nodeid);
+    if (orphan !== undefined) return this.setattrByHandle(nodeid, s.valid & Fattr.FH ? s.fh : orphan, s);
     const path = this.path(nodeid);
     if (s.valid & Fattr.MODE) await this.union.chmod(path, s.mode);
     if (s.valid & (Fattr.UID | Fattr.GID)) {
@@ -283,15 +295,19 @@ export class KernelFuse {
       if (s.valid & Fattr.FH) await this.union.ftruncate(s.fh, s.size);
       else await this.union.truncate(path, s.size);
     }
-    if (s.valid & (Fattr.ATIME | Fattr.MTIME)) {
-      // utimensat may set one time alone; the union sets both.
-      const now = Date.now();
-      const current = (s.valid & Fattr.ATIME) && (s.valid & Fattr.MTIME) ? undefined : await this.stat(path);
-      const atime = s.valid & Fattr.ATIME ? (s.valid & Fattr.ATIME_NOW ? now : s.atimeMs) : current!.atime;
-      const mtime = s.valid & Fattr.MTIME ? (s.valid & Fattr.MTIME_NOW ? now : s.mtimeMs) : current!.mtime;
-      await this.union.utimens(path, atime, mtime);
-    }
+    if (s.valid & (Fattr.ATIME | Fattr.MTIME)) await this.union.utimens(path, ...timeChanges(s));
     return this.attrReply(nodeid, undefined);
+  }
+
+  /** SETATTR of a file whose last name is gone: through an open handle of it. */
+  private async setattrByHandle(nodeid: number, fh: number, s: SetattrIn): Promise<Answer> {
+    if (s.valid & Fattr.MODE) this.union.fchmod(fh, s.mode);
+    if (s.valid & (Fattr.UID | Fattr.GID)) {
+      this.union.fchown(fh, s.valid & Fattr.UID ? s.uid : NO_OWNER_CHANGE, s.valid & Fattr.GID ? s.gid : NO_OWNER_CHANGE);
+    }
+    if (s.valid & Fattr.SIZE) await this.union.ftruncate(fh, s.size);
+    if (s.valid & (Fattr.ATIME | Fattr.MTIME)) this.union.futimens(fh, ...timeChanges(s));
+    return this.attrReply(nodeid, fh);
   }
 
   /** Create something at (parent, name), then answer with its entry. */
@@ -313,18 +329,7 @@ export class KernelFuse {
 
   // ---- removal and renames ------------------------------------------------------
 
-  /** A name of an open file that is about to disappear: move it aside until the last close. */
-  private async hideIfOpen(node: FuseNode | undefined, parent: number, name: string): Promise<boolean> {
-    if (node === undefined || node.openHandles === 0 || node.names.length !== 1) return false;
-    const hidden = `${FUSE_HIDDEN_PREFIX}${node.id.toString(16).padStart(8, '0')}${(this.hiddenCounter++).toString(16).padStart(8, '0')}`;
-    await this.union.rename(this.childPath(parent, name), this.childPath(parent, hidden));
-    this.nodes.move(parent, name, parent, hidden);
-    node.hiddenName = { parent, name: hidden };
-    return true;
-  }
-
   private async unlink(parent: number, name: string): Promise<Answer> {
-    if (await this.hideIfOpen(this.nodes.find(parent, name), parent, name)) return undefined;
     await this.union.unlink(this.childPath(parent, name));
     this.nodes.removeName(parent, name);
     return undefined;
@@ -338,8 +343,6 @@ export class KernelFuse {
       const exists = await this.stat(dst).then(() => true, () => false);
       if (exists) throw fsError('EEXIST', dst, 'rename');
     }
-    const target = this.nodes.find(newParent, newName);
-    if (target !== undefined && target.type !== TYPE_BITS.dir && src !== dst) await this.hideIfOpen(target, newParent, newName);
     await this.union.rename(src, dst);
     this.nodes.move(parent, name, newParent, newName);
     return undefined;
@@ -404,22 +407,8 @@ export class KernelFuse {
   private release(fh: number): void {
     const node = this.nodes.get(this.handles.get(fh) ?? 0);
     this.handles.delete(fh);
-    const closing = this.union.release(fh);
-    if (node === undefined) {
-      closing.catch((err: unknown) => this.options.logger.warn('close failed', { fh, error: String(err) }));
-      return;
-    }
-    node.openHandles--;
-    const hidden = node.openHandles === 0 ? node.hiddenName : undefined;
-    closing.then(async () => {
-      if (hidden === undefined) return;
-      node.hiddenName = undefined;
-      const path = this.nodes.childPath(hidden.parent, hidden.name);
-      if (path !== undefined && this.nodes.find(hidden.parent, hidden.name) === node) {
-        await this.union.unlink(path);
-        this.nodes.removeName(hidden.parent, hidden.name);
-      }
-    }).catch((err: unknown) => this.options.logger.warn('close failed', { fh, error: String(err) }));
+    if (node !== undefined) node.openHandles--;
+    this.union.release(fh).catch((err: unknown) => this.options.logger.warn('close failed', { fh, error: String(err) }));
   }
 
   // ---- xattrs -------------------------------------------------------------------
@@ -500,6 +489,13 @@ export class KernelFuse {
     }
     return out;
   }
+}
+
+/** The times a SETATTR sets: each one given, now, or left alone (UTIME_OMIT). */
+function timeChanges(s: SetattrIn): [TimeChange, TimeChange] {
+  const atime: TimeChange = s.valid & Fattr.ATIME ? (s.valid & Fattr.ATIME_NOW ? UTIME_NOW : s.atime) : UTIME_OMIT;
+  const mtime: TimeChange = s.valid & Fattr.MTIME ? (s.valid & Fattr.MTIME_NOW ? UTIME_NOW : s.mtime) : UTIME_OMIT;
+  return [atime, mtime];
 }
 
 function ownerOf(h: RequestHeader): Owner {

@@ -49,7 +49,7 @@ export class LiveLayer {
         watcher.once('error', fail);
       });
       // Walked once the watcher is ready: a change after this point is reported, none before it is missed.
-      initial = await lowerDirSource(root, `live:${root}`); // also checks that it is a readable directory
+      initial = await lowerDirSource(root, `live:${root}`, 'layer-dir'); // also checks that it is a readable directory
     } catch (err) {
       await watcher.close();
       throw err;
@@ -80,7 +80,7 @@ export class LiveLayer {
       do {
         this.dirty = false;
         try {
-          const source = await lowerDirSource(this.dir, `live:${this.dir}`);
+          const source = await lowerDirSource(this.dir, `live:${this.dir}`, 'layer-dir');
           if (this.closed) return;
           this.current = source;
           await this.onChange(source);

@@ -1,27 +1,42 @@
 /**
- * A plain directory as a layer: one walk at mount time (lstat of every path,
- * one `getfattr -R` for all xattrs) produces its LayerIndex; the bytes of its
- * regular files are the files themselves.
+ * A plain directory as a layer: one walk at mount time produces its
+ * LayerIndex; the bytes of its regular files are the files themselves.
  *
- * Whiteouts and opaque directories are understood in both dialects, so
- * directories prepared for kernel overlayfs (or left behind by it or by
- * fuse-overlayfs as an upper dir) work unchanged:
- * - OCI: a `.wh.<name>` file deletes `<name>`; a `.wh..wh..opq` file makes
- *   its directory opaque;
- * - overlayfs: a 0/0 character device deletes its own name; an opaque xattr
- *   (`trusted.overlay.opaque`, `user.overlay.opaque` or fuse-overlayfs'
- *   `user.fuseoverlayfs.opaque`, value `y`) makes a directory opaque.
- * The union filesystem's own bookkeeping xattrs are not part of the content
- * and are dropped from the entries.
+ * The walk and every later open go through the system-call layer
+ * (common/sys) relative to the directory's root descriptor: no symlink is
+ * followed in any component, so an owner who swaps a scanned subdirectory
+ * for a symlink to /etc gets a refused open, never a host file. A file's
+ * bytes are opened beneath the root and must be the very file the walk saw
+ * (same device, inode, type and size), or the open fails with ESTALE.
+ *
+ * Markers (mount/upperFormat.ts):
+ * - 'overlay' (a writable layer, or a directory prepared for kernel
+ *   overlayfs): a 0/0 character device deletes its own name; the opaque
+ *   xattr (`trusted.overlay.opaque` or `user.overlay.opaque` = "y") makes a
+ *   directory opaque; escaped xattrs are the user's, other overlay xattrs
+ *   are bookkeeping and dropped; every file name is a name.
+ * - 'layer-dir' (a directory a host user prepares as a layer): the same,
+ *   plus OCI `.wh.<name>` files and `.wh..wh..opq` markers, and
+ *   fuse-overlayfs' opaque xattr.
  */
-import { lstat, readdir, readlink } from 'node:fs/promises';
-import type { Stats } from 'node:fs';
 import { join, resolve } from 'node:path';
-import { ErrorCodes, LayerdError, asLayerdError } from '../common/errors.js';
+import {
+  O_DIRECTORY, O_RDONLY, S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK, close, devMajor, devMinor,
+  fstat, openBeneath, openRoot, readDirFd, readXattrsAt, readlinkAt, statAt, type Stat,
+} from '../common/sys/fs.js';
+import { ErrorCodes, LayerdError } from '../common/errors.js';
+import { errnoNameOf, fsError } from '../common/sys/errors.js';
 import { LAYER_INDEX_VERSION, xattrsFromBuffers, type ContentRef, type EntryKind, type LayerEntry, type LayerIndex, type LayerSource } from '../storage/layerIndex.js';
-import { OPAQUE_MARKER, WHITEOUT_PREFIX, isFuseHidden, joinPath } from './paths.js';
-import { readXattrTree, type XattrMap } from './xattrTool.js';
+import { OPAQUE_MARKER, WHITEOUT_PREFIX, joinPath } from './paths.js';
+import { FUSE_OVERLAYFS_OPAQUE, OPAQUE_XATTRS, userXattrName, type MarkerDialect } from './upperFormat.js';
 
+export type { MarkerDialect } from './upperFormat.js';
+export { devMajor, devMinor, makeDev } from '../common/sys/fs.js';
+
+/** xattr name → exact value bytes. */
+export type XattrMap = Map<string, Buffer>;
+
+/** How a whiteout is represented on disk: an OCI `.wh.` file or an overlayfs 0/0 device. */
 export type MarkerStyle = 'oci' | 'overlay';
 
 export interface ScannedDirectory {
@@ -29,138 +44,206 @@ export interface ScannedDirectory {
   readonly index: LayerIndex;
   /** st_ino of every entry, by path (the upper dir's inode numbers come from here). */
   readonly inodes: Map<string, number>;
+  /** st_dev of the directory's filesystem (content opens check it). */
+  readonly dev: number;
   /** How each whiteout is represented on disk. */
   readonly whiteoutStyles: Map<string, MarkerStyle>;
-  /** xattrs of each entry as read (including none), by path. */
+  /** The user's xattrs of each entry (including none), by path. */
   readonly xattrs: Map<string, XattrMap>;
 }
 
-const OPAQUE_XATTRS = ['trusted.overlay.opaque', 'user.overlay.opaque', 'user.fuseoverlayfs.opaque'];
-const PRIVATE_XATTR_PREFIXES = ['trusted.overlay.', 'user.overlay.', 'user.fuseoverlayfs.'];
-
-function isPrivateXattr(name: string): boolean {
-  return PRIVATE_XATTR_PREFIXES.some((prefix) => name.startsWith(prefix));
+function kindOf(mode: number): EntryKind | undefined {
+  switch (mode & S_IFMT) {
+    case S_IFREG: return 'file';
+    case S_IFDIR: return 'dir';
+    case S_IFLNK: return 'symlink';
+    case S_IFCHR: return 'char';
+    case S_IFBLK: return 'block';
+    case S_IFIFO: return 'fifo';
+    case S_IFSOCK: return 'socket';
+    default: return undefined;
+  }
 }
 
-function kindOf(st: Stats): EntryKind | undefined {
-  if (st.isFile()) return 'file';
-  if (st.isDirectory()) return 'dir';
-  if (st.isSymbolicLink()) return 'symlink';
-  if (st.isCharacterDevice()) return 'char';
-  if (st.isBlockDevice()) return 'block';
-  if (st.isFIFO()) return 'fifo';
-  return undefined; // sockets have no place in an image
+/** Names that vanish or change between listing and stat: the directory is being edited; the next walk sees them. */
+const CHANGED_MEANWHILE = new Set(['ENOENT', 'ELOOP', 'ENOTDIR']);
+
+function userXattrs(raw: XattrMap, dialect: MarkerDialect): XattrMap {
+  const kept = new Map<string, Buffer>();
+  for (const [stored, value] of raw) {
+    if (dialect === 'layer-dir' && stored.startsWith('user.fuseoverlayfs.')) continue;
+    const name = userXattrName(stored);
+    if (name !== undefined) kept.set(name, value);
+  }
+  return kept;
 }
 
-export function devMajor(rdev: number): number {
-  return ((rdev >>> 8) & 0xfff) | (Math.floor(rdev / 2 ** 32) & ~0xfff);
-}
-
-export function devMinor(rdev: number): number {
-  return (rdev & 0xff) | ((rdev >>> 12) & 0xfff00);
-}
-
-export function makeDev(major: number, minor: number): number {
-  return ((minor & 0xff) | ((major & 0xfff) << 8) | ((minor & ~0xff) << 12)) >>> 0;
+function readXattrsQuietly(dirfd: number, name: string, label: string): XattrMap {
+  try {
+    return readXattrsAt(dirfd, name, label);
+  } catch (err) {
+    if (errnoNameOf(err) === 'EOPNOTSUPP') return new Map(); // a filesystem without xattrs
+    throw err;
+  }
 }
 
 /** Walk `dir` once and describe it as a layer. */
-export async function scanDirectory(dir: string, label?: string): Promise<ScannedDirectory> {
+export async function scanDirectory(dir: string, label?: string, dialect: MarkerDialect = 'overlay'): Promise<ScannedDirectory> {
   const root = resolve(dir);
-  let xattrTree: Map<string, XattrMap>;
+  let rootFd: number;
   try {
-    xattrTree = await readXattrTree(root);
+    rootFd = openRoot(root);
   } catch (err) {
-    throw asLayerdError(err, ErrorCodes.EIO, { path: root, op: 'getfattr' });
+    throw new LayerdError(ErrorCodes.ENOTFOUND, `cannot read layer directory ${root}`, { path: root }, { cause: err });
   }
+  try {
+    return walkDirectory(root, rootFd, label, dialect);
+  } finally {
+    close(rootFd);
+  }
+}
+
+function walkDirectory(root: string, rootFd: number, label: string | undefined, dialect: MarkerDialect): ScannedDirectory {
   const entries: LayerEntry[] = [];
   const whiteouts: string[] = [];
   const opaques: string[] = [];
   const inodes = new Map<string, number>();
   const whiteoutStyles = new Map<string, MarkerStyle>();
   const xattrs = new Map<string, XattrMap>();
-  const firstNameOfInode = new Map<string, string>();
+  const firstNameOfInode = new Map<number, string>();
 
-  const rootStat = await lstat(root).catch((err: unknown) => {
-    throw new LayerdError(ErrorCodes.ENOTFOUND, `cannot read layer directory ${root}`, { path: root }, { cause: err });
-  });
-  if (!rootStat.isDirectory()) throw new LayerdError(ErrorCodes.EINVAL, `${root} is not a directory`, { path: root });
+  const rootStat = fstat(rootFd, root);
+  if ((rootStat.mode & S_IFMT) !== S_IFDIR) throw new LayerdError(ErrorCodes.EINVAL, `${root} is not a directory`, { path: root });
 
-  const describe = (path: string, st: Stats, kind: EntryKind, target?: string): void => {
-    const raw = xattrTree.get(path === '' ? root : join(root, path)) ?? new Map<string, Buffer>();
-    const kept = new Map([...raw].filter(([name]) => !isPrivateXattr(name)));
-    xattrs.set(path, kept);
+  const describe = (path: string, st: Stat, kind: EntryKind, raw: XattrMap, target?: string): void => {
+    xattrs.set(path, userXattrs(raw, dialect));
     inodes.set(path, st.ino);
     const entry: LayerEntry = {
-      path, kind, mode: st.mode & 0o7777, uid: st.uid, gid: st.gid,
-      mtime: Math.floor(st.mtimeMs / 1000), size: kind === 'file' ? st.size : 0,
+      path, kind, mode: st.mode & 0o7777, uid: st.uid, gid: st.gid, mtime: st.mtime.sec, size: kind === 'file' ? st.size : 0,
     };
-    const x = xattrsFromBuffers(kept);
+    if (st.mtime.nsec !== 0) entry.mtimeNsec = st.mtime.nsec;
+    const x = xattrsFromBuffers(xattrs.get(path)!);
     if (x !== undefined) entry.xattrs = x;
     if (target !== undefined) entry.target = target;
     if (kind === 'char' || kind === 'block') {
       entry.devMajor = devMajor(st.rdev);
       entry.devMinor = devMinor(st.rdev);
     }
-    if (kind === 'file' && st.nlink > 1) {
-      const key = `${st.dev}:${st.ino}`;
-      const first = firstNameOfInode.get(key);
-      if (first === undefined) firstNameOfInode.set(key, path);
+    if (kind !== 'dir' && st.nlink > 1) { // one device: the walk never leaves the root's filesystem by a symlink
+      const first = firstNameOfInode.get(st.ino);
+      if (first === undefined) firstNameOfInode.set(st.ino, path);
       else entry.link = first;
     }
-    if (kind === 'dir' && OPAQUE_XATTRS.some((name) => raw.get(name)?.toString('latin1') === 'y')) opaques.push(path);
+    const opaqueMarkers = dialect === 'layer-dir' ? [...OPAQUE_XATTRS, FUSE_OVERLAYFS_OPAQUE] : OPAQUE_XATTRS;
+    if (kind === 'dir' && opaqueMarkers.some((name) => raw.get(name)?.toString('latin1') === 'y')) opaques.push(path);
     entries.push(entry);
   };
 
-  describe('', rootStat, 'dir');
-  const walk = async (dirPath: string): Promise<void> => {
-    const names = (await readdir(join(root, dirPath))).sort();
-    const stats = await Promise.all(names.map((name) => lstat(join(root, dirPath, name))));
-    const targets = await Promise.all(names.map((name, i) => (stats[i]!.isSymbolicLink() ? readlink(join(root, dirPath, name)) : undefined)));
+  describe('', rootStat, 'dir', readXattrsQuietly(rootFd, '', root));
+  const walk = (dirPath: string, dirFd: number): void => {
+    const names = readDirFd(dirFd, join(root, dirPath)).map((e) => e.name).sort();
     const subdirs: string[] = [];
-    names.forEach((name, i) => {
+    for (const name of names) {
       const path = joinPath(dirPath, name);
-      const st = stats[i]!;
-      if (name === OPAQUE_MARKER) { opaques.push(dirPath); return; }
-      if (isFuseHidden(name)) return; // a file unlinked while open: transient, not content
-      if (name.startsWith(WHITEOUT_PREFIX + WHITEOUT_PREFIX)) return; // other aufs metadata
-      if (name.startsWith(WHITEOUT_PREFIX)) {
-        const target = joinPath(dirPath, name.slice(WHITEOUT_PREFIX.length));
-        whiteouts.push(target);
-        whiteoutStyles.set(target, 'oci');
-        return;
+      const where = join(root, path);
+      if (dialect === 'layer-dir' && name.startsWith(WHITEOUT_PREFIX)) {
+        if (name === OPAQUE_MARKER) opaques.push(dirPath);
+        else if (!name.startsWith(WHITEOUT_PREFIX + WHITEOUT_PREFIX)) { // .wh..wh.* : other aufs metadata
+          const target = joinPath(dirPath, name.slice(WHITEOUT_PREFIX.length));
+          whiteouts.push(target);
+          whiteoutStyles.set(target, 'oci');
+        }
+        continue;
       }
-      const kind = kindOf(st);
-      if (kind === undefined) return;
+      let st: Stat;
+      try {
+        st = statAt(dirFd, name, where);
+      } catch (err) {
+        if (CHANGED_MEANWHILE.has(errnoNameOf(err) ?? '')) continue;
+        throw err;
+      }
+      const kind = kindOf(st.mode);
+      if (kind === undefined) continue;
       if (kind === 'char' && st.rdev === 0) {
         whiteouts.push(path);
         whiteoutStyles.set(path, 'overlay');
-        return;
+        continue;
       }
-      describe(path, st, kind, targets[i]);
-      if (kind === 'dir') subdirs.push(path);
-    });
-    for (const sub of subdirs) await walk(sub);
+      let target: string | undefined;
+      if (kind === 'symlink') {
+        try { target = readlinkAt(dirFd, name, where); } catch (err) {
+          if (CHANGED_MEANWHILE.has(errnoNameOf(err) ?? '') || errnoNameOf(err) === 'EINVAL') continue;
+          throw err;
+        }
+      }
+      describe(path, st, kind, readXattrsQuietly(dirFd, name, where), target);
+      if (kind === 'dir') subdirs.push(name);
+    }
+    for (const name of subdirs) {
+      const path = joinPath(dirPath, name);
+      let fd: number;
+      try {
+        fd = openBeneath(dirFd, name, O_RDONLY | O_DIRECTORY);
+      } catch (err) {
+        if (CHANGED_MEANWHILE.has(errnoNameOf(err) ?? '')) continue; // swapped for something else: not walked
+        throw err;
+      }
+      try {
+        const st = fstat(fd, join(root, path));
+        if (st.ino !== inodes.get(path) || st.dev !== rootStat.dev) continue; // not the directory just described
+        walk(path, fd);
+      } finally {
+        close(fd);
+      }
+    }
   };
-  await walk('');
+  const top = openBeneath(rootFd, '', O_RDONLY | O_DIRECTORY);
+  try {
+    walk('', top);
+  } finally {
+    close(top);
+  }
 
   const index: LayerIndex = { version: LAYER_INDEX_VERSION, id: label ?? `dir:${root}`, entries, whiteouts, opaques };
-  return { root, index, inodes, whiteoutStyles, xattrs };
+  return { root, index, inodes, dev: rootStat.dev, whiteoutStyles, xattrs };
 }
 
-/** A LayerSource whose bytes are the directory's own files. */
+/**
+ * Open a regular file of a scanned directory for reading: beneath the root,
+ * no symlink anywhere, and it must be the file the walk saw.
+ */
+export function openScannedFile(root: string, path: string, dev: number, ino: number, size: number): number {
+  const rootFd = openRoot(root);
+  let fd: number;
+  try {
+    fd = openBeneath(rootFd, path, O_RDONLY);
+  } finally {
+    close(rootFd);
+  }
+  const st = fstat(fd, join(root, path));
+  // Inode numbers are reused at once: a size that changed also means "not what the walk saw".
+  if (st.ino !== ino || st.dev !== dev || (st.mode & S_IFMT) !== S_IFREG || st.size !== size) {
+    close(fd);
+    throw fsError('ESTALE', join(root, path), 'open layer file (changed since the directory was read)');
+  }
+  return fd;
+}
+
+/** A LayerSource whose bytes are the directory's own files, each opened safely (openScannedFile). */
 export function directorySource(scanned: ScannedDirectory): LayerSource {
-  const { root, index } = scanned;
+  const { root, index, inodes, dev } = scanned;
   return {
     index,
     content(entry: LayerEntry): ContentRef | undefined {
       if (entry.kind !== 'file' || entry.size === 0) return undefined;
-      return { path: join(root, entry.link ?? entry.path), offset: 0, size: entry.size };
+      const path = entry.link ?? entry.path;
+      const ino = inodes.get(path) ?? -1;
+      return { path: join(root, path), offset: 0, size: entry.size, open: () => openScannedFile(root, path, dev, ino, entry.size) };
     },
   };
 }
 
 /** Build a layer from a plain directory (one walk, now). */
-export async function lowerDirSource(dir: string, label?: string): Promise<LayerSource> {
-  return directorySource(await scanDirectory(dir, label));
+export async function lowerDirSource(dir: string, label?: string, dialect: MarkerDialect = 'overlay'): Promise<LayerSource> {
+  return directorySource(await scanDirectory(dir, label, dialect));
 }

@@ -20,7 +20,7 @@ import type { EntryKind, LayerEntry, LayerSource } from '../storage/layerIndex.j
 import { LowerInoAllocator, ROOT_INO } from './inodes.js';
 import { baseName, joinPath, normalizeIndexPath, parentOf } from './paths.js';
 import type { MarkerStyle, ScannedDirectory } from './lowerDir.js';
-import type { XattrMap } from './xattrTool.js';
+import type { XattrMap } from './lowerDir.js';
 
 export interface LowerObject {
   /** Metadata; for a hard link, its target's. */
@@ -100,6 +100,21 @@ export class MergedTree {
     copy.upperXattrs = shared.upperXattrs;
     this.nodes.set(path, copy);
     return copy;
+  }
+
+  /**
+   * How many directories `dir` (a directory node) holds, without copying
+   * anything from the base (a stat must not make a mount's tree grow).
+   */
+  subdirCount(dir: string, node: UnionNode): number {
+    let count = 0;
+    for (const name of node.children ?? []) {
+      const childPath = dir === '' ? name : `${dir}/${name}`;
+      const own = this.nodes.get(childPath);
+      const child = own !== undefined ? own : this.base?.nodes.get(childPath);
+      if (child?.kind === 'dir') count++;
+    }
+    return count;
   }
 
   /** What the base (the lower layers' merge) holds at `path`, whatever this tree changed since. */

@@ -1,9 +1,10 @@
 /**
  * What getattr and readdir report for a union node: attributes from the
- * lower index (no I/O) or from an lstat of the upper file, and the inode
- * numbers of inodes.ts.
+ * lower index (no I/O) or from a stat of the upper object, and the inode
+ * numbers of inodes.ts. Times are seconds + nanoseconds, as the kernel
+ * keeps them.
  */
-import type { Stats } from 'node:fs';
+import type { Stat, Timespec } from '../common/sys/fs.js';
 import type { EntryKind } from '../storage/layerIndex.js';
 import { ROOT_INO, upperIno } from './inodes.js';
 import { makeDev } from './lowerDir.js';
@@ -20,10 +21,9 @@ export interface UnionStat {
   rdev: number;
   blksize: number;
   blocks: number;
-  /** Milliseconds since the epoch. */
-  atime: number;
-  mtime: number;
-  ctime: number;
+  atime: Timespec;
+  mtime: Timespec;
+  ctime: Timespec;
 }
 
 export const S_IFMT = 0o170000;
@@ -44,29 +44,33 @@ export function inoOf(path: string, node: UnionNode): number {
   return upperIno(node.upperStIno);
 }
 
-/** Attributes of content still in a lower layer. Directories report nlink 1 ("not counted"). */
-export function lowerStat(path: string, node: UnionNode): UnionStat {
+/**
+ * Attributes of content still in a lower layer. `subdirs` is the number of
+ * directories in a directory (its nlink is 2 + that, as on any Linux fs).
+ */
+export function lowerStat(path: string, node: UnionNode, subdirs: number, named = true): UnionStat {
   const object = node.lower!;
   const { entry } = object;
   const size = node.kind === 'file' ? entry.size : node.kind === 'symlink' ? Buffer.byteLength(entry.target ?? '') : 0;
-  const ms = entry.mtime * 1000;
+  const time = { sec: entry.mtime, nsec: entry.mtimeNsec ?? 0 };
   return {
     ino: inoOf(path, node),
     mode: TYPE_BITS[node.kind] | (entry.mode & 0o7777),
-    nlink: node.kind === 'dir' ? 1 : Math.max(1, object.names.size),
+    // An open file whose names are all gone (`named` false) has nlink 0, as fstat shows on a local fs.
+    nlink: node.kind === 'dir' ? 2 + subdirs : named ? Math.max(1, object.names.size) : object.names.size,
     uid: entry.uid, gid: entry.gid, size,
     rdev: node.kind === 'char' || node.kind === 'block' ? makeDev(entry.devMajor ?? 0, entry.devMinor ?? 0) : 0,
     blksize: 4096, blocks: Math.ceil(size / 512),
-    atime: ms, mtime: ms, ctime: ms,
+    atime: time, mtime: time, ctime: time,
   };
 }
 
-/** Attributes of upper content, from its lstat. */
-export function upperStat(path: string, node: UnionNode, st: Stats): UnionStat {
+/** Attributes of upper content, from its stat (a directory's nlink counts the union's subdirectories). */
+export function upperStat(path: string, node: UnionNode, st: Stat, subdirs: number): UnionStat {
   return {
     ino: node.kind === 'dir' || path === '' ? inoOf(path, node) : upperIno(st.ino),
-    mode: st.mode, nlink: node.kind === 'dir' ? 1 : st.nlink, uid: st.uid, gid: st.gid,
+    mode: st.mode, nlink: node.kind === 'dir' ? 2 + subdirs : st.nlink, uid: st.uid, gid: st.gid,
     size: st.size, rdev: st.rdev, blksize: st.blksize, blocks: st.blocks,
-    atime: st.atimeMs, mtime: st.mtimeMs, ctime: st.ctimeMs,
+    atime: st.atime, mtime: st.mtime, ctime: st.ctime,
   };
 }

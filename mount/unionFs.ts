@@ -16,21 +16,20 @@
  * calls on the upper dir are made synchronously (µs each, where a thread-pool
  * round trip costs ~50 µs of CPU); file content moves on the thread pool.
  */
+import { closeSync, fchmodSync, fchownSync, ftruncate } from 'node:fs';
+import { statfs } from 'node:fs/promises';
 import {
-  chmodSync, closeSync, fchmodSync, fchownSync, fstatSync, lchownSync, linkSync, lstatSync, lutimesSync, mkdirSync, open,
-  openSync, renameSync, symlinkSync, unlinkSync, constants as fsConstants,
-} from 'node:fs';
-import { readlink, statfs, truncate } from 'node:fs/promises';
-import { type EntryKind, type LayerEntry, type LayerSource, xattrBytes } from '../storage/layerIndex.js';
+  O_CREAT, O_DSYNC, O_EXCL, O_RDWR, O_SYNC, O_TRUNC, O_WRONLY, fstat, futimens, type TimeChange,
+} from '../common/sys/fs.js';
+import { type EntryKind, type LayerEntry, type LayerSource, openContent, xattrBytes } from '../storage/layerIndex.js';
 import { fsError } from './fsError.js';
-import { devMajor, devMinor, scanDirectory, type MarkerStyle } from './lowerDir.js';
+import { devMajor, devMinor, scanDirectory, type MarkerStyle, type XattrMap } from './lowerDir.js';
 import { type LowerMergeCache, mergeLayers } from './lowerMerges.js';
 import { MergedTree, UnionNode } from './mergedTree.js';
 import { KIND_OF_TYPE, S_IFMT, TYPE_BITS, inoOf, lowerStat, upperStat, type UnionStat } from './nodeStats.js';
 import { OpenFiles, callback as call } from './openFiles.js';
-import { ancestorsOf, isFuseHidden, isWithin, joinPath, parentOf } from './paths.js';
+import { ancestorsOf, baseName, isWithin, joinPath, parentOf } from './paths.js';
 import { UpperDir } from './upperDir.js';
-import { deleteXattr, readXattrs, writeXattr, type XattrMap } from './xattrTool.js';
 
 export interface UnionStatfs {
   bsize: number; frsize: number; blocks: number; bfree: number; bavail: number;
@@ -58,6 +57,9 @@ export interface UnionFsOptions {
 export type { UnionStat } from './nodeStats.js';
 
 const O_ACCMODE = 3;
+const O_RDONLY = 0;
+/** NAME_MAX of the union (and of every Linux filesystem it sits on). */
+const NAME_MAX = 255;
 const SERVER_UID = process.getuid?.() ?? -1;
 const SERVER_GID = process.getgid?.() ?? -1;
 /** Read once: process.umask() has no read-only form, and nothing in the server changes it. */
@@ -72,11 +74,17 @@ export const NO_OWNER_CHANGE = 0xffffffff;
 const S_ISGID = 0o2000;
 
 /** Flags kept when opening an upper file for a FUSE open (offsets come from the kernel, so no O_APPEND). */
-const OPEN_FLAGS_KEPT = O_ACCMODE | fsConstants.O_TRUNC | fsConstants.O_SYNC | fsConstants.O_DSYNC;
+const OPEN_FLAGS_KEPT = O_ACCMODE | O_TRUNC | O_SYNC | O_DSYNC;
 
 /** Whether open(2) with `flags` may change the file (and so copies it up). */
 export function opensForWriting(flags: number): boolean {
-  return (flags & O_ACCMODE) !== fsConstants.O_RDONLY || (flags & fsConstants.O_TRUNC) !== 0;
+  return (flags & O_ACCMODE) !== O_RDONLY || (flags & O_TRUNC) !== 0;
+}
+
+/** ENAMETOOLONG for a final name longer than NAME_MAX bytes (checked only where it can be: > 85 UTF-16 units). */
+function checkNameLength(path: string, op: string): void {
+  const name = baseName(path);
+  if (name.length > NAME_MAX / 3 && Buffer.byteLength(name) > NAME_MAX) throw fsError('ENAMETOOLONG', path, op);
 }
 
 function sameInode(a: UnionNode, b: UnionNode): boolean {
@@ -87,8 +95,8 @@ function sameInode(a: UnionNode, b: UnionNode): boolean {
 async function merge(layers: readonly LayerSource[], upperDir: string, lowerMerges?: LowerMergeCache): Promise<{
   tree: MergedTree; upperWhiteouts: Map<string, MarkerStyle>; upperRoot: string;
 }> {
-  // The upper's walk (and its getfattr process) runs while the lower layers merge.
-  const scanning = scanDirectory(upperDir, 'upper');
+  // The upper's walk runs while the lower layers merge.
+  const scanning = scanDirectory(upperDir, 'upper', 'overlay');
   scanning.catch(() => undefined); // awaited below; not "unhandled" if merging throws first
   const lower = lowerMerges?.get(layers) ?? mergeLayers(layers);
   const tree = new MergedTree(lower); // this mount's changes, over the lower merge (shared with other mounts, never changed)
@@ -144,12 +152,16 @@ export class UnionFs {
 
   private node(path: string, op: string): UnionNode {
     const node = this.tree.get(path);
-    if (node === undefined) throw fsError('ENOENT', path, op);
+    if (node === undefined) {
+      checkNameLength(path, op);
+      throw fsError('ENOENT', path, op);
+    }
     return node;
   }
 
   private parentDir(path: string, op: string): UnionNode {
     if (path === '') throw fsError('EEXIST', path, op);
+    checkNameLength(path, op);
     const parent = this.tree.get(parentOf(path));
     if (parent === undefined) throw fsError('ENOENT', path, op);
     if (parent.kind !== 'dir') throw fsError('ENOTDIR', path, op);
@@ -157,20 +169,43 @@ export class UnionFs {
   }
 
   /** Attributes; synchronous for lower content (the common case). */
-  getattr(path: string): UnionStat | Promise<UnionStat> {
+  getattr(path: string): UnionStat {
     const node = this.node(path, 'getattr');
-    if (!node.upper) return lowerStat(path, node);
-    return upperStat(path, node, lstatSync(this.upper.pathOf(path)));
+    const subdirs = node.kind === 'dir' ? this.tree.subdirCount(path, node) : 0;
+    if (!node.upper) return lowerStat(path, node, subdirs);
+    return upperStat(path, node, this.upper.stat(path), subdirs);
   }
 
   /**
    * Attributes of an open file by its handle (fstat): right even after the
    * file was renamed or unlinked, when there is no path to look up.
    */
-  fgetattr(fh: number): UnionStat | Promise<UnionStat> {
+  fgetattr(fh: number): UnionStat {
     const { fd, node, upper } = this.files.get(fh);
-    if (!upper || fd < 0) return lowerStat(OPEN_FILE_PATH, node);
-    return upperStat(OPEN_FILE_PATH, node, fstatSync(fd));
+    if (!upper || fd < 0) return lowerStat(OPEN_FILE_PATH, node, 0, false);
+    return upperStat(OPEN_FILE_PATH, node, fstat(fd, OPEN_FILE_PATH), 0);
+  }
+
+  /**
+   * Change an open upper file by its handle: how metadata changes reach a
+   * file whose last name is gone (fchmod, fchown, futimens after unlink).
+   */
+  fchmod(fh: number, mode: number): void {
+    fchmodSync(this.openUpperFd(fh, 'fchmod'), mode & 0o7777);
+  }
+
+  fchown(fh: number, uid: number, gid: number): void {
+    fchownSync(this.openUpperFd(fh, 'fchown'), uid === NO_OWNER_CHANGE ? -1 : uid, gid === NO_OWNER_CHANGE ? -1 : gid);
+  }
+
+  futimens(fh: number, atime: TimeChange, mtime: TimeChange): void {
+    futimens(this.openUpperFd(fh, 'futimens'), atime, mtime);
+  }
+
+  private openUpperFd(fh: number, op: string): number {
+    const { fd, upper } = this.files.get(fh);
+    if (!upper || fd < 0) throw fsError('EPERM', String(fh), `${op} of a deleted lower file`);
+    return fd;
   }
 
   readdir(path: string): DirListing {
@@ -184,7 +219,6 @@ export class UnionFs {
       { mode: TYPE_BITS.dir, ino: inoOf(parentPath, this.tree.get(parentPath)!) },
     ];
     for (const name of node.children) {
-      if (isFuseHidden(name)) continue;
       const childPath = joinPath(path, name);
       const child = this.tree.get(childPath)!;
       names.push(name);
@@ -196,7 +230,7 @@ export class UnionFs {
   async readlink(path: string): Promise<string> {
     const node = this.node(path, 'readlink');
     if (node.kind !== 'symlink') throw fsError('EINVAL', path, 'readlink');
-    if (node.upper) return readlink(this.upper.pathOf(path));
+    if (node.upper) return this.upper.readlink(path);
     return node.lower!.entry.target ?? '';
   }
 
@@ -214,35 +248,35 @@ export class UnionFs {
 
   // ---- xattrs ---------------------------------------------------------------
 
-  private async upperXattrs(path: string, node: UnionNode): Promise<XattrMap> {
-    if (node.upperXattrs === undefined) node.upperXattrs = await readXattrs(this.upper.pathOf(path));
+  private upperXattrs(path: string, node: UnionNode): XattrMap {
+    if (node.upperXattrs === undefined) node.upperXattrs = this.upper.readXattrs(path);
     return node.upperXattrs;
   }
 
   /** A value, or undefined for "no such attribute" (ENODATA, common enough not to throw). */
-  getxattr(path: string, name: string): Buffer | undefined | Promise<Buffer | undefined> {
+  getxattr(path: string, name: string): Buffer | undefined {
     const node = this.node(path, 'getxattr');
     if (!node.upper) {
       const value = node.lower!.entry.xattrs?.[name];
       return value === undefined ? undefined : Buffer.from(value, 'base64');
     }
-    return this.upperXattrs(path, node).then((map) => map.get(name));
+    return this.upperXattrs(path, node).get(name);
   }
 
-  listxattr(path: string): string[] | Promise<string[]> {
+  listxattr(path: string): string[] {
     const node = this.node(path, 'listxattr');
     if (!node.upper) return Object.keys(node.lower!.entry.xattrs ?? {});
-    return this.upperXattrs(path, node).then((map) => [...map.keys()]);
+    return [...this.upperXattrs(path, node).keys()];
   }
 
   setxattr(path: string, name: string, value: Buffer, flags: number): Promise<void> {
     const bytes = Buffer.from(value); // the caller's buffer is only valid during the call
     return this.mutate(path, 'setxattr', async () => {
       const node = await this.copyUp(path);
-      const map = await this.upperXattrs(path, node);
+      const map = this.upperXattrs(path, node);
       if ((flags & XATTR_CREATE) !== 0 && map.has(name)) throw fsError('EEXIST', path, 'setxattr');
       if ((flags & XATTR_REPLACE) !== 0 && !map.has(name)) throw fsError('ENODATA', path, 'setxattr');
-      await writeXattr(this.upper.pathOf(path), name, bytes);
+      this.upper.setXattr(path, name, bytes, 0);
       map.set(name, bytes);
     });
   }
@@ -252,7 +286,7 @@ export class UnionFs {
       const node = this.node(path, 'removexattr');
       if (!node.upper && node.lower!.entry.xattrs?.[name] === undefined) throw fsError('ENODATA', path, 'removexattr');
       await this.copyUp(path);
-      await deleteXattr(this.upper.pathOf(path), name);
+      this.upper.removeXattr(path, name);
       node.upperXattrs?.delete(name);
     });
   }
@@ -274,17 +308,24 @@ export class UnionFs {
     const object = node.lower!;
     const content = object.source?.content(object.entry);
     if (content === undefined) return this.files.add({ fd: -1, node, upper: false });
-    const fd = openSync(content.path, fsConstants.O_RDONLY);
+    const fd = openContent(content);
     const whole = content.offset === 0 && content.size === object.entry.size;
     return this.files.add(whole ? { fd, node, upper: false } : { fd, node, upper: false, range: { offset: content.offset, size: content.size } });
   }
 
   private async openUpper(path: string, node: UnionNode, flags: number): Promise<number> {
-    const hostPath = this.upper.pathOf(path);
     const kept = flags & OPEN_FLAGS_KEPT;
-    // Truncating frees the file's blocks, which can take long: that one goes to the thread pool.
-    const fd = (kept & fsConstants.O_TRUNC) === 0 ? openSync(hostPath, kept) : await call<number>((cb) => open(hostPath, kept, cb));
-    return this.files.add({ fd, node, upper: true, durable: (kept & (fsConstants.O_SYNC | fsConstants.O_DSYNC)) !== 0 });
+    // Truncating frees the file's blocks, which can take long: that part goes to the thread pool.
+    const fd = this.upper.open(path, kept & ~O_TRUNC);
+    if ((kept & O_TRUNC) !== 0) {
+      try {
+        await call<void>((cb) => ftruncate(fd, 0, (err) => cb(err, undefined)));
+      } catch (err) {
+        closeSync(fd);
+        throw err;
+      }
+    }
+    return this.files.add({ fd, node, upper: true, durable: (kept & (O_SYNC | O_DSYNC)) !== 0 });
   }
 
   read(fh: number, buffer: Buffer, length: number, position: number): Promise<number> {
@@ -315,8 +356,10 @@ export class UnionFs {
     return this.files.size;
   }
 
-  closeAll(): Promise<void> {
-    return this.files.closeAll();
+  /** Close every open file, and the upper's root descriptor: the union is done. */
+  async closeAll(): Promise<void> {
+    await this.files.closeAll();
+    this.upper.close();
   }
 
   // ---- writes ---------------------------------------------------------------
@@ -391,7 +434,7 @@ export class UnionFs {
     const ino = await this.upper.copyUpObject(path, node.kind, object.entry, object.source?.content(object.entry));
     for (const name of names.slice(1)) {
       await this.materializeDir(parentOf(name));
-      linkSync(this.upper.pathOf(path), this.upper.pathOf(name));
+      this.upper.link(path, name);
     }
     for (const name of names) {
       const named = this.tree.get(name)!;
@@ -427,7 +470,7 @@ export class UnionFs {
     if (!this.coversLower(path)) return;
     await this.materializeDir(parentOf(path));
     this.upper.writeWhiteout(path);
-    this.upperWhiteouts.set(path, 'oci');
+    this.upperWhiteouts.set(path, 'overlay');
   }
 
   /**
@@ -440,9 +483,9 @@ export class UnionFs {
    */
   private applyOwner(path: string, owner: Owner | undefined, fd?: number): void {
     if (owner === undefined || (owner.uid === SERVER_UID && owner.gid === SERVER_GID)) return;
-    const parentSetgid = (lstatSync(this.upper.pathOf(parentOf(path))).mode & S_ISGID) !== 0;
+    const parentSetgid = (this.upper.stat(parentOf(path)).mode & S_ISGID) !== 0;
     const gid = parentSetgid ? -1 : owner.gid;
-    if (fd === undefined) lchownSync(this.upper.pathOf(path), owner.uid, gid);
+    if (fd === undefined) this.upper.chown(path, owner.uid, gid);
     else fchownSync(fd, owner.uid, gid);
   }
 
@@ -456,17 +499,16 @@ export class UnionFs {
   create(path: string, mode: number, owner?: Owner): Promise<number> {
     return this.mutate(path, 'create', async () => {
       await this.prepareNewEntry(path, 'create');
-      const hostPath = this.upper.pathOf(path);
-      const fd = openSync(hostPath, fsConstants.O_CREAT | fsConstants.O_EXCL | fsConstants.O_RDWR, mode & 0o7777);
+      const fd = this.upper.open(path, O_CREAT | O_EXCL | O_RDWR, mode & 0o7777);
       let ino: number;
       try {
         this.applyOwner(path, owner, fd);
         // open() applied our umask, and a chown clears setuid/setgid: set the mode unless neither changed it.
         if ((mode & 0o7777 & ~SERVER_UMASK) !== (mode & 0o7777) || (mode & 0o6000) !== 0) fchmodSync(fd, mode & 0o7777);
-        ino = fstatSync(fd).ino;
+        ino = fstat(fd, this.upper.pathOf(path)).ino;
       } catch (err) {
         closeSync(fd); // no handle leaks, and no file the tree does not know
-        try { unlinkSync(hostPath); } catch { /* the first error is the one to report */ }
+        try { this.upper.unlink(path); } catch { /* the first error is the one to report */ }
         throw err;
       }
       return this.files.add({ fd, node: this.addUpperNode(path, 'file', ino), upper: true });
@@ -476,11 +518,10 @@ export class UnionFs {
   mkdir(path: string, mode: number, owner?: Owner): Promise<void> {
     return this.mutate(path, 'mkdir', async () => {
       await this.prepareNewEntry(path, 'mkdir');
-      const hostPath = this.upper.pathOf(path);
-      mkdirSync(hostPath, { mode: 0o700 });
-      const made = lstatSync(hostPath);
+      this.upper.mkdir(path, 0o700);
+      const made = this.upper.stat(path);
       this.applyOwner(path, owner);
-      chmodSync(hostPath, (mode & 0o7777) | (made.mode & S_ISGID)); // a setgid parent's bit carries over
+      this.upper.chmod(path, (mode & 0o7777) | (made.mode & S_ISGID)); // a setgid parent's bit carries over
       const node = this.addUpperNode(path, 'dir', made.ino);
       if (this.tree.baseKind(path) === 'dir' && this.coversLower(path)) {
         this.upper.writeOpaqueMarker(path);
@@ -492,24 +533,24 @@ export class UnionFs {
   symlink(target: string, path: string, owner?: Owner): Promise<void> {
     return this.mutate(path, 'symlink', async () => {
       await this.prepareNewEntry(path, 'symlink');
-      const hostPath = this.upper.pathOf(path);
-      symlinkSync(target, hostPath);
+      this.upper.symlink(target, path);
       this.applyOwner(path, owner);
-      this.addUpperNode(path, 'symlink', lstatSync(hostPath).ino);
+      this.addUpperNode(path, 'symlink', this.upper.stat(path).ino);
     });
   }
 
   mknod(path: string, mode: number, dev: number, owner?: Owner): Promise<void> {
     return this.mutate(path, 'mknod', async () => {
       const kind = KIND_OF_TYPE.get(mode & S_IFMT);
-      if (kind === undefined || kind === 'dir' || kind === 'symlink') throw fsError('EOPNOTSUPP', path, 'mknod');
+      if (kind === undefined || kind === 'dir' || kind === 'symlink') throw fsError('EINVAL', path, 'mknod');
+      // A 0/0 character device is how the upper records a deletion: nobody may make one (overlayfs: EPERM too).
+      if (kind === 'char' && devMajor(dev) === 0 && devMinor(dev) === 0) throw fsError('EPERM', path, 'mknod of a whiteout device');
       await this.prepareNewEntry(path, 'mknod');
-      const hostPath = this.upper.pathOf(path);
-      if (kind === 'file') closeSync(openSync(hostPath, fsConstants.O_CREAT | fsConstants.O_EXCL | fsConstants.O_WRONLY, 0o600));
-      else await this.upper.mknod(path, kind, mode, devMajor(dev), devMinor(dev));
+      if (kind === 'file') closeSync(this.upper.open(path, O_CREAT | O_EXCL | O_WRONLY, 0o600));
+      else this.upper.mknod(path, kind, 0o600, devMajor(dev), devMinor(dev));
       this.applyOwner(path, owner);
-      chmodSync(hostPath, mode & 0o7777);
-      this.addUpperNode(path, kind, lstatSync(hostPath).ino);
+      this.upper.chmod(path, mode & 0o7777);
+      this.addUpperNode(path, kind, this.upper.stat(path).ino);
     });
   }
 
@@ -519,7 +560,7 @@ export class UnionFs {
       if (source.kind === 'dir') throw fsError('EPERM', src, 'link');
       await this.prepareNewEntry(dst, 'link');
       const copied = await this.copyUp(src);
-      linkSync(this.upper.pathOf(src), this.upper.pathOf(dst));
+      this.upper.link(src, dst);
       this.addUpperNode(dst, source.kind, copied.upperStIno);
     });
   }
@@ -528,7 +569,7 @@ export class UnionFs {
     return this.mutate(path, 'unlink', async () => {
       const node = this.node(path, 'unlink');
       if (node.kind === 'dir') throw fsError('EISDIR', path, 'unlink');
-      if (node.upper) unlinkSync(this.upper.pathOf(path));
+      if (node.upper) this.upper.unlink(path);
       this.tree.removeSubtree(path);
       await this.whiteoutIfCovered(path);
     });
@@ -580,7 +621,7 @@ export class UnionFs {
         this.tree.removeSubtree(dst);
       }
       await this.clearWhiteout(dst);
-      renameSync(this.upper.pathOf(src), this.upper.pathOf(dst));
+      this.upper.rename(src, dst);
       this.tree.move(src, dst);
       for (const path of [...this.upperWhiteouts.keys()]) {
         if (path !== src && isWithin(path, src)) {
@@ -600,14 +641,14 @@ export class UnionFs {
   chmod(path: string, mode: number): Promise<void> {
     return this.mutate(path, 'chmod', async () => {
       const node = await this.copyUp(path);
-      if (node.kind !== 'symlink') chmodSync(this.upper.pathOf(path), mode & 0o7777);
+      if (node.kind !== 'symlink') this.upper.chmod(path, mode & 0o7777);
     });
   }
 
   chown(path: string, uid: number, gid: number): Promise<void> {
     return this.mutate(path, 'chown', async () => {
       const node = await this.copyUp(path);
-      lchownSync(this.upper.pathOf(path), uid === NO_OWNER_CHANGE ? -1 : uid, gid === NO_OWNER_CHANGE ? -1 : gid);
+      this.upper.chown(path, uid === NO_OWNER_CHANGE ? -1 : uid, gid === NO_OWNER_CHANGE ? -1 : gid);
       this.dropKilledXattrs(node); // chown drops security.capability
     });
   }
@@ -616,16 +657,21 @@ export class UnionFs {
     return this.mutate(path, 'truncate', async () => {
       const node = await this.copyUp(path);
       if (node.kind === 'dir') throw fsError('EISDIR', path, 'truncate');
-      await truncate(this.upper.pathOf(path), size);
+      const fd = this.upper.open(path, O_WRONLY);
+      try {
+        await call<void>((cb) => ftruncate(fd, size, (err) => cb(err, undefined)));
+      } finally {
+        closeSync(fd);
+      }
       this.dropKilledXattrs(node);
     });
   }
 
-  /** Times in milliseconds since the epoch. */
-  utimens(path: string, atimeMs: number, mtimeMs: number): Promise<void> {
+  /** Set either time or both (UTIME_OMIT leaves one alone), to the nanosecond. */
+  utimens(path: string, atime: TimeChange, mtime: TimeChange): Promise<void> {
     return this.mutate(path, 'utimens', async () => {
       await this.copyUp(path);
-      lutimesSync(this.upper.pathOf(path), atimeMs / 1000, mtimeMs / 1000);
+      this.upper.utimens(path, atime, mtime);
     });
   }
 }

@@ -17,6 +17,7 @@
  * ever created on disk, and no device node or setuid binary lies in the
  * store.
  */
+import { constants as fsConstants, openSync } from 'node:fs';
 
 /**
  * 'socket' exists only in directories (a container's writable layer): an
@@ -102,6 +103,11 @@ export interface ContentRef {
    * saw). Returns a descriptor the caller closes.
    */
   open?: () => number;
+}
+
+/** A descriptor of a file's bytes (the caller closes it): through `open` where the reference has one. */
+export function openContent(content: ContentRef): number {
+  return content.open !== undefined ? content.open() : openSync(content.path, fsConstants.O_RDONLY);
 }
 
 /**

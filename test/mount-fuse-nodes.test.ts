@@ -10,8 +10,10 @@ import type { UnionStat } from '../mount/unionFs.js';
 const FILE = 0o100644;
 const DIR = 0o040755;
 
+const T0 = { sec: 0, nsec: 0 };
+
 function st(ino: number, mode = FILE): UnionStat {
-  return { ino, mode, nlink: 1, uid: 0, gid: 0, size: 0, rdev: 0, blksize: 4096, blocks: 0, atime: 0, mtime: 0, ctime: 0 };
+  return { ino, mode, nlink: 1, uid: 0, gid: 0, size: 0, rdev: 0, blksize: 4096, blocks: 0, atime: T0, mtime: T0, ctime: T0 };
 }
 
 describe('mount: FUSE node table', () => {

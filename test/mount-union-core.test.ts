@@ -14,6 +14,12 @@ import { UnionFs, type UnionStat } from '../mount/unionFs.js';
 
 interface FileSpec extends Partial<LayerEntry> { content?: string }
 
+/** How the upper records a deletion (overlayfs format): a 0/0 character device. */
+function isWhiteoutDevice(path: string): boolean {
+  const st = lstatSync(path);
+  return st.isCharacterDevice() && st.rdev === 0;
+}
+
 let work: string;
 let layerCount = 0;
 
@@ -113,7 +119,9 @@ describe('mount union core (no FUSE)', () => {
       assert.equal(d.uid, 5);
       const p = await stat(fs, 'p/q');
       assert.equal(p.mode, 0o040755);
-      assert.deepEqual([p.uid, p.gid, p.mtime], [0, 0, 0]);
+      assert.deepEqual([p.uid, p.gid, p.mtime], [0, 0, { sec: 0, nsec: 0 }]);
+      assert.equal(p.nlink, 2, 'a directory with no subdirectories has nlink 2');
+      assert.equal((await stat(fs, 'p')).nlink, 3, 'one subdirectory: nlink 3');
       const l3 = layer({ 'd/': { mode: 0o711 } });
       const fs2 = await UnionFs.create({ layers: [l1, l2, l3], upper: freshUpper() });
       assert.equal((await stat(fs2, 'd')).mode & 0o7777, 0o711);
@@ -255,7 +263,8 @@ describe('mount union core (no FUSE)', () => {
       await fs.unlink('d/x');
       await fs.rmdir('d');
       await fs.rmdir('e');
-      assert.deepEqual(readdirSync(upper).sort(), ['.wh.d', '.wh.e', '.wh.f']);
+      assert.deepEqual(readdirSync(upper).sort(), ['d', 'e', 'f']);
+      for (const name of ['d', 'e', 'f']) assert.equal(isWhiteoutDevice(join(upper, name)), true, `${name} is a 0/0 device`);
       assert.deepEqual(names(fs, ''), []);
       assert.equal(await errnoOf(() => fs.getattr('f')), 'ENOENT');
       const fs2 = await UnionFs.create({ layers: [l1], upper }); // remount: same view
@@ -271,7 +280,8 @@ describe('mount union core (no FUSE)', () => {
       await fs.mkdir('d', 0o750);
       assert.deepEqual(names(fs, 'd'), []);
       assert.deepEqual(readdirSync(upper).sort(), ['d']);
-      assert.deepEqual(readdirSync(join(upper, 'd')), ['.wh..wh..opq']);
+      assert.deepEqual(readdirSync(join(upper, 'd')), []);
+      assert.equal(execFileSync('getfattr', ['--only-values', '-n', 'trusted.overlay.opaque', join(upper, 'd')]).toString(), 'y');
       const fs2 = await UnionFs.create({ layers: [l1], upper });
       assert.deepEqual(names(fs2, 'd'), []);
       assert.equal((await stat(fs2, 'd')).mode & 0o7777, 0o750);
@@ -292,7 +302,8 @@ describe('mount union core (no FUSE)', () => {
       const fs2 = await UnionFs.create({ layers: [l1], upper });
       assert.deepEqual(names(fs2, ''), ['dst', 'g']);
       assert.deepEqual(names(fs2, 'dst'), ['a', 'sub']);
-      assert.deepEqual(readdirSync(upper).sort(), ['.wh.f', '.wh.src', 'dst', 'g']);
+      assert.deepEqual(readdirSync(upper).sort(), ['dst', 'f', 'g', 'src']);
+      assert.equal(isWhiteoutDevice(join(upper, 'f')) && isWhiteoutDevice(join(upper, 'src')), true);
     });
 
     it('refuses renames that POSIX refuses', async () => {
@@ -343,10 +354,12 @@ describe('mount union core (no FUSE)', () => {
       const fs = await UnionFs.create({ layers: [l1], upper: freshUpper() });
       await fs.truncate('f', 4);
       assert.equal(await readAll(fs, 'f'), '0123');
-      await fs.utimens('f', 2_000_000_000_000, 1_000_000_000_000);
+      await fs.utimens('f', { sec: 2_000_000_000, nsec: 7 }, { sec: 1_000_000_000, nsec: 123_456_789 });
       const st = await stat(fs, 'f');
-      assert.equal(st.mtime, 1_000_000_000_000);
-      assert.equal(st.atime, 2_000_000_000_000);
+      assert.deepEqual(st.mtime, { sec: 1_000_000_000, nsec: 123_456_789 });
+      assert.deepEqual(st.atime, { sec: 2_000_000_000, nsec: 7 });
+      await fs.utimens('f', 'omit', { sec: 5, nsec: 1 });
+      assert.deepEqual((await stat(fs, 'f')).atime, { sec: 2_000_000_000, nsec: 7 }, 'UTIME_OMIT leaves atime alone');
     });
 
     it('refuses every change when read-only', async () => {
