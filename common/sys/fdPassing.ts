@@ -8,6 +8,7 @@
  * Linux, 64-bit (LP64) only: the structure layouts below are those of
  * x86_64 and aarch64.
  */
+import { closeSync } from 'node:fs';
 import koffi from 'koffi';
 import { ErrorCodes, LayerdError } from '../errors.js';
 
@@ -75,7 +76,8 @@ export function socketPair(): [number, number] {
  * Take one descriptor sent with SCM_RIGHTS on `socket`, without waiting:
  * call it once the sender has sent (e.g. after it exited). The descriptor
  * is close-on-exec. Returns undefined if the peer closed or sent nothing
- * (EAGAIN): the sender failed; anything else is an error.
+ * (EAGAIN): the sender failed. A message with no descriptor or more than
+ * one is an error (and what came with it is closed).
  */
 export function receiveFd(socket: number): number | undefined {
   // Everything recvmsg points into lives in one unmanaged block, so no
@@ -105,16 +107,19 @@ export function receiveFd(socket: number): number | undefined {
     if (received === 0) return undefined;
     const flags = view.getInt32(MSG_FLAGS, true);
     const controlLength = Number(view.getBigUint64(MSG_CONTROLLEN, true));
-    if ((flags & MSG_CTRUNC) !== 0 || controlLength < CMSG_HEADER + 4) {
-      // A peer that sent more than one descriptor had its extras closed by the kernel (MSG_CTRUNC).
-      throw new LayerdError(ErrorCodes.EIO, 'expected one descriptor (SCM_RIGHTS), got none or more', { flags, controlLength });
-    }
     const level = view.getInt32(control + 8, true);
     const type = view.getInt32(control + 12, true);
-    if (level !== SOL_SOCKET || type !== SCM_RIGHTS) {
-      throw new LayerdError(ErrorCodes.EIO, `unexpected control message (level ${level}, type ${type})`, { level, type });
+    const fds: number[] = [];
+    if (controlLength >= CMSG_HEADER && level === SOL_SOCKET && type === SCM_RIGHTS) {
+      const cmsgLength = Number(view.getBigUint64(control, true));
+      for (let at = CMSG_HEADER; at + 4 <= Math.min(cmsgLength, CONTROL_SIZE); at += 4) fds.push(view.getInt32(control + at, true));
     }
-    return view.getInt32(control + CMSG_HEADER, true);
+    if (fds.length !== 1 || (flags & MSG_CTRUNC) !== 0) {
+      // Whatever did arrive is ours to close (the kernel closed what did not fit: MSG_CTRUNC).
+      for (const fd of fds) closeSync(fd);
+      throw new LayerdError(ErrorCodes.EIO, `expected one descriptor (SCM_RIGHTS), got ${fds.length}${(flags & MSG_CTRUNC) !== 0 ? ' and more that did not fit' : ''}`, { received: fds.length, level, type });
+    }
+    return fds[0];
   } finally {
     koffi.free(block);
   }
