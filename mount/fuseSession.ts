@@ -131,16 +131,20 @@ async function mountWithFusermount(mountpoint: string, readOnly: boolean): Promi
     ...((await userAllowOther()) ? ['allow_other'] : []), ...(readOnly ? ['ro'] : [])];
   const [ours, theirs] = socketPair();
   let fd: number | undefined;
+  let mounted = false;
   try {
-    const mounted = await run(FUSERMOUNT, ['-o', options.join(','), '--', mountpoint], theirs, { ...process.env, _FUSE_COMMFD: '3' });
+    const result = await run(FUSERMOUNT, ['-o', options.join(','), '--', mountpoint], theirs, { ...process.env, _FUSE_COMMFD: '3' });
+    mounted = result.code === 0;
     // It has exited: what it sent is waiting in the socket, so this does not block.
     fd = receiveFd(ours);
-    if (mounted.code !== 0 || fd === undefined) {
-      throw new LayerdError(ErrorCodes.EIO, `cannot mount ${mountpoint}: ${mounted.stderr || `${FUSERMOUNT} exited ${mounted.code} without a descriptor`}`, { mountpoint });
+    if (!mounted || fd === undefined) {
+      throw new LayerdError(ErrorCodes.EIO, `cannot mount ${mountpoint}: ${result.stderr || `${FUSERMOUNT} exited ${result.code} without a descriptor`}`, { mountpoint });
     }
     return fd;
   } catch (err) {
     if (fd !== undefined) closeSync(fd);
+    // Mounted, but the connection did not reach us: nobody will serve it.
+    if (mounted) await run(FUSERMOUNT, ['-u', '-z', '--', mountpoint]);
     throw err;
   } finally {
     closeSync(ours);
