@@ -67,8 +67,6 @@ export interface MountOptions {
    * (layerd `--cache-seconds`, fuse-overlayfs `timeout=`); default: each one's own.
    */
   cacheSeconds?: number;
-  /** Environment of the layerd server (e.g. LAYERD_FUSE=libfuse2 to compare bindings). */
-  env?: NodeJS.ProcessEnv;
 }
 
 /**
@@ -98,7 +96,7 @@ export async function mountStack(impl: Impl, stack: LayerStack, base: string, op
   for (let attempt = 1; ; attempt++) {
     const t0 = performance.now();
     const server = impl === 'layerd'
-      ? spawn(process.execPath, [LAYERD_BIN, 'mount', '--layers', topFirst(stack.layerDirs), '--upper', upper, ...layerdCacheArgs, mnt], { stdio: ['ignore', 'ignore', 'pipe'], env: options.env ?? process.env })
+      ? spawn(process.execPath, [LAYERD_BIN, 'mount', '--layers', topFirst(stack.layerDirs), '--upper', upper, ...layerdCacheArgs, mnt], { stdio: ['ignore', 'ignore', 'pipe'] })
       : spawn('fuse-overlayfs', ['-f', '-o', fuseOverlayOpts, mnt], { stdio: ['ignore', 'ignore', 'pipe'] });
     // The server's log (a line per mount and unmount) is kept out of the report; its tail explains a failure.
     let log = '';

@@ -28,10 +28,8 @@ export interface DaemonConfig {
   registriesConfig?: string;
   /**
    * How long the kernel may cache names and attributes of writable container
-   * mounts, in seconds. Default: 3600 with layerd's own FUSE binding (a
-   * container's changes all go through its mount, so the cache stays right),
-   * 1 with fuse-native (where another name of a hard-linked file can show
-   * stale attributes for that long). Shorter only matters to someone who
+   * mounts, in seconds. Default: 3600 (a container's changes all go through
+   * its mount, so the cache stays right). Shorter only matters to someone who
    * changes a container's upper directory behind its mount.
    */
   mountCacheSeconds?: number;

@@ -51,8 +51,8 @@ export async function main(argv: string[]): Promise<number> {
   }
   if (argv[2] === 'mount') {
     const { mountCommand } = await import('../mount/mountCommand.js');
-    // Exit explicitly: fuse-native's handles keep the event loop alive after
-    // the mount is gone (e.g. someone ran umount on it).
+    // Exit explicitly once the mount is gone, rather than rely on every
+    // handle having closed.
     process.exit(await mountCommand(argv.slice(3)));
   }
   const program = new Command('layerd')

@@ -1,16 +1,24 @@
 /**
  * One FUSE connection spoken directly over /dev/fuse, without libfuse.
  *
- * Why not a binding: the only maintained Node binding (fuse-native) wraps
- * libfuse 2's high-level, path-based API, which gives every name of a
- * hard-linked file its own kernel inode and has no per-entry timeouts,
- * readdirplus or directory caching (docs/performance.md measures what that
- * costs). The kernel protocol itself is small and stable (linux/fuse.h).
+ * Why not a binding: the only maintained Node binding (fuse-native, used
+ * here until it was retired) wraps libfuse 2's high-level, path-based API,
+ * which gives every name of a hard-linked file its own kernel inode and has
+ * no per-entry timeouts, readdirplus or directory caching (docs/performance.md
+ * measures what that cost). The kernel protocol itself is small and stable
+ * (linux/fuse.h).
  *
  * How it is wired:
- * - /dev/fuse is opened here and mounted with mount(8) (`-o fd=3`, the
- *   descriptor handed to the child), so this needs root (CAP_SYS_ADMIN);
- *   mountUnion falls back to fuse-native otherwise.
+ * - As root, /dev/fuse is opened here and mounted with mount(8) (`-o fd=3`,
+ *   the descriptor handed to the child).
+ * - Otherwise, like libfuse 3, through the setuid `fusermount3` (Debian's
+ *   fuse3): it mounts for the calling user and sends the /dev/fuse
+ *   descriptor back over a socketpair (SCM_RIGHTS, common/sys/fdPassing.ts);
+ *   `fusermount3 -u` unmounts. Such a mount is the user's alone unless
+ *   /etc/fuse.conf has `user_allow_other` (then it gets `allow_other` as the
+ *   root path does): fusermount3 refuses `allow_other` to users otherwise,
+ *   and a mount only its owner can enter is still useful (`layerd mount` for
+ *   oneself), so that is decided from the file, not failed.
  * - The descriptor is read through a libuv stream handle (the pipe handle
  *   Node's net.Socket sits on; /dev/fuse supports poll), so a mount costs
  *   no thread: a mount host serves a hundred mounts from one event loop.
@@ -23,9 +31,10 @@
  */
 import { spawn } from 'node:child_process';
 import { closeSync, openSync, writeSync } from 'node:fs';
-import { writeFile } from 'node:fs/promises';
+import { readFile, writeFile } from 'node:fs/promises';
 import { Socket } from 'node:net';
 import { ErrorCodes, LayerdError } from '../common/errors.js';
+import { receiveFd, socketPair } from '../common/sys/fdPassing.js';
 import { findMount } from './deadMount.js';
 import {
   FUSE_KERNEL_VERSION, IN_HEADER_SIZE, InitFlag, OUT_HEADER_SIZE, Op, initOut, outHeader, readHeader, readInit,
@@ -67,14 +76,80 @@ function pipeHandleFor(fd: number): PipeHandle {
   return handle;
 }
 
-function run(command: string, args: string[], fd?: number): Promise<{ code: number; stderr: string }> {
+function run(command: string, args: string[], fd?: number, env?: NodeJS.ProcessEnv): Promise<{ code: number; stderr: string }> {
   return new Promise((resolve) => {
-    const child = spawn(command, args, { stdio: ['ignore', 'ignore', 'pipe', ...(fd === undefined ? [] : [fd])] });
+    const child = spawn(command, args, {
+      stdio: ['ignore', 'ignore', 'pipe', ...(fd === undefined ? [] : [fd])], ...(env ? { env } : {}),
+    });
     let stderr = '';
     child.stderr?.on('data', (chunk: Buffer) => { stderr += chunk.toString(); });
     child.on('error', (err) => resolve({ code: -1, stderr: err.message }));
     child.on('close', (code) => resolve({ code: code ?? -1, stderr: stderr.trim() }));
   });
+}
+
+const FUSERMOUNT = 'fusermount3';
+
+/** Mounting needs CAP_SYS_ADMIN: taken as "is root", as mount(8) does. */
+function privileged(): boolean {
+  return process.getuid?.() === 0;
+}
+
+/** Whether /etc/fuse.conf lets users mount with allow_other (a line of its own, as fusermount3 reads it). */
+async function userAllowOther(): Promise<boolean> {
+  const text = await readFile('/etc/fuse.conf', 'utf8').catch(() => '');
+  return text.split('\n').some((line) => line.trim() === 'user_allow_other');
+}
+
+/** Open /dev/fuse and mount it with mount(8); returns the connection's descriptor. */
+async function mountAsRoot(mountpoint: string, readOnly: boolean): Promise<number> {
+  let fd: number;
+  try {
+    fd = openSync('/dev/fuse', 'r+');
+  } catch (err) {
+    throw new LayerdError(ErrorCodes.EIO, `cannot open /dev/fuse: ${(err as Error).message}`, { mountpoint }, { cause: err });
+  }
+  const data = ['fd=3', 'rootmode=40000', `user_id=${process.getuid?.() ?? 0}`, `group_id=${process.getgid?.() ?? 0}`,
+    'allow_other', 'default_permissions', ...(readOnly ? ['ro'] : [])];
+  // -i: no /sbin/mount.fuse* helper; the kernel gets our options as they are.
+  const mounted = await run('mount', ['-i', '-n', '-t', 'fuse.layerd', '-o', data.join(','), 'layerd', mountpoint], fd);
+  if (mounted.code !== 0) {
+    closeSync(fd);
+    throw new LayerdError(ErrorCodes.EIO, `cannot mount ${mountpoint}: ${mounted.stderr || `mount exited ${mounted.code}`}`, { mountpoint });
+  }
+  return fd;
+}
+
+/**
+ * Mount through fusermount3 (libfuse 3's protocol): it gets one end of a
+ * socketpair as descriptor 3, named by $_FUSE_COMMFD, mounts, sends the
+ * /dev/fuse descriptor over it and exits. It adds fd=, rootmode=, user_id=,
+ * group_id= itself, and nosuid,nodev for users.
+ */
+async function mountWithFusermount(mountpoint: string, readOnly: boolean): Promise<number> {
+  const options = ['fsname=layerd', 'subtype=layerd', 'default_permissions',
+    ...((await userAllowOther()) ? ['allow_other'] : []), ...(readOnly ? ['ro'] : [])];
+  const [ours, theirs] = socketPair();
+  let fd: number | undefined;
+  let mounted = false;
+  try {
+    const result = await run(FUSERMOUNT, ['-o', options.join(','), '--', mountpoint], theirs, { ...process.env, _FUSE_COMMFD: '3' });
+    mounted = result.code === 0;
+    // It has exited: what it sent is waiting in the socket, so this does not block.
+    fd = receiveFd(ours);
+    if (!mounted || fd === undefined) {
+      throw new LayerdError(ErrorCodes.EIO, `cannot mount ${mountpoint}: ${result.stderr || `${FUSERMOUNT} exited ${result.code} without a descriptor`}`, { mountpoint });
+    }
+    return fd;
+  } catch (err) {
+    if (fd !== undefined) closeSync(fd);
+    // Mounted, but the connection did not reach us: nobody will serve it.
+    if (mounted) await run(FUSERMOUNT, ['-u', '-z', '--', mountpoint]);
+    throw err;
+  } finally {
+    closeSync(ours);
+    closeSync(theirs);
+  }
 }
 
 export class FuseSession {
@@ -86,7 +161,8 @@ export class FuseSession {
   private initDone!: (err?: Error) => void;
   private readonly initialized: Promise<void>;
 
-  private constructor(readonly mountpoint: string, private readonly fd: number, private readonly handler: RequestHandler, private readonly options: SessionOptions) {
+  private constructor(readonly mountpoint: string, private readonly fd: number, private readonly handler: RequestHandler, private readonly options: SessionOptions,
+    private readonly mountedAsRoot: boolean) {
     this.closed = new Promise((done) => { this.markClosed = done; });
     this.initialized = new Promise((done, fail) => { this.initDone = (err) => (err ? fail(err) : done()); });
   }
@@ -105,21 +181,9 @@ export class FuseSession {
 
   /** Mount a FUSE filesystem at `mountpoint` served by `handler`. */
   static async mount(mountpoint: string, handler: RequestHandler, options: SessionOptions): Promise<FuseSession> {
-    let fd: number;
-    try {
-      fd = openSync('/dev/fuse', 'r+');
-    } catch (err) {
-      throw new LayerdError(ErrorCodes.EIO, `cannot open /dev/fuse: ${(err as Error).message}`, { mountpoint }, { cause: err });
-    }
-    const session = new FuseSession(mountpoint, fd, handler, options);
-    const data = ['fd=3', 'rootmode=40000', `user_id=${process.getuid?.() ?? 0}`, `group_id=${process.getgid?.() ?? 0}`,
-      'allow_other', 'default_permissions', ...(options.readOnly ? ['ro'] : [])];
-    // -i: no /sbin/mount.fuse* helper; the kernel gets our options as they are.
-    const mounted = await run('mount', ['-i', '-n', '-t', 'fuse.layerd', '-o', data.join(','), 'layerd', mountpoint], fd);
-    if (mounted.code !== 0) {
-      session.close();
-      throw new LayerdError(ErrorCodes.EIO, `cannot mount ${mountpoint}: ${mounted.stderr || `mount exited ${mounted.code}`}`, { mountpoint });
-    }
+    const asRoot = privileged();
+    const fd = asRoot ? await mountAsRoot(mountpoint, options.readOnly) : await mountWithFusermount(mountpoint, options.readOnly);
+    const session = new FuseSession(mountpoint, fd, handler, options, asRoot);
     try {
       session.listen();
       await Promise.race([session.initialized, session.closed.then(() => { throw new Error('connection closed before FUSE_INIT'); })]);
@@ -200,9 +264,14 @@ export class FuseSession {
 
   /** Unmount (a lazy detach if the mount is busy) and close the connection. */
   async unmount(): Promise<void> {
-    if (!this.isClosed && (await findMount(this.mountpoint))?.fstype.startsWith('fuse')) {
-      const plain = await run('umount', [this.mountpoint]);
-      if (plain.code !== 0 && (await findMount(this.mountpoint))?.fstype.startsWith('fuse')) await run('umount', ['-l', this.mountpoint]);
+    const stillMounted = async (): Promise<boolean> => (await findMount(this.mountpoint))?.fstype.startsWith('fuse') ?? false;
+    if (!this.isClosed && (await stillMounted())) {
+      // fusermount3 unmounts only mounts of the calling user (that it made).
+      const [command, plain, lazy]: [string, string[], string[]] = this.mountedAsRoot
+        ? ['umount', [this.mountpoint], ['-l', this.mountpoint]]
+        : [FUSERMOUNT, ['-u', '--', this.mountpoint], ['-u', '-z', '--', this.mountpoint]];
+      const result = await run(command, plain);
+      if (result.code !== 0 && (await stillMounted())) await run(command, lazy);
     }
     this.close();
     await this.closed;

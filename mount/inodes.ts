@@ -2,8 +2,10 @@
  * Inode numbers of the union, stable across calls and across remounts of the
  * same layers and upper dir.
  *
- * fuse-native hands st_ino to the kernel as a 32-bit value, so the scheme
- * fits 32 bits without hashing (hashes of 68k paths into 31 bits collide):
+ * The scheme fits 32 bits without hashing (hashes of 68k paths into 31 bits
+ * collide). It was made for fuse-native, which passed st_ino as 32 bits; it
+ * stays so numbers do not change for mounts of the same layers and 32-bit
+ * programs without large-file support can still stat the tree:
  * - 1: the root directory;
  * - lower content: numbers handed out from 2 upwards while merging the
  *   layers bottom→top, one per index entry in index order (and one per

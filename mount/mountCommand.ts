@@ -6,7 +6,8 @@
  * As with overlayfs, the leftmost of a list is the top layer. `--live-layer DIR` adds a host
  * directory above them that is followed as it changes (mount/liveLayer.ts). Prints `ready <mountpoint>` on stdout
  * once the mount is live; unmounts and exits 0 on SIGTERM/SIGINT, and exits
- * 0 when someone else unmounts it. Meant to run as its own process (the
+ * 0 when someone else unmounts it. Root mounts with mount(8); anyone else
+ * through fusermount3 (mount/fuseSession.ts). Meant to run as its own process (the
  * daemon spawns it), never inside a process that uses the mount.
  */
 import { Command, CommanderError } from 'commander';
@@ -63,7 +64,8 @@ function cacheSecondsOf(text: string): number {
 
 export async function mountCommand(argv: string[]): Promise<number> {
   const program = new Command('layerd mount')
-    .description('serve a union of directories with FUSE (leftmost lower = top layer)')
+    .description('serve a union of directories with FUSE (leftmost lower = top layer); without root it is mounted '
+      + 'with fusermount3 and only its user may enter it, unless /etc/fuse.conf has user_allow_other')
     .option('--root <dir>', 'store root, with --image (default $LAYERD_ROOT)')
     .option('--image <ref>', 'mount this image of the store')
     .option('--layers <dirs>', 'store layer directories (layers/sha256/<diffID>), colon-separated, top first')
@@ -72,7 +74,7 @@ export async function mountCommand(argv: string[]): Promise<number> {
     .option('--upper <dir>', 'writable upper directory (receives an OCI changeset); without it the mount is read-only')
     .option('--read-only', 'refuse all changes')
     .option('--stats-file <file>', 'write FUSE operation counts and latencies there (JSON, every 2 s)')
-    .option('--cache-seconds <s>', 'kernel name/attribute cache lifetime (default 3600; 60 read-only / 1 writable with fuse-native; 0.25 with a live layer)')
+    .option('--cache-seconds <s>', 'kernel name/attribute cache lifetime (default 3600; 0.25 with a live layer)')
     .option('--debug', 'log every FUSE request (op, node, caller pid, errno, µs)')
     .argument('<mountpoint>')
     .exitOverride()

@@ -46,7 +46,7 @@ export class OpenFiles {
   private readonly files = new Map<number, OpenFile>();
   private nextFh = 1;
 
-  /** Register a descriptor; returns its file handle (never 0: fuse-native ignores 0). */
+  /** Register a descriptor; returns its file handle (never 0: FUSE's "not opened", as the directories of a mount use it). */
   add(file: OpenFile): number {
     while (this.files.has(this.nextFh)) this.nextFh = this.nextFh >= MAX_FH ? 1 : this.nextFh + 1;
     const fh = this.nextFh;
