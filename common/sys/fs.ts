@@ -121,10 +121,43 @@ const howBuffer = Buffer.alloc(24);
  * final component is not followed either. "" or "." opens `dirfd` itself.
  */
 export function openBeneath(dirfd: number, path: string, flags: number, mode = 0): number {
+  if (path.length > PATH_CHUNK / 4 && Buffer.byteLength(path) > PATH_CHUNK) return openLongBeneath(dirfd, path, flags, mode);
   howBuffer.writeBigUInt64LE(BigInt(flags | O_NOFOLLOW | O_CLOEXEC), 0);
   howBuffer.writeBigUInt64LE(BigInt((flags & O_CREAT) !== 0 ? mode & 0o7777 : 0), 8);
   howBuffer.writeBigUInt64LE(RESOLVE_SAFE, 16);
   return check(Number(libc.openat2(SYS.openat2, dirfd, path === '' ? '.' : path, howBuffer, 24)), 'open', path);
+}
+
+/** Paths longer than this are walked in pieces: one openat2 takes at most PATH_MAX bytes. */
+const PATH_CHUNK = 3072;
+
+/**
+ * A path past PATH_MAX (a deep tree made with *at calls, as the union's
+ * users can): directories opened piece by piece, each beneath the last.
+ */
+function openLongBeneath(dirfd: number, path: string, flags: number, mode: number): number {
+  const parts = path.split('/');
+  let fd = dirfd;
+  let piece: string[] = [];
+  let bytes = 0;
+  try {
+    for (let i = 0; i < parts.length - 1; i++) {
+      const size = Buffer.byteLength(parts[i]!) + 1;
+      if (bytes + size > PATH_CHUNK && piece.length > 0) {
+        const next = openBeneath(fd, piece.join('/'), O_PATH | O_DIRECTORY);
+        if (fd !== dirfd) close(fd);
+        fd = next;
+        piece = [];
+        bytes = 0;
+      }
+      piece.push(parts[i]!);
+      bytes += size;
+    }
+    piece.push(parts[parts.length - 1]!);
+    return openBeneath(fd, piece.join('/'), flags, mode);
+  } finally {
+    if (fd !== dirfd) close(fd);
+  }
 }
 
 /** Open a trusted absolute path (a root given by the administrator) as a directory descriptor. */
