@@ -122,6 +122,10 @@ const howBuffer = Buffer.alloc(24);
  */
 export function openBeneath(dirfd: number, path: string, flags: number, mode = 0): number {
   if (path.length > PATH_CHUNK / 4 && Buffer.byteLength(path) > PATH_CHUNK) return openLongBeneath(dirfd, path, flags, mode);
+  return openat2(dirfd, path, flags, mode);
+}
+
+function openat2(dirfd: number, path: string, flags: number, mode: number): number {
   howBuffer.writeBigUInt64LE(BigInt(flags | O_NOFOLLOW | O_CLOEXEC), 0);
   howBuffer.writeBigUInt64LE(BigInt((flags & O_CREAT) !== 0 ? mode & 0o7777 : 0), 8);
   howBuffer.writeBigUInt64LE(RESOLVE_SAFE, 16);
@@ -141,20 +145,19 @@ function openLongBeneath(dirfd: number, path: string, flags: number, mode: numbe
   let piece: string[] = [];
   let bytes = 0;
   try {
-    for (let i = 0; i < parts.length - 1; i++) {
-      const size = Buffer.byteLength(parts[i]!) + 1;
-      if (bytes + size > PATH_CHUNK && piece.length > 0) {
-        const next = openBeneath(fd, piece.join('/'), O_PATH | O_DIRECTORY);
+    for (const part of parts) {
+      const size = Buffer.byteLength(part) + 1;
+      if (bytes + size > PATH_CHUNK && piece.length > 0) { // open what is gathered; the rest goes beneath it
+        const next = openat2(fd, piece.join('/'), O_PATH | O_DIRECTORY, 0);
         if (fd !== dirfd) close(fd);
         fd = next;
         piece = [];
         bytes = 0;
       }
-      piece.push(parts[i]!);
+      piece.push(part);
       bytes += size;
     }
-    piece.push(parts[parts.length - 1]!);
-    return openBeneath(fd, piece.join('/'), flags, mode);
+    return openat2(fd, piece.join('/'), flags, mode);
   } finally {
     if (fd !== dirfd) close(fd);
   }
