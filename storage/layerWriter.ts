@@ -17,7 +17,7 @@ import { pipeline } from 'node:stream/promises';
 import tarStream, { type Headers, type Pack } from 'tar-stream';
 import { ErrorCodes, LayerdError } from '../common/errors.js';
 import { type ContentRef, type LayerEntry, type LayerIndex, type LayerSource } from './layerIndex.js';
-import { formatPaxTime } from './paxTime.js';
+import { formatPaxTime, isNsec } from './paxTime.js';
 import { OPAQUE_MARKER, WHITEOUT_PREFIX, baseName, parentOf, joinPath } from './tarPaths.js';
 
 /** The tar's uid/gid fields hold 7 octal digits; larger ids go in PAX. */
@@ -195,6 +195,7 @@ function headerFor(e: LayerEntry, path: string): Headers {
   // fractions go in PAX. Whole in-range times add nothing, so tars written
   // before nanoseconds were kept stay byte-identical.
   const nsec = e.mtimeNsec ?? 0;
+  if (!isNsec(nsec)) throw new LayerdError(ErrorCodes.EINVAL, `mtime nanoseconds of ${path} out of range: ${nsec}`, { path, mtimeNsec: nsec });
   if (e.mtime < 0 || e.mtime > MAX_HEADER_MTIME || nsec !== 0) pax['mtime'] = formatPaxTime(e.mtime, nsec);
   if (e.uid > MAX_OCTAL_ID) pax['uid'] = String(e.uid);
   if (e.gid > MAX_OCTAL_ID) pax['gid'] = String(e.gid);
