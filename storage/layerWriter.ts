@@ -178,7 +178,24 @@ async function writeItem(pack: Pack, source: LayerSource, item: Item): Promise<v
   }
   const content = source.content(meta);
   if (!content) throw new LayerdError(ErrorCodes.EINTERNAL, `no content for file ${item.path} of ${meta.size} bytes`, { path: item.path });
-  await pipeline(openContent(content), pack.entry(header));
+  const sink = pack.entry(header);
+  let bytes: Readable;
+  try {
+    bytes = openContent(content);
+  } catch (err) {
+    sink.destroy(err as Error);
+    throw err;
+  }
+  try {
+    await pipeline(bytes, sink);
+  } catch (err) {
+    // tar-stream's word for a file that ended before the size the index gave.
+    if (err instanceof Error && err.message === 'Size mismatch') {
+      throw new LayerdError(ErrorCodes.ECONFLICT, `file ${item.path} changed while it was written to the layer: it has fewer than the ${meta.size} bytes it had when scanned`,
+        { path: item.path, size: meta.size }, { cause: err });
+    }
+    throw err;
+  }
 }
 
 function headerFor(e: LayerEntry, path: string): Headers {

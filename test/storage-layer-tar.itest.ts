@@ -310,6 +310,12 @@ describe('layer tars', function () {
     });
   });
 
+  it('fails with ECONFLICT when a file has shrunk since it was scanned', async () => {
+    const short = join(work.dir, 'short-bytes');
+    await writeFile(short, 'abc');
+    await expectRefusal(write(sourceOf([fileEntry('f', 10)], { f: short })), 'ECONFLICT', /file f changed/);
+  });
+
   it('reads a file\'s bytes through the descriptor its source opens, and closes it', async () => {
     const real = join(work.dir, 'real-bytes');
     const decoy = join(work.dir, 'decoy-bytes');
