@@ -12,7 +12,7 @@ import { link, mkdir, readFile, stat, writeFile } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { pipeline } from 'node:stream/promises';
-import { isLayerdError } from '../common/errors.js';
+import { type LayerdError, isLayerdError } from '../common/errors.js';
 import { directorySource, scanDirectory } from '../mount/lowerDir.js';
 import { type ContentRef, type LayerEntry, type LayerIndex, type LayerSource, LAYER_INDEX_VERSION } from '../storage/layerIndex.js';
 import { LayerUnpacker } from '../storage/layerUnpack.js';
@@ -68,17 +68,17 @@ async function gnuExtract(work: Work, tar: string, name: string): Promise<string
   return dir;
 }
 
-async function expectRefusal(promise: Promise<unknown>, code: string, pattern: RegExp): Promise<Error> {
+async function expectRefusal(promise: Promise<unknown>, code: string, pattern: RegExp): Promise<LayerdError> {
   let caught: unknown;
   try {
     await promise;
   } catch (err) {
     caught = err;
   }
-  expect(isLayerdError(caught), String(caught)).to.equal(true);
-  expect((caught as { code: string }).code).to.equal(code);
-  expect((caught as Error).message).to.match(pattern);
-  return caught as Error;
+  if (!isLayerdError(caught)) expect.fail(`expected a LayerdError ${code}, got ${String(caught)}`);
+  expect(caught.code).to.equal(code);
+  expect(caught.message).to.match(pattern);
+  return caught;
 }
 
 describe('layer tars', function () {
@@ -276,7 +276,7 @@ describe('layer tars', function () {
         const source = sourceOf([dirEntry('sub'), fileEntry('sub/a', 0), entry]);
         const err = await expectRefusal(writeLayerTar(source, createWriteStream(tar)), 'EUNSUPPORTED', /whiteout/);
         expect(err.message).to.contain(entry.path);
-        expect((err as unknown as { context: { path: string } }).context.path).to.equal(entry.path);
+        expect(err.context['path']).to.equal(entry.path);
         expect((await stat(tar).catch(() => undefined))?.size ?? 0).to.equal(0);
       });
     }
