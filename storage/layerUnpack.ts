@@ -13,6 +13,7 @@ import { finished } from 'node:stream/promises';
 import tarStream, { type Headers } from 'tar-stream';
 import { ErrorCodes, LayerdError, asLayerdError } from '../common/errors.js';
 import { type EntryKind, type LayerEntry, type LayerIndex, LAYER_INDEX_VERSION } from './layerIndex.js';
+import { parsePaxTime } from './paxTime.js';
 import { ancestorsOf, classifyWhiteout, normalizeTarPath } from './tarPaths.js';
 
 export interface UnpackLimits {
@@ -53,6 +54,8 @@ export class LayerUnpacker {
   private readonly parents = new Set<string>();
   private readonly whiteouts = new Set<string>();
   private readonly opaques = new Set<string>();
+  /** Hard links to files of the layers below (their target was no earlier member). */
+  private readonly lowerLinks = new Set<LayerEntry>();
   private fileBytes = 0;
   private count = 0;
 
@@ -122,15 +125,18 @@ export class LayerUnpacker {
     }
 
     const pax = header.pax ?? {};
-    const entry: LayerEntry = {
+    const paxMtime = pax['mtime'] === undefined ? undefined : parsePaxTime(pax['mtime'].toString());
+    let entry: LayerEntry = {
       path,
       kind: kind === 'hardlink' ? 'file' : kind,
       mode: (header.mode ?? 0) & 0o7777,
       uid: paxInt(pax['uid']) ?? header.uid ?? 0,
       gid: paxInt(pax['gid']) ?? header.gid ?? 0,
-      mtime: paxInt(pax['mtime']) ?? Math.floor((header.mtime?.getTime() ?? 0) / 1000),
+      mtime: paxMtime?.sec ?? Math.floor((header.mtime?.getTime() ?? 0) / 1000),
       size: 0,
     };
+    // Absent means 0: indexes of whole-second layers stay as they were.
+    if (paxMtime !== undefined && paxMtime.nsec !== 0) entry.mtimeNsec = paxMtime.nsec;
     const xattrs = this.xattrsOf(header, path);
     if (xattrs) entry.xattrs = xattrs;
 
@@ -146,7 +152,7 @@ export class LayerUnpacker {
         break;
       }
       case 'hardlink':
-        this.linkEntry(entry, header.linkname ?? '');
+        entry = this.linkEntry(entry, header.linkname ?? '');
         break;
       case 'symlink':
         if (!header.linkname) throw new LayerdError(ErrorCodes.EBADTAR, `symlink ${path} has an empty target`, { path });
@@ -184,7 +190,13 @@ export class LayerUnpacker {
     }
   }
 
-  private linkEntry(entry: LayerEntry, rawTarget: string): void {
+  /**
+   * A hard link, GNU tar's way: it names an earlier member of the archive,
+   * whose inode (metadata and bytes) it shares. A name that no earlier
+   * member has is a file of the layers below, as when the layer is applied
+   * member by member onto them.
+   */
+  private linkEntry(entry: LayerEntry, rawTarget: string): LayerEntry {
     const target = normalizeTarPath(rawTarget, 'hard link target');
     if (target === entry.path) throw new LayerdError(ErrorCodes.EBADTAR, `hard link ${entry.path} points to itself`, { path: entry.path });
     this.checkParents(target, 'hard link target');
@@ -192,14 +204,18 @@ export class LayerUnpacker {
     if (!existing) {
       // A link to a file of a lower layer: kept by name, resolved by the union.
       entry.link = target;
-      return;
+      this.lowerLinks.add(entry);
+      return entry;
     }
     if (existing.kind === 'dir') {
       throw new LayerdError(ErrorCodes.EBADTAR, `hard link ${entry.path} points to a directory: ${target}`, { path: entry.path, target });
     }
-    // The link shares its target's inode: same metadata, same data.
-    const root = existing.link && this.byPath.has(existing.link) ? this.byPath.get(existing.link)! : existing;
-    Object.assign(entry, { ...root, path: entry.path, link: root.path });
+    // The link shares its target's inode: the same metadata (nothing of its
+    // own header: the inode has one mtime, one set of xattrs) and the same data.
+    // A link to a lower file is its own root: the name it links to may be
+    // replaced by a later member, which is another inode.
+    const root = existing.link !== undefined && !this.lowerLinks.has(existing) ? this.byPath.get(existing.link) ?? existing : existing;
+    return { ...root, path: entry.path, link: root.path };
   }
 
   private xattrsOf(header: RawHeaders, path: string): Record<string, string> | undefined {
