@@ -8,10 +8,11 @@
  *
  * containerd, the shims, ctr and layerd run in a private mount namespace
  * (see test/support/containerd.ts); skipped only if containerd or runc are
- * not installed.
+ * not installed. Each test imports what it runs (once per suite) and starts
+ * and removes its own containers.
  */
 import { expect } from 'chai';
-import { readFile, stat } from 'node:fs/promises';
+import { mkdir, readFile, readdir, stat, writeFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { digestOf } from '../storage/digest.js';
 import { BUSYBOX, CORPUS, DEBIAN_MULTI, scratch } from './support/env.js';
@@ -56,6 +57,24 @@ describe('containerd: containers on layerd snapshots', function () {
     const leased = snapshotsClient(env!.containerdSocket, { namespace: env!.namespace, lease });
     return { client: leased, release: async () => { leased.close(); await ctr('leases', 'rm', lease); } };
   };
+  /** `ctr images import` of each image, done once, by the first test that needs it; ctr's output. */
+  const imports = new Map<string, Promise<string>>();
+  const importOnce = (baseName: string, archive: string): Promise<string> => {
+    let done = imports.get(baseName);
+    if (!done) {
+      done = ctr('images', 'import', '--snapshotter', 'layerd', '--base-name', baseName, join(work!.dir, archive));
+      imports.set(baseName, done);
+    }
+    return done;
+  };
+  const importBusybox = (): Promise<string> => importOnce('corpus/busybox', 'busybox.tar');
+  const importDebian = (): Promise<string> => importOnce('corpus/debian-multi', 'debian.tar');
+  /** A detached debian container that writes /root/inside.txt, deletes /etc/issue and sleeps; its layerd snapshot. */
+  const startWriter = async (id: string): Promise<{ name: string; mountpoint: string; upper: string }> => {
+    await importDebian();
+    await ctr('run', '-d', '--null-io', '--snapshotter', 'layerd', DEBIAN, id, 'sh', '-c', 'echo written-inside > /root/inside.txt && rm /etc/issue && sleep 600');
+    return poll(`${id}'s snapshot`, () => layerdSnapshotOf(id));
+  };
   const poll = async <T>(what: string, fn: () => Promise<T | undefined>, ms = 30_000): Promise<T> => {
     const deadline = Date.now() + ms;
     for (;;) {
@@ -98,15 +117,14 @@ describe('containerd: containers on layerd snapshots', function () {
   });
 
   it('imports busybox with `ctr images import --snapshotter layerd` and runs it', async () => {
-    const out = await ctr('images', 'import', '--snapshotter', 'layerd', '--base-name', 'corpus/busybox', join(work!.dir, 'busybox.tar'));
-    expect(out).to.contain('unpacking corpus/busybox:latest');
+    expect(await importBusybox()).to.contain('unpacking corpus/busybox:latest');
     expect(await runIn(BB, 'bb-1', 'echo', 'hello from busybox on layerd')).to.equal('hello from busybox on layerd\n');
     const [chain] = await chainIds(BUSYBOX, 'amd64');
     expect(await snap('ls')).to.match(new RegExp(`^${chain}\\s+Committed`, 'm'));
   });
 
   it('imports debian-multi and runs python3 and cat /etc/os-release; layer 3\'s whiteouts hold; a non-root user reads /etc/passwd', async () => {
-    await ctr('images', 'import', '--snapshotter', 'layerd', '--base-name', 'corpus/debian-multi', join(work!.dir, 'debian.tar'));
+    expect(await importDebian()).to.contain('unpacking corpus/debian-multi:l3-whiteouts');
     const script = [
       '/usr/bin/python3 -c "import sys; print(6 * 7, sys.version_info[0])"',
       'cat /etc/os-release',
@@ -126,6 +144,7 @@ describe('containerd: containers on layerd snapshots', function () {
   });
 
   it('the image as containerd unpacked it into layerd is the corpus\'s intended tree (directory mtimes aside)', async () => {
+    await importDebian();
     const chain = await chainIds(DEBIAN_MULTI, 'l3-whiteouts');
     const leased = await leasedClient('oracle');
     try {
@@ -153,43 +172,66 @@ describe('containerd: containers on layerd snapshots', function () {
   });
 
   it('a write inside the container lands in the snapshot\'s writable layer', async () => {
-    await ctr('run', '-d', '--null-io', '--snapshotter', 'layerd', DEBIAN, 'writer', 'sh', '-c', 'echo written-inside > /root/inside.txt && rm /etc/issue && sleep 600');
-    const s = await poll('the writer\'s snapshot', () => layerdSnapshotOf('writer'));
-    // The shell creates the file before it writes to it: an empty file is "not yet", not an answer.
-    const content = await poll('the write in the upper dir', () => readFile(join(s.upper, 'root', 'inside.txt'), 'utf8').then((t) => t || undefined, () => undefined));
-    expect(content).to.equal('written-inside\n');
-    await poll('the whiteout of /etc/issue', () => stat(join(s.upper, 'etc', '.wh.issue')).then(() => true, () => undefined));
-    expect((await env!.mountinfo()).split('\n').some((l) => l.split(' ')[4] === s.mountpoint && / - fuse/.test(l)), 'its FUSE mount').to.equal(true);
+    try {
+      const s = await startWriter('writer');
+      // The shell creates the file before it writes to it: an empty file is "not yet", not an answer.
+      const content = await poll('the write in the upper dir', () => readFile(join(s.upper, 'root', 'inside.txt'), 'utf8').then((t) => t || undefined, () => undefined));
+      expect(content).to.equal('written-inside\n');
+      await poll('the whiteout of /etc/issue', () => stat(join(s.upper, 'etc', '.wh.issue')).then(() => true, () => undefined));
+      expect((await env!.mountinfo()).split('\n').some((l) => l.split(' ')[4] === s.mountpoint && / - fuse/.test(l)), 'its FUSE mount').to.equal(true);
+    } finally {
+      await env!.removeContainer('writer');
+    }
   });
 
   it('runs three containers of one image in parallel, each seeing only its own writes', async () => {
-    const script = 'echo $0 > /root/mine-$0; sleep 3; echo "$0 sees: $(ls /root | grep mine- | tr "\\n" " ")"';
-    const started = Date.now();
-    const outs = await Promise.all(['p1', 'p2', 'p3'].map((id) => runIn(DEBIAN, id, 'sh', '-c', script, id)));
+    await importDebian();
+    // Overlap is shown by order, not time: each container marks its start in a directory all three
+    // share and exits only once it has seen the other two start (or fails after a bound), so a run
+    // of one container after another cannot pass.
+    const shared = join(work!.dir, 'parallel-markers');
+    await mkdir(shared);
+    const script = 'echo $0 > /root/mine-$0; : > /markers/started-$0; n=0; '
+      + 'until [ "$(ls /markers | grep -c started-)" -eq 3 ]; do n=$((n+1)); [ $n -le 1200 ] || { echo "$0 ran alone"; exit 3; }; sleep 0.1; done; '
+      + 'echo "$0 sees: $(ls /root | grep mine- | tr "\\n" " ")"';
+    const outs = await Promise.all(['p1', 'p2', 'p3'].map((id) => ctr('run', '--rm', '--snapshotter', 'layerd',
+      '--mount', `type=bind,src=${shared},dst=/markers,options=rbind:rw`, DEBIAN, id, 'sh', '-c', script, id)));
     expect(outs).to.deep.equal(['p1 sees: mine-p1 \n', 'p2 sees: mine-p2 \n', 'p3 sees: mine-p3 \n']);
-    expect(Date.now() - started, 'they ran at the same time').to.be.below(9_000 + 20_000);
+    expect((await readdir(shared)).sort()).to.deep.equal(['started-p1', 'started-p2', 'started-p3']);
   });
 
   it('`ctr snapshots` ls, info, usage, tree, label, mounts and rm give sensible answers (Prepare, Commit, View through containerd)', async () => {
     const chain = await chainIds(DEBIAN_MULTI, 'l3-whiteouts');
-    const writer = (await layerdSnapshotOf('writer'))!;
+    try {
+      await snapshotCommands(chain);
+    } finally {
+      await env!.removeContainer('labelled');
+    }
+    // containerd's GC then removes them from layerd too
+    await env!.gc();
+    await poll('layerd to drop by-hand-*', async () => ((await client!.list(['name~="/by-hand"'])).length === 0 ? true : undefined));
+  });
+
+  /** The `ctr snapshots` checks, on a container 'labelled' of their own. */
+  const snapshotCommands = async (chain: string[]): Promise<void> => {
+    const writer = await startWriter('labelled');
     const ls = await snap('ls');
     for (const c of chain) expect(ls).to.match(new RegExp(`^${c}\\s`, 'm'));
-    expect(ls).to.match(new RegExp(`^writer\\s+${chain[2]}\\s+Active`, 'm'));
+    expect(ls).to.match(new RegExp(`^labelled\\s+${chain[2]}\\s+Active`, 'm'));
 
-    const info = JSON.parse(await snap('info', 'writer')) as { Kind: string; Name: string; Parent: string };
-    expect(info).to.include({ Kind: 'Active', Name: 'writer', Parent: chain[2] });
+    const info = JSON.parse(await snap('info', 'labelled')) as { Kind: string; Name: string; Parent: string };
+    expect(info).to.include({ Kind: 'Active', Name: 'labelled', Parent: chain[2] });
 
-    const usage = await snap('usage', 'writer');
-    expect(usage).to.match(/^writer\s+\d+(\.\d+)? (B|KiB)\s+\d+/m);
+    const usage = await snap('usage', 'labelled');
+    expect(usage).to.match(/^labelled\s+\d+(\.\d+)? (B|KiB)\s+\d+/m);
     const base = await snap('usage', chain[0]!);
     expect(Number(/(\d+)\s*$/.exec(base.trim())![1]), 'inodes of the base layer').to.be.greaterThan(6000);
 
     const tree = await snap('tree');
     expect(tree).to.match(new RegExp(`^ ${chain[0]}\\n  \\\\_ ${chain[1]}\\n    \\\\_ ${chain[2]}\\n`, 'm'));
 
-    await snap('label', 'writer', 'containerd.io/snapshot/owner=itest', 'note=hello');
-    const labelled = JSON.parse(await snap('info', 'writer')) as { Labels: Record<string, string> };
+    await snap('label', 'labelled', 'containerd.io/snapshot/owner=itest', 'note=hello');
+    const labelled = JSON.parse(await snap('info', 'labelled')) as { Labels: Record<string, string> };
     expect(labelled.Labels).to.include({ 'containerd.io/snapshot/owner': 'itest', note: 'hello' });
     const inLayerd = await client!.call<{ info: { labels: Record<string, string> } }>('Stat', { snapshotter: 'layerd', key: writer.name });
     expect(inLayerd.info.labels['containerd.io/snapshot/owner'], 'inherited labels reach layerd').to.equal('itest');
@@ -216,45 +258,66 @@ describe('containerd: containers on layerd snapshots', function () {
     } finally {
       await leased.release();
     }
-    // containerd's GC then removes them from layerd too
-    await env!.gc();
-    await poll('layerd to drop by-hand-*', async () => ((await client!.list(['name~="/by-hand"'])).length === 0 ? true : undefined));
-  });
+  };
 
   it('containerd\'s GC removes deleted containers\' snapshots, and layerd unmounts them', async () => {
-    const s = (await layerdSnapshotOf('writer'))!;
-    await ctr('tasks', 'kill', '-s', 'SIGKILL', 'writer');
-    await poll('the writer to stop', async () => (/STOPPED/.test(await ctr('tasks', 'ls')) || !/writer/.test(await ctr('tasks', 'ls')) ? true : undefined));
-    await ctr('tasks', 'rm', 'writer');
-    await ctr('containers', 'rm', 'writer');
+    const s = await startWriter('to-collect');
+    await env!.removeContainer('to-collect');
     await env!.gc();
     await poll('layerd to remove the snapshot', async () => ((await client!.list([`name==${JSON.stringify(s.name)}`])).length === 0 ? true : undefined));
     await poll('the mount to go', async () => ((await env!.mountinfo()).includes(s.mountpoint) ? undefined : true));
     await stat(s.upper).then(() => expect.fail('the writable layer should be deleted'), () => undefined);
     expect(env!.layerd!.log()).to.contain(`"snapshot":${JSON.stringify(s.name)}`);
-    // so did the snapshots of the `ctr run --rm` containers before: only committed image layers are left
+    // and so those of every other container (the tests remove theirs): only committed image layers are left
     expect((await client!.list()).filter((i) => i.kind !== 'COMMITTED').map((i) => i.name)).to.deep.equal([]);
     expect((await env!.mountinfo()).split('\n').filter((l) => / - fuse/.test(l) && l.includes(env!.layerdRoot))).to.deep.equal([]);
   });
 
   it('a running container keeps working while layerd restarts', async () => {
-    const script = 'i=0; while [ $i -lt 60 ]; do echo $i >> /root/log || exit 11; cat /etc/os-release > /dev/null || exit 12; '
-      + '/usr/bin/python3 -c "pass" || exit 13; i=$((i+1)); sleep 0.05; done; wc -l < /root/log';
-    const running = env!.ctr(['run', '--rm', '--snapshotter', 'layerd', DEBIAN, 'restart-1', 'sh', '-c', script], { timeoutMs: 300_000 });
-    const s = await poll('the container\'s snapshot', () => layerdSnapshotOf('restart-1'));
-    // running (containerd is done with the snapshotter for it): its first lines are in the writable layer
-    await poll('the container to run', () => readFile(join(s.upper, 'root', 'log'), 'utf8').then((t) => (t.length > 0 ? t : undefined), () => undefined));
-    client!.close();
-    expect(await env!.stopLayerd()).to.equal(0);
-    expect((await env!.mountinfo()).includes(s.mountpoint), 'the mount stays while layerd is down').to.equal(true);
-    await new Promise((r) => setTimeout(r, 500));
-    const layerd = await env!.startLayerd();
-    client = snapshotsClient(env!.snapshotterSocket);
-    const result = await running;
-    expect(result.stderr).to.equal('');
-    expect(result.code, 'the container saw no error').to.equal(0);
-    expect(result.stdout.trim()).to.equal('60');
-    expect(layerd.log()).to.match(/snapshots restored/);
+    await importDebian();
+    await importBusybox();
+    // The container works in a loop until the test tells it to stop (a file in a bind-mounted
+    // directory), so the test can see it make progress while layerd is down and after, whatever
+    // the machine's speed; the loop's bound ends it if the test never does.
+    const control = join(work!.dir, 'restart-control');
+    await mkdir(control);
+    const script = 'i=0; while [ ! -e /control/stop ]; do [ $i -lt 2000 ] || exit 14; echo $i >> /root/log || exit 11; '
+      + 'cat /etc/os-release > /dev/null || exit 12; /usr/bin/python3 -c "pass" || exit 13; i=$((i+1)); sleep 0.05; done; wc -l < /root/log';
+    const running = env!.ctr(['run', '--rm', '--snapshotter', 'layerd', '--mount', `type=bind,src=${control},dst=/control,options=rbind:rw`,
+      DEBIAN, 'restart-1', 'sh', '-c', script], { timeoutMs: 300_000 });
+    let stopped = false;
+    try {
+      const s = await poll('the container\'s snapshot', () => layerdSnapshotOf('restart-1'));
+      const log = join(s.upper, 'root', 'log');
+      const lines = (): Promise<number> => readFile(log, 'utf8').then((t) => t.split('\n').length - 1, () => 0);
+      /** The log grows by a few lines from now on: the container keeps running its loop. */
+      const progresses = async (what: string): Promise<void> => {
+        const from = await lines();
+        await poll(what, async () => ((await lines()) >= from + 3 ? true : undefined), 60_000);
+      };
+      // running (containerd is done with the snapshotter for it): its first lines are in the writable layer
+      await progresses('the container to run');
+      client!.close();
+      expect(await env!.stopLayerd()).to.equal(0);
+      expect((await env!.mountinfo()).includes(s.mountpoint), 'the mount stays while layerd is down').to.equal(true);
+      await progresses('the container to work while layerd is down');
+      const layerd = await env!.startLayerd();
+      client = snapshotsClient(env!.snapshotterSocket);
+      expect(layerd.log()).to.match(/snapshots restored/);
+      await progresses('the container to work after layerd is back');
+      const seen = await lines();
+      await writeFile(join(control, 'stop'), '');
+      stopped = true;
+      const result = await running;
+      expect(result.stderr).to.equal('');
+      expect(result.code, 'the container saw no error').to.equal(0);
+      expect(Number(result.stdout.trim()), 'lines the container wrote').to.be.at.least(seen);
+    } finally {
+      if (!stopped) {
+        await writeFile(join(control, 'stop'), '');
+        await running;
+      }
+    }
     // and the restarted layerd still serves containerd
     expect(await runIn(BB, 'bb-after-restart', 'echo', 'still here')).to.equal('still here\n');
   });

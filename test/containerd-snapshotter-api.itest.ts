@@ -2,7 +2,8 @@
  * The proxy snapshotter's gRPC API, driven directly (no containerd): what
  * each call does to mounts, the store and the records, the error codes
  * containerd expects, the remote path's checks, Cleanup, and snapshot
- * mounts that outlive a daemon restart.
+ * mounts that outlive a daemon restart. Each test makes the snapshots it
+ * uses and leaves none behind (checked after each).
  */
 import { expect } from 'chai';
 import { status } from '@grpc/grpc-js';
@@ -12,6 +13,7 @@ import { BUSYBOX, layerctl, scratch } from './support/env.js';
 import { type RunningDaemon, startDaemon } from './support/daemon.js';
 import { type SnapshotsClient, grpcCode, snapshotsClient } from './support/containerd.js';
 import { clearMountsUnder } from './support/store.js';
+import { signalAndWait } from './support/processes.js';
 
 interface WireMount { type: string; source: string; options: string[] }
 interface InspectedImage { Layers: { diffId: string; digest: string | null }[] }
@@ -40,6 +42,35 @@ describe('containerd snapshotter: the gRPC API', function () {
     return r.stdout;
   };
   const storeLayers = async (): Promise<string[]> => (JSON.parse(await cli('layers', '--json')) as { diffId: string }[]).map((l) => l.diffId);
+  /** A committed snapshot `name` without parent holding etc/hello ("hello\n"), made through an active one. */
+  const committedHello = async (name: string, labels: Record<string, string> = {}): Promise<void> => {
+    const m = (await prepare(`${name}-active`, ''))[0]!.source;
+    await mkdir(join(m, 'etc'));
+    await writeFile(join(m, 'etc', 'hello'), 'hello\n');
+    await commit(name, `${name}-active`, labels);
+  };
+  /** What several tests start from: committed c1 (labelled), a view v1 of it and an active a2 on it. */
+  const c1WithChildren = async (): Promise<void> => {
+    await committedHello('c1', { 'containerd.io/snapshot/committed': 'yes' });
+    await view('v1', 'c1');
+    await prepare('a2', 'c1');
+  };
+  /** busybox's base layer registered as a committed snapshot (the remote path); its name, the diffID. */
+  const registerBusyboxBase = async (): Promise<string> => {
+    const layer = busybox.Layers[0]!;
+    const labels = { 'containerd.io/snapshot.ref': layer.diffId, 'containerd.io/snapshot/cri.layer-digest': layer.digest! };
+    expect(await codeOf(prepare('extract base', '', labels)), 'registered').to.equal(status.ALREADY_EXISTS);
+    return layer.diffId;
+  };
+  /** Remove every snapshot, children first; what cannot be removed is an error. */
+  const removeAll = async (): Promise<void> => {
+    let left = await client.list();
+    for (let pass = 0; pass < 5 && left.length > 0; pass++) {
+      for (const s of left) await remove(s.name).catch(() => undefined);
+      left = await client.list();
+    }
+    expect(left.map((s) => s.name), 'snapshots left behind').to.deep.equal([]);
+  };
 
   before(async () => {
     work = await scratch('layerd-snapapi-');
@@ -49,14 +80,12 @@ describe('containerd snapshotter: the gRPC API', function () {
     busybox = JSON.parse(await cli('inspect', 'busybox:latest')) as InspectedImage;
   });
 
+  afterEach(async () => {
+    if (daemon?.child.exitCode === null) await removeAll();
+  });
+
   after(async () => {
     if (daemon) {
-      // remove what a failed test left, children first
-      for (let pass = 0; pass < 5; pass++) {
-        const left = await client.list().catch(() => []);
-        if (left.length === 0) break;
-        for (const s of left) await remove(s.name).catch(() => undefined);
-      }
       client.close();
       await daemon.stop();
     }
@@ -94,6 +123,7 @@ describe('containerd snapshotter: the gRPC API', function () {
   });
 
   it('views a committed snapshot read-only and prepares on top of it', async () => {
+    await committedHello('c1');
     const v = await view('v1', 'c1');
     expect(v[0]!.options).to.deep.equal(['rbind', 'ro']);
     expect(await readFile(join(v[0]!.source, 'etc', 'hello'), 'utf8')).to.equal('hello\n');
@@ -110,6 +140,7 @@ describe('containerd snapshotter: the gRPC API', function () {
   });
 
   it('answers with the error codes containerd expects', async () => {
+    await c1WithChildren();
     expect(await codeOf(statOf('nope'))).to.equal(status.NOT_FOUND);
     expect(await codeOf(prepare('a2', 'c1'))).to.equal(status.ALREADY_EXISTS);
     expect(await codeOf(prepare('a3', 'no-such-parent'))).to.equal(status.NOT_FOUND);
@@ -126,6 +157,7 @@ describe('containerd snapshotter: the gRPC API', function () {
   });
 
   it('updates labels by field mask and lists with containerd filters', async () => {
+    await c1WithChildren();
     const update = (labels: Record<string, string>, paths: string[]) =>
       client.call<{ info: { labels: Record<string, string> } }>('Update', { snapshotter: 'layerd', info: { name: 'c1', labels }, update_mask: { paths } }).then((r) => r.info.labels);
     expect(await update({ a: '1', b: '2' }, ['labels.a'])).to.deep.equal({ 'containerd.io/snapshot/committed': 'yes', a: '1' });
@@ -169,6 +201,7 @@ describe('containerd snapshotter: the gRPC API', function () {
 
   it('falls back to a normal Prepare when the labels do not fit (unknown layer, wrong chain ID)', async () => {
     const layer = busybox.Layers[0]!;
+    await registerBusyboxBase();
     const bogus = `sha256:${'1'.repeat(64)}`;
     // a layer the store does not have: containerd must unpack
     const m1 = await prepare('unpack-1', '', { 'containerd.io/snapshot.ref': bogus, 'containerd.io/snapshot/layer.diffid': bogus });
@@ -183,6 +216,8 @@ describe('containerd snapshotter: the gRPC API', function () {
   });
 
   it('removes snapshots: mounts go, a committed layer nothing else uses leaves the store, image layers stay', async () => {
+    await c1WithChildren();
+    const base = await registerBusyboxBase();
     const a2 = (await client.call<{ mounts: WireMount[] }>('Mounts', { snapshotter: 'layerd', key: 'a2' })).mounts[0]!.source;
     await remove('a2');
     await remove('v1');
@@ -191,8 +226,8 @@ describe('containerd snapshotter: the gRPC API', function () {
     const before = await storeLayers();
     await remove('c1');
     expect(await storeLayers()).to.have.length(before.length - 1);
-    await remove(busybox.Layers[0]!.diffId);
-    expect(await storeLayers(), 'the image still uses the busybox layer').to.include(busybox.Layers[0]!.diffId);
+    await remove(base);
+    expect(await storeLayers(), 'the image still uses the busybox layer').to.include(base);
     expect(await client.list()).to.deep.equal([]);
   });
 
@@ -231,13 +266,13 @@ describe('containerd snapshotter: the gRPC API', function () {
   });
 });
 
-/** Mount hosts serving mounts under `dir` (found by their socket path), stopped by PID. */
+/** Mount hosts serving mounts under `dir` (found by their socket path), stopped by PID and waited for (bounded). */
 async function stopMountHostsUnder(dir: string, signal: NodeJS.Signals = 'SIGTERM'): Promise<void> {
+  const pids: number[] = [];
   for (const name of await readdir('/proc')) {
     if (!/^\d+$/.test(name)) continue;
     const cmdline = await readFile(`/proc/${name}/cmdline`, 'utf8').catch(() => '');
-    if (cmdline.includes('mount-host') && cmdline.includes(dir)) {
-      try { process.kill(Number(name), signal); } catch { /* gone */ }
-    }
+    if (cmdline.includes('mount-host') && cmdline.includes(dir)) pids.push(Number(name));
   }
+  await signalAndWait(pids, signal, 15_000);
 }

@@ -1,6 +1,6 @@
 /**
  * layerd's merged view of the corpus image debian-multi, tag by tag, against
- * the oracle listings in /work/shared/corpus/expected (whiteouts of files and
+ * the corpus's oracle listings in expected/ (whiteouts of files and
  * directories, opaque dirs, whiteouts under paths a layer turned into a
  * symlink or file, hard links to lower files, devices, binary xattrs, odd
  * modes and times). The image is imported into a real store and mounted
@@ -17,8 +17,8 @@ import { cleanupEverything, run } from './fixtures/mount/harness.js';
 import { Store } from '../storage/store.js';
 import { StoreOperations } from '../storage/operations.js';
 import { tarLayerSource } from '../storage/layerIndex.js';
+import { CORPUS } from './support/env.js';
 
-const CORPUS = process.env['LAYERD_CORPUS'] ?? '/work/shared/corpus';
 const TAGS = ['l1-minbase', 'l2-packages', 'l3-whiteouts', 'l4-special'];
 
 describe('mount corpus: layerd shows the intended merged tree', function () {
@@ -27,7 +27,10 @@ describe('mount corpus: layerd shows the intended merged tree', function () {
   const layers: LayerSource[] = [];
 
   before(async function () {
-    if (!(await access(join(CORPUS, 'oci/debian-multi/index.json')).then(() => true, () => false))) this.skip();
+    if (!(await access(join(CORPUS, 'oci/debian-multi/index.json')).then(() => true, () => false))) {
+      process.stdout.write(`      (no corpus at ${CORPUS}; set LAYERD_CORPUS: skipped)\n`);
+      this.skip();
+    }
     root = await mkdtemp(join(tmpdir(), 'layerd-mount-corpus-'));
     const store = await Store.open(join(root, 'store'), { durability: 'none' });
     try {

@@ -2,9 +2,13 @@
  * Live directory layers on debian-multi: `layerctl run --layer-dir DIR`
  * serves a host directory as the top read-only layer of a container and
  * follows its edits (adds, changes, deletes, renames, hand-made `.wh.`
- * whiteouts and opaque markers) within a second; the watcher goes away with
- * the mount; `layerctl commit --layer-dir` makes the directory a
- * content-addressed layer. Real daemon, real FUSE mounts.
+ * whiteouts and opaque markers); the watcher goes away with the mount;
+ * `layerctl commit --layer-dir` makes the directory a content-addressed
+ * layer. Real daemon, real FUSE mounts.
+ *
+ * How fast a change shows is not asserted (the machine is shared): each
+ * change is polled for with a generous bound, and only ENOENT counts as
+ * "not there" (any other error, such as a dead mount's ENOTCONN, fails).
  */
 import { expect } from 'chai';
 import { execFile } from 'node:child_process';
@@ -20,27 +24,38 @@ import { DEBIAN_MULTI, layerctl, layerctlJson, scratch } from './support/env.js'
 import { clearMountsUnder } from './support/store.js';
 
 const run = promisify(execFile);
-const VISIBLE_WITHIN_MS = 1000;
+/** A bound for a change to show, not a promise of speed: only a change that never shows fails. */
+const VISIBLE_BOUND_MS = 30_000;
 
-/** Read a file through the mount from another process (`cat`), or undefined if it is not there. */
-async function catFile(path: string): Promise<string | undefined> {
+/**
+ * `command args` in another process (the test process may serve the mount);
+ * its stdout, or undefined if it failed with ENOENT. Any other failure throws.
+ */
+async function unlessMissing(command: string, args: string[]): Promise<string | undefined> {
   try {
-    return (await run('cat', [path])).stdout;
-  } catch {
-    return undefined;
+    return (await run(command, args, { env: { ...process.env, LC_ALL: 'C' } })).stdout;
+  } catch (err) {
+    const stderr = (err as { stderr?: string }).stderr ?? '';
+    if (/No such file or directory/.test(stderr)) return undefined;
+    throw new Error(`${command} ${args.join(' ')}: ${stderr.trim() || String(err)}`);
   }
 }
 
-/** Poll `probe` (run in other processes) until it returns `want`; fail after VISIBLE_WITHIN_MS. */
-async function becomes<T>(what: string, probe: () => Promise<T>, want: T): Promise<number> {
-  const started = Date.now();
+/** Read a file through the mount (`cat`), or undefined if it does not exist. */
+const catFile = (path: string): Promise<string | undefined> => unlessMissing('cat', [path]);
+/** `ls -A` of a directory through the mount, or undefined if it does not exist. */
+const listDir = (path: string): Promise<string | undefined> => unlessMissing('ls', ['-A', path]);
+
+/** Poll `probe` until it returns `want`; fail after VISIBLE_BOUND_MS, or at once if the probe throws. */
+async function becomes<T>(what: string, probe: () => Promise<T>, want: T): Promise<void> {
+  const deadline = Date.now() + VISIBLE_BOUND_MS;
   let last: T | undefined;
-  while (Date.now() - started <= VISIBLE_WITHIN_MS) {
+  for (;;) {
     last = await probe();
-    if (last === want) return Date.now() - started;
-    await new Promise((r) => setTimeout(r, 40));
+    if (last === want) return;
+    if (Date.now() > deadline) throw new Error(`${what}: not visible after ${VISIBLE_BOUND_MS} ms (last: ${JSON.stringify(last)})`);
+    await new Promise((r) => setTimeout(r, 50));
   }
-  throw new Error(`${what}: not visible within ${VISIBLE_WITHIN_MS} ms (last: ${JSON.stringify(last)})`);
 }
 
 /** inotify watches a process holds (libuv keeps its inotify fd open; the watches are what a leak leaves). */
@@ -62,6 +77,13 @@ describe('live directory layers (run --layer-dir, commit --layer-dir)', function
   let live: string;
   let mnt: string;
   const ctl = (...args: string[]) => layerctl(['--socket', daemon!.socket, ...args]);
+  /** A daemon-less store with debian-multi, made by the first test that needs it. */
+  let offlineStore: Promise<string> | undefined;
+  const offlineRoot = (): Promise<string> => (offlineStore ??= (async () => {
+    const root = join(work.dir, 'offline-store');
+    await layerctlJson(['--root', root, 'import', DEBIAN_MULTI]);
+    return root;
+  })());
 
   before(async () => {
     work = await scratch();
@@ -79,7 +101,7 @@ describe('live directory layers (run --layer-dir, commit --layer-dir)', function
   after(async () => {
     try {
       if (daemon) {
-        await ctl('rm', 'dev').catch(() => undefined);
+        for (const id of ['dev', 'short-lived']) await ctl('rm', id).catch(() => undefined);
         await daemon.stop();
       }
     } finally {
@@ -100,7 +122,7 @@ describe('live directory layers (run --layer-dir, commit --layer-dir)', function
     await run('rm', [join(mnt, 'etc/hostname')]);
   });
 
-  it('follows adds, in-place changes, renames and deletes within a second', async () => {
+  it('follows adds, in-place changes, renames and deletes', async () => {
     await mkdir(join(live, 'opt/tool/bin'), { recursive: true });
     await writeFile(join(live, 'opt/tool/bin/run.sh'), 'echo v1\n', { mode: 0o755 });
     await becomes('a new file in a new directory', () => catFile(join(mnt, 'opt/tool/bin/run.sh')), 'echo v1\n');
@@ -115,7 +137,7 @@ describe('live directory layers (run --layer-dir, commit --layer-dir)', function
     await becomes('the old name of a rename', () => catFile(join(mnt, 'opt/tool/bin/run.sh')), undefined);
 
     await rm(join(live, 'opt'), { recursive: true });
-    await becomes('a deleted directory', () => run('ls', [join(mnt, 'opt')]).then((r) => r.stdout.includes('tool'), () => false), false);
+    await becomes('a deleted directory', () => listDir(join(mnt, 'opt')).then((t) => (t ?? '').includes('tool')), false);
   });
 
   it('treats hand-made .wh. files and opaque markers as whiteouts of the image', async () => {
@@ -130,9 +152,9 @@ describe('live directory layers (run --layer-dir, commit --layer-dir)', function
     await mkdir(join(live, 'usr/share/doc'), { recursive: true });
     await writeFile(join(live, 'usr/share/doc/ONLY'), 'only\n');
     await writeFile(join(live, 'usr/share/doc/.wh..wh..opq'), '');
-    await becomes('an opaque directory', () => run('ls', ['-A', join(mnt, 'usr/share/doc')]).then((r) => r.stdout), 'ONLY\n');
+    await becomes('an opaque directory', () => listDir(join(mnt, 'usr/share/doc')), 'ONLY\n');
     await rm(join(live, 'usr'), { recursive: true });
-    await becomes('the opaque marker removed', () => run('ls', ['-A', join(mnt, 'usr/share/doc')]).then((r) => r.stdout.split('\n').length > 3), true);
+    await becomes('the opaque marker removed', () => listDir(join(mnt, 'usr/share/doc')).then((t) => (t ?? '').split('\n').length > 3), true);
   });
 
   it('commits a container with a live layer as two new layers that show what it showed', async () => {
@@ -151,19 +173,23 @@ describe('live directory layers (run --layer-dir, commit --layer-dir)', function
   });
 
   it('releases the watcher and the mount when the container is removed', async () => {
-    const pid = (JSON.parse((await ctl('ps', '--json')).stdout) as Array<{ id: string; serverPid: number }>).find((c) => c.id === 'dev')!.serverPid;
+    // A container of its own, of another image (so another mount host than 'dev''s, whose watches stay).
+    const dir = join(work.dir, 'short-lived');
+    await mkdir(join(dir, 'etc'), { recursive: true });
+    const created = await ctl('run', '--name', 'short-lived', '--layer-dir', dir, 'debian-multi:l1-minbase', '--json');
+    expect(created.code, created.stderr).to.equal(0);
+    const itsMount = (JSON.parse(created.stdout) as { mountpoint: string }).mountpoint;
+    const pid = (JSON.parse((await ctl('ps', '--json')).stdout) as Array<{ id: string; serverPid: number }>).find((c) => c.id === 'short-lived')!.serverPid;
     expect(await inotifyWatches(pid)).to.be.greaterThan(0);
-    const r = await ctl('rm', 'dev');
+    const r = await ctl('rm', 'short-lived');
     expect(r.code, r.stderr).to.equal(0);
-    expect(await readFile('/proc/self/mountinfo', 'utf8')).to.not.include(mnt);
+    expect(await readFile('/proc/self/mountinfo', 'utf8')).to.not.include(itsMount);
     // The image's mount host may linger a few seconds for the next mount, but watches nothing.
     expect(processAlive(pid) ? await inotifyWatches(pid) : 0).to.equal(0);
   });
 
   it('closes its inotify watches on unmount (in-process mountUnion)', async () => {
-    const root = join(work.dir, 'offline-store');
-    await layerctlJson(['--root', root, 'import', DEBIAN_MULTI]);
-    const store = await Store.open(root);
+    const store = await Store.open(await offlineRoot());
     const layers = (await store.imageLayers('debian-multi:latest')).map((l) => tarLayerSource(l.index, l.tarPath));
     store.close();
     const upper = join(work.dir, 'inproc-upper');
@@ -188,7 +214,7 @@ describe('live directory layers (run --layer-dir, commit --layer-dir)', function
     await writeFile(join(tree, 'srv/app/main.py'), 'print("hi")\n');
     await mkdir(join(tree, 'etc'));
     await writeFile(join(tree, 'etc/.wh.os-release'), '');
-    const root = join(work.dir, 'offline-store');
+    const root = await offlineRoot();
     type Commit = { image: string; diffId: string; ref: string | null };
     const a = await layerctlJson<Commit>(['--root', root, 'commit', '--layer-dir', tree, 'debian-multi:latest', 'app:1']);
     const b = await layerctlJson<Commit>(['--root', root, 'commit', '--layer-dir', tree, 'debian-multi:latest', 'app:2']);

@@ -17,8 +17,9 @@ import {
   ALL_IMPLEMENTATIONS, FIXTURE_MTIME, FIXTURE_XATTR, hasWhiteout, makeWorkspace, mustRun, removeWorkspace, run,
   type MountedUnionUnderTest, type Workspace,
 } from './fixtures/mount/harness.js';
+import { CORPUS } from './support/env.js';
 
-const LISTING_TOOL = join(process.env['LAYERD_CORPUS'] ?? '/work/shared/corpus', 'tools/listing.py');
+const LISTING_TOOL = join(CORPUS, 'tools/listing.py');
 
 /** The merged tree after the scripted changes, as kernel overlayfs shows it (mtime column dropped). */
 const EXPECTED_AFTER_SCRIPT: string[] = [
@@ -272,8 +273,10 @@ for (const impl of ALL_IMPLEMENTATIONS) {
     it('survives concurrent copy-ups and creates in the same lower directories', async () => {
       const script = [
         'cd "$1"',
-        'for i in $(seq 1 20); do (echo "$i" >> etc/dir/keep; echo "$i" > etc/dir/n$i; touch ren/sub/t$i; chmod 0640 ren/a) & done',
-        'wait',
+        // each job's status counts: a bare `wait` returns 0 whatever the jobs did
+        'pids=""',
+        'for i in $(seq 1 20); do (echo "$i" >> etc/dir/keep && echo "$i" > etc/dir/n$i && touch ren/sub/t$i && chmod 0640 ren/a) & pids="$pids $!"; done',
+        'status=0; for p in $pids; do wait "$p" || status=1; done; exit $status',
       ].join('\n');
       const res = await run('sh', ['-c', script, 'sh', ws.mnt]);
       assert.equal(res.code, 0, res.stderr);

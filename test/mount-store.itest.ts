@@ -10,6 +10,7 @@ import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { clearDeadMount, findMount } from '../mount/deadMount.js';
 import { REPO, execFileAsync, scratch } from './support/env.js';
+import { type ChildExit, stopChild } from './support/processes.js';
 import { clearMountsUnder, storeWithDebianMulti } from './support/store.js';
 
 const MOUNTS = 100;
@@ -63,6 +64,7 @@ describe('mounts of store images', function () {
       process.once('SIGTERM', async () => { for (const m of mounted) await m.unmount(); process.exit(0); });
     `;
     const server = spawn(process.execPath, ['--input-type=module', '-e', script], { stdio: ['ignore', 'pipe', 'inherit'] });
+    let exit: ChildExit | undefined;
     try {
       const ready = await waitForLine(server, /ready rss=\d+/, 300_000);
       const rss = Number(ready.split('=')[1]);
@@ -78,9 +80,10 @@ describe('mounts of store images', function () {
       const { stdout } = await execFileAsync('sh', ['-c', `cd ${work.dir}/c42/upper && find . | sort`]);
       expect(stdout.trim().split('\n')).to.deep.equal(['.', './root', './root/mine-42']);
     } finally {
-      server.kill('SIGTERM');
-      await new Promise((r) => server.once('exit', r));
+      // unmounting 100 mounts takes a while on a busy machine; SIGKILL after the grace period
+      exit = await stopChild(server, { graceMs: 60_000, what: 'the mount server' });
     }
+    expect(exit, 'the server unmounted everything and exited on SIGTERM').to.deep.equal({ code: 0, signal: null });
     for (let i = 0; i < MOUNTS; i++) expect(await findMount(join(work.dir, `c${i}`, 'mnt')), `mount ${i} gone`).to.equal(undefined);
   });
 
@@ -90,17 +93,19 @@ describe('mounts of store images', function () {
     await mkdir(upper, { recursive: true });
     await mkdir(mnt, { recursive: true });
     const server = spawn(join(REPO, 'bin', 'layerd'), ['mount', '--root', root, '--image', 'debian-multi:latest', '--upper', upper, mnt], { stdio: ['ignore', 'pipe', 'inherit'] });
-    await waitForLine(server, /ready /, 60_000);
-    // Another process writes and fsyncs, then keeps writing without fsync.
-    await execFileAsync('python3', ['-c', `
+    try {
+      await waitForLine(server, /ready /, 60_000);
+      // Another process writes and fsyncs, then keeps writing without fsync.
+      await execFileAsync('python3', ['-c', `
 import os
 fd = os.open(${JSON.stringify(join(mnt, 'root', 'durable'))}, os.O_WRONLY | os.O_CREAT, 0o644)
 os.write(fd, b'fsynced data\\n'); os.fsync(fd); os.close(fd)
 with open(${JSON.stringify(join(mnt, 'etc', 'hostname'))}, 'a') as f:
     f.write('appended\\n'); f.flush(); os.fsync(f.fileno())
-`]);
-    server.kill('SIGKILL');
-    await new Promise((r) => server.once('exit', r));
+`], { timeout: 60_000 });
+    } finally {
+      await stopChild(server, { signal: 'SIGKILL', what: 'the mount server' });
+    }
     const probe = await execFileAsync('stat', [mnt]).then(() => 'ok', (err: { stderr?: string }) => err.stderr ?? '');
     expect(probe).to.match(/Transport endpoint is not connected/);
     await clearDeadMount(mnt);

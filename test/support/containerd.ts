@@ -21,6 +21,7 @@ import * as grpc from '@grpc/grpc-js';
 import { loadSnapshotsService } from '../../daemon/snapshotter/server.js';
 import { REPO } from './env.js';
 import { http } from './daemon.js';
+import { signalAndWait, stopChild, waitPidGone } from './processes.js';
 
 export interface RunResult {
   code: number;
@@ -80,20 +81,13 @@ function alive(pid: number): boolean {
   }
 }
 
-async function waitGone(pid: number, ms: number): Promise<boolean> {
-  const deadline = Date.now() + ms;
-  while (alive(pid) && Date.now() < deadline) await sleep(50);
-  return !alive(pid);
-}
-
-/** SIGTERM, then SIGKILL after `ms`. */
-async function terminate(pid: number, ms = 10_000): Promise<void> {
-  if (!alive(pid)) return;
-  try { process.kill(pid, 'SIGTERM'); } catch { return; }
-  if (!(await waitGone(pid, ms))) {
-    try { process.kill(pid, 'SIGKILL'); } catch { /* gone */ }
-    await waitGone(pid, 5000);
-  }
+/** SIGTERM, then SIGKILL after `ms`; true once the process is gone, false if it outlived SIGKILL (bounded). */
+async function terminate(pid: number, ms = 10_000): Promise<boolean> {
+  if (!alive(pid)) return true;
+  try { process.kill(pid, 'SIGTERM'); } catch { return true; }
+  if (await waitPidGone(pid, ms)) return true;
+  try { process.kill(pid, 'SIGKILL'); } catch { /* gone */ }
+  return waitPidGone(pid, 10_000);
 }
 
 export interface LayerdProcess {
@@ -199,16 +193,12 @@ export class ContainerdEnv {
     }
   }
 
-  /** SIGTERM layerd (by PID) and wait; resolves with its exit code. */
+  /** SIGTERM layerd (by PID; SIGKILL after 15 s) and wait, bounded; resolves with its exit code (null if killed). */
   async stopLayerd(): Promise<number | null> {
     const layerd = this.layerd;
     if (!layerd) return null;
     this.layerd = undefined;
-    if (layerd.child.exitCode === null && layerd.child.signalCode === null) process.kill(layerd.pid, 'SIGTERM');
-    const timer = setTimeout(() => { if (alive(layerd.pid)) process.kill(layerd.pid, 'SIGKILL'); }, 15_000);
-    const code = await layerd.exited;
-    clearTimeout(timer);
-    return code;
+    return (await stopChild(layerd.child, { graceMs: 15_000, what: `layerd ${layerd.pid}` })).code;
   }
 
   /** A command inside the namespace. */
@@ -248,8 +238,7 @@ export class ContainerdEnv {
       for (const namespace of this.namespaces) {
         const tasks = await this.ctr(['tasks', 'ls', '-q'], { namespace, timeoutMs: 15_000 }).catch(() => undefined);
         for (const id of (tasks?.stdout ?? '').split('\n').filter(Boolean)) {
-          await this.ctr(['tasks', 'kill', '-s', 'SIGKILL', id], { namespace, timeoutMs: 10_000 }).catch(() => undefined);
-          await sleep(200);
+          await this.killTask(id, { namespace }).catch(() => undefined);
           await this.ctr(['tasks', 'rm', '-f', id], { namespace, timeoutMs: 15_000 }).catch(() => undefined);
         }
         const containers = await this.ctr(['containers', 'ls', '-q'], { namespace, timeoutMs: 15_000 }).catch(() => undefined);
@@ -259,8 +248,9 @@ export class ContainerdEnv {
       }
     }
     // 2. containerd and layerd
-    if (this.containerd?.pid !== undefined) await terminate(this.containerd.pid);
-    await this.stopLayerd().catch(() => undefined);
+    const stuck: string[] = [];
+    if (this.containerd?.pid !== undefined && !(await terminate(this.containerd.pid))) stuck.push(`containerd ${this.containerd.pid}`);
+    await this.stopLayerd().catch((err: Error) => { stuck.push(err.message); });
     // 3. whatever is left in the namespace (shims, container processes, mount hosts): abort its
     //    FUSE connections first so nothing blocks, then kill by PID; then the holder.
     const minors = (await this.mountinfo().catch(() => '')).split('\n')
@@ -269,12 +259,43 @@ export class ContainerdEnv {
       await this.ns('sh', ['-c', `grep -q fusectl /proc/self/mountinfo || mount -t fusectl fusectl /sys/fs/fuse/connections; for m in ${minors.join(' ')}; do [ -e /sys/fs/fuse/connections/$m/abort ] && echo 1 > /sys/fs/fuse/connections/$m/abort; done; true`], { timeoutMs: 10_000 }).catch(() => undefined);
     }
     const leftovers = await processesOf(this.holderPid);
-    for (const pid of leftovers) { try { process.kill(pid, 'SIGKILL'); } catch { /* gone */ } }
-    for (const pid of leftovers) await waitGone(pid, 5000);
-    await terminate(this.holderPid, 2000);
+    await signalAndWait(leftovers, 'SIGKILL', 10_000).catch((err: Error) => { stuck.push(err.message); });
+    if (!(await terminate(this.holderPid, 2000))) stuck.push(`the namespace holder ${this.holderPid}`);
     this.holderPid = 0;
     // 4. cgroups containerd made for the containers (/sys/fs/cgroup/<controller>/<namespace>/<id>)
     for (const namespace of this.namespaces) await removeCgroups(namespace);
+    if (stuck.length > 0) throw new Error(`still running after the containerd environment stopped: ${stuck.join('; ')}`);
+  }
+
+  /** The status of container `id`'s task (`RUNNING`, `STOPPED`, ...), or undefined if it has none. */
+  async taskStatus(id: string, options: { namespace?: string } = {}): Promise<string | undefined> {
+    const out = await this.ctrOk(['tasks', 'ls'], { ...options, timeoutMs: 15_000 });
+    for (const line of out.split('\n').slice(1)) {
+      const [task, , status] = line.trim().split(/\s+/);
+      if (task === id) return status;
+    }
+    return undefined;
+  }
+
+  /** SIGKILL container `id`'s task and wait (bounded) until containerd reports it stopped (or gone). */
+  async killTask(id: string, options: { namespace?: string; timeoutMs?: number } = {}): Promise<void> {
+    await this.ctrOk(['tasks', 'kill', '-s', 'SIGKILL', id], { namespace: options.namespace, timeoutMs: 15_000 });
+    const deadline = Date.now() + (options.timeoutMs ?? 30_000);
+    for (;;) {
+      const status = await this.taskStatus(id, options);
+      if (status === undefined || status === 'STOPPED') return;
+      if (Date.now() > deadline) throw new Error(`task ${id} still ${status} after SIGKILL`);
+      await sleep(100);
+    }
+  }
+
+  /** Container `id` and its task gone: killed (waited for), task and container removed. */
+  async removeContainer(id: string): Promise<void> {
+    if ((await this.taskStatus(id)) !== undefined) {
+      await this.killTask(id);
+      await this.ctrOk(['tasks', 'rm', id], { timeoutMs: 15_000 });
+    }
+    await this.ctrOk(['containers', 'rm', id], { timeoutMs: 15_000 });
   }
 }
 

@@ -12,6 +12,11 @@ import { promisify } from 'node:util';
 const here = dirname(fileURLToPath(import.meta.url));
 /** The repository root (tests run from dist/test/...). */
 export const REPO = resolve(here, '..', '..', '..');
+/**
+ * The image corpus: $LAYERD_CORPUS if set, else `shared/corpus` beside the
+ * repository (CI clones the repo into a fresh folder with shared/ next to it).
+ * Every test finds the corpus through this, never through a fixed path.
+ */
 export const CORPUS = process.env['LAYERD_CORPUS'] ?? resolve(REPO, '..', 'shared', 'corpus');
 export const DEBIAN_MULTI = join(CORPUS, 'oci', 'debian-multi');
 export const BUSYBOX = join(CORPUS, 'oci', 'busybox');
