@@ -43,37 +43,6 @@ print(json.dumps({'mode': st.st_mode, 'nlink': st.st_nlink, 'uid': st.st_uid, 'g
   return JSON.parse(out) as PyStat;
 }
 
-/**
- * Every path below `root` with type, mode, owner, size, content digest,
- * xattrs (hex), nlink and mtime in ns: what must survive a remount.
- */
-const LISTING = `import hashlib, os, stat, sys
-root = sys.argv[1]
-out = []
-for dp, dns, fns in os.walk(root):
-    for n in sorted(dns + fns):
-        p = os.path.join(dp, n)
-        st = os.lstat(p)
-        m = st.st_mode
-        digest = ''
-        if stat.S_ISREG(m):
-            with open(p, 'rb') as f:
-                digest = hashlib.sha256(f.read()).hexdigest()
-        link = os.readlink(p) if stat.S_ISLNK(m) else ''
-        try:
-            names = sorted(os.listxattr(p, follow_symlinks=False))
-            xs = ','.join(f'{x}={os.getxattr(p, x, follow_symlinks=False).hex()}' for x in names)
-        except OSError:
-            xs = '?'
-        rdev = f'{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}' if stat.S_ISCHR(m) or stat.S_ISBLK(m) else ''
-        out.append('\\t'.join([os.path.relpath(p, root), '%o' % m, str(st.st_uid), str(st.st_gid),
-            str(st.st_size) if not stat.S_ISDIR(m) else '', str(st.st_nlink), str(st.st_mtime_ns), rdev, link, digest, xs]))
-print('\\n'.join(sorted(out)))`;
-
-export async function listing(root: string): Promise<string[]> {
-  return (await py(LISTING, root)).split('\n').filter((l) => l !== '');
-}
-
 const NAME_255 = 'n'.repeat(255);
 
 for (const impl of [layerd, kernelOverlay]) {
