@@ -1,0 +1,157 @@
+/**
+ * Pulls that must end: a server that accepts and never answers, a front
+ * that never answers one layer's GET, and one that drips it a byte a
+ * second, each with small configured timeouts, offline (`layerctl --root`)
+ * and through the daemon (its `registryTimeouts` key); a daemon pull whose
+ * API client disconnects, and an offline pull that gets SIGINT. Each time
+ * the error is typed and names the registry (and the layer), the serving
+ * side sees its connection closed, and tmp/ is empty right after.
+ */
+import { expect } from 'chai';
+import { type ChildProcess, spawn } from 'node:child_process';
+import { statSync } from 'node:fs';
+import { readdir, writeFile } from 'node:fs/promises';
+import { request } from 'node:http';
+import { join } from 'node:path';
+import { DEBIAN_MULTI, LAYERCTL, layerctl, layerctlJson, scratch } from './support/env.js';
+import { type RunningDaemon, http, startDaemon } from './support/daemon.js';
+import { TestRegistry, layerctlR, pushCorpus } from './support/registry.js';
+import { type FaultyFront, type SilentServer, startFaultyFront, startSilentServer, waitFor } from './support/registryFronts.js';
+
+const BIG_LAYER = 'sha256:c03315e586d033da36cda954a86e572ab9f2601a0000dc3377c6baef8fcf8639';
+const BIG_SIZE = statSync(join(DEBIAN_MULTI, 'blobs', 'sha256', BIG_LAYER.slice(7))).size;
+
+describe('registry timeouts and cancellation', function () {
+  this.timeout(120_000);
+  let work: { dir: string; remove(): Promise<void> };
+  let registry: TestRegistry;
+  let silent: SilentServer;
+  let hanging: FaultyFront;
+  let dripping: FaultyFront;
+  const daemons: RunningDaemon[] = [];
+  const children: ChildProcess[] = [];
+  let n = 0;
+  const freshRoot = (): string => join(work.dir, `store-${n++}`);
+  const tmpEntries = async (root: string): Promise<string[]> => readdir(join(root, 'tmp')).catch(() => []);
+
+  before(async () => {
+    work = await scratch('layerd-registry-timeouts-');
+    registry = await TestRegistry.start(join(work.dir, 'registry'));
+    await pushCorpus(registry.host, ['debian-multi:latest'], work.dir);
+    silent = await startSilentServer();
+    hanging = await startFaultyFront(registry.host, BIG_LAYER, 'hang', BIG_SIZE);
+    dripping = await startFaultyFront(registry.host, BIG_LAYER, 'drip', BIG_SIZE);
+  });
+  after(async () => {
+    for (const child of children) if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+    for (const d of daemons) await d.stop();
+    await dripping?.close();
+    await hanging?.close();
+    await silent?.close();
+    await registry?.stop();
+    await work?.remove();
+  });
+
+  /** The store holds nothing of a failed pull. */
+  async function expectNothingLeft(root: string): Promise<void> {
+    expect(await tmpEntries(root)).to.deep.equal([]);
+    expect(await layerctlJson<unknown[]>(['--root', root, 'images'])).to.deep.equal([]);
+    const fsck = await layerctl(['--root', root, 'fsck']);
+    expect(fsck.code, fsck.stdout + fsck.stderr).to.equal(0);
+  }
+
+  it('a server that accepts and never answers: EIO (idle timeout) naming the registry', async () => {
+    const root = freshRoot();
+    const r = await layerctlR(['--root', root, 'pull', '--idle-timeout', '1', `${silent.host}/x/y:latest`]);
+    expect(r.code, r.stderr).to.equal(1);
+    expect(r.stderr).to.match(new RegExp(`EIO: registry ${silent.host}: GET \\S+/v2/x/y/manifests/latest: nothing received for 1 s \\(idle timeout\\)`));
+    expect(silent.connections).to.be.greaterThan(0);
+    expect(await tmpEntries(root)).to.deep.equal([]);
+  });
+
+  it('a layer GET never answered (idle timeout from the environment): EIO naming the layer; the connection is closed, tmp/ empty', async () => {
+    const root = freshRoot();
+    const before = hanging.faultStarted;
+    const r = await layerctlR(['--root', root, 'pull', `${hanging.host}/corpus/debian-multi:latest`], { LAYERD_REGISTRY_IDLE_TIMEOUT: '1' });
+    expect(r.code, r.stderr).to.equal(1);
+    expect(r.stderr).to.contain(`EIO: registry ${hanging.host}`);
+    expect(r.stderr).to.contain(`/blobs/${BIG_LAYER}: nothing received for 1 s (idle timeout)`);
+    expect(hanging.faultStarted).to.equal(before + 1); // a timeout is not retried
+    await waitFor('the hanging GET closed', () => hanging.faultClosed === hanging.faultStarted);
+    await expectNothingLeft(root);
+  });
+
+  it('a layer dripped a byte a second: EIO after the overall limit, naming the layer; the connection is closed, tmp/ empty', async () => {
+    const root = freshRoot();
+    const r = await layerctlR(['--root', root, 'pull', '--timeout', '3', `${dripping.host}/corpus/debian-multi:latest`]);
+    expect(r.code, r.stderr).to.equal(1);
+    expect(r.stderr).to.contain(`EIO: registry ${dripping.host}`);
+    expect(r.stderr).to.contain(`/blobs/${BIG_LAYER}: over the overall time limit of 3 s`);
+    await waitFor('the dripping GET closed', () => dripping.faultClosed === dripping.faultStarted);
+    await expectNothingLeft(root);
+  });
+
+  it('bad timeout flags are EINVAL', async () => {
+    const r = await layerctlR(['--root', freshRoot(), 'pull', '--idle-timeout', 'soon', `${registry.host}/corpus/debian-multi:latest`]);
+    expect(r.code, r.stderr).to.equal(2);
+    expect(r.stderr).to.contain('EINVAL');
+  });
+
+  it('an offline pull that gets SIGINT stops downloading and removes its tmp/ directory', async () => {
+    const root = freshRoot();
+    const before = dripping.faultStarted;
+    const child = spawn(LAYERCTL, ['--root', root, 'pull', `${dripping.host}/corpus/debian-multi:latest`], { stdio: ['ignore', 'pipe', 'pipe'] });
+    children.push(child);
+    let stderr = '';
+    child.stderr!.on('data', (d: Buffer) => { stderr += d.toString(); });
+    const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
+    await waitFor('the dripping GET', () => dripping.faultStarted > before, 30_000);
+    await waitFor('files in tmp/', async () => (await tmpEntries(root)).length > 0);
+    process.kill(child.pid!, 'SIGINT');
+    expect(await exited, stderr).to.equal(1);
+    expect(stderr).to.match(/EIO: .*cancelled \(layerctl got SIGINT\)/);
+    await waitFor('the dripping GET closed', () => dripping.faultClosed === dripping.faultStarted);
+    await expectNothingLeft(root);
+  });
+
+  describe('through the daemon', () => {
+    it('registryTimeouts in the daemon config applies (totalSeconds)', async () => {
+      const dir = join(work.dir, `daemon-${n++}`);
+      const config = join(work.dir, `layerd-${n++}.json`);
+      await writeFile(config, JSON.stringify({ registryTimeouts: { totalSeconds: 2 } }));
+      const daemon = await startDaemon(dir, ['--config', config, '--mount-root', join(dir, 'mounts')]);
+      daemons.push(daemon);
+      const r = await layerctl(['--socket', daemon.socket, 'pull', `${dripping.host}/corpus/debian-multi:latest`]);
+      expect(r.code, r.stderr).to.equal(1);
+      expect(r.stderr).to.contain(`/blobs/${BIG_LAYER}: over the overall time limit of 2 s`);
+      await waitFor('the dripping GET closed', () => dripping.faultClosed === dripping.faultStarted);
+      expect(await tmpEntries(daemon.root)).to.deep.equal([]);
+      const flags = await layerctl(['--socket', daemon.socket, 'pull', '--timeout', '5', `${dripping.host}/corpus/debian-multi:latest`]);
+      expect(flags.code).to.equal(2);
+      expect(flags.stderr).to.contain('registryTimeouts');
+    });
+
+    it('a pull whose API client disconnects stops downloading and empties tmp/ promptly', async () => {
+      const dir = join(work.dir, `daemon-${n++}`);
+      const daemon = await startDaemon(dir, ['--mount-root', join(dir, 'mounts')]);
+      daemons.push(daemon);
+      const before = dripping.faultStarted;
+      const body = JSON.stringify({ ref: `${dripping.host}/corpus/debian-multi:latest` });
+      const req = request({
+        socketPath: daemon.socket, method: 'POST', path: '/v1/images/pull',
+        headers: { 'content-type': 'application/json', 'content-length': String(Buffer.byteLength(body)), accept: 'application/x-ndjson' },
+      });
+      req.on('error', () => undefined); // destroyed below on purpose
+      req.on('response', (res) => res.resume());
+      req.end(body);
+      await waitFor('the dripping GET', () => dripping.faultStarted > before, 30_000);
+      await waitFor('files in tmp/', async () => (await tmpEntries(daemon.root)).length > 0);
+      req.destroy();
+      await waitFor('the dripping GET closed', () => dripping.faultClosed === dripping.faultStarted);
+      await waitFor('tmp/ empty', async () => (await tmpEntries(daemon.root)).length === 0);
+      expect((await http(daemon.socket, 'GET', '/v1/health')).status).to.equal(200);
+      const images = await layerctl(['--socket', daemon.socket, 'images', '--json']);
+      expect(JSON.parse(images.stdout)).to.deep.equal([]);
+    });
+  });
+});
