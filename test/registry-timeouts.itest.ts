@@ -12,6 +12,7 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import { statSync } from 'node:fs';
 import { readdir, writeFile } from 'node:fs/promises';
 import { request } from 'node:http';
+import { type Socket, connect } from 'node:net';
 import { join } from 'node:path';
 import { DEBIAN_MULTI, LAYERCTL, layerctl, layerctlJson, scratch } from './support/env.js';
 import { type RunningDaemon, http, startDaemon } from './support/daemon.js';
@@ -67,6 +68,34 @@ describe('registry timeouts and cancellation', function () {
     expect(r.stderr).to.match(new RegExp(`EIO: registry ${silent.host}: GET \\S+/v2/x/y/manifests/latest: nothing received for 1 s \\(idle timeout\\)`));
     expect(silent.connections).to.be.greaterThan(0);
     expect(await tmpEntries(root)).to.deep.equal([]);
+  });
+
+  it('a listener whose accept queue is full (connections never complete): EIO (connect timeout)', async () => {
+    // python3 listens with a backlog of 0 and never accepts; one connection fills the queue, later SYNs are dropped.
+    const listener = spawn('python3', ['-c', [
+      'import socket, sys, time',
+      's = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(0)',
+      'print(s.getsockname()[1], flush=True)',
+      'sys.stdin.read()',
+    ].join('\n')], { stdio: ['pipe', 'pipe', 'inherit'] });
+    children.push(listener);
+    let filler: Socket | undefined;
+    try {
+      const port = await new Promise<number>((resolve, reject) => {
+        listener.stdout!.once('data', (d: Buffer) => resolve(Number(d.toString().trim())));
+        listener.once('exit', () => reject(new Error('python3 listener exited')));
+      });
+      filler = connect(port, '127.0.0.1');
+      await new Promise<void>((resolve, reject) => { filler!.once('connect', resolve); filler!.once('error', reject); });
+      const root = freshRoot();
+      const r = await layerctlR(['--root', root, 'pull', '--connect-timeout', '1', `127.0.0.1:${port}/x/y:latest`]);
+      expect(r.code, r.stderr).to.equal(1);
+      expect(r.stderr).to.contain(`EIO: registry 127.0.0.1:${port}: GET http://127.0.0.1:${port}/v2/x/y/manifests/latest: no connection within 1 s (connect timeout)`);
+      expect(await tmpEntries(root)).to.deep.equal([]);
+    } finally {
+      filler?.destroy();
+      listener.stdin!.end(); // its read returns and it exits
+    }
   });
 
   it('a layer GET never answered (idle timeout from the environment): EIO naming the layer; the connection is closed, tmp/ empty', async () => {
