@@ -14,7 +14,7 @@ import { readdir, writeFile } from 'node:fs/promises';
 import { request } from 'node:http';
 import { type Socket, connect } from 'node:net';
 import { join } from 'node:path';
-import { DEBIAN_MULTI, LAYERCTL, layerctl, layerctlJson, scratch } from './support/env.js';
+import { BUSYBOX, DEBIAN_MULTI, LAYERCTL, layerctl, layerctlJson, scratch } from './support/env.js';
 import { type RunningDaemon, http, startDaemon } from './support/daemon.js';
 import { TestRegistry, layerctlR, pushCorpus } from './support/registry.js';
 import { type FaultyFront, type SilentServer, startFaultyFront, startSilentServer, waitFor } from './support/registryFronts.js';
@@ -118,6 +118,22 @@ describe('registry timeouts and cancellation', function () {
     expect(r.stderr).to.contain(`/blobs/${BIG_LAYER}: over the overall time limit of 3 s`);
     await waitFor('the dripping GET closed', () => dripping.faultClosed === dripping.faultStarted);
     await expectNothingLeft(root);
+  });
+
+  it('a push whose upload is never answered: EIO (idle timeout) naming the blob; the connection is closed, tmp/ empty', async () => {
+    const uploadHang = await startFaultyFront(registry.host, '', 'hang', 0, (req) => req.method === 'PUT' && (req.url ?? '').includes('/blobs/uploads/'));
+    try {
+      const root = freshRoot();
+      await layerctlJson(['--root', root, 'import', BUSYBOX]);
+      const r = await layerctlR(['--root', root, 'push', '--idle-timeout', '1', 'busybox:amd64', `${uploadHang.host}/hang/bb:1`]);
+      expect(r.code, r.stderr).to.equal(1);
+      expect(r.stderr).to.match(new RegExp(`EIO: registry ${uploadHang.host}: PUT \\S+/v2/hang/bb/blobs/uploads/\\S+digest=sha256%3A[0-9a-f]{64}: nothing received for 1 s \\(idle timeout\\)`));
+      expect(uploadHang.faultStarted).to.be.greaterThan(0); // up to 3 blobs are uploaded at once
+      await waitFor('the hanging PUTs closed', () => uploadHang.faultClosed === uploadHang.faultStarted);
+      expect(await tmpEntries(root)).to.deep.equal([]);
+    } finally {
+      await uploadHang.close();
+    }
   });
 
   it('bad timeout flags are EINVAL', async () => {

@@ -196,21 +196,28 @@ export interface FaultyFront extends TestServer {
 }
 
 /**
- * Passes everything to the registry except GETs of blob `digest`, which it
- * either never answers ('hang') or answers with its size and then one
- * byte a second ('drip').
+ * Passes everything to the registry except the requests `faulty` picks
+ * (by default GETs of blob `digest`), which it either never answers
+ * ('hang') or answers with the blob's size and then one byte a second
+ * ('drip').
  */
-export async function startFaultyFront(registryHost: string, digest: string, mode: 'hang' | 'drip', size: number): Promise<FaultyFront> {
+export async function startFaultyFront(
+  registryHost: string, digest: string, mode: 'hang' | 'drip', size: number,
+  faulty: (req: IncomingMessage) => boolean = (req) => req.method === 'GET' && (req.url ?? '').endsWith(`/blobs/${digest}`),
+): Promise<FaultyFront> {
   const timers = new Set<NodeJS.Timeout>();
   const state = { faultStarted: 0, faultClosed: 0 };
   const server = await serve((req, res) => {
-    if (req.method !== 'GET' || !(req.url ?? '').endsWith(`/blobs/${digest}`)) {
+    if (!faulty(req)) {
       forward(req, res, registryHost);
       return;
     }
     state.faultStarted++;
     res.on('close', () => { state.faultClosed++; });
-    if (mode === 'hang') return;
+    if (mode === 'hang') {
+      req.resume(); // take an upload's body, answer nothing
+      return;
+    }
     res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': String(size) });
     const timer = setInterval(() => res.write(Buffer.alloc(1)), 1000);
     timers.add(timer);
