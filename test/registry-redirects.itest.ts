@@ -9,14 +9,15 @@
  * clear errors.
  */
 import { expect } from 'chai';
-import { readdir, writeFile } from 'node:fs/promises';
+import { mkdir, readdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { pullImage } from '../storage/registry/pull.js';
 import { pushImage } from '../storage/registry/push.js';
 import { checkRegistriesConfig } from '../storage/registry/config.js';
 import { MAX_REDIRECTS } from '../storage/registry/client.js';
 import { Store } from '../storage/store.js';
-import { BUSYBOX, layerctlJson, scratch } from './support/env.js';
+import { BUSYBOX, layerctl, layerctlJson, scratch } from './support/env.js';
+import { startDaemon } from './support/daemon.js';
 import { TestRegistry, layerctlR, layerctlRJson, pushCorpus } from './support/registry.js';
 import { type RedirectingFront, type StorageHost, type TestServer, startLoopingServer, startRedirectingFront, startStorageHost } from './support/registryFronts.js';
 
@@ -80,6 +81,24 @@ describe('registry redirects (a front redirecting to a storage host)', function 
   it('layerctl --root pulls through the redirects too', async () => {
     const pulled = await layerctlRJson<{ id: string }[]>(['--root', freshRoot(), 'pull', '--registries-config', configFile, `${front.host}/corpus/debian-multi:latest`]);
     expect(pulled[0]!.id).to.equal(DM_LATEST);
+  });
+
+  it('the daemon pulls through the redirects with its registries config', async () => {
+    const dir = join(work.dir, `daemon-${n++}`);
+    const daemonConfig = join(dir, 'layerd.json');
+    await mkdir(dir);
+    await writeFile(daemonConfig, JSON.stringify({ registriesConfig: configFile }));
+    const daemon = await startDaemon(dir, ['--config', daemonConfig, '--mount-root', join(dir, 'mounts')]);
+    try {
+      storage.seen.length = 0;
+      const r = await layerctl(['--socket', daemon.socket, 'pull', `${front.host}/corpus/debian-multi:latest`, '--json']);
+      expect(r.code, r.stderr).to.equal(0);
+      expect((JSON.parse(r.stdout) as { id: string }[])[0]!.id).to.equal(DM_LATEST);
+      expect(storage.seen.length).to.be.greaterThan(0);
+      expect(storage.seen.map((s) => s.authorization)).to.deep.equal(storage.seen.map(() => undefined));
+    } finally {
+      await daemon.stop();
+    }
   });
 
   it('pushes with upload Locations on the storage host, without sending it the Authorization', async () => {

@@ -176,27 +176,31 @@ describe('registry timeouts and cancellation', function () {
       expect(flags.stderr).to.contain('registryTimeouts');
     });
 
-    it('a pull whose API client disconnects stops downloading and empties tmp/ promptly', async () => {
-      const dir = join(work.dir, `daemon-${n++}`);
-      const daemon = await startDaemon(dir, ['--mount-root', join(dir, 'mounts')]);
-      daemons.push(daemon);
-      const before = dripping.faultStarted;
-      const body = JSON.stringify({ ref: `${dripping.host}/corpus/debian-multi:latest` });
-      const req = request({
-        socketPath: daemon.socket, method: 'POST', path: '/v1/images/pull',
-        headers: { 'content-type': 'application/json', 'content-length': String(Buffer.byteLength(body)), accept: 'application/x-ndjson' },
+    for (const streamed of [true, false]) {
+      it(`a pull whose API client disconnects stops downloading and empties tmp/ promptly (${streamed ? 'NDJSON progress' : 'plain JSON'})`, async () => {
+        const dir = join(work.dir, `daemon-${n++}`);
+        const daemon = await startDaemon(dir, ['--mount-root', join(dir, 'mounts')]);
+        daemons.push(daemon);
+        const before = dripping.faultStarted;
+        const body = JSON.stringify({ ref: `${dripping.host}/corpus/debian-multi:latest` });
+        const req = request({
+          socketPath: daemon.socket, method: 'POST', path: '/v1/images/pull',
+          headers: {
+            'content-type': 'application/json', 'content-length': String(Buffer.byteLength(body)), ...(streamed ? { accept: 'application/x-ndjson' } : {}),
+          },
+        });
+        req.on('error', () => undefined); // destroyed below on purpose
+        req.on('response', (res) => res.resume());
+        req.end(body);
+        await waitFor('the dripping GET', () => dripping.faultStarted > before, 30_000);
+        await waitFor('files in tmp/', async () => (await tmpEntries(daemon.root)).length > 0);
+        req.destroy();
+        await waitFor('the dripping GET closed', () => dripping.faultClosed === dripping.faultStarted);
+        await waitFor('tmp/ empty', async () => (await tmpEntries(daemon.root)).length === 0);
+        expect((await http(daemon.socket, 'GET', '/v1/health')).status).to.equal(200);
+        const images = await layerctl(['--socket', daemon.socket, 'images', '--json']);
+        expect(JSON.parse(images.stdout)).to.deep.equal([]);
       });
-      req.on('error', () => undefined); // destroyed below on purpose
-      req.on('response', (res) => res.resume());
-      req.end(body);
-      await waitFor('the dripping GET', () => dripping.faultStarted > before, 30_000);
-      await waitFor('files in tmp/', async () => (await tmpEntries(daemon.root)).length > 0);
-      req.destroy();
-      await waitFor('the dripping GET closed', () => dripping.faultClosed === dripping.faultStarted);
-      await waitFor('tmp/ empty', async () => (await tmpEntries(daemon.root)).length === 0);
-      expect((await http(daemon.socket, 'GET', '/v1/health')).status).to.equal(200);
-      const images = await layerctl(['--socket', daemon.socket, 'images', '--json']);
-      expect(JSON.parse(images.stdout)).to.deep.equal([]);
-    });
+    }
   });
 });
