@@ -298,6 +298,10 @@ export class RegistryClient {
         let bytes = socket.bytesRead + socket.bytesWritten;
         let lastProgress = Date.now();
         idleTimer = setInterval(() => {
+          if (res?.complete) {
+            clearInterval(idleTimer); // all received: only our consumer is left, however slow
+            return;
+          }
           const now = socket.bytesRead + socket.bytesWritten;
           // Bytes our consumer has not taken yet: the stall is ours, not the registry's.
           if (now !== bytes || (res?.readableLength ?? 0) > 0) {
