@@ -13,6 +13,7 @@ import { parsePlatform } from '../storage/platform.js';
 import { EMPTY_CONFIG, type RegistriesConfig, loadRegistriesConfig } from '../storage/registry/config.js';
 import { pullImage } from '../storage/registry/pull.js';
 import { type PushCompression, type PushProgress, type PushResult, pushImage } from '../storage/registry/push.js';
+import { type AbortCause, type RegistryTimeouts, type TimeoutSettings, checkTimeoutSettings, timeoutsFrom } from '../storage/registry/timeouts.js';
 import { type ImportProgress, type ImportedImage } from '../storage/importer.js';
 import { ErrorCodes, LayerdError } from '../common/errors.js';
 import { type DaemonClient } from './socketBackend.js';
@@ -51,30 +52,91 @@ function refuseLocalConfig(file: string | undefined): void {
   if (file) throw new LayerdError(ErrorCodes.EINVAL, '--registries-config is for the offline --root mode; the daemon uses its own (config key registriesConfig)');
 }
 
+interface TimeoutFlags {
+  connectTimeout?: string;
+  idleTimeout?: string;
+  timeout?: string;
+}
+
+/** Flag (or environment variable), option key: the offline path's timeouts. */
+const TIMEOUT_FLAGS = [
+  ['connectTimeout', 'LAYERD_REGISTRY_CONNECT_TIMEOUT', 'connectSeconds', '--connect-timeout'],
+  ['idleTimeout', 'LAYERD_REGISTRY_IDLE_TIMEOUT', 'idleSeconds', '--idle-timeout'],
+  ['timeout', 'LAYERD_REGISTRY_TIMEOUT', 'totalSeconds', '--timeout'],
+] as const;
+
+function addTimeoutOptions(cmd: Command): Command {
+  return cmd
+    .option('--connect-timeout <seconds>', 'give up connecting after this long (default 30; $LAYERD_REGISTRY_CONNECT_TIMEOUT)')
+    .option('--idle-timeout <seconds>', 'give up when nothing arrives for this long (default 60; $LAYERD_REGISTRY_IDLE_TIMEOUT)')
+    .option('--timeout <seconds>', 'give up when the whole transfer takes longer (default 0: no limit; $LAYERD_REGISTRY_TIMEOUT)');
+}
+
+/** The offline path's timeouts: flags, then environment, then the defaults. */
+function timeoutsOf(flags: TimeoutFlags): RegistryTimeouts {
+  const settings: Record<string, unknown> = {};
+  for (const [flag, env, key, name] of TIMEOUT_FLAGS) {
+    const text = flags[flag] ?? process.env[env];
+    if (text === undefined || text === '') continue;
+    const value = Number(text);
+    if (!Number.isFinite(value)) throw new LayerdError(ErrorCodes.EINVAL, `${flags[flag] !== undefined ? name : env}: not a number of seconds: '${text}'`);
+    settings[key] = value;
+  }
+  return timeoutsFrom(checkTimeoutSettings(settings, 'registry timeouts') satisfies TimeoutSettings);
+}
+
+/**
+ * The offline path's cancellation: SIGINT or SIGTERM stops the transfer and
+ * lets the store remove its ingest directory before the process exits (a
+ * second signal kills at once, as usual).
+ */
+async function cancellable<T>(run: (signal: AbortSignal) => Promise<T>): Promise<T> {
+  const controller = new AbortController();
+  const onSignal = (name: NodeJS.Signals): void => {
+    const cause: AbortCause = { kind: 'cancelled', why: `layerctl got ${name}` };
+    controller.abort(cause);
+  };
+  process.once('SIGINT', onSignal);
+  process.once('SIGTERM', onSignal);
+  try {
+    return await run(controller.signal);
+  } finally {
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+  }
+}
+
+function refuseLocalTimeouts(flags: TimeoutFlags): void {
+  const given = TIMEOUT_FLAGS.find(([flag]) => flags[flag] !== undefined);
+  if (given) throw new LayerdError(ErrorCodes.EINVAL, `${given[3]} is for the offline --root mode; the daemon uses its own (config key registryTimeouts)`);
+}
+
 export function registerRegistryCommands(program: Command, withStore: WithStore, daemonFor: DaemonFor): void {
-  program.command('pull')
+  addTimeoutOptions(program.command('pull'))
     .description('pull an image from a registry (HOST[:PORT]/REPO[:TAG] or ...@sha256:<hex>)')
     .argument('<ref>', 'registry reference')
     .option('--platform <os/arch[/variant]>', 'platform to select from image indexes (default: this host)')
     .option('--registries-config <file>', 'registries config JSON (insecure, caFile, credentials, mirrors; default $LAYERD_REGISTRIES_CONFIG)')
     .option('--json', 'print the result as JSON')
-    .action(async (ref: string, opts: { platform?: string; registriesConfig?: string; json?: boolean }, cmd: Command) => {
+    .action(async (ref: string, opts: { platform?: string; registriesConfig?: string; json?: boolean } & TimeoutFlags, cmd: Command) => {
       const daemon = daemonFor(cmd);
       const progress = new LayerProgress();
       const pull = async (): Promise<ImportedImage[]> => {
         if (daemon) {
           refuseLocalConfig(opts.registriesConfig);
+          refuseLocalTimeouts(opts);
           const r = await daemon.call<{ images: ImportedImage[] }>('POST', '/v1/images/pull',
             { ref, ...(opts.platform ? { platform: opts.platform } : {}) },
             progress.enabled ? (e) => progress.update(e as ImportProgress) : undefined);
           return r.images;
         }
         const config = await registriesConfig(opts.registriesConfig);
-        return withStore(cmd, (store) => pullImage(store, ref, {
-          config,
+        const timeouts = timeoutsOf(opts);
+        return withStore(cmd, (store) => cancellable((signal) => pullImage(store, ref, {
+          config, timeouts, signal,
           ...(opts.platform ? { platform: parsePlatform(opts.platform) } : {}),
           ...(progress.enabled ? { onProgress: progress.update } : {}),
-        }));
+        })));
       };
       const result = await pull();
       if (opts.json) return print(JSON.stringify(result, null, 2) + '\n');
@@ -83,23 +145,27 @@ export function registerRegistryCommands(program: Command, withStore: WithStore,
       }
     });
 
-  program.command('push')
+  addTimeoutOptions(program.command('push'))
     .description('push an image from the store to a registry')
     .argument('<image>', 'NAME[:TAG], digest or digest prefix in the store')
     .argument('<ref>', 'HOST[:PORT]/REPO[:TAG] to push to')
     .addOption(new Option('--compress <format>', 'compression for layers the store keeps uncompressed').choices(['gzip', 'zstd']).default('gzip'))
     .option('--registries-config <file>', 'registries config JSON (default $LAYERD_REGISTRIES_CONFIG)')
     .option('--json', 'print the result as JSON')
-    .action(async (image: string, ref: string, opts: { compress: PushCompression; registriesConfig?: string; json?: boolean }, cmd: Command) => {
+    .action(async (image: string, ref: string, opts: { compress: PushCompression; registriesConfig?: string; json?: boolean } & TimeoutFlags, cmd: Command) => {
       const daemon = daemonFor(cmd);
       const push = async (): Promise<PushResult> => {
         if (daemon) {
           refuseLocalConfig(opts.registriesConfig);
+          refuseLocalTimeouts(opts);
           return daemon.call<PushResult>('POST', `/v1/images/${encodeURIComponent(image)}/push`, { target: ref, compress: opts.compress });
         }
         const config = await registriesConfig(opts.registriesConfig);
+        const timeouts = timeoutsOf(opts);
         const progress = process.stderr.isTTY ? pushProgressLine : undefined;
-        return withStore(cmd, (store) => pushImage(store, image, ref, { config, compression: opts.compress, ...(progress ? { onProgress: progress } : {}) }));
+        return withStore(cmd, (store) => cancellable((signal) => pushImage(store, image, ref, {
+          config, compression: opts.compress, timeouts, signal, ...(progress ? { onProgress: progress } : {}),
+        })));
       };
       const result = await push();
       if (opts.json) return print(JSON.stringify(result, null, 2) + '\n');

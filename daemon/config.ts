@@ -6,6 +6,7 @@
 import { readFile } from 'node:fs/promises';
 import { ErrorCodes, LayerdError, errnoCode } from '../common/errors.js';
 import { type LogLevel } from '../common/log.js';
+import { type TimeoutSettings, checkTimeoutSettings } from '../storage/registry/timeouts.js';
 
 export const DEFAULT_CONFIG_PATH = '/etc/layerd/config.json';
 export const DEFAULT_SOCKET = '/run/layerd/layerd.sock';
@@ -33,6 +34,8 @@ export interface DaemonConfig {
    * changes a container's upper directory behind its mount.
    */
   mountCacheSeconds?: number;
+  /** Registry pulls and pushes: connectSeconds (30), idleSeconds (60), totalSeconds (0: no limit). */
+  registryTimeouts?: TimeoutSettings;
 }
 
 const LEVELS: LogLevel[] = ['error', 'warn', 'info', 'debug'];
@@ -61,7 +64,7 @@ export function validateConfig(value: unknown, path: string): DaemonConfig {
   };
   if (typeof value !== 'object' || value === null || Array.isArray(value)) fail('the configuration must be a JSON object');
   const obj = value as Record<string, unknown>;
-  const allowed = ['root', 'socket', 'socketGroup', 'logLevel', 'gc', 'spoolDir', 'mountRoot', 'registriesConfig', 'mountCacheSeconds'];
+  const allowed = ['root', 'socket', 'socketGroup', 'logLevel', 'gc', 'spoolDir', 'mountRoot', 'registriesConfig', 'mountCacheSeconds', 'registryTimeouts'];
   for (const key of Object.keys(obj)) if (!allowed.includes(key)) fail(`unknown key '${key}' (known: ${allowed.join(', ')})`, key);
   for (const key of ['root', 'socket', 'spoolDir', 'mountRoot', 'registriesConfig']) {
     if (obj[key] !== undefined && (typeof obj[key] !== 'string' || !(obj[key] as string).startsWith('/'))) fail(`'${key}' must be an absolute path`, key);
@@ -74,6 +77,7 @@ export function validateConfig(value: unknown, path: string): DaemonConfig {
   if (cache !== undefined && (typeof cache !== 'number' || !Number.isFinite(cache) || cache < 0 || cache > 3600)) {
     fail(`'mountCacheSeconds' must be a number of seconds from 0 to 3600`, 'mountCacheSeconds');
   }
+  if (obj['registryTimeouts'] !== undefined) checkTimeoutSettings(obj['registryTimeouts'], `${path}: 'registryTimeouts'`);
   if (obj['gc'] !== undefined) {
     const gc = obj['gc'];
     if (typeof gc !== 'object' || gc === null || Array.isArray(gc)) fail(`'gc' must be an object`, 'gc');

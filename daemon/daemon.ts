@@ -81,7 +81,7 @@ export class Daemon {
         ...(options.config.mountCacheSeconds !== undefined ? { cacheSeconds: options.config.mountCacheSeconds } : {}),
       });
       containerRoutes(router, daemon.containers);
-      registryRoutes(router, store, options.config.registriesConfig);
+      registryRoutes(router, store, options.config.registriesConfig, options.config.registryTimeouts);
       await daemon.containers.adoptAll();
       daemon.containers.superviseHosts();
       daemon.snapshots = new SnapshotService(store, logger);

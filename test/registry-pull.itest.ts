@@ -9,9 +9,6 @@ import { expect } from 'chai';
 import { subscribe, unsubscribe } from 'node:diagnostics_channel';
 import { join } from 'node:path';
 import { REQUEST_CHANNEL, type RequestEvent } from '../storage/registry/client.js';
-import { checkRegistriesConfig, endpointsFor } from '../storage/registry/config.js';
-import { parseRegistryRef } from '../storage/registry/reference.js';
-import { parseChallenge } from '../storage/registry/auth.js';
 import { pullImage } from '../storage/registry/pull.js';
 import { Store } from '../storage/store.js';
 import { BUSYBOX, DEBIAN_MULTI, execFileAsync, layerctl, layerctlJson, scratch } from './support/env.js';
@@ -172,42 +169,5 @@ describe('registry pull (docker-registry 2.8.2)', function () {
     const bad = await layerctlR(['--root', root, 'pull', `${registry.host}/Corpus/UPPER:latest`]);
     expect(bad.code).to.equal(2);
     expect(bad.stderr).to.contain('EINVAL');
-  });
-});
-
-describe('registry references, config and challenges', () => {
-  it('parses references as docker does', () => {
-    expect(parseRegistryRef('127.0.0.1:5000/corpus/debian-multi')).to.deep.equal({ registry: '127.0.0.1:5000', repository: 'corpus/debian-multi', tag: 'latest' });
-    expect(parseRegistryRef('localhost/x:v1')).to.deep.equal({ registry: 'localhost', repository: 'x', tag: 'v1' });
-    expect(parseRegistryRef(`localhost:5000/x@${DM_LATEST}`)).to.deep.equal({ registry: 'localhost:5000', repository: 'x', digest: DM_LATEST });
-    expect(parseRegistryRef('debian')).to.deep.equal({ registry: 'docker.io', repository: 'library/debian', tag: 'latest' });
-    expect(parseRegistryRef('corpus/busybox:amd64')).to.deep.equal({ registry: 'docker.io', repository: 'corpus/busybox', tag: 'amd64' });
-    for (const bad of ['127.0.0.1:5000/UPPER', 'host.example/x@sha256:abc', 'host.example/x:bad tag']) {
-      expect(() => parseRegistryRef(bad), bad).to.throw().with.property('code', 'EINVAL');
-    }
-  });
-
-  it('picks plain HTTP for loopback hosts only, unless told otherwise; mirrors first', async () => {
-    const config = checkRegistriesConfig({ registries: {
-      'localhost:5000': { mirrors: ['127.0.0.2:6000', 'https://mirror.example'] },
-      '127.0.0.1:7000': { insecure: false },
-      '10.1.2.3:5000': { insecure: true },
-    } });
-    const urls = async (host: string, pull: boolean): Promise<string[]> => (await endpointsFor(config, host, pull)).map((e) => e.baseUrl);
-    expect(await urls('localhost:5000', true)).to.deep.equal(['http://127.0.0.2:6000', 'https://mirror.example', 'http://localhost:5000']);
-    expect(await urls('localhost:5000', false)).to.deep.equal(['http://localhost:5000']);
-    expect(await urls('127.0.0.1:7000', true)).to.deep.equal(['https://127.0.0.1:7000']);
-    expect(await urls('10.1.2.3:5000', true)).to.deep.equal(['http://10.1.2.3:5000']);
-    expect(await urls('registry.example', true)).to.deep.equal(['https://registry.example']);
-    expect(await urls('docker.io', true)).to.deep.equal(['https://registry-1.docker.io']);
-    expect(() => checkRegistriesConfig({ registries: { x: { username: 'only' } } })).to.throw().with.property('code', 'EBADJSON');
-  });
-
-  it('parses Bearer and Basic challenges', () => {
-    expect(parseChallenge('Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push"')).to.deep.equal({
-      scheme: 'bearer', params: { realm: 'https://auth.example/token', service: 'registry.example', scope: 'repository:a/b:pull,push' },
-    });
-    expect(parseChallenge('Basic realm="layerd-test"')).to.deep.equal({ scheme: 'basic', params: { realm: 'layerd-test' } });
-    expect(parseChallenge('Negotiate abc')).to.equal(undefined);
   });
 });

@@ -1,27 +1,33 @@
 /**
  * /v1/images/pull and /v1/images/{ref}/push: registry transfers through the
- * daemon, with the registries configuration the daemon was given. With
- * `Accept: application/x-ndjson` a pull streams per-layer progress.
+ * daemon, with the registries configuration and timeouts the daemon was
+ * given. With `Accept: application/x-ndjson` a pull streams per-layer
+ * progress. A client that goes away before the answer cancels the transfer:
+ * downloads stop and the ingest directory is removed.
  */
 import { type ImportProgress } from '../../storage/importer.js';
 import { parsePlatform } from '../../storage/platform.js';
 import { EMPTY_CONFIG, type RegistriesConfig, loadRegistriesConfig } from '../../storage/registry/config.js';
 import { pullImage } from '../../storage/registry/pull.js';
 import { type PushCompression, pushImage } from '../../storage/registry/push.js';
+import { type AbortCause, type TimeoutSettings, timeoutsFrom } from '../../storage/registry/timeouts.js';
 import { type Store } from '../../storage/store.js';
 import { ErrorCodes, LayerdError } from '../../common/errors.js';
-import { HANDLED, type Router, checkFields, ndjson, readJsonBody, wantsNdjson } from '../http.js';
+import { HANDLED, type RequestContext, type Router, checkFields, ndjson, readJsonBody, wantsNdjson } from '../http.js';
 
-export function registryRoutes(router: Router, store: Store, configPath: string | undefined): void {
+export function registryRoutes(router: Router, store: Store, configPath: string | undefined, timeoutSettings?: TimeoutSettings): void {
   const config = async (): Promise<RegistriesConfig> => (configPath ? loadRegistriesConfig(configPath) : EMPTY_CONFIG);
+  const timeouts = timeoutsFrom(timeoutSettings);
 
   router.add('POST', '/v1/images/pull', async (ctx) => {
     const body = checkFields<{ ref: string; platform?: string }>(await readJsonBody(ctx.req), {
       ref: { type: 'string', required: true }, platform: { type: 'string' },
     });
+    const signal = cancelledWhenClientLeaves(ctx);
     const run = async (onProgress?: (e: ImportProgress) => void): Promise<unknown> => ({
       images: await pullImage(store, body.ref, {
         config: await config(), ...(body.platform ? { platform: parsePlatform(body.platform) } : {}), ...(onProgress ? { onProgress } : {}),
+        timeouts, signal,
       }),
     });
     if (!wantsNdjson(ctx.req)) return run();
@@ -42,7 +48,17 @@ export function registryRoutes(router: Router, store: Store, configPath: string 
       throw new LayerdError(ErrorCodes.EINVAL, `compress must be gzip or zstd`);
     }
     return pushImage(store, ctx.params['ref']!, body.target, {
-      config: await config(), compression: (body.compress ?? 'gzip') as PushCompression,
+      config: await config(), compression: (body.compress ?? 'gzip') as PushCompression, timeouts, signal: cancelledWhenClientLeaves(ctx),
     });
   });
+}
+
+/** A signal aborted when the API connection closes before the answer was sent in full. */
+function cancelledWhenClientLeaves(ctx: RequestContext): AbortSignal {
+  const controller = new AbortController();
+  ctx.res.once('close', () => {
+    const cause: AbortCause = { kind: 'cancelled', why: 'the API client disconnected' };
+    if (!ctx.res.writableFinished) controller.abort(cause);
+  });
+  return controller.signal;
 }

@@ -5,11 +5,11 @@
  * registry that ignores Range (200 instead of 206) is handled by skipping
  * the bytes already passed on. The bytes are not trusted here: the reader
  * (storage/layerIngest.ts) hashes the whole stream and checks it against the
- * manifest's digest and size.
+ * manifest's digest and size. Timeouts and cancellation (client.ts) end the
+ * stream with their error at once; they are not resumed.
  */
 import { type IncomingMessage } from 'node:http';
 import { Readable } from 'node:stream';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { type Digest } from '../digest.js';
 import { type RegistryClient, backoffDelay, headerValue, isRetryableNetworkError } from './client.js';
 import { registryError } from './errors.js';
@@ -61,6 +61,7 @@ export class ResumableBlobStream extends Readable {
         throw registryError('network', `registry ${this.client.registry}: blob ${this.digest} ended early after ${this.received} bytes`, context);
       } catch (err) {
         if (this.destroyed) return;
+        if (this.client.signal?.aborted) throw err; // cancelled or past the deadline: no other endpoint either
         const retryable = isRetryableNetworkError(err) || (err as { context?: { reason?: string } }).context?.reason === 'network';
         if (this.received > before) failures = 0;
         if (this.received === 0 && this.which < this.clients.length - 1) {
@@ -70,7 +71,7 @@ export class ResumableBlobStream extends Readable {
           continue;
         }
         if (!retryable || failures >= this.client.retry.retries) throw err;
-        await sleep(backoffDelay(this.client.retry, failures++));
+        await this.client.pause(backoffDelay(this.client.retry, failures++), 'GET', `/v2/${this.repository}/blobs/${this.digest}`, context);
       }
     }
   }

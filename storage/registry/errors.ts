@@ -2,11 +2,13 @@
  * How registry failures map onto layerd's error codes, in one place.
  *
  * Refused credentials are EAUTH; a registry that cannot be reached (or
- * answers 5xx) is EIO; `reason` and `status` in the context say more.
+ * answers 5xx, or does not answer in time, or a transfer was cancelled) is
+ * EIO; a redirect loop is EFORMAT; `reason` and `status` in the context say
+ * more.
  */
 import { type ErrorCode, ErrorCodes, LayerdError } from '../../common/errors.js';
 
-export type RegistryFailure = 'unauthorized' | 'denied' | 'not-found' | 'server' | 'network' | 'protocol';
+export type RegistryFailure = 'unauthorized' | 'denied' | 'not-found' | 'server' | 'network' | 'protocol' | 'redirects' | 'timeout' | 'cancelled';
 
 const CODE_OF: Record<RegistryFailure, ErrorCode> = {
   unauthorized: ErrorCodes.EAUTH,
@@ -15,6 +17,9 @@ const CODE_OF: Record<RegistryFailure, ErrorCode> = {
   server: ErrorCodes.EIO,
   network: ErrorCodes.EIO,
   protocol: ErrorCodes.EFORMAT,
+  redirects: ErrorCodes.EFORMAT,
+  timeout: ErrorCodes.EIO,
+  cancelled: ErrorCodes.EIO,
 };
 
 export interface RegistryErrorContext {

@@ -9,6 +9,7 @@ import { type Store } from '../store.js';
 import { type RetryPolicy } from './client.js';
 import { type RegistriesConfig } from './config.js';
 import { RegistrySource } from './source.js';
+import { DEFAULT_TIMEOUTS, type RegistryTimeouts, withDeadline } from './timeouts.js';
 
 export interface PullOptions {
   platform?: PlatformSpec;
@@ -17,16 +18,32 @@ export interface PullOptions {
   /** Layers downloaded at once (default 3). */
   concurrency?: number;
   retry?: RetryPolicy;
+  /** Connect, idle and overall limits (default DEFAULT_TIMEOUTS). */
+  timeouts?: RegistryTimeouts;
+  /**
+   * Aborting it (with an AbortCause as reason) stops every download at
+   * once; the pull then fails and its ingest directory is removed.
+   */
+  signal?: AbortSignal;
 }
 
 export const DEFAULT_PULL_CONCURRENCY = 3;
 
 export async function pullImage(store: Store, reference: string, options: PullOptions = {}): Promise<ImportedImage[]> {
-  const source = await RegistrySource.open(reference, {
-    ...(options.config ? { config: options.config } : {}),
-    ...(options.retry ? { retry: options.retry } : {}),
-    localBlob: async (digest) => (store.db.getBlob(digest) ? store.readBlob(digest) : undefined),
-  });
+  const timeouts = options.timeouts ?? DEFAULT_TIMEOUTS;
+  const deadline = withDeadline(options.signal, timeouts.totalMs);
+  let source: RegistrySource;
+  try {
+    source = await RegistrySource.open(reference, {
+      ...(options.config ? { config: options.config } : {}),
+      ...(options.retry ? { retry: options.retry } : {}),
+      transfer: { timeouts, signal: deadline.signal },
+      localBlob: async (digest) => (store.db.getBlob(digest) ? store.readBlob(digest) : undefined),
+    });
+  } catch (err) {
+    deadline.dispose();
+    throw err;
+  }
   try {
     return await importFromSource(store, source, {
       ...(options.platform ? { platform: options.platform } : {}),
@@ -34,6 +51,7 @@ export async function pullImage(store: Store, reference: string, options: PullOp
       concurrency: options.concurrency ?? DEFAULT_PULL_CONCURRENCY,
     });
   } finally {
+    deadline.dispose();
     await source.close();
   }
 }

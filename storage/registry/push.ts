@@ -32,6 +32,7 @@ import { DEFAULT_RETRY, RegistryClient, type RetryPolicy, headerValue } from './
 import { EMPTY_CONFIG, type RegistriesConfig, endpointsFor } from './config.js';
 import { registryError } from './errors.js';
 import { type RegistryRef, formatRegistryRef, parseRegistryRef } from './reference.js';
+import { DEFAULT_TIMEOUTS, type RegistryTimeouts, withDeadline } from './timeouts.js';
 import { type BlobOutcome, BlobUploader, DEFAULT_UPLOAD, type LocalBlob } from './upload.js';
 
 export type PushCompression = Exclude<Compression, 'none'>;
@@ -53,6 +54,10 @@ export interface PushOptions {
   chunkSize?: number;
   /** Blobs uploaded at once (default 3). */
   concurrency?: number;
+  /** Connect, idle and overall limits (default DEFAULT_TIMEOUTS). */
+  timeouts?: RegistryTimeouts;
+  /** Aborting it (with an AbortCause as reason) stops every upload at once. */
+  signal?: AbortSignal;
 }
 
 export interface PushedBlob {
@@ -78,13 +83,19 @@ export async function pushImage(store: Store, image: string, target: string, opt
     throw new LayerdError(ErrorCodes.EINVAL, `push needs a tag to push to, not a digest: ${target}`, { ref: target });
   }
   const [endpoint] = await endpointsFor(options.config ?? EMPTY_CONFIG, ref.registry, false);
-  const client = new RegistryClient(endpoint!, options.retry ?? DEFAULT_RETRY);
-  const workDir = await store.newWorkDir();
+  const timeouts = options.timeouts ?? DEFAULT_TIMEOUTS;
+  const deadline = withDeadline(options.signal, timeouts.totalMs);
+  const client = new RegistryClient(endpoint!, options.retry ?? DEFAULT_RETRY, { timeouts, signal: deadline.signal });
   try {
-    return await new Pusher(store, client, ref, workDir, options).push(row);
+    const workDir = await store.newWorkDir();
+    try {
+      return await new Pusher(store, client, ref, workDir, options).push(row);
+    } finally {
+      await store.releaseWorkDir(workDir);
+    }
   } finally {
+    deadline.dispose();
     client.close();
-    await store.releaseWorkDir(workDir);
   }
 }
 

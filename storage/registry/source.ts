@@ -15,7 +15,7 @@ import { type Digest, digestOf, verifyDigest } from '../digest.js';
 import { INDEX_MEDIA_TYPES, MANIFEST_MEDIA_TYPES, MAX_DOCUMENT_BYTES, MediaTypes, type Descriptor } from '../oci.js';
 import { type ImageSource, type SourceImage } from '../sources/source.js';
 import { repositoryScope } from './auth.js';
-import { DEFAULT_RETRY, RegistryClient, type RetryPolicy, headerValue } from './client.js';
+import { DEFAULT_RETRY, RegistryClient, type RetryPolicy, type Transfer, headerValue } from './client.js';
 import { EMPTY_CONFIG, type RegistriesConfig, endpointsFor } from './config.js';
 import { ResumableBlobStream } from './download.js';
 import { type RegistryRef, formatRegistryRef, parseRegistryRef, storeName } from './reference.js';
@@ -29,6 +29,8 @@ const MIRROR_RETRY: RetryPolicy = { retries: 1, backoffMs: 100, maxBackoffMs: 50
 export interface RegistrySourceOptions {
   config?: RegistriesConfig;
   retry?: RetryPolicy;
+  /** Timeouts and the signal that stops every request (client.ts). */
+  transfer?: Transfer;
   /** A blob the caller already has (the store's copy): used instead of a request. */
   localBlob?: (digest: Digest) => Promise<Buffer | undefined>;
 }
@@ -50,7 +52,7 @@ export class RegistrySource implements ImageSource {
   static async open(reference: string | RegistryRef, options: RegistrySourceOptions = {}): Promise<RegistrySource> {
     const ref = typeof reference === 'string' ? parseRegistryRef(reference) : reference;
     const endpoints = await endpointsFor(options.config ?? EMPTY_CONFIG, ref.registry, true);
-    const clients = endpoints.map((e) => new RegistryClient(e, e.mirror ? MIRROR_RETRY : options.retry ?? DEFAULT_RETRY));
+    const clients = endpoints.map((e) => new RegistryClient(e, e.mirror ? MIRROR_RETRY : options.retry ?? DEFAULT_RETRY, options.transfer));
     return new RegistrySource(ref, clients, options);
   }
 

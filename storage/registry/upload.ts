@@ -16,9 +16,8 @@
  */
 import { type ReadStream, createReadStream } from 'node:fs';
 import { type Readable } from 'node:stream';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { type Digest } from '../digest.js';
-import { type RegistryClient, backoffDelay, headerValue, isRetryableNetworkError } from './client.js';
+import { type RegistryClient, type RegistryResponse, backoffDelay, headerValue, isRetryableNetworkError } from './client.js';
 import { registryError } from './errors.js';
 
 export interface LocalBlob {
@@ -74,7 +73,7 @@ export class BlobUploader {
       res.body.resume();
       if (res.status === 201) return 'mounted';
       // 202: the source lacked it; distribution opened an ordinary session instead.
-      location = this.locationOf(res.headers.location, blob.digest);
+      location = this.locationOf(res, blob.digest);
     }
     location ??= await this.startSession(blob.digest);
     if (blob.size > this.options.chunkThreshold) await this.sendChunked(location, blob);
@@ -88,7 +87,7 @@ export class BlobUploader {
       scopes: this.scopes, expect: [202], context: { repository: this.repository, digest },
     });
     res.body.resume();
-    return this.locationOf(res.headers.location, digest);
+    return this.locationOf(res, digest);
   }
 
   private async sendWhole(location: string, blob: LocalBlob): Promise<void> {
@@ -118,20 +117,20 @@ export class BlobUploader {
           noRetry: true,
         });
         res.body.resume();
-        location = this.locationOf(res.headers.location, blob.digest);
+        location = this.locationOf(res, blob.digest);
         offset = rangeEnd(headerValue(res.headers.range)) ?? end + 1;
         if (offset !== end + 1) throw registryError('protocol', `registry ${this.client.registry}: upload of ${blob.digest}: sent bytes ${start}-${end}, the registry has 0-${offset - 1}`, context);
         failures = 0;
       } catch (err) {
         const reason = (err as { context?: { reason?: string } }).context?.reason;
         if (!(isRetryableNetworkError(err) || reason === 'network' || reason === 'server') || failures >= this.client.retry.retries) throw err;
-        await sleep(backoffDelay(this.client.retry, failures++));
+        await this.client.pause(backoffDelay(this.client.retry, failures++), 'PATCH', location, context);
         // Ask the session where it stands, then go on from there.
         const status = await this.client.request({
           method: 'GET', path: location, scopes: this.scopes, expect: [204], context: { repository: this.repository, digest: blob.digest },
         });
         status.body.resume();
-        location = this.locationOf(status.headers.location, blob.digest);
+        location = this.locationOf(status, blob.digest);
         offset = rangeEnd(headerValue(status.headers.range)) ?? 0;
       }
     }
@@ -152,13 +151,19 @@ export class BlobUploader {
     return stream;
   }
 
-  private locationOf(header: string | string[] | undefined, digest: Digest): string {
-    const location = headerValue(header);
+  /** The session's next URL: relative to where the answer came from; possibly another host (never sent our Authorization, client.ts). */
+  private locationOf(res: RegistryResponse, digest: Digest): string {
+    const location = headerValue(res.headers.location);
     if (!location) {
       throw registryError('protocol', `registry ${this.client.registry}: upload of ${digest}: no Location in the answer`,
         { registry: this.client.registry, repository: this.repository, digest });
     }
-    return this.client.url(location);
+    try {
+      return new URL(location, res.url).toString();
+    } catch {
+      throw registryError('protocol', `registry ${this.client.registry}: upload of ${digest}: invalid Location '${location}'`,
+        { registry: this.client.registry, repository: this.repository, digest });
+    }
   }
 
   private checkDigest(header: string | string[] | undefined, digest: Digest): void {

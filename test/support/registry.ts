@@ -1,6 +1,8 @@
 /**
  * A real registry for tests: Debian's `docker-registry` (distribution
- * 2.8.2) on 127.0.0.1 with a free port and its own storage directory,
+ * 2.8.2) on 127.0.0.1 with a free port and its own storage directory
+ * (docker-registry cannot report a port it chose, so a port found free is
+ * used and, when someone else took it in between, another one is tried),
  * optionally with TLS (a CA made here with openssl) and htpasswd auth
  * (bcrypt, the only hash distribution accepts). Registries are stopped by
  * PID in `stop()` and, as a last resort, when the test process exits.
@@ -9,7 +11,7 @@
  */
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
 import { closeSync, existsSync, openSync } from 'node:fs';
-import { mkdir, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, readdir, readlink, stat, writeFile } from 'node:fs/promises';
 import http, { type IncomingMessage, type OutgoingHttpHeaders, type ServerResponse } from 'node:http';
 import https from 'node:https';
 import { createServer } from 'node:net';
@@ -36,6 +38,7 @@ process.on('exit', () => {
   for (const child of running) if (child.exitCode === null && child.pid) process.kill(child.pid, 'SIGKILL');
 });
 
+/** A port nothing listened on a moment ago: only for a server that cannot bind port 0 itself, with a retry on EADDRINUSE. */
 export async function freePort(): Promise<number> {
   return new Promise((resolve, reject) => {
     const server = createServer();
@@ -60,12 +63,18 @@ export class TestRegistry {
 
   static async start(dir: string, options: RegistryOptions = {}): Promise<TestRegistry> {
     await mkdir(dir, { recursive: true });
-    const port = options.port ?? await freePort();
     const storageDir = options.storageDir ?? join(dir, 'storage');
     await mkdir(storageDir, { recursive: true });
-    const registry = new TestRegistry(dir, port, storageDir, options);
-    await registry.launch();
-    return registry;
+    for (let attempt = 1; ; attempt++) {
+      const registry = new TestRegistry(dir, options.port ?? await freePort(), storageDir, options);
+      try {
+        await registry.launch();
+        return registry;
+      } catch (err) {
+        // The port was free when looked at, taken when docker-registry bound it (another test run): another one.
+        if (!(err instanceof PortTaken) || options.port !== undefined || attempt >= 5) throw err;
+      }
+    }
   }
 
   private async launch(): Promise<void> {
@@ -89,7 +98,9 @@ export class TestRegistry {
     ].join('\n');
     const configPath = join(this.dir, 'config.yml');
     await writeFile(configPath, config);
-    const log = openSync(join(this.dir, 'registry.log'), 'a');
+    const logPath = join(this.dir, 'registry.log');
+    const logStart = await stat(logPath).then((s) => s.size, () => 0);
+    const log = openSync(logPath, 'a');
     try {
       this.child = spawn('docker-registry', ['serve', configPath], { stdio: ['ignore', log, log] });
     } finally {
@@ -99,8 +110,13 @@ export class TestRegistry {
     const child = this.child;
     child.on('exit', () => running.delete(child));
     for (let i = 0; i < 100; i++) {
-      if (child.exitCode !== null) throw new Error(`docker-registry exited (${child.exitCode}); see ${join(this.dir, 'registry.log')}`);
-      if (await this.answers()) return;
+      if (child.exitCode !== null) {
+        const output = (await readFile(logPath)).subarray(logStart).toString();
+        if (/address already in use/i.test(output)) throw new PortTaken(this.port);
+        throw new Error(`docker-registry exited (${child.exitCode}); see ${logPath}`);
+      }
+      // Answers, and from our child: a registry of another test run may hold the port.
+      if (await this.answers() && await listensOn(child.pid!, this.port)) return;
       await sleep(100);
     }
     throw new Error(`docker-registry did not answer on ${this.host}`);
@@ -142,6 +158,30 @@ export class TestRegistry {
     await Promise.race([exited, timeout]);
     await exited;
     this.child = undefined;
+  }
+}
+
+/** Whether process `pid` holds the socket listening on 127.0.0.1:`port` (from /proc/net/tcp and /proc/PID/fd). */
+async function listensOn(pid: number, port: number): Promise<boolean> {
+  const local = `0100007F:${port.toString(16).toUpperCase().padStart(4, '0')}`;
+  const inodes = new Set<string>();
+  for (const line of (await readFile('/proc/net/tcp', 'utf8')).split('\n').slice(1)) {
+    const f = line.trim().split(/\s+/);
+    if (f[1] === local && f[3] === '0A') inodes.add(f[9]!);
+  }
+  if (inodes.size === 0) return false;
+  const fds = await readdir(`/proc/${pid}/fd`).catch(() => [] as string[]);
+  for (const fd of fds) {
+    const target = await readlink(`/proc/${pid}/fd/${fd}`).catch(() => '');
+    const m = /^socket:\[(\d+)\]$/.exec(target);
+    if (m && inodes.has(m[1]!)) return true;
+  }
+  return false;
+}
+
+class PortTaken extends Error {
+  constructor(port: number) {
+    super(`port ${port} was taken before docker-registry could bind it`);
   }
 }
 
