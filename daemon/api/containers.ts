@@ -2,6 +2,7 @@
  * /v1/containers: create (mount), list, inspect, remove, commit, diff and
  * export of containers' writable layers.
  */
+import { Writable } from 'node:stream';
 import { HANDLED, type Router, checkFields, readJsonBody } from '../http.js';
 import { type ContainerManager, type CreateRequest } from '../containers.js';
 
@@ -28,8 +29,16 @@ export function containerRoutes(router: Router, containers: ContainerManager): v
   router.add('GET', '/v1/containers/{id}/diff', (ctx) => containers.diff(ctx.params['id']!));
   router.add('GET', '/v1/containers/{id}/export', async (ctx) => {
     containers.inspect(ctx.params['id']!); // 404 before any byte is sent
-    ctx.res.writeHead(200, { 'content-type': 'application/x-tar' });
-    await containers.export(ctx.params['id']!, ctx.res);
+    // The status goes out with the first byte: a layer that cannot be written
+    // (a name an OCI layer cannot express) is refused before it, as an error.
+    const res = ctx.res;
+    const sendHead = (): void => { if (!res.headersSent) res.writeHead(200, { 'content-type': 'application/x-tar' }); };
+    const out = new Writable({
+      write(chunk: Buffer, _encoding, done) { sendHead(); res.write(chunk, done); },
+      final(done) { sendHead(); res.end(done); },
+    });
+    res.on('close', () => out.destroy());
+    await containers.export(ctx.params['id']!, out);
     return HANDLED;
   });
 }
