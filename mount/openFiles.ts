@@ -5,7 +5,7 @@
  */
 import { closeSync, fdatasync, fsync, ftruncate, read, write, writeSync } from 'node:fs';
 import { fsError } from './fsError.js';
-import type { UnionNode } from './mergedTree.js';
+import type { LowerObject, UnionNode } from './mergedTree.js';
 
 export interface OpenFile {
   /** Host file descriptor, or -1 for an empty lower file (reads return 0 bytes). */
@@ -16,6 +16,8 @@ export interface OpenFile {
    * layer.tar): where the range starts and how long it is.
    */
   readonly range?: { offset: number; size: number };
+  /** The lower object opened (read-only opens of lower content): what fstat describes. */
+  readonly lower?: LowerObject;
   /** Opened on the upper file (so fstat of the descriptor describes it). */
   readonly upper: boolean;
   /** Opened O_SYNC or O_DSYNC: every write waits for the disk. */

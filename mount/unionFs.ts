@@ -181,8 +181,9 @@ export class UnionFs {
    * file was renamed or unlinked, when there is no path to look up.
    */
   fgetattr(fh: number): UnionStat {
-    const { fd, node, upper } = this.files.get(fh);
-    if (!upper || fd < 0) return lowerStat(OPEN_FILE_PATH, node, 0, false);
+    const { fd, node, upper, lower } = this.files.get(fh);
+    // A lower file opened for reading stays what was opened, even once another open copied the name up.
+    if (!upper && lower !== undefined) return lowerStat(OPEN_FILE_PATH, new UnionNode(node.kind, lower), 0, false);
     return upperStat(OPEN_FILE_PATH, node, fstat(fd, OPEN_FILE_PATH), 0);
   }
 
@@ -307,10 +308,10 @@ export class UnionFs {
   private async openLower(node: UnionNode): Promise<number> {
     const object = node.lower!;
     const content = object.source?.content(object.entry);
-    if (content === undefined) return this.files.add({ fd: -1, node, upper: false });
+    if (content === undefined) return this.files.add({ fd: -1, node, upper: false, lower: object });
     const fd = openContent(content);
     const whole = content.offset === 0 && content.size === object.entry.size;
-    return this.files.add(whole ? { fd, node, upper: false } : { fd, node, upper: false, range: { offset: content.offset, size: content.size } });
+    return this.files.add(whole ? { fd, node, upper: false, lower: object } : { fd, node, upper: false, lower: object, range: { offset: content.offset, size: content.size } });
   }
 
   private async openUpper(path: string, node: UnionNode, flags: number): Promise<number> {
@@ -441,7 +442,7 @@ export class UnionFs {
       named.lower = undefined;
       this.markUpper(name, named, ino, object.entry);
     }
-    object.names.clear();
+    // object.names stays: handles opened on the lower object still describe it (fstat nlink)
     return node;
   }
 

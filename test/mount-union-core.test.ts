@@ -362,6 +362,17 @@ describe('mount union core (no FUSE)', () => {
       assert.deepEqual((await stat(fs, 'f')).atime, { sec: 2_000_000_000, nsec: 7 }, 'UTIME_OMIT leaves atime alone');
     });
 
+    it('answers fstat of a lower file opened for reading after another open copied it up', async () => {
+      const fs = await UnionFs.create({ layers: [layer({ 'f': { content: 'lower' } })], upper: freshUpper() });
+      const reader = await fs.open('f', 0);
+      const writer = await fs.open('f', 2 | 0o1000); // O_RDWR | O_TRUNC: copies up, then empties
+      assert.equal(fs.fgetattr(reader).size, 5, 'the reader still has the lower file');
+      assert.equal(fs.fgetattr(reader).nlink, 1);
+      assert.equal(fs.fgetattr(writer).size, 0);
+      await fs.release(reader);
+      await fs.release(writer);
+    });
+
     it('refuses every change when read-only', async () => {
       const fs = await UnionFs.create({ layers: [layer({ 'f': {} })], upper: freshUpper(), readOnly: true });
       assert.equal(await errnoOf(fs.unlink('f')), 'EROFS');
