@@ -2,7 +2,7 @@
  * Serves a UnionFs over a FuseSession: turns kernel requests (node ids,
  * names) into UnionFs calls (paths) and their results into replies.
  *
- * What this buys over fuse-native (mount/fuseAdapter.ts):
+ * What this buys over a libfuse 2 binding (fuse-native, which layerd used before):
  * - one kernel inode per file, hard links included (fuseNodes.ts), so the
  *   kernel may cache names and attributes for as long as nothing changes
  *   behind it: everything a writable mount changes goes through it;

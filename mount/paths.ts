@@ -47,14 +47,3 @@ export function normalizeIndexPath(path: string): string {
 /** OCI whiteout naming. */
 export const WHITEOUT_PREFIX = '.wh.';
 export const OPAQUE_MARKER = '.wh..wh..opq';
-
-/**
- * libfuse 2 (without hard_remove) renames a file that is unlinked while open
- * to `.fuse_hidden<id>` until its last close, and so does layerd's own
- * binding (kernelFuse.ts): never content of the union.
- */
-export const FUSE_HIDDEN_PREFIX = '.fuse_hidden';
-
-export function isFuseHidden(name: string): boolean {
-  return name.startsWith(FUSE_HIDDEN_PREFIX);
-}
