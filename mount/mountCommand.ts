@@ -21,7 +21,7 @@ import { LAYER_TAR, type LayerSource, tarLayerSource } from '../storage/layerInd
 import { resolveRoot } from '../storage/layout.js';
 import { readLayerIndex } from '../storage/store.js';
 import { lowerDirSource } from './lowerDir.js';
-import { mountUnion } from './mountUnion.js';
+import { mountUnion, type MountedUnion } from './mountUnion.js';
 import { OpStats } from './opStats.js';
 
 export { mountUnion, type MountUnionOptions, type MountedUnion } from './mountUnion.js';
@@ -94,24 +94,31 @@ export async function mountCommand(argv: string[]): Promise<number> {
     // Without an upper the mount is a read-only view over an empty private one.
     const upper = args.upper ?? (emptyUpper = await mkdtemp(join(tmpdir(), 'layerd-ro-upper-')));
     const stats = args.statsFile ? new OpStats() : undefined;
-    const mounted = await mountUnion({
-      layers, upper, mountpoint, readOnly: (args.readOnly ?? false) || args.upper === undefined, logger,
-      ...(stats ? { stats } : {}), ...(args.liveLayer !== undefined ? { liveLayer: args.liveLayer } : {}),
-      ...(args.cacheSeconds !== undefined ? { cacheSeconds: cacheSecondsOf(args.cacheSeconds) } : {}),
-    });
-    const statsTimer = stats && args.statsFile ? setInterval(() => { void stats.writeTo(args.statsFile!).catch(() => undefined); }, 2000) : undefined;
-    statsTimer?.unref();
-    process.stdout.write(`ready ${mounted.mountpoint}\n`);
-
-    const stop = (): void => { void mounted.unmount(); };
-    process.once('SIGTERM', stop);
-    process.once('SIGINT', stop);
-    await mounted.gone;
-    await mounted.unmount();
-    if (statsTimer) clearInterval(statsTimer);
-    if (stats && args.statsFile) await stats.writeTo(args.statsFile).catch(() => undefined);
-    process.off('SIGTERM', stop);
-    process.off('SIGINT', stop);
+    // Signals are taken from before the mount on: one that arrives between
+    // "ready" and a handler would otherwise kill the server with the mount up.
+    let mounted: MountedUnion | undefined;
+    let stopping = false;
+    const stop = (): void => { stopping = true; void mounted?.unmount(); };
+    process.on('SIGTERM', stop);
+    process.on('SIGINT', stop);
+    try {
+      mounted = await mountUnion({
+        layers, upper, mountpoint, readOnly: (args.readOnly ?? false) || args.upper === undefined, logger,
+        ...(stats ? { stats } : {}), ...(args.liveLayer !== undefined ? { liveLayer: args.liveLayer } : {}),
+        ...(args.cacheSeconds !== undefined ? { cacheSeconds: cacheSecondsOf(args.cacheSeconds) } : {}),
+      });
+      const statsTimer = stats && args.statsFile ? setInterval(() => { void stats.writeTo(args.statsFile!).catch(() => undefined); }, 2000) : undefined;
+      statsTimer?.unref();
+      if (stopping) void mounted.unmount();
+      else process.stdout.write(`ready ${mounted.mountpoint}\n`);
+      await mounted.gone;
+      await mounted.unmount();
+      if (statsTimer) clearInterval(statsTimer);
+      if (stats && args.statsFile) await stats.writeTo(args.statsFile).catch(() => undefined);
+    } finally {
+      process.off('SIGTERM', stop);
+      process.off('SIGINT', stop);
+    }
     return 0;
   } catch (err) {
     logger.error(err instanceof Error ? err.message : String(err), isLayerdError(err) ? { code: err.code, ...err.context } : {});

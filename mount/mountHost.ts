@@ -269,12 +269,13 @@ export async function mountHostCommand(argv: string[]): Promise<number> {
     server.once('error', fail);
     server.listen(socketPath, () => { server.off('error', fail); done(); });
   });
+  // Handlers before "ready": a signal sent as soon as it is read must not kill the host with mounts up.
+  const stop = (): void => { void host.shutdown('signal'); };
+  process.on('SIGTERM', stop);
+  process.on('SIGINT', stop);
   process.stdout.write(`ready ${socketPath}\n`);
   logger.info('mount host ready', { socket: socketPath, pid: process.pid });
   if (spare) void warmUpMounting().catch((err: unknown) => logger.warn('warm-up failed', { error: String(err) }));
-  const stop = (): void => { void host.shutdown('signal'); };
-  process.once('SIGTERM', stop);
-  process.once('SIGINT', stop);
   await host.done; // server.close() has removed the socket file
   return 0;
 }
