@@ -43,6 +43,8 @@ export class UnionNode {
   opaque = false;
   /** Child names (directories only). */
   readonly children: Set<string> | undefined;
+  /** How many of the children are directories (a directory's nlink is 2 + this), kept as children change. */
+  subdirs = 0;
   /** Cached xattrs of the upper file; undefined = read from disk when asked. */
   upperXattrs: XattrMap | undefined;
 
@@ -98,23 +100,9 @@ export class MergedTree {
     copy.upperStIno = shared.upperStIno;
     copy.opaque = shared.opaque;
     copy.upperXattrs = shared.upperXattrs;
+    copy.subdirs = shared.subdirs;
     this.nodes.set(path, copy);
     return copy;
-  }
-
-  /**
-   * How many directories `dir` (a directory node) holds, without copying
-   * anything from the base (a stat must not make a mount's tree grow).
-   */
-  subdirCount(dir: string, node: UnionNode): number {
-    let count = 0;
-    for (const name of node.children ?? []) {
-      const childPath = dir === '' ? name : `${dir}/${name}`;
-      const own = this.nodes.get(childPath);
-      const child = own !== undefined ? own : this.base?.nodes.get(childPath);
-      if (child?.kind === 'dir') count++;
-    }
-    return count;
   }
 
   /** What the base (the lower layers' merge) holds at `path`, whatever this tree changed since. */
@@ -147,7 +135,7 @@ export class MergedTree {
   /** Add `node` at `path`; the parent must be a directory node. */
   insert(path: string, node: UnionNode): void {
     this.set(path, node);
-    this.get(parentOf(path))!.children!.add(baseName(path));
+    this.addChild(path, node);
     if (node.lower !== undefined && node.kind !== 'dir') node.lower.names.add(path);
   }
 
@@ -158,7 +146,20 @@ export class MergedTree {
     this.dropDescendants(path, node);
     this.forget(path);
     if (node.lower !== undefined && node.kind !== 'dir') node.lower.names.delete(path);
-    this.get(parentOf(path))?.children?.delete(baseName(path));
+    this.removeChild(path, node);
+  }
+
+  private addChild(path: string, node: UnionNode): void {
+    const parent = this.get(parentOf(path))!;
+    const name = baseName(path);
+    if (parent.children!.has(name)) return;
+    parent.children!.add(name);
+    if (node.kind === 'dir') parent.subdirs++;
+  }
+
+  private removeChild(path: string, node: UnionNode): void {
+    const parent = this.get(parentOf(path));
+    if (parent?.children?.delete(baseName(path)) === true && node.kind === 'dir') parent.subdirs--;
   }
 
   /** Remove everything below directory `path` (an opaque marker's effect). */
@@ -178,6 +179,7 @@ export class MergedTree {
       if (child.lower !== undefined && child.kind !== 'dir') child.lower.names.delete(childPath);
     }
     node.children.clear();
+    node.subdirs = 0;
   }
 
   /** Re-key the subtree at `src` to `dst` (the parent of dst must exist, dst must not). */
@@ -189,7 +191,7 @@ export class MergedTree {
       if (n.children) for (const name of n.children) collect(joinPath(p, name), this.get(joinPath(p, name))!);
     };
     collect(src, node);
-    this.get(parentOf(src))!.children!.delete(baseName(src));
+    this.removeChild(src, node);
     for (const [p, n] of moved) {
       this.forget(p);
       if (n.lower !== undefined && n.kind !== 'dir') n.lower.names.delete(p);
@@ -199,7 +201,7 @@ export class MergedTree {
       this.set(q, n);
       if (n.lower !== undefined && n.kind !== 'dir') n.lower.names.add(q);
     }
-    this.get(parentOf(dst))!.children!.add(baseName(dst));
+    this.addChild(dst, node);
   }
 
   /** Make every ancestor of `path` a directory, inventing missing ones. */

@@ -171,7 +171,7 @@ export class UnionFs {
   /** Attributes; synchronous for lower content (the common case). */
   getattr(path: string): UnionStat {
     const node = this.node(path, 'getattr');
-    const subdirs = node.kind === 'dir' ? this.tree.subdirCount(path, node) : 0;
+    const subdirs = node.subdirs;
     if (!node.upper) return lowerStat(path, node, subdirs);
     return upperStat(path, node, this.upper.stat(path), subdirs);
   }
