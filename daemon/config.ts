@@ -35,6 +35,8 @@ export interface DaemonConfig {
    * changes a container's upper directory behind its mount.
    */
   mountCacheSeconds?: number;
+  /** Free space imports must leave on the store's filesystem, in bytes (default 256 MiB; 0: no check). */
+  diskReserveBytes?: number;
 }
 
 const LEVELS: LogLevel[] = ['error', 'warn', 'info', 'debug'];
@@ -63,7 +65,7 @@ export function validateConfig(value: unknown, path: string): DaemonConfig {
   };
   if (typeof value !== 'object' || value === null || Array.isArray(value)) fail('the configuration must be a JSON object');
   const obj = value as Record<string, unknown>;
-  const allowed = ['root', 'socket', 'socketGroup', 'logLevel', 'gc', 'spoolDir', 'mountRoot', 'registriesConfig', 'mountCacheSeconds'];
+  const allowed = ['root', 'socket', 'socketGroup', 'logLevel', 'gc', 'spoolDir', 'mountRoot', 'registriesConfig', 'mountCacheSeconds', 'diskReserveBytes'];
   for (const key of Object.keys(obj)) if (!allowed.includes(key)) fail(`unknown key '${key}' (known: ${allowed.join(', ')})`, key);
   for (const key of ['root', 'socket', 'spoolDir', 'mountRoot', 'registriesConfig']) {
     if (obj[key] !== undefined && (typeof obj[key] !== 'string' || !(obj[key] as string).startsWith('/'))) fail(`'${key}' must be an absolute path`, key);
@@ -75,6 +77,10 @@ export function validateConfig(value: unknown, path: string): DaemonConfig {
   const cache = obj['mountCacheSeconds'];
   if (cache !== undefined && (typeof cache !== 'number' || !Number.isFinite(cache) || cache < 0 || cache > 3600)) {
     fail(`'mountCacheSeconds' must be a number of seconds from 0 to 3600`, 'mountCacheSeconds');
+  }
+  const reserve = obj['diskReserveBytes'];
+  if (reserve !== undefined && (typeof reserve !== 'number' || !Number.isSafeInteger(reserve) || reserve < 0)) {
+    fail(`'diskReserveBytes' must be a whole number of bytes ≥ 0`, 'diskReserveBytes');
   }
   if (obj['gc'] !== undefined) {
     const gc = obj['gc'];

@@ -68,7 +68,11 @@ export class Daemon {
 
   static async start(options: DaemonOptions): Promise<Daemon> {
     const { logger } = options;
-    const store = await Store.open(options.root, { exclusive: true, logger, ...(options.durability ? { durability: options.durability } : {}) });
+    const store = await Store.open(options.root, {
+      exclusive: true, logger,
+      ...(options.durability ? { durability: options.durability } : {}),
+      ...(options.config.diskReserveBytes !== undefined ? { diskReserveBytes: options.config.diskReserveBytes } : {}),
+    });
     let snapshotter: SnapshotterServer | undefined;
     try {
       const router = new Router();

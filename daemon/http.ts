@@ -38,6 +38,7 @@ export function httpStatusFor(code: ErrorCode): number {
     case ErrorCodes.EBUSY: return 503;
     case ErrorCodes.EAUTH: return 502; // an upstream (registry) refused us, not the API client
     case ErrorCodes.ELIMIT: return 413;
+    case ErrorCodes.ENOSPC: return 507;
     case ErrorCodes.EINVAL:
     case ErrorCodes.EBADJSON:
     case ErrorCodes.EBADTAR:

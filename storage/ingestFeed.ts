@@ -89,8 +89,14 @@ export class IngestFeed extends Writable {
 
   /** After a failure: drop the bytes, or stop the first pipeline too. */
   private dropped(callback: (error?: Error | null) => void): void {
-    if (this.keepReading) callback();
-    else callback(this.failure!.error instanceof Error ? this.failure!.error : new Error(String(this.failure!.error)));
+    if (this.keepReading) { callback(); return; }
+    if (this.failure) { callback(asError(this.failure.error)); return; }
+    // The second pipeline is already torn down (its stream is destroyed) but
+    // has not reported why yet: stop with its verdict once it does.
+    this.done.then(
+      () => callback(new Error('the layer pipeline ended before the blob did')),
+      (error: unknown) => callback(asError(error)),
+    );
   }
 
   private forward(chunk: Buffer, callback: (error?: Error | null) => void): void {
@@ -106,4 +112,8 @@ export class IngestFeed extends Writable {
     target.on('drain', resume);
     target.on('close', resume);
   }
+}
+
+function asError(error: unknown): Error {
+  return error instanceof Error ? error : new Error(String(error));
 }
