@@ -263,7 +263,7 @@ function mapStreamError(err: unknown, expected: LayerExpectation): LayerdError {
   if (full) return full;
   // tar-stream's bound on one PAX/long-name header (a header bomb).
   if (/exceeds max size/i.test(message)) {
-    return new LayerdError(ErrorCodes.ELIMIT, `layer ${expected.digest ?? ''}: a tar header is over the size limit: ${message}`.replace('  ', ' '), { ...context, limit: 'tar header size' }, { cause: err });
+    return new LayerdError(ErrorCodes.ELIMIT, `layer${expected.digest ? ` ${expected.digest}` : ''}: a tar header is over the size limit: ${message}`, { ...context, limit: 'tar header size' }, { cause: err });
   }
   if (code.startsWith('Z_') || /zstd|incorrect header|invalid|unexpected end|corrupt/i.test(message)) {
     return new LayerdError(ErrorCodes.EBADTAR, `layer ${expected.digest ?? ''} is corrupt: ${message}`.replace('  ', ' '), context, { cause: err });

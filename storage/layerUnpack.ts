@@ -53,6 +53,8 @@ export class LayerUnpacker {
   private readonly parents = new Set<string>();
   private readonly whiteouts = new Set<string>();
   private readonly opaques = new Set<string>();
+  /** Hard-link targets not (yet) in this layer, taken as a lower layer's files: target → link. */
+  private readonly lowerLinks = new Map<string, string>();
   private fileBytes = 0;
   private count = 0;
 
@@ -115,6 +117,12 @@ export class LayerUnpacker {
 
     if (this.byPath.has(path)) {
       throw new LayerdError(ErrorCodes.EBADTAR, `duplicate entry in layer: ${path || '/'}`, { path });
+    }
+    const laterTarget = this.lowerLinks.get(path);
+    if (laterTarget !== undefined) {
+      // GNU tar refuses this too; taking it would make the link name a lower
+      // layer's file while tree/diff list this one.
+      throw new LayerdError(ErrorCodes.EBADTAR, `hard link ${laterTarget} points to ${path}, which comes later in the archive`, { path: laterTarget, target: path });
     }
     this.checkParents(path, 'entry');
     if (kind !== 'dir' && this.parents.has(path)) {
@@ -192,6 +200,7 @@ export class LayerUnpacker {
     if (!existing) {
       // A link to a file of a lower layer: kept by name, resolved by the union.
       entry.link = target;
+      if (!this.lowerLinks.has(target)) this.lowerLinks.set(target, entry.path);
       return;
     }
     if (existing.kind === 'dir') {
