@@ -3,7 +3,7 @@
  * socket, watches its configuration, and shuts down gracefully on SIGTERM
  * (stop accepting, finish in-flight requests, exit 0).
  */
-import { rm, writeFile } from 'node:fs/promises';
+import { rm, stat, writeFile } from 'node:fs/promises';
 import { createServer, type Server } from 'node:http';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -115,7 +115,7 @@ export class Daemon {
         daemon.spool = new Spool(options.config.spoolDir, ops, logger);
         await daemon.spool.start();
       }
-      daemon.watchConfig();
+      await daemon.watchConfig();
       logger.info('layerd is ready', { socket: options.socket, root: options.root, version: VERSION });
       await notifySystemd(`READY=1\nSTATUS=serving on ${options.socket}\nMAINPID=${process.pid}`, logger);
       return daemon;
@@ -143,13 +143,24 @@ export class Daemon {
     }
   }
 
-  private watchConfig(): void {
+  private async watchConfig(): Promise<void> {
     const path = this.options.configPath;
     if (!path) return;
+    // Only a regular file (or one not there yet) is watched: a device such as
+    // /dev/null "changes" every time anyone writes to it.
+    const current = await stat(path).catch(() => undefined);
+    if (current && !current.isFile()) {
+      this.options.logger.info('the configuration is not a regular file: not watched for changes', { path });
+      return;
+    }
+    let applied = JSON.stringify(this.options.config);
     this.watcher = watch(path, { ignoreInitial: true, awaitWriteFinish: { stabilityThreshold: 100, pollInterval: 50 } });
     this.watcher.on('all', () => {
       loadConfig(path, false).then(
         (config) => {
+          const text = JSON.stringify(config);
+          if (text === applied) { this.options.logger.debug('configuration touched but unchanged', { path }); return; }
+          applied = text;
           this.applyPolicy(config);
           this.options.logger.info('configuration reloaded', { path, logLevel: config.logLevel, gc: config.gc });
         },
