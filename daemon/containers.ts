@@ -23,7 +23,7 @@ import { tarLayerSource } from '../storage/layerIndex.js';
 import { type ContainerRow } from '../storage/metadata.js';
 import { formatRef, splitNameTag } from '../storage/references.js';
 import { type Store } from '../storage/store.js';
-import { isServing, prewarmMountHost, startMount, stopMount } from './mountServer.js';
+import { isServing, prewarmMountHost, startMount, stopMount, stopSpareHost } from './mountServer.js';
 
 const SPARE_CHECK_MS = 5 * 60_000;
 const SUPERVISE_MS = 2_000;
@@ -200,11 +200,12 @@ export class ContainerManager {
     this.supervisor.unref();
   }
 
-  /** Stop the timers of superviseHosts and the spare host check (daemon stop). */
-  stopSupervising(): void {
+  /** Stop the timers of superviseHosts and the spare host check, and the spare host itself (daemon stop). */
+  async stopSupervising(): Promise<void> {
     clearInterval(this.supervisor);
     clearInterval(this.spareTimer);
     this.supervisor = this.spareTimer = undefined;
+    await stopSpareHost(this.store.layout.hostsDir());
   }
 
   private async reviveDead(): Promise<void> {

@@ -182,7 +182,7 @@ export class Daemon {
       await Promise.allSettled([...this.inflight]);
       await closed;
       await this.snapshotter?.stop();
-      this.containers.stopSupervising();
+      await this.containers.stopSupervising();
       if (this.options.unmountOnStop) await this.containers.unmountAll();
       if (this.options.unmountOnStop) await this.snapshots.unmountAll();
       await rm(daemonMarker(this.options.root), { force: true });

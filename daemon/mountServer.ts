@@ -112,6 +112,21 @@ export async function prewarmMountHost(hostsDir: string): Promise<void> {
   await startHost(socket, join(hostsDir, 'spare.log'), { socket }, ['--spare']);
 }
 
+/**
+ * Stop the spare host under `hostsDir`, if one waits there (daemon stop: a
+ * spare serves nothing, ~70 MB for no one once its daemon is gone). One that
+ * has mounts by now is a bound host and is left alone.
+ */
+export async function stopSpareHost(hostsDir: string): Promise<void> {
+  await starting.get(spareSocket(hostsDir))?.catch(() => undefined); // one being started would come up after
+  const reply = await askHost(spareSocket(hostsDir), { op: 'list' }, STOP_TIMEOUT_MS).catch(() => undefined);
+  if (!reply?.ok || reply.pid === undefined || (reply.mounts?.length ?? 0) > 0 || !processAlive(reply.pid)) return;
+  process.kill(reply.pid, 'SIGTERM');
+  const deadline = Date.now() + STOP_TIMEOUT_MS;
+  while (processAlive(reply.pid) && Date.now() < deadline) await sleep(25);
+  if (processAlive(reply.pid)) process.kill(reply.pid, 'SIGKILL');
+}
+
 /** Hosts being started by this process, by socket (so concurrent mounts of one image share one). */
 const starting = new Map<string, Promise<void>>();
 

@@ -128,9 +128,34 @@ describe('daemon: mount hosts', function () {
     await until('the host to leave', async () => !processAlive(host));
     const shared = await serverOf('h1');
     expect((await ctl('rm', 'h1')).code).to.equal(0);
-    await new Promise((r) => setTimeout(r, 500));
+    // rm returns once the host has unmounted h1: a host leaving now would already be on its way out.
     expect(processAlive(shared), 'still serving h2').to.equal(true);
+    expect(await serverOf('h2')).to.equal(shared);
     expect((await execFileAsync('cat', [join(work.dir, 'mounts', 'h2', 'etc', 'os-release')])).stdout).to.match(/Debian/);
+  });
+});
+
+describe('daemon: the spare host ends with the daemon', function () {
+  this.timeout(60_000);
+  let work: { dir: string; remove(): Promise<void> };
+  let spare: number | undefined;
+  before(async () => { work = await scratch(); });
+  after(async () => {
+    if (spare !== undefined && processAlive(spare)) process.kill(spare, 'SIGKILL');
+    await clearMountsUnder(work.dir);
+    await work.remove();
+  });
+
+  it('stops its spare mount host when it stops', async () => {
+    const daemon = await startDaemon(work.dir, ['--mount-root', join(work.dir, 'mounts'), '--snapshotter-socket', 'none']);
+    try {
+      const socket = join(daemon.root, 'hosts', 'spare.sock');
+      await until('a spare host', async () => (await hostsServing(socket)).length === 1);
+      [spare] = await hostsServing(socket);
+    } finally {
+      expect(await daemon.stop()).to.equal(0);
+    }
+    expect(processAlive(spare!), 'the spare host is gone once the daemon has stopped').to.equal(false);
   });
 });
 
