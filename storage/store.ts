@@ -79,7 +79,7 @@ export class Store {
       mkdir(layout.layersDir, { recursive: true, mode: 0o700 }),
       mkdir(layout.tmpDir, { recursive: true, mode: 0o700 }),
     ]);
-    await refuseIfDaemonHolds(root);
+    await refuseIfDaemonHolds(root, layout);
     // Dead ingests first: on a full disk they are what frees the room the
     // database needs to open at all.
     const deadIngests = await removeDeadIngests(layout);
@@ -277,16 +277,26 @@ export function daemonMarker(root: string): string {
   return join(root, 'daemon.json');
 }
 
-/** Refuse at once if a live daemon holds `root`. */
-async function refuseIfDaemonHolds(root: string): Promise<void> {
+/**
+ * Refuse at once if a live daemon holds `root`. The marker only says whom to
+ * blame: its pid may since belong to an unrelated process (a crash, a
+ * reboot, pid reuse). What decides is the database lock, tried without
+ * waiting; a marker whose store is not locked is stale and ignored.
+ */
+async function refuseIfDaemonHolds(root: string, layout: StoreLayout): Promise<void> {
   let marker: { pid?: unknown; socket?: unknown };
   try {
     marker = JSON.parse(await readFile(daemonMarker(root), 'utf8')) as typeof marker;
   } catch {
     return;
   }
-  if (typeof marker.pid === 'number' && marker.pid !== process.pid && processAlive(marker.pid)) {
-    throw new LayerdError(ErrorCodes.EBUSY, `the store ${root} is held by the layerd daemon (pid ${marker.pid}); use --socket ${String(marker.socket)} or stop the daemon`, { root, pid: marker.pid });
+  if (typeof marker.pid !== 'number' || marker.pid === process.pid || !processAlive(marker.pid)) return;
+  if (!existsSync(layout.metadataDb)) return;
+  try {
+    new MetadataDb(layout.metadataDb, { busyTimeoutMs: 1 }).close();
+  } catch (err) {
+    if (!(err instanceof LayerdError) || err.code !== ErrorCodes.EBUSY) throw err;
+    throw new LayerdError(ErrorCodes.EBUSY, `the store ${root} is held by the layerd daemon (pid ${marker.pid}); use --socket ${String(marker.socket)} or stop the daemon`, { root, pid: marker.pid }, { cause: err });
   }
 }
 
