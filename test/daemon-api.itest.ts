@@ -5,7 +5,7 @@
  */
 import { expect } from 'chai';
 import { spawn } from 'node:child_process';
-import { access, mkdir, readFile, writeFile } from 'node:fs/promises';
+import { access, mkdir, readFile, readdir, readlink, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { BUSYBOX, DEBIAN_MULTI, execFileAsync, layerctl, scratch } from './support/env.js';
 import { type RunningDaemon, http, startDaemon, waitFor } from './support/daemon.js';
@@ -145,6 +145,28 @@ describe('daemon: the socket API', function () {
     }
     expect(other.log()).to.contain('not a regular file: not watched');
     expect(other.log()).to.not.contain('configuration reloaded');
+  });
+
+  it('a commit whose layer directory changes underneath fails with ECONFLICT saying so, and keeps no descriptor open', async () => {
+    const dir = join(work.dir, 'changing');
+    await mkdir(dir);
+    await writeFile(join(dir, 'ok'), 'ok\n');
+    // A file whose content is not the size its stat says: what a file written during the commit looks like.
+    await writeFile(join(dir, 'growing'), '');
+    await execFileAsync('mount', ['--bind', '/sys/kernel/mm/transparent_hugepage/enabled', join(dir, 'growing')]);
+    try {
+      for (let i = 0; i < 3; i++) {
+        const r = await cli('commit', '--layer-dir', dir, 'debian-multi:latest', `changing:${i}`);
+        expect(r.code, r.stderr).to.equal(4);
+        expect(r.stderr).to.contain('ECONFLICT').and.to.contain(`${dir} changed while it was being committed`);
+      }
+    } finally {
+      await execFileAsync('umount', [join(dir, 'growing')]);
+    }
+    const fds = await readdir(`/proc/${daemon!.pid}/fd`);
+    const links = await Promise.all(fds.map((fd) => readlink(`/proc/${daemon!.pid}/fd/${fd}`).catch(() => '')));
+    expect(links.filter((l) => l.startsWith(join(daemon!.root, 'tmp'))), 'descriptors into the ingest area').to.deep.equal([]);
+    expect((await cli('fsck')).code).to.equal(0);
   });
 
   it('keeps images across a restart and exits 0 on SIGTERM', async () => {
