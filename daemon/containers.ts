@@ -23,7 +23,7 @@ import { tarLayerSource } from '../storage/layerIndex.js';
 import { type ContainerRow } from '../storage/metadata.js';
 import { formatRef, splitNameTag } from '../storage/references.js';
 import { type Store } from '../storage/store.js';
-import { isServing, prewarmMountHost, startMount, stopMount, stopSpareHost } from './mountServer.js';
+import { isServing, prewarmMountHost, spareHostPid, startMount, stopMount, stopSpareHost } from './mountServer.js';
 
 const SPARE_CHECK_MS = 5 * 60_000;
 const SUPERVISE_MS = 2_000;
@@ -95,6 +95,24 @@ export class ContainerManager {
       }
     }
     return total;
+  }
+
+  /** How many mount hosts serve this store (the spare included) and their resident memory. */
+  async hostMemory(): Promise<{ hosts: number; residentBytes: number }> {
+    const pids = new Set<number>();
+    for (const row of this.store.db.listContainers()) if (row.server_pid !== null) pids.add(row.server_pid);
+    const spare = await spareHostPid(this.store.layout.hostsDir());
+    if (spare !== undefined) pids.add(spare);
+    let hosts = 0;
+    let residentBytes = 0;
+    for (const pid of pids) {
+      const status = await readFile(`/proc/${pid}/status`, 'utf8').catch(() => undefined);
+      const kib = status === undefined ? undefined : /^VmRSS:\s+(\d+) kB/m.exec(status)?.[1];
+      if (kib === undefined) continue; // gone since
+      hosts++;
+      residentBytes += Number(kib) * 1024;
+    }
+    return { hosts, residentBytes };
   }
 
   private row(id: string): ContainerRow {

@@ -78,7 +78,7 @@ export class Daemon {
       const router = new Router();
       const server = createServer();
       const daemon = new Daemon(store, server, options);
-      systemRoutes(router, store, daemon.metrics, join(REPO, 'docs'), VERSION, () => daemon.containers.fuseStats());
+      systemRoutes(router, store, daemon.metrics, join(REPO, 'docs'), VERSION, () => daemon.containers.fuseStats(), () => daemon.containers.hostMemory());
       const ops = new StoreOperations(store);
       imageRoutes(router, ops, store, daemon.metrics);
       daemon.containers = new ContainerManager(store, options.mountRoot ?? options.config.mountRoot ?? DEFAULT_MOUNT_ROOT, logger, {

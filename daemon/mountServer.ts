@@ -117,6 +117,12 @@ export async function prewarmMountHost(hostsDir: string): Promise<void> {
  * spare serves nothing, ~70 MB for no one once its daemon is gone). One that
  * has mounts by now is a bound host and is left alone.
  */
+/** The pid of the spare host waiting under `hostsDir`, if one answers. */
+export async function spareHostPid(hostsDir: string): Promise<number | undefined> {
+  const reply = await askHost(spareSocket(hostsDir), { op: 'list' }, 2_000).catch(() => undefined);
+  return reply?.ok ? reply.pid : undefined;
+}
+
 export async function stopSpareHost(hostsDir: string): Promise<void> {
   await starting.get(spareSocket(hostsDir))?.catch(() => undefined); // one being started would come up after
   const reply = await askHost(spareSocket(hostsDir), { op: 'list' }, STOP_TIMEOUT_MS).catch(() => undefined);

@@ -142,6 +142,8 @@ describe('daemon: containers', function () {
     expect(Number(/^layerd_mounts (\d+)/m.exec(metrics.body)![1])).to.be.at.least(53);
     expect(Number(/^layerd_fuse_operations_total\{op="getattr"\} (\d+)/m.exec(metrics.body)?.[1] ?? 0)).to.be.greaterThan(0);
     expect(metrics.body).to.match(/^layerd_fuse_operation_seconds_bucket\{op="write",le="\+Inf"\} \d+/m);
+    expect(Number(/^layerd_mount_hosts (\d+)/m.exec(metrics.body)?.[1])).to.be.at.least(2); // latest's, l1-minbase's (and the spare)
+    expect(Number(/^layerd_mount_hosts_resident_bytes (\d+)/m.exec(metrics.body)?.[1])).to.be.greaterThan(10 * 1024 * 1024);
     for (const id of ids) expect((await http(daemon!.socket, 'DELETE', `/v1/containers/${id}`)).status).to.equal(200);
   });
 
@@ -165,6 +167,9 @@ describe('daemon: containers', function () {
       expect((await entries(mountRoot)).filter((n) => !mountsBefore.has(n)), 'no mountpoint directory left').to.deep.equal([]);
     }
     expect(await readdir(join(daemon!.root, 'tmp')), 'no removal left in the ingest area').to.deep.equal([]);
+    // The host of l1-minbase has no mount left and goes, with its memory: a, b, c's host and the spare remain.
+    const hostsNow = async (): Promise<number> => Number(/^layerd_mount_hosts (\d+)/m.exec((await http(daemon!.socket, 'GET', '/metrics')).body)?.[1]);
+    await waitFor('the idle host to leave', async () => (await hostsNow()) === 2, 30_000, 250);
   });
 
   it('refuses bad container requests with 4xx and stays up', async () => {
