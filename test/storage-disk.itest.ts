@@ -7,7 +7,7 @@
  */
 import { expect } from 'chai';
 import { randomBytes } from 'node:crypto';
-import { open, mkdir, readdir, writeFile } from 'node:fs/promises';
+import { open, mkdir, readFile, readdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ErrorCodes, LayerdError } from '../common/errors.js';
 import { importRawLayer } from '../storage/importer.js';
@@ -91,6 +91,9 @@ describe('storage: full disks and decompression bombs', function () {
       const r = await http(daemon.socket, 'POST', '/v1/images/import', JSON.stringify({ path: random8, name: 'big', format: 'layer' }), { 'content-type': 'application/json' });
       expect(r.status, r.body).to.equal(507);
       expect(r.json<{ code: string }>().code).to.equal(ErrorCodes.ENOSPC);
+      const upload = await http(daemon.socket, 'POST', '/v1/images/import?name=up&format=layer', await readFile(random8), { 'content-type': 'application/x-tar' });
+      expect(upload.status, upload.body).to.equal(507);
+      expect(upload.json<{ code: string }>().code).to.equal(ErrorCodes.ENOSPC);
       const health = await http(daemon.socket, 'GET', '/v1/health');
       expect(health.status).to.equal(200);
       const ok = await http(daemon.socket, 'POST', '/v1/images/import', JSON.stringify({ path: small, name: 'small', format: 'layer' }), { 'content-type': 'application/json' });
