@@ -61,14 +61,15 @@ export function imageRoutes(router: Router, ops: StoreOperations, store: Store, 
       const path = join(workDir, 'upload');
       const declared = Number(ctx.req.headers['content-length'] ?? '0');
       if (declared > MAX_UPLOAD_BYTES) throw new LayerdError(ErrorCodes.ELIMIT, `upload of ${declared} bytes is over the limit`);
+      // The upload is written to the store's disk too: keep its reserve, and a full disk is ENOSPC.
+      // (Checked before anything reads the request: a 'data' listener would start it flowing.)
+      const disk = new DiskGuard(workDir, store.diskReserveBytes);
+      await disk.check(declared);
       let received = 0;
       ctx.req.on('data', (chunk: Buffer) => {
         received += chunk.length;
         if (received > MAX_UPLOAD_BYTES) ctx.req.destroy(new LayerdError(ErrorCodes.ELIMIT, 'upload is over the limit'));
       });
-      // The upload is written to the store's disk too: keep its reserve, and a full disk is ENOSPC.
-      const disk = new DiskGuard(workDir, store.diskReserveBytes);
-      await disk.check(declared);
       const guard = new Transform({ transform(chunk: Buffer, _enc, callback) { disk.wrote(chunk.length).then(() => callback(null, chunk), callback); } });
       await pipeline(ctx.req, guard, createWriteStream(path, { mode: 0o600 })).catch((err: unknown) => {
         throw noSpaceError(err, 'the uploaded archive') ?? err;
