@@ -154,7 +154,9 @@ async function spawnHost(socket: string, logFile: string, context: Record<string
   try {
     // Detached, in its own session, with no pipe to the daemon: it must
     // keep serving when the daemon stops or restarts.
-    const child = spawn(process.execPath, [LAYERD_BIN, 'mount-host', '--socket', socket, ...extraArgs], { detached: true, stdio: ['ignore', log.fd, log.fd] });
+    const child = spawn(process.execPath, [LAYERD_BIN, 'mount-host', '--socket', socket, ...extraArgs], {
+      detached: true, stdio: ['ignore', log.fd, log.fd], env: { ...process.env, LAYERD_DAEMON_PID: String(process.pid) },
+    });
     child.unref();
     child.once('exit', (code) => { exited = code; });
     pid = child.pid;

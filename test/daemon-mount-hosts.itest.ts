@@ -165,6 +165,19 @@ describe('daemon: the spare host ends with the daemon', function () {
     }
     expect(processAlive(spare!), 'the spare host is gone once the daemon has stopped').to.equal(false);
   });
+
+  it('and leaves by itself when its daemon is killed', async () => {
+    const daemon = await startDaemon(work.dir, ['--mount-root', join(work.dir, 'mounts'), '--snapshotter-socket', 'none']);
+    try {
+      const socket = join(daemon.root, 'hosts', 'spare.sock');
+      await until('a spare host', async () => (await hostsServing(socket)).length === 1);
+      [spare] = await hostsServing(socket);
+      daemon.child.kill('SIGKILL');
+    } finally {
+      await daemon.stop();
+    }
+    await until('the spare host to leave', async () => !processAlive(spare!), 15_000);
+  });
 });
 
 describe('daemon: supervision of mount hosts', function () {
