@@ -172,6 +172,23 @@ describe('daemon: containers', function () {
     await waitFor('the idle host to leave', async () => (await hostsNow()) === 2, 30_000, 250);
   });
 
+  it('removes a container although something keeps writing into its directory (a mount host finishing its stats)', async () => {
+    await cli('create', 'debian-multi:l1-minbase', '--name', 'written-to');
+    const dir = join(daemon!.root, 'containers', 'written-to');
+    // New names all the time, as a late stats write adds one: a plain recursive delete then ends in ENOTEMPTY.
+    const writer = spawn('sh', ['-c', `i=0; while [ $i -lt 200000 ]; do i=$((i+1)); echo x > "${dir}/late-$i" 2>/dev/null || exit 0; done`], { stdio: 'ignore' });
+    const writerDone = new Promise<void>((resolve) => writer.on('exit', () => resolve()));
+    try {
+      await waitFor('the writer to start', () => readdir(dir).then((names) => names.some((n) => n.startsWith('late-')), () => false), 10_000, 20);
+      const r = await http(daemon!.socket, 'DELETE', '/v1/containers/written-to');
+      expect(r.status, r.body).to.equal(200);
+    } finally {
+      if (writer.exitCode === null) writer.kill('SIGKILL');
+      await writerDone;
+    }
+    expect(await readdir(join(daemon!.root, 'containers'))).to.not.include('written-to');
+  });
+
   it('refuses bad container requests with 4xx and stays up', async () => {
     const s = daemon!.socket;
     const post = (body: string) => http(s, 'POST', '/v1/containers', body, { 'content-type': 'application/json' });
