@@ -91,12 +91,10 @@ export class IngestFeed extends Writable {
   private dropped(callback: (error?: Error | null) => void): void {
     if (this.keepReading) { callback(); return; }
     if (this.failure) { callback(asError(this.failure.error)); return; }
-    // The second pipeline is already torn down (its stream is destroyed) but
-    // has not reported why yet: stop with its verdict once it does.
-    this.done.then(
-      () => callback(new Error('the layer pipeline ended before the blob did')),
-      (error: unknown) => callback(asError(error)),
-    );
+    // The second pipeline's stream is gone but it has not reported why yet:
+    // stop with its error once it does (a pipeline that simply finished has
+    // no use for the bytes left: they are only hashed, as with keepReading).
+    this.done.then(() => callback(), (error: unknown) => callback(asError(error)));
   }
 
   private forward(chunk: Buffer, callback: (error?: Error | null) => void): void {
