@@ -30,6 +30,8 @@ import { EXITING, type HostMountRequest, type HostReply, type HostRequest, socke
 const LAYERD_BIN = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..', 'bin', 'layerd');
 const READY_TIMEOUT_MS = 60_000;
 const STOP_TIMEOUT_MS = 10_000;
+/** How long a stopping daemon gives its spare host (bounded: the daemon's own stop must stay short). */
+const SPARE_STOP_MS = 3_000;
 const DEFAULT_HOSTS_DIR = '/run/layerd/hosts';
 
 export interface MountSpec {
@@ -124,13 +126,17 @@ export async function spareHostPid(hostsDir: string): Promise<number | undefined
 }
 
 export async function stopSpareHost(hostsDir: string): Promise<void> {
-  await starting.get(spareSocket(hostsDir))?.catch(() => undefined); // one being started would come up after
-  const reply = await askHost(spareSocket(hostsDir), { op: 'list' }, STOP_TIMEOUT_MS).catch(() => undefined);
+  // One being started comes up after: wait for it a little (a spare still
+  // starting when the daemon has gone leaves by itself, LAYERD_DAEMON_PID).
+  const started = starting.get(spareSocket(hostsDir))?.catch(() => undefined);
+  if (started) await Promise.race([started, sleep(SPARE_STOP_MS)]);
+  const reply = await askHost(spareSocket(hostsDir), { op: 'list' }, SPARE_STOP_MS).catch(() => undefined);
   if (!reply?.ok || reply.pid === undefined || (reply.mounts?.length ?? 0) > 0 || !processAlive(reply.pid)) return;
-  process.kill(reply.pid, 'SIGTERM');
-  const deadline = Date.now() + STOP_TIMEOUT_MS;
+  // It serves nothing and the stopping daemon binds nothing more: there is
+  // nothing for it to clean up, and a SIGTERM would wait for its warm-up.
+  process.kill(reply.pid, 'SIGKILL');
+  const deadline = Date.now() + SPARE_STOP_MS;
   while (processAlive(reply.pid) && Date.now() < deadline) await sleep(25);
-  if (processAlive(reply.pid)) process.kill(reply.pid, 'SIGKILL');
 }
 
 /** Hosts being started by this process, by socket (so concurrent mounts of one image share one). */
