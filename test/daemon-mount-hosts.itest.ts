@@ -25,18 +25,24 @@ async function seenThroughOtherName(mnt: string): Promise<string> {
 }
 
 /**
- * Sizes of `f` seen through the mount after its upper copy grew behind the
- * kernel's back, polled for `forMs` (the cache lifetime is the subject here,
- * so time is what the test is about; it returns early once the growth shows).
+ * Size of `f` seen through the mount after its upper copy grew behind the
+ * kernel's back. The cache lifetime is the subject here, so time is what the
+ * test is about: `untilMs` polls (bounded) for the growth to show; without
+ * it, one look after 1.5 s, past a short lifetime but far within a long one.
  */
-async function sizeAfterChangeBehindMount(mnt: string, upper: string, forMs = 1500): Promise<number> {
+async function sizeAfterChangeBehindMount(mnt: string, upper: string, untilMs?: number): Promise<number> {
   const sh = (script: string) => execFileAsync('sh', ['-c', script]);
+  const size = async (): Promise<number> => Number((await sh(`stat -c %s ${mnt}/root/f`)).stdout.trim());
   await sh(`echo one > ${mnt}/root/f && stat -c %s ${mnt}/root/f >/dev/null`);
   await sh(`echo two-more >> ${upper}/root/f`);
-  const deadline = Date.now() + forMs;
+  if (untilMs === undefined) {
+    await new Promise((r) => setTimeout(r, 1500));
+    return size();
+  }
+  const deadline = Date.now() + untilMs;
   for (;;) {
-    const size = Number((await sh(`stat -c %s ${mnt}/root/f`)).stdout.trim());
-    if (size !== 4 || Date.now() > deadline) return size;
+    const now = await size();
+    if (now !== 4 || Date.now() > deadline) return now;
     await new Promise((r) => setTimeout(r, 100));
   }
 }
