@@ -60,9 +60,10 @@ clean:
 	rm -rf dist
 
 # Put the daemon, the CLI and the systemd unit in place (as root).
+# SKIP_BUILD=1: install the dist/ already built (the test suite runs from it and must not see it rewritten).
 install:
 	@test -d node_modules || { echo "run 'make build' first"; exit 1; }
-	npx tsc -p tsconfig.json
+	$(if $(SKIP_BUILD),@test -d dist || { echo "SKIP_BUILD without dist/: run 'make build' first"; exit 1; },npx tsc -p tsconfig.json)
 	install -d $(LIBDIR) $(PREFIX)/bin $(UNITDIR) $(CONFDIR)
 	cp -a package.json package-lock.json README.md dist bin docs node_modules patches $(LIBDIR)/
 	install -d $(LIBDIR)/daemon/snapshotter && install -m 0644 daemon/snapshotter/*.proto $(LIBDIR)/daemon/snapshotter/

@@ -10,7 +10,7 @@ import { resolve as resolvePath } from 'node:path';
 import { writeFile } from 'node:fs/promises';
 import { type Logger, createLogger } from '../common/log.js';
 import { DEFAULT_SOCKET } from '../daemon/config.js';
-import { resolveRoot } from '../storage/layout.js';
+import { DEFAULT_ROOT, StoreLayout, resolveRoot } from '../storage/layout.js';
 import { type Backend, type ContainerBackend } from './backend.js';
 import { humanSize, short, table } from './format.js';
 import { layerLabel } from '../storage/analysis.js';
@@ -48,7 +48,18 @@ function daemonSocket(opts: GlobalOptions): string | undefined {
 
 async function chooseBackend(opts: GlobalOptions, logger: Logger): Promise<Backend> {
   const socket = daemonSocket(opts);
-  return socket ? socketBackend(socket) : openOfflineBackend(resolveRoot(opts.root), logger);
+  if (socket) return socketBackend(socket);
+  // Nothing named and no daemon: a store already at the default root may be
+  // used offline, but never a new empty one made there without being asked.
+  if (!opts.root && !process.env['LAYERD_ROOT'] && !existsSync(new StoreLayout(DEFAULT_ROOT).metadataDb)) {
+    throw new LayerdError(
+      ErrorCodes.ENOTFOUND,
+      `no layerd daemon found (no socket at ${DEFAULT_SOCKET}, $LAYERD_SOCKET not set) and no store at ${DEFAULT_ROOT}: `
+        + 'point at a daemon with --socket PATH (or $LAYERD_SOCKET), or at a store with --root DIR (or $LAYERD_ROOT)',
+      { socket: DEFAULT_SOCKET, root: DEFAULT_ROOT },
+    );
+  }
+  return openOfflineBackend(resolveRoot(opts.root), logger);
 }
 
 export function buildProgram(): Command {

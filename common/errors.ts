@@ -34,6 +34,8 @@ export const ErrorCodes = {
   EPLATFORM: 'EPLATFORM',
   /** A feature is recognised but not supported (e.g. schema1 manifests). */
   EUNSUPPORTED: 'EUNSUPPORTED',
+  /** The filesystem holding the store is full (or its quota is used up). */
+  ENOSPC: 'ENOSPC',
   /** The store's on-disk state is inconsistent. */
   ECORRUPT: 'ECORRUPT',
   /** A remote service (a registry) refused our credentials. */

@@ -36,6 +36,8 @@ export interface DaemonConfig {
   mountCacheSeconds?: number;
   /** Registry pulls and pushes: connectSeconds (30), idleSeconds (60), totalSeconds (0: no limit). */
   registryTimeouts?: TimeoutSettings;
+  /** Free space imports must leave on the store's filesystem, in bytes (default 256 MiB; 0: no check). */
+  diskReserveBytes?: number;
 }
 
 const LEVELS: LogLevel[] = ['error', 'warn', 'info', 'debug'];
@@ -64,7 +66,7 @@ export function validateConfig(value: unknown, path: string): DaemonConfig {
   };
   if (typeof value !== 'object' || value === null || Array.isArray(value)) fail('the configuration must be a JSON object');
   const obj = value as Record<string, unknown>;
-  const allowed = ['root', 'socket', 'socketGroup', 'logLevel', 'gc', 'spoolDir', 'mountRoot', 'registriesConfig', 'mountCacheSeconds', 'registryTimeouts'];
+  const allowed = ['root', 'socket', 'socketGroup', 'logLevel', 'gc', 'spoolDir', 'mountRoot', 'registriesConfig', 'mountCacheSeconds', 'registryTimeouts', 'diskReserveBytes'];
   for (const key of Object.keys(obj)) if (!allowed.includes(key)) fail(`unknown key '${key}' (known: ${allowed.join(', ')})`, key);
   for (const key of ['root', 'socket', 'spoolDir', 'mountRoot', 'registriesConfig']) {
     if (obj[key] !== undefined && (typeof obj[key] !== 'string' || !(obj[key] as string).startsWith('/'))) fail(`'${key}' must be an absolute path`, key);
@@ -78,6 +80,10 @@ export function validateConfig(value: unknown, path: string): DaemonConfig {
     fail(`'mountCacheSeconds' must be a number of seconds from 0 to 3600`, 'mountCacheSeconds');
   }
   if (obj['registryTimeouts'] !== undefined) checkTimeoutSettings(obj['registryTimeouts'], `${path}: 'registryTimeouts'`);
+  const reserve = obj['diskReserveBytes'];
+  if (reserve !== undefined && (typeof reserve !== 'number' || !Number.isSafeInteger(reserve) || reserve < 0)) {
+    fail(`'diskReserveBytes' must be a whole number of bytes ≥ 0`, 'diskReserveBytes');
+  }
   if (obj['gc'] !== undefined) {
     const gc = obj['gc'];
     if (typeof gc !== 'object' || gc === null || Array.isArray(gc)) fail(`'gc' must be an object`, 'gc');

@@ -6,10 +6,10 @@
  * PID and, on start, adopts mounts still served and mounts again those whose
  * server died (clearing their dead mountpoints first).
  */
-import { mkdir, readFile, rm } from 'node:fs/promises';
+import { mkdir, readFile, rename, rmdir } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { type Writable } from 'node:stream';
-import { ErrorCodes, LayerdError } from '../common/errors.js';
+import { ErrorCodes, LayerdError, errnoCode } from '../common/errors.js';
 import { processAlive } from '../common/process.js';
 import { type Logger } from '../common/log.js';
 import { LowerInoAllocator } from '../mount/inodes.js';
@@ -23,7 +23,7 @@ import { tarLayerSource } from '../storage/layerIndex.js';
 import { type ContainerRow } from '../storage/metadata.js';
 import { formatRef, splitNameTag } from '../storage/references.js';
 import { type Store } from '../storage/store.js';
-import { isServing, prewarmMountHost, startMount, stopMount } from './mountServer.js';
+import { isServing, prewarmMountHost, spareHostPid, startMount, stopMount, stopSpareHost } from './mountServer.js';
 
 const SPARE_CHECK_MS = 5 * 60_000;
 const SUPERVISE_MS = 2_000;
@@ -97,6 +97,24 @@ export class ContainerManager {
     return total;
   }
 
+  /** How many mount hosts serve this store (the spare included) and their resident memory. */
+  async hostMemory(): Promise<{ hosts: number; residentBytes: number }> {
+    const pids = new Set<number>();
+    for (const row of this.store.db.listContainers()) if (row.server_pid !== null) pids.add(row.server_pid);
+    const spare = await spareHostPid(this.store.layout.hostsDir());
+    if (spare !== undefined) pids.add(spare);
+    let hosts = 0;
+    let residentBytes = 0;
+    for (const pid of pids) {
+      const status = await readFile(`/proc/${pid}/status`, 'utf8').catch(() => undefined);
+      const kib = status === undefined ? undefined : /^VmRSS:\s+(\d+) kB/m.exec(status)?.[1];
+      if (kib === undefined) continue; // gone since
+      hosts++;
+      residentBytes += Number(kib) * 1024;
+    }
+    return { hosts, residentBytes };
+  }
+
   private row(id: string): ContainerRow {
     checkId(id);
     const row = this.store.db.getContainer(id);
@@ -136,7 +154,8 @@ export class ContainerManager {
         await this.startServer(this.store.db.getContainer(id)!);
       } catch (err) {
         this.store.db.write(() => this.store.db.deleteContainer(id));
-        await rm(this.dir(id), { recursive: true, force: true });
+        await this.discardDir(id);
+        await this.removeOwnMountpoint(id, mountpoint);
         throw err;
       }
       return { id, mountpoint };
@@ -200,11 +219,12 @@ export class ContainerManager {
     this.supervisor.unref();
   }
 
-  /** Stop the timers of superviseHosts and the spare host check (daemon stop). */
-  stopSupervising(): void {
+  /** Stop the timers of superviseHosts and the spare host check, and the spare host itself (daemon stop). */
+  async stopSupervising(): Promise<void> {
     clearInterval(this.supervisor);
     clearInterval(this.spareTimer);
     this.supervisor = this.spareTimer = undefined;
+    await stopSpareHost(this.store.layout.hostsDir());
   }
 
   private async reviveDead(): Promise<void> {
@@ -275,9 +295,37 @@ export class ContainerManager {
     } finally {
       this.removing.delete(id);
     }
-    if (!keep) await rm(this.dir(id), { recursive: true, force: true });
-    await rm(row.mountpoint, { recursive: false, force: true }).catch(() => undefined);
+    if (!keep) await this.discardDir(id);
+    await this.removeOwnMountpoint(id, row.mountpoint);
     return { id, kept: keep };
+  }
+
+  /**
+   * Delete a container's directory. It is first moved into a private ingest
+   * directory in one rename: its mount host may still be finishing a stats
+   * write (fuse-stats.json) there, which then finds no directory instead of
+   * making the delete fail with ENOTEMPTY.
+   */
+  private async discardDir(id: string): Promise<void> {
+    const trash = await this.store.newWorkDir();
+    try {
+      await rename(this.dir(id), join(trash, 'container')).catch((err: unknown) => {
+        if (errnoCode(err) !== 'ENOENT') throw err;
+      });
+    } finally {
+      // What cannot be deleted now goes with the next start's recovery of tmp/.
+      await this.store.releaseWorkDir(trash).catch((err: unknown) => {
+        this.logger.warn('could not delete a removed container\'s directory', { container: id, path: trash, error: (err as Error).message });
+      });
+    }
+  }
+
+  /** Remove the mountpoint directory if `create` made it (the default one under the mount root) and it is empty. */
+  private async removeOwnMountpoint(id: string, mountpoint: string): Promise<void> {
+    if (mountpoint !== resolve(join(this.mountRoot, id))) return;
+    await rmdir(mountpoint).catch((err: unknown) => {
+      if (errnoCode(err) !== 'ENOENT') this.logger.warn('could not remove a container\'s mountpoint', { container: id, mountpoint, error: (err as Error).message });
+    });
   }
 
   private async stopServer(row: ContainerRow): Promise<void> {

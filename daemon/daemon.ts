@@ -3,7 +3,7 @@
  * socket, watches its configuration, and shuts down gracefully on SIGTERM
  * (stop accepting, finish in-flight requests, exit 0).
  */
-import { rm, writeFile } from 'node:fs/promises';
+import { rm, stat, writeFile } from 'node:fs/promises';
 import { createServer, type Server } from 'node:http';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -68,13 +68,17 @@ export class Daemon {
 
   static async start(options: DaemonOptions): Promise<Daemon> {
     const { logger } = options;
-    const store = await Store.open(options.root, { exclusive: true, logger, ...(options.durability ? { durability: options.durability } : {}) });
+    const store = await Store.open(options.root, {
+      exclusive: true, logger,
+      ...(options.durability ? { durability: options.durability } : {}),
+      ...(options.config.diskReserveBytes !== undefined ? { diskReserveBytes: options.config.diskReserveBytes } : {}),
+    });
     let snapshotter: SnapshotterServer | undefined;
     try {
       const router = new Router();
       const server = createServer();
       const daemon = new Daemon(store, server, options);
-      systemRoutes(router, store, daemon.metrics, join(REPO, 'docs'), VERSION, () => daemon.containers.fuseStats());
+      systemRoutes(router, store, daemon.metrics, join(REPO, 'docs'), VERSION, () => daemon.containers.fuseStats(), () => daemon.containers.hostMemory());
       const ops = new StoreOperations(store);
       imageRoutes(router, ops, store, daemon.metrics);
       daemon.containers = new ContainerManager(store, options.mountRoot ?? options.config.mountRoot ?? DEFAULT_MOUNT_ROOT, logger, {
@@ -111,7 +115,7 @@ export class Daemon {
         daemon.spool = new Spool(options.config.spoolDir, ops, logger);
         await daemon.spool.start();
       }
-      daemon.watchConfig();
+      await daemon.watchConfig();
       logger.info('layerd is ready', { socket: options.socket, root: options.root, version: VERSION });
       await notifySystemd(`READY=1\nSTATUS=serving on ${options.socket}\nMAINPID=${process.pid}`, logger);
       return daemon;
@@ -139,13 +143,24 @@ export class Daemon {
     }
   }
 
-  private watchConfig(): void {
+  private async watchConfig(): Promise<void> {
     const path = this.options.configPath;
     if (!path) return;
+    // Only a regular file (or one not there yet) is watched: a device such as
+    // /dev/null "changes" every time anyone writes to it.
+    const current = await stat(path).catch(() => undefined);
+    if (current && !current.isFile()) {
+      this.options.logger.info('the configuration is not a regular file: not watched for changes', { path });
+      return;
+    }
+    let applied = JSON.stringify(this.options.config);
     this.watcher = watch(path, { ignoreInitial: true, awaitWriteFinish: { stabilityThreshold: 100, pollInterval: 50 } });
     this.watcher.on('all', () => {
       loadConfig(path, false).then(
         (config) => {
+          const text = JSON.stringify(config);
+          if (text === applied) { this.options.logger.debug('configuration touched but unchanged', { path }); return; }
+          applied = text;
           this.applyPolicy(config);
           this.options.logger.info('configuration reloaded', { path, logLevel: config.logLevel, gc: config.gc });
         },
@@ -167,7 +182,7 @@ export class Daemon {
       await Promise.allSettled([...this.inflight]);
       await closed;
       await this.snapshotter?.stop();
-      this.containers.stopSupervising();
+      await this.containers.stopSupervising();
       if (this.options.unmountOnStop) await this.containers.unmountAll();
       if (this.options.unmountOnStop) await this.snapshots.unmountAll();
       await rm(daemonMarker(this.options.root), { force: true });

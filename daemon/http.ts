@@ -38,6 +38,7 @@ export function httpStatusFor(code: ErrorCode): number {
     case ErrorCodes.EBUSY: return 503;
     case ErrorCodes.EAUTH: return 502; // an upstream (registry) refused us, not the API client
     case ErrorCodes.ELIMIT: return 413;
+    case ErrorCodes.ENOSPC: return 507;
     case ErrorCodes.EINVAL:
     case ErrorCodes.EBADJSON:
     case ErrorCodes.EBADTAR:
@@ -144,7 +145,8 @@ type FieldType = 'string' | 'boolean' | 'number' | 'object';
  */
 export function checkFields<T>(body: Record<string, unknown>, spec: Record<string, { type: FieldType; required?: boolean }>): T {
   for (const key of Object.keys(body)) {
-    if (!(key in spec)) throw new LayerdError(ErrorCodes.EINVAL, `unknown field '${key}'`, { field: key });
+    // Own keys only: `'__proto__' in spec` is true for every object.
+    if (!Object.hasOwn(spec, key)) throw new LayerdError(ErrorCodes.EINVAL, `unknown field '${key}'`, { field: key });
   }
   for (const [key, { type, required }] of Object.entries(spec)) {
     const v = body[key];

@@ -28,6 +28,12 @@ async function runDaemon(flags: DaemonFlags): Promise<number> {
   const root = flags.root ?? config.root ?? resolveRoot();
   const socket = flags.socket ?? process.env['LAYERD_SOCKET'] ?? config.socket ?? DEFAULT_SOCKET;
   const group = flags.socketGroup ?? config.socketGroup;
+  // Handlers first: the API answers before start() has returned, and a
+  // SIGTERM in that window must stop the daemon gracefully, not kill it.
+  let early: string | undefined;
+  let onSignal = (signal: string): void => { early ??= signal; };
+  process.once('SIGTERM', () => onSignal('SIGTERM'));
+  process.once('SIGINT', () => onSignal('SIGINT'));
   const daemon = await Daemon.start({
     root, socket, config, configPath, logger, ...(group !== undefined ? { socketGroup: group } : {}),
     ...(flags.mountRoot ? { mountRoot: flags.mountRoot } : {}), unmountOnStop: flags.unmountOnStop === true,
@@ -38,8 +44,8 @@ async function runDaemon(flags: DaemonFlags): Promise<number> {
       logger.info('signal received', { signal });
       daemon.stop().then(resolve, (err: unknown) => { logger.error('stop failed', { error: String(err) }); resolve(); });
     };
-    process.once('SIGTERM', () => stop('SIGTERM'));
-    process.once('SIGINT', () => stop('SIGINT'));
+    if (early !== undefined) stop(early);
+    else onSignal = stop;
   });
   return 0;
 }

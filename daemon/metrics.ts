@@ -16,6 +16,10 @@ export class DaemonMetrics {
   readonly layers = new Gauge({ name: 'layerd_layers', help: 'Layers in the store', registers: [this.registry] });
   readonly storeBytes = new Gauge({ name: 'layerd_store_bytes', help: 'Bytes of layer tars and blobs in the store', registers: [this.registry] });
   readonly mounts = new Gauge({ name: 'layerd_mounts', help: 'Container mounts being served', registers: [this.registry] });
+  readonly mountHosts = new Gauge({ name: 'layerd_mount_hosts', help: 'Mount host processes of this store (the spare included)', registers: [this.registry] });
+  readonly mountHostsRss = new Gauge({
+    name: 'layerd_mount_hosts_resident_bytes', help: 'Resident memory of the mount host processes (the spare included)', registers: [this.registry],
+  });
   // FUSE operation metrics come from the mount servers' stats files (api/system.ts).
 
   constructor() {

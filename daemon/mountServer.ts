@@ -30,6 +30,8 @@ import { EXITING, type HostMountRequest, type HostReply, type HostRequest, socke
 const LAYERD_BIN = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..', 'bin', 'layerd');
 const READY_TIMEOUT_MS = 60_000;
 const STOP_TIMEOUT_MS = 10_000;
+/** How long a stopping daemon gives its spare host (bounded: the daemon's own stop must stay short). */
+const SPARE_STOP_MS = 3_000;
 const DEFAULT_HOSTS_DIR = '/run/layerd/hosts';
 
 export interface MountSpec {
@@ -112,6 +114,31 @@ export async function prewarmMountHost(hostsDir: string): Promise<void> {
   await startHost(socket, join(hostsDir, 'spare.log'), { socket }, ['--spare']);
 }
 
+/**
+ * Stop the spare host under `hostsDir`, if one waits there (daemon stop: a
+ * spare serves nothing, ~70 MB for no one once its daemon is gone). One that
+ * has mounts by now is a bound host and is left alone.
+ */
+/** The pid of the spare host waiting under `hostsDir`, if one answers. */
+export async function spareHostPid(hostsDir: string): Promise<number | undefined> {
+  const reply = await askHost(spareSocket(hostsDir), { op: 'list' }, 2_000).catch(() => undefined);
+  return reply?.ok ? reply.pid : undefined;
+}
+
+export async function stopSpareHost(hostsDir: string): Promise<void> {
+  // One being started comes up after: wait for it a little (a spare still
+  // starting when the daemon has gone leaves by itself, LAYERD_DAEMON_PID).
+  const started = starting.get(spareSocket(hostsDir))?.catch(() => undefined);
+  if (started) await Promise.race([started, sleep(SPARE_STOP_MS)]);
+  const reply = await askHost(spareSocket(hostsDir), { op: 'list' }, SPARE_STOP_MS).catch(() => undefined);
+  if (!reply?.ok || reply.pid === undefined || (reply.mounts?.length ?? 0) > 0 || !processAlive(reply.pid)) return;
+  // It serves nothing and the stopping daemon binds nothing more: there is
+  // nothing for it to clean up, and a SIGTERM would wait for its warm-up.
+  process.kill(reply.pid, 'SIGKILL');
+  const deadline = Date.now() + SPARE_STOP_MS;
+  while (processAlive(reply.pid) && Date.now() < deadline) await sleep(25);
+}
+
 /** Hosts being started by this process, by socket (so concurrent mounts of one image share one). */
 const starting = new Map<string, Promise<void>>();
 
@@ -133,7 +160,9 @@ async function spawnHost(socket: string, logFile: string, context: Record<string
   try {
     // Detached, in its own session, with no pipe to the daemon: it must
     // keep serving when the daemon stops or restarts.
-    const child = spawn(process.execPath, [LAYERD_BIN, 'mount-host', '--socket', socket, ...extraArgs], { detached: true, stdio: ['ignore', log.fd, log.fd] });
+    const child = spawn(process.execPath, [LAYERD_BIN, 'mount-host', '--socket', socket, ...extraArgs], {
+      detached: true, stdio: ['ignore', log.fd, log.fd], env: { ...process.env, LAYERD_DAEMON_PID: String(process.pid) },
+    });
     child.unref();
     child.once('exit', (code) => { exited = code; });
     pid = child.pid;

@@ -5,12 +5,10 @@
  * container's writable layer and for live directory layers
  * (`layerctl commit --layer-dir`).
  */
-import { createWriteStream } from 'node:fs';
 import { stat } from 'node:fs/promises';
-import { join, resolve } from 'node:path';
+import { resolve } from 'node:path';
 import { ErrorCodes, LayerdError } from '../common/errors.js';
-import { type CommitResult, commitLayer } from '../storage/commit.js';
-import { LAYER_TAR } from '../storage/layerIndex.js';
+import { type CommitResult, commitWrittenLayer } from '../storage/commit.js';
 import { writeLayerTar } from '../storage/layerWriter.js';
 import { splitNameTag } from '../storage/references.js';
 import { type Store } from '../storage/store.js';
@@ -34,14 +32,7 @@ export async function writeDirectoryLayer(dir: string, out: Writable, label: str
 
 /** Commit `dir` as a new layer on top of image `baseRef`; the result is a new image. */
 export async function commitDirectory(store: Store, baseRef: string, dir: string, options: DirectoryCommitOptions): Promise<CommitResult> {
-  const workDir = await store.newWorkDir();
-  try {
-    const tar = join(workDir, LAYER_TAR);
-    await writeDirectoryLayer(dir, createWriteStream(tar, { mode: 0o600 }), undefined, options.dialect);
-    return await commitLayer(store, baseRef, tar, options);
-  } finally {
-    await store.releaseWorkDir(workDir);
-  }
+  return commitWrittenLayer(store, baseRef, (out) => writeDirectoryLayer(dir, out, undefined, options.dialect), { ...options, source: dir });
 }
 
 /**

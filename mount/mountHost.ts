@@ -76,6 +76,8 @@ class MountHost {
   private readonly statsTimer: NodeJS.Timeout;
   private readonly finished: Promise<void>;
   private finish!: () => void;
+  /** The daemon that started this host: its parent until it dies (named in the environment, as it may die before this line runs). */
+  private readonly daemonPid = Number(process.env['LAYERD_DAEMON_PID']) || process.ppid;
 
   constructor(
     private server: Server, private readonly logger: Logger, private spare: boolean,
@@ -175,6 +177,8 @@ class MountHost {
     this.writeStats();
     // A spare whose socket is gone (its store was removed) can never be bound: leave.
     if (this.spare) void stat(this.socketPath).catch(() => this.shutdown('spare socket removed'));
+    // A spare serves nothing: once its daemon is gone (killed; a stopping one stops it), so is its reason to wait.
+    if (this.spare && process.ppid !== this.daemonPid) void this.shutdown('its daemon is gone');
   }
 
   private writeStats(): void {

@@ -6,9 +6,13 @@
  * The new layer is stored uncompressed (its blob is its `layer.tar`, so its
  * distribution digest is its diffID until a push compresses it).
  */
-import { ErrorCodes, LayerdError } from '../common/errors.js';
+import { createWriteStream } from 'node:fs';
+import { join } from 'node:path';
+import { type Writable } from 'node:stream';
+import { ErrorCodes, LayerdError, errnoCode } from '../common/errors.js';
 import { type Digest, digestOf } from './digest.js';
 import { Transaction } from './importer.js';
+import { LAYER_TAR } from './layerIndex.js';
 import { type Descriptor, type ImageConfig, type ImageManifest, MediaTypes, parseImageConfig, parseManifestOrIndex } from './oci.js';
 import { formatRef } from './references.js';
 import { type Store } from './store.js';
@@ -28,6 +32,52 @@ const TO_OCI: Record<string, string> = {
   'application/vnd.docker.image.rootfs.diff.tar': MediaTypes.ociLayer,
   [MediaTypes.dockerConfig]: MediaTypes.ociConfig,
 };
+
+/**
+ * Write a layer tar with `write` into a private file of the ingest area and
+ * commit it on top of `baseRef`. Whatever fails, the file is closed before
+ * its directory goes (no descriptor to a deleted `layer.tar` is kept). A
+ * source that changes while it is read (`source`: a live upper or layer
+ * directory) is ECONFLICT saying what changed, not an internal error.
+ */
+export async function commitWrittenLayer(
+  store: Store, baseRef: string, write: (out: Writable) => Promise<void>,
+  options: { ref?: { name: string; tag: string }; createdBy: string; comment?: string; source: string },
+): Promise<CommitResult> {
+  const workDir = await store.newWorkDir();
+  const tar = join(workDir, LAYER_TAR);
+  const out = createWriteStream(tar, { mode: 0o600 });
+  try {
+    try {
+      await write(out);
+    } catch (err) {
+      throw changedSource(err, options.source) ?? err;
+    }
+    return await commitLayer(store, baseRef, tar, options);
+  } finally {
+    if (!out.closed) {
+      const closed = new Promise<void>((resolve) => out.once('close', () => resolve()));
+      out.destroy();
+      await closed;
+    }
+    await store.releaseWorkDir(workDir);
+  }
+}
+
+/** A read that failed because the source changed underneath: a file gone, or not the size the scan saw. */
+function changedSource(err: unknown, source: string): LayerdError | undefined {
+  const code = errnoCode(err);
+  const message = err instanceof Error ? err.message : String(err);
+  let what: string | undefined;
+  if (code === 'ENOENT' || code === 'ESTALE' || code === 'ENOTDIR') {
+    const path = (err as { path?: unknown }).path;
+    what = `${typeof path === 'string' ? path : 'a file'} vanished`;
+  } else if (!(err instanceof LayerdError) && /size mismatch/i.test(message)) {
+    what = 'a file changed size while it was being read';
+  }
+  if (what === undefined) return undefined;
+  return new LayerdError(ErrorCodes.ECONFLICT, `${source} changed while it was being committed: ${what}; commit it again once it is still`, { path: source }, { cause: err });
+}
 
 export async function commitLayer(
   store: Store, baseRef: string, layerTar: string,

@@ -9,6 +9,7 @@ import { mkdir, writeFile } from 'node:fs/promises';
 import { basename, join } from 'node:path';
 import { ErrorCodes, LayerdError } from '../common/errors.js';
 import { type Digest, digestOf, verifyDigest } from './digest.js';
+import { DiskGuard, noSpaceError } from './diskSpace.js';
 import { type IngestLimits, type IngestedLayer, ingestLayer } from './layerIngest.js';
 import { layerMediaType } from './compression.js';
 import {
@@ -64,9 +65,13 @@ export class Transaction {
   readonly images = new Map<Digest, StagedImage>();
   /** Manifests passed over because they are for another platform. */
   readonly skipped: { digest: Digest; platform: string }[] = [];
+  /** Keeps the store's disk reserve free while this transaction writes. */
+  readonly disk: DiskGuard;
   private seq = 0;
 
-  constructor(readonly store: Store, readonly workDir: string) {}
+  constructor(readonly store: Store, readonly workDir: string) {
+    this.disk = new DiskGuard(workDir, store.diskReserveBytes);
+  }
 
   /** A blob this transaction already ingested (another image shares it). */
   stagedBlobPath(digest: Digest): string | undefined {
@@ -97,7 +102,7 @@ export class Transaction {
     const workDir = this.nextDir();
     await mkdir(workDir);
     const ingested = await ingestLayer(async () => createReadStream(path, { highWaterMark: 1024 * 1024 }), {}, {
-      workDir, unpack: true, flushEarly: this.store.durable,
+      workDir, unpack: true, flushEarly: this.store.durable, disk: this.disk,
       ...(options.storedBlob ? { storedBlob: path } : {}), ...(options.limits ? { limits: options.limits } : {}),
     });
     if (this.store.db.getLayer(ingested.diffId) !== undefined) {
@@ -143,6 +148,7 @@ export async function importFromSource(store: Store, source: ImageSource, option
   const workDir = await store.newWorkDir();
   try {
     const tx = new Transaction(store, workDir);
+    await tx.disk.check();
     for (const image of images) {
       await importImage(tx, source, image.descriptor, image.refs, options);
     }
@@ -161,6 +167,8 @@ export async function importFromSource(store: Store, source: ImageSource, option
       platform: formatPlatform(normalizePlatform({ os: img.config.os, architecture: img.config.architecture, ...(img.config.variant ? { variant: img.config.variant } : {}) })),
       layers: img.layers.length,
     }));
+  } catch (err) {
+    throw noSpaceError(err, `importing ${source.description}`) ?? err;
   } finally {
     await store.releaseWorkDir(workDir);
   }
@@ -273,6 +281,7 @@ async function ingestManifestLayer(
       ...(storedBlob ? { storedBlob } : {}),
       unpack: !haveLayer,
       flushEarly: tx.store.durable,
+      disk: tx.disk,
       ...(options.limits ? { limits: options.limits } : {}),
       ...(options.onProgress ? { onProgress: (bytes: number) => options.onProgress!({ type: 'layer-progress', digest: layer.digest, bytes, size: layer.size }) } : {}),
     },
@@ -312,6 +321,7 @@ export async function importRawLayer(store: Store, path: string, name: string, o
   const workDir = await store.newWorkDir();
   try {
     const tx = new Transaction(store, workDir);
+    await tx.disk.check();
     const ingested = await tx.ingestLayerFile(path, options.limits ? { limits: options.limits } : {});
     const mediaType = layerMediaType(ingested.compression);
     if (store.db.getBlob(ingested.digest) !== undefined) delete ingested.blobPath;
@@ -346,6 +356,8 @@ export async function importRawLayer(store: Store, path: string, name: string, o
     });
     await tx.commit();
     return [{ id: manifestDigest, refs: [formatRef(name, 'latest')], platform: formatPlatform(platform), layers: 1 }];
+  } catch (err) {
+    throw noSpaceError(err, `importing ${path}`, { path }) ?? err;
   } finally {
     await store.releaseWorkDir(workDir);
   }

@@ -89,8 +89,12 @@ export class IngestFeed extends Writable {
 
   /** After a failure: drop the bytes, or stop the first pipeline too. */
   private dropped(callback: (error?: Error | null) => void): void {
-    if (this.keepReading) callback();
-    else callback(this.failure!.error instanceof Error ? this.failure!.error : new Error(String(this.failure!.error)));
+    if (this.keepReading) { callback(); return; }
+    if (this.failure) { callback(asError(this.failure.error)); return; }
+    // The second pipeline's stream is gone but it has not reported why yet:
+    // stop with its error once it does (a pipeline that simply finished has
+    // no use for the bytes left: they are only hashed, as with keepReading).
+    this.done.then(() => callback(), (error: unknown) => callback(asError(error)));
   }
 
   private forward(chunk: Buffer, callback: (error?: Error | null) => void): void {
@@ -106,4 +110,8 @@ export class IngestFeed extends Writable {
     target.on('drain', resume);
     target.on('close', resume);
   }
+}
+
+function asError(error: unknown): Error {
+  return error instanceof Error ? error : new Error(String(error));
 }

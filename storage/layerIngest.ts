@@ -23,6 +23,7 @@ import { pipeline } from 'node:stream/promises';
 import { ErrorCodes, LayerdError } from '../common/errors.js';
 import { type Compression, createDecompressor, sniffCompression } from './compression.js';
 import { type Digest, DigestingStream, verifyDigest } from './digest.js';
+import { type DiskGuard, noSpaceError } from './diskSpace.js';
 import { type Downstream, IngestFeed } from './ingestFeed.js';
 import { LAYER_TAR, type LayerIndex } from './layerIndex.js';
 import { DEFAULT_UNPACK_LIMITS, LayerUnpacker, type UnpackLimits } from './layerUnpack.js';
@@ -32,12 +33,21 @@ export interface IngestLimits extends UnpackLimits {
   maxLayerBytes: number;
   /** Largest compressed blob. */
   maxBlobBytes: number;
+  /**
+   * Most uncompressed bytes per compressed byte read, once past
+   * `expansionSlackBytes` (20 GiB of zeros fit in a 90 MB gzip; real layers
+   * stay far below 100:1).
+   */
+  maxExpansionRatio?: number;
+  expansionSlackBytes?: number;
 }
 
 export const DEFAULT_INGEST_LIMITS: IngestLimits = {
   ...DEFAULT_UNPACK_LIMITS,
   maxLayerBytes: 256 * 1024 ** 3,
   maxBlobBytes: 256 * 1024 ** 3,
+  maxExpansionRatio: 100,
+  expansionSlackBytes: 1024 ** 3,
 };
 
 export interface LayerExpectation {
@@ -79,6 +89,8 @@ export interface IngestOptions {
    * that syncs before it commits: that sync then finds the pages written).
    */
   flushEarly?: boolean;
+  /** Keeps the store's disk reserve free while the ingest writes. */
+  disk?: DiskGuard;
 }
 
 export async function ingestLayer(source: () => Promise<Readable>, expected: LayerExpectation, options: IngestOptions): Promise<IngestedLayer> {
@@ -97,9 +109,9 @@ export async function ingestLayer(source: () => Promise<Readable>, expected: Lay
   const openDownstream = (head: Buffer): Downstream => {
     compression = sniffCompression(head);
     const stages: unknown[] = [];
-    if (compression !== 'none') stages.push(createDecompressor(compression));
+    if (compression !== 'none') stages.push(createDecompressor(compression), expansionBound(limits, () => compressedBytes));
     stages.push(diffHasher);
-    if (layerDir && compression !== 'none') stages.push(new FileTee(join(layerDir, LAYER_TAR), options.flushEarly === true));
+    if (layerDir && compression !== 'none') stages.push(new FileTee(join(layerDir, LAYER_TAR), options.flushEarly === true, options.disk));
     stages.push(unpacker ? unpacker.writable : discard());
     const done = (pipeline as (...s: unknown[]) => Promise<void>)(...stages).then(async () => { if (unpacker) await unpacker.done; });
     return { head: stages[0] as Writable, done };
@@ -113,8 +125,9 @@ export async function ingestLayer(source: () => Promise<Readable>, expected: Lay
   const feed = new IngestFeed(openDownstream, hasher !== undefined && expected.digest !== undefined);
   const stages: unknown[] = [stored ? createReadStream(stored, { highWaterMark: 1024 * 1024 }) : await source()];
   if (hasher) stages.push(hasher);
-  if (options.onProgress && !stored) stages.push(progressStream(options.onProgress));
-  if (!stored) stages.push(new FileTee(blobPath, options.flushEarly === true));
+  let compressedBytes = 0;
+  stages.push(progressStream((bytes) => { compressedBytes = bytes; if (!stored) options.onProgress?.(bytes); }));
+  if (!stored) stages.push(new FileTee(blobPath, options.flushEarly === true, options.disk));
   stages.push(feed);
   const [read, parsed] = await Promise.allSettled([(pipeline as (...s: unknown[]) => Promise<void>)(...stages), feed.done]);
 
@@ -161,7 +174,7 @@ export async function ingestLayer(source: () => Promise<Readable>, expected: Lay
 class FileTee extends Transform {
   private handle: FileHandle | undefined;
 
-  constructor(private readonly path: string, private readonly flushEarly: boolean) {
+  constructor(private readonly path: string, private readonly flushEarly: boolean, private readonly disk: DiskGuard | undefined) {
     super({ highWaterMark: 1024 * 1024 });
   }
 
@@ -173,7 +186,8 @@ class FileTee extends Transform {
     // Hand the bytes on at once (the index is built while the write runs);
     // the next chunk waits for this write, so writes stay in order.
     this.push(chunk);
-    this.handle!.write(chunk).then(() => callback(), callback);
+    const write = (): Promise<unknown> => this.handle!.write(chunk);
+    (this.disk ? this.disk.wrote(chunk.length).then(write) : write()).then(() => callback(), callback);
   }
 
   override _flush(callback: TransformCallback): void {
@@ -207,6 +221,28 @@ function progressStream(onProgress: (bytes: number) => void): Transform {
   });
 }
 
+/** Refuses (ELIMIT) a stream that decompresses to far more than it was (a decompression bomb). */
+function expansionBound(limits: IngestLimits, compressedBytes: () => number): Transform {
+  const ratio = limits.maxExpansionRatio ?? DEFAULT_INGEST_LIMITS.maxExpansionRatio!;
+  const slack = limits.expansionSlackBytes ?? DEFAULT_INGEST_LIMITS.expansionSlackBytes!;
+  let bytes = 0;
+  return new Transform({
+    transform(chunk: Buffer, _enc, callback) {
+      bytes += chunk.length;
+      const compressed = compressedBytes();
+      if (bytes > slack && bytes > ratio * compressed) {
+        callback(new LayerdError(
+          ErrorCodes.ELIMIT,
+          `layer expands to over ${bytes} bytes from ${compressed} compressed bytes, more than the limit (maxExpansionRatio) of ${ratio}:1`,
+          { limit: 'maxExpansionRatio', ratio, bytes, compressedBytes: compressed },
+        ));
+        return;
+      }
+      callback(null, chunk);
+    },
+  });
+}
+
 function discard(): Writable {
   return new Writable({ write(_chunk, _enc, callback) { callback(); } });
 }
@@ -223,6 +259,12 @@ function mapStreamError(err: unknown, expected: LayerExpectation): LayerdError {
   const message = err instanceof Error ? err.message : String(err);
   const code = (err as { code?: string }).code ?? '';
   const context = expected.digest ? { digest: expected.digest } : {};
+  const full = noSpaceError(err, `layer ${expected.digest ?? ''}`.trim(), context);
+  if (full) return full;
+  // tar-stream's bound on one PAX/long-name header (a header bomb).
+  if (/exceeds max size/i.test(message)) {
+    return new LayerdError(ErrorCodes.ELIMIT, `layer${expected.digest ? ` ${expected.digest}` : ''}: a tar header is over the size limit: ${message}`, { ...context, limit: 'tar header size' }, { cause: err });
+  }
   if (code.startsWith('Z_') || /zstd|incorrect header|invalid|unexpected end|corrupt/i.test(message)) {
     return new LayerdError(ErrorCodes.EBADTAR, `layer ${expected.digest ?? ''} is corrupt: ${message}`.replace('  ', ' '), context, { cause: err });
   }

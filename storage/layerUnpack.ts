@@ -55,7 +55,9 @@ export class LayerUnpacker {
   private readonly whiteouts = new Set<string>();
   private readonly opaques = new Set<string>();
   /** Hard links to files of the layers below (their target was no earlier member). */
-  private readonly lowerLinks = new Set<LayerEntry>();
+  private readonly lowerLinkEntries = new Set<LayerEntry>();
+  /** Hard-link targets not (yet) in this layer, taken as a lower layer's files: target → link. */
+  private readonly lowerLinks = new Map<string, string>();
   private fileBytes = 0;
   private count = 0;
 
@@ -118,6 +120,12 @@ export class LayerUnpacker {
 
     if (this.byPath.has(path)) {
       throw new LayerdError(ErrorCodes.EBADTAR, `duplicate entry in layer: ${path || '/'}`, { path });
+    }
+    const laterTarget = this.lowerLinks.get(path);
+    if (laterTarget !== undefined) {
+      // GNU tar refuses this too; taking it would make the link name a lower
+      // layer's file while tree/diff list this one.
+      throw new LayerdError(ErrorCodes.EBADTAR, `hard link ${laterTarget} points to ${path}, which comes later in the archive`, { path: laterTarget, target: path });
     }
     this.checkParents(path, 'entry');
     if (kind !== 'dir' && this.parents.has(path)) {
@@ -204,7 +212,8 @@ export class LayerUnpacker {
     if (!existing) {
       // A link to a file of a lower layer: kept by name, resolved by the union.
       entry.link = target;
-      this.lowerLinks.add(entry);
+      this.lowerLinkEntries.add(entry);
+      if (!this.lowerLinks.has(target)) this.lowerLinks.set(target, entry.path);
       return entry;
     }
     if (existing.kind === 'dir') {
@@ -214,7 +223,7 @@ export class LayerUnpacker {
     // own header: the inode has one mtime, one set of xattrs) and the same data.
     // A link to a lower file is its own root: the name it links to may be
     // replaced by a later member, which is another inode.
-    const root = existing.link !== undefined && !this.lowerLinks.has(existing) ? this.byPath.get(existing.link) ?? existing : existing;
+    const root = existing.link !== undefined && !this.lowerLinkEntries.has(existing) ? this.byPath.get(existing.link) ?? existing : existing;
     return { ...root, path: entry.path, link: root.path };
   }
 

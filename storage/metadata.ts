@@ -8,6 +8,8 @@
  * without a row are leftovers of an interrupted import and are removed on
  * open (see Store.recover).
  */
+import { statfsSync } from 'node:fs';
+import { dirname } from 'node:path';
 import Database from 'better-sqlite3';
 import { ErrorCodes, LayerdError } from '../common/errors.js';
 import { type Digest } from './digest.js';
@@ -118,7 +120,7 @@ export class MetadataDb {
       if (code === 'SQLITE_BUSY' || code === 'SQLITE_LOCKED') {
         throw new LayerdError(ErrorCodes.EBUSY, `the store's database is locked by another process (a running layerd daemon?): ${path}`, { path }, { cause: err });
       }
-      throw new LayerdError(ErrorCodes.ECORRUPT, `cannot open the store's database ${path}: ${(err as Error).message}`, { path }, { cause: err });
+      throw openError(err, path);
     }
   }
 
@@ -297,5 +299,31 @@ export class MetadataDb {
 
   untaggedImages(): ImageRow[] {
     return this.db.prepare(`SELECT * FROM images WHERE id NOT IN (SELECT image_id FROM tags) AND id NOT IN (SELECT image_id FROM containers) ORDER BY id`).all() as ImageRow[];
+  }
+}
+
+/**
+ * Why the database did not open. ECORRUPT only for what SQLite calls
+ * corruption; a full disk is ENOSPC, any other I/O failure EIO.
+ */
+function openError(err: unknown, path: string): LayerdError {
+  const code = (err as { code?: string }).code ?? '';
+  const message = `cannot open the store's database ${path}: ${(err as Error).message}`;
+  if (code === 'SQLITE_CORRUPT' || code === 'SQLITE_NOTADB' || code.startsWith('SQLITE_CORRUPT_')) {
+    return new LayerdError(ErrorCodes.ECORRUPT, message, { path }, { cause: err });
+  }
+  if (code === 'SQLITE_FULL' || (code.startsWith('SQLITE_IOERR') && diskFull(dirname(path)))) {
+    return new LayerdError(ErrorCodes.ENOSPC, `${message} (the disk is full)`, { path }, { cause: err });
+  }
+  return new LayerdError(ErrorCodes.EIO, message, { path }, { cause: err });
+}
+
+/** SQLite reports a failed write of its shared-memory file as a plain I/O error: ask the filesystem. */
+function diskFull(dir: string): boolean {
+  try {
+    const st = statfsSync(dir);
+    return st.bavail * st.bsize < 1024 * 1024;
+  } catch {
+    return false;
   }
 }

@@ -23,6 +23,7 @@ import { ErrorCodes, LayerdError, errnoCode } from '../common/errors.js';
 import { processAlive } from '../common/process.js';
 import { type Logger, silentLogger } from '../common/log.js';
 import { type Digest, isDigest } from './digest.js';
+import { DEFAULT_DISK_RESERVE_BYTES, noSpaceError } from './diskSpace.js';
 import { type LayerIndex, LAYER_INDEX_VERSION } from './layerIndex.js';
 import { StoreLayout } from './layout.js';
 import { type ImageRow, MetadataDb, type OpenOptions } from './metadata.js';
@@ -38,6 +39,8 @@ export interface StoreOptions extends OpenOptions {
    * throwaway stores).
    */
   durability?: 'full' | 'none';
+  /** Free space imports must leave on the store's filesystem (default 256 MiB; 0: no check). */
+  diskReserveBytes?: number;
 }
 
 /** A verified item in the ingest area, ready to be renamed into place. */
@@ -57,6 +60,7 @@ export class Store {
   readonly db: MetadataDb;
   readonly logger: Logger;
   private readonly durability: 'full' | 'none';
+  readonly diskReserveBytes: number;
   private readonly indexCache = new Map<Digest, LayerIndex>();
 
   private constructor(root: string, db: MetadataDb, options: StoreOptions) {
@@ -64,6 +68,7 @@ export class Store {
     this.db = db;
     this.logger = options.logger ?? silentLogger();
     this.durability = options.durability ?? 'full';
+    this.diskReserveBytes = options.diskReserveBytes ?? DEFAULT_DISK_RESERVE_BYTES;
   }
 
   static async open(root: string, options: StoreOptions = {}): Promise<Store> {
@@ -74,9 +79,12 @@ export class Store {
       mkdir(layout.layersDir, { recursive: true, mode: 0o700 }),
       mkdir(layout.tmpDir, { recursive: true, mode: 0o700 }),
     ]);
-    await refuseIfDaemonHolds(root);
+    await refuseIfDaemonHolds(root, layout);
+    // Dead ingests first: on a full disk they are what frees the room the
+    // database needs to open at all.
+    const deadIngests = await removeDeadIngests(layout);
     const store = new Store(root, new MetadataDb(layout.metadataDb, options), options);
-    await store.recover();
+    await store.recover(deadIngests);
     return store;
   }
 
@@ -110,6 +118,15 @@ export class Store {
   async commit(workDir: string, staged: readonly StagedItem[], record: (db: MetadataDb) => void): Promise<void> {
     if (this.durability === 'full' && staged.length > 0) await syncFilesystem(workDir);
     const trash = join(workDir, 'trash');
+    try {
+      this.commitRows(staged, trash, record);
+    } catch (err) {
+      throw noSpaceError(err, 'committing to the store', { root: this.layout.root }) ?? err;
+    }
+    if (this.durability === 'full' && staged.length > 0) await syncFilesystem(this.layout.root);
+  }
+
+  private commitRows(staged: readonly StagedItem[], trash: string, record: (db: MetadataDb) => void): void {
     let trashed = 0;
     this.db.write(() => {
       for (const item of staged) {
@@ -129,7 +146,6 @@ export class Store {
       }
       record(this.db);
     });
-    if (this.durability === 'full' && staged.length > 0) await syncFilesystem(this.layout.root);
   }
 
   // --- recovery -------------------------------------------------------------
@@ -138,15 +154,8 @@ export class Store {
    * Remove what interrupted imports left: ingest directories of processes
    * that are gone, and files under blobs/ or layers/ that no row refers to.
    */
-  async recover(): Promise<{ tmpDirs: number; blobs: number; layers: number }> {
-    let tmpDirs = 0;
-    for (const name of await readdir(this.layout.tmpDir)) {
-      const pid = Number(name.split('-')[0]);
-      if (Number.isInteger(pid) && pid > 0 && pid !== process.pid && processAlive(pid)) continue;
-      if (pid === process.pid) continue;
-      await rm(join(this.layout.tmpDir, name), { recursive: true, force: true });
-      tmpDirs++;
-    }
+  async recover(removedIngests = 0): Promise<{ tmpDirs: number; blobs: number; layers: number }> {
+    const tmpDirs = removedIngests + await removeDeadIngests(this.layout);
     const workDir = await this.newWorkDir();
     const trash: string[] = [];
     let blobs = 0;
@@ -268,17 +277,40 @@ export function daemonMarker(root: string): string {
   return join(root, 'daemon.json');
 }
 
-/** Refuse at once if a live daemon holds `root`. */
-async function refuseIfDaemonHolds(root: string): Promise<void> {
+/**
+ * Refuse at once if a live daemon holds `root`. The marker only says whom to
+ * blame: its pid may since belong to an unrelated process (a crash, a
+ * reboot, pid reuse). What decides is the database lock, tried without
+ * waiting; a marker whose store is not locked is stale and ignored.
+ */
+async function refuseIfDaemonHolds(root: string, layout: StoreLayout): Promise<void> {
   let marker: { pid?: unknown; socket?: unknown };
   try {
     marker = JSON.parse(await readFile(daemonMarker(root), 'utf8')) as typeof marker;
   } catch {
     return;
   }
-  if (typeof marker.pid === 'number' && marker.pid !== process.pid && processAlive(marker.pid)) {
-    throw new LayerdError(ErrorCodes.EBUSY, `the store ${root} is held by the layerd daemon (pid ${marker.pid}); use --socket ${String(marker.socket)} or stop the daemon`, { root, pid: marker.pid });
+  if (typeof marker.pid !== 'number' || marker.pid === process.pid || !processAlive(marker.pid)) return;
+  if (!existsSync(layout.metadataDb)) return;
+  try {
+    new MetadataDb(layout.metadataDb, { busyTimeoutMs: 1 }).close();
+  } catch (err) {
+    if (!(err instanceof LayerdError) || err.code !== ErrorCodes.EBUSY) throw err;
+    throw new LayerdError(ErrorCodes.EBUSY, `the store ${root} is held by the layerd daemon (pid ${marker.pid}); use --socket ${String(marker.socket)} or stop the daemon`, { root, pid: marker.pid }, { cause: err });
   }
+}
+
+/** Remove the ingest directories (`tmp/<pid>-*`) of processes that are gone. */
+async function removeDeadIngests(layout: StoreLayout): Promise<number> {
+  let removed = 0;
+  for (const name of await readdir(layout.tmpDir)) {
+    const pid = Number(name.split('-')[0]);
+    if (pid === process.pid) continue;
+    if (Number.isInteger(pid) && pid > 0 && processAlive(pid)) continue;
+    await rm(join(layout.tmpDir, name), { recursive: true, force: true });
+    removed++;
+  }
+  return removed;
 }
 
 function readdirSyncSafe(dir: string): string[] {

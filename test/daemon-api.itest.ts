@@ -5,10 +5,10 @@
  */
 import { expect } from 'chai';
 import { spawn } from 'node:child_process';
-import { access, readFile, writeFile } from 'node:fs/promises';
+import { access, mkdir, readFile, readdir, readlink, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { BUSYBOX, DEBIAN_MULTI, execFileAsync, layerctl, scratch } from './support/env.js';
-import { type RunningDaemon, http, startDaemon } from './support/daemon.js';
+import { type RunningDaemon, http, startDaemon, waitFor } from './support/daemon.js';
 
 describe('daemon: the socket API', function () {
   this.timeout(180_000);
@@ -56,6 +56,8 @@ describe('daemon: the socket API', function () {
       ['POST', '/v1/images/import', '{"path": ', 400, 'EINVAL'],
       ['POST', '/v1/images/import', '{"path": 42}', 400, 'EINVAL'],
       ['POST', '/v1/images/import', '{"path": "/x", "bogus": 1}', 400, 'EINVAL'],
+      ['POST', '/v1/images/import', '{"path": "/x", "__proto__": {"polluted": 1}}', 400, 'EINVAL'],
+      ['POST', '/v1/images/import', '{"path": "/x", "constructor": 1}', 400, 'EINVAL'],
       ['POST', '/v1/images/import', '[1,2]', 400, 'EINVAL'],
       ['POST', '/v1/images/import', '{"path": "/does/not/exist"}', 404, 'ENOTFOUND'],
       ['GET', '/v1/images/no-such-image', undefined, 404, 'ENOTFOUND'],
@@ -125,12 +127,46 @@ describe('daemon: the socket API', function () {
 
   it('applies a changed log level without a restart', async () => {
     await writeFile(configPath, JSON.stringify({ logLevel: 'debug', spoolDir: spool }));
-    const deadline = Date.now() + 10_000;
-    while (!daemon!.log().includes('configuration reloaded') && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
-    expect(daemon!.log()).to.contain('configuration reloaded');
+    await waitFor('the reload', () => daemon!.log().includes('configuration reloaded'), 10_000);
     await http(daemon!.socket, 'GET', '/v1/health');
-    await new Promise((r) => setTimeout(r, 200));
-    expect(daemon!.log()).to.match(/"level":"debug","message":"request"/);
+    // The request is logged when it is answered; poll for the line, not a fixed time.
+    await waitFor('a debug request line', () => /"level":"debug","message":"request"/.test(daemon!.log()), 10_000);
+  });
+
+  it('does not watch a configuration that is not a regular file (--config /dev/null)', async () => {
+    const dir = join(work.dir, 'devnull');
+    await mkdir(dir);
+    const other = await startDaemon(dir, ['--config', '/dev/null', '--snapshotter-socket', 'none']);
+    try {
+      for (let i = 0; i < 20; i++) await writeFile('/dev/null', 'x');
+      await http(other.socket, 'GET', '/v1/health');
+    } finally {
+      expect(await other.stop()).to.equal(0);
+    }
+    expect(other.log()).to.contain('not a regular file: not watched');
+    expect(other.log()).to.not.contain('configuration reloaded');
+  });
+
+  it('a commit whose layer directory changes underneath fails with ECONFLICT saying so, and keeps no descriptor open', async () => {
+    const dir = join(work.dir, 'changing');
+    await mkdir(dir);
+    await writeFile(join(dir, 'ok'), 'ok\n');
+    // A file whose content is not the size its stat says: what a file written during the commit looks like.
+    await writeFile(join(dir, 'growing'), '');
+    await execFileAsync('mount', ['--bind', '/sys/kernel/mm/transparent_hugepage/enabled', join(dir, 'growing')]);
+    try {
+      for (let i = 0; i < 3; i++) {
+        const r = await cli('commit', '--layer-dir', dir, 'debian-multi:latest', `changing:${i}`);
+        expect(r.code, r.stderr).to.equal(4);
+        expect(r.stderr).to.contain('ECONFLICT').and.to.contain(`${dir} changed while it was being committed`);
+      }
+    } finally {
+      await execFileAsync('umount', [join(dir, 'growing')]);
+    }
+    const fds = await readdir(`/proc/${daemon!.pid}/fd`);
+    const links = await Promise.all(fds.map((fd) => readlink(`/proc/${daemon!.pid}/fd/${fd}`).catch(() => '')));
+    expect(links.filter((l) => l.startsWith(join(daemon!.root, 'tmp'))), 'descriptors into the ingest area').to.deep.equal([]);
+    expect((await cli('fsck')).code).to.equal(0);
   });
 
   it('keeps images across a restart and exits 0 on SIGTERM', async () => {

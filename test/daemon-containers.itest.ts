@@ -10,7 +10,7 @@ import { createHash } from 'node:crypto';
 import { readFile, readdir, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { DEBIAN_MULTI, execFileAsync, layerctl, scratch } from './support/env.js';
-import { type RunningDaemon, http, startDaemon } from './support/daemon.js';
+import { type RunningDaemon, http, startDaemon, waitFor } from './support/daemon.js';
 
 describe('daemon: containers', function () {
   this.timeout(300_000);
@@ -100,7 +100,7 @@ describe('daemon: containers', function () {
     // A separate process keeps writing and reading in the mount throughout.
     const worker = spawn('sh', ['-c', `i=0; while [ $i -lt 60 ]; do echo $i >> ${mnt}/root/log || exit 11; cat ${mnt}/etc/os-release >/dev/null || exit 12; i=$((i+1)); sleep 0.05; done`]);
     const workerDone = new Promise<number | null>((resolve) => worker.on('exit', (code) => resolve(code)));
-    await new Promise((r) => setTimeout(r, 300));
+    await waitFor('the worker to start writing', () => readFile(join(mnt, 'root', 'log'), 'utf8').then((t) => t.length > 0, () => false), 10_000);
     expect(await daemon!.stop()).to.equal(0);
     expect((await readFile(`/proc/self/mountinfo`, 'utf8'))).to.contain(mnt);
     daemon = await startDaemon(work.dir, ['--mount-root', mountRoot]);
@@ -135,12 +135,58 @@ describe('daemon: containers', function () {
     expect(dup.status).to.equal(409);
     expect(dup.json<{ code: string }>().code).to.equal('EEXIST');
     await execFileAsync('sh', ['-c', `echo x > ${join(mountRoot, 'many-0', 'written')}`]);
-    await new Promise((r) => setTimeout(r, 2500)); // mount servers write their stats every 2 s
+    // Mount hosts write their stats every 2 s: poll until the write shows.
+    const writeSeen = /^layerd_fuse_operation_seconds_bucket\{op="write",le="\+Inf"\} [1-9]/m;
+    await waitFor('the write in the FUSE metrics', async () => writeSeen.test((await http(daemon!.socket, 'GET', '/metrics')).body), 15_000, 250);
     const metrics = await http(daemon!.socket, 'GET', '/metrics');
     expect(Number(/^layerd_mounts (\d+)/m.exec(metrics.body)![1])).to.be.at.least(53);
     expect(Number(/^layerd_fuse_operations_total\{op="getattr"\} (\d+)/m.exec(metrics.body)?.[1] ?? 0)).to.be.greaterThan(0);
     expect(metrics.body).to.match(/^layerd_fuse_operation_seconds_bucket\{op="write",le="\+Inf"\} \d+/m);
+    expect(Number(/^layerd_mount_hosts (\d+)/m.exec(metrics.body)?.[1])).to.be.at.least(2); // latest's, l1-minbase's (and the spare)
+    expect(Number(/^layerd_mount_hosts_resident_bytes (\d+)/m.exec(metrics.body)?.[1])).to.be.greaterThan(10 * 1024 * 1024);
     for (const id of ids) expect((await http(daemon!.socket, 'DELETE', `/v1/containers/${id}`)).status).to.equal(200);
+  });
+
+  it('creates and removes 100 containers at once, three times over: every rm succeeds and leaves nothing behind', async () => {
+    const containersDir = join(daemon!.root, 'containers');
+    const entries = (dir: string): Promise<string[]> => readdir(dir).catch(() => []);
+    const before = new Set(await entries(containersDir));
+    const mountsBefore = new Set(await entries(mountRoot));
+    for (let round = 0; round < 3; round++) {
+      const ids = Array.from({ length: 100 }, (_, i) => `cc${round}-${i}`);
+      const outcomes = await Promise.all(ids.map(async (id) => {
+        const made = await http(daemon!.socket, 'POST', '/v1/containers', JSON.stringify({ id, image: 'debian-multi:l1-minbase' }), { 'content-type': 'application/json' });
+        if (made.status !== 201) return `create ${id}: ${made.status} ${made.body}`;
+        // Something happens in the mount, so its host has stats to write.
+        await readFile(join(mountRoot, id, 'etc', 'os-release'));
+        const gone = await http(daemon!.socket, 'DELETE', `/v1/containers/${id}`);
+        return gone.status === 200 ? 'ok' : `rm ${id}: ${gone.status} ${gone.body}`;
+      }));
+      expect(outcomes.filter((o) => o !== 'ok'), `round ${round}`).to.deep.equal([]);
+      expect((await entries(containersDir)).filter((n) => !before.has(n)), 'no container directory left').to.deep.equal([]);
+      expect((await entries(mountRoot)).filter((n) => !mountsBefore.has(n)), 'no mountpoint directory left').to.deep.equal([]);
+    }
+    expect(await readdir(join(daemon!.root, 'tmp')), 'no removal left in the ingest area').to.deep.equal([]);
+    // The host of l1-minbase has no mount left and goes, with its memory: a, b, c's host and the spare remain.
+    const hostsNow = async (): Promise<number> => Number(/^layerd_mount_hosts (\d+)/m.exec((await http(daemon!.socket, 'GET', '/metrics')).body)?.[1]);
+    await waitFor('the idle host to leave', async () => (await hostsNow()) === 2, 30_000, 250);
+  });
+
+  it('removes a container although something keeps writing into its directory (a mount host finishing its stats)', async () => {
+    await cli('create', 'debian-multi:l1-minbase', '--name', 'written-to');
+    const dir = join(daemon!.root, 'containers', 'written-to');
+    // New names all the time, as a late stats write adds one: a plain recursive delete then ends in ENOTEMPTY.
+    const writer = spawn('sh', ['-c', `i=0; while [ $i -lt 200000 ]; do i=$((i+1)); echo x > "${dir}/late-$i" 2>/dev/null || exit 0; done`], { stdio: 'ignore' });
+    const writerDone = new Promise<void>((resolve) => writer.on('exit', () => resolve()));
+    try {
+      await waitFor('the writer to start', () => readdir(dir).then((names) => names.some((n) => n.startsWith('late-')), () => false), 10_000, 20);
+      const r = await http(daemon!.socket, 'DELETE', '/v1/containers/written-to');
+      expect(r.status, r.body).to.equal(200);
+    } finally {
+      if (writer.exitCode === null) writer.kill('SIGKILL');
+      await writerDone;
+    }
+    expect(await readdir(join(daemon!.root, 'containers'))).to.not.include('written-to');
   });
 
   it('refuses bad container requests with 4xx and stays up', async () => {

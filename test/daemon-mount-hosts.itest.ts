@@ -24,13 +24,27 @@ async function seenThroughOtherName(mnt: string): Promise<string> {
   return (await sh(`stat -c '%s %a' ${mnt}/root/b`)).stdout.trim();
 }
 
-/** Size of `f` through the mount after its upper copy grew behind the kernel's back. */
-async function sizeAfterChangeBehindMount(mnt: string, upper: string): Promise<number> {
+/**
+ * Size of `f` seen through the mount after its upper copy grew behind the
+ * kernel's back. The cache lifetime is the subject here, so time is what the
+ * test is about: `untilMs` polls (bounded) for the growth to show; without
+ * it, one look after 1.5 s, past a short lifetime but far within a long one.
+ */
+async function sizeAfterChangeBehindMount(mnt: string, upper: string, untilMs?: number): Promise<number> {
   const sh = (script: string) => execFileAsync('sh', ['-c', script]);
+  const size = async (): Promise<number> => Number((await sh(`stat -c %s ${mnt}/root/f`)).stdout.trim());
   await sh(`echo one > ${mnt}/root/f && stat -c %s ${mnt}/root/f >/dev/null`);
   await sh(`echo two-more >> ${upper}/root/f`);
-  await new Promise((r) => setTimeout(r, 1500));
-  return Number((await sh(`stat -c %s ${mnt}/root/f`)).stdout.trim());
+  if (untilMs === undefined) {
+    await new Promise((r) => setTimeout(r, 1500));
+    return size();
+  }
+  const deadline = Date.now() + untilMs;
+  for (;;) {
+    const now = await size();
+    if (now !== 4 || Date.now() > deadline) return now;
+    await new Promise((r) => setTimeout(r, 100));
+  }
 }
 
 async function cmdline(pid: number): Promise<string[]> {
@@ -128,9 +142,48 @@ describe('daemon: mount hosts', function () {
     await until('the host to leave', async () => !processAlive(host));
     const shared = await serverOf('h1');
     expect((await ctl('rm', 'h1')).code).to.equal(0);
-    await new Promise((r) => setTimeout(r, 500));
+    // rm returns once the host has unmounted h1: a host leaving now would already be on its way out.
     expect(processAlive(shared), 'still serving h2').to.equal(true);
+    expect(await serverOf('h2')).to.equal(shared);
     expect((await execFileAsync('cat', [join(work.dir, 'mounts', 'h2', 'etc', 'os-release')])).stdout).to.match(/Debian/);
+  });
+});
+
+describe('daemon: the spare host ends with the daemon', function () {
+  this.timeout(60_000);
+  let work: { dir: string; remove(): Promise<void> };
+  let spare: number | undefined;
+  before(async () => { work = await scratch(); });
+  after(async () => {
+    if (spare !== undefined && processAlive(spare)) process.kill(spare, 'SIGKILL');
+    await clearMountsUnder(work.dir);
+    await work.remove();
+  });
+
+  it('stops its spare mount host when it stops', async () => {
+    const daemon = await startDaemon(work.dir, ['--mount-root', join(work.dir, 'mounts'), '--snapshotter-socket', 'none']);
+    try {
+      const socket = join(daemon.root, 'hosts', 'spare.sock');
+      await until('a spare host', async () => (await hostsServing(socket)).length === 1);
+      [spare] = await hostsServing(socket);
+    } finally {
+      expect(await daemon.stop()).to.equal(0);
+    }
+    // Gone with the daemon (or, had it still been starting then, by itself right after).
+    await until('the spare host to be gone', async () => !processAlive(spare!), 10_000);
+  });
+
+  it('and leaves by itself when its daemon is killed', async () => {
+    const daemon = await startDaemon(work.dir, ['--mount-root', join(work.dir, 'mounts'), '--snapshotter-socket', 'none']);
+    try {
+      const socket = join(daemon.root, 'hosts', 'spare.sock');
+      await until('a spare host', async () => (await hostsServing(socket)).length === 1);
+      [spare] = await hostsServing(socket);
+      daemon.child.kill('SIGKILL');
+    } finally {
+      await daemon.stop();
+    }
+    await until('the spare host to leave', async () => !processAlive(spare!), 15_000);
   });
 });
 
@@ -190,9 +243,9 @@ describe('daemon: kernel caches of container mounts', function () {
     expect(await sizeAfterChangeBehindMount(mnt, upperOf('c'))).to.equal(4);
   });
 
-  it('with mountCacheSeconds: 1, a change behind the mount is seen within 1.5 s', async () => {
+  it('with mountCacheSeconds: 1, a change behind the mount is seen once the second is over', async () => {
     const mnt = await containerWith({ mountCacheSeconds: 1 });
-    expect(await sizeAfterChangeBehindMount(mnt, upperOf('c'))).to.equal(13);
+    expect(await sizeAfterChangeBehindMount(mnt, upperOf('c'), 5_000)).to.equal(13);
   });
 
   it('refuses a mountCacheSeconds that is not a number of seconds', async () => {

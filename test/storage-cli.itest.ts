@@ -5,6 +5,7 @@
  */
 import { expect } from 'chai';
 import { spawn } from 'node:child_process';
+import { existsSync } from 'node:fs';
 import { readFile, writeFile, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { BUSYBOX, DEBIAN_MULTI, REPO, layerctl, layerctlJson, scratch } from './support/env.js';
@@ -16,6 +17,16 @@ describe('layerctl (offline --root mode)', function () {
   let work: { dir: string; remove(): Promise<void> };
   before(async () => { work = await scratch(); });
   after(async () => { await work?.remove(); });
+
+  it('with no daemon and no store named, says so (exit 3) instead of making an empty store', async function () {
+    // Only meaningful on a machine where neither default exists (this one, in CI).
+    if (existsSync('/run/layerd/layerd.sock') || existsSync('/var/lib/layerd')) this.skip();
+    const r = await layerctl(['images'], { LAYERD_SOCKET: undefined, LAYERD_ROOT: undefined });
+    expect(r.code, r.stderr).to.equal(3);
+    expect(r.stderr).to.contain('no layerd daemon found');
+    expect(r.stderr).to.contain('--socket').and.to.contain('--root');
+    expect(existsSync('/var/lib/layerd'), 'no store is created').to.equal(false);
+  });
 
   it('picks the host platform from an index, or the one asked for', async () => {
     const a = join(work.dir, 'bb-host');

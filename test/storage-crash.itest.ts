@@ -4,9 +4,12 @@
  */
 import { expect } from 'chai';
 import { spawn } from 'node:child_process';
-import { readdir } from 'node:fs/promises';
+import { mkdir, readFile, readdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { DEBIAN_MULTI, LAYERCTL, layerctl, layerctlJson, scratch } from './support/env.js';
+import { http, startDaemon, waitFor } from './support/daemon.js';
+import { DEBIAN_MULTI, LAYERCTL, REPO, layerctl, layerctlJson, scratch } from './support/env.js';
+
+const LAYERD = join(REPO, 'bin', 'layerd');
 
 function importThenKill(root: string, afterMs: number): Promise<{ killed: boolean }> {
   return new Promise((resolve, reject) => {
@@ -63,5 +66,57 @@ describe('import: crash safety (SIGKILL mid-import)', function () {
 
   it('interrupted at least three of those imports before they finished', () => {
     expect(killedMidway).to.be.at.least(3);
+  });
+});
+
+describe('daemon start-up: the database lock decides, not a stale daemon.json', function () {
+  this.timeout(120_000);
+  let work: { dir: string; remove(): Promise<void> };
+  before(async () => { work = await scratch(); });
+  after(async () => { await work?.remove(); });
+
+  it('starts when daemon.json names a pid that now belongs to an unrelated process', async () => {
+    const dir = join(work.dir, 'reused');
+    await mkdir(dir);
+    const root = join(dir, 'root');
+    expect((await layerctl(['--root', root, 'images'])).code).to.equal(0);
+    // An unrelated live process in the dead daemon's place (pid reuse).
+    const unrelated = spawn('sleep', ['600'], { stdio: 'ignore' });
+    try {
+      await writeFile(join(root, 'daemon.json'), JSON.stringify({ pid: unrelated.pid, socket: join(dir, 'gone.sock') }));
+      const offline = await layerctl(['--root', root, 'images']);
+      expect(offline.code, offline.stderr).to.equal(0);
+      const daemon = await startDaemon(dir, ['--snapshotter-socket', 'none']);
+      try {
+        // And while it runs, the lock still keeps an offline user out, at once.
+        const busy = await layerctl(['--root', root, 'images']);
+        expect(busy.code, busy.stderr).to.equal(5);
+        expect(busy.stderr).to.contain(daemon.socket);
+      } finally {
+        expect(await daemon.stop()).to.equal(0);
+      }
+    } finally {
+      unrelated.kill('SIGKILL');
+    }
+  });
+
+  it('restarts right after SIGKILL, while the killed daemon is not yet reaped', async () => {
+    const dir = join(work.dir, 'killed');
+    await mkdir(dir);
+    const root = join(dir, 'root');
+    const socket = join(dir, 'first.sock');
+    // The first daemon's parent is a shell that execs `sleep`, which never
+    // reaps it: once killed it stays a zombie, its pid still "alive".
+    const parent = spawn('sh', ['-c', '"$0" --root "$1" --socket "$2" --snapshotter-socket none >/dev/null 2>&1 & echo $!; exec sleep 600', LAYERD, root, socket], { stdio: ['ignore', 'pipe', 'ignore'] });
+    try {
+      const pid = Number(await new Promise<string>((resolve) => parent.stdout!.once('data', (d: Buffer) => resolve(d.toString().trim()))));
+      await waitFor('the first daemon', () => http(socket, 'GET', '/v1/health').then((r) => r.status === 200, () => false));
+      process.kill(pid, 'SIGKILL');
+      await waitFor('the zombie', async () => (await readFile(`/proc/${pid}/stat`, 'utf8')).split(') ')[1]!.startsWith('Z'));
+      const second = await startDaemon(dir, ['--snapshotter-socket', 'none']);
+      expect(await second.stop()).to.equal(0);
+    } finally {
+      parent.kill('SIGKILL');
+    }
   });
 });

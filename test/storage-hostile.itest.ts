@@ -109,6 +109,21 @@ describe('import: hostile and broken input fails cleanly', function () {
     ]), ErrorCodes.EBADTAR);
   });
 
+  it('refuses a hard link to a path that comes later in the archive (as GNU tar does)', async () => {
+    await expectRefused(await hostileTar([
+      { header: { name: 'h', type: 'link', linkname: 'f' } },
+      file('f', 'later'),
+    ]), ErrorCodes.EBADTAR);
+  });
+
+  it('refuses a PAX header bomb (a 64 MiB record) with ELIMIT, exit 6', async () => {
+    // Compressed: the format check reads no further than the gzip header, the ingest meets the bomb.
+    const path = await hostileTar([{ header: { name: 'f', type: 'file', size: 1, pax: { comment: 'x'.repeat(64 * 1024 * 1024) } }, content: 'x' }], true);
+    await expectRefused(path, ErrorCodes.ELIMIT);
+    const r = await layerctl(['--root', root, 'import', path]);
+    expect(r.code, r.stderr).to.equal(6);
+  });
+
   it('refuses duplicate entries', async () => {
     await expectRefused(await hostileTar([file('dup', 'a'), file('dup', 'b')]), ErrorCodes.EBADTAR);
   });

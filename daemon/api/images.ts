@@ -5,9 +5,11 @@
  */
 import { createWriteStream } from 'node:fs';
 import { join } from 'node:path';
+import { Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { ErrorCodes, LayerdError } from '../../common/errors.js';
 import { commitLayerDirectory } from '../../mount/directoryLayer.js';
+import { DiskGuard, noSpaceError } from '../../storage/diskSpace.js';
 import { type ImportProgress } from '../../storage/importer.js';
 import { type ImportRequest, type StoreOperations } from '../../storage/operations.js';
 import { type Store } from '../../storage/store.js';
@@ -59,12 +61,19 @@ export function imageRoutes(router: Router, ops: StoreOperations, store: Store, 
       const path = join(workDir, 'upload');
       const declared = Number(ctx.req.headers['content-length'] ?? '0');
       if (declared > MAX_UPLOAD_BYTES) throw new LayerdError(ErrorCodes.ELIMIT, `upload of ${declared} bytes is over the limit`);
+      // The upload is written to the store's disk too: keep its reserve, and a full disk is ENOSPC.
+      // (Checked before anything reads the request: a 'data' listener would start it flowing.)
+      const disk = new DiskGuard(workDir, store.diskReserveBytes);
+      await disk.check(declared);
       let received = 0;
       ctx.req.on('data', (chunk: Buffer) => {
         received += chunk.length;
         if (received > MAX_UPLOAD_BYTES) ctx.req.destroy(new LayerdError(ErrorCodes.ELIMIT, 'upload is over the limit'));
       });
-      await pipeline(ctx.req, createWriteStream(path, { mode: 0o600 }));
+      const guard = new Transform({ transform(chunk: Buffer, _enc, callback) { disk.wrote(chunk.length).then(() => callback(null, chunk), callback); } });
+      await pipeline(ctx.req, guard, createWriteStream(path, { mode: 0o600 })).catch((err: unknown) => {
+        throw noSpaceError(err, 'the uploaded archive') ?? err;
+      });
       const name = ctx.query.get('name') ?? undefined;
       const platform = ctx.query.get('platform') ?? undefined;
       const format = ctx.query.get('format') ?? undefined;

@@ -26,7 +26,10 @@ function fuseMetricsText(stats: OpStatsSnapshot): string {
   return lines.join('\n') + '\n';
 }
 
-export function systemRoutes(router: Router, store: Store, metrics: DaemonMetrics, docsDir: string, version: string, fuseStats: () => Promise<OpStatsSnapshot>): void {
+export function systemRoutes(
+  router: Router, store: Store, metrics: DaemonMetrics, docsDir: string, version: string, fuseStats: () => Promise<OpStatsSnapshot>,
+  hostMemory: () => Promise<{ hosts: number; residentBytes: number }>,
+): void {
   const started = Date.now();
   router.add('GET', '/v1/health', async () => ({ status: 'ok', version, root: store.layout.root, uptimeSeconds: Math.round((Date.now() - started) / 1000) }));
   router.add('GET', '/v1/openapi.json', async (ctx) => {
@@ -41,6 +44,9 @@ export function systemRoutes(router: Router, store: Store, metrics: DaemonMetric
     const layers = store.db.listLayers();
     metrics.layers.set(layers.length);
     metrics.storeBytes.set(layers.reduce((n, l) => n + l.size, 0) + store.db.listBlobs().reduce((n, b) => n + b.size, 0));
+    const memory = await hostMemory();
+    metrics.mountHosts.set(memory.hosts);
+    metrics.mountHostsRss.set(memory.residentBytes);
     const body = (await metrics.registry.metrics()) + fuseMetricsText(await fuseStats());
     ctx.res.writeHead(200, { 'content-type': metrics.registry.contentType });
     ctx.res.end(body);

@@ -76,3 +76,12 @@ export async function startDaemon(dir: string, extraArgs: string[] = [], env: No
     await new Promise((r) => setTimeout(r, 100));
   }
 }
+
+/** Poll `condition` until it holds; fail naming `what` after `timeoutMs`. */
+export async function waitFor(what: string, condition: () => boolean | Promise<boolean>, timeoutMs = 20_000, intervalMs = 50): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await condition())) {
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, intervalMs));
+  }
+}
