@@ -6,7 +6,7 @@
  * PID and, on start, adopts mounts still served and mounts again those whose
  * server died (clearing their dead mountpoints first).
  */
-import { mkdir, readFile, rename, rmdir } from 'node:fs/promises';
+import { access, mkdir, readFile, rename, rmdir, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { type Writable } from 'node:stream';
 import { ErrorCodes, LayerdError, errnoCode } from '../common/errors.js';
@@ -16,6 +16,7 @@ import { LowerInoAllocator } from '../mount/inodes.js';
 import { checkLayerDirectory, commitDirectory, writeDirectoryLayer } from '../mount/directoryLayer.js';
 import { lowerDirSource, scanDirectory } from '../mount/lowerDir.js';
 import { MergedTree } from '../mount/mergedTree.js';
+import { convertOciUpper } from '../mount/upperMigration.js';
 import { type OpStatsSnapshot } from '../mount/opStats.js';
 import { type CommitResult } from '../storage/commit.js';
 import { type Digest } from '../storage/digest.js';
@@ -75,6 +76,20 @@ export class ContainerManager {
 
   private dir(id: string): string { return this.store.layout.containerDir(id); }
   private upper(id: string): string { return join(this.dir(id), 'upper'); }
+  /** Present once the upper is in the overlayfs format (mount/upperFormat.ts); older ones are converted at their next mount. */
+  private upperFormatMark(id: string): string { return join(this.dir(id), 'upper-format'); }
+
+  private async markUpperFormat(id: string): Promise<void> {
+    await writeFile(this.upperFormatMark(id), 'overlay\n', { mode: 0o600 });
+  }
+
+  /** An upper written by a version before the overlayfs format is converted, with the meaning it had. */
+  private async convertUpperIfOld(id: string): Promise<void> {
+    if (await access(this.upperFormatMark(id)).then(() => true, () => false)) return;
+    const converted = convertOciUpper(this.upper(id));
+    await this.markUpperFormat(id);
+    this.logger.info('writable layer converted to the overlayfs format', { container: id, ...converted });
+  }
   statsFile(id: string): string { return join(this.dir(id), 'fuse-stats.json'); }
 
   /** FUSE operation statistics of every container's mount, summed by operation. */
@@ -145,6 +160,7 @@ export class ContainerManager {
         throw new LayerdError(ErrorCodes.EEXIST, `another container is mounted at ${mountpoint}`, { mountpoint });
       }
       await mkdir(this.upper(id), { recursive: true, mode: 0o755 });
+      await this.markUpperFormat(id);
       await mkdir(mountpoint, { recursive: true });
       this.store.db.write(() => this.store.db.putContainer({
         id, image_id: image.id, mountpoint, read_only: request.readOnly ? 1 : 0,
@@ -166,6 +182,7 @@ export class ContainerManager {
 
   /** Have the container mounted by its image's mount host, and wait until it serves. */
   private async startServer(row: ContainerRow): Promise<void> {
+    await this.convertUpperIfOld(row.id);
     const served = await startMount({
       layers: this.store.db.imageLayers(row.image_id).map((l) => this.store.layout.layerDir(l.diff_id)),
       ...(row.layer_dir !== null ? { liveLayer: row.layer_dir } : {}),
