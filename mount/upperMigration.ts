@@ -67,7 +67,8 @@ function convertDir(dirFd: number, where: string, result: UpperConversion): void
       }
     }
   }
-  for (const name of readDirFd(dirFd, where).map((e) => e.name)) {
+  for (const name of names) { // a descriptor's listing is read once: the names from before, less what went
+    if (name.startsWith(WHITEOUT_PREFIX) || name.startsWith(LEGACY_HIDDEN_PREFIX)) continue;
     const st = statAt(dirFd, name, where);
     if ((st.mode & S_IFMT) !== S_IFDIR) continue;
     const fd = openBeneath(dirFd, name, O_RDONLY | O_DIRECTORY);
