@@ -319,7 +319,11 @@ describe('containerd: containers on layerd snapshots', function () {
         await running;
       }
     }
-    // and the restarted layerd still serves containerd
+    // and the restarted layerd still serves containerd, once containerd's gRPC connection to the
+    // proxy snapshotter has left the backoff it entered while layerd was down (up to seconds,
+    // growing with the downtime: containerd's behaviour, not layerd's)
+    await poll('containerd to reach the restarted snapshotter', async () => (
+      (await env!.ctr(['snapshots', '--snapshotter', 'layerd', 'ls'])).code === 0 ? true : undefined), 120_000);
     expect(await runIn(BB, 'bb-after-restart', 'echo', 'still here')).to.equal('still here\n');
   });
 });
