@@ -46,6 +46,8 @@ export interface ScannedDirectory {
   readonly inodes: Map<string, number>;
   /** st_dev of the directory's filesystem (content opens check it). */
   readonly dev: number;
+  /** st_dev of the entries on another filesystem (something mounted inside the directory), by path. */
+  readonly devs: Map<string, number>;
   /** How each whiteout is represented on disk. */
   readonly whiteoutStyles: Map<string, MarkerStyle>;
   /** The user's xattrs of each entry (including none), by path. */
@@ -110,7 +112,8 @@ function walkDirectory(root: string, rootFd: number, label: string | undefined, 
   const inodes = new Map<string, number>();
   const whiteoutStyles = new Map<string, MarkerStyle>();
   const xattrs = new Map<string, XattrMap>();
-  const firstNameOfInode = new Map<number, string>();
+  const firstNameOfInode = new Map<string, string>();
+  const devs = new Map<string, number>();
 
   const rootStat = fstat(rootFd, root);
   if ((rootStat.mode & S_IFMT) !== S_IFDIR) throw new LayerdError(ErrorCodes.EINVAL, `${root} is not a directory`, { path: root });
@@ -118,6 +121,7 @@ function walkDirectory(root: string, rootFd: number, label: string | undefined, 
   const describe = (path: string, st: Stat, kind: EntryKind, raw: XattrMap, target?: string): void => {
     xattrs.set(path, userXattrs(raw, dialect));
     inodes.set(path, st.ino);
+    if (st.dev !== rootStat.dev) devs.set(path, st.dev);
     const entry: LayerEntry = {
       path, kind, mode: st.mode & 0o7777, uid: st.uid, gid: st.gid, mtime: st.mtime.sec, size: kind === 'file' ? st.size : 0,
     };
@@ -129,9 +133,10 @@ function walkDirectory(root: string, rootFd: number, label: string | undefined, 
       entry.devMajor = devMajor(st.rdev);
       entry.devMinor = devMinor(st.rdev);
     }
-    if (kind !== 'dir' && st.nlink > 1) { // one device: the walk never leaves the root's filesystem by a symlink
-      const first = firstNameOfInode.get(st.ino);
-      if (first === undefined) firstNameOfInode.set(st.ino, path);
+    if (kind !== 'dir' && st.nlink > 1) {
+      const key = `${st.dev}:${st.ino}`;
+      const first = firstNameOfInode.get(key);
+      if (first === undefined) firstNameOfInode.set(key, path);
       else entry.link = first;
     }
     const opaqueMarkers = dialect === 'layer-dir' ? [...OPAQUE_XATTRS, FUSE_OVERLAYFS_OPAQUE] : OPAQUE_XATTRS;
@@ -190,7 +195,7 @@ function walkDirectory(root: string, rootFd: number, label: string | undefined, 
       }
       try {
         const st = fstat(fd, join(root, path));
-        if (st.ino !== inodes.get(path) || st.dev !== rootStat.dev) continue; // not the directory just described
+        if (st.ino !== inodes.get(path) || st.dev !== (devs.get(path) ?? rootStat.dev)) continue; // not the directory just described
         walk(path, fd);
       } finally {
         close(fd);
@@ -205,7 +210,7 @@ function walkDirectory(root: string, rootFd: number, label: string | undefined, 
   }
 
   const index: LayerIndex = { version: LAYER_INDEX_VERSION, id: label ?? `dir:${root}`, entries, whiteouts, opaques };
-  return { root, index, inodes, dev: rootStat.dev, whiteoutStyles, xattrs };
+  return { root, index, inodes, dev: rootStat.dev, devs, whiteoutStyles, xattrs };
 }
 
 /**
@@ -231,14 +236,14 @@ export function openScannedFile(root: string, path: string, dev: number, ino: nu
 
 /** A LayerSource whose bytes are the directory's own files, each opened safely (openScannedFile). */
 export function directorySource(scanned: ScannedDirectory): LayerSource {
-  const { root, index, inodes, dev } = scanned;
+  const { root, index, inodes, dev, devs } = scanned;
   return {
     index,
     content(entry: LayerEntry): ContentRef | undefined {
       if (entry.kind !== 'file' || entry.size === 0) return undefined;
       const path = entry.link ?? entry.path;
       const ino = inodes.get(path) ?? -1;
-      return { path: join(root, path), offset: 0, size: entry.size, open: () => openScannedFile(root, path, dev, ino, entry.size) };
+      return { path: join(root, path), offset: 0, size: entry.size, open: () => openScannedFile(root, path, devs.get(path) ?? dev, ino, entry.size) };
     },
   };
 }

@@ -9,6 +9,7 @@
 import { createWriteStream } from 'node:fs';
 import { join } from 'node:path';
 import { type Writable } from 'node:stream';
+import { FsError } from '../common/sys/errors.js';
 import { ErrorCodes, LayerdError, errnoCode } from '../common/errors.js';
 import { type Digest, digestOf } from './digest.js';
 import { Transaction } from './importer.js';
@@ -66,12 +67,15 @@ export async function commitWrittenLayer(
 
 /** A read that failed because the source changed underneath: a file gone, or not the size the scan saw. */
 function changedSource(err: unknown, source: string): LayerdError | undefined {
-  const code = errnoCode(err);
+  // A system-call layer error carries its errno apart from its layerd code.
+  const code = err instanceof FsError ? err.errno : errnoCode(err);
   const message = err instanceof Error ? err.message : String(err);
   let what: string | undefined;
-  if (code === 'ENOENT' || code === 'ESTALE' || code === 'ENOTDIR') {
-    const path = (err as { path?: unknown }).path;
-    what = `${typeof path === 'string' ? path : 'a file'} vanished`;
+  if (code === 'ENOENT' || code === 'ESTALE' || code === 'ENOTDIR' || code === 'ELOOP') {
+    const path = err instanceof FsError ? err.context['path'] : (err as { path?: unknown }).path;
+    what = `${typeof path === 'string' ? path : 'a file'} vanished or was replaced`;
+  } else if (err instanceof LayerdError && err.code === ErrorCodes.ECONFLICT) {
+    what = message; // the writer's own word: which file, and how it changed
   } else if (!(err instanceof LayerdError) && /size mismatch/i.test(message)) {
     what = 'a file changed size while it was being read';
   }

@@ -117,15 +117,15 @@ function planItems(index: LayerIndex): { items: Item[]; socketsSkipped: number }
   for (const d of index.opaques) items.push({ path: joinPath(d, OPAQUE_MARKER), marker: 'opaque' });
   items.sort((a, b) => byteOrder(a.path, b.path));
 
-  // A link to a lower file that this layer also replaces must come before
-  // the replacement; in byte order it may not, and would then read back as
-  // a link to the new file.
+  // A link to a lower file whose name this layer also replaces cannot be
+  // written: listed before the replacement, the indexer refuses it (a link to
+  // a later member, as GNU tar does); listed after, it reads back as a link
+  // to the new file.
   for (const item of items) {
     if (!('lowerLink' in item)) continue;
-    const p = position.get(item.lowerLink);
-    if (p !== undefined && byteOrder(item.lowerLink, item.path) < 0) {
+    if (position.get(item.lowerLink) !== undefined) {
       throw new LayerdError(ErrorCodes.EUNSUPPORTED,
-        `hard link ${item.path} to ${item.lowerLink} of a lower layer cannot be written: this layer also replaces ${item.lowerLink}, which a tar in path order lists first`,
+        `hard link ${item.path} to ${item.lowerLink} of a lower layer cannot be written: this layer also replaces ${item.lowerLink}`,
         { path: item.path, target: item.lowerLink });
     }
   }
@@ -178,14 +178,10 @@ async function writeItem(pack: Pack, source: LayerSource, item: Item): Promise<v
   }
   const content = source.content(meta);
   if (!content) throw new LayerdError(ErrorCodes.EINTERNAL, `no content for file ${item.path} of ${meta.size} bytes`, { path: item.path });
+  // Opened before the entry starts: a file that cannot be opened (or is no longer the one
+  // scanned) fails the write with its own error, with no half-written entry to unwind.
+  const bytes = openContent(content);
   const sink = pack.entry(header);
-  let bytes: Readable;
-  try {
-    bytes = openContent(content);
-  } catch (err) {
-    sink.destroy(err as Error);
-    throw err;
-  }
   try {
     await pipeline(bytes, sink);
   } catch (err) {
