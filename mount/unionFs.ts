@@ -114,6 +114,12 @@ export class UnionFs {
   private readonly upper: UpperDir;
   private readonly readOnly: boolean;
   private readonly files = new OpenFiles();
+  /**
+   * xattrs of upper objects by st_ino, once read or changed: every name of a
+   * hard-link group is one inode with one set of xattrs, so a change through
+   * one name must show through the others (a cache per name went stale).
+   */
+  private readonly xattrsByIno = new Map<number, XattrMap>();
   private lock: Promise<unknown> = Promise.resolve();
 
   private constructor(tree: MergedTree, upperWhiteouts: Map<string, MarkerStyle>, upper: UpperDir, readOnly: boolean) {
@@ -140,6 +146,7 @@ export class UnionFs {
       const merged = await merge(layers, this.upper.root);
       this.tree = merged.tree;
       this.upperWhiteouts = merged.upperWhiteouts;
+      this.xattrsByIno.clear(); // the new tree's nodes carry what the walk just read
     });
   }
 
@@ -250,8 +257,12 @@ export class UnionFs {
   // ---- xattrs ---------------------------------------------------------------
 
   private upperXattrs(path: string, node: UnionNode): XattrMap {
-    if (node.upperXattrs === undefined) node.upperXattrs = this.upper.readXattrs(path);
-    return node.upperXattrs;
+    let map = this.xattrsByIno.get(node.upperStIno);
+    if (map === undefined) {
+      map = node.upperXattrs ?? this.upper.readXattrs(path);
+      this.xattrsByIno.set(node.upperStIno, map);
+    }
+    return map;
   }
 
   /** A value, or undefined for "no such attribute" (ENODATA, common enough not to throw). */
@@ -288,7 +299,7 @@ export class UnionFs {
       if (!node.upper && node.lower!.entry.xattrs?.[name] === undefined) throw fsError('ENODATA', path, 'removexattr');
       await this.copyUp(path);
       this.upper.removeXattr(path, name);
-      node.upperXattrs?.delete(name);
+      this.upperXattrs(path, node).delete(name);
     });
   }
 
@@ -400,9 +411,14 @@ export class UnionFs {
    * default ACL on an upper parent would add some behind our back; such a
    * parent drops the cache instead.)
    */
-  private markUpper(path: string, node: UnionNode, ino: number, copiedFrom?: LayerEntry): void {
+  private markUpper(path: string, node: UnionNode, ino: number, copiedFrom?: LayerEntry, newObject = true): void {
     node.upper = true;
     node.upperStIno = ino;
+    if (!newObject) { // another name of an upper inode: its xattrs are that inode's
+      node.upperXattrs = undefined;
+      return;
+    }
+    this.xattrsByIno.delete(ino); // a new object may reuse the number of one deleted before
     const parent = path === '' ? undefined : this.tree.get(parentOf(path));
     const inheritsAcl = parent?.upperXattrs === undefined || parent.upperXattrs.has('system.posix_acl_default');
     if (copiedFrom !== undefined) {
@@ -415,6 +431,7 @@ export class UnionFs {
   /** ext4 (like any Linux fs) drops security.capability when a file is written, truncated or chowned. */
   private dropKilledXattrs(node: UnionNode): void {
     node.upperXattrs?.delete('security.capability');
+    this.xattrsByIno.get(node.upperStIno)?.delete('security.capability');
   }
 
   /**
@@ -490,10 +507,10 @@ export class UnionFs {
     else fchownSync(fd, owner.uid, gid);
   }
 
-  private addUpperNode(path: string, kind: EntryKind, ino: number): UnionNode {
+  private addUpperNode(path: string, kind: EntryKind, ino: number, newObject = true): UnionNode {
     const node = new UnionNode(kind, undefined);
     this.tree.insert(path, node);
-    this.markUpper(path, node, ino);
+    this.markUpper(path, node, ino, undefined, newObject);
     return node;
   }
 
@@ -562,7 +579,7 @@ export class UnionFs {
       await this.prepareNewEntry(dst, 'link');
       const copied = await this.copyUp(src);
       this.upper.link(src, dst);
-      this.addUpperNode(dst, source.kind, copied.upperStIno);
+      this.addUpperNode(dst, source.kind, copied.upperStIno, false);
     });
   }
 

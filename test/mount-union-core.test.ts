@@ -362,6 +362,17 @@ describe('mount union core (no FUSE)', () => {
       assert.deepEqual((await stat(fs, 'f')).atime, { sec: 2_000_000_000, nsec: 7 }, 'UTIME_OMIT leaves atime alone');
     });
 
+    it('shows an xattr change through one name of a hard link through the others', async () => {
+      const fs = await UnionFs.create({ layers: [layer({ 'f': { content: 'x' } })], upper: freshUpper() });
+      await fs.link('f', 'g');
+      await fs.setxattr('f', 'user.k', Buffer.from('v'), 0);
+      assert.deepEqual(fs.listxattr('g'), ['user.k']);
+      await fs.removexattr('g', 'user.k');
+      assert.equal(fs.getxattr('f', 'user.k'), undefined, 'removed through g: gone through f too');
+      await fs.setxattr('g', 'user.n', Buffer.from('w'), 0);
+      assert.equal(fs.getxattr('f', 'user.n')?.toString(), 'w');
+    });
+
     it('answers fstat of a lower file opened for reading after another open copied it up', async () => {
       const fs = await UnionFs.create({ layers: [layer({ 'f': { content: 'lower' } })], upper: freshUpper() });
       const reader = await fs.open('f', 0);
