@@ -17,7 +17,7 @@ import { checkLayerDirectory, commitDirectory, writeDirectoryLayer } from '../mo
 import { lowerDirSource, scanDirectory } from '../mount/lowerDir.js';
 import { MergedTree } from '../mount/mergedTree.js';
 import { convertOciUpper } from '../mount/upperMigration.js';
-import { type OpStatsSnapshot } from '../mount/opStats.js';
+import { type OpStatsSnapshot, addSnapshot, readSnapshot } from '../mount/opStats.js';
 import { type CommitResult } from '../storage/commit.js';
 import { type Digest } from '../storage/digest.js';
 import { tarLayerSource } from '../storage/layerIndex.js';
@@ -65,6 +65,8 @@ export class ContainerManager {
   private readonly removing = new Set<string>();
   private supervisor: NodeJS.Timeout | undefined;
   private spareTimer: NodeJS.Timeout | undefined;
+  /** FUSE statistics of the containers removed since this daemon started. */
+  private readonly removedStats: OpStatsSnapshot = {};
   private reviving = false;
 
   constructor(
@@ -92,22 +94,17 @@ export class ContainerManager {
   }
   statsFile(id: string): string { return join(this.dir(id), 'fuse-stats.json'); }
 
-  /** FUSE operation statistics of every container's mount, summed by operation. */
+  /**
+   * FUSE operation statistics of every container's mount, summed by
+   * operation, plus those of the containers removed since the daemon
+   * started: the sums are counters and must not go down when a container goes.
+   */
   async fuseStats(): Promise<OpStatsSnapshot> {
     const total: OpStatsSnapshot = {};
+    addSnapshot(total, this.removedStats);
     for (const row of this.store.db.listContainers()) {
-      let snap: OpStatsSnapshot;
-      try {
-        snap = JSON.parse(await readFile(this.statsFile(row.id), 'utf8')) as OpStatsSnapshot;
-      } catch {
-        continue;
-      }
-      for (const [op, c] of Object.entries(snap)) {
-        const t = (total[op] ??= { count: 0, sumSeconds: 0, buckets: c.buckets.map(() => 0) });
-        t.count += c.count;
-        t.sumSeconds += c.sumSeconds;
-        c.buckets.forEach((b, i) => { t.buckets[i] = (t.buckets[i] ?? 0) + b; });
-      }
+      const snap = await readSnapshot(this.statsFile(row.id));
+      if (snap) addSnapshot(total, snap);
     }
     return total;
   }
@@ -308,7 +305,10 @@ export class ContainerManager {
     this.removing.add(id);
     try {
       await this.stopServer(row);
+      // The host wrote its last stats when it unmounted: keep them in the sums.
+      const last = await readSnapshot(this.statsFile(id));
       this.store.db.write(() => this.store.db.deleteContainer(id));
+      if (last) addSnapshot(this.removedStats, last);
     } finally {
       this.removing.delete(id);
     }

@@ -93,7 +93,7 @@ export async function mountCommand(argv: string[]): Promise<number> {
     const layers = await resolveLayers(args);
     // Without an upper the mount is a read-only view over an empty private one.
     const upper = args.upper ?? (emptyUpper = await mkdtemp(join(tmpdir(), 'layerd-ro-upper-')));
-    const stats = args.statsFile ? new OpStats() : undefined;
+    const stats = args.statsFile ? await OpStats.continuing(args.statsFile) : undefined;
     // Signals are taken from before the mount on: one that arrives between
     // "ready" and a handler would otherwise kill the server with the mount up.
     let mounted: MountedUnion | undefined;

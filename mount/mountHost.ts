@@ -141,7 +141,7 @@ class MountHost {
     if (this.idleTimer) clearTimeout(this.idleTimer);
     try {
       const layers = await Promise.all(request.layers.map((dir) => this.layer(dir)));
-      const stats = request.statsFile !== undefined ? new OpStats() : undefined;
+      const stats = request.statsFile !== undefined ? await OpStats.continuing(request.statsFile) : undefined;
       const mounted = await mountUnion({
         layers, upper: request.upper, mountpoint, readOnly: request.readOnly ?? false, logger: this.logger, lowerMerges: this.lowerMerges,
         ...(stats ? { stats } : {}), ...(request.liveLayer !== undefined ? { liveLayer: request.liveLayer } : {}),

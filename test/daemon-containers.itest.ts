@@ -24,6 +24,11 @@ describe('daemon: containers', function () {
     return r.stdout;
   };
   const json = async <T>(...args: string[]): Promise<T> => JSON.parse(await cli(...args, '--json')) as T;
+  /** layerd_fuse_operations_total of one operation, summed over all mounts. */
+  const fuseCount = async (op: string): Promise<number> => {
+    const body = (await http(daemon!.socket, 'GET', '/metrics')).body;
+    return Number(new RegExp(`^layerd_fuse_operations_total\\{op="${op}"\\} (\\d+)`, 'm').exec(body)?.[1] ?? 0);
+  };
 
   before(async () => {
     work = await scratch();
@@ -116,11 +121,17 @@ describe('daemon: containers', function () {
     const c = list.find((x) => x.id === 'c')!;
     // One mount host serves every container of an image: all of them go down with it.
     const sharing = list.filter((x) => x.serverPid === c.serverPid).length;
+    // The dying host's last stats count b's worker's writes (it writes them every 2 s).
+    await waitFor('the worker\'s writes in the FUSE metrics', async () => (await fuseCount('write')) >= 60, 15_000, 250);
+    const before = { write: await fuseCount('write'), read: await fuseCount('read') };
     expect(await daemon!.stop()).to.equal(0);
     process.kill(c.serverPid, 'SIGKILL');
     daemon = await startDaemon(work.dir, ['--mount-root', mountRoot]);
     expect(daemon.log()).to.contain(`"remounted":${sharing}`);
     expect(await readFile(join(mountRoot, 'c', 'root', 'only-c'), 'utf8')).to.equal('c');
+    // The new host counts on from the old one's stats: the sums never go back.
+    await waitFor('the new host\'s stats', async () => (await fuseCount('read')) > before.read, 15_000, 250);
+    expect(await fuseCount('write')).to.be.at.least(before.write);
     const after = await json<{ id: string; state: string; serverPid: number }[]>('ps');
     expect(after.every((x) => x.state === 'mounted')).to.equal(true);
     expect(after.find((x) => x.id === 'c')!.serverPid).to.not.equal(c.serverPid);
@@ -134,17 +145,19 @@ describe('daemon: containers', function () {
     const dup = await http(daemon!.socket, 'POST', '/v1/containers', JSON.stringify({ id: 'many-0', image: 'debian-multi:latest' }), { 'content-type': 'application/json' });
     expect(dup.status).to.equal(409);
     expect(dup.json<{ code: string }>().code).to.equal('EEXIST');
+    const writesBefore = await fuseCount('write');
     await execFileAsync('sh', ['-c', `echo x > ${join(mountRoot, 'many-0', 'written')}`]);
-    // Mount hosts write their stats every 2 s: poll until the write shows.
-    const writeSeen = /^layerd_fuse_operation_seconds_bucket\{op="write",le="\+Inf"\} [1-9]/m;
-    await waitFor('the write in the FUSE metrics', async () => writeSeen.test((await http(daemon!.socket, 'GET', '/metrics')).body), 15_000, 250);
+    // Mount hosts write their stats every 2 s: poll until this write shows.
+    await waitFor('the write in the FUSE metrics', async () => (await fuseCount('write')) > writesBefore, 15_000, 250);
     const metrics = await http(daemon!.socket, 'GET', '/metrics');
     expect(Number(/^layerd_mounts (\d+)/m.exec(metrics.body)![1])).to.be.at.least(53);
     expect(Number(/^layerd_fuse_operations_total\{op="getattr"\} (\d+)/m.exec(metrics.body)?.[1] ?? 0)).to.be.greaterThan(0);
     expect(metrics.body).to.match(/^layerd_fuse_operation_seconds_bucket\{op="write",le="\+Inf"\} \d+/m);
     expect(Number(/^layerd_mount_hosts (\d+)/m.exec(metrics.body)?.[1])).to.be.at.least(2); // latest's, l1-minbase's (and the spare)
     expect(Number(/^layerd_mount_hosts_resident_bytes (\d+)/m.exec(metrics.body)?.[1])).to.be.greaterThan(10 * 1024 * 1024);
+    const writesSeen = await fuseCount('write');
     for (const id of ids) expect((await http(daemon!.socket, 'DELETE', `/v1/containers/${id}`)).status).to.equal(200);
+    expect(await fuseCount('write'), 'a removed container\'s operations stay counted').to.be.at.least(writesSeen);
   });
 
   it('creates and removes 100 containers at once, three times over: every rm succeeds and leaves nothing behind', async () => {
