@@ -24,7 +24,7 @@ import { access, mkdir, mkdtemp, readFile, rename, rm, writeFile } from 'node:fs
 import { cpus, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { type Impl, IMPLS, type LayerStack, type Mounted, clearMountsUnder, debianMultiStack, mountStack } from './mounts.js';
+import { type Impl, IMPLS_WITH_PASSTHROUGH_OFF as IMPLS, type LayerStack, type Mounted, clearMountsUnder, debianMultiStack, mountStack } from './mounts.js';
 import { type CpuTimes, cpuDelta, cpuTimes } from './procstat.js';
 import { argOf, stats, writeResults } from './report.js';
 import { SYNTHETIC_PATHS, syntheticDataset } from './synthetic.js';
@@ -112,6 +112,12 @@ for dp,dn,fn in os.walk(root):
 raise SystemExit('only %d files' % n)`),
     },
     'rm -rf 5k lower files': { fresh: true, script: `cd "$MNT" && rm -rf ${o.rmPaths.join(' ')}`, check: `cd "$MNT" && for p in ${o.rmPaths.join(' ')}; do test ! -e "$p" || exit 1; done` },
+    'write a 512 MiB file': {
+      fresh: true, bytes: 512 * 1024 * 1024,
+      script: 'dd if=/dev/zero of="$MNT/bench-big" bs=1M count=512 status=none',
+      check: 'test "$(stat -c %s "$MNT/bench-big")" -eq 536870912',
+    },
+    'read it back (warm)': { bytes: 512 * 1024 * 1024, script: 'dd if="$MNT/bench-big" of=/dev/null bs=1M status=none' },
     'untar source tree': {
       fresh: true, prepare: 'cat "$SRC_TAR" > /dev/null', bytes: o.untarBytes,
       script: 'mkdir "$MNT/untar" && tar -xf "$SRC_TAR" -C "$MNT/untar"',
@@ -202,7 +208,7 @@ type Samples = Record<string, Record<Impl, Sample[]>>;
 async function benchDataset(ds: Dataset, reps: number, work: string, env: NodeJS.ProcessEnv, active: Set<Mounted>): Promise<Samples> {
   const samples: Samples = {};
   const add = (w: string, impl: Impl, s: Sample): void => {
-    ((samples[w] ??= { layerd: [], overlayfs: [], 'fuse-overlayfs': [] })[impl]).push(s);
+    ((samples[w] ??= Object.fromEntries(IMPLS.map((i) => [i, []])) as unknown as Record<Impl, Sample[]>)[impl]).push(s);
   };
   let seq = 0;
   const mount = async (impl: Impl): Promise<Mounted> => {
@@ -246,22 +252,23 @@ function table(ds: Dataset, samples: Samples): string[] {
     const children = med(c.map((x) => x.children));
     return children >= 0.005 ? `${total.toFixed(2)} (${children.toFixed(2)} children)` : total.toFixed(2);
   };
+  const others = IMPLS.filter((i) => i !== 'overlayfs');
   const lines = [
     `## ${ds.title}`,
     '',
-    '| workload | layerd ms | overlayfs ms | fuse-overlayfs ms | layerd / overlayfs | layerd / fuse-overlayfs | layerd server CPU s | overlayfs server CPU s | fuse-overlayfs server CPU s |',
-    '|---|---|---|---|---|---|---|---|---|',
+    `| workload | ${IMPLS.map((i) => `${i} ms`).join(' | ')} | ${others.map((i) => `${i} / overlayfs`).join(' | ')} | layerd / fuse-overlayfs | ${IMPLS.map((i) => `${i} server CPU s`).join(' | ')} |`,
+    `|---|${IMPLS.map(() => '---|').join('')}${others.map(() => '---|').join('')}---|${IMPLS.map(() => '---|').join('')}`,
   ];
   for (const [w, s] of Object.entries(samples)) {
-    lines.push(`| ${w} | ${cell(s.layerd)} | ${cell(s.overlayfs)} | ${cell(s['fuse-overlayfs'])} | ${ratio(s.layerd, s.overlayfs)} | ${ratio(s.layerd, s['fuse-overlayfs'])} | ${cpu(s.layerd)} | ${cpu(s.overlayfs)} | ${cpu(s['fuse-overlayfs'])} |`);
+    lines.push(`| ${w} | ${IMPLS.map((i) => cell(s[i])).join(' | ')} | ${others.map((i) => ratio(s[i], s.overlayfs)).join(' | ')} | ${ratio(s.layerd, s['fuse-overlayfs'])} | ${IMPLS.map((i) => cpu(s[i])).join(' | ')} |`);
   }
   const withBytes = Object.entries(ds.workloads).filter(([, w]) => w.bytes !== undefined);
   if (withBytes.length > 0) {
     const mbs = (xs: Sample[], bytes: number): string => failed(xs) ?? (bytes / 1e6 / (med(ms(xs)) / 1000)).toFixed(0);
-    lines.push('', '| throughput (MB/s = 10^6 bytes/s, from the median time) | layerd | overlayfs | fuse-overlayfs |', '|---|---|---|---|');
+    lines.push('', `| throughput (MB/s = 10^6 bytes/s, from the median time) | ${IMPLS.join(' | ')} |`, `|---|${IMPLS.map(() => '---|').join('')}`);
     for (const [w, wl] of withBytes) {
       const s = samples[w]!;
-      lines.push(`| ${w} (${(wl.bytes! / 1e6).toFixed(0)} MB) | ${mbs(s.layerd, wl.bytes!)} | ${mbs(s.overlayfs, wl.bytes!)} | ${mbs(s['fuse-overlayfs'], wl.bytes!)} |`);
+      lines.push(`| ${w} (${(wl.bytes! / 1e6).toFixed(0)} MB) | ${IMPLS.map((i) => mbs(s[i], wl.bytes!)).join(' | ')} |`);
     }
   }
   if (ds.notes.length > 0) lines.push('', ...ds.notes.map((n) => `- ${n}`));

@@ -32,10 +32,8 @@ async function main(): Promise<void> {
   const dataset = await syntheticDataset();
   const work = await mkdtemp(join(tmpdir(), 'layerd-bench-seq-'));
   const mounts = new Map<Impl, Mounted>();
-  const samples: Record<'cold' | 'warm', Record<Impl, number[]>> = {
-    cold: { layerd: [], overlayfs: [], 'fuse-overlayfs': [] },
-    warm: { layerd: [], overlayfs: [], 'fuse-overlayfs': [] },
-  };
+  const none = (): Record<Impl, number[]> => Object.fromEntries(IMPLS.map((i) => [i, []])) as unknown as Record<Impl, number[]>;
+  const samples: Record<'cold' | 'warm', Record<Impl, number[]>> = { cold: none(), warm: none() };
   try {
     for (const impl of IMPLS) mounts.set(impl, await mountStack(impl, dataset, join(work, impl)));
     const read = (impl: Impl): Promise<number> => time(() => run('dd', [`if=${join(mounts.get(impl)!.mnt, SYNTHETIC_PATHS.bigFile)}`, 'of=/dev/null', 'bs=1M', 'status=none']));

@@ -29,6 +29,10 @@ export class FuseNode {
   names: NodeName[] = [];
   /** Handles open on this node (the kernel opened it through some name). */
   openHandles = 0;
+  /** Of those, the ones served here (page-cached, not passed through). */
+  cachedOpens = 0;
+  /** The backing file registered for its passthrough opens, while any last. */
+  backing: { id: number; opens: number } | undefined;
 
   constructor(readonly id: number, public ino: number, public type: number) {}
 }

@@ -12,6 +12,12 @@ import type { UnionStat } from './nodeStats.js';
 export const FUSE_KERNEL_VERSION = 7;
 /** 7.31: FOPEN_CACHE_DIR, FUSE_MAX_PAGES, FUSE_CACHE_SYMLINKS, readdirplus all exist. */
 export const FUSE_KERNEL_MINOR_VERSION = 31;
+/**
+ * 7.40: FUSE_PASSTHROUGH (backing files). Declared only to a kernel that
+ * offers passthrough and only when it is wanted: everything else is served
+ * as 7.31.
+ */
+export const FUSE_PASSTHROUGH_MINOR_VERSION = 40;
 export const FUSE_ROOT_ID = 1;
 
 export const Op = {
@@ -34,10 +40,24 @@ export const InitFlag = {
   CACHE_SYMLINKS: 1 << 23,
   /** The kernel may skip OPENDIR/RELEASEDIR once OPENDIR answers ENOSYS (and then caches directories). */
   NO_OPENDIR_SUPPORT: 1 << 24,
+  /** flags2 (the upper 32 bits of the flags) is valid in init_in and init_out. */
+  INIT_EXT: 1 << 30,
+} as const;
+
+/** FUSE_INIT flags2 (bits 32–63 of the flags). */
+export const InitFlag2 = {
+  /** FUSE_PASSTHROUGH (bit 37): opens may name a backing file for reads, writes and mmap. */
+  PASSTHROUGH: 1 << 5,
 } as const;
 
 /** open_out.open_flags. */
 export const FOPEN_KEEP_CACHE = 1 << 1;
+/** The open's data goes to the backing file whose id open_out.backing_id names. */
+export const FOPEN_PASSTHROUGH = 1 << 7;
+
+/** ioctls on /dev/fuse (linux/fuse.h): register a backing file (struct fuse_backing_map) and release its id. */
+export const FUSE_DEV_IOC_BACKING_OPEN = 0x4010e501; // _IOW(229, 1, struct fuse_backing_map)
+export const FUSE_DEV_IOC_BACKING_CLOSE = 0x4004e502; // _IOW(229, 2, uint32_t)
 
 /** setattr_in.valid bits. */
 export const Fattr = {
@@ -237,10 +257,12 @@ export function attrOut(st: UnionStat, attrSeconds: number): Buffer {
   return buf;
 }
 
-export function openOut(fh: number, openFlags: number): Buffer {
+/** fuse_open_out; `backingId` with FOPEN_PASSTHROUGH. */
+export function openOut(fh: number, openFlags: number, backingId = 0): Buffer {
   const buf = Buffer.alloc(16);
   writeU64(buf, fh, 0);
   buf.writeUInt32LE(openFlags, 8);
+  buf.writeInt32LE(backingId, 12);
   return buf;
 }
 
@@ -264,22 +286,30 @@ export function statfsOut(st: KStatfs): Buffer {
   return buf;
 }
 
-export interface InitIn { major: number; minor: number; maxReadahead: number; flags: number }
+export interface InitIn { major: number; minor: number; maxReadahead: number; flags: number; flags2: number }
 
 export function readInit(buf: Buffer): InitIn {
   const r = new BodyReader(buf);
-  return { major: r.u32(), minor: r.u32(), maxReadahead: r.u32(), flags: r.u32() };
+  const init = { major: r.u32(), minor: r.u32(), maxReadahead: r.u32(), flags: r.u32(), flags2: 0 };
+  // 7.36+: flags2 follows (the kernel sends the long init_in then).
+  if ((init.flags & InitFlag.INIT_EXT) !== 0 && buf.length >= IN_HEADER_SIZE + 20) init.flags2 = r.u32();
+  return init;
 }
 
 export interface InitOut {
   maxReadahead: number; flags: number; maxBackground: number; congestionThreshold: number;
   maxWrite: number; timeGran: number; maxPages: number;
+  /** Declared protocol minor (FUSE_KERNEL_MINOR_VERSION unless passthrough is taken). */
+  minor?: number;
+  flags2?: number;
+  /** With passthrough: how deep backing filesystems may be stacked below this one. */
+  maxStackDepth?: number;
 }
 
 export function initOut(init: InitOut): Buffer {
   const buf = Buffer.alloc(64);
   buf.writeUInt32LE(FUSE_KERNEL_VERSION, 0);
-  buf.writeUInt32LE(FUSE_KERNEL_MINOR_VERSION, 4);
+  buf.writeUInt32LE(init.minor ?? FUSE_KERNEL_MINOR_VERSION, 4);
   buf.writeUInt32LE(init.maxReadahead, 8);
   buf.writeUInt32LE(init.flags >>> 0, 12);
   buf.writeUInt16LE(init.maxBackground, 16);
@@ -287,6 +317,9 @@ export function initOut(init: InitOut): Buffer {
   buf.writeUInt32LE(init.maxWrite, 20);
   buf.writeUInt32LE(init.timeGran, 24);
   buf.writeUInt16LE(init.maxPages, 28);
+  // 30: map_alignment (DAX only)
+  buf.writeUInt32LE((init.flags2 ?? 0) >>> 0, 32);
+  buf.writeUInt32LE(init.maxStackDepth ?? 0, 36);
   return buf;
 }
 

@@ -37,9 +37,10 @@ import { ErrorCodes, LayerdError } from '../common/errors.js';
 import { receiveFd, socketPair } from '../common/sys/fdPassing.js';
 import { findMount } from './deadMount.js';
 import {
-  FUSE_KERNEL_VERSION, IN_HEADER_SIZE, InitFlag, OUT_HEADER_SIZE, Op, initOut, outHeader, readHeader, readInit,
-  writeOutHeader, type RequestHeader,
+  FUSE_DEV_IOC_BACKING_CLOSE, FUSE_DEV_IOC_BACKING_OPEN, FUSE_KERNEL_VERSION, FUSE_PASSTHROUGH_MINOR_VERSION, IN_HEADER_SIZE, InitFlag,
+  InitFlag2, OUT_HEADER_SIZE, Op, initOut, outHeader, readHeader, readInit, writeOutHeader, type RequestHeader,
 } from './fuseProtocol.js';
+import { ioctl } from '../common/sys/fs.js';
 
 /** Pages per READ or WRITE request (1 MiB): fewer round trips for big files. */
 const MAX_PAGES = 256;
@@ -56,7 +57,19 @@ export interface SessionOptions {
   readOnly: boolean;
   /** FUSE_INIT flags this filesystem wants (intersected with the kernel's). */
   wantFlags: number;
+  /**
+   * Take FUSE_PASSTHROUGH if the kernel offers it (Linux 6.9+) and this
+   * process may register backing files (CAP_SYS_ADMIN: a root mount).
+   */
+  passthrough?: boolean;
 }
+
+/**
+ * How deep the filesystems of backing files may be stacked (an upper on
+ * ext4 is depth 0; on overlayfs, 1). The FUSE mount itself then counts as
+ * that deep, which only matters for stacking overlayfs on top of it.
+ */
+const PASSTHROUGH_STACK_DEPTH = 1;
 
 export interface RequestHandler {
   (header: RequestHeader, request: Buffer, session: FuseSession): void;
@@ -159,6 +172,7 @@ export class FuseSession {
   private isClosed = false;
   private markClosed!: () => void;
   private initDone!: (err?: Error) => void;
+  private passthroughTaken = false;
   private readonly initialized: Promise<void>;
 
   private constructor(readonly mountpoint: string, private readonly fd: number, private readonly handler: RequestHandler, private readonly options: SessionOptions,
@@ -217,12 +231,44 @@ export class FuseSession {
       this.initDone(new Error(`kernel FUSE protocol ${kernel.major}.${kernel.minor} is not 7.x`));
       return;
     }
-    const flags = kernel.flags & (this.options.wantFlags | InitFlag.ASYNC_READ | InitFlag.BIG_WRITES | InitFlag.MAX_PAGES | InitFlag.PARALLEL_DIROPS);
+    let flags = kernel.flags & (this.options.wantFlags | InitFlag.ASYNC_READ | InitFlag.BIG_WRITES | InitFlag.MAX_PAGES | InitFlag.PARALLEL_DIROPS);
+    const passthrough = this.options.passthrough === true && this.mountedAsRoot && kernel.minor >= FUSE_PASSTHROUGH_MINOR_VERSION
+      && (kernel.flags & InitFlag.INIT_EXT) !== 0 && (kernel.flags2 & InitFlag2.PASSTHROUGH) !== 0;
+    if (passthrough) flags |= InitFlag.INIT_EXT;
     this.reply(header.unique, 0, initOut({
       maxReadahead: kernel.maxReadahead, flags, maxBackground: 64, congestionThreshold: 48,
       maxWrite: MAX_WRITE, timeGran: 1, maxPages: MAX_PAGES,
+      ...(passthrough ? { minor: FUSE_PASSTHROUGH_MINOR_VERSION, flags2: InitFlag2.PASSTHROUGH, maxStackDepth: PASSTHROUGH_STACK_DEPTH } : {}),
     }));
+    this.passthroughTaken = passthrough;
     this.initDone();
+  }
+
+  /** Whether opens may hand their data to backing files (negotiated at FUSE_INIT). */
+  get passthrough(): boolean {
+    return this.passthroughTaken;
+  }
+
+  /**
+   * Register the open file `fd` as a backing file; returns its id for
+   * open_out. The kernel keeps its own reference: `fd` may be closed after.
+   */
+  openBacking(fd: number): number {
+    const map = Buffer.alloc(16); // struct fuse_backing_map { s32 fd; u32 flags; u64 padding; }
+    map.writeInt32LE(fd, 0);
+    return ioctl(this.fd, FUSE_DEV_IOC_BACKING_OPEN, map, this.mountpoint);
+  }
+
+  /** Release a backing id (opens that use it keep their file). */
+  closeBacking(id: number): void {
+    if (this.isClosed) return;
+    const arg = Buffer.alloc(4);
+    arg.writeUInt32LE(id, 0);
+    try {
+      ioctl(this.fd, FUSE_DEV_IOC_BACKING_CLOSE, arg, this.mountpoint);
+    } catch {
+      // The connection is gone, and the id with it.
+    }
   }
 
   /** Answer request `unique`: `errno` is 0 or negative; `body` follows the header. */

@@ -17,10 +17,11 @@
  * fchmod, fchown and futimens on it reach the file through an open handle,
  * and fstat shows nlink 0.
  */
+import { closeSync } from 'node:fs';
 import type { Logger } from '../common/log.js';
 import { errnoNameOf, fsError, negativeErrno } from './fsError.js';
 import {
-  BodyReader, ENTRY_OUT_SIZE, FOPEN_KEEP_CACHE, FUSE_GETATTR_FH, Fattr, InitFlag, OUT_HEADER_SIZE, Op,
+  BodyReader, ENTRY_OUT_SIZE, FOPEN_KEEP_CACHE, FOPEN_PASSTHROUGH, FUSE_GETATTR_FH, Fattr, InitFlag, OUT_HEADER_SIZE, Op,
   RENAME_EXCHANGE, RENAME_NOREPLACE, attrOut, direntSize, entryOut, openOut, readReadIn, readSetattr, statfsOut, u32Out,
   writeDirent, writeEntry, type RequestHeader, type SetattrIn,
 } from './fuseProtocol.js';
@@ -39,7 +40,14 @@ export interface KernelFuseOptions {
   contentMayChange: boolean;
   logger: Logger;
   stats?: OpStats;
+  /**
+   * Hand the data of upper files to the kernel (FUSE passthrough) where it
+   * offers that: reads, writes and mmap of everything a container wrote or
+   * copied up then never cross into this process.
+   */
+  passthrough?: boolean;
 }
+
 
 /**
  * Answers the kernel gets often and that need no context (ioctl probes such
@@ -67,6 +75,9 @@ export class KernelFuse {
   private nextDirHandle = 1;
   /** Open file handle → node, for release and for files unlinked while open. */
   private readonly handles = new Map<number, number>();
+  /** The handles whose data the kernel takes to a backing file (FOPEN_PASSTHROUGH). */
+  private readonly passedThrough = new Set<number>();
+  private session: FuseSession | undefined;
   private readonly ttl: number;
   private readonly negativeTtl: number;
   /** Log every request (`layerd mount --debug`): checked once, not per request. */
@@ -87,11 +98,12 @@ export class KernelFuse {
     const wantFlags = InitFlag.DO_READDIRPLUS | InitFlag.READDIRPLUS_AUTO
       | (options.contentMayChange ? InitFlag.AUTO_INVAL_DATA : InitFlag.CACHE_SYMLINKS | InitFlag.NO_OPENDIR_SUPPORT);
     return FuseSession.mount(mountpoint, (header, request, session) => server.handle(header, request, session), {
-      readOnly: options.readOnly, wantFlags,
+      readOnly: options.readOnly, wantFlags, passthrough: options.passthrough ?? false,
     });
   }
 
   private handle(header: RequestHeader, request: Buffer, session: FuseSession): void {
+    this.session = session;
     switch (header.opcode) {
       case Op.FORGET:
         this.nodes.forget(header.nodeid, new BodyReader(request).u64());
@@ -109,7 +121,7 @@ export class KernelFuse {
         return this.read(header, request, session);
       case Op.RELEASE:
         session.reply(header.unique, 0); // nobody waits for a close's result
-        return this.release(new BodyReader(request).u64());
+        return this.release(new BodyReader(request).u64(), session);
       default:
     }
     const started = this.options.stats || this.trace ? process.hrtime.bigint() : 0n;
@@ -371,7 +383,43 @@ export class KernelFuse {
       // Opening for writing copied the file up: its inode number is the upper one now.
       this.nodes.noteIno(node, (await this.stat(path).catch(() => undefined))?.ino ?? node.ino);
     }
-    return openOut(fh, this.openFlags());
+    return this.openReply(node, fh);
+  }
+
+  /**
+   * open_out for a new handle: passed through to its upper file when the
+   * kernel allows it, else served here (page-cached).
+   *
+   * The kernel keeps one backing file per inode while passthrough opens
+   * last, and refuses to mix them with cached opens of the same inode: so
+   * all passthrough opens of a node share one backing id (registered on a
+   * read-write descriptor of its own), and a node with cached opens (a
+   * lower file read before it was copied up) gets cached opens until those
+   * are released. (The kernel still clears suid/sgid through SETATTR when
+   * a user writes: that part of a write does not pass through.)
+   */
+  private openReply(node: FuseNode | undefined, fh: number): Buffer {
+    const session = this.session;
+    if (node === undefined || session === undefined || !session.passthrough) return openOut(fh, this.openFlags());
+    if (node.backing === undefined) {
+      const backing = node.cachedOpens === 0 ? this.union.backingFd(fh) : undefined;
+      if (backing === undefined) {
+        node.cachedOpens++;
+        return openOut(fh, this.openFlags());
+      }
+      try {
+        node.backing = { id: session.openBacking(backing.fd), opens: 0 };
+      } catch (err) {
+        this.options.logger.debug('no backing file for an open: served here', { fh, error: String(err) });
+        node.cachedOpens++;
+        return openOut(fh, this.openFlags());
+      } finally {
+        if (backing.owned) closeSync(backing.fd);
+      }
+    }
+    node.backing.opens++;
+    this.passedThrough.add(fh);
+    return openOut(fh, FOPEN_PASSTHROUGH, node.backing.id);
   }
 
   private async create(h: RequestHeader, name: string, mode: number): Promise<Answer> {
@@ -388,7 +436,7 @@ export class KernelFuse {
     this.opened(node, fh);
     const out = Buffer.allocUnsafe(ENTRY_OUT_SIZE + 16);
     writeEntry(out, 0, node.id, st, this.ttl, this.ttl);
-    openOut(fh, this.openFlags()).copy(out, ENTRY_OUT_SIZE);
+    this.openReply(node, fh).copy(out, ENTRY_OUT_SIZE);
     return out;
   }
 
@@ -404,10 +452,20 @@ export class KernelFuse {
     });
   }
 
-  private release(fh: number): void {
+  private release(fh: number, session: FuseSession): void {
     const node = this.nodes.get(this.handles.get(fh) ?? 0);
     this.handles.delete(fh);
-    if (node !== undefined) node.openHandles--;
+    if (node !== undefined) {
+      node.openHandles--;
+      if (this.passedThrough.delete(fh)) {
+        if (node.backing !== undefined && --node.backing.opens === 0) {
+          session.closeBacking(node.backing.id);
+          node.backing = undefined;
+        }
+      } else if (node.cachedOpens > 0) {
+        node.cachedOpens--;
+      }
+    }
     this.union.release(fh).catch((err: unknown) => this.options.logger.warn('close failed', { fh, error: String(err) }));
   }
 

@@ -30,6 +30,16 @@ export interface MountUnionOptions {
   liveLayer?: string;
   /** Merges of lower layers kept between mounts of the same layers (not used with a live layer, whose layers change). */
   lowerMerges?: LowerMergeCache;
+  /**
+   * FUSE passthrough for upper files where the kernel offers it (default:
+   * on, unless the environment has LAYERD_FUSE_PASSTHROUGH=0).
+   */
+  passthrough?: boolean;
+}
+
+/** The default of MountUnionOptions.passthrough: LAYERD_FUSE_PASSTHROUGH=0 turns it off (benchmarks, the semantics suite run both ways). */
+export function passthroughByDefault(): boolean {
+  return process.env['LAYERD_FUSE_PASSTHROUGH'] !== '0';
 }
 
 export interface MountedUnion {
@@ -83,7 +93,7 @@ export async function mountUnion(options: MountUnionOptions): Promise<MountedUni
   try {
     session = await KernelFuse.mount(mountpoint, union, {
       readOnly, contentMayChange: live !== undefined, cacheSeconds: cacheSeconds ?? KERNEL_CACHE_SECONDS, logger,
-      ...(options.stats ? { stats: options.stats } : {}),
+      ...(options.stats ? { stats: options.stats } : {}), passthrough: options.passthrough ?? passthroughByDefault(),
     });
   } catch (err) {
     await live?.close();
@@ -91,7 +101,7 @@ export async function mountUnion(options: MountUnionOptions): Promise<MountedUni
   }
   const mergedUnion = union;
   logger.info('mounted', {
-    mountpoint, layers: options.layers.length, readOnly, ...(live ? { liveLayer: live.dir } : {}),
+    mountpoint, layers: options.layers.length, readOnly, ...(live ? { liveLayer: live.dir } : {}), passthrough: session.passthrough,
     mergeMs: Math.round(merged - started), serveMs: Math.round(performance.now() - merged),
   });
 

@@ -22,6 +22,8 @@ export interface OpenFile {
   readonly upper: boolean;
   /** Opened O_SYNC or O_DSYNC: every write waits for the disk. */
   readonly durable?: boolean;
+  /** Opened read-write without flags of its own (O_APPEND, O_SYNC…): the descriptor can stand behind every open of the file. */
+  readonly plainReadWrite?: boolean;
 }
 
 type Callback<T> = (err: NodeJS.ErrnoException | null, value: T) => void;

@@ -19,7 +19,7 @@
 import { closeSync, fchmodSync, fchownSync, ftruncate } from 'node:fs';
 import { statfs } from 'node:fs/promises';
 import {
-  O_CREAT, O_DSYNC, O_EXCL, O_RDWR, O_SYNC, O_TRUNC, O_WRONLY, fstat, futimens, type TimeChange,
+  O_CREAT, O_DSYNC, O_EXCL, O_RDWR, O_SYNC, O_TRUNC, O_WRONLY, fstat, futimens, reopenFd, type TimeChange,
 } from '../common/sys/fs.js';
 import { type EntryKind, type LayerEntry, type LayerSource, openContent, xattrBytes } from '../storage/layerIndex.js';
 import { fsError } from './fsError.js';
@@ -337,7 +337,21 @@ export class UnionFs {
         throw err;
       }
     }
-    return this.files.add({ fd, node, upper: true, durable: (kept & (O_SYNC | O_DSYNC)) !== 0 });
+    return this.files.add({
+      fd, node, upper: true, durable: (kept & (O_SYNC | O_DSYNC)) !== 0, plainReadWrite: (kept & (O_ACCMODE | O_SYNC | O_DSYNC)) === O_RDWR,
+    });
+  }
+
+  /**
+   * A read-write descriptor of the upper regular file an open handle is on,
+   * to register as its backing file (FUSE passthrough): the handle's own
+   * when it is a plain read-write open, else a new one (`owned`: the caller
+   * closes it). Undefined for lower content, which is no whole file of its own.
+   */
+  backingFd(fh: number): { fd: number; owned: boolean } | undefined {
+    const { fd, node, upper, range, plainReadWrite } = this.files.get(fh);
+    if (!upper || fd < 0 || range !== undefined || node.kind !== 'file') return undefined;
+    return plainReadWrite === true ? { fd, owned: false } : { fd: reopenFd(fd, O_RDWR, OPEN_FILE_PATH), owned: true };
   }
 
   read(fh: number, buffer: Buffer, length: number, position: number): Promise<number> {
@@ -529,7 +543,7 @@ export class UnionFs {
         try { this.upper.unlink(path); } catch { /* the first error is the one to report */ }
         throw err;
       }
-      return this.files.add({ fd, node: this.addUpperNode(path, 'file', ino), upper: true });
+      return this.files.add({ fd, node: this.addUpperNode(path, 'file', ino), upper: true, plainReadWrite: true });
     });
   }
 

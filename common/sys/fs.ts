@@ -15,6 +15,7 @@
  * Times are whole seconds plus nanoseconds end to end (statx, utimensat):
  * nothing passes through float milliseconds.
  */
+import { openSync } from 'node:fs';
 import { XattrArgs, SYS, lastErrno, libc } from './libc.js';
 import { errnoName, fsError, type ErrnoName } from './errors.js';
 
@@ -442,4 +443,18 @@ export function copyFileRange(fdIn: number, inOffset: number, fdOut: number, out
 
 export function ioctl(fd: number, request: number, arg: Buffer | null, label = `fd ${fd}`): number {
   return check(libc.ioctl(fd, request, arg), `ioctl ${request.toString(16)}`, label);
+}
+
+/**
+ * A new open file description of what `fd` is open on, with `flags` of its
+ * own (e.g. read-write where `fd` is read-only or O_APPEND). Through the
+ * descriptor, not a path: it cannot reach anything else.
+ */
+export function reopenFd(fd: number, flags: number, label = `fd ${fd}`): number {
+  try {
+    return openSync(`/proc/self/fd/${fd}`, flags | O_CLOEXEC);
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    throw fsError((code ?? 'EIO') as ErrnoName, label, 'reopen');
+  }
 }

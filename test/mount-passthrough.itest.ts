@@ -1,0 +1,132 @@
+/**
+ * FUSE passthrough (mount/kernelFuse.ts): the data of upper files goes
+ * between the kernel and the upper directory without crossing into the
+ * server, and still means what it meant when the server carried it. The
+ * server's own operation counts (--stats-file) show which way data went.
+ *
+ * Files are touched only from child processes (never synchronous I/O on a
+ * mount from the process that could serve it). Needs root and Linux 6.9+.
+ */
+import { expect } from 'chai';
+import { type ChildProcess } from 'node:child_process';
+import { readFile, stat, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { type OpStatsSnapshot } from '../mount/opStats.js';
+import { makeWorkspace, mustRun, removeWorkspace, startLayerdServer, stopLayerdServer, type Workspace } from './fixtures/mount/harness.js';
+
+const PY = 'python3';
+
+for (const passthrough of [true, false]) {
+  describe(`mount passthrough: ${passthrough ? 'on' : 'off (LAYERD_FUSE_PASSTHROUGH=0)'}`, function () {
+    this.timeout(60_000);
+    let ws: Workspace;
+    let server: ChildProcess | undefined;
+    let statsFile: string;
+    const at = (path: string): string => join(ws.mnt, path);
+
+    const mount = async (): Promise<void> => {
+      server = await startLayerdServer(['--lower', ws.lowers.join(':'), '--upper', ws.upper, '--stats-file', statsFile], ws.mnt,
+        { ...process.env, LAYERD_FUSE_PASSTHROUGH: passthrough ? '1' : '0' });
+    };
+    /** Unmount; the server writes its final counts as it exits. */
+    const unmountCounts = async (): Promise<Record<string, number>> => {
+      await stopLayerdServer(server!, ws.mnt);
+      server = undefined;
+      const snap = JSON.parse(await readFile(statsFile, 'utf8')) as OpStatsSnapshot;
+      return Object.fromEntries(Object.entries(snap).map(([op, c]) => [op, c.count]));
+    };
+    const py = (code: string): Promise<string> => mustRun(PY, ['-c', code]);
+
+    beforeEach(async () => {
+      ws = await makeWorkspace();
+      statsFile = join(ws.root, 'stats.json');
+    });
+    afterEach(async () => {
+      if (server) await stopLayerdServer(server, ws.mnt);
+      server = undefined;
+      await removeWorkspace(ws);
+    });
+
+    it(passthrough ? 'reads and writes of upper files never reach the server' : 'the server carries every read and write', async () => {
+      await writeFile(join(ws.upper, 'before'), 'x'.repeat(3 << 20)); // an upper file from an earlier mount
+      await mount();
+      await mustRun('dd', ['if=/dev/urandom', `of=${at('new')}`, 'bs=1M', 'count=4', 'status=none']);
+      await mustRun('dd', [`if=${at('before')}`, 'of=/dev/null', 'bs=1M', 'status=none']);
+      const viaMount = await mustRun('sha256sum', [at('new')]);
+      const counts = await unmountCounts();
+      expect(viaMount.split(' ')[0]).to.equal((await mustRun('sha256sum', [join(ws.upper, 'new')])).split(' ')[0]);
+      if (passthrough) {
+        expect(counts['write'] ?? 0, 'writes served').to.equal(0);
+        expect(counts['read'] ?? 0, 'reads served').to.equal(0);
+      } else {
+        expect(counts['write'] ?? 0).to.be.greaterThan(0);
+        expect(counts['read'] ?? 0).to.be.greaterThan(0);
+      }
+    });
+
+    it('keeps positions, appends, truncation, mmap and sizes right', async () => {
+      await mount();
+      const out = await py(`
+import mmap, os
+p = ${JSON.stringify(at('f'))}
+a = os.open(p, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o644)
+b = os.open(p, os.O_RDWR)
+for i in range(50):
+    os.write(a, b'A%02d' % i)             # appends, whatever b did
+    os.pwrite(b, b'bb', 0)                # overwrites the start
+os.ftruncate(b, 100)
+size_after_truncate = os.fstat(a).st_size
+with open(p, 'r+b') as f:
+    m = mmap.mmap(f.fileno(), 100)
+    m[10:15] = b'MMAP!'
+    m.flush(); m.close()
+os.close(a); os.close(b)
+print(size_after_truncate, os.stat(p).st_size)
+print(open(p, 'rb').read()[:20])
+`);
+      expect(out.trim().split('\n')).to.deep.equal(['100 100', "b'bb0A01A02AMMAP!A05A0'"]);
+      const upper = await readFile(join(ws.upper, 'f'));
+      expect(upper.length).to.equal(100);
+      expect(upper.subarray(0, 20).toString()).to.equal('bb0A01A02AMMAP!A05A0');
+      expect((await stat(at('f'))).size).to.equal(100);
+    });
+
+    it('serves a lower file read before its copy-up, and both names of a hard link written at once', async () => {
+      await mount();
+      const out = await py(`
+import os
+p = ${JSON.stringify(at('etc/passwd'))}
+r = open(p, 'rb')                  # a page-cached open of the lower file
+first = r.read()
+with open(p, 'ab') as w:           # copies it up while that open lasts (passthrough must wait)
+    w.write(b'appended\\n')
+r.close()
+with open(p, 'r+b') as w:          # no page-cached open is left: this one may pass through
+    w.seek(0, 2); w.write(b'more\\n')
+print(first, open(p, 'rb').read())
+os.link(${JSON.stringify(at('etc/passwd'))}, ${JSON.stringify(at('etc/passwd2'))})
+x = os.open(${JSON.stringify(at('etc/passwd'))}, os.O_RDWR)
+y = os.open(${JSON.stringify(at('etc/passwd2'))}, os.O_RDWR)
+os.pwrite(x, b'XX', 0)
+os.pwrite(y, b'YY', 2)
+print(os.pread(x, 4, 0), os.pread(y, 4, 0))
+os.close(x); os.close(y)
+`);
+      expect(out.trim().split('\n')).to.deep.equal([
+        "b'root:x:0:0\\n' b'root:x:0:0\\nappended\\nmore\\n'",
+        "b'XXYY' b'XXYY'",
+      ]);
+      expect((await readFile(join(ws.upper, 'etc/passwd'), 'utf8'))).to.equal('XXYY:x:0:0\nappended\nmore\n');
+    });
+
+    it('clears setuid when a user writes, and keeps the union\'s metadata for the writes', async () => {
+      await mount();
+      await mustRun('sh', ['-c', `echo data > ${at('s')} && chmod 4777 ${at('s')}`]);
+      await mustRun('setpriv', ['--reuid=1000', '--regid=1000', '--clear-groups', 'sh', '-c', `echo more >> ${at('s')}`]);
+      const st = await stat(at('s'));
+      expect(st.mode & 0o7777).to.equal(0o777);
+      expect(st.size).to.equal(10);
+      expect((await stat(join(ws.upper, 's'))).mode & 0o7777).to.equal(0o777);
+    });
+  });
+}
