@@ -11,7 +11,7 @@ import { status } from '@grpc/grpc-js';
 import { readFile, readdir, mkdir, stat, writeFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { BUSYBOX, layerctl, scratch } from './support/env.js';
-import { type RunningDaemon, startDaemon } from './support/daemon.js';
+import { type RunningDaemon, startDaemon, waitFor } from './support/daemon.js';
 import { type SnapshotsClient, grpcCode, snapshotsClient } from './support/containerd.js';
 import { clearMountsUnder } from './support/store.js';
 import { signalAndWait } from './support/processes.js';
@@ -310,6 +310,17 @@ describe('containerd snapshotter: the gRPC API', function () {
     await mkdir(join(orphan, 'upper'), { recursive: true });
     await client.call('Cleanup', { snapshotter: 'layerd' });
     await stat(orphan).then(() => expect.fail('the orphan should be gone'), () => undefined);
+  });
+
+  it('serves a snapshot again within seconds when its mount host dies while the daemon runs', async () => {
+    const m = (await prepare('supervised', ''))[0]!.source;
+    await writeFile(join(m, 'kept'), 'in the upper\n');
+    await stopMountHostsUnder(work.dir, 'SIGKILL');
+    // served again by the daemon's supervisor, without a Mounts call or a restart
+    await waitFor('the snapshot served again', async () => (await readFile(join(m, 'kept'), 'utf8').catch(() => '')) === 'in the upper\n', 15_000, 100);
+    expect(daemon!.log()).to.match(/the mount host of a snapshot died; serving it again/);
+    await writeFile(join(m, 'after'), 'still writable\n');
+    await remove('supervised');
   });
 
   it('keeps snapshot mounts served across a daemon restart, and serves again one whose server died', async () => {
