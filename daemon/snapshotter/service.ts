@@ -207,15 +207,15 @@ export class SnapshotService {
 
   /**
    * The layer the store already has for chain ID `target` on top of
-   * `parentRow`: one a committed snapshot of that chain holds (committed in
-   * any containerd namespace), else a store layer (pulled or imported by
-   * layerd) whose chain on the parent's chain is `target`.
+   * `parentRow`: a store layer (pulled or imported by layerd) whose chain on
+   * the parent's chain is `target` — it has the very diffID the image names —,
+   * else the one a committed snapshot of that chain holds (committed in any
+   * containerd namespace).
    */
   private knownLayerForChain(target: Digest, parentRow: SnapshotRow | undefined): Digest | undefined {
-    const committed = this.table.committedWithChain(target)[0];
-    if (committed?.diff_id) return committed.diff_id;
-    if (parentRow !== undefined && parentRow.chain_id === null) return undefined; // the parent's chain is not known
-    return storeLayerForChain(this.store.db, parentRow?.chain_id ?? null, target);
+    const parentKnown = parentRow === undefined || parentRow.chain_id !== null;
+    const stored = parentKnown ? storeLayerForChain(this.store.db, parentRow?.chain_id ?? null, target) : undefined;
+    return stored ?? this.table.committedWithChain(target)[0]?.diff_id ?? undefined;
   }
 
   /**
