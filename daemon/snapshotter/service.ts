@@ -343,10 +343,13 @@ export class SnapshotService {
     try {
       if (row.unpack_target !== null) {
         await this.commitUnpacked(name, row, labels);
+        // The unpacked tree is not needed any more; containerd need not wait for its deletion
+        // (no row owns the directory now: a stop before it is gone leaves it to Cleanup / the next start).
+        void rm(dir, { recursive: true, force: true }).catch((err: unknown) => this.logger.warn('could not delete an unpack directory', { path: dir, error: String(err) }));
       } else {
         await this.commitMounted(name, row, labels);
+        await rm(dir, { recursive: true, force: true });
       }
-      await rm(dir, { recursive: true, force: true });
     } finally {
       this.busy.delete(key);
       this.busy.delete(name);
