@@ -55,6 +55,7 @@ bench: deps build
 	node dist/bench/fuseFloor.js
 	node dist/bench/seqRead.js
 	node dist/bench/mountApi.js
+	node dist/bench/containerd.js
 
 clean:
 	rm -rf dist

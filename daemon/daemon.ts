@@ -90,6 +90,7 @@ export class Daemon {
       daemon.containers.superviseHosts();
       daemon.snapshots = new SnapshotService(store, logger);
       await daemon.snapshots.adoptAll();
+      daemon.snapshots.superviseMounts();
       daemon.snapshotter = snapshotter = await startSnapshotter(options.socket, options.snapshotterSocket, daemon.snapshots, logger);
       server.on('request', (req, res) => {
         const done = router.dispatch(req, res, logger).finally(() => {
@@ -183,6 +184,7 @@ export class Daemon {
       await closed;
       await this.snapshotter?.stop();
       await this.containers.stopSupervising();
+      await this.snapshots.stopSupervising();
       if (this.options.unmountOnStop) await this.containers.unmountAll();
       if (this.options.unmountOnStop) await this.snapshots.unmountAll();
       await rm(daemonMarker(this.options.root), { force: true });

@@ -6,6 +6,12 @@
  *
  *   <root>/snapshots/<id>/upper     the writable layer of an active snapshot
  *   <root>/snapshots/<id>/mnt       its FUSE mountpoint (active and view snapshots)
+ *   <root>/snapshots/<id>/work      an unpack snapshot's overlayfs work dir (never mounted by layerd)
+ *
+ * An *unpack* snapshot (containerd prepares it only to apply one layer and
+ * commit it as `unpack_target`, a chain ID) is a plain directory: containerd
+ * writes into `upper` directly, at disk speed, and Commit turns it into a
+ * store layer (or finds the layer the store already has for that chain).
  *
  * A committed snapshot is a layer of the store (`diff_id`) on top of its
  * parent's chain; it owns no files of its own. Its layer stays in the store
@@ -14,10 +20,13 @@
  * `default/12/sha256:…`); `id` is layerd's own, used for directory names.
  */
 import { renameSync } from 'node:fs';
+import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
+import { PassThrough, type Writable } from 'node:stream';
 import { ErrorCodes, LayerdError } from '../common/errors.js';
-import { type Digest } from './digest.js';
+import { type Digest, digestOf } from './digest.js';
 import { Transaction } from './importer.js';
+import { ingestLayer } from './layerIngest.js';
 import { type MetadataDb } from './metadata.js';
 import { MediaTypes } from './oci.js';
 import { type Store } from './store.js';
@@ -44,6 +53,8 @@ export interface SnapshotRow {
   mountpoint: string | null;
   /** Active and view: the mount server, while one is known. */
   server_pid: number | null;
+  /** Unpack snapshots: the chain ID containerd will commit it as (no FUSE mount, no server); else null. */
+  unpack_target: Digest | null;
 }
 
 const SCHEMA = `
@@ -66,6 +77,9 @@ CREATE INDEX IF NOT EXISTS snapshots_parent ON snapshots(parent);
 CREATE INDEX IF NOT EXISTS snapshots_diff_id ON snapshots(diff_id);
 `;
 
+/** Columns added after the first version of the table (added to older stores on open). */
+const ADDED_COLUMNS: Record<string, string> = { unpack_target: 'TEXT' };
+
 export function snapshotsDir(store: Store): string {
   return join(store.layout.root, 'snapshots');
 }
@@ -77,7 +91,13 @@ export function snapshotDir(store: Store, id: number): string {
 /** The snapshot table of one store (created on first use). */
 export class SnapshotTable {
   constructor(private readonly db: MetadataDb) {
-    db.write(() => db.db.exec(SCHEMA));
+    db.write(() => {
+      db.db.exec(SCHEMA);
+      const have = new Set((db.db.prepare(`PRAGMA table_info(snapshots)`).all() as { name: string }[]).map((c) => c.name));
+      for (const [column, type] of Object.entries(ADDED_COLUMNS)) {
+        if (!have.has(column)) db.db.exec(`ALTER TABLE snapshots ADD COLUMN ${column} ${type}`);
+      }
+    });
   }
 
   get(key: string): SnapshotRow | undefined {
@@ -97,12 +117,17 @@ export class SnapshotTable {
     return this.list().filter((r) => r.kind === 'committed' && r.parent === parent && parseLabels(r.labels)[label] === value);
   }
 
+  /** Committed snapshots known to stand for chain ID `chainId` (in any containerd namespace). */
+  committedWithChain(chainId: Digest): SnapshotRow[] {
+    return this.db.db.prepare(`SELECT * FROM snapshots WHERE kind = 'committed' AND chain_id = ? ORDER BY id`).all(chainId) as SnapshotRow[];
+  }
+
   /** Insert (call inside a write transaction); returns the new row. */
-  insert(row: Omit<SnapshotRow, 'id' | 'created_at' | 'updated_at'> & { created_at?: number }): SnapshotRow {
+  insert(row: Omit<SnapshotRow, 'id' | 'created_at' | 'updated_at' | 'unpack_target'> & { created_at?: number; unpack_target?: Digest | null }): SnapshotRow {
     const now = Date.now();
-    const result = this.db.db.prepare(`INSERT INTO snapshots (key, kind, parent, labels, created_at, updated_at, diff_id, chain_id, upper, mountpoint, server_pid)
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`)
-      .run(row.key, row.kind, row.parent, row.labels, row.created_at ?? now, now, row.diff_id, row.chain_id, row.upper, row.mountpoint, row.server_pid);
+    const result = this.db.db.prepare(`INSERT INTO snapshots (key, kind, parent, labels, created_at, updated_at, diff_id, chain_id, upper, mountpoint, server_pid, unpack_target)
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`)
+      .run(row.key, row.kind, row.parent, row.labels, row.created_at ?? now, now, row.diff_id, row.chain_id, row.upper, row.mountpoint, row.server_pid, row.unpack_target ?? null);
     return this.db.db.prepare(`SELECT * FROM snapshots WHERE id = ?`).get(result.lastInsertRowid) as SnapshotRow;
   }
 
@@ -161,6 +186,32 @@ export function snapshotLayerRefs(db: MetadataDb): Set<Digest> {
   return new Set(rows.map((r) => r.d));
 }
 
+/** Committed snapshots per layer (`layerctl layers` counts them as users). Works without the table. */
+export function snapshotLayerUseCounts(db: MetadataDb): Map<Digest, number> {
+  const exists = db.db.prepare(`SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'snapshots'`).get();
+  if (!exists) return new Map();
+  const rows = db.db.prepare(`SELECT diff_id AS d, COUNT(*) AS n FROM snapshots WHERE diff_id IS NOT NULL GROUP BY diff_id`).all() as { d: Digest; n: number }[];
+  return new Map(rows.map((r) => [r.d, r.n]));
+}
+
+/** The chain ID of `diffId` on top of the chain `parentChain` (null: a base layer), as the OCI image spec defines it. */
+export function chainIdOf(parentChain: Digest | null, diffId: Digest): Digest {
+  return parentChain === null ? diffId : digestOf(`${parentChain} ${diffId}`);
+}
+
+/**
+ * The store layer whose chain ID on top of `parentChain` is `target`, if the
+ * store has one: a layer pulled or imported by layerd itself, which a
+ * containerd unpack of the same image then shares instead of storing again.
+ */
+export function storeLayerForChain(db: MetadataDb, parentChain: Digest | null, target: Digest): Digest | undefined {
+  if (parentChain === null) return db.getLayer(target) ? target : undefined;
+  for (const { diff_id: d } of db.db.prepare(`SELECT diff_id FROM layers`).all() as { diff_id: Digest }[]) {
+    if (chainIdOf(parentChain, d) === target) return d;
+  }
+  return undefined;
+}
+
 export interface IngestedLayerTar {
   diffId: Digest;
   /** Bytes of the uncompressed tar. */
@@ -194,6 +245,48 @@ export async function ingestLayerTar(
       layer.fileBytes = existing.file_bytes;
       layer.entries = existing.entries;
     }
+    tx.stageLayer(ingested, MediaTypes.ociLayer);
+    await store.commit(workDir, tx.staged, (db) => {
+      for (const [diffId, l] of tx.layers) db.putLayer({ diff_id: diffId, size: l.size, file_bytes: l.fileBytes, entries: l.entries });
+      record(db, layer);
+    });
+    return layer;
+  } finally {
+    await store.releaseWorkDir(workDir);
+  }
+}
+
+/**
+ * Ingest a layer tar that `write` produces, as it is written: one pass that
+ * hashes (the diffID), indexes and stores it, with no tar file in between
+ * (a containerd snapshot's directory becomes a layer this way). Otherwise as
+ * `ingestLayerTar`.
+ */
+export async function ingestLayerStream(
+  store: Store, write: (out: Writable) => Promise<unknown>, record: (db: MetadataDb, layer: IngestedLayerTar) => void,
+): Promise<IngestedLayerTar> {
+  const workDir = await store.newWorkDir();
+  try {
+    const tx = new Transaction(store, workDir);
+    const dir = tx.nextDir();
+    const tar = new PassThrough({ highWaterMark: 1024 * 1024 });
+    const written = write(tar).catch((err: unknown) => { tar.destroy(err as Error); throw err; });
+    const ingesting = mkdir(dir).then(() => ingestLayer(async () => tar, {}, { workDir: dir, unpack: true, flushEarly: store.durable, disk: tx.disk }));
+    const [w, i] = await Promise.allSettled([written, ingesting]);
+    if (w.status === 'rejected') throw w.reason; // the writer's own error, not the broken stream it caused
+    if (i.status === 'rejected') throw i.reason;
+    const ingested = i.value;
+    if (ingested.compression !== 'none') throw new LayerdError(ErrorCodes.EINTERNAL, 'a written layer tar read back as compressed');
+    delete ingested.blobPath; // the layer keeps its tar as layer.tar; no separate blob
+    const existing = store.db.getLayer(ingested.diffId);
+    if (existing) {
+      delete ingested.layerDir;
+      delete ingested.index;
+    }
+    const layer: IngestedLayerTar = {
+      diffId: ingested.diffId, size: ingested.diffSize,
+      fileBytes: existing?.file_bytes ?? ingested.fileBytes, entries: existing?.entries ?? ingested.index?.entries.length ?? 0,
+    };
     tx.stageLayer(ingested, MediaTypes.ociLayer);
     await store.commit(workDir, tx.staged, (db) => {
       for (const [diffId, l] of tx.layers) db.putLayer({ diff_id: diffId, size: l.size, file_bytes: l.fileBytes, entries: l.entries });

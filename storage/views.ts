@@ -8,6 +8,7 @@ import { formatPlatform, normalizePlatform } from './platform.js';
 import { formatRef } from './references.js';
 import { type Store } from './store.js';
 import { type ImageRow } from './metadata.js';
+import { snapshotLayerUseCounts } from './snapshots.js';
 
 export interface ImageSummary {
   id: Digest;
@@ -27,6 +28,7 @@ export interface LayerSummary {
   entries: number;
   /** Blobs (distribution digests) stored for this layer. */
   blobs: Digest[];
+  /** Images and committed containerd snapshots that use it. */
   usedBy: number;
 }
 
@@ -82,6 +84,8 @@ export function listImages(store: Store): ImageSummary[] {
 
 export function listLayers(store: Store): LayerSummary[] {
   const uses = store.db.layerUseCounts();
+  // containerd snapshots (committed ones) are users too: such a layer is not garbage.
+  for (const [diffId, n] of snapshotLayerUseCounts(store.db)) uses.set(diffId, (uses.get(diffId) ?? 0) + n);
   const blobsByLayer = new Map<Digest, Set<Digest>>();
   for (const image of store.db.listImages()) {
     for (const l of store.db.imageLayers(image.id)) {

@@ -6,11 +6,12 @@
  * uses and leaves none behind (checked after each).
  */
 import { expect } from 'chai';
+import { execFileSync } from 'node:child_process';
 import { status } from '@grpc/grpc-js';
 import { readFile, readdir, mkdir, stat, writeFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { BUSYBOX, layerctl, scratch } from './support/env.js';
-import { type RunningDaemon, startDaemon } from './support/daemon.js';
+import { type RunningDaemon, startDaemon, waitFor } from './support/daemon.js';
 import { type SnapshotsClient, grpcCode, snapshotsClient } from './support/containerd.js';
 import { clearMountsUnder } from './support/store.js';
 import { signalAndWait } from './support/processes.js';
@@ -204,15 +205,89 @@ describe('containerd snapshotter: the gRPC API', function () {
     await registerBusyboxBase();
     const bogus = `sha256:${'1'.repeat(64)}`;
     // a layer the store does not have: containerd must unpack
+    // (an unpack: containerd applies the layer into the directory itself)
     const m1 = await prepare('unpack-1', '', { 'containerd.io/snapshot.ref': bogus, 'containerd.io/snapshot/layer.diffid': bogus });
-    expect(m1[0]!.options).to.deep.equal(['rbind', 'rw']);
+    expect(m1[0]!.type).to.equal('overlay');
     // a layer the store has, but the target is not parent + layer: refuse the shortcut
     const m2 = await prepare('unpack-2', layer.diffId, { 'containerd.io/snapshot.ref': bogus, 'containerd.io/snapshot/layer.diffid': layer.diffId });
-    expect(m2[0]!.options).to.deep.equal(['rbind', 'rw']);
+    expect(m2[0]!.type).to.equal('overlay');
     expect(await client.list([`labels."containerd.io/snapshot.ref"==${bogus}`])).to.have.length(2);
     expect((await client.list([`labels."containerd.io/snapshot.ref"==${bogus}`])).map((s) => s.kind)).to.deep.equal(['ACTIVE', 'ACTIVE']);
     await remove('unpack-1');
     await remove('unpack-2');
+  });
+
+  it('serves an unpack Prepare as a plain directory (no FUSE mount) and commits it as a layer, whiteouts and opaque directories included', async () => {
+    const before = await storeLayers();
+    const fuseMounts = async (): Promise<number> => (await readFile('/proc/self/mountinfo', 'utf8')).split('\n').filter((l) => / - fuse/.test(l) && l.includes(work.dir)).length;
+    const fuseBefore = await fuseMounts();
+    const t1 = `sha256:${'a'.repeat(64)}`;
+    const t2 = `sha256:${'b'.repeat(64)}`;
+    // containerd's unpack key (`<namespace>/<n>/extract-<unique> <chainID>`), no label: what `ctr images import` sends
+    const base = await prepare(`ns1/1/extract-1-x ${t1}`);
+    expect(base).to.have.length(1);
+    expect(base[0]!.type).to.equal('overlay');
+    const upperOf = (m: WireMount[]): string => m[0]!.options.find((o) => o.startsWith('upperdir='))!.slice('upperdir='.length);
+    expect(await fuseMounts(), 'no FUSE mount for an unpack').to.equal(fuseBefore);
+    // what containerd's applier writes: files, and (for the next layer) overlayfs whiteouts and opaque directories
+    const u1 = upperOf(base);
+    await mkdir(join(u1, 'etc'));
+    await writeFile(join(u1, 'etc', 'hello'), 'hello\n');
+    await writeFile(join(u1, 'etc', 'gone'), 'deleted above\n');
+    await mkdir(join(u1, 'opq'));
+    await writeFile(join(u1, 'opq', 'old'), 'hidden above\n');
+    await commit(`ns1/2/${t1}`, `ns1/1/extract-1-x ${t1}`);
+    expect((await statOf(`ns1/2/${t1}`)).kind).to.equal('COMMITTED');
+    const top = await prepare(`ns1/3/extract-2-y ${t2}`, `ns1/2/${t1}`);
+    const u2 = upperOf(top);
+    await mkdir(join(u2, 'etc'));
+    execFileSync('mknod', [join(u2, 'etc', 'gone'), 'c', '0', '0']);
+    await mkdir(join(u2, 'opq'));
+    execFileSync('setfattr', ['-n', 'trusted.overlay.opaque', '-v', 'y', join(u2, 'opq')]);
+    await writeFile(join(u2, 'opq', 'new'), 'new\n');
+    await commit(`ns1/4/${t2}`, `ns1/3/extract-2-y ${t2}`);
+    // (deleted in the background once Commit answered)
+    await waitFor('the unpack directory deleted after Commit', () => stat(u2).then(() => false, () => true), 15_000, 50);
+    const after = await storeLayers();
+    expect(after).to.have.length(before.length + 2);
+    // the union of the two layers, as a container sees it
+    const v = (await view('unpacked-view', `ns1/4/${t2}`))[0]!.source;
+    expect(await readFile(join(v, 'etc', 'hello'), 'utf8')).to.equal('hello\n');
+    expect((await readdir(join(v, 'etc'))).sort(), 'the whiteout holds').to.deep.equal(['hello']);
+    expect(await readdir(join(v, 'opq')), 'the opaque directory holds').to.deep.equal(['new']);
+    await remove('unpacked-view');
+    // the same chain unpacked in another containerd namespace: the stored layers are kept, none added
+    const again = await prepare(`ns2/1/extract-3-z ${t1}`);
+    await writeFile(join(upperOf(again), 'other'), 'what containerd wrote again\n');
+    await commit(`ns2/2/${t1}`, `ns2/1/extract-3-z ${t1}`);
+    const again2 = await prepare(`ns2/3/extract-4-w ${t2}`, `ns2/2/${t1}`);
+    await commit(`ns2/4/${t2}`, `ns2/3/extract-4-w ${t2}`);
+    expect(await storeLayers(), 'each layer stored once').to.deep.equal(after);
+    expect(upperOf(again2)).to.not.equal(u2);
+    // a labelled Prepare of that chain (containerd's pull unpacker) needs no unpack at all
+    expect(await codeOf(prepare(`ns3/1/extract-5-v ${t1}`, '', { 'containerd.io/snapshot.ref': t1 }))).to.equal(status.ALREADY_EXISTS);
+    expect(await client.list([`labels."containerd.io/snapshot.ref"==${t1},parent==""`])).to.have.length(1);
+    // `layerctl layers` counts snapshot users
+    const usedBy = new Map((JSON.parse(await cli('layers', '--json')) as { diffId: string; usedBy: number }[]).map((l) => [l.diffId, l.usedBy]));
+    const added = after.filter((d) => !before.includes(d));
+    expect(added.map((d) => usedBy.get(d)).sort()).to.deep.equal([2, 3]); // t2: ns1, ns2; t1: ns1, ns2, the registered one
+    expect(await fuseMounts(), 'still no FUSE mount').to.equal(fuseBefore);
+  });
+
+  it('keeps the store\'s own layer when an unpack commits a chain the store has (an image layerd imported or pulled)', async () => {
+    const layer = busybox.Layers[0]!; // a base layer: its chain ID is its diffID
+    const before = await storeLayers();
+    const m = await prepare(`ns1/1/extract-9-q ${layer.diffId}`);
+    const upper = m[0]!.options.find((o) => o.startsWith('upperdir='))!.slice('upperdir='.length);
+    await writeFile(join(upper, 'not-the-layer'), 'x');
+    await commit(`ns1/2/${layer.diffId}`, `ns1/1/extract-9-q ${layer.diffId}`);
+    expect(await storeLayers()).to.deep.equal(before);
+    const v = (await view('bb-kept', `ns1/2/${layer.diffId}`))[0]!.source;
+    expect((await stat(join(v, 'bin', 'busybox'))).isFile()).to.equal(true);
+    await stat(join(v, 'not-the-layer')).then(() => expect.fail('the stored layer, not the directory, is the snapshot'), () => undefined);
+    await remove('bb-kept');
+    const usedBy = new Map((JSON.parse(await cli('layers', '--json')) as { diffId: string; usedBy: number }[]).map((l) => [l.diffId, l.usedBy]));
+    expect(usedBy.get(layer.diffId), 'the image and the snapshot').to.equal(2);
   });
 
   it('removes snapshots: mounts go, a committed layer nothing else uses leaves the store, image layers stay', async () => {
@@ -236,6 +311,17 @@ describe('containerd snapshotter: the gRPC API', function () {
     await mkdir(join(orphan, 'upper'), { recursive: true });
     await client.call('Cleanup', { snapshotter: 'layerd' });
     await stat(orphan).then(() => expect.fail('the orphan should be gone'), () => undefined);
+  });
+
+  it('serves a snapshot again within seconds when its mount host dies while the daemon runs', async () => {
+    const m = (await prepare('supervised', ''))[0]!.source;
+    await writeFile(join(m, 'kept'), 'in the upper\n');
+    await stopMountHostsUnder(work.dir, 'SIGKILL');
+    // served again by the daemon's supervisor, without a Mounts call or a restart
+    await waitFor('the snapshot served again', async () => (await readFile(join(m, 'kept'), 'utf8').catch(() => '')) === 'in the upper\n', 15_000, 100);
+    expect(daemon!.log()).to.match(/the mount host of a snapshot died; serving it again/);
+    await writeFile(join(m, 'after'), 'still writable\n');
+    await remove('supervised');
   });
 
   it('keeps snapshot mounts served across a daemon restart, and serves again one whose server died', async () => {

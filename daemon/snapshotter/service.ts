@@ -8,9 +8,14 @@
  *   Both are served by detached `layerd mount` processes (mountServer.ts), so
  *   they outlive daemon restarts; Prepare/View/Mounts answer a `bind` mount
  *   of the mountpoint.
- * - Commit stops the mount, writes the upper dir as an OCI layer tar and
- *   ingests it as a store layer; the committed snapshot is that layer on top
- *   of the parent's chain.
+ * - Commit stops the mount and turns the upper dir into a store layer in one
+ *   pass (written as a layer tar straight into the ingest); the committed
+ *   snapshot is that layer on top of the parent's chain.
+ * - An unpack snapshot (containerd prepares it only to apply a layer, see
+ *   unpack.ts) is not mounted at all: containerd writes the layer into its
+ *   directory itself, and Commit keeps the layer the store already has for
+ *   its chain ID (pulled by layerd, or committed in another containerd
+ *   namespace) or else turns the directory into one.
  * - The remote path: a Prepare carrying `containerd.io/snapshot.ref` (the
  *   chain ID containerd's unpacker is about to create) and a label naming a
  *   layer the store already has registers that layer as a committed
@@ -18,26 +23,23 @@
  * - Only snapshots containerd created (or the remote path registered for
  *   it) are listed: containerd's GC removes what it does not know.
  */
-import { createWriteStream } from 'node:fs';
-import { lstat, mkdir, readdir, rm } from 'node:fs/promises';
+import { access, lstat, mkdir, readdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ErrorCodes, LayerdError } from '../../common/errors.js';
 import { type Logger } from '../../common/log.js';
 import { processAlive } from '../../common/process.js';
 import { findMount } from '../../mount/deadMount.js';
-import { directorySource, scanDirectory } from '../../mount/lowerDir.js';
-import { type Digest, digestOf, isDigest } from '../../storage/digest.js';
-import { LAYER_TAR } from '../../storage/layerIndex.js';
-import { writeLayerTar } from '../../storage/layerWriter.js';
+import { convertOciUpper } from '../../mount/upperMigration.js';
+import { type Digest, isDigest } from '../../storage/digest.js';
 import {
-  type SnapshotKind, type SnapshotRow, SnapshotTable, ingestLayerTar, parseLabels, removeLayerIfUnused, snapshotDir, snapshotsDir,
+  type SnapshotKind, type SnapshotRow, SnapshotTable, chainIdOf, parseLabels, removeLayerIfUnused, snapshotDir, snapshotsDir, storeLayerForChain,
 } from '../../storage/snapshots.js';
 import { type Store } from '../../storage/store.js';
 import { isServing, startMount, stopMount } from '../mountServer.js';
 import { type Filter, matchAny, parseFilters } from './filters.js';
+import { LABEL_SNAPSHOT_REF, directoryToLayer, namespaceOf, unpackMounts, unpackTargetOf } from './unpack.js';
 
-/** The label containerd's unpacker sets to the chain ID a Prepare is meant to produce. */
-export const LABEL_SNAPSHOT_REF = 'containerd.io/snapshot.ref';
+export { LABEL_SNAPSHOT_REF } from './unpack.js';
 /** The remote path's layer labels, in the order they are tried: an uncompressed diffID… */
 export const LABEL_LAYER_DIFFID = 'containerd.io/snapshot/layer.diffid';
 /** …or the layer's distribution (compressed) digest, as CRI sets it. */
@@ -66,12 +68,34 @@ export interface Usage {
   inodes: number;
 }
 
+/**
+ * Where the layer of a chain ID may come from when the store does not have
+ * it yet (a seam: a source that fetches a layer itself, or finds its original
+ * blob, puts it into the store and returns its diffID, which must give
+ * `target` on top of `parentChain`). Undefined: not this source's.
+ */
+export interface ChainLayerSource {
+  layerFor(request: { target: Digest; parentChain: Digest | null; namespace: string | undefined; labels: Readonly<Record<string, string>> }): Promise<Digest | undefined>;
+}
+
+export interface SnapshotServiceOptions {
+  /** Consulted in order when an unpack is committed and the store has no layer for its chain. */
+  layerSources?: ChainLayerSource[];
+}
+
+/** How often dead snapshot mount hosts are looked for while the daemon runs. */
+const SUPERVISE_MS = 2_000;
+/** A snapshot directory holds this mark once its upper is in the overlayfs format (older ones are converted at their next mount). */
+const UPPER_FORMAT_MARK = 'upper-format';
+
 export class SnapshotService {
   readonly table: SnapshotTable;
   /** Keys being created, committed or removed right now (a second change gets FAILED_PRECONDITION / ALREADY_EXISTS). */
   private readonly busy = new Set<string>();
+  private supervisor: NodeJS.Timeout | undefined;
+  private reviving: Promise<void> | undefined;
 
-  constructor(private readonly store: Store, private readonly logger: Logger) {
+  constructor(private readonly store: Store, private readonly logger: Logger, private readonly options: SnapshotServiceOptions = {}) {
     this.table = new SnapshotTable(store.db);
   }
 
@@ -79,13 +103,17 @@ export class SnapshotService {
 
   async prepare(key: string, parent: string, labels: Record<string, string>): Promise<Mount[]> {
     checkKey(key);
+    // Only a labelled Prepare may be answered ALREADY_EXISTS: containerd then
+    // looks the target up by that label. (image.Unpack sends no label and on
+    // ALREADY_EXISTS would try new keys for ever.)
     if (labels[LABEL_SNAPSHOT_REF]) {
       const registered = await this.tryRemote(key, parent, labels);
       if (registered !== undefined) {
         throw new LayerdError(ErrorCodes.EEXIST, `target snapshot ${labels[LABEL_SNAPSHOT_REF]} already exists (${registered})`, { snapshot: key, target: registered });
       }
     }
-    return this.create(key, parent, labels, 'active');
+    const target = unpackTargetOf(key, labels);
+    return this.create(key, parent, labels, 'active', target);
   }
 
   async view(key: string, parent: string, labels: Record<string, string>): Promise<Mount[]> {
@@ -93,7 +121,7 @@ export class SnapshotService {
     return this.create(key, parent, labels, 'view');
   }
 
-  private async create(key: string, parent: string, labels: Record<string, string>, kind: 'active' | 'view'): Promise<Mount[]> {
+  private async create(key: string, parent: string, labels: Record<string, string>, kind: 'active' | 'view', unpackTarget?: Digest): Promise<Mount[]> {
     if (this.busy.has(key) || this.table.get(key)) throw new LayerdError(ErrorCodes.EEXIST, `snapshot ${key} already exists`, { snapshot: key });
     const parentRow = this.committedParent(parent);
     const layers = this.table.chain(parentRow?.key ?? null);
@@ -103,17 +131,26 @@ export class SnapshotService {
       row = this.store.db.write(() => {
         const inserted = this.table.insert({
           key, kind, parent: parentRow?.key ?? null, labels: JSON.stringify(labels),
-          diff_id: null, chain_id: null, upper: null, mountpoint: null, server_pid: null,
+          diff_id: null, chain_id: null, upper: null, mountpoint: null, server_pid: null, unpack_target: unpackTarget ?? null,
         });
         const dir = snapshotDir(this.store, inserted.id);
         this.table.setPaths(key, join(dir, 'upper'), join(dir, 'mnt'));
         return this.table.get(key)!;
       });
+      const dir = snapshotDir(this.store, row.id);
       await mkdir(row.upper!, { recursive: true, mode: 0o755 });
+      await writeFile(join(dir, UPPER_FORMAT_MARK), 'overlay\n', { mode: 0o600 });
+      if (unpackTarget !== undefined) {
+        // No mount: containerd writes the layer into the directory itself.
+        await mkdir(join(dir, 'work'), { mode: 0o700 });
+        await mkdir(join(dir, 'lower'), { mode: 0o755 });
+        this.logger.info('unpack snapshot prepared', { snapshot: key, target: unpackTarget, parent: parentRow?.key, upper: row.upper });
+        return this.mountsOf(row);
+      }
       await mkdir(row.mountpoint!, { recursive: true, mode: 0o755 });
       await this.startServer(row, layers);
       this.logger.info('snapshot prepared', { snapshot: key, kind, parent: parentRow?.key, layers: layers.length, mountpoint: row.mountpoint });
-      return mountsOf(this.table.get(key)!);
+      return this.mountsOf(this.table.get(key)!);
     } catch (err) {
       if (row !== undefined) {
         const failed = row;
@@ -136,6 +173,7 @@ export class SnapshotService {
   }
 
   private async startServer(row: SnapshotRow, layers?: Digest[]): Promise<void> {
+    await this.convertUpperIfOld(row);
     const chain = layers ?? this.table.chain(row.parent);
     const served = await startMount({
       layers: chain.map((d) => this.store.layout.layerDir(d)),
@@ -148,6 +186,38 @@ export class SnapshotService {
     this.store.db.write(() => this.table.setServer(row.key, served.pid));
   }
 
+  /** An upper written before the overlayfs format (`.wh.` files) is converted, with the meaning it had, before it is mounted. */
+  private async convertUpperIfOld(row: SnapshotRow): Promise<void> {
+    const mark = join(snapshotDir(this.store, row.id), UPPER_FORMAT_MARK);
+    if (await access(mark).then(() => true, () => false)) return;
+    await mkdir(row.upper!, { recursive: true, mode: 0o755 });
+    const converted = convertOciUpper(row.upper!);
+    await writeFile(mark, 'overlay\n', { mode: 0o600 });
+    this.logger.info('snapshot upper converted to the overlayfs format', { snapshot: row.key, ...converted });
+  }
+
+  /** The mounts containerd gets for an active or view snapshot. */
+  private mountsOf(row: SnapshotRow): Mount[] {
+    if (row.unpack_target !== null) {
+      const dir = snapshotDir(this.store, row.id);
+      return unpackMounts({ upper: row.upper!, work: join(dir, 'work'), lower: join(dir, 'lower') });
+    }
+    return [{ type: 'bind', source: row.mountpoint!, target: '', options: ['rbind', row.kind === 'view' ? 'ro' : 'rw'] }];
+  }
+
+  /**
+   * The layer the store already has for chain ID `target` on top of
+   * `parentRow`: a store layer (pulled or imported by layerd) whose chain on
+   * the parent's chain is `target` — it has the very diffID the image names —,
+   * else the one a committed snapshot of that chain holds (committed in any
+   * containerd namespace).
+   */
+  private knownLayerForChain(target: Digest, parentRow: SnapshotRow | undefined): Digest | undefined {
+    const parentKnown = parentRow === undefined || parentRow.chain_id !== null;
+    const stored = parentKnown ? storeLayerForChain(this.store.db, parentRow?.chain_id ?? null, target) : undefined;
+    return stored ?? this.table.committedWithChain(target)[0]?.diff_id ?? undefined;
+  }
+
   /**
    * The remote path. Returns the name of the committed snapshot standing for
    * the target (registered now or earlier), or undefined when the layer is
@@ -155,19 +225,27 @@ export class SnapshotService {
    */
   private async tryRemote(key: string, parent: string, labels: Record<string, string>): Promise<string | undefined> {
     const target = labels[LABEL_SNAPSHOT_REF]!;
-    const diffId = this.layerFromLabels(labels);
-    if (diffId === undefined) return undefined;
     const parentRow = parent === '' ? undefined : this.table.get(parent);
     if (parent !== '' && (parentRow === undefined || parentRow.kind !== 'committed')) return undefined; // the normal path reports it
-    // When both are known, the target must be the chain ID of parent + layer:
-    // a label naming the wrong layer must not become a snapshot.
-    const parentChain = parentRow === undefined ? null : parentRow.chain_id;
-    const expected = parentRow === undefined ? diffId : parentChain === null ? undefined : digestOf(`${parentChain} ${diffId}`);
-    if (isDigest(target) && expected !== undefined && expected !== target) {
-      this.logger.warn('remote snapshot label does not match its chain; unpacking instead', { snapshot: key, target, expected, diffId });
-      return undefined;
+    let diffId = this.layerFromLabels(labels);
+    let chainId: Digest | null;
+    if (diffId !== undefined) {
+      // When both are known, the target must be the chain ID of parent + layer:
+      // a label naming the wrong layer must not become a snapshot.
+      const parentChain = parentRow === undefined ? null : parentRow.chain_id;
+      const expected = parentRow === undefined ? diffId : parentChain === null ? undefined : chainIdOf(parentChain, diffId);
+      if (isDigest(target) && expected !== undefined && expected !== target) {
+        this.logger.warn('remote snapshot label does not match its chain; unpacking instead', { snapshot: key, target, expected, diffId });
+        return undefined;
+      }
+      chainId = expected !== undefined && expected === target ? expected : null;
+    } else {
+      // No layer label: a layer the store already holds for exactly this chain.
+      if (!isDigest(target)) return undefined;
+      diffId = this.knownLayerForChain(target, parentRow);
+      if (diffId === undefined) return undefined;
+      chainId = target;
     }
-    const chainId = expected !== undefined && expected === target ? expected : null;
     const existing = this.table.committedWithLabel(LABEL_SNAPSHOT_REF, target, parentRow?.key ?? null).find((r) => r.diff_id === diffId);
     if (existing) return existing.key;
     const name = this.table.get(target) === undefined && !this.busy.has(target) ? target : `layerd-remote/${randomHex()}/${target}`;
@@ -176,7 +254,7 @@ export class SnapshotService {
       this.table.insert({
         key: name, kind: 'committed', parent: parentRow?.key ?? null,
         labels: JSON.stringify({ ...labels, [LABEL_LAYERD_REMOTE]: diffId }),
-        diff_id: diffId, chain_id: chainId, upper: null, mountpoint: null, server_pid: null,
+        diff_id: diffId!, chain_id: chainId, upper: null, mountpoint: null, server_pid: null,
       });
     });
     this.logger.info('remote snapshot registered: no unpack needed', { snapshot: name, target, diffId, parent: parentRow?.key });
@@ -202,13 +280,11 @@ export class SnapshotService {
   async mounts(key: string): Promise<Mount[]> {
     const row = this.row(key);
     if (row.kind === 'committed') throw new LayerdError(ErrorCodes.ECONFLICT, `snapshot ${key} is committed: it has no mounts`, { snapshot: key });
-    if (!this.busy.has(key) && (row.server_pid === null || !processAlive(row.server_pid))) {
-      // Its server died (and no restart has noticed yet): serve it again.
-      await stopMount(null, row.mountpoint!);
-      await this.startServer(row);
-      this.logger.warn('snapshot mount served again', { snapshot: key });
+    if (row.unpack_target === null && !this.busy.has(key) && (row.server_pid === null || !processAlive(row.server_pid))) {
+      // Its server died (and the supervisor has not served it again yet): serve it again now.
+      await this.serveAgain(row);
     }
-    return mountsOf(row);
+    return this.mountsOf(row);
   }
 
   stat(key: string): SnapshotInfo {
@@ -265,41 +341,84 @@ export class SnapshotService {
     this.busy.add(name);
     const dir = snapshotDir(this.store, row.id);
     try {
-      // The mount stops first: everything written through it is in the upper dir.
-      await stopMount(row.server_pid, row.mountpoint!);
-      this.store.db.write(() => this.table.setServer(key, null));
-      try {
-        const workDir = await this.store.newWorkDir();
-        try {
-          const tar = join(workDir, LAYER_TAR);
-          const scanned = await scanDirectory(row.upper!, `snapshot:${key}`);
-          await writeLayerTar(directorySource(scanned), createWriteStream(tar, { mode: 0o600 }));
-          // The committed row appears, and the active one goes, in the transaction that adds the layer.
-          await ingestLayerTar(this.store, tar, (_db, layer) => {
-            if (this.table.get(name)) throw new LayerdError(ErrorCodes.EEXIST, `snapshot ${name} already exists`, { snapshot: name });
-            this.table.insert({
-              key: name, kind: 'committed', parent: row.parent, labels: JSON.stringify(labels),
-              diff_id: layer.diffId, chain_id: null, upper: null, mountpoint: null, server_pid: null,
-            });
-            this.table.delete(key);
-          });
-        } finally {
-          await this.store.releaseWorkDir(workDir);
-        }
-      } catch (err) {
-        // Still active: serve it again so the caller can go on using it.
-        const still = this.table.get(key);
-        if (still) {
-          await this.startServer(still).catch((e: unknown) => this.logger.error('could not serve a snapshot again after a failed commit', { snapshot: key, error: String(e) }));
-        }
-        throw err;
+      if (row.unpack_target !== null) {
+        await this.commitUnpacked(name, row, labels);
+        // The unpacked tree is not needed any more; containerd need not wait for its deletion
+        // (no row owns the directory now: a stop before it is gone leaves it to Cleanup / the next start).
+        void rm(dir, { recursive: true, force: true }).catch((err: unknown) => this.logger.warn('could not delete an unpack directory', { path: dir, error: String(err) }));
+      } else {
+        await this.commitMounted(name, row, labels);
+        await rm(dir, { recursive: true, force: true });
       }
-      await rm(dir, { recursive: true, force: true });
-      this.logger.info('snapshot committed', { snapshot: name, from: key });
     } finally {
       this.busy.delete(key);
       this.busy.delete(name);
     }
+  }
+
+  /** In the transaction that makes the layer visible (or on its own): the committed row appears and the active one goes. */
+  private recordCommit(name: string, row: SnapshotRow, labels: Record<string, string>, diffId: Digest, chainId: Digest | null): void {
+    if (this.table.get(name)) throw new LayerdError(ErrorCodes.EEXIST, `snapshot ${name} already exists`, { snapshot: name });
+    if (!this.store.db.getLayer(diffId)) throw new LayerdError(ErrorCodes.ENOTFOUND, `layer ${diffId} left the store`, { diffId });
+    this.table.insert({
+      key: name, kind: 'committed', parent: row.parent, labels: JSON.stringify(labels),
+      diff_id: diffId, chain_id: chainId, upper: null, mountpoint: null, server_pid: null,
+    });
+    this.table.delete(row.key);
+  }
+
+  /** A snapshot served through FUSE: the mount stops first (everything written through it is in the upper dir). */
+  private async commitMounted(name: string, row: SnapshotRow, labels: Record<string, string>): Promise<void> {
+    const key = row.key;
+    await stopMount(row.server_pid, row.mountpoint!);
+    this.store.db.write(() => this.table.setServer(key, null));
+    try {
+      const layer = await directoryToLayer(this.store, row.upper!, `snapshot:${key}`, (_db, l) => this.recordCommit(name, row, labels, l.diffId, null));
+      this.logger.info('snapshot committed', { snapshot: name, from: key, diffId: layer.diffId });
+    } catch (err) {
+      // Still active: serve it again so the caller can go on using it.
+      const still = this.table.get(key);
+      if (still) {
+        await this.startServer(still).catch((e: unknown) => this.logger.error('could not serve a snapshot again after a failed commit', { snapshot: key, error: String(e) }));
+      }
+      throw err;
+    }
+  }
+
+  /**
+   * An unpack snapshot: the layer the store already has for its chain is
+   * kept (the directory containerd wrote is dropped), else a layer source
+   * may provide it, else the directory becomes the layer. The committed
+   * snapshot stands for the chain ID containerd named in either case.
+   */
+  private async commitUnpacked(name: string, row: SnapshotRow, labels: Record<string, string>): Promise<void> {
+    const target = row.unpack_target!;
+    const parentRow = row.parent === null ? undefined : this.table.get(row.parent);
+    let diffId = this.knownLayerForChain(target, parentRow);
+    let how = 'kept the stored layer';
+    if (diffId === undefined) {
+      const parentChain = parentRow === undefined ? null : parentRow.chain_id;
+      for (const source of this.options.layerSources ?? []) {
+        if (parentRow !== undefined && parentChain === null) break; // a source cannot check its layer against an unknown chain
+        const found = await source.layerFor({ target, parentChain, namespace: namespaceOf(row.key), labels: parseLabels(row.labels) }).catch((err: unknown) => {
+          this.logger.warn('a layer source failed; the unpacked directory is committed instead', { snapshot: row.key, target, error: String(err) });
+          return undefined;
+        });
+        if (found !== undefined && chainIdOf(parentChain, found) === target && this.store.db.getLayer(found)) {
+          diffId = found;
+          how = 'took the layer from a layer source';
+          break;
+        }
+      }
+    }
+    if (diffId !== undefined) {
+      const known = diffId;
+      this.store.db.write(() => this.recordCommit(name, row, labels, known, target));
+    } else {
+      diffId = (await directoryToLayer(this.store, row.upper!, `snapshot:${row.key}`, (_db, l) => this.recordCommit(name, row, labels, l.diffId, target))).diffId;
+      how = 'stored the unpacked directory';
+    }
+    this.logger.info('unpack snapshot committed', { snapshot: name, from: row.key, target, diffId, how });
   }
 
   async remove(key: string): Promise<void> {
@@ -317,7 +436,7 @@ export class SnapshotService {
         this.logger.info('snapshot removed', { snapshot: key, kind: row.kind, layerDeleted: deleted });
         return;
       }
-      await stopMount(row.server_pid, row.mountpoint!);
+      if (row.unpack_target === null) await stopMount(row.server_pid, row.mountpoint!);
       this.store.db.write(() => this.table.delete(key));
       await rm(snapshotDir(this.store, row.id), { recursive: true, force: true });
       this.logger.info('snapshot removed', { snapshot: key, kind: row.kind });
@@ -351,7 +470,7 @@ export class SnapshotService {
     const adopted: string[] = [];
     const remounted: string[] = [];
     for (const row of this.table.list()) {
-      if (row.kind === 'committed') continue;
+      if (row.kind === 'committed' || row.unpack_target !== null) continue;
       if (row.server_pid !== null && await isServing({ pid: row.server_pid, mountpoint: row.mountpoint! })) {
         adopted.push(row.key);
         continue;
@@ -374,10 +493,59 @@ export class SnapshotService {
     return { adopted, remounted };
   }
 
+  /**
+   * While the daemon runs, notice snapshot mount hosts that died (a crash,
+   * an OOM kill) and serve their snapshots again within seconds, as
+   * containers are (daemon/containers.ts); containerd's shims keep using
+   * the same mountpoints.
+   */
+  superviseMounts(intervalMs = SUPERVISE_MS): void {
+    this.supervisor ??= setInterval(() => { void this.reviveDead(); }, intervalMs);
+    this.supervisor.unref();
+  }
+
+  /** Stop the supervisor and wait for a round in progress (daemon stop). */
+  async stopSupervising(): Promise<void> {
+    clearInterval(this.supervisor);
+    this.supervisor = undefined;
+    await this.reviving;
+  }
+
+  private reviveDead(): Promise<void> {
+    if (this.reviving !== undefined) return this.reviving;
+    const round = (async () => {
+      for (const row of this.table.list()) {
+        if (row.kind === 'committed' || row.unpack_target !== null || row.server_pid === null) continue;
+        if (processAlive(row.server_pid) || this.busy.has(row.key)) continue;
+        this.logger.warn('the mount host of a snapshot died; serving it again', { snapshot: row.key, pid: row.server_pid });
+        await this.serveAgain(row).catch(() => undefined); // logged; the next round or a Mounts call tries again
+      }
+    })();
+    this.reviving = round.finally(() => { this.reviving = undefined; });
+    return this.reviving;
+  }
+
+  /** Clear a dead mount and serve the snapshot again (a failure is logged; its server is then unknown). */
+  private async serveAgain(row: SnapshotRow): Promise<void> {
+    this.busy.add(row.key);
+    try {
+      await stopMount(null, row.mountpoint!); // clears the dead mount
+      if (!this.table.get(row.key)) return; // removed meanwhile
+      await this.startServer(row);
+      this.logger.warn('snapshot mount served again', { snapshot: row.key });
+    } catch (err) {
+      this.logger.error('could not serve a snapshot again', { snapshot: row.key, error: (err as Error).message });
+      this.store.db.write(() => this.table.setServer(row.key, null));
+      throw err;
+    } finally {
+      this.busy.delete(row.key);
+    }
+  }
+
   /** Stop serving every snapshot mount (daemon stop with --unmount-on-stop). */
   async unmountAll(): Promise<void> {
     for (const row of this.table.list()) {
-      if (row.kind === 'committed') continue;
+      if (row.kind === 'committed' || row.unpack_target !== null) continue;
       await stopMount(row.server_pid, row.mountpoint!);
       this.store.db.write(() => this.table.setServer(row.key, null));
     }
@@ -393,10 +561,6 @@ export class SnapshotService {
 function checkKey(key: string): void {
   if (typeof key !== 'string' || key === '') throw new LayerdError(ErrorCodes.EINVAL, 'a snapshot key must not be empty');
   if (key.includes('\0')) throw new LayerdError(ErrorCodes.EINVAL, 'a snapshot key must not contain NUL', { snapshot: key.replace(/\0/g, '\\0') });
-}
-
-function mountsOf(row: SnapshotRow): Mount[] {
-  return [{ type: 'bind', source: row.mountpoint!, target: '', options: ['rbind', row.kind === 'view' ? 'ro' : 'rw'] }];
 }
 
 function infoOf(row: SnapshotRow): SnapshotInfo {
