@@ -86,7 +86,7 @@ export class Daemon {
       const daemon = new Daemon(store, server, options);
       systemRoutes(router, store, daemon.metrics, join(REPO, 'docs'), VERSION, () => daemon.containers.fuseStats(), () => daemon.containers.hostMemory());
       const ops = new StoreOperations(store);
-      imageRoutes(router, ops, store, daemon.metrics);
+      imageRoutes(router, ops, store, daemon.metrics, logger);
       daemon.containers = new ContainerManager(store, options.mountRoot ?? options.config.mountRoot ?? DEFAULT_MOUNT_ROOT, logger, {
         ...(options.config.mountCacheSeconds !== undefined ? { cacheSeconds: options.config.mountCacheSeconds } : {}),
       });
