@@ -8,7 +8,8 @@
 import { expect } from 'chai';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
-import { JournalTransport, encodeJournalEntry, journalFieldName, journalFieldsOf } from '../common/journal.js';
+import { fstatSync } from 'node:fs';
+import { JournalTransport, encodeJournalEntry, journalFieldName, journalFieldsOf, stderrIsJournal } from '../common/journal.js';
 import { silentLogger } from '../common/log.js';
 import { UnixDatagramSender } from '../common/sys/unixDatagram.js';
 import { SystemdNotifier, statusLine } from '../daemon/systemd.js';
@@ -137,6 +138,17 @@ describe('systemd protocols spoken by the daemon itself', function () {
     gone.log({ level: 'info', message: 'kept', container: 'c2' }, done);
     gone.close();
     expect(fallback.map((l) => JSON.parse(l) as unknown)).to.deep.equal([{ level: 'info', message: 'kept', container: 'c2' }]);
+  });
+
+  it('logs to journald only when stderr is the stream JOURNAL_STREAM names and the socket is there', async () => {
+    const socket = join(work.dir, 'journal-detect.sock');
+    await receiver(socket);
+    const stderr = fstatSync(2);
+    expect(stderrIsJournal({ JOURNAL_STREAM: `${stderr.dev}:${stderr.ino}` }, socket)).to.equal(true);
+    // A child whose stderr was redirected (a mount host's log file) inherits the variable, not the stream.
+    expect(stderrIsJournal({ JOURNAL_STREAM: `${stderr.dev}:${stderr.ino + 1}` }, socket)).to.equal(false);
+    expect(stderrIsJournal({ JOURNAL_STREAM: `${stderr.dev}:${stderr.ino}` }, join(work.dir, 'none.sock'))).to.equal(false);
+    expect(stderrIsJournal({}, socket)).to.equal(false);
   });
 
   it('a datagram too large for the socket is an EMSGSIZE error, not a partial send', async () => {
