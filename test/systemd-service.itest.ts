@@ -12,7 +12,7 @@
  */
 import { expect } from 'chai';
 import { type ChildProcess } from 'node:child_process';
-import { realpath } from 'node:fs/promises';
+import { realpath, stat } from 'node:fs/promises';
 import { join, relative } from 'node:path';
 import { http, waitFor } from './support/daemon.js';
 import { CORPUS, REPO, execFileAsync, scratch } from './support/env.js';
@@ -179,6 +179,10 @@ describe('layerd as a systemd service, under a real systemd (systemd-nspawn)', f
 
   it('systemctl stop exits cleanly within the unit\'s timeout, keeps the container served and leaves no spare mount host', async () => {
     const host = (await container('c1')).serverPid!;
+    // A spare mount host waits beside the daemon (started with it), for the next image's first mount.
+    const spare = m().hostPath('/var/lib/layerd/hosts/spare.sock');
+    await waitFor('the spare mount host', async () => (await stat(spare).catch(() => undefined))?.isSocket() === true, 30_000, 200);
+    expect((await serviceProcesses()).length, 'daemon, c1\'s host and the spare').to.be.at.least(3);
     const started = Date.now();
     await m().check(['systemctl', 'stop', 'layerd'], { timeoutMs: 60_000 });
     const seconds = (Date.now() - started) / 1000;
