@@ -4,7 +4,7 @@
 
 SHELL := /bin/bash
 NODE_MODULES_STAMP := node_modules/.layerd-installed
-DEBIAN_PACKAGES := fuse3 fuse-overlayfs attr acl skopeo umoci pigz zstd docker-registry python3 openssl curl coreutils util-linux chromium containerd runc
+DEBIAN_PACKAGES := fuse3 fuse-overlayfs attr acl skopeo umoci pigz zstd docker-registry python3 openssl curl coreutils util-linux chromium containerd runc debootstrap systemd-container
 DEBIAN_STAMP := /var/lib/layerd-build-deps.stamp
 MOCHA := npx mocha --config .mocharc.json
 
@@ -66,7 +66,9 @@ install:
 	@test -d node_modules || { echo "run 'make build' first"; exit 1; }
 	$(if $(SKIP_BUILD),@test -d dist || { echo "SKIP_BUILD without dist/: run 'make build' first"; exit 1; },npx tsc -p tsconfig.json)
 	install -d $(LIBDIR) $(PREFIX)/bin $(UNITDIR) $(CONFDIR)
-	cp -a package.json package-lock.json README.md dist bin docs node_modules patches $(LIBDIR)/
+	cp -a package.json package-lock.json README.md dist bin docs patches $(LIBDIR)/
+# (node_modules/.: the packages themselves, also where node_modules is a symlink, as in a worktree sharing them)
+	install -d $(LIBDIR)/node_modules && cp -a node_modules/. $(LIBDIR)/node_modules/
 	install -d $(LIBDIR)/daemon/snapshotter && install -m 0644 daemon/snapshotter/*.proto $(LIBDIR)/daemon/snapshotter/
 	ln -sf $(LIBDIR)/bin/layerd $(PREFIX)/bin/layerd
 	ln -sf $(LIBDIR)/bin/layerctl $(PREFIX)/bin/layerctl
@@ -75,9 +77,12 @@ install:
 	-$(SYSTEMCTL) daemon-reload 2>/dev/null
 	@echo "installed; start with: systemctl enable --now layerd"
 
-# Remove what install put in place; the store (/var/lib/layerd) and the configuration stay.
+# Remove what install put in place. The store (/var/lib/layerd) stays, and so
+# does a configuration the admin changed (one still the default is removed).
+# Containers still mounted keep their mount hosts: `layerctl rm` them first.
 uninstall:
 	-$(SYSTEMCTL) disable --now layerd 2>/dev/null
 	rm -f $(UNITDIR)/layerd.service $(PREFIX)/bin/layerd $(PREFIX)/bin/layerctl
 	rm -rf $(LIBDIR)
+	if cmp -s systemd/config.json $(CONFDIR)/config.json; then rm -f $(CONFDIR)/config.json; rmdir --ignore-fail-on-non-empty $(CONFDIR); fi
 	-$(SYSTEMCTL) daemon-reload 2>/dev/null

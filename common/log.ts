@@ -1,8 +1,11 @@
 /**
- * Logging: structured JSON lines for the daemon (journald and log shippers
- * read them), short human lines when a person is watching a terminal.
+ * Logging: records with their metadata as journal fields when systemd
+ * runs the process with its stderr connected to the journal (common/journal.ts),
+ * structured JSON lines otherwise (log files, log shippers), short human
+ * lines when a person is watching a terminal.
  */
 import winston from 'winston';
+import { JournalTransport, stderrIsJournal } from './journal.js';
 
 export type LogLevel = 'error' | 'warn' | 'info' | 'debug';
 export type Logger = winston.Logger;
@@ -13,9 +16,21 @@ export interface LoggerOptions {
   json?: boolean;
   /** Component name added to every record. */
   component?: string;
+  /** Send records to journald natively; default: when stderr is the journal stream (JOURNAL_STREAM). */
+  journal?: boolean;
 }
 
 export function createLogger(options: LoggerOptions = {}): Logger {
+  const level = options.level ?? (process.env['LAYERD_LOG_LEVEL'] as LogLevel | undefined) ?? 'info';
+  const defaultMeta = options.component ? { component: options.component } : {};
+  if (options.journal ?? stderrIsJournal()) {
+    return winston.createLogger({
+      level, defaultMeta,
+      // The fallback (records journald refused) still writes JSON lines.
+      format: winston.format.combine(winston.format.timestamp(), winston.format.json()),
+      transports: [new JournalTransport({ identifier: 'layerd' })],
+    });
+  }
   const json = options.json ?? !process.stderr.isTTY;
   const format = json
     ? winston.format.combine(winston.format.timestamp(), winston.format.json())
@@ -27,9 +42,7 @@ export function createLogger(options: LoggerOptions = {}): Logger {
         }),
       );
   return winston.createLogger({
-    level: options.level ?? (process.env['LAYERD_LOG_LEVEL'] as LogLevel | undefined) ?? 'info',
-    defaultMeta: options.component ? { component: options.component } : {},
-    format,
+    level, defaultMeta, format,
     // Everything to stderr: stdout belongs to command output (JSON listings).
     transports: [new winston.transports.Console({ stderrLevels: ['error', 'warn', 'info', 'debug', 'verbose', 'silly'] })],
   });

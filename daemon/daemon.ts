@@ -24,7 +24,7 @@ import { type DaemonConfig, loadConfig } from './config.js';
 import { Router } from './http.js';
 import { DaemonMetrics } from './metrics.js';
 import { claimSocketPath, secureSocket } from './socket.js';
-import { notifySystemd } from './systemd.js';
+import { type DaemonCounts, type SystemdNotifier, statusLine } from './systemd.js';
 
 export const VERSION = '0.1.0';
 const REPO = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
@@ -45,7 +45,12 @@ export interface DaemonOptions {
   unmountOnStop?: boolean;
   /** The containerd proxy snapshotter's socket (default: beside `socket`); 'none': no snapshotter. */
   snapshotterSocket?: string;
+  /** Tells systemd when the daemon is ready or stopping, and its status (Type=notify units). */
+  notifier?: SystemdNotifier;
 }
+
+/** How soon after a change of the API (a create, an import, an rm) systemd's STATUS= follows it. */
+const STATUS_DELAY_MS = 200;
 
 export const DEFAULT_MOUNT_ROOT = '/run/layerd/mounts';
 
@@ -59,6 +64,7 @@ export class Daemon {
   private spool: Spool | undefined;
   snapshots!: SnapshotService;
   private snapshotter: SnapshotterServer | undefined;
+  private statusTimer: NodeJS.Timeout | undefined;
 
   private constructor(
     readonly store: Store,
@@ -80,7 +86,7 @@ export class Daemon {
       const daemon = new Daemon(store, server, options);
       systemRoutes(router, store, daemon.metrics, join(REPO, 'docs'), VERSION, () => daemon.containers.fuseStats(), () => daemon.containers.hostMemory());
       const ops = new StoreOperations(store);
-      imageRoutes(router, ops, store, daemon.metrics);
+      imageRoutes(router, ops, store, daemon.metrics, logger);
       daemon.containers = new ContainerManager(store, options.mountRoot ?? options.config.mountRoot ?? DEFAULT_MOUNT_ROOT, logger, {
         ...(options.config.mountCacheSeconds !== undefined ? { cacheSeconds: options.config.mountCacheSeconds } : {}),
       });
@@ -96,6 +102,7 @@ export class Daemon {
         const done = router.dispatch(req, res, logger).finally(() => {
           daemon.inflight.delete(done);
           daemon.metrics.requests.inc({ method: req.method ?? '', status: String(res.statusCode) });
+          if (req.method !== 'GET' && req.method !== 'HEAD') daemon.statusChanged();
         });
         daemon.inflight.add(done);
       });
@@ -118,13 +125,36 @@ export class Daemon {
       }
       await daemon.watchConfig();
       logger.info('layerd is ready', { socket: options.socket, root: options.root, version: VERSION });
-      await notifySystemd(`READY=1\nSTATUS=serving on ${options.socket}\nMAINPID=${process.pid}`, logger);
+      // Only now (the socket accepts connections, containers are adopted) may systemd call the unit active.
+      options.notifier?.notify({ READY: '1', STATUS: statusLine(options.socket, daemon.counts()) });
       return daemon;
     } catch (err) {
       await snapshotter?.stop(0);
       store.close();
       throw err;
     }
+  }
+
+  /** What systemd's STATUS= line reports. */
+  counts(): DaemonCounts {
+    const containers = this.store.db.listContainers();
+    const snapshotMounts = this.snapshots.table.list().filter((s) => s.server_pid !== null).length;
+    return {
+      images: this.store.db.listImages().length,
+      containers: containers.length,
+      mounts: containers.filter((c) => c.server_pid !== null).length + snapshotMounts,
+    };
+  }
+
+  /** Refresh systemd's STATUS= shortly (one update for a burst of changes). */
+  private statusChanged(): void {
+    const notifier = this.options.notifier;
+    if (!notifier || this.stopping || this.statusTimer) return;
+    this.statusTimer = setTimeout(() => {
+      this.statusTimer = undefined;
+      if (!this.stopping) notifier.notify({ STATUS: statusLine(this.options.socket, this.counts()) });
+    }, STATUS_DELAY_MS);
+    this.statusTimer.unref();
   }
 
   /** Log level and GC policy apply without a restart. */
@@ -174,7 +204,8 @@ export class Daemon {
   stop(): Promise<void> {
     this.stopping ??= (async () => {
       this.options.logger.info('layerd is stopping');
-      await notifySystemd('STOPPING=1', this.options.logger);
+      clearTimeout(this.statusTimer);
+      this.options.notifier?.notify({ STOPPING: '1', STATUS: 'stopping' });
       if (this.gcTimer) clearInterval(this.gcTimer);
       await this.watcher?.close();
       await this.spool?.stop();

@@ -9,6 +9,7 @@ import { type LogLevel, createLogger } from '../common/log.js';
 import { resolveRoot } from '../storage/layout.js';
 import { DEFAULT_CONFIG_PATH, DEFAULT_SOCKET, loadConfig } from './config.js';
 import { Daemon } from './daemon.js';
+import { SystemdNotifier } from './systemd.js';
 
 interface DaemonFlags {
   root?: string;
@@ -28,6 +29,7 @@ async function runDaemon(flags: DaemonFlags): Promise<number> {
   const root = flags.root ?? config.root ?? resolveRoot();
   const socket = flags.socket ?? process.env['LAYERD_SOCKET'] ?? config.socket ?? DEFAULT_SOCKET;
   const group = flags.socketGroup ?? config.socketGroup;
+  const notifier = SystemdNotifier.fromEnvironment(logger);
   // Handlers first: the API answers before start() has returned, and a
   // SIGTERM in that window must stop the daemon gracefully, not kill it.
   let early: string | undefined;
@@ -38,6 +40,7 @@ async function runDaemon(flags: DaemonFlags): Promise<number> {
     root, socket, config, configPath, logger, ...(group !== undefined ? { socketGroup: group } : {}),
     ...(flags.mountRoot ? { mountRoot: flags.mountRoot } : {}), unmountOnStop: flags.unmountOnStop === true,
     ...(flags.snapshotterSocket !== undefined ? { snapshotterSocket: flags.snapshotterSocket } : {}),
+    ...(notifier ? { notifier } : {}),
   });
   await new Promise<void>((resolve) => {
     const stop = (signal: string): void => {

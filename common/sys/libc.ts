@@ -51,6 +51,8 @@ export const libc = {
   removexattr: lib.func('int removexattr(const char *path, const char *name)'),
   copyFileRange: lib.func('long copy_file_range(int fdIn, _Inout_ int64 *offIn, int fdOut, _Inout_ int64 *offOut, size_t len, uint32 flags)'),
   ioctl: lib.func('int ioctl(int fd, unsigned long request, void *arg)'),
+  socket: lib.func('int socket(int domain, int type, int protocol)'),
+  sendto: lib.func('long sendto(int fd, const void *buf, size_t len, int flags, const void *addr, uint32 addrlen)'),
   close: lib.func('int close(int fd)'),
 };
 

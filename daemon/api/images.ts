@@ -8,9 +8,10 @@ import { join } from 'node:path';
 import { Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { ErrorCodes, LayerdError } from '../../common/errors.js';
+import { type Logger } from '../../common/log.js';
 import { commitLayerDirectory } from '../../mount/directoryLayer.js';
 import { DiskGuard, noSpaceError } from '../../storage/diskSpace.js';
-import { type ImportProgress } from '../../storage/importer.js';
+import { type ImportProgress, type ImportedImage } from '../../storage/importer.js';
 import { type ImportRequest, type StoreOperations } from '../../storage/operations.js';
 import { type Store } from '../../storage/store.js';
 import { HANDLED, type RequestContext, type Router, checkFields, ndjson, readJsonBody, wantsNdjson } from '../http.js';
@@ -20,7 +21,12 @@ const FORMATS = ['oci-layout', 'oci-archive', 'docker-archive', 'layer'];
 /** Largest archive accepted as a request body. */
 export const MAX_UPLOAD_BYTES = 64 * 1024 ** 3;
 
-export function imageRoutes(router: Router, ops: StoreOperations, store: Store, metrics: DaemonMetrics): void {
+export function imageRoutes(router: Router, ops: StoreOperations, store: Store, metrics: DaemonMetrics, logger: Logger): void {
+  // One record per image, its digest a field of its own (journalctl DIGEST=sha256:…).
+  const imported = (images: ImportedImage[]): ImportedImage[] => {
+    for (const image of images) logger.info('image imported', { digest: image.id, refs: image.refs.join(' '), platform: image.platform, layers: image.layers });
+    return images;
+  };
   const runImport = async (ctx: RequestContext, request: ImportRequest): Promise<unknown> => {
     if (request.format !== undefined && !FORMATS.includes(request.format)) {
       throw new LayerdError(ErrorCodes.EINVAL, `format must be one of ${FORMATS.join(', ')}`);
@@ -34,10 +40,10 @@ export function imageRoutes(router: Router, ops: StoreOperations, store: Store, 
       }
       if (e.type === 'layer-start') last.set(e.digest, 0);
     };
-    if (!wantsNdjson(ctx.req)) return { images: await ops.importPath(request, count) };
+    if (!wantsNdjson(ctx.req)) return { images: imported(await ops.importPath(request, count)) };
     const stream = ndjson(ctx.res);
     try {
-      stream.end({ images: await ops.importPath(request, (e) => { count(e); stream.event(e); }) });
+      stream.end({ images: imported(await ops.importPath(request, (e) => { count(e); stream.event(e); })) });
     } catch (err) {
       stream.fail(err);
     }
