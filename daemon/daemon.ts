@@ -10,6 +10,8 @@ import { fileURLToPath } from 'node:url';
 import { watch, type FSWatcher } from 'chokidar';
 import { type Logger } from '../common/log.js';
 import { prune } from '../storage/gc.js';
+import { EMPTY_CONFIG, loadRegistriesConfig } from '../storage/registry/config.js';
+import { timeoutsFrom } from '../storage/registry/timeouts.js';
 import { StoreOperations } from '../storage/operations.js';
 import { Store, daemonMarker } from '../storage/store.js';
 import { containerRoutes } from './api/containers.js';
@@ -17,6 +19,7 @@ import { imageRoutes } from './api/images.js';
 import { registryRoutes } from './api/registry.js';
 import { ContainerManager } from './containers.js';
 import { type SnapshotterServer, startSnapshotter } from './snapshotter/server.js';
+import { RegistryLayerSource } from './snapshotter/registryLayers.js';
 import { SnapshotService } from './snapshotter/service.js';
 import { Spool } from './spool.js';
 import { systemRoutes } from './api/system.js';
@@ -94,7 +97,13 @@ export class Daemon {
       registryRoutes(router, store, options.config.registriesConfig, options.config.registryTimeouts);
       await daemon.containers.adoptAll();
       daemon.containers.superviseHosts();
-      daemon.snapshots = new SnapshotService(store, logger);
+      // The snapshotter fetches the layers containerd names in Prepare labels itself (CRI, ctr-remote rpull).
+      const registriesConfigPath = options.config.registriesConfig;
+      const fetcher = new RegistryLayerSource(store, logger, {
+        config: async () => (registriesConfigPath ? loadRegistriesConfig(registriesConfigPath) : EMPTY_CONFIG),
+        timeouts: timeoutsFrom(options.config.registryTimeouts),
+      });
+      daemon.snapshots = new SnapshotService(store, logger, { layerSources: [fetcher] });
       await daemon.snapshots.adoptAll();
       daemon.snapshots.superviseMounts();
       daemon.snapshotter = snapshotter = await startSnapshotter(options.socket, options.snapshotterSocket, daemon.snapshots, logger);

@@ -13,22 +13,8 @@ import { expect } from 'chai';
 import { status } from '@grpc/grpc-js';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { digestOf } from '../storage/digest.js';
 import { DEBIAN_MULTI, layerctl, scratch } from './support/env.js';
-import { ContainerdEnv, grpcCode, missingTools, ociArchive, snapshotsClient } from './support/containerd.js';
-
-interface ImageDocs { manifestDigest: string; configDigest: string; layers: string[]; diffIds: string[]; chain: string[] }
-
-async function imageDocs(layout: string, tag: string): Promise<ImageDocs> {
-  const index = JSON.parse(await readFile(join(layout, 'index.json'), 'utf8')) as { manifests: Array<{ digest: string; annotations?: Record<string, string> }> };
-  const blob = (d: string): Promise<string> => readFile(join(layout, 'blobs', 'sha256', d.slice('sha256:'.length)), 'utf8');
-  const manifestDigest = index.manifests.find((m) => m.annotations?.['org.opencontainers.image.ref.name'] === tag)!.digest;
-  const manifest = JSON.parse(await blob(manifestDigest)) as { config: { digest: string }; layers: { digest: string }[] };
-  const config = JSON.parse(await blob(manifest.config.digest)) as { rootfs: { diff_ids: string[] } };
-  const chain: string[] = [];
-  for (const d of config.rootfs.diff_ids) chain.push(chain.length === 0 ? d : digestOf(`${chain.at(-1)!} ${d}`));
-  return { manifestDigest, configDigest: manifest.config.digest, layers: manifest.layers.map((l) => l.digest), diffIds: config.rootfs.diff_ids, chain };
-}
+import { ContainerdEnv, grpcCode, imageDocs, missingTools, ociArchive, snapshotsClient } from './support/containerd.js';
 
 describe('containerd: remote snapshots (layers already in layerd\'s store are not unpacked)', function () {
   this.timeout(300_000);

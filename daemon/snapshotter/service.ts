@@ -68,18 +68,31 @@ export interface Usage {
   inodes: number;
 }
 
+/** What a layer source is asked for: the layer that gives chain ID `target` on top of `parentChain`. */
+export interface LayerRequest {
+  target: Digest;
+  parentChain: Digest | null;
+  namespace: string | undefined;
+  /** The Prepare's labels (containerd passes those under `containerd.io/snapshot/`). */
+  labels: Readonly<Record<string, string>>;
+}
+
 /**
  * Where the layer of a chain ID may come from when the store does not have
- * it yet (a seam: a source that fetches a layer itself, or finds its original
- * blob, puts it into the store and returns its diffID, which must give
- * `target` on top of `parentChain`). Undefined: not this source's.
+ * it yet: a source that fetches it itself (registryLayers.ts) puts it into
+ * the store and returns its diffID, which must give `target` on top of
+ * `parentChain` (the caller checks). Undefined: not this source's.
  */
 export interface ChainLayerSource {
-  layerFor(request: { target: Digest; parentChain: Digest | null; namespace: string | undefined; labels: Readonly<Record<string, string>> }): Promise<Digest | undefined>;
+  layerFor(request: LayerRequest): Promise<Digest | undefined>;
 }
 
 export interface SnapshotServiceOptions {
-  /** Consulted in order when an unpack is committed and the store has no layer for its chain. */
+  /**
+   * Consulted in order by a labelled Prepare (the remote path) when the store
+   * has no layer for its chain: a layer one provides is registered as the
+   * committed snapshot, and containerd downloads and unpacks nothing.
+   */
   layerSources?: ChainLayerSource[];
 }
 
@@ -240,9 +253,10 @@ export class SnapshotService {
       }
       chainId = expected !== undefined && expected === target ? expected : null;
     } else {
-      // No layer label: a layer the store already holds for exactly this chain.
+      // No label naming a stored layer: a layer the store already holds for exactly this
+      // chain, else one a layer source fetches (containerd then downloads nothing).
       if (!isDigest(target)) return undefined;
-      diffId = this.knownLayerForChain(target, parentRow);
+      diffId = this.knownLayerForChain(target, parentRow) ?? await this.layerFromSources(key, target, parentRow, labels);
       if (diffId === undefined) return undefined;
       chainId = target;
     }
@@ -259,6 +273,29 @@ export class SnapshotService {
     });
     this.logger.info('remote snapshot registered: no unpack needed', { snapshot: name, target, diffId, parent: parentRow?.key });
     return name;
+  }
+
+  /**
+   * Ask the layer sources for the layer of chain `target` on `parentRow`; a
+   * layer is taken only if its diffID gives `target` (a source whose labels
+   * lied, or a registry serving another layer under a tag, gives nothing).
+   */
+  private async layerFromSources(key: string, target: Digest, parentRow: SnapshotRow | undefined, labels: Record<string, string>): Promise<Digest | undefined> {
+    const parentChain = parentRow === undefined ? null : parentRow.chain_id;
+    if (parentRow !== undefined && parentChain === null) return undefined; // a layer could not be checked against an unknown chain
+    for (const source of this.options.layerSources ?? []) {
+      const found = await source.layerFor({ target, parentChain, namespace: namespaceOf(key), labels }).catch((err: unknown) => {
+        this.logger.warn('a layer source failed; containerd unpacks the layer itself', { snapshot: key, target, error: String(err) });
+        return undefined;
+      });
+      if (found === undefined) continue;
+      if (chainIdOf(parentChain, found) !== target) {
+        this.logger.warn('a layer source gave a layer of another chain; containerd unpacks the layer itself', { snapshot: key, target, diffId: found, parentChain });
+        continue;
+      }
+      if (this.store.db.getLayer(found)) return found;
+    }
+    return undefined;
   }
 
   /** The store layer a Prepare's labels name, if the store has it. */
@@ -387,30 +424,17 @@ export class SnapshotService {
 
   /**
    * An unpack snapshot: the layer the store already has for its chain is
-   * kept (the directory containerd wrote is dropped), else a layer source
-   * may provide it, else the directory becomes the layer. The committed
+   * kept (the directory containerd wrote is dropped), else the directory
+   * becomes the layer. The committed
    * snapshot stands for the chain ID containerd named in either case.
    */
   private async commitUnpacked(name: string, row: SnapshotRow, labels: Record<string, string>): Promise<void> {
     const target = row.unpack_target!;
     const parentRow = row.parent === null ? undefined : this.table.get(row.parent);
+    // (Layer sources are asked at Prepare, before containerd downloads anything: once it has
+    // unpacked the layer, fetching it again would only add a download to the Commit.)
     let diffId = this.knownLayerForChain(target, parentRow);
     let how = 'kept the stored layer';
-    if (diffId === undefined) {
-      const parentChain = parentRow === undefined ? null : parentRow.chain_id;
-      for (const source of this.options.layerSources ?? []) {
-        if (parentRow !== undefined && parentChain === null) break; // a source cannot check its layer against an unknown chain
-        const found = await source.layerFor({ target, parentChain, namespace: namespaceOf(row.key), labels: parseLabels(row.labels) }).catch((err: unknown) => {
-          this.logger.warn('a layer source failed; the unpacked directory is committed instead', { snapshot: row.key, target, error: String(err) });
-          return undefined;
-        });
-        if (found !== undefined && chainIdOf(parentChain, found) === target && this.store.db.getLayer(found)) {
-          diffId = found;
-          how = 'took the layer from a layer source';
-          break;
-        }
-      }
-    }
     if (diffId !== undefined) {
       const known = diffId;
       this.store.db.write(() => this.recordCommit(name, row, labels, known, target));

@@ -19,6 +19,7 @@ import { mkdir, readFile, readdir, readlink, rm, rmdir, writeFile } from 'node:f
 import { join } from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { loadSnapshotsService } from '../../daemon/snapshotter/server.js';
+import { digestOf } from '../../storage/digest.js';
 import { REPO } from './env.js';
 import { http } from './daemon.js';
 import { signalAndWait, stopChild, waitPidGone } from './processes.js';
@@ -100,7 +101,17 @@ export interface LayerdProcess {
 export interface ContainerdEnvOptions {
   /** The containerd namespace ctr uses (also the cgroup parent of the containers). */
   namespace?: string;
+  /**
+   * Enable the CRI plugin with layerd as its snapshotter and snapshot
+   * annotations on (its image service on containerd's socket, namespace
+   * `k8s.io`); `registryHosts` is its `config_path` (hosts.toml per registry,
+   * read at each pull). No CNI: enough for the image service.
+   */
+  cri?: { registryHosts: string };
 }
+
+/** The containerd namespace of the CRI plugin. */
+export const CRI_NAMESPACE = 'k8s.io';
 
 export class ContainerdEnv {
   readonly runDir: string;
@@ -117,7 +128,7 @@ export class ContainerdEnv {
   private readonly namespaces = new Set<string>();
   private gcRuns = 0;
 
-  constructor(readonly dir: string, options: ContainerdEnvOptions = {}) {
+  constructor(readonly dir: string, private readonly options: ContainerdEnvOptions = {}) {
     this.runDir = join(dir, 'run');
     this.layerdRoot = join(dir, 'layerd-root');
     this.layerdSocket = join(dir, 'layerd.sock');
@@ -125,6 +136,7 @@ export class ContainerdEnv {
     this.containerdSocket = join(dir, 'containerd.sock');
     this.namespace = options.namespace ?? `layerd-itest-${process.pid}`;
     this.namespaces.add(this.namespace);
+    if (options.cri) this.namespaces.add(CRI_NAMESPACE);
   }
 
   /** The holder, layerd, then containerd with layerd as its `layerd` proxy snapshotter. */
@@ -142,7 +154,7 @@ export class ContainerdEnv {
       'version = 2',
       `root = "${join(this.dir, 'containerd-root')}"`,
       `state = "${join(this.dir, 'containerd-state')}"`,
-      'disabled_plugins = ["io.containerd.grpc.v1.cri"]',
+      ...this.criConfig(),
       '[grpc]',
       `  address = "${this.containerdSocket}"`,
       '[plugins."io.containerd.internal.v1.opt"]',
@@ -168,6 +180,26 @@ export class ContainerdEnv {
     }
     const plugins = ok('ctr plugins ls', await this.ctr(['plugins', 'ls']));
     if (!/io\.containerd\.snapshotter\.v1\s+layerd\s+\S+\s+ok/.test(plugins)) throw new Error(`containerd did not load the layerd proxy snapshotter:\n${plugins}`);
+  }
+
+  /** The CRI plugin's part of containerd's config: off, or on with layerd as its snapshotter. */
+  private criConfig(): string[] {
+    const cri = this.options.cri;
+    if (!cri) return ['disabled_plugins = ["io.containerd.grpc.v1.cri"]'];
+    return [
+      '[plugins."io.containerd.grpc.v1.cri"]',
+      // its streaming server (exec/attach), unused here: loopback and a port of the kernel's choice
+      '  stream_server_address = "127.0.0.1"',
+      '  stream_server_port = "0"',
+      '[plugins."io.containerd.grpc.v1.cri".containerd]',
+      '  snapshotter = "layerd"',
+      '  disable_snapshot_annotations = false',
+      '[plugins."io.containerd.grpc.v1.cri".cni]',
+      `  bin_dir = "${join(this.dir, 'cni', 'bin')}"`,
+      `  conf_dir = "${join(this.dir, 'cni', 'conf')}"`,
+      '[plugins."io.containerd.grpc.v1.cri".registry]',
+      `  config_path = "${cri.registryHosts}"`,
+    ];
   }
 
   containerdOutput(): string { return this.containerdLog; }
@@ -211,6 +243,12 @@ export class ContainerdEnv {
     const namespace = options.namespace ?? this.namespace;
     this.namespaces.add(namespace);
     return this.ns('ctr', ['-a', this.containerdSocket, '-n', namespace, ...args], options);
+  }
+
+  /** `ctr-remote` (stargz-snapshotter's ctr) on this containerd; stdout, or it throws. */
+  async ctrRemoteOk(args: string[], options: { timeoutMs?: number; namespace: string }): Promise<string> {
+    this.namespaces.add(options.namespace);
+    return ok(`ctr-remote ${args.join(' ')}`, await this.ns('ctr-remote', ['-a', this.containerdSocket, '-n', options.namespace, ...args], options));
   }
 
   /** A ctr command that must succeed; its stdout. */
@@ -348,6 +386,20 @@ export async function ociArchive(layout: string, tags: string[], out: string): P
   await writeFile(join(indexDir, 'index.json'), JSON.stringify({ ...index, manifests: kept }));
   ok('tar', await run('tar', ['-cf', out, '-C', layout, 'oci-layout', 'blobs', '-C', indexDir, 'index.json']));
   await rm(indexDir, { recursive: true, force: true });
+}
+
+/** What containerd needs to know of an image of an OCI layout: its digests, diffIDs and chain IDs. */
+export interface ImageDocs { manifestDigest: string; configDigest: string; layers: string[]; diffIds: string[]; chain: string[] }
+
+export async function imageDocs(layout: string, tag: string): Promise<ImageDocs> {
+  const index = JSON.parse(await readFile(join(layout, 'index.json'), 'utf8')) as { manifests: Array<{ digest: string; annotations?: Record<string, string> }> };
+  const blob = (d: string): Promise<string> => readFile(join(layout, 'blobs', 'sha256', d.slice('sha256:'.length)), 'utf8');
+  const manifestDigest = index.manifests.find((m) => m.annotations?.['org.opencontainers.image.ref.name'] === tag)!.digest;
+  const manifest = JSON.parse(await blob(manifestDigest)) as { config: { digest: string }; layers: { digest: string }[] };
+  const config = JSON.parse(await blob(manifest.config.digest)) as { rootfs: { diff_ids: string[] } };
+  const chain: string[] = [];
+  for (const d of config.rootfs.diff_ids) chain.push(chain.length === 0 ? d : digestOf(`${chain.at(-1)!} ${d}`));
+  return { manifestDigest, configDigest: manifest.config.digest, layers: manifest.layers.map((l) => l.digest), diffIds: config.rootfs.diff_ids, chain };
 }
 
 // --- a small client of the snapshots API (layerd's socket, or containerd's with a namespace) ---
