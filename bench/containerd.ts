@@ -6,14 +6,16 @@
  * Debian layers), the same loopback registry, the same containerd,
  * interleaved in one run. Every repetition pulls into a fresh containerd
  * namespace after the previous one's image, content and snapshots were
- * collected, so each pull downloads and unpacks everything again.
+ * collected, so each pull downloads and unpacks everything again. With
+ * ctr-remote installed, a third column: `ctr-remote images rpull
+ * --snapshotter layerd`, where layerd fetches the layers itself.
  *
  *   node dist/bench/containerd.js [--reps N] [--runs N]
  *
  * Writes bench/results/containerd-<timestamp>.{md,json}. Needs root,
  * containerd, runc and skopeo (make debian-deps).
  */
-import { execFile } from 'node:child_process';
+import { execFile, execFileSync } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -24,9 +26,26 @@ import { TestRegistry } from '../test/support/registry.js';
 
 const run = promisify(execFile);
 const TAG = 'l3-whiteouts';
-const SNAPSHOTTERS = ['layerd', 'overlayfs'] as const;
-type Snapshotter = (typeof SNAPSHOTTERS)[number];
+/**
+ * `layerd-fetch`: layerd with the self-fetching path, pulled with
+ * `ctr-remote images rpull` (its Prepare labels name each layer, so layerd
+ * fetches the layers and containerd downloads none); only when ctr-remote
+ * is installed.
+ */
+const VARIANTS = ['layerd', 'layerd-fetch', 'overlayfs'] as const;
+type Variant = (typeof VARIANTS)[number];
 const TARGETS = { pull: 1.2, first: 1.5, later: 1.3 } as const;
+/** The self-fetching path's pull target (the issue's). */
+const FETCH_PULL_TARGET = 1.0;
+
+function hasCtrRemote(): boolean {
+  try {
+    execFileSync('sh', ['-c', 'command -v ctr-remote'], { stdio: 'ignore' });
+    return true;
+  } catch {
+    return false;
+  }
+}
 
 async function main(): Promise<void> {
   const missing = missingTools();
@@ -49,9 +68,14 @@ async function main(): Promise<void> {
     if (!/io\.containerd\.snapshotter\.v1\s+overlayfs\s+\S+\s+ok/.test(plugins)) throw new Error(`containerd's overlayfs snapshotter is not usable here:\n${plugins}`);
 
     const ctr = (namespace: string, ...args: string[]): Promise<string> => env.ctrOk(args, { namespace, timeoutMs: 600_000 });
+    const variants = VARIANTS.filter((v) => v !== 'layerd-fetch' || hasCtrRemote());
+    if (!variants.includes('layerd-fetch')) console.warn('ctr-remote not installed: no layerd-fetch column (apt-get install stargz-snapshotter)');
     /** One repetition: pull + unpack, a first run, later runs; then everything of the namespace collected. */
-    const once = async (snapshotter: Snapshotter, namespace: string): Promise<{ pull: number; first: number; later: number[] }> => {
-      const pull = await time(() => ctr(namespace, 'images', 'pull', '--plain-http', '--snapshotter', snapshotter, ref));
+    const once = async (variant: Variant, namespace: string): Promise<{ pull: number; first: number; later: number[] }> => {
+      const snapshotter = variant === 'overlayfs' ? 'overlayfs' : 'layerd';
+      const pull = await time(() => (variant === 'layerd-fetch'
+        ? env.ctrRemoteOk(['images', 'rpull', '--plain-http', '--snapshotter', snapshotter, ref], { namespace, timeoutMs: 600_000 })
+        : ctr(namespace, 'images', 'pull', '--plain-http', '--snapshotter', snapshotter, ref)));
       const runIt = (id: string): Promise<number> => time(async () => {
         const out = await ctr(namespace, 'run', '--rm', '--snapshotter', snapshotter, ref, id, 'python3', '-c', 'print(42)');
         if (out.trim() !== '42') throw new Error(`${snapshotter}: the container printed ${JSON.stringify(out)}`);
@@ -66,42 +90,48 @@ async function main(): Promise<void> {
     };
 
     // warm-up: the registry, the page cache, a mount host of each kind
-    for (const s of SNAPSHOTTERS) await once(s, `bench-warm-${s}`);
-    const samples: Record<Snapshotter, { pull: number[]; first: number[]; later: number[] }> = {
-      layerd: { pull: [], first: [], later: [] }, overlayfs: { pull: [], first: [], later: [] },
-    };
+    for (const v of variants) await once(v, `bench-warm-${v}`);
+    const samples = Object.fromEntries(variants.map((v) => [v, { pull: [] as number[], first: [] as number[], later: [] as number[] }])) as
+      Partial<Record<Variant, { pull: number[]; first: number[]; later: number[] }>>;
     for (let r = 0; r < reps; r++) {
-      // interleaved, and the order alternates, so neither side always runs on a warmer machine
-      const order = r % 2 === 0 ? SNAPSHOTTERS : [...SNAPSHOTTERS].reverse();
-      for (const s of order) {
-        const one = await once(s, `bench-${s}-${r}`);
-        samples[s].pull.push(one.pull);
-        samples[s].first.push(one.first);
-        samples[s].later.push(...one.later);
+      // interleaved, and the order alternates, so no side always runs on a warmer machine
+      const order = r % 2 === 0 ? variants : [...variants].reverse();
+      for (const v of order) {
+        const one = await once(v, `bench-${v}-${r}`);
+        samples[v]!.pull.push(one.pull);
+        samples[v]!.first.push(one.first);
+        samples[v]!.later.push(...one.later);
       }
     }
-    const summary = Object.fromEntries(SNAPSHOTTERS.map((s) => [s, {
-      pull: stats(samples[s].pull), first: stats(samples[s].first), later: stats(samples[s].later),
-    }])) as Record<Snapshotter, Record<'pull' | 'first' | 'later', { median: number; min: number; max: number }>>;
-    const ratio = (k: keyof typeof TARGETS): number => summary.layerd[k].median / summary.overlayfs[k].median;
-    const ratios = { pull: ratio('pull'), first: ratio('first'), later: ratio('later') };
-    const row = (what: string, k: keyof typeof TARGETS): string => {
-      const l = summary.layerd[k];
-      const o = summary.overlayfs[k];
-      const verdict = ratios[k] <= TARGETS[k] ? 'met' : 'NOT met';
-      return `| ${what} | ${l.median.toFixed(0)} (${l.min.toFixed(0)}–${l.max.toFixed(0)}) | ${o.median.toFixed(0)} (${o.min.toFixed(0)}–${o.max.toFixed(0)}) | ${ratios[k].toFixed(2)} | ≤ ${TARGETS[k]} ${verdict} |`;
+    type Summary = Record<'pull' | 'first' | 'later', { median: number; min: number; max: number }>;
+    const summary = Object.fromEntries(variants.map((v) => [v, {
+      pull: stats(samples[v]!.pull), first: stats(samples[v]!.first), later: stats(samples[v]!.later),
+    }])) as Partial<Record<Variant, Summary>>;
+    const base = summary.overlayfs!;
+    const ratios: Record<string, number> = {};
+    const row = (what: string, v: Variant, k: keyof typeof TARGETS, target: number): string => {
+      const l = summary[v]![k];
+      const o = base[k];
+      const ratio = l.median / o.median;
+      ratios[`${v}.${k}`] = ratio;
+      const verdict = ratio <= target ? 'met' : 'NOT met';
+      return `| ${what} | ${v} | ${l.median.toFixed(0)} (${l.min.toFixed(0)}–${l.max.toFixed(0)}) | ${o.median.toFixed(0)} (${o.min.toFixed(0)}–${o.max.toFixed(0)}) | ${ratio.toFixed(2)} | ≤ ${target} ${verdict} |`;
     };
     const lines = [
       `# containerd 1.6: layerd vs overlayfs snapshotter, debian-multi:${TAG} from a loopback registry, ${reps} repetitions (${laterRuns} later runs each), ${new Date().toISOString()}`,
       '',
-      '| ms, median (min–max) | layerd | overlayfs | ratio | target |',
-      '|---|---|---|---|---|',
-      row('`ctr images pull` (pull + unpack)', 'pull'),
-      row('first `ctr run --rm … python3 -c print(42)`', 'first'),
-      row('later runs', 'later'),
+      'layerd-fetch: `ctr-remote images rpull --snapshotter layerd` (layerd fetches the layers itself); the others: `ctr images pull`.',
+      '',
+      '| ms, median (min–max) | layerd as | layerd | overlayfs | ratio | target |',
+      '|---|---|---|---|---|---|',
+      row('pull + unpack', 'layerd', 'pull', TARGETS.pull),
+      ...(summary['layerd-fetch'] ? [row('pull (self-fetching)', 'layerd-fetch', 'pull', FETCH_PULL_TARGET)] : []),
+      row('first `ctr run --rm … python3 -c print(42)`', 'layerd', 'first', TARGETS.first),
+      ...(summary['layerd-fetch'] ? [row('first run after a self-fetching pull', 'layerd-fetch', 'first', TARGETS.first)] : []),
+      row('later runs', 'layerd', 'later', TARGETS.later),
       '',
     ];
-    await writeResults('containerd', lines, { reps, laterRuns, samples, summary, ratios, targets: TARGETS });
+    await writeResults('containerd', lines, { reps, laterRuns, samples, summary, ratios, targets: { ...TARGETS, fetchPull: FETCH_PULL_TARGET } });
   } finally {
     await env.stop().catch((err: unknown) => console.error(`cleanup: ${String(err)}`));
     await registry?.stop();

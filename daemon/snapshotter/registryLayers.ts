@@ -71,8 +71,8 @@ export interface RegistryLayerSourceOptions {
 const REMEMBER_MS = 10 * 60_000;
 
 export class RegistryLayerSource implements ChainLayerSource {
-  /** digest → the layer's diffID once fetched (shared by everyone who asks meanwhile). */
-  private readonly fetches = new Map<Digest, Promise<Digest>>();
+  /** digest → its fetch (shared by everyone who asks meanwhile), and the layer's diffID once fetched. */
+  private readonly fetches = new Map<Digest, { fetching: Promise<Digest>; diffId?: Digest }>();
   private running = 0;
   private readonly waiting: (() => void)[] = [];
 
@@ -85,7 +85,7 @@ export class RegistryLayerSource implements ChainLayerSource {
     for (const d of named.following) void this.fetch(named.reference, d, 'prefetch').catch(() => undefined); // its own Prepare reports a failure
     let diffId = await own;
     if (!this.store.db.getLayer(diffId)) {
-      // Fetched earlier, collected since (a store GC): once more.
+      // Collected (a store GC, containerd removing the snapshot) between its fetch and now: once more.
       this.fetches.delete(named.digest);
       diffId = await this.fetch(named.reference, named.digest, 'requested');
     }
@@ -95,7 +95,7 @@ export class RegistryLayerSource implements ChainLayerSource {
   /** The fetch of `digest` in progress or done, else a new one (queued behind `concurrency` others). */
   private fetch(reference: string, digest: Digest, why: 'requested' | 'prefetch'): Promise<Digest> {
     const known = this.fetches.get(digest);
-    if (known !== undefined) return known;
+    if (known !== undefined && (known.diffId === undefined || this.store.db.getLayer(known.diffId))) return known.fetching;
     const started = Date.now();
     const fetching = this.slot(async () => {
       const pulled = await pullLayer(this.store, reference, digest, () => undefined, {
@@ -107,11 +107,15 @@ export class RegistryLayerSource implements ChainLayerSource {
       });
       return pulled.diffId;
     });
-    this.fetches.set(digest, fetching);
+    const entry: { fetching: Promise<Digest>; diffId?: Digest } = { fetching };
+    this.fetches.set(digest, entry);
     fetching.then(
-      () => { setTimeout(() => { if (this.fetches.get(digest) === fetching) this.fetches.delete(digest); }, REMEMBER_MS).unref(); },
+      (diffId) => {
+        entry.diffId = diffId;
+        setTimeout(() => { if (this.fetches.get(digest) === entry) this.fetches.delete(digest); }, REMEMBER_MS).unref();
+      },
       (err: unknown) => {
-        if (this.fetches.get(digest) === fetching) this.fetches.delete(digest);
+        if (this.fetches.get(digest) === entry) this.fetches.delete(digest);
         this.logger.warn('snapshotter could not fetch a layer', { reference, digest, why, error: (err as Error).message });
       },
     );
