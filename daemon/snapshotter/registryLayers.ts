@@ -22,6 +22,7 @@
  */
 import { type Logger } from '../../common/log.js';
 import { type Digest, isDigest } from '../../storage/digest.js';
+import { type RetryPolicy } from '../../storage/registry/client.js';
 import { type RegistriesConfig } from '../../storage/registry/config.js';
 import { pullLayer } from '../../storage/registry/layer.js';
 import { DEFAULT_PULL_CONCURRENCY } from '../../storage/registry/pull.js';
@@ -67,6 +68,13 @@ export interface RegistryLayerSourceOptions {
   concurrency?: number;
 }
 
+/**
+ * containerd waits in Prepare while layerd fetches: a registry that does not
+ * answer is given up on quickly (containerd then downloads the layer itself,
+ * with its own retries), not after a pull's patient retries.
+ */
+const FETCH_RETRY: RetryPolicy = { retries: 2, backoffMs: 200, maxBackoffMs: 1_000 };
+
 /** How long a finished fetch is remembered for a Prepare still to come (its layer may be collected meanwhile). */
 const REMEMBER_MS = 10 * 60_000;
 
@@ -99,7 +107,7 @@ export class RegistryLayerSource implements ChainLayerSource {
     const started = Date.now();
     const fetching = this.slot(async () => {
       const pulled = await pullLayer(this.store, reference, digest, () => undefined, {
-        config: await this.options.config(),
+        config: await this.options.config(), retry: FETCH_RETRY,
         ...(this.options.timeouts ? { timeouts: this.options.timeouts } : {}),
       });
       this.logger.info('snapshotter fetched a layer', {
