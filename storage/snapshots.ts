@@ -14,7 +14,10 @@
  * store layer (or finds the layer the store already has for that chain).
  *
  * A committed snapshot is a layer of the store (`diff_id`) on top of its
- * parent's chain; it owns no files of its own. Its layer stays in the store
+ * parent's chain; it owns no files of its own — except one containerd
+ * committed from an unpack directory whose layer is still being ingested
+ * from it in the background (`pending_ingest`, stored as kind 'active' with
+ * no layer yet, reported as committed). Its layer stays in the store
  * while any snapshot refers to it (`collectGarbage` asks `snapshotLayerRefs`).
  * The keys are containerd's (its metadata layer namespaces them, e.g.
  * `default/12/sha256:…`); `id` is layerd's own, used for directory names.
@@ -55,6 +58,13 @@ export interface SnapshotRow {
   server_pid: number | null;
   /** Unpack snapshots: the chain ID containerd will commit it as (no FUSE mount, no server); else null. */
   unpack_target: Digest | null;
+  /**
+   * 1: committed by containerd, its layer still being ingested from its
+   * directory (`upper`) in the background; `diff_id` is null until then.
+   * Stored as kind 'active' (the table's CHECK: committed ⇔ has a layer),
+   * reported by SnapshotTable as 'committed'.
+   */
+  pending_ingest: number;
 }
 
 const SCHEMA = `
@@ -78,7 +88,12 @@ CREATE INDEX IF NOT EXISTS snapshots_diff_id ON snapshots(diff_id);
 `;
 
 /** Columns added after the first version of the table (added to older stores on open). */
-const ADDED_COLUMNS: Record<string, string> = { unpack_target: 'TEXT' };
+const ADDED_COLUMNS: Record<string, string> = { unpack_target: 'TEXT', pending_ingest: 'INTEGER NOT NULL DEFAULT 0' };
+
+/** A stored row as callers see it: one whose layer is still being ingested is committed already. */
+function reported(row: SnapshotRow): SnapshotRow {
+  return row.pending_ingest === 1 ? { ...row, kind: 'committed' } : row;
+}
 
 export function snapshotsDir(store: Store): string {
   return join(store.layout.root, 'snapshots');
@@ -101,15 +116,38 @@ export class SnapshotTable {
   }
 
   get(key: string): SnapshotRow | undefined {
-    return this.db.db.prepare(`SELECT * FROM snapshots WHERE key = ?`).get(key) as SnapshotRow | undefined;
+    const row = this.db.db.prepare(`SELECT * FROM snapshots WHERE key = ?`).get(key) as SnapshotRow | undefined;
+    return row === undefined ? undefined : reported(row);
   }
 
   list(): SnapshotRow[] {
-    return this.db.db.prepare(`SELECT * FROM snapshots ORDER BY id`).all() as SnapshotRow[];
+    return (this.db.db.prepare(`SELECT * FROM snapshots ORDER BY id`).all() as SnapshotRow[]).map(reported);
   }
 
   children(key: string): SnapshotRow[] {
-    return this.db.db.prepare(`SELECT * FROM snapshots WHERE parent = ? ORDER BY id`).all(key) as SnapshotRow[];
+    return (this.db.db.prepare(`SELECT * FROM snapshots WHERE parent = ? ORDER BY id`).all(key) as SnapshotRow[]).map(reported);
+  }
+
+  /** Committed snapshots whose layer is still being ingested. */
+  pending(): SnapshotRow[] {
+    return (this.db.db.prepare(`SELECT * FROM snapshots WHERE pending_ingest = 1 ORDER BY id`).all() as SnapshotRow[]).map(reported);
+  }
+
+  /**
+   * Containerd committed unpack snapshot `key` as `name`: the row (same id, so
+   * its directory stays its own) becomes committed, its layer to be ingested
+   * from `upper` (call inside a write transaction).
+   */
+  markPending(key: string, name: string, labels: Record<string, string>, chainId: Digest): void {
+    this.db.db.prepare(`UPDATE snapshots SET key = ?, labels = ?, chain_id = ?, pending_ingest = 1, mountpoint = NULL, server_pid = NULL, updated_at = ? WHERE key = ?`)
+      .run(name, JSON.stringify(labels), chainId, Date.now(), key);
+  }
+
+  /** The layer of pending snapshot `key` is in the store now (call in the transaction that stores it). */
+  finishPending(key: string, diffId: Digest): void {
+    const changed = this.db.db.prepare(`UPDATE snapshots SET kind = 'committed', diff_id = ?, pending_ingest = 0, upper = NULL, unpack_target = NULL WHERE key = ? AND pending_ingest = 1`)
+      .run(diffId, key).changes;
+    if (changed !== 1) throw new LayerdError(ErrorCodes.ENOTFOUND, `snapshot ${key} is not waiting for its layer`, { snapshot: key });
   }
 
   /** Committed snapshots carrying `label` = `value` on top of `parent`. */
@@ -119,16 +157,16 @@ export class SnapshotTable {
 
   /** Committed snapshots known to stand for chain ID `chainId` (in any containerd namespace). */
   committedWithChain(chainId: Digest): SnapshotRow[] {
-    return this.db.db.prepare(`SELECT * FROM snapshots WHERE kind = 'committed' AND chain_id = ? ORDER BY id`).all(chainId) as SnapshotRow[];
+    return (this.db.db.prepare(`SELECT * FROM snapshots WHERE (kind = 'committed' OR pending_ingest = 1) AND chain_id = ? ORDER BY id`).all(chainId) as SnapshotRow[]).map(reported);
   }
 
   /** Insert (call inside a write transaction); returns the new row. */
-  insert(row: Omit<SnapshotRow, 'id' | 'created_at' | 'updated_at' | 'unpack_target'> & { created_at?: number; unpack_target?: Digest | null }): SnapshotRow {
+  insert(row: Omit<SnapshotRow, 'id' | 'created_at' | 'updated_at' | 'unpack_target' | 'pending_ingest'> & { created_at?: number; unpack_target?: Digest | null }): SnapshotRow {
     const now = Date.now();
     const result = this.db.db.prepare(`INSERT INTO snapshots (key, kind, parent, labels, created_at, updated_at, diff_id, chain_id, upper, mountpoint, server_pid, unpack_target)
                      VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`)
       .run(row.key, row.kind, row.parent, row.labels, row.created_at ?? now, now, row.diff_id, row.chain_id, row.upper, row.mountpoint, row.server_pid, row.unpack_target ?? null);
-    return this.db.db.prepare(`SELECT * FROM snapshots WHERE id = ?`).get(result.lastInsertRowid) as SnapshotRow;
+    return reported(this.db.db.prepare(`SELECT * FROM snapshots WHERE id = ?`).get(result.lastInsertRowid) as SnapshotRow);
   }
 
   /** Set the directories of a new row (they are named after its id). */
@@ -157,6 +195,7 @@ export class SnapshotTable {
       seen.add(k);
       const row = this.get(k);
       if (!row) throw new LayerdError(ErrorCodes.ECORRUPT, `snapshot ${k} is missing from its child's chain`, { snapshot: k });
+      if (row.pending_ingest === 1) throw new LayerdError(ErrorCodes.EBUSY, `snapshot ${k}'s layer is still being ingested`, { snapshot: k });
       if (row.diff_id === null) throw new LayerdError(ErrorCodes.ECORRUPT, `snapshot ${k} in a parent chain is not committed`, { snapshot: k });
       layers.push(row.diff_id);
       k = row.parent;

@@ -7,6 +7,7 @@
  */
 import { expect } from 'chai';
 import { execFileSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import { status } from '@grpc/grpc-js';
 import { readFile, readdir, mkdir, stat, writeFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
@@ -349,6 +350,35 @@ describe('containerd snapshotter: the gRPC API', function () {
     expect((await readdir(v[0]!.source)).sort()).to.deep.equal(['before', 'during']);
     await remove('live-v');
     await remove('live-c');
+  });
+  it('answers an unpack\'s Commit before its layer is stored: a mount on top waits for it, and a daemon killed meanwhile ingests it at its next start', async () => {
+    const target = `sha256:${'c'.repeat(64)}`;
+    const before = await storeLayers();
+    const m = await prepare(`ns7/1/extract-7-k ${target}`);
+    const upper = m[0]!.options.find((o) => o.startsWith('upperdir='))!.slice('upperdir='.length);
+    // enough data that ingesting it takes a while (~100 MiB, incompressible)
+    await mkdir(join(upper, 'data'));
+    for (let i = 0; i < 100; i++) await writeFile(join(upper, 'data', `f${i}`), randomBytes(1024 * 1024));
+    const probe = await readFile(join(upper, 'data', 'f42'));
+    await commit(`ns7/2/${target}`, `ns7/1/extract-7-k ${target}`);
+    // committed at once (containerd goes on with the next layer); the daemon dies before the ingest ends
+    expect((await statOf(`ns7/2/${target}`)).kind).to.equal('COMMITTED');
+    daemon!.child.kill('SIGKILL');
+    await daemon!.stop();
+    client.close();
+    expect(daemon!.log(), 'the kill came before the ingest ended').not.to.contain('unpack snapshot layer ingested');
+    daemon = await startDaemon(work.dir, ['--snapshotter-socket', socket()]);
+    client = snapshotsClient(socket());
+    expect(daemon.log()).to.contain('resuming the ingest of committed snapshots');
+    expect((await statOf(`ns7/2/${target}`)).kind).to.equal('COMMITTED');
+    // a FUSE view on top waits for the layer, then shows what containerd wrote
+    const v = (await view('pending-view', `ns7/2/${target}`))[0]!.source;
+    expect((await readFile(join(v, 'data', 'f42'))).equals(probe)).to.equal(true);
+    expect(await storeLayers()).to.have.length(before.length + 1);
+    await waitFor('the unpack directory deleted once ingested', () => stat(upper).then(() => false, () => true), 15_000, 50);
+    await remove('pending-view');
+    await remove(`ns7/2/${target}`);
+    expect(await storeLayers(), 'the layer went with its only snapshot').to.deep.equal(before);
   });
 });
 

@@ -14,6 +14,7 @@ import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { DEBIAN_MULTI, execFileAsync, layerctl, scratch } from './support/env.js';
 import { ContainerdEnv, missingTools, ociArchive } from './support/containerd.js';
+import { waitFor } from './support/daemon.js';
 import { TestRegistry } from './support/registry.js';
 
 const TAG = 'l3-whiteouts'; // containerd 1.6 cannot apply debian-multi's layer 4 (docs/containerd.md)
@@ -70,6 +71,8 @@ describe('containerd: unpacking into layerd at disk speed, each layer stored onc
     await ctr('ns-a', 'images', 'import', '--snapshotter', 'layerd', '--base-name', 'corpus/debian-multi', join(work!.dir, 'debian.tar'));
     expect(logged(logStart, /unpack snapshot prepared/), 'every layer unpacked into a directory').to.have.length(3);
     expect(logged(logStart, /"snapshot prepared"/), 'no FUSE mount for an unpack').to.deep.equal([]);
+    // Commit answered at once; the layers are ingested from the directories in the background
+    await waitFor('ns-a\'s layers ingested', async () => (await layers()).length >= before.length + 3, 120_000, 200);
     const afterA = await layers();
     expect(afterA).to.have.length(before.length + 3);
     await ctr('ns-b', 'images', 'import', '--snapshotter', 'layerd', '--base-name', 'corpus/debian-multi', join(work!.dir, 'debian.tar'));

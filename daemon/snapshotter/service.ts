@@ -15,10 +15,13 @@
  *   unpack.ts) is not mounted at all: containerd writes the layer into its
  *   directory itself, and Commit keeps the layer the store already has for
  *   its chain ID (pulled by layerd, or committed in another containerd
- *   namespace) or else turns the directory into one.
+ *   namespace) or else answers at once and turns the directory into a layer
+ *   in the background (a FUSE mount on top waits for it; a daemon killed
+ *   meanwhile does it at its next start).
  * - The remote path: a Prepare carrying `containerd.io/snapshot.ref` (the
  *   chain ID containerd's unpacker is about to create) and a label naming a
- *   layer the store already has registers that layer as a committed
+ *   layer the store already has — or one a layer source fetches from the
+ *   registry (registryLayers.ts) — registers that layer as a committed
  *   snapshot and answers ALREADY_EXISTS, so containerd does not unpack it.
  * - Only snapshots containerd created (or the remote path registered for
  *   it) are listed: containerd's GC removes what it does not know.
@@ -107,6 +110,10 @@ export class SnapshotService {
   private readonly busy = new Set<string>();
   private supervisor: NodeJS.Timeout | undefined;
   private reviving: Promise<void> | undefined;
+  /** Background ingests of committed unpack snapshots, by row id; they run one after another on `ingestQueue`. */
+  private readonly ingests = new Map<number, Promise<Digest>>();
+  private ingestQueue: Promise<void> = Promise.resolve();
+  private stopping = false;
 
   constructor(private readonly store: Store, private readonly logger: Logger, private readonly options: SnapshotServiceOptions = {}) {
     this.table = new SnapshotTable(store.db);
@@ -136,8 +143,20 @@ export class SnapshotService {
 
   private async create(key: string, parent: string, labels: Record<string, string>, kind: 'active' | 'view', unpackTarget?: Digest): Promise<Mount[]> {
     if (this.busy.has(key) || this.table.get(key)) throw new LayerdError(ErrorCodes.EEXIST, `snapshot ${key} already exists`, { snapshot: key });
-    const parentRow = this.committedParent(parent);
-    const layers = this.table.chain(parentRow?.key ?? null);
+    let parentRow = this.committedParent(parent);
+    // A FUSE mount needs its chain's layers: wait for those still being ingested. (An unpack
+    // does not: containerd writes its layer into an empty directory.)
+    if (unpackTarget === undefined && parentRow !== undefined) {
+      this.busy.add(key);
+      try {
+        await this.chainIngested(parentRow.key);
+      } finally {
+        this.busy.delete(key);
+      }
+      parentRow = this.committedParent(parent);
+    }
+    if (this.busy.has(key) || this.table.get(key)) throw new LayerdError(ErrorCodes.EEXIST, `snapshot ${key} already exists`, { snapshot: key });
+    const layers = unpackTarget === undefined ? this.table.chain(parentRow?.key ?? null) : [];
     this.busy.add(key);
     let row: SnapshotRow | undefined;
     try {
@@ -228,7 +247,7 @@ export class SnapshotService {
   private knownLayerForChain(target: Digest, parentRow: SnapshotRow | undefined): Digest | undefined {
     const parentKnown = parentRow === undefined || parentRow.chain_id !== null;
     const stored = parentKnown ? storeLayerForChain(this.store.db, parentRow?.chain_id ?? null, target) : undefined;
-    return stored ?? this.table.committedWithChain(target)[0]?.diff_id ?? undefined;
+    return stored ?? this.table.committedWithChain(target).find((r) => r.diff_id !== null)?.diff_id ?? undefined;
   }
 
   /**
@@ -359,6 +378,7 @@ export class SnapshotService {
 
   async usage(key: string): Promise<Usage> {
     const row = this.row(key);
+    if (row.kind === 'committed' && row.pending_ingest === 1) return diskUsage(row.upper!);
     if (row.kind === 'committed') {
       const layer = this.store.db.getLayer(row.diff_id!);
       return { size: layer?.file_bytes ?? 0, inodes: layer?.entries ?? 0 };
@@ -379,10 +399,11 @@ export class SnapshotService {
     const dir = snapshotDir(this.store, row.id);
     try {
       if (row.unpack_target !== null) {
-        await this.commitUnpacked(name, row, labels);
-        // The unpacked tree is not needed any more; containerd need not wait for its deletion
-        // (no row owns the directory now: a stop before it is gone leaves it to Cleanup / the next start).
-        void rm(dir, { recursive: true, force: true }).catch((err: unknown) => this.logger.warn('could not delete an unpack directory', { path: dir, error: String(err) }));
+        const pending = await this.commitUnpacked(name, row, labels);
+        // The unpacked tree is not needed any more (unless its layer is still to be ingested from it);
+        // containerd need not wait for its deletion (no row owns the directory now: a stop before it
+        // is gone leaves it to Cleanup / the next start).
+        if (!pending) this.removeDir(dir);
       } else {
         await this.commitMounted(name, row, labels);
         await rm(dir, { recursive: true, force: true });
@@ -424,29 +445,102 @@ export class SnapshotService {
 
   /**
    * An unpack snapshot: the layer the store already has for its chain is
-   * kept (the directory containerd wrote is dropped), else the directory
-   * becomes the layer. The committed
-   * snapshot stands for the chain ID containerd named in either case.
+   * kept (the directory containerd wrote is dropped); else the snapshot is
+   * committed at once and its directory becomes the layer in the background
+   * (`ingestPending`): containerd goes on with the next layer meanwhile. The
+   * committed snapshot stands for the chain ID containerd named in either
+   * case. Returns whether the directory is still needed (pending).
    */
-  private async commitUnpacked(name: string, row: SnapshotRow, labels: Record<string, string>): Promise<void> {
+  private async commitUnpacked(name: string, row: SnapshotRow, labels: Record<string, string>): Promise<boolean> {
     const target = row.unpack_target!;
     const parentRow = row.parent === null ? undefined : this.table.get(row.parent);
     // (Layer sources are asked at Prepare, before containerd downloads anything: once it has
     // unpacked the layer, fetching it again would only add a download to the Commit.)
     let diffId = this.knownLayerForChain(target, parentRow);
-    let how = 'kept the stored layer';
+    if (diffId === undefined) {
+      // The same chain committed in another namespace, its layer still being ingested: share it.
+      const pendingTwin = this.table.committedWithChain(target).find((r) => r.pending_ingest === 1);
+      if (pendingTwin !== undefined) diffId = await this.ingested(pendingTwin.key).catch(() => undefined);
+    }
     if (diffId !== undefined) {
       const known = diffId;
       this.store.db.write(() => this.recordCommit(name, row, labels, known, target));
-    } else {
-      diffId = (await directoryToLayer(this.store, row.upper!, `snapshot:${row.key}`, (_db, l) => this.recordCommit(name, row, labels, l.diffId, target))).diffId;
-      how = 'stored the unpacked directory';
+      this.logger.info('unpack snapshot committed', { snapshot: name, from: row.key, target, diffId, how: 'kept the stored layer' });
+      return false;
     }
-    this.logger.info('unpack snapshot committed', { snapshot: name, from: row.key, target, diffId, how });
+    this.store.db.write(() => {
+      if (this.table.get(name)) throw new LayerdError(ErrorCodes.EEXIST, `snapshot ${name} already exists`, { snapshot: name });
+      this.table.markPending(row.key, name, labels, target);
+    });
+    this.logger.info('unpack snapshot committed; its layer is ingested in the background', { snapshot: name, from: row.key, target });
+    void this.ingested(name).catch(() => undefined); // logged there; waiters see the error
+    return true;
+  }
+
+  /**
+   * The layer of committed snapshot `key` once it is in the store: at once
+   * for most, after its background ingest for one containerd just committed
+   * from an unpack directory. Ingests run one at a time, in commit order; a
+   * failed one is logged and tried again by the next caller (or the next
+   * daemon start), the snapshot staying committed meanwhile.
+   */
+  private ingested(key: string): Promise<Digest> {
+    const row = this.table.get(key);
+    if (row === undefined) return Promise.reject(new LayerdError(ErrorCodes.ENOTFOUND, `snapshot ${key} does not exist`, { snapshot: key }));
+    if (row.pending_ingest !== 1) {
+      if (row.diff_id !== null) return Promise.resolve(row.diff_id);
+      return Promise.reject(new LayerdError(ErrorCodes.ECONFLICT, `snapshot ${key} is not committed`, { snapshot: key }));
+    }
+    const running = this.ingests.get(row.id);
+    if (running !== undefined) return running;
+    const job = this.ingestQueue.then(() => this.ingestPending(row.id, key));
+    this.ingestQueue = job.then(() => undefined, () => undefined);
+    this.ingests.set(row.id, job);
+    const forget = (): void => { if (this.ingests.get(row.id) === job) this.ingests.delete(row.id); };
+    job.then(forget, forget);
+    return job;
+  }
+
+  private async ingestPending(id: number, key: string): Promise<Digest> {
+    if (this.stopping) throw new LayerdError(ErrorCodes.EBUSY, 'the daemon is stopping; the layer is ingested at its next start', { snapshot: key });
+    const row = this.table.get(key);
+    if (row === undefined || row.id !== id || row.pending_ingest !== 1) {
+      throw new LayerdError(ErrorCodes.ENOTFOUND, `snapshot ${key} is no longer waiting for its layer`, { snapshot: key });
+    }
+    const started = Date.now();
+    try {
+      const layer = await directoryToLayer(this.store, row.upper!, `snapshot:${key}`, (_db, l) => this.table.finishPending(key, l.diffId));
+      this.logger.info('unpack snapshot layer ingested', { snapshot: key, diffId: layer.diffId, ms: Date.now() - started });
+      this.removeDir(snapshotDir(this.store, id));
+      return layer.diffId;
+    } catch (err) {
+      this.logger.error('could not ingest a committed snapshot\'s layer (tried again when it is needed)', { snapshot: key, error: (err as Error).message });
+      throw err;
+    }
+  }
+
+  /** Wait until every snapshot of `key`'s chain has its layer in the store. */
+  private async chainIngested(key: string): Promise<void> {
+    for (let k: string | null = key; k !== null;) {
+      const row = this.table.get(k);
+      if (row === undefined) return; // chain() reports it
+      if (row.pending_ingest === 1) await this.ingested(k);
+      k = row.parent;
+    }
+  }
+
+  /** Delete a snapshot directory nothing needs any more, without making the caller wait. */
+  private removeDir(dir: string): void {
+    void rm(dir, { recursive: true, force: true }).catch((err: unknown) => this.logger.warn('could not delete a snapshot directory', { path: dir, error: String(err) }));
   }
 
   async remove(key: string): Promise<void> {
-    const row = this.row(key);
+    let row = this.row(key);
+    if (row.pending_ingest === 1) {
+      // Its layer first (or the ingest's failure): then it goes as any committed snapshot.
+      await this.ingested(key).catch(() => undefined);
+      row = this.row(key);
+    }
     if (this.busy.has(key)) throw new LayerdError(ErrorCodes.ECONFLICT, `snapshot ${key} is busy`, { snapshot: key });
     const children = this.table.children(key);
     if (children.length > 0) {
@@ -454,6 +548,13 @@ export class SnapshotService {
     }
     this.busy.add(key);
     try {
+      if (row.kind === 'committed' && row.diff_id === null) {
+        // its layer could not be ingested: only the directory goes
+        this.store.db.write(() => this.table.delete(key));
+        await rm(snapshotDir(this.store, row.id), { recursive: true, force: true });
+        this.logger.info('snapshot removed', { snapshot: key, kind: row.kind, ingested: false });
+        return;
+      }
       if (row.kind === 'committed') {
         this.store.db.write(() => this.table.delete(key));
         const deleted = await removeLayerIfUnused(this.store, row.diff_id!);
@@ -471,7 +572,8 @@ export class SnapshotService {
 
   /** Remove what no snapshot owns: directories under snapshots/ without a row (and their mounts). */
   async cleanup(): Promise<string[]> {
-    const owned = new Set(this.table.list().map((r) => String(r.id)));
+    // (a committed snapshot owns no files, except one whose layer is still to be ingested from its directory)
+    const owned = new Set(this.table.list().filter((r) => r.kind !== 'committed' || r.pending_ingest === 1).map((r) => String(r.id)));
     const removed: string[] = [];
     const names = await readdir(snapshotsDir(this.store)).catch(() => [] as string[]);
     for (const name of names) {
@@ -512,6 +614,10 @@ export class SnapshotService {
       }
     }
     if (adopted.length + remounted.length > 0) this.logger.info('snapshots restored', { adopted: adopted.length, remounted: remounted.length });
+    // committed snapshots whose layer the previous daemon had not ingested yet (stopped or killed meanwhile)
+    const pending = this.table.pending();
+    if (pending.length > 0) this.logger.info('resuming the ingest of committed snapshots\' layers', { snapshots: pending.length });
+    for (const row of pending) void this.ingested(row.key).catch(() => undefined);
     // what an interrupted Commit or Remove left behind
     await this.cleanup().catch((err: unknown) => this.logger.warn('snapshot cleanup failed', { error: String(err) }));
     return { adopted, remounted };
@@ -528,11 +634,13 @@ export class SnapshotService {
     this.supervisor.unref();
   }
 
-  /** Stop the supervisor and wait for a round in progress (daemon stop). */
+  /** Stop the supervisor and the background ingests; wait for a round or an ingest in progress (daemon stop). */
   async stopSupervising(): Promise<void> {
     clearInterval(this.supervisor);
     this.supervisor = undefined;
+    this.stopping = true; // queued ingests are left to the next start
     await this.reviving;
+    await this.ingestQueue;
   }
 
   private reviveDead(): Promise<void> {
