@@ -99,6 +99,8 @@ export interface SnapshotServiceOptions {
   layerSources?: ChainLayerSource[];
 }
 
+/** Background ingests of unpacked layers at once: one, so containerd applying the next layer keeps the other core (2 measured no better, docs/performance.md). */
+const INGEST_CONCURRENCY = 1;
 /** How often dead snapshot mount hosts are looked for while the daemon runs. */
 const SUPERVISE_MS = 2_000;
 /** A snapshot directory holds this mark once its upper is in the overlayfs format (older ones are converted at their next mount). */
@@ -110,9 +112,10 @@ export class SnapshotService {
   private readonly busy = new Set<string>();
   private supervisor: NodeJS.Timeout | undefined;
   private reviving: Promise<void> | undefined;
-  /** Background ingests of committed unpack snapshots, by row id; they run one after another on `ingestQueue`. */
+  /** Background ingests of committed unpack snapshots, by row id; at most INGEST_CONCURRENCY run at once, in commit order. */
   private readonly ingests = new Map<number, Promise<Digest>>();
-  private ingestQueue: Promise<void> = Promise.resolve();
+  private ingestsRunning = 0;
+  private readonly ingestsWaiting: (() => void)[] = [];
   private stopping = false;
 
   constructor(private readonly store: Store, private readonly logger: Logger, private readonly options: SnapshotServiceOptions = {}) {
@@ -480,7 +483,7 @@ export class SnapshotService {
   /**
    * The layer of committed snapshot `key` once it is in the store: at once
    * for most, after its background ingest for one containerd just committed
-   * from an unpack directory. Ingests run one at a time, in commit order; a
+   * from an unpack directory. Ingests run INGEST_CONCURRENCY at a time, in commit order; a
    * failed one is logged and tried again by the next caller (or the next
    * daemon start), the snapshot staying committed meanwhile.
    */
@@ -493,12 +496,24 @@ export class SnapshotService {
     }
     const running = this.ingests.get(row.id);
     if (running !== undefined) return running;
-    const job = this.ingestQueue.then(() => this.ingestPending(row.id, key));
-    this.ingestQueue = job.then(() => undefined, () => undefined);
+    const job = this.ingestSlot(() => this.ingestPending(row.id, key));
     this.ingests.set(row.id, job);
     const forget = (): void => { if (this.ingests.get(row.id) === job) this.ingests.delete(row.id); };
     job.then(forget, forget);
     return job;
+  }
+
+  /** Run `job` when fewer than INGEST_CONCURRENCY ingests run (a finished one hands its slot to the next in line). */
+  private async ingestSlot<T>(job: () => Promise<T>): Promise<T> {
+    if (this.ingestsRunning >= INGEST_CONCURRENCY) await new Promise<void>((resolve) => this.ingestsWaiting.push(resolve));
+    else this.ingestsRunning++;
+    try {
+      return await job();
+    } finally {
+      const next = this.ingestsWaiting.shift();
+      if (next) next();
+      else this.ingestsRunning--;
+    }
   }
 
   private async ingestPending(id: number, key: string): Promise<Digest> {
@@ -640,7 +655,7 @@ export class SnapshotService {
     this.supervisor = undefined;
     this.stopping = true; // queued ingests are left to the next start
     await this.reviving;
-    await this.ingestQueue;
+    await Promise.allSettled([...this.ingests.values()]);
   }
 
   private reviveDead(): Promise<void> {
