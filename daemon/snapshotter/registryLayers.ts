@@ -106,7 +106,7 @@ export class RegistryLayerSource implements ChainLayerSource {
     if (known !== undefined && (known.diffId === undefined || this.store.db.getLayer(known.diffId))) return known.fetching;
     const started = Date.now();
     const fetching = this.slot(async () => {
-      const pulled = await pullLayer(this.store, reference, digest, () => undefined, {
+      const pulled = await pullLayer(this.store, reference, digest, {
         config: await this.options.config(), retry: FETCH_RETRY,
         ...(this.options.timeouts ? { timeouts: this.options.timeouts } : {}),
       });

@@ -6,9 +6,10 @@
  * ingest as a pull (digest checked, decompressed, indexed, resumable
  * download, mirrors, auth); only the layer is kept, not the compressed blob.
  *
- * `accept` runs inside the write transaction that makes the layer visible:
- * the caller records what uses the layer in the same step (so no GC can find
- * it unused in between), or throws to refuse it (then nothing is stored).
+ * `options.accept` runs inside the write transaction that makes the layer
+ * visible: a caller records what uses the layer in the same step (so no GC
+ * can find it unused in between), or throws to refuse it (then nothing is
+ * stored).
  */
 import { mkdir } from 'node:fs/promises';
 import { ErrorCodes, LayerdError } from '../../common/errors.js';
@@ -29,6 +30,7 @@ export interface PullLayerOptions {
   retry?: RetryPolicy;
   timeouts?: RegistryTimeouts;
   signal?: AbortSignal;
+  accept?: (db: MetadataDb, diffId: Digest) => void;
 }
 
 export interface PulledLayer {
@@ -44,7 +46,7 @@ export interface PulledLayer {
  * does not matter) and store it as a layer.
  */
 export async function pullLayer(
-  store: Store, reference: string, digest: Digest, accept: (db: MetadataDb, diffId: Digest) => void, options: PullLayerOptions = {},
+  store: Store, reference: string, digest: Digest, options: PullLayerOptions = {},
 ): Promise<PulledLayer> {
   if (!isDigest(digest)) throw new LayerdError(ErrorCodes.EINVAL, `not a layer digest: ${JSON.stringify(digest)}`, { digest });
   const ref = parseRegistryRef(reference);
@@ -74,7 +76,7 @@ export async function pullLayer(
     tx.stageLayer(ingested, MediaTypes.ociLayer);
     await store.commit(workDir, tx.staged, (db) => {
       for (const [diffId, l] of tx.layers) db.putLayer({ diff_id: diffId, size: l.size, file_bytes: l.fileBytes, entries: l.entries });
-      accept(db, ingested.diffId);
+      options.accept?.(db, ingested.diffId);
     });
     return { diffId: ingested.diffId, blobBytes: ingested.size, existed };
   } finally {
