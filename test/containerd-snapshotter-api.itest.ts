@@ -380,6 +380,25 @@ describe('containerd snapshotter: the gRPC API', function () {
     await remove(`ns7/2/${target}`);
     expect(await storeLayers(), 'the layer went with its only snapshot').to.deep.equal(before);
   });
+  it('an unpack of the same chain in another namespace, committed while the first one\'s layer is still being ingested, shares that layer', async () => {
+    const target = `sha256:${'d'.repeat(64)}`;
+    const before = await storeLayers();
+    const upperOf = (m: WireMount[]): string => m[0]!.options.find((o) => o.startsWith('upperdir='))!.slice('upperdir='.length);
+    const u1 = upperOf(await prepare(`ns8/1/extract-8-a ${target}`));
+    for (let i = 0; i < 50; i++) await writeFile(join(u1, `f${i}`), randomBytes(1024 * 1024));
+    await commit(`ns8/2/${target}`, `ns8/1/extract-8-a ${target}`);
+    // containerd in another namespace unpacked the same chain (here: different bytes, to tell them apart)
+    const u2 = upperOf(await prepare(`ns9/1/extract-9-b ${target}`));
+    await writeFile(join(u2, 'other'), 'what containerd wrote again\n');
+    await commit(`ns9/2/${target}`, `ns9/1/extract-9-b ${target}`);
+    const v = (await view('twin-view', `ns9/2/${target}`))[0]!.source;
+    expect((await readdir(v)).length, 'the first namespace\'s layer').to.equal(50);
+    expect(await storeLayers()).to.have.length(before.length + 1);
+    await remove('twin-view');
+    const usedBy = new Map((JSON.parse(await cli('layers', '--json')) as { diffId: string; usedBy: number }[]).map((l) => [l.diffId, l.usedBy]));
+    const added = (await storeLayers()).filter((d) => !before.includes(d));
+    expect(added.map((d) => usedBy.get(d))).to.deep.equal([2]);
+  });
 });
 
 /** Mount hosts serving mounts under `dir` (found by their socket path), stopped by PID and waited for (bounded). */
