@@ -66,6 +66,7 @@ export class Daemon {
   containers!: ContainerManager;
   private spool: Spool | undefined;
   snapshots!: SnapshotService;
+  private layerFetcher: RegistryLayerSource | undefined;
   private snapshotter: SnapshotterServer | undefined;
   private statusTimer: NodeJS.Timeout | undefined;
 
@@ -103,6 +104,7 @@ export class Daemon {
         config: async () => (registriesConfigPath ? loadRegistriesConfig(registriesConfigPath) : EMPTY_CONFIG),
         timeouts: timeoutsFrom(options.config.registryTimeouts),
       });
+      daemon.layerFetcher = fetcher;
       daemon.snapshots = new SnapshotService(store, logger, { layerSources: [fetcher] });
       await daemon.snapshots.adoptAll();
       daemon.snapshots.superviseMounts();
@@ -222,6 +224,7 @@ export class Daemon {
       this.server.closeIdleConnections();
       await Promise.allSettled([...this.inflight]);
       await closed;
+      await this.layerFetcher?.stop(); // (a Prepare waiting for a fetch then falls back and answers)
       await this.snapshotter?.stop();
       await this.containers.stopSupervising();
       await this.snapshots.stopSupervising();

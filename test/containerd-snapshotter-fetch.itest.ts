@@ -13,7 +13,7 @@ import { DEBIAN_MULTI, execFileAsync, layerctl, scratch } from './support/env.js
 import { type RunningDaemon, startDaemon, waitFor } from './support/daemon.js';
 import { type SnapshotsClient, grpcCode, imageDocs, snapshotsClient } from './support/containerd.js';
 import { clearMountsUnder } from './support/store.js';
-import { TestRegistry } from './support/registry.js';
+import { TestRegistry, startProxy } from './support/registry.js';
 
 const TAG = 'l2-packages'; // two layers
 
@@ -95,5 +95,30 @@ describe('containerd snapshotter: fetching the layers Prepare labels name', func
     await waitFor('the layer of another chain logged', () => daemon!.log().includes('a layer source gave a layer of another chain'));
     for (const key of ['ns/3/extract-4 a', 'ns/4/extract-5 b', 'ns/5/extract-6 c']) await client.call('Remove', { snapshotter: 'layerd', key });
     expect(await client.list()).to.deep.equal([]);
+  });
+  it('a daemon stopping cancels a fetch in progress: it exits at once, and the waiting Prepare is answered', async () => {
+    // a registry front that starts sending a blob and then stalls (a daemon waiting out its idle timeout would take a minute)
+    const stall = await startProxy(registry!.host, {
+      intercept: (req, res) => {
+        if (!req.url?.includes('/blobs/')) return false;
+        res.writeHead(200, { 'content-length': String(1024 * 1024) });
+        res.write(Buffer.alloc(1024));
+        return true;
+      },
+    });
+    try {
+      const digest = `sha256:${'4'.repeat(64)}`;
+      const answered = prepare('ns/9/extract-9 s', '', criLabels(digest, `${stall.host}/corpus/debian-multi:${TAG}`, digest))
+        .then((m) => m[0]!.type, (err: unknown) => `error ${String(grpcCode(err))}`);
+      await waitFor('the fetch to start', () => stall.seen.some((u) => u.includes('/blobs/')));
+      const started = Date.now();
+      expect(await daemon!.stop(), 'exit code').to.equal(0);
+      expect(Date.now() - started, 'ms to stop').to.be.below(10_000);
+      daemon = undefined;
+      // the fetch failed: an unpack directory (or the server went first: UNAVAILABLE, CANCELLED); never a hang
+      expect(await answered).to.be.oneOf(['overlay', `error ${status.UNAVAILABLE}`, `error ${status.CANCELLED}`]);
+    } finally {
+      await stall.close();
+    }
   });
 });

@@ -26,7 +26,7 @@ import { type RetryPolicy } from '../../storage/registry/client.js';
 import { type RegistriesConfig } from '../../storage/registry/config.js';
 import { pullLayer } from '../../storage/registry/layer.js';
 import { DEFAULT_PULL_CONCURRENCY } from '../../storage/registry/pull.js';
-import { type RegistryTimeouts } from '../../storage/registry/timeouts.js';
+import { type AbortCause, type RegistryTimeouts } from '../../storage/registry/timeouts.js';
 import { type Store } from '../../storage/store.js';
 import { type ChainLayerSource, type LayerRequest } from './service.js';
 
@@ -83,6 +83,8 @@ export class RegistryLayerSource implements ChainLayerSource {
   private readonly fetches = new Map<Digest, { fetching: Promise<Digest>; diffId?: Digest }>();
   private running = 0;
   private readonly waiting: (() => void)[] = [];
+  /** Aborted at daemon stop: fetches in progress end at once, later ones fail at once (their Prepares fall back). */
+  private readonly stopper = new AbortController();
 
   constructor(private readonly store: Store, private readonly logger: Logger, private readonly options: RegistryLayerSourceOptions) {}
 
@@ -107,7 +109,7 @@ export class RegistryLayerSource implements ChainLayerSource {
     const started = Date.now();
     const fetching = this.slot(async () => {
       const pulled = await pullLayer(this.store, reference, digest, {
-        config: await this.options.config(), retry: FETCH_RETRY,
+        config: await this.options.config(), retry: FETCH_RETRY, signal: this.stopper.signal,
         ...(this.options.timeouts ? { timeouts: this.options.timeouts } : {}),
       });
       this.logger.info('snapshotter fetched a layer', {
@@ -128,6 +130,13 @@ export class RegistryLayerSource implements ChainLayerSource {
       },
     );
     return fetching;
+  }
+
+  /** Daemon stop: cancel the fetches in progress and wait until they have ended. */
+  async stop(): Promise<void> {
+    const cause: AbortCause = { kind: 'cancelled', why: 'the daemon is stopping' };
+    this.stopper.abort(cause);
+    await Promise.allSettled([...this.fetches.values()].map((f) => f.fetching));
   }
 
   /** Run `job` when fewer than `concurrency` fetches run. */
