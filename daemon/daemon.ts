@@ -19,6 +19,9 @@ import { ContainerManager } from './containers.js';
 import { type SnapshotterServer, startSnapshotter } from './snapshotter/server.js';
 import { SnapshotService } from './snapshotter/service.js';
 import { Spool } from './spool.js';
+import { LazyFills } from '../storage/lazy/fill.js';
+import { EMPTY_CONFIG, loadRegistriesConfig } from '../storage/registry/config.js';
+import { timeoutsFrom } from '../storage/registry/timeouts.js';
 import { systemRoutes } from './api/system.js';
 import { type DaemonConfig, loadConfig } from './config.js';
 import { Router } from './http.js';
@@ -62,6 +65,7 @@ export class Daemon {
   private stopping: Promise<void> | undefined;
   containers!: ContainerManager;
   private spool: Spool | undefined;
+  lazyFills!: LazyFills;
   snapshots!: SnapshotService;
   private snapshotter: SnapshotterServer | undefined;
   private statusTimer: NodeJS.Timeout | undefined;
@@ -91,7 +95,11 @@ export class Daemon {
         ...(options.config.mountCacheSeconds !== undefined ? { cacheSeconds: options.config.mountCacheSeconds } : {}),
       });
       containerRoutes(router, daemon.containers);
-      registryRoutes(router, store, options.config.registriesConfig, options.config.registryTimeouts);
+      daemon.lazyFills = new LazyFills(store, {
+        config: async () => (options.config.registriesConfig ? loadRegistriesConfig(options.config.registriesConfig) : EMPTY_CONFIG),
+        timeouts: timeoutsFrom(options.config.registryTimeouts), logger,
+      });
+      registryRoutes(router, store, options.config.registriesConfig, options.config.registryTimeouts, daemon.lazyFills);
       await daemon.containers.adoptAll();
       daemon.containers.superviseHosts();
       daemon.snapshots = new SnapshotService(store, logger);
@@ -124,6 +132,7 @@ export class Daemon {
         await daemon.spool.start();
       }
       await daemon.watchConfig();
+      daemon.lazyFills.resume(); // fills a previous run left unfinished go on
       logger.info('layerd is ready', { socket: options.socket, root: options.root, version: VERSION });
       // Only now (the socket accepts connections, containers are adopted) may systemd call the unit active.
       options.notifier?.notify({ READY: '1', STATUS: statusLine(options.socket, daemon.counts()) });
@@ -209,6 +218,7 @@ export class Daemon {
       if (this.gcTimer) clearInterval(this.gcTimer);
       await this.watcher?.close();
       await this.spool?.stop();
+      await this.lazyFills?.stop();
       const closed = new Promise<void>((resolvePromise) => this.server.close(() => resolvePromise()));
       this.server.closeIdleConnections();
       await Promise.allSettled([...this.inflight]);
