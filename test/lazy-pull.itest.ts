@@ -232,6 +232,48 @@ describe('lazy pull of eStargz images (docker-registry 2.8.2)', function () {
     expect((await readFile(join(mnt, b!.path))).equals(await readFile(join(fullMnt(), b!.path)))).to.equal(true);
   });
 
+  it('through the daemon: pull --lazy returns, a container created at once reads the bytes of the full pull, the fill completes', async () => {
+    const dir = join(work.dir, 'daemon-create');
+    let daemon: RunningDaemon | undefined;
+    let container: string | undefined;
+    try {
+      daemon = await startDaemon(dir);
+      const socket = { LAYERD_SOCKET: daemon.socket };
+      const pulled = await layerctl(['pull', '--lazy', ref, '--json'], socket);
+      expect(pulled.code, pulled.stderr).to.equal(0);
+      expect((JSON.parse(pulled.stdout) as LazyPulled).lazyLayers).to.have.length(4);
+      const created = await layerctl(['create', ref, '--name', 'lazy1', '--json'], socket);
+      expect(created.code, created.stderr).to.equal(0);
+      container = 'lazy1';
+      const mnt = (JSON.parse(created.stdout) as { mountpoint: string }).mountpoint;
+      const random = prng(7);
+      for (let i = 0; i < 20; i++) {
+        const f = fullTree.files[Math.floor(random() * fullTree.files.length)]!;
+        expect((await readFile(join(mnt, f.path))).equals(await readFile(join(fullMnt(), f.path))), `/${f.path}`).to.equal(true);
+      }
+      const inspect = async (): Promise<Inspect> => JSON.parse((await layerctl(['inspect', ref], socket)).stdout) as Inspect;
+      await waitFor('every layer complete', async () => (await inspect()).Layers.every((l) => l.state === 'complete'), 120_000, 250);
+      // The container still serves (from the lazy layers it mounted), and new mounts use the complete layers.
+      const f = fullTree.files[fullTree.files.length - 1]!;
+      expect((await readFile(join(mnt, f.path))).equals(await readFile(join(fullMnt(), f.path)))).to.equal(true);
+      const fsck = await layerctl(['fsck'], socket);
+      expect(fsck.code, fsck.stdout + fsck.stderr).to.equal(0);
+    } finally {
+      if (container && daemon) await layerctl(['rm', container], { LAYERD_SOCKET: daemon.socket });
+      await daemon?.stop();
+    }
+  });
+
+  it('falls back to a full pull, and says so, for an image whose layers are no eStargz', async () => {
+    const root = join(work.dir, 'lazy-fallback');
+    await execFileAsync('skopeo', ['--insecure-policy', 'copy', '-q', '--dest-tls-verify=false', '--preserve-digests', `oci:${DEBIAN_MULTI}:latest`, `docker://${registry.host}/plain/dm:v1`]);
+    const r = await layerctlR(['--root', root, 'pull', '--lazy', `${registry.host}/plain/dm:v1`]);
+    expect(r.code, r.stderr).to.equal(0);
+    expect(r.stderr).to.match(/not eStargz .*pulled in full/);
+    const info = await layerctlJson<Inspect>(['--root', root, 'inspect', `${registry.host}/plain/dm:v1`]);
+    expect(info.Layers.every((l) => l.state === 'complete')).to.equal(true);
+  });
+
   it('completes the layers in the background when a daemon holds the store, resuming once the registry returns', async () => {
     const dir = join(work.dir, 'daemon');
     const root = join(dir, 'root');
