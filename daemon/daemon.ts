@@ -95,6 +95,10 @@ export class Daemon {
         ...(options.config.mountCacheSeconds !== undefined ? { cacheSeconds: options.config.mountCacheSeconds } : {}),
       });
       containerRoutes(router, daemon.containers);
+      // Mount hosts inherit the daemon's environment: the bound on lazy reads reaches them so (storage/lazy/lazyLayer.ts).
+      if (options.config.lazyReadTimeoutSeconds !== undefined) {
+        process.env['LAYERD_LAZY_READ_TIMEOUT_MS'] = String(Math.round(options.config.lazyReadTimeoutSeconds * 1000));
+      }
       daemon.lazyFills = new LazyFills(store, {
         config: async () => (options.config.registriesConfig ? loadRegistriesConfig(options.config.registriesConfig) : EMPTY_CONFIG),
         timeouts: timeoutsFrom(options.config.registryTimeouts), logger,
