@@ -13,6 +13,7 @@
  */
 import { expect } from 'chai';
 import { type ChildProcess } from 'node:child_process';
+import { type ServerResponse } from 'node:http';
 import { mkdir, open, readFile, readdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { gzipSync } from 'node:zlib';
@@ -272,6 +273,45 @@ describe('lazy pull of eStargz images (docker-registry 2.8.2)', function () {
     expect(r.stderr).to.match(/not eStargz .*pulled in full/);
     const info = await layerctlJson<Inspect>(['--root', root, 'inspect', `${registry.host}/plain/dm:v1`]);
     expect(info.Layers.every((l) => l.state === 'complete')).to.equal(true);
+  });
+
+  it('a daemon killed during a fill finishes it when it starts again', async () => {
+    const dir = join(work.dir, 'daemon-crash');
+    const root = join(dir, 'root');
+    // Once the image is recorded, whole-blob downloads (the fill) are held, unanswered, until the daemon is gone; Range requests pass.
+    let hold = false;
+    const held: ServerResponse[] = [];
+    const proxy = await startProxy(registry.host, {
+      intercept: (req, res) => {
+        if (!hold || req.headers.range !== undefined || !req.url?.includes('/blobs/')) return false;
+        held.push(res);
+        return true;
+      },
+    });
+    let daemon: RunningDaemon | undefined;
+    try {
+      const reference = (await lazyPull(root, `${proxy.host}/lazy/dm:v1`)).images[0]!.refs[0]!;
+      hold = true;
+      daemon = await startDaemon(dir);
+      const first = daemon;
+      const inspect = async (d: RunningDaemon): Promise<Inspect> => JSON.parse((await layerctl(['inspect', reference], { LAYERD_SOCKET: d.socket })).stdout) as Inspect;
+      await waitFor('the fills to be under way', () => held.length >= 4, 30_000, 100);
+      expect((await inspect(first)).Layers.every((l) => l.state === 'filling')).to.equal(true);
+      process.kill(first.pid, 'SIGKILL');
+      await first.stop();
+      hold = false;
+      for (const res of held) res.destroy();
+      daemon = await startDaemon(dir);
+      const second = daemon;
+      await waitFor('every layer complete', async () => (await inspect(second)).Layers.every((l) => l.state === 'complete'), 120_000, 250);
+      const fsck = await layerctl(['fsck'], { LAYERD_SOCKET: second.socket });
+      expect(fsck.code, fsck.stdout + fsck.stderr).to.equal(0);
+    } finally {
+      hold = false;
+      for (const res of held) res.destroy();
+      await daemon?.stop();
+      await proxy.close();
+    }
   });
 
   it('completes the layers in the background when a daemon holds the store, resuming once the registry returns', async () => {
