@@ -7,6 +7,7 @@
  *   <root>/blobs/sha256/<hex>       blobs by distribution digest (layers, configs, manifests)
  *   <root>/layers/sha256/<hex>/     layers by diffID: layer.tar (sha256 = diffID) + index.json
  *   <root>/lazy/sha256/<hex>/       layers pulled lazily, by diffID: index.json + lazy.json + content (docs/lazy.md)
+ *   <root>/lazy/stats/              lazy-read counters of the processes serving them (for /metrics)
  *   <root>/tmp/<pid>-<rand>/        ingest area: becomes visible only by rename
  *   <root>/containers/<id>/         a container's writable layer (upper/) and FUSE statistics
  *   <root>/hosts/<key>.{sock,log}   mount hosts: one process per layer stack serving its mounts
@@ -25,6 +26,8 @@ export class StoreLayout {
   get layersDir(): string { return join(this.root, 'layers', 'sha256'); }
   get tmpDir(): string { return join(this.root, 'tmp'); }
   get lazyDir(): string { return join(this.root, 'lazy', 'sha256'); }
+  /** Lazy-read counters of the processes serving lazy layers (storage/lazy/lazyLayer.ts lazyStatsDir: the same place). */
+  get lazyStatsDir(): string { return join(this.root, 'lazy', 'stats'); }
 
   get containersDir(): string { return join(this.root, 'containers'); }
   containerDir(id: string): string { return join(this.containersDir, id); }

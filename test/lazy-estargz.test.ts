@@ -7,6 +7,9 @@
  */
 import { expect } from 'chai';
 import { createHash, randomBytes } from 'node:crypto';
+import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { gunzipSync } from 'node:zlib';
@@ -16,6 +19,7 @@ import { type Digest } from '../storage/digest.js';
 import { type LayerEntry } from '../storage/layerIndex.js';
 import { LayerUnpacker } from '../storage/layerUnpack.js';
 import { ESTARGZ_FOOTER_SIZE, TOC_NAME, parseFooter, parseToc, planLazyLayer, readTocMember } from '../storage/lazy/estargz.js';
+import { layerDirSource } from '../storage/lazy/lazyLayer.js';
 import { toEstargz } from './support/estargz.js';
 
 const sha = (b: Buffer): string => `sha256:${createHash('sha256').update(b).digest('hex')}`;
@@ -88,6 +92,24 @@ describe('eStargz layers (storage/lazy/estargz.ts)', () => {
     }
     expect(plan.files.find((f) => f.size === big.length)!.chunks).to.have.length(4);
     expect(chunks).to.equal(4 + 1 + 2);
+  });
+
+  it('serves a lazy layer whose fill completed before it was opened from its complete directory', async () => {
+    const root = await mkdtemp(join(tmpdir(), 'layerd-lazy-dir-'));
+    try {
+      const diffId = sha(Buffer.from('a layer')) as Digest;
+      const complete = join(root, 'layers', 'sha256', diffId.slice(7));
+      await mkdir(complete, { recursive: true });
+      await writeFile(join(complete, 'index.json'), JSON.stringify({ version: 1, id: diffId, entries: [], whiteouts: [], opaques: [] }));
+      await writeFile(join(complete, 'layer.tar'), Buffer.alloc(1024));
+      const source = await layerDirSource(join(root, 'lazy', 'sha256', diffId.slice(7)));
+      expect(source.index.id).to.equal(diffId);
+      let failed = false;
+      await layerDirSource(join(root, 'lazy', 'sha256', 'f'.repeat(64))).catch(() => { failed = true; });
+      expect(failed).to.equal(true);
+    } finally {
+      await rm(root, { recursive: true, force: true });
+    }
   });
 
   it('refuses a blob whose tail is no eStargz footer', () => {

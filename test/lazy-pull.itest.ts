@@ -19,7 +19,7 @@ import { join } from 'node:path';
 import { gzipSync } from 'node:zlib';
 import { DEBIAN_MULTI, execFileAsync, layerctl, layerctlJson, scratch } from './support/env.js';
 import { writeEstargzLayout } from './support/estargz.js';
-import { startDaemon, waitFor, type RunningDaemon } from './support/daemon.js';
+import { http, startDaemon, waitFor, type RunningDaemon } from './support/daemon.js';
 import { TestRegistry, layerctlR, startProxy, type TestProxy } from './support/registry.js';
 import { startLayerdServer, stopLayerdServer } from './fixtures/mount/harness.js';
 
@@ -252,6 +252,13 @@ describe('lazy pull of eStargz images (docker-registry 2.8.2)', function () {
         const f = fullTree.files[Math.floor(random() * fullTree.files.length)]!;
         expect((await readFile(join(mnt, f.path))).equals(await readFile(join(fullMnt(), f.path))), `/${f.path}`).to.equal(true);
       }
+      // The mount host's fetches show in the daemon's metrics.
+      const metric = async (name: string): Promise<number> => {
+        const text = (await http(daemon!.socket, 'GET', '/metrics')).body;
+        return Number(new RegExp(`^${name} (\\d+)$`, 'm').exec(text)?.[1] ?? -1);
+      };
+      await waitFor('lazy-read metrics', async () => (await metric('layerd_lazy_range_requests_total')) > 0, 20_000, 200);
+      expect(await metric('layerd_lazy_fetched_bytes_total')).to.be.greaterThan(0);
       const inspect = async (): Promise<Inspect> => JSON.parse((await layerctl(['inspect', ref], socket)).stdout) as Inspect;
       await waitFor('every layer complete', async () => (await inspect()).Layers.every((l) => l.state === 'complete'), 120_000, 250);
       // The container still serves (from the lazy layers it mounted), and new mounts use the complete layers.

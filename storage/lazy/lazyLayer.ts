@@ -23,9 +23,9 @@
  */
 import { createHash } from 'node:crypto';
 import { close, constants as fsConstants, open, openSync, read, write } from 'node:fs';
-import { access, readFile } from 'node:fs/promises';
+import { access, mkdir, readFile, readdir, rename, writeFile } from 'node:fs/promises';
 import { promisify } from 'node:util';
-import { join } from 'node:path';
+import { basename, dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { createGunzip } from 'node:zlib';
 import { ErrorCodes, LayerdError } from '../../common/errors.js';
@@ -88,6 +88,23 @@ export interface LazySourceOptions {
   readTimeoutMs?: number;
 }
 
+/** Where serving processes leave their LazyStats (one file per process and layer), for the daemon's /metrics. */
+export function lazyStatsDir(lazyLayerDir: string): string {
+  return join(lazyLayerDir, '..', '..', 'stats');
+}
+
+/** The sum of every LazyStats file under `statsDir`: counters that never go down, whoever wrote them. */
+export async function sumLazyStats(statsDir: string): Promise<LazyStats> {
+  const total: LazyStats = { rangeRequests: 0, fetchedBytes: 0, stalls: 0, verifyFailures: 0 };
+  for (const name of await readdir(statsDir).catch(() => [] as string[])) {
+    if (!name.endsWith('.json')) continue;
+    const stats = await readFile(join(statsDir, name), 'utf8').then((t) => JSON.parse(t) as Partial<LazyStats>, () => undefined);
+    if (!stats) continue;
+    for (const key of Object.keys(total) as (keyof LazyStats)[]) if (typeof stats[key] === 'number') total[key] += stats[key];
+  }
+  return total;
+}
+
 export function readTimeoutFromEnv(): number {
   const ms = Number(process.env['LAYERD_LAZY_READ_TIMEOUT_MS']);
   return Number.isFinite(ms) && ms > 0 ? ms : DEFAULT_READ_TIMEOUT_MS;
@@ -103,6 +120,7 @@ export class LazyLayerSource implements LayerSource {
   private clients: Promise<RegistryClient[]> | undefined;
   private readonly readTimeoutMs: number;
   private readonly contentPath: string;
+  private statsTimer: NodeJS.Timeout | undefined;
 
   /**
    * The content file, open for the source's life: the fill removes the lazy
@@ -172,6 +190,7 @@ export class LazyLayerSource implements LayerSource {
     }
     if (chunk.start < 0) throw this.eio(path, chunk, 'a local chunk is missing from the cache');
     this.stats.stalls++;
+    this.noteStats();
     const deadline = Date.now() + this.readTimeoutMs;
     let failures = 0;
     let badBytes = 0;
@@ -188,9 +207,11 @@ export class LazyLayerSource implements LayerSource {
         if (bytes !== undefined && sha256(bytes) === chunk.digest) {
           await writeAt(this.fd, bytes, key);
           this.present.add(key);
+          this.noteStats();
           return;
         }
         this.stats.verifyFailures++;
+        this.noteStats();
         // Refetched once: bytes that fail twice are not a glitch of the network.
         if (++badBytes >= 2) throw this.eio(path, chunk, 'the fetched bytes do not match the TOC chunk digest');
         continue;
@@ -199,6 +220,21 @@ export class LazyLayerSource implements LayerSource {
       if (Date.now() + wait >= deadline) throw this.eio(path, chunk, `could not be fetched within ${this.readTimeoutMs} ms: ${(last as Error)?.message ?? last}`);
       await sleep(wait);
     }
+  }
+
+  /** Write the counters for /metrics, at most once a second (the write may fail: only metrics are lost). */
+  private noteStats(): void {
+    if (this.statsTimer !== undefined) return;
+    this.statsTimer = setTimeout(() => {
+      this.statsTimer = undefined;
+      const dir = lazyStatsDir(this.dir);
+      const file = join(dir, `${this.info.diffId.slice(7, 19)}-${process.pid}.json`);
+      void mkdir(dir, { recursive: true, mode: 0o700 })
+        .then(() => writeFile(`${file}.tmp`, JSON.stringify(this.stats), { mode: 0o600 }))
+        .then(() => rename(`${file}.tmp`, file))
+        .catch(() => undefined);
+    }, 1000);
+    this.statsTimer.unref();
   }
 
   private eio(path: string, chunk: Chunk, why: string): Error {
@@ -298,12 +334,28 @@ function sha256(bytes: Buffer): Digest {
 
 /** How the union filesystem reads a store layer: from its tar, or fetching what a lazy one lacks. */
 export async function storedLayerSource(layer: { index: LayerIndex; tarPath: string; lazyDir?: string }, options: LazySourceOptions = {}): Promise<LayerSource> {
-  return layer.lazyDir !== undefined ? LazyLayerSource.open(layer.lazyDir, options) : tarLayerSource(layer.index, layer.tarPath);
+  return layer.lazyDir !== undefined ? layerDirSource(layer.lazyDir, options) : tarLayerSource(layer.index, layer.tarPath);
 }
 
-/** A layer directory as a mount host is given it: a lazy one (it has lazy.json) or a complete one. */
+/**
+ * A layer directory as a mount host is given it: a lazy one (`lazy/sha256/<hex>`) or a complete
+ * one. A lazy directory may be gone by the time it is opened — its fill completed after the caller
+ * chose it — and then the complete layer is there (the fill commits it before removing the lazy one).
+ */
 export async function layerDirSource(dir: string, options: LazySourceOptions = {}): Promise<LayerSource> {
-  const lazy = await access(join(dir, LAZY_JSON)).then(() => true, () => false);
-  if (lazy) return LazyLayerSource.open(dir, options);
-  return tarLayerSource(await readLayerIndex(dir), join(dir, LAYER_TAR));
+  const complete = completeDirOf(dir);
+  if (complete === undefined) return tarLayerSource(await readLayerIndex(dir), join(dir, LAYER_TAR));
+  try {
+    return await LazyLayerSource.open(dir, options);
+  } catch (err) {
+    if (!await access(join(complete, 'index.json')).then(() => true, () => false)) throw err;
+    return tarLayerSource(await readLayerIndex(complete), join(complete, LAYER_TAR));
+  }
+}
+
+/** `<root>/layers/sha256/<hex>` for a lazy layer directory `<root>/lazy/sha256/<hex>`, else undefined. */
+function completeDirOf(dir: string): string | undefined {
+  const algorithmDir = dirname(dir);
+  if (basename(algorithmDir) !== 'sha256' || basename(dirname(algorithmDir)) !== 'lazy') return undefined;
+  return join(dirname(dirname(algorithmDir)), 'layers', 'sha256', basename(dir));
 }
