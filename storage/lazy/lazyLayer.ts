@@ -44,6 +44,8 @@ export const LAZY_FORMAT_VERSION = 1 as const;
 
 /** Default bound on one read of content that is not there yet (LAYERD_LAZY_READ_TIMEOUT_MS). */
 export const DEFAULT_READ_TIMEOUT_MS = 30_000;
+/** Range requests in flight at once for one layer. */
+const MAX_FETCHES = 8;
 
 /** Where a lazy layer's blob is, and how its bytes map onto its files. */
 export interface LazyLayerInfo {
@@ -121,6 +123,8 @@ export class LazyLayerSource implements LayerSource {
   private readonly readTimeoutMs: number;
   private readonly contentPath: string;
   private statsTimer: NodeJS.Timeout | undefined;
+  private fetching = 0;
+  private readonly waiting: (() => void)[] = [];
 
   /**
    * The content file, open for the source's life: the fill removes the lazy
@@ -269,8 +273,19 @@ export class LazyLayerSource implements LayerSource {
     return this.clients;
   }
 
-  /** The chunk's gzip member, by a Range request (its first `length` inflated bytes are the chunk). */
+  /** The chunk's gzip member, by a Range request: at most MAX_FETCHES at once per layer (a copy-up of a big file asks for all its chunks). */
   private async fetchChunk(chunk: Chunk): Promise<Buffer> {
+    while (this.fetching >= MAX_FETCHES) await new Promise<void>((wake) => this.waiting.push(wake));
+    this.fetching++;
+    try {
+      return await this.fetchMember(chunk);
+    } finally {
+      this.fetching--;
+      this.waiting.shift()?.();
+    }
+  }
+
+  private async fetchMember(chunk: Chunk): Promise<Buffer> {
     const clients = await this.registryClients();
     let last: unknown;
     for (const client of clients) {
