@@ -8,6 +8,7 @@ import { type FsckReport } from '../storage/fsck.js';
 import { type RemoveResult } from '../storage/gc.js';
 import { type ImportProgress, type ImportedImage } from '../storage/importer.js';
 import { type ImportRequest, type PruneResult } from '../storage/operations.js';
+import { type DiskUsage } from '../storage/usage.js';
 import { type ImageInspect, type ImageSummary, type LayerSummary } from '../storage/views.js';
 
 export type { ImportRequest };
@@ -33,6 +34,8 @@ export interface Backend {
   importPath(request: ImportRequest, onProgress?: (event: ImportProgress) => void): Promise<ImportedImage[]>;
   images(): Promise<ImageSummary[]>;
   layers(): Promise<LayerSummary[]>;
+  /** Bytes stored, and how much images and snapshots share (`df`). */
+  diskUsage(): Promise<DiskUsage>;
   inspect(ref: string): Promise<ImageInspect>;
   tag(source: string, target: string): Promise<{ id: Digest; ref: string }>;
   removeImage(ref: string, force: boolean): Promise<RemoveResult>;

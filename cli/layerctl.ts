@@ -127,6 +127,24 @@ export function buildProgram(): Command {
       });
     });
 
+  program.command('df')
+    .description('bytes stored, and how much images and snapshots share')
+    .option('--json', 'print JSON')
+    .action(async (opts: { json?: boolean }, cmd: Command) => {
+      await withBackend(cmd, async (backend) => {
+        const u = await backend.diskUsage();
+        if (opts.json) return printJson(u);
+        print(`stored: ${humanSize(u.storedBytes)} (layers ${humanSize(u.layers.bytes)} in ${u.layers.count}, `
+          + `compressed blobs kept for pushes ${humanSize(u.blobs.bytes)} in ${u.blobs.count})\n`);
+        print(`used by ${u.images.length} images and ${u.snapshots.count} containerd snapshots: ${humanSize(u.referencedBytes)} `
+          + `if each kept its own layers; storing each layer once saves ${humanSize(u.savedBySharing)}\n`);
+        if (u.layers.unused > 0) print(`${u.layers.unused} layers (${humanSize(u.layers.unusedBytes)}) used by nothing: \`layerctl prune\` frees them\n`);
+        if (u.images.length === 0) return;
+        print('\n' + table(['REFERENCE', 'IMAGE ID', 'LAYERS', 'SIZE', 'SHARED', 'UNIQUE'], u.images.flatMap((i) =>
+          (i.refs.length ? i.refs : ['<none>']).map((r) => [r, short(i.id), String(i.layers), humanSize(i.size), humanSize(i.shared), humanSize(i.unique)]))));
+      });
+    });
+
   program.command('inspect')
     .description('show an image: config, platform, layers with both digests, history')
     .argument('<image>', 'NAME[:TAG], digest or digest prefix')

@@ -15,6 +15,7 @@ export async function openOfflineBackend(root: string, logger: Logger): Promise<
     importPath: (request, onProgress) => ops.importPath(request, onProgress),
     images: () => ops.images(),
     layers: () => ops.layers(),
+    diskUsage: () => ops.diskUsage(),
     inspect: (ref) => ops.inspect(ref),
     tag: (source, target) => ops.tag(source, target),
     removeImage: (ref, force) => ops.removeImage(ref, force),

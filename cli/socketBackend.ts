@@ -106,6 +106,7 @@ export function socketBackend(socketPath: string): Backend {
     },
     images: () => client.call('GET', '/v1/images'),
     layers: () => client.call('GET', '/v1/layers'),
+    diskUsage: () => client.call('GET', '/v1/df'),
     inspect: (ref) => client.call('GET', `/v1/images/${enc(ref)}`),
     tag: (source, target) => client.call('POST', `/v1/images/${enc(source)}/tag`, { target }),
     removeImage: (ref, force) => client.call('DELETE', `/v1/images/${enc(ref)}${force ? '?force=1' : ''}`),

@@ -2,6 +2,7 @@
  * The image operations of a store, as both faces of layerd offer them: the
  * daemon's API and `layerctl --root` (offline) call the same code.
  */
+import { type DiskUsage, diskUsage } from './usage.js';
 import {
   type Efficiency, type HistoryRow, type LayerChange, type TreeEntry, type WhichResult,
   diffLayer, efficiency, history, loadStack, tree, which,
@@ -51,6 +52,7 @@ export class StoreOperations {
 
   async images(): Promise<ImageSummary[]> { return listImages(this.store); }
   async layers(): Promise<LayerSummary[]> { return listLayers(this.store); }
+  async diskUsage(): Promise<DiskUsage> { return diskUsage(this.store); }
   inspect(ref: string): Promise<ImageInspect> { return inspectImage(this.store, ref); }
   async tag(source: string, target: string): Promise<{ id: Digest; ref: string }> { return tagImage(this.store, source, target); }
   removeImage(ref: string, force: boolean): Promise<RemoveResult> { return removeImage(this.store, ref, { force }); }

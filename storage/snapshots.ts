@@ -246,14 +246,19 @@ export async function ingestLayerTar(
       layer.entries = existing.entries;
     }
     tx.stageLayer(ingested, MediaTypes.ociLayer);
-    await store.commit(workDir, tx.staged, (db) => {
-      for (const [diffId, l] of tx.layers) db.putLayer({ diff_id: diffId, size: l.size, file_bytes: l.fileBytes, entries: l.entries });
-      record(db, layer);
-    });
+    await commitStaged(store, workDir, tx, (db) => record(db, layer));
     return layer;
   } finally {
     await store.releaseWorkDir(workDir);
   }
+}
+
+/** Make the staged layers visible and record what uses them, in one database transaction. */
+async function commitStaged(store: Store, workDir: string, tx: Transaction, record: (db: MetadataDb) => void): Promise<void> {
+  await store.commit(workDir, tx.staged, (db) => {
+    for (const [diffId, l] of tx.layers) db.putLayer({ diff_id: diffId, size: l.size, file_bytes: l.fileBytes, entries: l.entries });
+    record(db);
+  });
 }
 
 /**
@@ -288,10 +293,7 @@ export async function ingestLayerStream(
       fileBytes: existing?.file_bytes ?? ingested.fileBytes, entries: existing?.entries ?? ingested.index?.entries.length ?? 0,
     };
     tx.stageLayer(ingested, MediaTypes.ociLayer);
-    await store.commit(workDir, tx.staged, (db) => {
-      for (const [diffId, l] of tx.layers) db.putLayer({ diff_id: diffId, size: l.size, file_bytes: l.fileBytes, entries: l.entries });
-      record(db, layer);
-    });
+    await commitStaged(store, workDir, tx, (db) => record(db, layer));
     return layer;
   } finally {
     await store.releaseWorkDir(workDir);

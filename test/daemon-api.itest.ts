@@ -39,6 +39,10 @@ describe('daemon: the socket API', function () {
     const info = JSON.parse((await cli('inspect', 'debian-multi:latest')).stdout) as { Layers: unknown[] };
     expect(info.Layers).to.have.length(4);
     expect((await cli('fsck')).code).to.equal(0);
+    const df = JSON.parse((await cli('df', '--json')).stdout) as { layers: { count: number }; savedBySharing: number; images: unknown[] };
+    expect(df.layers.count).to.equal(4);
+    expect(df.images).to.have.length(images.length);
+    expect(df.savedBySharing).to.be.greaterThan(0); // the corpus tags share their lower layers
   });
 
   it('imports an archive streamed in the request body', async () => {

@@ -6,11 +6,13 @@
 import { expect } from 'chai';
 import { spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { readFile, writeFile, readdir } from 'node:fs/promises';
+import { readFile, writeFile, readdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
+import { type DiskUsage, type ImageUsage } from '../storage/usage.js';
 import { BUSYBOX, DEBIAN_MULTI, REPO, layerctl, layerctlJson, scratch } from './support/env.js';
 
 interface Layer { diffId: string; usedBy: number; blobs: string[] }
+const byRefIn = (u: DiskUsage, ref: string): ImageUsage => u.images.find((i) => i.refs.includes(ref))!;
 
 describe('layerctl (offline --root mode)', function () {
   this.timeout(300_000);
@@ -94,6 +96,40 @@ describe('layerctl (offline --root mode)', function () {
     expect(await readdir(join(root, 'blobs', 'sha256'))).to.deep.equal([]);
     expect(await readdir(join(root, 'layers', 'sha256'))).to.deep.equal([]);
     expect((await layerctl(['--root', root, 'fsck'])).code).to.equal(0);
+  });
+
+  it('df: every layer stored once, what that saves, and what each image holds alone', async () => {
+    const root = join(work.dir, 'df');
+    await layerctlJson(['--root', root, 'import', DEBIAN_MULTI]);
+    // latest's layers bottom → top; the corpus's other tags are its first 1, 2 and 3 layers.
+    const latest = await layerctlJson<{ Id: string; Layers: { diffId: string; uncompressedSize: number }[] }>(['--root', root, 'inspect', 'debian-multi:latest']);
+    const s = latest.Layers.map((l) => l.uncompressedSize);
+    expect(s).to.have.length(4);
+    const usage = await layerctlJson<DiskUsage>(['--root', root, 'df']);
+    const total = s.reduce((a, b) => a + b, 0);
+    expect(usage.layers).to.deep.equal({ count: 4, bytes: total, unused: 0, unusedBytes: 0 });
+    let blobBytes = 0;
+    for (const name of await readdir(join(root, 'blobs', 'sha256'))) blobBytes += (await stat(join(root, 'blobs', 'sha256', name))).size;
+    expect(usage.blobs.bytes).to.equal(blobBytes);
+    expect(usage.storedBytes).to.equal(total + blobBytes);
+    // Used by l1 (layer 1), l2 (1–2), l3 (1–3) and latest (1–4): layer 1 four times, layer 4 once.
+    const referenced = 4 * s[0]! + 3 * s[1]! + 2 * s[2]! + s[3]!;
+    expect(usage.referencedBytes).to.equal(referenced);
+    expect(usage.savedBySharing).to.equal(referenced - total);
+    const byRef = (ref: string): ImageUsage => usage.images.find((i) => i.refs.includes(ref))!;
+    expect(byRef('debian-multi:latest')).to.include({ id: latest.Id, layers: 4, size: total, unique: s[3], shared: total - s[3]! });
+    expect(byRef('debian-multi:l1-minbase')).to.include({ layers: 1, size: s[0], unique: 0, shared: s[0] });
+
+    const text = await layerctl(['--root', root, 'df']);
+    expect(text.code, text.stderr).to.equal(0);
+    expect(text.stdout).to.match(/storing each layer once saves \S+/).and.to.match(/^debian-multi:latest\s+\S+\s+4\s/m);
+    // Layers nothing uses are named as what prune frees.
+    await layerctlJson(['--root', root, 'rmi', 'debian-multi:l1-minbase']);
+    await layerctlJson(['--root', root, 'rmi', 'debian-multi:l2-packages']);
+    await layerctlJson(['--root', root, 'rmi', 'debian-multi:l3-whiteouts']);
+    const after = await layerctlJson<DiskUsage>(['--root', root, 'df']);
+    expect(after.savedBySharing).to.equal(0);
+    expect(byRefIn(after, 'debian-multi:latest').unique).to.equal(total);
   });
 
   it('fsck finds a damaged blob and a damaged layer file', async () => {

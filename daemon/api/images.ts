@@ -93,6 +93,7 @@ export function imageRoutes(router: Router, ops: StoreOperations, store: Store, 
 
   router.add('GET', '/v1/images', () => ops.images());
   router.add('GET', '/v1/layers', () => ops.layers());
+  router.add('GET', '/v1/df', () => ops.diskUsage());
   router.add('GET', '/v1/images/{ref}', (ctx) => ops.inspect(ctx.params['ref']!));
   router.add('DELETE', '/v1/images/{ref}', (ctx) => ops.removeImage(ctx.params['ref']!, ctx.query.get('force') === '1' || ctx.query.get('force') === 'true'));
   router.add('POST', '/v1/images/{ref}/tag', async (ctx) => {

@@ -1,0 +1,72 @@
+/**
+ * `layerctl df`: what the store keeps on disk and how much of it images
+ * share. A layer is stored once however many images and containerd
+ * snapshots use it; this says how many bytes that saves, and which bytes
+ * each image holds alone (what removing it alone would free).
+ */
+import { type Digest } from './digest.js';
+import { formatRef } from './references.js';
+import { snapshotLayerUseCounts } from './snapshots.js';
+import { type Store } from './store.js';
+
+export interface ImageUsage {
+  id: Digest;
+  refs: string[];
+  layers: number;
+  /** Bytes of its layers (uncompressed tars), each distinct layer once. */
+  size: number;
+  /** Of those, bytes in layers no other image and no snapshot uses. */
+  unique: number;
+  /** size − unique: bytes in layers it shares. */
+  shared: number;
+}
+
+export interface DiskUsage {
+  /** Bytes of stored layer tars plus the compressed blobs kept for pushes. */
+  storedBytes: number;
+  layers: { count: number; bytes: number; unused: number; unusedBytes: number };
+  blobs: { count: number; bytes: number };
+  /** Committed containerd snapshots (each holds one layer). */
+  snapshots: { count: number };
+  /** What images and snapshots would take if each kept its own copy of its layers. */
+  referencedBytes: number;
+  /** referencedBytes − the bytes of the layers they use: what storing each layer once saves. */
+  savedBySharing: number;
+  images: ImageUsage[];
+}
+
+export function diskUsage(store: Store): DiskUsage {
+  const layerSize = new Map(store.db.listLayers().map((l) => [l.diff_id, l.size]));
+  const sizeOf = (d: Digest): number => layerSize.get(d) ?? 0;
+  const snapshotUses = snapshotLayerUseCounts(store.db);
+  const imageLayers = store.db.listImages().map((image) => ({ image, diffIds: [...new Set(store.db.imageLayers(image.id).map((l) => l.diff_id))] }));
+  // Users of each layer: images (once each) and committed snapshots.
+  const users = new Map<Digest, number>(snapshotUses);
+  for (const { diffIds } of imageLayers) for (const d of diffIds) users.set(d, (users.get(d) ?? 0) + 1);
+
+  const images: ImageUsage[] = imageLayers.map(({ image, diffIds }) => {
+    const size = diffIds.reduce((n, d) => n + sizeOf(d), 0);
+    const unique = diffIds.filter((d) => users.get(d) === 1).reduce((n, d) => n + sizeOf(d), 0);
+    return { id: image.id, refs: store.db.tagsOf(image.id).map((t) => formatRef(t.name, t.tag)), layers: diffIds.length, size, unique, shared: size - unique };
+  });
+  let referencedBytes = 0;
+  let usedLayerBytes = 0;
+  for (const [d, n] of users) {
+    if (!layerSize.has(d)) continue;
+    referencedBytes += n * sizeOf(d);
+    usedLayerBytes += sizeOf(d);
+  }
+  const layerBytes = [...layerSize.values()].reduce((n, s) => n + s, 0);
+  const unused = [...layerSize.keys()].filter((d) => !users.has(d));
+  const blobs = store.db.listBlobs();
+  const blobBytes = blobs.reduce((n, b) => n + b.size, 0);
+  return {
+    storedBytes: layerBytes + blobBytes,
+    layers: { count: layerSize.size, bytes: layerBytes, unused: unused.length, unusedBytes: unused.reduce((n, d) => n + sizeOf(d), 0) },
+    blobs: { count: blobs.length, bytes: blobBytes },
+    snapshots: { count: [...snapshotUses.values()].reduce((n, c) => n + c, 0) },
+    referencedBytes,
+    savedBySharing: referencedBytes - usedLayerBytes,
+    images,
+  };
+}
