@@ -161,6 +161,10 @@ describe('lazy pull of eStargz images (docker-registry 2.8.2)', function () {
         expect(lazyBytes.equals(await readRange(join(fullMnt(), f.path), at, length)), `/${f.path} [${at}, +${length})`).to.equal(true);
       }
     }
+    // What needs the whole layer refuses while it is lazy, saying so.
+    const push = await layerctlR(['--root', root, 'push', ref, `${registry.host}/lazy/copy:v1`]);
+    expect(push.code, push.stderr).to.equal(4);
+    expect(push.stderr).to.match(/pulled lazily and is not complete yet \(lazy\)/);
     // Only what was read was fetched: far less than the layers' file bytes.
     const fetched = await lazyAllocated(root) - before;
     const total = fullTree.files.reduce((n, f) => n + f.size, 0);
@@ -316,6 +320,35 @@ describe('lazy pull of eStargz images (docker-registry 2.8.2)', function () {
     } finally {
       hold = false;
       for (const res of held) res.destroy();
+      await daemon?.stop();
+      await proxy.close();
+    }
+  });
+
+  it('marks a layer broken (inspect, fsck) when its whole blob does not verify', async () => {
+    const dir = join(work.dir, 'daemon-broken');
+    const root = join(dir, 'root');
+    let corrupt = false;
+    const proxy = await startProxy(registry.host, {
+      mapChunk: (req, chunk) => {
+        if (!corrupt || req.headers.range !== undefined || !req.url?.includes('/blobs/')) return chunk;
+        const bad = Buffer.from(chunk);
+        bad[0]! ^= 0xff;
+        return bad;
+      },
+    });
+    let daemon: RunningDaemon | undefined;
+    try {
+      const reference = (await lazyPull(root, `${proxy.host}/lazy/dm:v1`)).images[0]!.refs[0]!;
+      corrupt = true;
+      daemon = await startDaemon(dir);
+      const socket = { LAYERD_SOCKET: daemon.socket };
+      const inspect = async (): Promise<Inspect> => JSON.parse((await layerctl(['inspect', reference], socket)).stdout) as Inspect;
+      await waitFor('the layers to be marked broken', async () => (await inspect()).Layers.every((l) => l.state === 'broken'), 60_000, 250);
+      const fsck = await layerctl(['fsck'], socket);
+      expect(fsck.code, fsck.stdout + fsck.stderr).to.equal(7);
+      expect(fsck.stdout + fsck.stderr).to.match(/broken/);
+    } finally {
       await daemon?.stop();
       await proxy.close();
     }
