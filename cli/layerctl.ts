@@ -110,8 +110,8 @@ export function buildProgram(): Command {
       await withBackend(cmd, async (backend) => {
         const images = await backend.images();
         if (opts.json) return printJson(images);
-        print(table(['REFERENCE', 'IMAGE ID', 'PLATFORM', 'LAYERS', 'SIZE'], images.flatMap((i) =>
-          (i.refs.length ? i.refs : ['<none>']).map((r) => [r, short(i.id), i.platform, String(i.layers), humanSize(i.size)]))));
+        print(table(['REFERENCE', 'IMAGE ID', 'PLATFORM', 'LAYERS', 'SIZE', 'STATE'], images.flatMap((i) =>
+          (i.refs.length ? i.refs : ['<none>']).map((r) => [r, short(i.id), i.platform, String(i.layers), humanSize(i.size), i.state]))));
       });
     });
 
@@ -156,8 +156,8 @@ export function buildProgram(): Command {
         if (opts.format === 'json' || opts.json) return printJson(info);
         print(`Id:        ${info.Id}\nTags:      ${info.RepoTags.join(', ') || '<none>'}\nPlatform:  ${info.Platform}\n` +
           `Created:   ${info.Created ?? '-'}\nSize:      ${humanSize(info.Size)} (${humanSize(info.CompressedSize)} compressed)\n\n`);
-        print(table(['#', 'DIFF ID', 'BLOB', 'COMPRESSED', 'SIZE', 'ENTRIES'], info.Layers.map((l) =>
-          [String(l.position), short(l.diffId), l.digest ? short(l.digest) : '-', humanSize(l.size), humanSize(l.uncompressedSize), String(l.entries)])));
+        print(table(['#', 'DIFF ID', 'BLOB', 'COMPRESSED', 'SIZE', 'ENTRIES', 'STATE'], info.Layers.map((l) =>
+          [String(l.position), short(l.diffId), l.digest ? short(l.digest) : '-', humanSize(l.size), humanSize(l.uncompressedSize), String(l.entries), l.state === 'filling' ? `filling ${l.filled ?? 0} %` : l.state])));
       });
     });
 

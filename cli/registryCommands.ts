@@ -7,11 +7,13 @@
  *   registerRegistryCommands(program, offlineStore);
  */
 import { type Command, Option } from 'commander';
+import { resolve } from 'node:path';
 import { createLogger } from '../common/log.js';
 import { resolveRoot } from '../storage/layout.js';
 import { parsePlatform } from '../storage/platform.js';
 import { EMPTY_CONFIG, type RegistriesConfig, loadRegistriesConfig } from '../storage/registry/config.js';
 import { pullImage } from '../storage/registry/pull.js';
+import { type LazyPullResult, pullLazy } from '../storage/lazy/lazyPull.js';
 import { type PushCompression, type PushProgress, type PushResult, pushImage } from '../storage/registry/push.js';
 import { type AbortCause, type RegistryTimeouts, type TimeoutSettings, checkTimeoutSettings, timeoutsFrom } from '../storage/registry/timeouts.js';
 import { type ImportProgress, type ImportedImage } from '../storage/importer.js';
@@ -111,16 +113,48 @@ function refuseLocalTimeouts(flags: TimeoutFlags): void {
   if (given) throw new LayerdError(ErrorCodes.EINVAL, `${given[3]} is for the offline --root mode; the daemon uses its own (config key registryTimeouts)`);
 }
 
+/** `pull --lazy`: through the daemon (which fills the layers in the background) or on a store directly (no fill until a daemon holds it). */
+async function pullLazily(
+  ref: string, opts: { platform?: string; registriesConfig?: string } & TimeoutFlags, daemon: ReturnType<DaemonFor>,
+  progress: LayerProgress, withStore: WithStore, cmd: Command,
+): Promise<LazyPullResult> {
+  if (daemon) {
+    refuseLocalConfig(opts.registriesConfig);
+    refuseLocalTimeouts(opts);
+    return daemon.call<LazyPullResult>('POST', '/v1/images/pull', { ref, lazy: true, ...(opts.platform ? { platform: opts.platform } : {}) },
+      progress.enabled ? (e) => progress.update(e as ImportProgress) : undefined);
+  }
+  const configPath = opts.registriesConfig ?? process.env['LAYERD_REGISTRIES_CONFIG'];
+  const config = await registriesConfig(opts.registriesConfig);
+  const timeouts = timeoutsOf(opts);
+  return withStore(cmd, (store) => cancellable((signal) => pullLazy(store, ref, {
+    config, timeouts, signal, ...(configPath ? { registriesConfig: resolve(configPath) } : {}),
+    ...(opts.platform ? { platform: parsePlatform(opts.platform) } : {}),
+    ...(progress.enabled ? { onProgress: progress.update } : {}),
+  })));
+}
+
 export function registerRegistryCommands(program: Command, withStore: WithStore, daemonFor: DaemonFor): void {
   addTimeoutOptions(program.command('pull'))
     .description('pull an image from a registry (HOST[:PORT]/REPO[:TAG] or ...@sha256:<hex>)')
     .argument('<ref>', 'registry reference')
     .option('--platform <os/arch[/variant]>', 'platform to select from image indexes (default: this host)')
     .option('--registries-config <file>', 'registries config JSON (insecure, caFile, credentials, mirrors; default $LAYERD_REGISTRIES_CONFIG)')
+    .option('--lazy', 'eStargz images: fetch only each layer\'s table of contents and return; file content is fetched as it is read, the rest in the background (by the daemon; docs/lazy.md)')
     .option('--json', 'print the result as JSON')
-    .action(async (ref: string, opts: { platform?: string; registriesConfig?: string; json?: boolean } & TimeoutFlags, cmd: Command) => {
+    .action(async (ref: string, opts: { platform?: string; registriesConfig?: string; json?: boolean; lazy?: boolean } & TimeoutFlags, cmd: Command) => {
       const daemon = daemonFor(cmd);
       const progress = new LayerProgress();
+      if (opts.lazy) {
+        const result = await pullLazily(ref, opts, daemon, progress, withStore, cmd);
+        if (opts.json) return print(JSON.stringify(result, null, 2) + '\n');
+        if (result.fallback) process.stderr.write(`layerctl: note: ${result.fallback}\n`);
+        for (const img of result.images) {
+          const lazy = result.lazyLayers.length > 0 ? `, ${result.lazyLayers.length} lazy` : '';
+          print(`pulled ${img.id} (${img.platform}, ${img.layers} layers${lazy})${img.refs.length ? ' as ' + img.refs.join(', ') : ''}\n`);
+        }
+        return;
+      }
       const pull = async (): Promise<ImportedImage[]> => {
         if (daemon) {
           refuseLocalConfig(opts.registriesConfig);

@@ -38,6 +38,12 @@ export interface DaemonConfig {
   registryTimeouts?: TimeoutSettings;
   /** Free space imports must leave on the store's filesystem, in bytes (default 256 MiB; 0: no check). */
   diskReserveBytes?: number;
+  /**
+   * How long a read of a lazily pulled layer may wait for content that is
+   * not here yet (retrying the registry with backoff) before it fails with
+   * EIO, in seconds (default 30; docs/lazy.md). Read when the daemon starts.
+   */
+  lazyReadTimeoutSeconds?: number;
 }
 
 const LEVELS: LogLevel[] = ['error', 'warn', 'info', 'debug'];
@@ -66,7 +72,7 @@ export function validateConfig(value: unknown, path: string): DaemonConfig {
   };
   if (typeof value !== 'object' || value === null || Array.isArray(value)) fail('the configuration must be a JSON object');
   const obj = value as Record<string, unknown>;
-  const allowed = ['root', 'socket', 'socketGroup', 'logLevel', 'gc', 'spoolDir', 'mountRoot', 'registriesConfig', 'mountCacheSeconds', 'registryTimeouts', 'diskReserveBytes'];
+  const allowed = ['root', 'socket', 'socketGroup', 'logLevel', 'gc', 'spoolDir', 'mountRoot', 'registriesConfig', 'mountCacheSeconds', 'registryTimeouts', 'diskReserveBytes', 'lazyReadTimeoutSeconds'];
   for (const key of Object.keys(obj)) if (!allowed.includes(key)) fail(`unknown key '${key}' (known: ${allowed.join(', ')})`, key);
   for (const key of ['root', 'socket', 'spoolDir', 'mountRoot', 'registriesConfig']) {
     if (obj[key] !== undefined && (typeof obj[key] !== 'string' || !(obj[key] as string).startsWith('/'))) fail(`'${key}' must be an absolute path`, key);
@@ -78,6 +84,10 @@ export function validateConfig(value: unknown, path: string): DaemonConfig {
   const cache = obj['mountCacheSeconds'];
   if (cache !== undefined && (typeof cache !== 'number' || !Number.isFinite(cache) || cache < 0 || cache > 3600)) {
     fail(`'mountCacheSeconds' must be a number of seconds from 0 to 3600`, 'mountCacheSeconds');
+  }
+  const lazyRead = obj['lazyReadTimeoutSeconds'];
+  if (lazyRead !== undefined && (typeof lazyRead !== 'number' || !Number.isFinite(lazyRead) || lazyRead <= 0 || lazyRead > 3600)) {
+    fail(`'lazyReadTimeoutSeconds' must be a number of seconds above 0, at most 3600`, 'lazyReadTimeoutSeconds');
   }
   if (obj['registryTimeouts'] !== undefined) checkTimeoutSettings(obj['registryTimeouts'], `${path}: 'registryTimeouts'`);
   const reserve = obj['diskReserveBytes'];

@@ -181,7 +181,8 @@ export class ContainerManager {
   private async startServer(row: ContainerRow): Promise<void> {
     await this.convertUpperIfOld(row.id);
     const served = await startMount({
-      layers: this.store.db.imageLayers(row.image_id).map((l) => this.store.layout.layerDir(l.diff_id)),
+      // A lazy layer is served from its lazy directory until its fill completes (storage/lazy/).
+      layers: this.store.db.imageLayers(row.image_id).map((l) => this.store.layerDirFor(l.diff_id)),
       ...(row.layer_dir !== null ? { liveLayer: row.layer_dir } : {}),
       upper: this.upper(row.id),
       mountpoint: row.mountpoint,

@@ -22,6 +22,9 @@ import { type SnapshotterServer, startSnapshotter } from './snapshotter/server.j
 import { RegistryLayerSource } from './snapshotter/registryLayers.js';
 import { SnapshotService } from './snapshotter/service.js';
 import { Spool } from './spool.js';
+import { LazyFills } from '../storage/lazy/fill.js';
+import { EMPTY_CONFIG, loadRegistriesConfig } from '../storage/registry/config.js';
+import { timeoutsFrom } from '../storage/registry/timeouts.js';
 import { systemRoutes } from './api/system.js';
 import { type DaemonConfig, loadConfig } from './config.js';
 import { Router } from './http.js';
@@ -65,6 +68,7 @@ export class Daemon {
   private stopping: Promise<void> | undefined;
   containers!: ContainerManager;
   private spool: Spool | undefined;
+  lazyFills!: LazyFills;
   snapshots!: SnapshotService;
   private layerFetcher: RegistryLayerSource | undefined;
   private snapshotter: SnapshotterServer | undefined;
@@ -95,7 +99,15 @@ export class Daemon {
         ...(options.config.mountCacheSeconds !== undefined ? { cacheSeconds: options.config.mountCacheSeconds } : {}),
       });
       containerRoutes(router, daemon.containers);
-      registryRoutes(router, store, options.config.registriesConfig, options.config.registryTimeouts);
+      // Mount hosts inherit the daemon's environment: the bound on lazy reads reaches them so (storage/lazy/lazyLayer.ts).
+      if (options.config.lazyReadTimeoutSeconds !== undefined) {
+        process.env['LAYERD_LAZY_READ_TIMEOUT_MS'] = String(Math.round(options.config.lazyReadTimeoutSeconds * 1000));
+      }
+      daemon.lazyFills = new LazyFills(store, {
+        config: async () => (options.config.registriesConfig ? loadRegistriesConfig(options.config.registriesConfig) : EMPTY_CONFIG),
+        timeouts: timeoutsFrom(options.config.registryTimeouts), logger,
+      });
+      registryRoutes(router, store, options.config.registriesConfig, options.config.registryTimeouts, daemon.lazyFills);
       await daemon.containers.adoptAll();
       daemon.containers.superviseHosts();
       // The snapshotter fetches the layers containerd names in Prepare labels itself (CRI, ctr-remote rpull).
@@ -135,6 +147,7 @@ export class Daemon {
         await daemon.spool.start();
       }
       await daemon.watchConfig();
+      daemon.lazyFills.resume(); // fills a previous run left unfinished go on
       logger.info('layerd is ready', { socket: options.socket, root: options.root, version: VERSION });
       // Only now (the socket accepts connections, containers are adopted) may systemd call the unit active.
       options.notifier?.notify({ READY: '1', STATUS: statusLine(options.socket, daemon.counts()) });
@@ -220,6 +233,7 @@ export class Daemon {
       if (this.gcTimer) clearInterval(this.gcTimer);
       await this.watcher?.close();
       await this.spool?.stop();
+      await this.lazyFills?.stop();
       const closed = new Promise<void>((resolvePromise) => this.server.close(() => resolvePromise()));
       this.server.closeIdleConnections();
       await Promise.allSettled([...this.inflight]);

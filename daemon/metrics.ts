@@ -20,7 +20,11 @@ export class DaemonMetrics {
   readonly mountHostsRss = new Gauge({
     name: 'layerd_mount_hosts_resident_bytes', help: 'Resident memory of the mount host processes (the spare included)', registers: [this.registry],
   });
-  // FUSE operation metrics come from the mount servers' stats files (api/system.ts).
+  readonly lazyLayers = new Gauge({
+    name: 'layerd_lazy_layers', help: 'Layers pulled lazily and not complete yet, by state', labelNames: ['state'] as const, registers: [this.registry],
+  });
+  // FUSE operation metrics come from the mount servers' stats files, lazy-read counters from the
+  // serving processes' files under lazy/stats (api/system.ts).
 
   constructor() {
     collectDefaultMetrics({ register: this.registry, prefix: 'layerd_' });

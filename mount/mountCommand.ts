@@ -17,9 +17,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createLogger } from '../common/log.js';
 import { ErrorCodes, LayerdError, exitStatusFor, isLayerdError } from '../common/errors.js';
-import { LAYER_TAR, type LayerSource, tarLayerSource } from '../storage/layerIndex.js';
+import { type LayerSource } from '../storage/layerIndex.js';
 import { resolveRoot } from '../storage/layout.js';
-import { readLayerIndex } from '../storage/store.js';
+import { layerDirSource, storedLayerSource } from '../storage/lazy/lazyLayer.js';
 import { lowerDirSource } from './lowerDir.js';
 import { mountUnion, type MountedUnion } from './mountUnion.js';
 import { OpStats } from './opStats.js';
@@ -44,13 +44,14 @@ async function resolveLayers(args: MountArgs): Promise<LayerSource[]> {
     return Promise.all(topFirst(args.lower).map((dir, i) => lowerDirSource(dir, `lower${i}:${dir}`)));
   }
   if (args.layers !== undefined) {
-    return Promise.all(topFirst(args.layers).map(async (dir) => tarLayerSource(await readLayerIndex(dir), join(dir, LAYER_TAR))));
+    return Promise.all(topFirst(args.layers).map((dir) => layerDirSource(dir)));
   }
   // Loaded only here: mount servers started by the daemon never open the database.
   const { Store } = await import('../storage/store.js');
   const store = await Store.open(resolveRoot(args.root));
   try {
-    return (await store.imageLayers(args.image!)).map((l) => tarLayerSource(l.index, l.tarPath));
+    // A lazily pulled layer fetches what it lacks from its registry as it is read (storage/lazy/).
+    return await Promise.all((await store.imageLayers(args.image!)).map((l) => storedLayerSource(l)));
   } finally {
     store.close();
   }

@@ -28,11 +28,11 @@
 import { Command, CommanderError } from 'commander';
 import { createServer, createConnection, type Server, type Socket } from 'node:net';
 import { mkdir, rm, stat } from 'node:fs/promises';
-import { dirname, join } from 'node:path';
+import { dirname } from 'node:path';
 import { createLogger, type Logger } from '../common/log.js';
 import { ErrorCodes, LayerdError, isLayerdError } from '../common/errors.js';
-import { LAYER_TAR, type LayerSource, tarLayerSource } from '../storage/layerIndex.js';
-import { readLayerIndex } from '../storage/store.js';
+import { type LayerSource } from '../storage/layerIndex.js';
+import { layerDirSource } from '../storage/lazy/lazyLayer.js';
 import { LowerMergeCache } from './lowerMerges.js';
 import { mountUnion, type MountedUnion } from './mountUnion.js';
 import { OpStats } from './opStats.js';
@@ -125,7 +125,7 @@ class MountHost {
   private layer(dir: string): Promise<LayerSource> {
     let source = this.layers.get(dir);
     if (source === undefined) {
-      source = readLayerIndex(dir).then((index) => tarLayerSource(index, join(dir, LAYER_TAR)));
+      source = layerDirSource(dir); // a lazily pulled layer fetches what it lacks (storage/lazy/)
       source.catch(() => this.layers.delete(dir));
       this.layers.set(dir, source);
     }

@@ -16,6 +16,8 @@ export interface OpenFile {
    * layer.tar): where the range starts and how long it is.
    */
   readonly range?: { offset: number; size: number };
+  /** Awaited before a read of file bytes [offset, offset + length) (lazily pulled content). */
+  readonly ready?: (offset: number, length: number) => Promise<void>;
   /** The lower object opened (read-only opens of lower content): what fstat describes. */
   readonly lower?: LowerObject;
   /** Opened on the upper file (so fstat of the descriptor describes it). */
@@ -70,12 +72,13 @@ export class OpenFiles {
   }
 
   read(fh: number, buffer: Buffer, length: number, position: number): Promise<number> {
-    const { fd, range } = this.get(fh);
+    const { fd, range, ready } = this.get(fh);
     if (fd < 0) return Promise.resolve(0);
     if (range) {
       // Never read past the file's own bytes into the rest of the tar.
       const n = Math.min(length, range.size - position);
       if (n <= 0) return Promise.resolve(0);
+      if (ready) return ready(position, n).then(() => callback<number>((cb) => read(fd, buffer, 0, n, range.offset + position, cb)));
       return callback<number>((cb) => read(fd, buffer, 0, n, range.offset + position, cb));
     }
     return callback<number>((cb) => read(fd, buffer, 0, length, position, cb));

@@ -321,8 +321,10 @@ export class UnionFs {
     const content = object.source?.content(object.entry);
     if (content === undefined) return this.files.add({ fd: -1, node, upper: false, lower: object });
     const fd = openContent(content);
-    const whole = content.offset === 0 && content.size === object.entry.size;
-    return this.files.add(whole ? { fd, node, upper: false, lower: object } : { fd, node, upper: false, lower: object, range: { offset: content.offset, size: content.size } });
+    const whole = content.offset === 0 && content.size === object.entry.size && content.ready === undefined;
+    return this.files.add(whole ? { fd, node, upper: false, lower: object } : {
+      fd, node, upper: false, lower: object, range: { offset: content.offset, size: content.size }, ...(content.ready ? { ready: content.ready } : {}),
+    });
   }
 
   private async openUpper(path: string, node: UnionNode, flags: number): Promise<number> {

@@ -210,7 +210,10 @@ export class UpperDir {
     const where = this.pathOf(path);
     const fd = this.open(path, O_WRONLY | O_CREAT | O_EXCL, 0o600);
     try {
-      if (content !== undefined) await copyContent(content, fd, where);
+      if (content !== undefined) {
+        await content.ready?.(0, content.size); // a lazy layer's bytes, fetched and verified first
+        await copyContent(content, fd, where);
+      }
       fchownSync(fd, entry.uid, entry.gid);
       for (const [name, value] of entryXattrs(entry)) fsetXattr(fd, storedXattrName(name), value, 0, where);
       this.at(path, (d, n) => chmodAt(d, n, entry.mode & 0o7777, where));

@@ -14,6 +14,7 @@ import { pipeline } from 'node:stream/promises';
 import { LayerdError } from '../common/errors.js';
 import { createDecompressor, readHead, sniffCompression } from './compression.js';
 import { type Digest, DigestingStream } from './digest.js';
+import { readLazyInfo } from './lazy/lazyLayer.js';
 import { type Store } from './store.js';
 
 export interface FsckProblem {
@@ -58,6 +59,18 @@ export async function fsck(store: Store): Promise<FsckReport> {
 
   for (const row of store.db.listLayers()) {
     checked.layers++;
+    const lazy = store.db.getLazyLayer(row.diff_id);
+    if (lazy) {
+      // Not complete yet: no tar to hash. Its index and description must be readable, and it must not be broken.
+      try {
+        await store.layerIndex(row.diff_id);
+        await readLazyInfo(store.layout.lazyLayerDir(row.diff_id));
+        if (lazy.state === 'broken') problems.push({ kind: 'layer', id: row.diff_id, message: `lazily pulled layer is broken: ${lazy.error ?? 'unknown'}` });
+      } catch (err) {
+        problems.push({ kind: 'layer', id: row.diff_id, message: err instanceof LayerdError ? err.message : String(err) });
+      }
+      continue;
+    }
     try {
       const index = await store.layerIndex(row.diff_id);
       // The layer's tar IS what the diffID names: re-hash it.
@@ -86,6 +99,9 @@ export async function fsck(store: Store): Promise<FsckReport> {
   }
   for (const hex of await readdir(store.layout.layersDir)) {
     if (!store.db.getLayer(`sha256:${hex}`)) problems.push({ kind: 'orphan', id: join('layers/sha256', hex), message: 'directory with no record' });
+  }
+  for (const hex of await readdir(store.layout.lazyDir).catch(() => [] as string[])) {
+    if (!store.db.getLazyLayer(`sha256:${hex}`)) problems.push({ kind: 'orphan', id: join('lazy/sha256', hex), message: 'lazy layer directory with no record' });
   }
   for (const name of await readdir(store.layout.tmpDir)) {
     const st = await stat(join(store.layout.tmpDir, name)).catch(() => undefined);

@@ -101,8 +101,15 @@ export async function collectGarbage(store: Store): Promise<GcResult> {
       }
       for (const row of store.db.listLayers()) {
         if (layers.has(row.diff_id)) continue;
-        store.db.deleteLayer(row.diff_id);
-        renameSync(store.layout.layerDir(row.diff_id), join(workDir, String(n++)));
+        if (store.db.getLazyLayer(row.diff_id)) {
+          // Still lazy: its directory is the lazy one (a fill running now finds its row gone and gives up).
+          store.db.deleteLazyLayer(row.diff_id);
+          store.db.deleteLayer(row.diff_id);
+          renameSync(store.layout.lazyLayerDir(row.diff_id), join(workDir, String(n++)));
+        } else {
+          store.db.deleteLayer(row.diff_id);
+          renameSync(store.layout.layerDir(row.diff_id), join(workDir, String(n++)));
+        }
         store.forgetLayerIndex(row.diff_id);
         result.layers.push(row.diff_id);
         result.bytes += row.file_bytes;

@@ -19,6 +19,7 @@ import {
 import { type PlatformSpec, formatPlatform, hostPlatform, normalizePlatform, selectPlatform } from './platform.js';
 import { formatRef, isValidName } from './references.js';
 import { type ImageSource } from './sources/source.js';
+import { type LazyLayerRow } from './metadata.js';
 import { type StagedItem, type Store } from './store.js';
 
 export type ImportProgress =
@@ -63,6 +64,8 @@ export class Transaction {
   readonly blobs = new Map<Digest, { size: number; mediaType: string }>();
   readonly layers = new Map<Digest, { size: number; fileBytes: number; entries: number }>();
   readonly images = new Map<Digest, StagedImage>();
+  /** Layers staged lazily (storage/lazy/): their `layers` rows (sizes not known yet) and lazy_layers rows. */
+  readonly lazyLayers = new Map<Digest, { row: Omit<LazyLayerRow, 'created_at' | 'diff_id'>; fileBytes: number; entries: number }>();
   /** Manifests passed over because they are for another platform. */
   readonly skipped: { digest: Digest; platform: string }[] = [];
   /** Keeps the store's disk reserve free while this transaction writes. */
@@ -127,6 +130,11 @@ export class Transaction {
     await this.store.commit(this.workDir, this.staged, (db) => {
       for (const [digest, b] of this.blobs) db.putBlob({ digest, size: b.size, media_type: b.mediaType });
       for (const [diffId, l] of this.layers) db.putLayer({ diff_id: diffId, size: l.size, file_bytes: l.fileBytes, entries: l.entries });
+      for (const [diffId, l] of this.lazyLayers) {
+        if (db.getLayer(diffId)) continue; // stored (or lazy) already
+        db.putLayer({ diff_id: diffId, size: 0, file_bytes: l.fileBytes, entries: l.entries });
+        db.putLazyLayer({ diff_id: diffId, ...l.row });
+      }
       for (const img of this.images.values()) {
         db.putImage(
           {
@@ -174,7 +182,7 @@ export async function importFromSource(store: Store, source: ImageSource, option
   }
 }
 
-async function readDocument(source: ImageSource, desc: Descriptor, what: string): Promise<Buffer> {
+export async function readDocument(source: ImageSource, desc: Descriptor, what: string): Promise<Buffer> {
   if (desc.size > MAX_DOCUMENT_BYTES) {
     throw new LayerdError(ErrorCodes.ELIMIT, `${what} ${desc.digest} is ${desc.size} bytes, over ${MAX_DOCUMENT_BYTES}`, { digest: desc.digest });
   }

@@ -103,6 +103,12 @@ export interface ContentRef {
    * saw). Returns a descriptor the caller closes.
    */
   open?: () => number;
+  /**
+   * Make bytes [offset, offset + length) of the file present and verified
+   * before they are read (a lazily pulled layer fetches them); rejects with
+   * EIO when they cannot be had within its bound. Absent: always present.
+   */
+  ready?: (offset: number, length: number) => Promise<void>;
 }
 
 /** A descriptor of a file's bytes (the caller closes it): through `open` where the reference has one. */

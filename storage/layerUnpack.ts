@@ -101,6 +101,22 @@ export class LayerUnpacker {
     this.done.catch(() => undefined);
   }
 
+  /**
+   * Index one entry described by a header rather than read from a tar (an
+   * eStargz TOC entry; `byteOffset` says where a file's bytes are).
+   */
+  addHeader(header: RawHeaders): void {
+    this.onEntry(header);
+  }
+
+  /** The index of the entries added so far with addHeader. */
+  result(): UnpackResult {
+    return {
+      index: { version: LAYER_INDEX_VERSION, entries: this.entries, whiteouts: [...this.whiteouts], opaques: [...this.opaques] },
+      fileBytes: this.fileBytes,
+    };
+  }
+
   private onEntry(header: RawHeaders): void {
     if (++this.count > this.limits.maxEntries) {
       throw new LayerdError(ErrorCodes.ELIMIT, `layer has more than ${this.limits.maxEntries} entries`, { limit: this.limits.maxEntries });

@@ -6,6 +6,8 @@
  *   <root>/metadata.db              image records, tags, layer and blob records
  *   <root>/blobs/sha256/<hex>       blobs by distribution digest (layers, configs, manifests)
  *   <root>/layers/sha256/<hex>/     layers by diffID: layer.tar (sha256 = diffID) + index.json
+ *   <root>/lazy/sha256/<hex>/       layers pulled lazily, by diffID: index.json + lazy.json + content (docs/lazy.md)
+ *   <root>/lazy/stats/              lazy-read counters of the processes serving them (for /metrics)
  *   <root>/tmp/<pid>-<rand>/        ingest area: becomes visible only by rename
  *   <root>/containers/<id>/         a container's writable layer (upper/) and FUSE statistics
  *   <root>/hosts/<key>.{sock,log}   mount hosts: one process per layer stack serving its mounts
@@ -23,6 +25,9 @@ export class StoreLayout {
   get blobsDir(): string { return join(this.root, 'blobs', 'sha256'); }
   get layersDir(): string { return join(this.root, 'layers', 'sha256'); }
   get tmpDir(): string { return join(this.root, 'tmp'); }
+  get lazyDir(): string { return join(this.root, 'lazy', 'sha256'); }
+  /** Lazy-read counters of the processes serving lazy layers (storage/lazy/lazyLayer.ts lazyStatsDir: the same place). */
+  get lazyStatsDir(): string { return join(this.root, 'lazy', 'stats'); }
 
   get containersDir(): string { return join(this.root, 'containers'); }
   containerDir(id: string): string { return join(this.containersDir, id); }
@@ -30,6 +35,7 @@ export class StoreLayout {
 
   blobPath(digest: Digest): string { return join(this.blobsDir, digestHex(digest)); }
   layerDir(diffId: Digest): string { return join(this.layersDir, digestHex(diffId)); }
+  lazyLayerDir(diffId: Digest): string { return join(this.lazyDir, digestHex(diffId)); }
   layerIndexPath(diffId: Digest): string { return join(this.layerDir(diffId), 'index.json'); }
   layerTarPath(diffId: Digest): string { return join(this.layerDir(diffId), LAYER_TAR); }
 }

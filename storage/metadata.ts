@@ -16,7 +16,7 @@ import { type Digest } from './digest.js';
 
 type Db = Database.Database;
 
-const SCHEMA_VERSION = 2;
+const SCHEMA_VERSION = 3;
 
 const SCHEMA = `
 CREATE TABLE IF NOT EXISTS meta (
@@ -65,6 +65,17 @@ CREATE TABLE IF NOT EXISTS tags (
   PRIMARY KEY (name, tag)
 );
 CREATE INDEX IF NOT EXISTS tags_image_id ON tags(image_id);
+CREATE TABLE IF NOT EXISTS lazy_layers (  -- schema 3: layers pulled lazily, not yet complete
+  diff_id      TEXT PRIMARY KEY REFERENCES layers(diff_id),
+  blob_digest  TEXT NOT NULL,     -- the blob the layer is fetched from (no blobs row until it is complete)
+  media_type   TEXT NOT NULL,
+  blob_size    INTEGER NOT NULL,
+  format       TEXT NOT NULL,     -- 'estargz'
+  state        TEXT NOT NULL,     -- 'lazy' | 'filling' | 'broken'
+  filled_bytes INTEGER NOT NULL,  -- bytes of the blob the background fill has fetched
+  error        TEXT,              -- why the layer is broken
+  created_at   INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS containers (
   id          TEXT PRIMARY KEY,
   image_id    TEXT NOT NULL REFERENCES images(id),
@@ -84,6 +95,11 @@ export interface ImageRow {
   variant: string | null; index_digest: Digest | null; created: string | null; imported_at: number;
 }
 export interface ImageLayerRow { image_id: Digest; position: number; diff_id: Digest; blob_digest: Digest | null; media_type: string; blob_size: number }
+export type LazyState = 'lazy' | 'filling' | 'broken';
+export interface LazyLayerRow {
+  diff_id: Digest; blob_digest: Digest; media_type: string; blob_size: number; format: string; state: LazyState;
+  filled_bytes: number; error: string | null; created_at: number;
+}
 export interface TagRow { name: string; tag: string; image_id: Digest; created_at: number }
 
 export interface ContainerRow {
@@ -133,7 +149,7 @@ export class MetadataDb {
       } else if (Number(row.value) > SCHEMA_VERSION) {
         throw new LayerdError(ErrorCodes.ECORRUPT, `the store was written by a newer layerd (schema ${row.value}, this one knows ${SCHEMA_VERSION})`);
       } else if (Number(row.value) < SCHEMA_VERSION) {
-        // 1 → 2: containers may have a live directory layer.
+        // 1 → 2: containers may have a live directory layer. 2 → 3: lazy_layers (created by SCHEMA above).
         const columns = this.db.prepare(`PRAGMA table_info(containers)`).all() as Array<{ name: string }>;
         if (!columns.some((c) => c.name === 'layer_dir')) this.db.exec(`ALTER TABLE containers ADD COLUMN layer_dir TEXT`);
         this.db.prepare(`UPDATE meta SET value = ? WHERE key = 'schema_version'`).run(String(SCHEMA_VERSION));
@@ -179,6 +195,44 @@ export class MetadataDb {
   putLayer(row: Omit<LayerRow, 'created_at'>): void {
     this.db.prepare(`INSERT OR IGNORE INTO layers (diff_id, size, file_bytes, entries, created_at) VALUES (?, ?, ?, ?, ?)`)
       .run(row.diff_id, row.size, row.file_bytes, row.entries, Date.now());
+  }
+
+  /** Set the sizes of a layer that has become complete (a lazy layer's row was written before they were known). */
+  setLayerSizes(diffId: Digest, size: number, fileBytes: number, entries: number): void {
+    this.db.prepare(`UPDATE layers SET size = ?, file_bytes = ?, entries = ? WHERE diff_id = ?`).run(size, fileBytes, entries, diffId);
+  }
+
+  // --- lazy layers ---------------------------------------------------------
+
+  getLazyLayer(diffId: Digest): LazyLayerRow | undefined {
+    return this.db.prepare(`SELECT * FROM lazy_layers WHERE diff_id = ?`).get(diffId) as LazyLayerRow | undefined;
+  }
+
+  listLazyLayers(): LazyLayerRow[] {
+    return this.db.prepare(`SELECT * FROM lazy_layers ORDER BY created_at, diff_id`).all() as LazyLayerRow[];
+  }
+
+  putLazyLayer(row: Omit<LazyLayerRow, 'created_at'>): void {
+    this.db.prepare(`INSERT OR IGNORE INTO lazy_layers (diff_id, blob_digest, media_type, blob_size, format, state, filled_bytes, error, created_at)
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`)
+      .run(row.diff_id, row.blob_digest, row.media_type, row.blob_size, row.format, row.state, row.filled_bytes, row.error, Date.now());
+  }
+
+  setLazyState(diffId: Digest, state: LazyState, filledBytes: number, error: string | null = null): void {
+    this.db.prepare(`UPDATE lazy_layers SET state = ?, filled_bytes = ?, error = ? WHERE diff_id = ?`).run(state, filledBytes, error, diffId);
+  }
+
+  /**
+   * The layer is complete: its blob is stored (a blobs row exists), the
+   * image layers that waited for it name it, and it is lazy no more.
+   */
+  completeLazyLayer(diffId: Digest, blobDigest: Digest): void {
+    this.db.prepare(`UPDATE image_layers SET blob_digest = ? WHERE diff_id = ? AND blob_digest IS NULL`).run(blobDigest, diffId);
+    this.db.prepare(`DELETE FROM lazy_layers WHERE diff_id = ?`).run(diffId);
+  }
+
+  deleteLazyLayer(diffId: Digest): void {
+    this.db.prepare(`DELETE FROM lazy_layers WHERE diff_id = ?`).run(diffId);
   }
 
   listLayers(): LayerRow[] {

@@ -46,13 +46,17 @@ export interface StoreOptions extends OpenOptions {
 /** A verified item in the ingest area, ready to be renamed into place. */
 export type StagedItem =
   | { kind: 'blob'; digest: Digest; path: string }
-  | { kind: 'layer'; diffId: Digest; path: string };
+  | { kind: 'layer'; diffId: Digest; path: string }
+  /** A lazily pulled layer's directory (storage/lazy/): goes to lazy/, its rows are the caller's. */
+  | { kind: 'lazy'; diffId: Digest; path: string };
 
 /** A layer of the store: its index and its uncompressed tar (`offset`s point into it). */
 export interface StoredLayer {
   diffId: Digest;
   index: LayerIndex;
   tarPath: string;
+  /** Set while the layer is lazy: its directory, to open with LazyLayerSource (its bytes are not in `tarPath`). */
+  lazyDir?: string;
 }
 
 export class Store {
@@ -78,6 +82,7 @@ export class Store {
       mkdir(layout.blobsDir, { recursive: true, mode: 0o700 }),
       mkdir(layout.layersDir, { recursive: true, mode: 0o700 }),
       mkdir(layout.tmpDir, { recursive: true, mode: 0o700 }),
+      mkdir(layout.lazyDir, { recursive: true, mode: 0o700 }),
     ]);
     await refuseIfDaemonHolds(root, layout);
     // Dead ingests first: on a full disk they are what frees the room the
@@ -134,8 +139,9 @@ export class Store {
           if (this.db.getBlob(item.digest)) continue;
           renameSync(item.path, this.layout.blobPath(item.digest));
         } else {
-          if (this.db.getLayer(item.diffId)) continue;
-          const target = this.layout.layerDir(item.diffId);
+          // A layer already recorded is left as it is, unless this is the complete form of a lazy one (its fill).
+          if (this.db.getLayer(item.diffId) && (item.kind === 'lazy' || !this.db.getLazyLayer(item.diffId))) continue;
+          const target = item.kind === 'lazy' ? this.layout.lazyLayerDir(item.diffId) : this.layout.layerDir(item.diffId);
           if (existsSync(target)) {
             // A leftover of an interrupted commit: no row points to it.
             if (trashed === 0) mkdirSync(trash, { recursive: true });
@@ -171,7 +177,15 @@ export class Store {
         }
         for (const hex of readdirSyncSafe(this.layout.layersDir)) {
           const digest = `sha256:${hex}`;
-          if (isDigest(digest) && this.db.getLayer(digest)) continue;
+          // A complete layer's row; a lazy layer's row does not vouch for layers/ (its fill may have died mid-commit).
+          if (isDigest(digest) && this.db.getLayer(digest) && !this.db.getLazyLayer(digest)) continue;
+          const to = join(workDir, `l${layers++}`);
+          renameSync(join(this.layout.layersDir, hex), to);
+          trash.push(to);
+        }
+        for (const hex of readdirSyncSafe(this.layout.lazyDir)) {
+          const digest = `sha256:${hex}`;
+          if (isDigest(digest) && this.db.getLazyLayer(digest)) continue;
           const to = join(workDir, `l${layers++}`);
           renameSync(join(this.layout.layersDir, hex), to);
           trash.push(to);
@@ -227,9 +241,28 @@ export class Store {
     const cached = this.indexCache.get(diffId);
     if (cached) return cached;
     if (!this.db.getLayer(diffId)) throw new LayerdError(ErrorCodes.ENOTFOUND, `no such layer: ${diffId}`, { diffId });
-    const index = await readLayerIndex(this.layout.layerDir(diffId), diffId);
-    this.indexCache.set(diffId, index);
+    const index = await readLayerIndex(this.layerDirFor(diffId), diffId);
+    // A lazy layer's index is replaced when its fill completes: not cached.
+    if (!this.isLazy(diffId)) this.indexCache.set(diffId, index);
     return index;
+  }
+
+  /** Whether the layer is still being pulled lazily (its bytes are not all here). */
+  isLazy(diffId: Digest): boolean {
+    return this.db.getLazyLayer(diffId) !== undefined;
+  }
+
+  /** The directory a layer is served from: its lazy directory until it is complete. */
+  layerDirFor(diffId: Digest): string {
+    return this.isLazy(diffId) ? this.layout.lazyLayerDir(diffId) : this.layout.layerDir(diffId);
+  }
+
+  /** Refuse what needs a layer's whole tar (push, export of an image) while it is lazy. */
+  requireComplete(diffId: Digest, what: string): void {
+    const lazy = this.db.getLazyLayer(diffId);
+    if (!lazy) return;
+    const done = lazy.blob_size > 0 ? Math.floor((100 * lazy.filled_bytes) / lazy.blob_size) : 0;
+    throw new LayerdError(ErrorCodes.ECONFLICT, `${what}: layer ${diffId} was pulled lazily and is not complete yet (${lazy.state}${lazy.state === 'filling' ? ` ${done} %` : ''})`, { diffId, state: lazy.state });
   }
 
   /** The layers of an image, base first: each index and the tar holding its bytes. */
@@ -240,8 +273,13 @@ export class Store {
     return layers;
   }
 
+  /** A lazy layer's `tarPath` is its content file, whose offsets are not a tar's: serve it through `lazy`'s source (storage/lazy/). */
   async storedLayer(diffId: Digest): Promise<StoredLayer> {
-    return { diffId, index: await this.layerIndex(diffId), tarPath: this.layout.layerTarPath(diffId) };
+    const lazy = this.isLazy(diffId);
+    return {
+      diffId, index: await this.layerIndex(diffId), tarPath: this.layout.layerTarPath(diffId),
+      ...(lazy ? { lazyDir: this.layout.lazyLayerDir(diffId) } : {}),
+    };
   }
 
   forgetLayerIndex(diffId: Digest): void {

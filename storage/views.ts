@@ -15,8 +15,10 @@ export interface ImageSummary {
   refs: string[];
   platform: string;
   layers: number;
-  /** Bytes of the layers' uncompressed tars. */
+  /** Bytes of the layers' uncompressed tars (0 for a lazy layer until it is complete). */
   size: number;
+  /** 'complete' when every layer is; else the least complete layer's state ('broken', 'lazy', 'filling N %'). */
+  state: string;
   created: string | null;
   importedAt: string;
 }
@@ -40,6 +42,21 @@ export interface InspectLayer {
   size: number;
   uncompressedSize: number;
   entries: number;
+  /** 'complete', or for a lazily pulled layer: 'lazy', 'filling' (see `filled`), 'broken' (see `error`). */
+  state: LayerState;
+  /** Percent of the blob the background fill has fetched (lazy layers). */
+  filled?: number;
+  error?: string;
+}
+
+export type LayerState = 'complete' | 'lazy' | 'filling' | 'broken';
+
+/** A layer's state as `images` and `inspect` show it. */
+export function layerState(store: Store, diffId: Digest): { state: LayerState; filled?: number; error?: string } {
+  const lazy = store.db.getLazyLayer(diffId);
+  if (!lazy) return { state: 'complete' };
+  const filled = lazy.blob_size > 0 ? Math.min(100, Math.floor((100 * lazy.filled_bytes) / lazy.blob_size)) : 0;
+  return { state: lazy.state, filled, ...(lazy.error ? { error: lazy.error } : {}) };
 }
 
 export interface ImageInspect {
@@ -66,6 +83,14 @@ function platformOf(row: ImageRow): string {
   return formatPlatform(normalizePlatform({ os: row.os, architecture: row.architecture, ...(row.variant ? { variant: row.variant } : {}) }));
 }
 
+function imageState(layers: { state: LayerState; filled?: number }[]): string {
+  if (layers.some((l) => l.state === 'broken')) return 'broken';
+  if (layers.some((l) => l.state === 'lazy')) return 'lazy';
+  const filling = layers.filter((l) => l.state === 'filling');
+  if (filling.length === 0) return 'complete';
+  return `filling ${Math.min(...filling.map((l) => l.filled ?? 0))} %`;
+}
+
 export function listImages(store: Store): ImageSummary[] {
   return store.db.listImages().map((row) => {
     const layers = store.db.imageLayers(row.id);
@@ -76,6 +101,7 @@ export function listImages(store: Store): ImageSummary[] {
       platform: platformOf(row),
       layers: layers.length,
       size,
+      state: imageState(layers.map((l) => layerState(store, l.diff_id))),
       created: row.created,
       importedAt: new Date(row.imported_at).toISOString(),
     };
@@ -118,6 +144,7 @@ export async function inspectImage(store: Store, ref: string): Promise<ImageInsp
       size: l.blob_size,
       uncompressedSize: layer?.size ?? 0,
       entries: layer?.entries ?? 0,
+      ...layerState(store, l.diff_id),
     };
   });
   return {

@@ -27,7 +27,23 @@ describe('metadata schema versions', () => {
     const db = new MetadataDb(path);
     try {
       expect(columns(db)).to.include('layer_dir');
-      expect(version(db)).to.equal('2');
+      expect(version(db)).to.equal('3');
+    } finally {
+      db.close();
+    }
+  });
+
+  it('upgrades a schema-2 store in place (adds the lazy_layers table)', () => {
+    const path = join(dir, 'metadata.db');
+    const old = new MetadataDb(path);
+    old.db.exec(`DROP TABLE lazy_layers`);
+    old.db.exec(`UPDATE meta SET value = '2' WHERE key = 'schema_version'`);
+    old.close();
+
+    const db = new MetadataDb(path);
+    try {
+      expect(db.listLazyLayers()).to.deep.equal([]);
+      expect(version(db)).to.equal('3');
     } finally {
       db.close();
     }

@@ -9,27 +9,34 @@ import { type ImportProgress } from '../../storage/importer.js';
 import { parsePlatform } from '../../storage/platform.js';
 import { EMPTY_CONFIG, type RegistriesConfig, loadRegistriesConfig } from '../../storage/registry/config.js';
 import { pullImage } from '../../storage/registry/pull.js';
+import { type LazyFills } from '../../storage/lazy/fill.js';
+import { pullLazy } from '../../storage/lazy/lazyPull.js';
 import { type PushCompression, pushImage } from '../../storage/registry/push.js';
 import { type AbortCause, type TimeoutSettings, timeoutsFrom } from '../../storage/registry/timeouts.js';
 import { type Store } from '../../storage/store.js';
 import { ErrorCodes, LayerdError } from '../../common/errors.js';
 import { HANDLED, type RequestContext, type Router, checkFields, ndjson, readJsonBody, wantsNdjson } from '../http.js';
 
-export function registryRoutes(router: Router, store: Store, configPath: string | undefined, timeoutSettings?: TimeoutSettings): void {
+export function registryRoutes(router: Router, store: Store, configPath: string | undefined, timeoutSettings?: TimeoutSettings, lazyFills?: LazyFills): void {
   const config = async (): Promise<RegistriesConfig> => (configPath ? loadRegistriesConfig(configPath) : EMPTY_CONFIG);
   const timeouts = timeoutsFrom(timeoutSettings);
 
   router.add('POST', '/v1/images/pull', async (ctx) => {
-    const body = checkFields<{ ref: string; platform?: string }>(await readJsonBody(ctx.req), {
-      ref: { type: 'string', required: true }, platform: { type: 'string' },
+    const body = checkFields<{ ref: string; platform?: string; lazy?: boolean }>(await readJsonBody(ctx.req), {
+      ref: { type: 'string', required: true }, platform: { type: 'string' }, lazy: { type: 'boolean' },
     });
     const signal = cancelledWhenClientLeaves(ctx);
-    const run = async (onProgress?: (e: ImportProgress) => void): Promise<unknown> => ({
-      images: await pullImage(store, body.ref, {
+    const run = async (onProgress?: (e: ImportProgress) => void): Promise<unknown> => {
+      const options = {
         config: await config(), ...(body.platform ? { platform: parsePlatform(body.platform) } : {}), ...(onProgress ? { onProgress } : {}),
         timeouts, signal,
-      }),
-    });
+      };
+      if (body.lazy !== true) return { images: await pullImage(store, body.ref, options) };
+      // Lazily: the layers' fills run on in the background, past this answer.
+      const pulled = await pullLazy(store, body.ref, { ...options, ...(configPath ? { registriesConfig: configPath } : {}) });
+      for (const diffId of pulled.lazyLayers) void lazyFills?.start(diffId);
+      return { images: pulled.images, lazyLayers: pulled.lazyLayers, ...(pulled.fallback ? { fallback: pulled.fallback } : {}) };
+    };
     if (!wantsNdjson(ctx.req)) return run();
     const stream = ndjson(ctx.res);
     try {

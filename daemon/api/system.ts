@@ -4,6 +4,7 @@ import { join } from 'node:path';
 import { HANDLED, type Router } from '../http.js';
 import { type DaemonMetrics } from '../metrics.js';
 import { type Store } from '../../storage/store.js';
+import { type LazyStats, sumLazyStats } from '../../storage/lazy/lazyLayer.js';
 import { LATENCY_BUCKETS, type OpStatsSnapshot } from '../../mount/opStats.js';
 
 /** Prometheus text for the FUSE operations of all mount servers (they run in other processes). */
@@ -24,6 +25,15 @@ function fuseMetricsText(stats: OpStatsSnapshot): string {
     lines.push(`layerd_fuse_operation_seconds_count{op="${op}"} ${c.count}`);
   }
   return lines.join('\n') + '\n';
+}
+
+/** Counters of lazy reads, summed over every process that served a lazy layer (storage/lazy/lazyLayer.ts). */
+function lazyMetricsText(stats: LazyStats): string {
+  const counter = (name: string, help: string, value: number): string => `# HELP ${name} ${help}\n# TYPE ${name} counter\n${name} ${value}\n`;
+  return counter('layerd_lazy_fetched_bytes_total', 'Compressed bytes fetched by reads of lazily pulled layers', stats.fetchedBytes)
+    + counter('layerd_lazy_range_requests_total', 'Range requests made by reads of lazily pulled layers', stats.rangeRequests)
+    + counter('layerd_lazy_read_stalls_total', 'Chunk reads of lazily pulled layers that had to wait for the registry', stats.stalls)
+    + counter('layerd_lazy_verify_failures_total', 'Fetched chunks that did not match their TOC digest', stats.verifyFailures);
 }
 
 export function systemRoutes(
@@ -47,7 +57,11 @@ export function systemRoutes(
     const memory = await hostMemory();
     metrics.mountHosts.set(memory.hosts);
     metrics.mountHostsRss.set(memory.residentBytes);
-    const body = (await metrics.registry.metrics()) + fuseMetricsText(await fuseStats());
+    metrics.lazyLayers.reset();
+    for (const state of ['lazy', 'filling', 'broken'] as const) metrics.lazyLayers.set({ state }, 0);
+    for (const l of store.db.listLazyLayers()) metrics.lazyLayers.inc({ state: l.state });
+    const lazy = await sumLazyStats(store.layout.lazyStatsDir);
+    const body = (await metrics.registry.metrics()) + fuseMetricsText(await fuseStats()) + lazyMetricsText(lazy);
     ctx.res.writeHead(200, { 'content-type': metrics.registry.contentType });
     ctx.res.end(body);
     return HANDLED;

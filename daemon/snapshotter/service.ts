@@ -211,7 +211,8 @@ export class SnapshotService {
     await this.convertUpperIfOld(row);
     const chain = layers ?? this.table.chain(row.parent);
     const served = await startMount({
-      layers: chain.map((d) => this.store.layout.layerDir(d)),
+      // A layer layerd pulled lazily is served lazily here too (storage/lazy/).
+      layers: chain.map((d) => this.store.layerDirFor(d)),
       upper: row.upper!,
       mountpoint: row.mountpoint!,
       readOnly: row.kind === 'view',

@@ -194,6 +194,7 @@ class Pusher {
     if (parsed.kind !== 'manifest') throw new LayerdError(ErrorCodes.EINTERNAL, `image ${row.id} is not a manifest`, { digest: row.id });
     const manifest = parsed.manifest;
     const layerRows = this.store.db.imageLayers(row.id);
+    for (const l of layerRows) this.store.requireComplete(l.diff_id, `push ${row.id}`);
     if (layerRows.length !== manifest.layers.length) {
       throw new LayerdError(ErrorCodes.ECORRUPT, `image ${row.id}: ${layerRows.length} layer records for ${manifest.layers.length} manifest layers`, { digest: row.id });
     }

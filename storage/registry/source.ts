@@ -15,7 +15,7 @@ import { type Digest, digestOf, verifyDigest } from '../digest.js';
 import { INDEX_MEDIA_TYPES, MANIFEST_MEDIA_TYPES, MAX_DOCUMENT_BYTES, MediaTypes, type Descriptor } from '../oci.js';
 import { type ImageSource, type SourceImage } from '../sources/source.js';
 import { repositoryScope } from './auth.js';
-import { DEFAULT_RETRY, RegistryClient, type RetryPolicy, type Transfer, headerValue } from './client.js';
+import { DEFAULT_RETRY, RegistryClient, type RetryPolicy, type Transfer, headerValue, readLimited } from './client.js';
 import { EMPTY_CONFIG, type RegistriesConfig, endpointsFor } from './config.js';
 import { ResumableBlobStream } from './download.js';
 import { type RegistryRef, formatRegistryRef, parseRegistryRef, storeName } from './reference.js';
@@ -81,6 +81,23 @@ export class RegistrySource implements ImageSource {
         method: 'GET', path: `/v2/${this.ref.repository}/blobs/${digest}`, scopes: this.scopes, expect: [200], context,
       }, maxBytes);
       return res.body;
+    });
+  }
+
+  /** Bytes [start, end) of a blob, by a Range request (a lazy pull's footer and TOC); unverified. */
+  async readBlobRange(digest: Digest, start: number, end: number): Promise<Buffer> {
+    const context = { registry: this.ref.registry, repository: this.ref.repository, digest };
+    return this.firstAnswer(async (client) => {
+      const res = await client.request({
+        method: 'GET', path: `/v2/${this.ref.repository}/blobs/${digest}`, headers: { range: `bytes=${start}-${end - 1}` },
+        scopes: this.scopes, expect: [206], context,
+      });
+      const m = /^bytes (\d+)-(\d+)\//.exec(headerValue(res.headers['content-range']) ?? '');
+      if (!m || Number(m[1]) !== start || Number(m[2]) !== end - 1) {
+        res.body.destroy();
+        throw new LayerdError(ErrorCodes.EFORMAT, `${this.description}: asked for bytes ${start}-${end - 1} of ${digest}, got Content-Range '${res.headers['content-range'] ?? ''}'`, context);
+      }
+      return readLimited(res.body, end - start, client.registry);
     });
   }
 

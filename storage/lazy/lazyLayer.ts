@@ -1,0 +1,376 @@
+/**
+ * A lazily pulled layer on disk, and serving it.
+ *
+ *   <root>/lazy/sha256/<diffID hex>/
+ *     index.json   the layer index built from the eStargz TOC; a file's
+ *                  `offset` is where its bytes go in `content`
+ *     lazy.json    where the blob is (registry, repository, digest) and the
+ *                  chunk table: which byte ranges of the blob inflate to
+ *                  which bytes of which file, and their digests
+ *     content      a sparse file: every regular file's bytes, one after the
+ *                  other, filled in as they are fetched
+ *
+ * Nothing records which chunks `content` holds: a process serving the layer
+ * hashes a chunk's bytes the first time it needs them, and fetches them when
+ * they do not match (a hole reads as zeros). So the cache is crash-safe with
+ * no bookkeeping, shared by every process that serves the layer, and no byte
+ * that was not verified against the TOC is ever handed to a reader.
+ *
+ * A read whose chunks cannot be fetched (registry down, bytes that do not
+ * verify) is retried with backoff and then fails with EIO within
+ * `readTimeoutMs`; a chunk that fails verification is fetched once more,
+ * then EIO.
+ */
+import { createHash } from 'node:crypto';
+import { close, constants as fsConstants, open, openSync, read, write } from 'node:fs';
+import { access, mkdir, readFile, readdir, rename, writeFile } from 'node:fs/promises';
+import { promisify } from 'node:util';
+import { basename, dirname, join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { createGunzip } from 'node:zlib';
+import { ErrorCodes, LayerdError } from '../../common/errors.js';
+import { fsError } from '../../common/sys/errors.js';
+import { type Digest } from '../digest.js';
+import { type ContentRef, LAYER_TAR, type LayerEntry, type LayerIndex, type LayerSource, tarLayerSource } from '../layerIndex.js';
+import { repositoryScope } from '../registry/auth.js';
+import { RegistryClient, headerValue, readLimited } from '../registry/client.js';
+import { EMPTY_CONFIG, endpointsFor, loadRegistriesConfig } from '../registry/config.js';
+import { readLayerIndex } from '../store.js';
+import { type Chunk, type LazyFile } from './estargz.js';
+
+export const LAZY_JSON = 'lazy.json';
+export const LAZY_CONTENT = 'content';
+export const LAZY_FORMAT_VERSION = 1 as const;
+
+/** Default bound on one read of content that is not there yet (LAYERD_LAZY_READ_TIMEOUT_MS). */
+export const DEFAULT_READ_TIMEOUT_MS = 30_000;
+/** Range requests in flight at once for one layer. */
+const MAX_FETCHES = 8;
+
+/** Where a lazy layer's blob is, and how its bytes map onto its files. */
+export interface LazyLayerInfo {
+  version: typeof LAZY_FORMAT_VERSION;
+  diffId: Digest;
+  registry: string;
+  repository: string;
+  blobDigest: Digest;
+  blobSize: number;
+  mediaType: string;
+  tocDigest: Digest;
+  /** The registries configuration (credentials, mirrors, CAs) to fetch with, if any. */
+  registriesConfig?: string;
+  contentSize: number;
+  files: LazyFile[];
+}
+
+export async function readLazyInfo(dir: string): Promise<LazyLayerInfo> {
+  const path = join(dir, LAZY_JSON);
+  let info: LazyLayerInfo;
+  try {
+    info = JSON.parse(await readFile(path, 'utf8')) as LazyLayerInfo;
+  } catch (err) {
+    throw new LayerdError(ErrorCodes.ECORRUPT, `cannot read the lazy layer description ${path}: ${(err as Error).message}`, { path }, { cause: err });
+  }
+  if (info.version !== LAZY_FORMAT_VERSION || !Array.isArray(info.files)) {
+    throw new LayerdError(ErrorCodes.ECORRUPT, `${path} is not a version-${LAZY_FORMAT_VERSION} lazy layer`, { path });
+  }
+  return info;
+}
+
+/** What a served lazy layer has done (for metrics and tests). */
+export interface LazyStats {
+  rangeRequests: number;
+  fetchedBytes: number;
+  /** Reads that had to wait for a fetch. */
+  stalls: number;
+  verifyFailures: number;
+}
+
+export interface LazySourceOptions {
+  readTimeoutMs?: number;
+}
+
+/** Where serving processes leave their LazyStats (one file per process and layer), for the daemon's /metrics. */
+export function lazyStatsDir(lazyLayerDir: string): string {
+  return join(lazyLayerDir, '..', '..', 'stats');
+}
+
+/** The sum of every LazyStats file under `statsDir`: counters that never go down, whoever wrote them. */
+export async function sumLazyStats(statsDir: string): Promise<LazyStats> {
+  const total: LazyStats = { rangeRequests: 0, fetchedBytes: 0, stalls: 0, verifyFailures: 0 };
+  for (const name of await readdir(statsDir).catch(() => [] as string[])) {
+    if (!name.endsWith('.json')) continue;
+    const stats = await readFile(join(statsDir, name), 'utf8').then((t) => JSON.parse(t) as Partial<LazyStats>, () => undefined);
+    if (!stats) continue;
+    for (const key of Object.keys(total) as (keyof LazyStats)[]) if (typeof stats[key] === 'number') total[key] += stats[key];
+  }
+  return total;
+}
+
+export function readTimeoutFromEnv(): number {
+  const ms = Number(process.env['LAYERD_LAZY_READ_TIMEOUT_MS']);
+  return Number.isFinite(ms) && ms > 0 ? ms : DEFAULT_READ_TIMEOUT_MS;
+}
+
+/** A lazy layer directory as a LayerSource whose reads fetch what is missing. */
+export class LazyLayerSource implements LayerSource {
+  readonly stats: LazyStats = { rangeRequests: 0, fetchedBytes: 0, stalls: 0, verifyFailures: 0 };
+  private readonly byOffset = new Map<number, LazyFile>();
+  /** Chunks known to be in `content`, verified (key: content offset of the chunk). */
+  private readonly present = new Set<number>();
+  private readonly inFlight = new Map<number, Promise<void>>();
+  private clients: Promise<RegistryClient[]> | undefined;
+  private readonly readTimeoutMs: number;
+  private readonly contentPath: string;
+  private statsTimer: NodeJS.Timeout | undefined;
+  private fetching = 0;
+  private readonly waiting: (() => void)[] = [];
+
+  /**
+   * The content file, open for the source's life: the fill removes the lazy
+   * directory when the layer is complete, and mounts of it go on reading
+   * (and fetching into) this descriptor.
+   */
+  private readonly fd: number;
+
+  private constructor(readonly dir: string, readonly index: LayerIndex, readonly info: LazyLayerInfo, fd: number, options: LazySourceOptions) {
+    this.fd = fd;
+    for (const f of info.files) this.byOffset.set(f.offset, f);
+    this.readTimeoutMs = options.readTimeoutMs ?? readTimeoutFromEnv();
+    this.contentPath = join(dir, LAZY_CONTENT);
+  }
+
+  static async open(dir: string, options: LazySourceOptions = {}): Promise<LazyLayerSource> {
+    const info = await readLazyInfo(dir);
+    const index = await readLayerIndex(dir, info.diffId);
+    const fd = await promisify(open)(join(dir, LAZY_CONTENT), fsConstants.O_RDWR);
+    return new LazyLayerSource(dir, index, info, fd, options);
+  }
+
+  content(entry: LayerEntry): ContentRef | undefined {
+    if (entry.kind !== 'file' || entry.size === 0 || entry.offset === undefined) return undefined;
+    const file = this.byOffset.get(entry.offset);
+    const offset = entry.offset;
+    return {
+      path: this.contentPath, offset, size: entry.size,
+      // Through this process's descriptor: the path is gone once the layer is complete.
+      open: () => openSync(`/proc/self/fd/${this.fd}`, fsConstants.O_RDONLY),
+      ready: (from, length) => (file === undefined
+        ? Promise.reject(fsError('EIO', entry.path, 'read'))
+        : this.ready(file, from, length, entry.path)),
+    };
+  }
+
+  /** Make bytes [from, from + length) of `file` present and verified. */
+  async ready(file: LazyFile, from: number, length: number, path: string): Promise<void> {
+    const end = Math.min(file.size, from + length);
+    const wanted = file.chunks.filter((c) => c.fileOffset < end && c.fileOffset + c.length > from && !this.present.has(file.offset + c.fileOffset));
+    if (wanted.length === 0) return;
+    await Promise.all(wanted.map((c) => this.ensure(file, c, path)));
+  }
+
+  async close(): Promise<void> {
+    await promisify(close)(this.fd).catch(() => undefined);
+    if (this.clients) for (const c of await this.clients.catch(() => [])) c.close();
+  }
+
+  private ensure(file: LazyFile, chunk: Chunk, path: string): Promise<void> {
+    const key = file.offset + chunk.fileOffset;
+    let work = this.inFlight.get(key);
+    if (work === undefined) {
+      work = this.load(key, chunk, path).finally(() => this.inFlight.delete(key));
+      this.inFlight.set(key, work);
+    }
+    return work;
+  }
+
+  private async load(key: number, chunk: Chunk, path: string): Promise<void> {
+    // Already in the cache (another process, an earlier run)?
+    const have = Buffer.alloc(chunk.length);
+    const bytesRead = await readAt(this.fd, have, key);
+    if (bytesRead === chunk.length && sha256(have) === chunk.digest) {
+      this.present.add(key);
+      return;
+    }
+    if (chunk.start < 0) throw this.eio(path, chunk, 'a local chunk is missing from the cache');
+    this.stats.stalls++;
+    this.noteStats();
+    const deadline = Date.now() + this.readTimeoutMs;
+    let failures = 0;
+    let badBytes = 0;
+    let last: unknown;
+    for (;;) {
+      let member: Buffer | undefined;
+      try {
+        member = await this.withDeadline(this.fetchChunk(chunk), deadline);
+      } catch (err) {
+        last = err;
+      }
+      if (member !== undefined) {
+        const bytes = await inflatePrefix(member, chunk.length).catch(() => undefined);
+        if (bytes !== undefined && sha256(bytes) === chunk.digest) {
+          await writeAt(this.fd, bytes, key);
+          this.present.add(key);
+          this.noteStats();
+          return;
+        }
+        this.stats.verifyFailures++;
+        this.noteStats();
+        // Refetched once: bytes that fail twice are not a glitch of the network.
+        if (++badBytes >= 2) throw this.eio(path, chunk, 'the fetched bytes do not match the TOC chunk digest');
+        continue;
+      }
+      const wait = Math.min(2_000, 100 * 2 ** failures++);
+      if (Date.now() + wait >= deadline) throw this.eio(path, chunk, `could not be fetched within ${this.readTimeoutMs} ms: ${(last as Error)?.message ?? last}`);
+      await sleep(wait);
+    }
+  }
+
+  /** Write the counters for /metrics, at most once a second (the write may fail: only metrics are lost). */
+  private noteStats(): void {
+    if (this.statsTimer !== undefined) return;
+    this.statsTimer = setTimeout(() => {
+      this.statsTimer = undefined;
+      const dir = lazyStatsDir(this.dir);
+      const file = join(dir, `${this.info.diffId.slice(7, 19)}-${process.pid}.json`);
+      void mkdir(dir, { recursive: true, mode: 0o700 })
+        .then(() => writeFile(`${file}.tmp`, JSON.stringify(this.stats), { mode: 0o600 }))
+        .then(() => rename(`${file}.tmp`, file))
+        .catch(() => undefined);
+    }, 1000);
+    this.statsTimer.unref();
+  }
+
+  private eio(path: string, chunk: Chunk, why: string): Error {
+    const err = fsError('EIO', path, 'read');
+    err.message = `${this.info.blobDigest} (${path} at ${chunk.fileOffset}): ${why}`;
+    return err;
+  }
+
+  private async withDeadline<T>(work: Promise<T>, deadline: number): Promise<T> {
+    const left = deadline - Date.now();
+    if (left <= 0) throw new LayerdError(ErrorCodes.EIO, 'read deadline passed');
+    const controller = new AbortController();
+    try {
+      return await Promise.race([work, sleep(left, undefined, { signal: controller.signal }).then(() => {
+        throw new LayerdError(ErrorCodes.EIO, 'read deadline passed');
+      })]);
+    } finally {
+      controller.abort();
+      work.catch(() => undefined);
+    }
+  }
+
+  private registryClients(): Promise<RegistryClient[]> {
+    this.clients ??= (async () => {
+      const config = this.info.registriesConfig ? await loadRegistriesConfig(this.info.registriesConfig) : EMPTY_CONFIG;
+      const idle = Math.min(10_000, this.readTimeoutMs);
+      return (await endpointsFor(config, this.info.registry, true)).map((e) => new RegistryClient(
+        e, { retries: 0, backoffMs: 0, maxBackoffMs: 0 }, { timeouts: { connectMs: idle, idleMs: idle, totalMs: 0 } },
+      ));
+    })();
+    this.clients.catch(() => { this.clients = undefined; });
+    return this.clients;
+  }
+
+  /** The chunk's gzip member, by a Range request: at most MAX_FETCHES at once per layer (a copy-up of a big file asks for all its chunks). */
+  private async fetchChunk(chunk: Chunk): Promise<Buffer> {
+    while (this.fetching >= MAX_FETCHES) await new Promise<void>((wake) => this.waiting.push(wake));
+    this.fetching++;
+    try {
+      return await this.fetchMember(chunk);
+    } finally {
+      this.fetching--;
+      this.waiting.shift()?.();
+    }
+  }
+
+  private async fetchMember(chunk: Chunk): Promise<Buffer> {
+    const clients = await this.registryClients();
+    let last: unknown;
+    for (const client of clients) {
+      try {
+        this.stats.rangeRequests++;
+        const res = await client.request({
+          method: 'GET', path: `/v2/${this.info.repository}/blobs/${this.info.blobDigest}`,
+          headers: { range: `bytes=${chunk.start}-${chunk.end - 1}` }, scopes: [repositoryScope(this.info.repository, 'pull')],
+          expect: [206], context: { repository: this.info.repository, digest: this.info.blobDigest },
+        });
+        const range = /^bytes (\d+)-(\d+)\//.exec(headerValue(res.headers['content-range']) ?? '');
+        if (!range || Number(range[1]) !== chunk.start || Number(range[2]) !== chunk.end - 1) {
+          res.body.destroy();
+          throw new LayerdError(ErrorCodes.EFORMAT, `asked for bytes ${chunk.start}-${chunk.end - 1}, got Content-Range '${res.headers['content-range'] ?? ''}'`);
+        }
+        const member = await readLimited(res.body, chunk.end - chunk.start, client.registry);
+        this.stats.fetchedBytes += member.length;
+        return member;
+      } catch (err) {
+        last = err;
+      }
+    }
+    throw last;
+  }
+}
+
+/** The first `length` bytes a gzip member inflates to (it may go on with tar headers); rejects if it has fewer or is broken. */
+function inflatePrefix(member: Buffer, length: number): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    const inflater = createGunzip();
+    const parts: Buffer[] = [];
+    let have = 0;
+    let settled = false;
+    const settle = (fn: () => void): void => {
+      if (settled) return;
+      settled = true;
+      fn();
+    };
+    inflater.on('data', (data: Buffer) => {
+      parts.push(data);
+      have += data.length;
+      if (have >= length) settle(() => { inflater.destroy(); resolve(Buffer.concat(parts).subarray(0, length)); });
+    });
+    inflater.on('end', () => settle(() => reject(new LayerdError(ErrorCodes.EFORMAT, `chunk inflates to ${have} bytes, not ${length}`))));
+    inflater.on('error', (err) => settle(() => reject(err)));
+    inflater.end(member);
+  });
+}
+
+function readAt(fd: number, buffer: Buffer, position: number): Promise<number> {
+  return new Promise((resolve, reject) => read(fd, buffer, 0, buffer.length, position, (err, n) => (err ? reject(err) : resolve(n))));
+}
+
+function writeAt(fd: number, buffer: Buffer, position: number): Promise<void> {
+  return new Promise((resolve, reject) => write(fd, buffer, 0, buffer.length, position, (err) => (err ? reject(err) : resolve())));
+}
+
+function sha256(bytes: Buffer): Digest {
+  return `sha256:${createHash('sha256').update(bytes).digest('hex')}`;
+}
+
+/** How the union filesystem reads a store layer: from its tar, or fetching what a lazy one lacks. */
+export async function storedLayerSource(layer: { index: LayerIndex; tarPath: string; lazyDir?: string }, options: LazySourceOptions = {}): Promise<LayerSource> {
+  return layer.lazyDir !== undefined ? layerDirSource(layer.lazyDir, options) : tarLayerSource(layer.index, layer.tarPath);
+}
+
+/**
+ * A layer directory as a mount host is given it: a lazy one (`lazy/sha256/<hex>`) or a complete
+ * one. A lazy directory may be gone by the time it is opened — its fill completed after the caller
+ * chose it — and then the complete layer is there (the fill commits it before removing the lazy one).
+ */
+export async function layerDirSource(dir: string, options: LazySourceOptions = {}): Promise<LayerSource> {
+  const complete = completeDirOf(dir);
+  if (complete === undefined) return tarLayerSource(await readLayerIndex(dir), join(dir, LAYER_TAR));
+  try {
+    return await LazyLayerSource.open(dir, options);
+  } catch (err) {
+    if (!await access(join(complete, 'index.json')).then(() => true, () => false)) throw err;
+    return tarLayerSource(await readLayerIndex(complete), join(complete, LAYER_TAR));
+  }
+}
+
+/** `<root>/layers/sha256/<hex>` for a lazy layer directory `<root>/lazy/sha256/<hex>`, else undefined. */
+function completeDirOf(dir: string): string | undefined {
+  const algorithmDir = dirname(dir);
+  if (basename(algorithmDir) !== 'sha256' || basename(dirname(algorithmDir)) !== 'lazy') return undefined;
+  return join(dirname(dirname(algorithmDir)), 'layers', 'sha256', basename(dir));
+}

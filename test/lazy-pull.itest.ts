@@ -1,0 +1,383 @@
+/**
+ * `layerctl pull --lazy` of eStargz images from a real registry (Debian's
+ * docker-registry 2.8.2 on 127.0.0.1): debian-multi's four layers made into
+ * eStargz by test/support/estargz.ts (64 KiB chunks), pushed with skopeo.
+ *
+ * Lazily read bytes are compared with a full pull of the same image mounted
+ * beside it; a relay on 127.0.0.1 that corrupts range answers gives EIO and
+ * never wrong bytes; a registry that is gone gives EIO within the configured
+ * bound, leaves the mount serving, and reads work again once it is back; the
+ * daemon's background fill turns the layers into ordinary stored ones (fsck,
+ * the same diffIDs and sizes as a full pull), resuming when it starts and when
+ * the registry returns.
+ */
+import { expect } from 'chai';
+import { type ChildProcess } from 'node:child_process';
+import { type ServerResponse } from 'node:http';
+import { mkdir, open, readFile, readdir, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import { gzipSync } from 'node:zlib';
+import { DEBIAN_MULTI, execFileAsync, layerctl, layerctlJson, scratch } from './support/env.js';
+import { writeEstargzLayout } from './support/estargz.js';
+import { http, startDaemon, waitFor, type RunningDaemon } from './support/daemon.js';
+import { TestRegistry, layerctlR, startProxy, type TestProxy } from './support/registry.js';
+import { startLayerdServer, stopLayerdServer } from './fixtures/mount/harness.js';
+
+const BOGUS_MEMBER = gzipSync(Buffer.alloc(4 * 1024 * 1024));
+
+interface LazyPulled { images: { id: string; refs: string[] }[]; lazyLayers: string[]; fallback?: string }
+interface InspectLayer { diffId: string; digest: string | null; uncompressedSize: number; entries: number; state: string; filled?: number }
+interface Inspect { Id: string; Layers: InspectLayer[] }
+
+/** A small deterministic PRNG (mulberry32): the sample is the same on every run. */
+function prng(seed: number): () => number {
+  let a = seed;
+  return () => {
+    a = (a + 0x6d2b79f5) | 0;
+    let t = Math.imul(a ^ (a >>> 15), 1 | a);
+    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+/** Every path beneath `root` with its type (f, d, l, o), sorted; and the regular files with content. */
+async function walk(root: string): Promise<{ listing: string[]; files: { path: string; size: number }[] }> {
+  const listing: string[] = [];
+  const files: { path: string; size: number }[] = [];
+  const visit = async (rel: string): Promise<void> => {
+    for (const d of await readdir(join(root, rel), { withFileTypes: true })) {
+      const path = rel ? `${rel}/${d.name}` : d.name;
+      const kind = d.isDirectory() ? 'd' : d.isFile() ? 'f' : d.isSymbolicLink() ? 'l' : 'o';
+      listing.push(`${kind} ${path}`);
+      if (d.isDirectory()) await visit(path);
+      else if (d.isFile()) {
+        const size = (await stat(join(root, path))).size;
+        if (size > 0) files.push({ path, size });
+      }
+    }
+  };
+  await visit('');
+  return { listing: listing.sort(), files };
+}
+
+async function readRange(path: string, position: number, length: number): Promise<Buffer> {
+  const fh = await open(path, 'r');
+  try {
+    const buffer = Buffer.alloc(length);
+    const { bytesRead } = await fh.read(buffer, 0, length, position);
+    return buffer.subarray(0, bytesRead);
+  } finally {
+    await fh.close();
+  }
+}
+
+/** Allocated bytes of every lazy content file under a store (sparse: what was fetched). */
+async function lazyAllocated(root: string): Promise<number> {
+  const dir = join(root, 'lazy', 'sha256');
+  let total = 0;
+  for (const hex of await readdir(dir).catch(() => [] as string[])) total += (await stat(join(dir, hex, 'content'))).blocks * 512;
+  return total;
+}
+
+describe('lazy pull of eStargz images (docker-registry 2.8.2)', function () {
+  this.timeout(300_000);
+  let work: { dir: string; remove(): Promise<void> };
+  let registry: TestRegistry;
+  let ref: string;
+  let fullRoot: string;
+  let fullInspect: Inspect;
+  const fullMnt = (): string => join(work.dir, 'mnt-full');
+  const servers: { child: ChildProcess; mnt: string }[] = [];
+  let fullTree: Awaited<ReturnType<typeof walk>>;
+
+  async function mountImage(root: string, image: string, name: string, env: NodeJS.ProcessEnv = {}): Promise<string> {
+    const mnt = join(work.dir, `mnt-${name}`);
+    const upper = join(work.dir, `upper-${name}`);
+    await mkdir(mnt, { recursive: true });
+    await mkdir(upper, { recursive: true });
+    const child = await startLayerdServer(['--root', root, '--image', image, '--upper', upper], mnt, { ...process.env, ...env });
+    servers.push({ child, mnt });
+    return mnt;
+  }
+
+  async function lazyPull(root: string, reference: string): Promise<LazyPulled> {
+    const r = await layerctlR(['--root', root, 'pull', '--lazy', reference, '--json']);
+    expect(r.code, r.stderr).to.equal(0);
+    return JSON.parse(r.stdout) as LazyPulled;
+  }
+
+  before(async () => {
+    work = await scratch('layerd-lazy-');
+    registry = await TestRegistry.start(join(work.dir, 'registry'));
+    // debian-multi's layer tars, as a store keeps them, made into eStargz.
+    const src = join(work.dir, 'src');
+    await layerctlJson(['--root', src, 'import', DEBIAN_MULTI]);
+    const info = await layerctlJson<{ RootFS: { Layers: string[] } }>(['--root', src, 'inspect', 'debian-multi:latest']);
+    const tars = await Promise.all(info.RootFS.Layers.map((d) => readFile(join(src, 'layers', 'sha256', d.slice(7), 'layer.tar'))));
+    const layout = join(work.dir, 'estargz-layout');
+    await writeEstargzLayout(layout, tars, 64 * 1024);
+    await execFileAsync('skopeo', ['--insecure-policy', 'copy', '-q', '--dest-tls-verify=false', '--preserve-digests', `oci:${layout}:latest`, `docker://${registry.host}/lazy/dm:v1`]);
+    ref = `${registry.host}/lazy/dm:v1`;
+    // The full pull everything lazy is compared with.
+    fullRoot = join(work.dir, 'full');
+    const pulled = await layerctlR(['--root', fullRoot, 'pull', ref]);
+    expect(pulled.code, pulled.stderr).to.equal(0);
+    fullInspect = await layerctlJson<Inspect>(['--root', fullRoot, 'inspect', ref]);
+    await mountImage(fullRoot, ref, 'full');
+    fullTree = await walk(fullMnt());
+  });
+
+  after(async () => {
+    for (const s of servers.reverse()) await stopLayerdServer(s.child, s.mnt).catch(() => undefined);
+    await registry?.stop();
+    await work?.remove();
+  });
+
+  it('records the image from the TOCs alone, mounts it at once, and serves the full pull\'s bytes', async () => {
+    const root = join(work.dir, 'lazy-read');
+    const pulled = await lazyPull(root, ref);
+    expect(pulled.fallback).to.equal(undefined);
+    expect(pulled.lazyLayers).to.have.length(4);
+    const info = await layerctlJson<Inspect>(['--root', root, 'inspect', ref]);
+    expect(info.Id).to.equal(fullInspect.Id);
+    expect(info.Layers.map((l) => l.state)).to.deep.equal(['lazy', 'lazy', 'lazy', 'lazy']);
+    expect(info.Layers.map((l) => l.diffId)).to.deep.equal(fullInspect.Layers.map((l) => l.diffId));
+    const fsck = await layerctl(['--root', root, 'fsck']);
+    expect(fsck.code, fsck.stdout + fsck.stderr).to.equal(0);
+    const before = await lazyAllocated(root);
+
+    const mnt = await mountImage(root, ref, 'lazy-read');
+    const tree = await walk(mnt);
+    expect(tree.listing).to.deep.equal(fullTree.listing);
+    const random = prng(16);
+    for (let i = 0; i < 40; i++) {
+      const f = fullTree.files[Math.floor(random() * fullTree.files.length)]!;
+      if (i % 2 === 0) {
+        expect((await readFile(join(mnt, f.path))).equals(await readFile(join(fullMnt(), f.path))), `/${f.path}`).to.equal(true);
+      } else {
+        const at = Math.floor(random() * f.size);
+        const length = 1 + Math.floor(random() * Math.min(256 * 1024, f.size - at));
+        const lazyBytes = await readRange(join(mnt, f.path), at, length);
+        expect(lazyBytes.equals(await readRange(join(fullMnt(), f.path), at, length)), `/${f.path} [${at}, +${length})`).to.equal(true);
+      }
+    }
+    // What needs the whole layer refuses while it is lazy, saying so.
+    const push = await layerctlR(['--root', root, 'push', ref, `${registry.host}/lazy/copy:v1`]);
+    expect(push.code, push.stderr).to.equal(4);
+    expect(push.stderr).to.match(/pulled lazily and is not complete yet \(lazy\)/);
+    // Only what was read was fetched: far less than the layers' file bytes.
+    const fetched = await lazyAllocated(root) - before;
+    const total = fullTree.files.reduce((n, f) => n + f.size, 0);
+    expect(fetched).to.be.greaterThan(0);
+    expect(fetched).to.be.lessThan(total / 2);
+  });
+
+  it('answers EIO, never wrong bytes, when a relay serves other bytes for the chunks; serves them once the relay is honest', async () => {
+    let corrupt = false;
+    let corrupted = 0;
+    const proxy: TestProxy = await startProxy(registry.host, {
+      mapChunk: (req, chunk, offset) => {
+        if (!corrupt || req.headers.range === undefined || !req.url?.includes('/blobs/')) return chunk;
+        // A well-formed gzip member of other bytes (zeros): it inflates fine, only the chunk digest can tell.
+        if (offset === 0) corrupted++;
+        const bad = Buffer.alloc(chunk.length);
+        BOGUS_MEMBER.copy(bad, 0, Math.min(offset, BOGUS_MEMBER.length), Math.min(offset + chunk.length, BOGUS_MEMBER.length));
+        return bad;
+      },
+    });
+    try {
+      const root = join(work.dir, 'lazy-corrupt');
+      const pulled = await lazyPull(root, `${proxy.host}/lazy/dm:v1`);
+      const mnt = await mountImage(root, pulled.images[0]!.refs[0]!, 'lazy-corrupt', { LAYERD_LAZY_READ_TIMEOUT_MS: '5000' });
+      corrupt = true;
+      const sample = fullTree.files.filter((f) => f.size > 1000).slice(0, 5);
+      for (const f of sample) {
+        const before = corrupted;
+        let error: NodeJS.ErrnoException | undefined;
+        try {
+          await readFile(join(mnt, f.path));
+        } catch (err) {
+          error = err as NodeJS.ErrnoException;
+        }
+        expect(error?.code, `/${f.path}`).to.equal('EIO');
+        // Refetched once after the first bad answer, then given up.
+        expect(corrupted - before).to.be.at.least(2);
+      }
+      corrupt = false;
+      for (const f of sample) expect((await readFile(join(mnt, f.path))).equals(await readFile(join(fullMnt(), f.path))), `/${f.path}`).to.equal(true);
+    } finally {
+      await proxy.close();
+    }
+  });
+
+  it('fails a read with EIO within the bound while the registry is gone, keeps serving, and reads again once it is back', async () => {
+    const root = join(work.dir, 'lazy-down');
+    await lazyPull(root, ref);
+    const mnt = await mountImage(root, ref, 'lazy-down', { LAYERD_LAZY_READ_TIMEOUT_MS: '3000' });
+    const [a, b] = fullTree.files.filter((f) => f.size > 1000).slice(-2);
+    const aBytes = await readFile(join(mnt, a!.path));
+    await registry.stop();
+    try {
+      const started = Date.now();
+      let error: NodeJS.ErrnoException | undefined;
+      try {
+        await readFile(join(mnt, b!.path));
+      } catch (err) {
+        error = err as NodeJS.ErrnoException;
+      }
+      const elapsed = Date.now() - started;
+      expect(error?.code).to.equal('EIO');
+      expect(elapsed).to.be.lessThan(3000 + 5000);
+      // The mount (and its server) are alive: what was fetched is served, directories list.
+      expect((await readFile(join(mnt, a!.path))).equals(aBytes)).to.equal(true);
+      expect(await readdir(mnt)).to.include('etc');
+    } finally {
+      await registry.restart();
+    }
+    expect((await readFile(join(mnt, b!.path))).equals(await readFile(join(fullMnt(), b!.path)))).to.equal(true);
+  });
+
+  it('through the daemon: pull --lazy returns, a container created at once reads the bytes of the full pull, the fill completes', async () => {
+    const dir = join(work.dir, 'daemon-create');
+    let daemon: RunningDaemon | undefined;
+    let container: string | undefined;
+    try {
+      daemon = await startDaemon(dir);
+      const socket = { LAYERD_SOCKET: daemon.socket };
+      const pulled = await layerctl(['pull', '--lazy', ref, '--json'], socket);
+      expect(pulled.code, pulled.stderr).to.equal(0);
+      expect((JSON.parse(pulled.stdout) as LazyPulled).lazyLayers).to.have.length(4);
+      const created = await layerctl(['create', ref, '--name', 'lazy1', '--json'], socket);
+      expect(created.code, created.stderr).to.equal(0);
+      container = 'lazy1';
+      const mnt = (JSON.parse(created.stdout) as { mountpoint: string }).mountpoint;
+      const random = prng(7);
+      for (let i = 0; i < 20; i++) {
+        const f = fullTree.files[Math.floor(random() * fullTree.files.length)]!;
+        expect((await readFile(join(mnt, f.path))).equals(await readFile(join(fullMnt(), f.path))), `/${f.path}`).to.equal(true);
+      }
+      // The mount host's fetches show in the daemon's metrics.
+      const metric = async (name: string): Promise<number> => {
+        const text = (await http(daemon!.socket, 'GET', '/metrics')).body;
+        return Number(new RegExp(`^${name} (\\d+)$`, 'm').exec(text)?.[1] ?? -1);
+      };
+      await waitFor('lazy-read metrics', async () => (await metric('layerd_lazy_range_requests_total')) > 0, 20_000, 200);
+      expect(await metric('layerd_lazy_fetched_bytes_total')).to.be.greaterThan(0);
+      const inspect = async (): Promise<Inspect> => JSON.parse((await layerctl(['inspect', ref], socket)).stdout) as Inspect;
+      await waitFor('every layer complete', async () => (await inspect()).Layers.every((l) => l.state === 'complete'), 120_000, 250);
+      // The container still serves (from the lazy layers it mounted), and new mounts use the complete layers.
+      const f = fullTree.files[fullTree.files.length - 1]!;
+      expect((await readFile(join(mnt, f.path))).equals(await readFile(join(fullMnt(), f.path)))).to.equal(true);
+      const fsck = await layerctl(['fsck'], socket);
+      expect(fsck.code, fsck.stdout + fsck.stderr).to.equal(0);
+    } finally {
+      if (container && daemon) await layerctl(['rm', container], { LAYERD_SOCKET: daemon.socket });
+      await daemon?.stop();
+    }
+  });
+
+  it('falls back to a full pull, and says so, for an image whose layers are no eStargz', async () => {
+    const root = join(work.dir, 'lazy-fallback');
+    await execFileAsync('skopeo', ['--insecure-policy', 'copy', '-q', '--dest-tls-verify=false', '--preserve-digests', `oci:${DEBIAN_MULTI}:latest`, `docker://${registry.host}/plain/dm:v1`]);
+    const r = await layerctlR(['--root', root, 'pull', '--lazy', `${registry.host}/plain/dm:v1`]);
+    expect(r.code, r.stderr).to.equal(0);
+    expect(r.stderr).to.match(/not eStargz .*pulled in full/);
+    const info = await layerctlJson<Inspect>(['--root', root, 'inspect', `${registry.host}/plain/dm:v1`]);
+    expect(info.Layers.every((l) => l.state === 'complete')).to.equal(true);
+  });
+
+  it('a daemon killed during a fill finishes it when it starts again', async () => {
+    const dir = join(work.dir, 'daemon-crash');
+    const root = join(dir, 'root');
+    // Once the image is recorded, whole-blob downloads (the fill) are held, unanswered, until the daemon is gone; Range requests pass.
+    let hold = false;
+    const held: ServerResponse[] = [];
+    const proxy = await startProxy(registry.host, {
+      intercept: (req, res) => {
+        if (!hold || req.headers.range !== undefined || !req.url?.includes('/blobs/')) return false;
+        held.push(res);
+        return true;
+      },
+    });
+    let daemon: RunningDaemon | undefined;
+    try {
+      const reference = (await lazyPull(root, `${proxy.host}/lazy/dm:v1`)).images[0]!.refs[0]!;
+      hold = true;
+      daemon = await startDaemon(dir);
+      const first = daemon;
+      const inspect = async (d: RunningDaemon): Promise<Inspect> => JSON.parse((await layerctl(['inspect', reference], { LAYERD_SOCKET: d.socket })).stdout) as Inspect;
+      await waitFor('the fills to be under way', () => held.length >= 4, 30_000, 100);
+      expect((await inspect(first)).Layers.every((l) => l.state === 'filling')).to.equal(true);
+      process.kill(first.pid, 'SIGKILL');
+      await first.stop();
+      hold = false;
+      for (const res of held) res.destroy();
+      daemon = await startDaemon(dir);
+      const second = daemon;
+      await waitFor('every layer complete', async () => (await inspect(second)).Layers.every((l) => l.state === 'complete'), 120_000, 250);
+      const fsck = await layerctl(['fsck'], { LAYERD_SOCKET: second.socket });
+      expect(fsck.code, fsck.stdout + fsck.stderr).to.equal(0);
+    } finally {
+      hold = false;
+      for (const res of held) res.destroy();
+      await daemon?.stop();
+      await proxy.close();
+    }
+  });
+
+  it('marks a layer broken (inspect, fsck) when its whole blob does not verify', async () => {
+    const dir = join(work.dir, 'daemon-broken');
+    const root = join(dir, 'root');
+    let corrupt = false;
+    const proxy = await startProxy(registry.host, {
+      mapChunk: (req, chunk) => {
+        if (!corrupt || req.headers.range !== undefined || !req.url?.includes('/blobs/')) return chunk;
+        const bad = Buffer.from(chunk);
+        bad[0]! ^= 0xff;
+        return bad;
+      },
+    });
+    let daemon: RunningDaemon | undefined;
+    try {
+      const reference = (await lazyPull(root, `${proxy.host}/lazy/dm:v1`)).images[0]!.refs[0]!;
+      corrupt = true;
+      daemon = await startDaemon(dir);
+      const socket = { LAYERD_SOCKET: daemon.socket };
+      const inspect = async (): Promise<Inspect> => JSON.parse((await layerctl(['inspect', reference], socket)).stdout) as Inspect;
+      await waitFor('the layers to be marked broken', async () => (await inspect()).Layers.every((l) => l.state === 'broken'), 60_000, 250);
+      const fsck = await layerctl(['fsck'], socket);
+      expect(fsck.code, fsck.stdout + fsck.stderr).to.equal(7);
+      expect(fsck.stdout + fsck.stderr).to.match(/broken/);
+    } finally {
+      await daemon?.stop();
+      await proxy.close();
+    }
+  });
+
+  it('completes the layers in the background when a daemon holds the store, resuming once the registry returns', async () => {
+    const dir = join(work.dir, 'daemon');
+    const root = join(dir, 'root');
+    await lazyPull(root, ref);
+    await registry.stop();
+    let daemon: RunningDaemon | undefined;
+    try {
+      daemon = await startDaemon(dir);
+      const socket = { LAYERD_SOCKET: daemon.socket };
+      const inspect = async (): Promise<Inspect> => JSON.parse((await layerctl(['inspect', ref], socket)).stdout) as Inspect;
+      // The fill starts (resumed by the daemon's start) and cannot get anywhere while the registry is gone.
+      await waitFor('the fills to start', async () => (await inspect()).Layers.every((l) => l.state === 'filling'), 30_000, 100);
+      expect((await inspect()).Layers.every((l) => l.filled === 0)).to.equal(true);
+      await registry.restart();
+      await waitFor('every layer complete', async () => (await inspect()).Layers.every((l) => l.state === 'complete'), 120_000, 250);
+      const info = await inspect();
+      expect(info.Layers.map(({ diffId, digest, uncompressedSize, entries }) => ({ diffId, digest, uncompressedSize, entries })))
+        .to.deep.equal(fullInspect.Layers.map(({ diffId, digest, uncompressedSize, entries }) => ({ diffId, digest, uncompressedSize, entries })));
+      const fsck = await layerctl(['fsck'], socket);
+      expect(fsck.code, fsck.stdout + fsck.stderr).to.equal(0);
+      expect(await readdir(join(root, 'lazy', 'sha256'))).to.deep.equal([]);
+    } finally {
+      await registry.restart();
+      await daemon?.stop();
+    }
+  });
+});
