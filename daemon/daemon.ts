@@ -23,8 +23,6 @@ import { RegistryLayerSource } from './snapshotter/registryLayers.js';
 import { SnapshotService } from './snapshotter/service.js';
 import { Spool } from './spool.js';
 import { LazyFills } from '../storage/lazy/fill.js';
-import { EMPTY_CONFIG, loadRegistriesConfig } from '../storage/registry/config.js';
-import { timeoutsFrom } from '../storage/registry/timeouts.js';
 import { systemRoutes } from './api/system.js';
 import { type DaemonConfig, loadConfig } from './config.js';
 import { Router } from './http.js';
