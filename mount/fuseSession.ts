@@ -170,6 +170,8 @@ export class FuseSession {
   readonly closed: Promise<void>;
   private socket: Socket | undefined;
   private isClosed = false;
+  /** Why the connection ended (for the log: a session that ends by itself is a mount lost). */
+  private closedBecause: string | undefined;
   private markClosed!: () => void;
   private initDone!: (err?: Error) => void;
   private passthroughTaken = false;
@@ -189,8 +191,8 @@ export class FuseSession {
       onread: { buffer: READ_BUFFER, callback: (length: number, buffer: Buffer) => { this.dispatch(buffer.subarray(0, length)); } },
     } as unknown as ConstructorParameters<typeof Socket>[0]);
     // ENODEV: unmounted or aborted; anything else ends the session too.
-    this.socket.on('error', () => this.close());
-    this.socket.on('end', () => this.close());
+    this.socket.on('error', (err: NodeJS.ErrnoException) => this.close(`reading /dev/fuse failed: ${err.code ?? err.message}`));
+    this.socket.on('end', () => this.close('/dev/fuse reached end of file'));
   }
 
   /** Mount a FUSE filesystem at `mountpoint` served by `handler`. */
@@ -299,10 +301,16 @@ export class FuseSession {
     }
   }
 
+  /** Why the connection ended; undefined while it is up. */
+  get endReason(): string | undefined {
+    return this.closedBecause;
+  }
+
   /** Stop serving: closing the descriptor aborts the connection. */
-  close(): void {
+  close(why = 'closed by its server'): void {
     if (this.isClosed) return;
     this.isClosed = true;
+    this.closedBecause = why;
     if (this.socket) this.socket.destroy(); // closes the fd
     else closeSync(this.fd);
     this.markClosed();
@@ -319,7 +327,7 @@ export class FuseSession {
       const result = await run(command, plain);
       if (result.code !== 0 && (await stillMounted())) await run(command, lazy);
     }
-    this.close();
+    this.close('unmounted by its server');
     await this.closed;
   }
 }

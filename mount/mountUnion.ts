@@ -109,7 +109,11 @@ export async function mountUnion(options: MountUnionOptions): Promise<MountedUni
   const gone = new Promise<void>((done) => { markGone = done; });
   let isGone = false;
   // The connection ends when the mount goes, whoever unmounted it.
-  void session.closed.then(() => finish());
+  void session.closed.then(() => {
+    // Ended by anything but our own unmount (an abort, a umount from outside, a read error): say why, for whoever lost the mount.
+    if (unmounting === undefined) logger.warn('FUSE connection ended', { mountpoint, why: session.endReason });
+    finish();
+  });
   const finish = (): void => {
     if (isGone) return;
     isGone = true;
