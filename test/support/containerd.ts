@@ -12,6 +12,13 @@
  * container processes, mount hosts) by PID after aborting the namespace's
  * FUSE connections, then the holder, which takes the namespace's mounts
  * with it; cgroups containerd made for the test namespace are removed.
+ *
+ * "Its" FUSE connections are those of mounts made inside the namespace: it
+ * starts as a copy of the host's mount table, with every FUSE mount that
+ * existed then (other tests', other CI runs', a user's). A copy shares its
+ * original's connection, so aborting it kills the original's server for
+ * everyone (a mount host in another run then answers ENOTCONN). Those are
+ * recorded when the namespace is made and left alone.
  */
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
@@ -20,6 +27,7 @@ import { join } from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { loadSnapshotsService } from '../../daemon/snapshotter/server.js';
 import { digestOf } from '../../storage/digest.js';
+import { parseMountinfo } from '../../mount/deadMount.js';
 import { REPO } from './env.js';
 import { http } from './daemon.js';
 import { signalAndWait, stopChild, waitPidGone } from './processes.js';
@@ -121,6 +129,13 @@ export class ContainerdEnv {
   readonly containerdSocket: string;
   readonly namespace: string;
   holderPid = 0;
+  /**
+   * FUSE connections (device minors) the namespace inherited from the host
+   * when it was made: not ours to abort. Undefined until recorded, before
+   * anything mounts inside. (An inherited copy keeps its superblock, so its
+   * minor, for the namespace's life: no mount made inside can have it.)
+   */
+  private inheritedFuse: Set<number> | undefined;
   containerd: ChildProcess | undefined;
   layerd: LayerdProcess | undefined;
   private containerdLog = '';
@@ -149,6 +164,7 @@ export class ContainerdEnv {
       if (Date.now() > deadline || holder.exitCode !== null) throw new Error('the mount namespace holder did not start');
       await sleep(20);
     }
+    this.inheritedFuse = new Set(fuseMinors(await this.mountinfo()));
     await this.startLayerd();
     const config = [
       'version = 2',
@@ -290,9 +306,10 @@ export class ContainerdEnv {
     if (this.containerd?.pid !== undefined && !(await terminate(this.containerd.pid))) stuck.push(`containerd ${this.containerd.pid}`);
     await this.stopLayerd().catch((err: Error) => { stuck.push(err.message); });
     // 3. whatever is left in the namespace (shims, container processes, mount hosts): abort its
-    //    FUSE connections first so nothing blocks, then kill by PID; then the holder.
-    const minors = (await this.mountinfo().catch(() => '')).split('\n')
-      .filter((l) => / - fuse(\.\S+)? /.test(l)).map((l) => l.split(' ')[2]!.split(':')[1]!);
+    //    FUSE connections first so nothing blocks, then kill by PID; then the holder. Only
+    //    connections of mounts made inside (none if the inherited ones were never recorded).
+    const inherited = this.inheritedFuse;
+    const minors = inherited === undefined ? [] : fuseMinors(await this.mountinfo().catch(() => '')).filter((m) => !inherited.has(m));
     if (minors.length > 0) {
       await this.ns('sh', ['-c', `grep -q fusectl /proc/self/mountinfo || mount -t fusectl fusectl /sys/fs/fuse/connections; for m in ${minors.join(' ')}; do [ -e /sys/fs/fuse/connections/$m/abort ] && echo 1 > /sys/fs/fuse/connections/$m/abort; done; true`], { timeoutMs: 10_000 }).catch(() => undefined);
     }
@@ -449,4 +466,10 @@ export function snapshotsClient(socket: string, options: { namespace?: string; l
 /** The gRPC status code of a failed call (or undefined). */
 export function grpcCode(err: unknown): number | undefined {
   return typeof err === 'object' && err !== null && 'code' in err ? (err as { code: number }).code : undefined;
+}
+
+/** Device minors of the FUSE mounts in a mountinfo text (a connection's name under /sys/fs/fuse/connections), once each. */
+function fuseMinors(mountinfo: string): number[] {
+  const fuse = parseMountinfo(mountinfo).filter((e) => e.major === 0 && (e.fstype === 'fuse' || e.fstype.startsWith('fuse.')));
+  return [...new Set(fuse.map((e) => e.minor))];
 }
