@@ -7,9 +7,12 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { readFile, readdir, writeFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
+import { Writable } from 'node:stream';
+import winston from 'winston';
 import { clearDeadMount, findMount, isDeadMount } from '../mount/deadMount.js';
 import { lowerDirSource } from '../mount/lowerDir.js';
 import { mountUnion, type MountedUnion } from '../mount/mountCommand.js';
+import { waitFor } from './support/daemon.js';
 import { MOUNT_COMMAND, makeWorkspace, removeWorkspace, run, startLayerdServer, stopLayerdServer, type Workspace } from './fixtures/mount/harness.js';
 
 function exitOf(child: ReturnType<typeof spawn>, timeoutMs = 10_000): Promise<number | null> {
@@ -91,6 +94,27 @@ describe('mount command (layerd mount server)', function () {
   it('refuses an upper dir inside the mountpoint (the server would wait on itself)', async () => {
     await assert.rejects(mountUnion({ layers: [], upper: join(ws.mnt, 'up'), mountpoint: ws.mnt }), { code: 'EINVAL' });
     assert.equal(await findMount(ws.mnt), undefined);
+  });
+
+  it('logs why its FUSE connection ended when that was not its own unmount (an abort from outside)', async () => {
+    const records: Array<{ message: string; why?: string }> = [];
+    const sink = new Writable({ write(chunk: Buffer, _encoding, done) { records.push(JSON.parse(chunk.toString()) as { message: string }); done(); } });
+    const logger = winston.createLogger({ level: 'info', format: winston.format.json(), transports: [new winston.transports.Stream({ stream: sink })] });
+    const layers = await Promise.all([...ws.lowers].reverse().map((dir) => lowerDirSource(dir)));
+    const ended = () => records.filter((r) => r.message === 'FUSE connection ended');
+    let mounted: MountedUnion | undefined;
+    try {
+      mounted = await mountUnion({ layers, upper: ws.upper, mountpoint: ws.mnt, logger });
+      await mounted.unmount();
+      assert.deepEqual(ended(), [], 'its own unmount is no loss');
+      mounted = await mountUnion({ layers, upper: ws.upper, mountpoint: ws.mnt, logger });
+      assert.equal(await clearDeadMount(ws.mnt), true); // fusectl abort, as another process may do
+      await waitFor('the warning', () => ended().length > 0, 10_000);
+      assert.match(ended()[0]!.why ?? '', /ENODEV/);
+    } finally {
+      await mounted?.unmount();
+      if (await findMount(ws.mnt)) await clearDeadMount(ws.mnt);
+    }
   });
 
   it('mounts programmatically read-only (async access only in the serving process)', async () => {
