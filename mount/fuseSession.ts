@@ -256,6 +256,8 @@ export class FuseSession {
    * open_out. The kernel keeps its own reference: `fd` may be closed after.
    */
   openBacking(fd: number): number {
+    // Never an ioctl on a closed connection's number: it may be someone else's descriptor by now.
+    if (this.isClosed) throw new LayerdError(ErrorCodes.EIO, `${this.mountpoint}: the FUSE connection is closed`, { mountpoint: this.mountpoint });
     const map = Buffer.alloc(16); // struct fuse_backing_map { s32 fd; u32 flags; u64 padding; }
     map.writeInt32LE(fd, 0);
     return ioctl(this.fd, FUSE_DEV_IOC_BACKING_OPEN, map, this.mountpoint);

@@ -402,7 +402,13 @@ export class KernelFuse {
     const session = this.session;
     if (node === undefined || session === undefined || !session.passthrough) return openOut(fh, this.openFlags());
     if (node.backing === undefined) {
-      const backing = node.cachedOpens === 0 ? this.union.backingFd(fh) : undefined;
+      let backing: { fd: number; owned: boolean } | undefined;
+      try {
+        backing = node.cachedOpens === 0 ? this.union.backingFd(fh) : undefined;
+      } catch (err) {
+        // The open itself succeeded: serve it here rather than fail it (and leave its handle to nobody).
+        this.options.logger.debug('no descriptor for a backing file: served here', { fh, error: String(err) });
+      }
       if (backing === undefined) {
         node.cachedOpens++;
         return openOut(fh, this.openFlags());

@@ -17,7 +17,10 @@ export async function warmUpMounting(): Promise<void> {
   const upper = await mkdtemp(join(tmpdir(), 'layerd-warm-up-'));
   try {
     const stack = madeUpStack();
-    for (let i = 0; i < ROUNDS; i++) await UnionFs.create({ layers: stack, upper });
+    for (let i = 0; i < ROUNDS; i++) {
+      const union = await UnionFs.create({ layers: stack, upper });
+      await union.closeAll(); // its upper's root descriptor too: a spare lives for long
+    }
   } finally {
     await rm(upper, { recursive: true, force: true });
   }
