@@ -56,6 +56,7 @@ bench: deps build
 	node dist/bench/seqRead.js
 	node dist/bench/mountApi.js
 	node dist/bench/containerd.js
+	node dist/bench/lazy.js
 
 clean:
 	rm -rf dist
