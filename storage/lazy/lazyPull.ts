@@ -19,9 +19,8 @@ import { type ImportedImage, Transaction, readDocument } from '../importer.js';
 import { MediaTypes, type Descriptor, type ImageManifest, parseImageConfig, parseManifestOrIndex } from '../oci.js';
 import { formatPlatform, hostPlatform, normalizePlatform, selectPlatform } from '../platform.js';
 import { formatRef } from '../references.js';
-import { type PullOptions, pullImage } from '../registry/pull.js';
+import { type PullOptions, openPullSource, pullImage } from '../registry/pull.js';
 import { RegistrySource } from '../registry/source.js';
-import { DEFAULT_TIMEOUTS, withDeadline } from '../registry/timeouts.js';
 import { type Store } from '../store.js';
 import { ESTARGZ_FOOTER_SIZE, MAX_TOC_BYTES, TOC_DIGEST_ANNOTATION, parseFooter, parseToc, planLazyLayer, readTocMember } from './estargz.js';
 import { LAZY_CONTENT, LAZY_FORMAT_VERSION, LAZY_JSON, type LazyLayerInfo } from './lazyLayer.js';
@@ -42,20 +41,7 @@ export interface LazyPullResult {
 const GZIP_LAYER_TYPES: readonly string[] = [MediaTypes.ociLayerGzip, MediaTypes.dockerLayer];
 
 export async function pullLazy(store: Store, reference: string, options: LazyPullOptions = {}): Promise<LazyPullResult> {
-  const timeouts = options.timeouts ?? DEFAULT_TIMEOUTS;
-  const deadline = withDeadline(options.signal, timeouts.totalMs);
-  let source: RegistrySource;
-  try {
-    source = await RegistrySource.open(reference, {
-      ...(options.config ? { config: options.config } : {}),
-      ...(options.retry ? { retry: options.retry } : {}),
-      transfer: { timeouts, signal: deadline.signal },
-      localBlob: async (digest) => (store.db.getBlob(digest) ? store.readBlob(digest) : undefined),
-    });
-  } catch (err) {
-    deadline.dispose();
-    throw err;
-  }
+  const { source, deadline } = await openPullSource(store, reference, options);
   let fallback: string | undefined;
   const workDir = await store.newWorkDir();
   try {

@@ -29,21 +29,32 @@ export interface PullOptions {
 
 export const DEFAULT_PULL_CONCURRENCY = 3;
 
-export async function pullImage(store: Store, reference: string, options: PullOptions = {}): Promise<ImportedImage[]> {
+/**
+ * The registry source of a pull, under the pull's overall deadline (whose
+ * timer the caller disposes when the pull ends); blobs the store already
+ * has are read from it instead of fetched.
+ */
+export async function openPullSource(
+  store: Store, reference: string, options: PullOptions,
+): Promise<{ source: RegistrySource; deadline: { signal: AbortSignal; dispose(): void } }> {
   const timeouts = options.timeouts ?? DEFAULT_TIMEOUTS;
   const deadline = withDeadline(options.signal, timeouts.totalMs);
-  let source: RegistrySource;
   try {
-    source = await RegistrySource.open(reference, {
+    const source = await RegistrySource.open(reference, {
       ...(options.config ? { config: options.config } : {}),
       ...(options.retry ? { retry: options.retry } : {}),
       transfer: { timeouts, signal: deadline.signal },
       localBlob: async (digest) => (store.db.getBlob(digest) ? store.readBlob(digest) : undefined),
     });
+    return { source, deadline };
   } catch (err) {
     deadline.dispose();
     throw err;
   }
+}
+
+export async function pullImage(store: Store, reference: string, options: PullOptions = {}): Promise<ImportedImage[]> {
+  const { source, deadline } = await openPullSource(store, reference, options);
   try {
     return await importFromSource(store, source, {
       ...(options.platform ? { platform: options.platform } : {}),
