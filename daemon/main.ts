@@ -20,6 +20,7 @@ interface DaemonFlags {
   mountRoot?: string;
   unmountOnStop?: boolean;
   snapshotterSocket?: string;
+  containerdSocket?: string;
 }
 
 async function runDaemon(flags: DaemonFlags): Promise<number> {
@@ -40,6 +41,7 @@ async function runDaemon(flags: DaemonFlags): Promise<number> {
     root, socket, config, configPath, logger, ...(group !== undefined ? { socketGroup: group } : {}),
     ...(flags.mountRoot ? { mountRoot: flags.mountRoot } : {}), unmountOnStop: flags.unmountOnStop === true,
     ...(flags.snapshotterSocket !== undefined ? { snapshotterSocket: flags.snapshotterSocket } : {}),
+    ...(flags.containerdSocket !== undefined ? { containerdSocket: flags.containerdSocket } : {}),
     ...(notifier ? { notifier } : {}),
   });
   await new Promise<void>((resolve) => {
@@ -74,6 +76,7 @@ export async function main(argv: string[]): Promise<number> {
     .option('--mount-root <dir>', 'where containers are mounted by default (default /run/layerd/mounts)')
     .option('--unmount-on-stop', 'unmount every container on SIGTERM (default: mounts keep being served)')
     .option('--snapshotter-socket <path>', 'containerd proxy snapshotter socket (default: snapshotter.sock beside the API socket, /run/layerd/snapshotter.sock; "none": off)')
+    .option('--containerd-socket <path>', 'containerd\'s socket, whose content store holds the original blobs of the layers it unpacks into layerd (default: config containerdSocket, else /run/containerd/containerd.sock; "none": not asked)')
     .addHelpText('after', '\nAlso: layerd mount --help   serve one union mount in the foreground')
     .exitOverride();
   try {
