@@ -180,10 +180,24 @@ export class SnapshotTable {
   insert(row: Omit<SnapshotRow, 'id' | 'created_at' | 'updated_at' | 'unpack_target' | 'pending_ingest' | 'namespace' | 'blob_digest'>
     & { created_at?: number; unpack_target?: Digest | null; blob_digest?: Digest | null }): SnapshotRow {
     const now = Date.now();
+    // A committed snapshot of a layer that came from an original blob holds that blob too (whichever snapshot stored it goes first).
+    const blob = row.blob_digest ?? (row.diff_id === null ? null : this.blobOfLayer(row.diff_id));
     const result = this.db.db.prepare(`INSERT INTO snapshots (key, kind, parent, labels, created_at, updated_at, diff_id, chain_id, upper, mountpoint, server_pid, unpack_target, blob_digest)
                      VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`)
-      .run(row.key, row.kind, row.parent, row.labels, row.created_at ?? now, now, row.diff_id, row.chain_id, row.upper, row.mountpoint, row.server_pid, row.unpack_target ?? null, row.blob_digest ?? null);
+      .run(row.key, row.kind, row.parent, row.labels, row.created_at ?? now, now, row.diff_id, row.chain_id, row.upper, row.mountpoint, row.server_pid, row.unpack_target ?? null, blob);
     return reported(this.db.db.prepare(`SELECT * FROM snapshots WHERE id = ?`).get(result.lastInsertRowid) as SnapshotRow);
+  }
+
+  /**
+   * The stored original blob of layer `diffId`: the one another snapshot's
+   * layer was stored from, else the one an image names for it; null if the
+   * store has none.
+   */
+  blobOfLayer(diffId: Digest): Digest | null {
+    const fromSnapshot = this.db.db.prepare(`SELECT blob_digest AS d FROM snapshots WHERE diff_id = ? AND blob_digest IS NOT NULL LIMIT 1`).get(diffId) as { d: Digest } | undefined;
+    if (fromSnapshot !== undefined) return fromSnapshot.d;
+    const fromImage = this.db.db.prepare(`SELECT l.blob_digest AS d FROM image_layers l JOIN blobs b ON b.digest = l.blob_digest WHERE l.diff_id = ? LIMIT 1`).get(diffId) as { d: Digest } | undefined;
+    return fromImage?.d ?? null;
   }
 
   /** Set the directories of a new row (they are named after its id). */
@@ -432,12 +446,19 @@ function layerInUse(db: MetadataDb, diffId: Digest): boolean {
 /**
  * Delete a layer that nothing uses any more (no image, no snapshot): the row
  * goes and the directory is moved aside in one write transaction, then
- * deleted. Returns whether it was deleted.
+ * deleted. `blobDigest`, the original blob the layer was stored from, goes
+ * with it when no image or snapshot refers to it. Returns whether the layer
+ * was deleted.
  */
-export async function removeLayerIfUnused(store: Store, diffId: Digest): Promise<boolean> {
+export async function removeLayerIfUnused(store: Store, diffId: Digest, blobDigest: Digest | null = null): Promise<boolean> {
   const workDir = await store.newWorkDir();
   try {
     return store.db.write(() => {
+      if (blobDigest !== null && store.db.getBlob(blobDigest)
+        && !store.db.referencedBlobs().has(blobDigest) && !snapshotBlobRefs(store.db).has(blobDigest)) {
+        store.db.deleteBlob(blobDigest);
+        renameSync(store.layout.blobPath(blobDigest), join(workDir, 'blob'));
+      }
       if (!store.db.getLayer(diffId) || layerInUse(store.db, diffId)) return false;
       store.db.deleteLayer(diffId);
       renameSync(store.layout.layerDir(diffId), join(workDir, 'layer'));

@@ -639,7 +639,7 @@ export class SnapshotService {
       }
       if (row.kind === 'committed') {
         this.store.db.write(() => this.table.delete(key));
-        const deleted = await removeLayerIfUnused(this.store, row.diff_id!);
+        const deleted = await removeLayerIfUnused(this.store, row.diff_id!, row.blob_digest);
         this.logger.info('snapshot removed', { snapshot: key, kind: row.kind, layerDeleted: deleted });
         return;
       }
