@@ -126,6 +126,22 @@ describe('containerd: a layer `ctr images pull` unpacked keeps the image\'s diff
     const out = await ctr('ns-b', 'run', '--rm', '--snapshotter', 'layerd', t.ref(), 'py42', 'python3', '-c', 'print(42)');
     expect(out.trim()).to.equal('42');
   });
+
+  it('the original blobs stay while any snapshot uses their layer (store GC keeps them) and go with the last one', async () => {
+    const blobs = t.docs().layers.map((b) => b.slice('sha256:'.length));
+    const rmi = await layerctl(['--socket', t.env().layerdSocket, 'rmi', t.ref()]); // runs the store's GC
+    expect(rmi.code, rmi.stderr).to.equal(0);
+    expect((await blobFiles()).filter((f) => blobs.includes(f)), 'kept for the snapshots').to.deep.equal([...blobs].sort());
+    // ns-a's snapshots stored the layers; ns-b's, which found them stored, hold the blobs as well
+    await ctr('ns-a', 'images', 'rm', t.ref());
+    await t.env().gc(); // containerd removes the snapshots nothing refers to now
+    await waitFor('ns-a\'s snapshots removed', async () => (await t.layers()).filter((l) => t.docs().diffIds.includes(l.diffId)).every((l) => l.usedBy === 1), 60_000, 200);
+    expect((await blobFiles()).filter((f) => blobs.includes(f)), 'kept for ns-b\'s snapshots').to.deep.equal([...blobs].sort());
+    await ctr('ns-b', 'images', 'rm', t.ref());
+    await t.env().gc();
+    await waitFor('the layers removed', async () => (await t.layers()).every((l) => !t.docs().diffIds.includes(l.diffId)), 60_000, 200);
+    expect((await blobFiles()).filter((f) => blobs.includes(f)), 'the blobs went with their layers').to.deep.equal([]);
+  });
 });
 
 describe('containerd: with containerd\'s content store out of reach, unpacked layers are stored from their directories', function () {
