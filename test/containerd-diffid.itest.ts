@@ -14,8 +14,11 @@
  * are not installed.
  */
 import { expect } from 'chai';
+import { createHash } from 'node:crypto';
 import { readFile, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
+import { ContainerdContent, ContainerdOriginalLayers, LABEL_UNCOMPRESSED } from '../daemon/snapshotter/containerdContent.js';
+import { type Digest } from '../storage/digest.js';
 import { DEBIAN_MULTI, execFileAsync, layerctl, scratch } from './support/env.js';
 import { ContainerdEnv, type ImageDocs, imageDocs, missingTools } from './support/containerd.js';
 import { waitFor } from './support/daemon.js';
@@ -111,6 +114,30 @@ describe('containerd: a layer `ctr images pull` unpacked keeps the image\'s diff
     const { stdout } = await execFileAsync('skopeo', ['inspect', '--raw', '--tls-verify=false', `docker://${target}`]);
     const manifest = JSON.parse(stdout) as { layers: { digest: string }[] };
     expect(manifest.layers.map((l) => l.digest), 'the pushed manifest names the original blobs').to.deep.equal(blobs);
+  });
+
+  it('finds a layer\'s blob in containerd\'s content store by chain ID through the image manifests when no blob is labelled with its diffID yet', async () => {
+    const { chain, layers: blobs, diffIds } = t.docs();
+    await ctr('ns-fetch', 'content', 'fetch', '--plain-http', t.ref()); // fetched, never unpacked: no containerd.io/uncompressed labels
+    const content = new ContainerdContent(t.env().containerdSocket);
+    try {
+      expect(await content.list('ns-fetch', [`labels."${LABEL_UNCOMPRESSED}"`]), 'no blob labelled').to.deep.equal([]);
+      const source = new ContainerdOriginalLayers(content);
+      for (let i = 0; i < chain.length; i++) {
+        const found = await source.find({ namespace: 'ns-fetch', parentChain: i === 0 ? null : chain[i - 1]! as Digest, target: chain[i]! as Digest });
+        expect(found, `layer ${i}`).to.include({ digest: blobs[i], diffId: diffIds[i] });
+        expect(found!.how).to.match(/^image manifest sha256:/);
+        if (i === 1) {
+          const hash = createHash('sha256');
+          for await (const chunk of await found!.open()) hash.update(chunk as Buffer);
+          expect(`sha256:${hash.digest('hex')}`, 'the blob read is the layer blob').to.equal(blobs[1]);
+        }
+      }
+      expect(await source.find({ namespace: 'ns-fetch', parentChain: chain[0]! as Digest, target: chain[0]! as Digest }), 'a chain no image has').to.equal(undefined);
+      expect(await source.find({ namespace: 'ns-empty', parentChain: null, target: chain[0]! as Digest }), 'another namespace sees nothing').to.equal(undefined);
+    } finally {
+      content.close();
+    }
   });
 
   it('another containerd namespace pulling the image stores nothing and shares the layers', async () => {

@@ -32,13 +32,13 @@ import { ErrorCodes, LayerdError } from '../../common/errors.js';
 import { type Logger } from '../../common/log.js';
 import { processAlive } from '../../common/process.js';
 import { findMount } from '../../mount/deadMount.js';
+import { scanDirectory } from '../../mount/lowerDir.js';
 import { convertOciUpper } from '../../mount/upperMigration.js';
 import { type Digest, isDigest } from '../../storage/digest.js';
 import {
   type SnapshotKind, type SnapshotRow, SnapshotTable, chainIdOf, ingestLayerBlob, parseLabels, removeLayerIfUnused, snapshotDir, snapshotsDir, storeLayerForChain,
 } from '../../storage/snapshots.js';
 import { type Store } from '../../storage/store.js';
-import { scanDirectory } from '../../mount/lowerDir.js';
 import { isServing, startMount, stopMount } from '../mountServer.js';
 import { type OriginalLayerSource } from './containerdContent.js';
 import { fileTableDifference } from './fileTable.js';
