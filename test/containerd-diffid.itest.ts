@@ -114,6 +114,7 @@ describe('containerd: a layer `ctr images pull` unpacked keeps the image\'s diff
     const { stdout } = await execFileAsync('skopeo', ['inspect', '--raw', '--tls-verify=false', `docker://${target}`]);
     const manifest = JSON.parse(stdout) as { layers: { digest: string }[] };
     expect(manifest.layers.map((l) => l.digest), 'the pushed manifest names the original blobs').to.deep.equal(blobs);
+    expect(`sha256:${createHash('sha256').update(stdout).digest('hex')}`, 'the manifest is the image\'s own, not rewritten').to.equal(manifestDigest);
   });
 
   it('finds a layer\'s blob in containerd\'s content store by chain ID through the image manifests when no blob is labelled with its diffID yet', async () => {

@@ -112,7 +112,8 @@ export class ContainerdContent {
     async function* chunks(): AsyncGenerator<Buffer> {
       let offset = 0;
       let idle: NodeJS.Timeout | undefined;
-      const quiet = (): void => { clearTimeout(idle); idle = setTimeout(() => call.cancel(), CALL_MS); };
+      let wentQuiet = false;
+      const quiet = (): void => { clearTimeout(idle); idle = setTimeout(() => { wentQuiet = true; call.cancel(); }, CALL_MS); };
       quiet();
       try {
         for await (const msg of call as AsyncIterable<WireChunk>) {
@@ -122,6 +123,7 @@ export class ContainerdContent {
           yield msg.data;
         }
       } catch (err) {
+        if (wentQuiet) throw new LayerdError(ErrorCodes.EIO, `containerd sent nothing of blob ${digest} for ${CALL_MS / 1000} s (after ${offset} bytes)`, { digest, address });
         throw err instanceof LayerdError ? err : contentError(`Read ${digest}`, address, err);
       } finally {
         clearTimeout(idle);
