@@ -121,7 +121,14 @@ export class Daemon {
       daemon.layerFetcher = fetcher;
       // Layers containerd unpacks are stored from their original blobs in its content store (the image's diffIDs).
       const containerdSocket = options.containerdSocket ?? options.config.containerdSocket ?? DEFAULT_CONTAINERD_SOCKET;
-      if (containerdSocket !== 'none') daemon.containerdContent = new ContainerdContent(containerdSocket);
+      if (containerdSocket !== 'none') {
+        try {
+          daemon.containerdContent = new ContainerdContent(containerdSocket);
+        } catch (err) {
+          // (an installation without the .proto files: unpacked layers are then stored from their directories)
+          logger.error('containerd\'s content store will not be asked for original layer blobs', { error: (err as Error).message });
+        }
+      }
       daemon.snapshots = new SnapshotService(store, logger, {
         layerSources: [fetcher],
         ...(daemon.containerdContent ? { originalLayers: new ContainerdOriginalLayers(daemon.containerdContent) } : {}),

@@ -4,6 +4,7 @@
  * `layerd mount …` serves one union mount in the foreground.
  */
 import { Command } from 'commander';
+import { resolve } from 'node:path';
 import { asLayerdError, exitStatusFor } from '../common/errors.js';
 import { type LogLevel, createLogger } from '../common/log.js';
 import { resolveRoot } from '../storage/layout.js';
@@ -41,7 +42,7 @@ async function runDaemon(flags: DaemonFlags): Promise<number> {
     root, socket, config, configPath, logger, ...(group !== undefined ? { socketGroup: group } : {}),
     ...(flags.mountRoot ? { mountRoot: flags.mountRoot } : {}), unmountOnStop: flags.unmountOnStop === true,
     ...(flags.snapshotterSocket !== undefined ? { snapshotterSocket: flags.snapshotterSocket } : {}),
-    ...(flags.containerdSocket !== undefined ? { containerdSocket: flags.containerdSocket } : {}),
+    ...(flags.containerdSocket !== undefined ? { containerdSocket: flags.containerdSocket === 'none' ? 'none' : resolve(flags.containerdSocket) } : {}),
     ...(notifier ? { notifier } : {}),
   });
   await new Promise<void>((resolve) => {
