@@ -14,26 +14,34 @@
 import koffi from 'koffi';
 import { ErrorCodes, LayerdError } from '../errors.js';
 
-// RTLD_DEEPBIND: node exports its own (Chromium) zlib's symbols, and libz's
-// calls between its own functions (inflateInit2_ → inflateReset2) would
-// otherwise bind to those, whose state layout differs: heap corruption.
-const lib = koffi.load('libz.so.1', { deep: true });
-const libc = koffi.load('libc.so.6');
-/** Copies between JS buffers and the native block (a koffi.view of memory that is later freed is not safe). */
-const copyIn = libc.func('void *memcpy(uint64 dst, const void *src, size_t n)');
-const copyOut = libc.func('void *memcpy(_Out_ void *dst, uint64 src, size_t n)');
+/** Bound on first use: a process that never inflates from a checkpoint never loads libz. */
+let bound: ReturnType<typeof bind> | undefined;
 
-const zlib = {
-  version: lib.func('const char *zlibVersion()'),
-  inflateInit2: lib.func('int inflateInit2_(void *strm, int windowBits, const char *version, int streamSize)'),
-  inflate: lib.func('int inflate(void *strm, int flush)'),
-  inflatePrime: lib.func('int inflatePrime(void *strm, int bits, int value)'),
-  inflateSetDictionary: lib.func('int inflateSetDictionary(void *strm, const uint8_t *dictionary, uint32_t length)'),
-  inflateReset: lib.func('int inflateReset(void *strm)'),
-  inflateEnd: lib.func('int inflateEnd(void *strm)'),
-};
+function bind() {
+  // RTLD_DEEPBIND: node exports its own (Chromium) zlib's symbols, and libz's
+  // calls between its own functions (inflateInit2_ → inflateReset2) would
+  // otherwise bind to those, whose state layout differs: heap corruption.
+  const lib = koffi.load('libz.so.1', { deep: true });
+  const libc = koffi.load('libc.so.6');
+  const fns = {
+    version: lib.func('const char *zlibVersion()'),
+    inflateInit2: lib.func('int inflateInit2_(void *strm, int windowBits, const char *version, int streamSize)'),
+    inflate: lib.func('int inflate(void *strm, int flush)'),
+    inflatePrime: lib.func('int inflatePrime(void *strm, int bits, int value)'),
+    inflateSetDictionary: lib.func('int inflateSetDictionary(void *strm, const uint8_t *dictionary, uint32_t length)'),
+    inflateReset: lib.func('int inflateReset(void *strm)'),
+    inflateEnd: lib.func('int inflateEnd(void *strm)'),
+    // Copies between JS buffers and the native block.
+    copyIn: libc.func('void *memcpy(uint64 dst, const void *src, size_t n)'),
+    copyOut: libc.func('void *memcpy(_Out_ void *dst, uint64 src, size_t n)'),
+  };
+  return { ...fns, versionString: fns.version() as string };
+}
 
-const VERSION = zlib.version() as string;
+function zlib(): ReturnType<typeof bind> {
+  bound ??= bind();
+  return bound;
+}
 
 /** z_stream on LP64 (x86_64, arm64): field offsets and size. */
 const Z = { nextIn: 0, availIn: 8, nextOut: 24, availOut: 32, dataType: 88, size: 112 } as const;
@@ -73,8 +81,8 @@ export class RawInflater {
 
   constructor() {
     const mem = koffi.alloc('uint8', Z.size + IN_BYTES + OUT_BYTES) as bigint;
-    copyIn(mem, Buffer.alloc(Z.size), Z.size);
-    const status = zlib.inflateInit2(mem, -15, VERSION, Z.size) as number;
+    zlib().copyIn(mem, Buffer.alloc(Z.size), Z.size);
+    const status = zlib().inflateInit2(mem, -15, zlib().versionString, Z.size) as number;
     if (status !== Z_OK) {
       koffi.free(mem);
       this.check(status, 'inflateInit2');
@@ -84,17 +92,17 @@ export class RawInflater {
 
   /** Start again at a block boundary whose byte was split: `bits` bits of `value` come first. */
   prime(bits: number, value: number): void {
-    if (bits > 0) this.check(zlib.inflatePrime(this.live(), bits, value) as number, 'inflatePrime');
+    if (bits > 0) this.check(zlib().inflatePrime(this.live(), bits, value) as number, 'inflatePrime');
   }
 
   /** The window of output before the resume point. */
   setDictionary(window: Buffer): void {
-    if (window.length > 0) this.check(zlib.inflateSetDictionary(this.live(), window, window.length) as number, 'inflateSetDictionary');
+    if (window.length > 0) this.check(zlib().inflateSetDictionary(this.live(), window, window.length) as number, 'inflateSetDictionary');
   }
 
   /** Forget the stream (for the next gzip member). */
   reset(): void {
-    this.check(zlib.inflateReset(this.live()) as number, 'inflateReset');
+    this.check(zlib().inflateReset(this.live()) as number, 'inflateReset');
   }
 
   /** Inflate from `input` (up to 64 KiB of it is offered) into at most 256 KiB of output. */
@@ -103,18 +111,18 @@ export class RawInflater {
     const inAt = mem + BigInt(Z.size);
     const outAt = inAt + BigInt(IN_BYTES);
     const offered = Math.min(input.length, IN_BYTES);
-    if (offered > 0) copyIn(inAt, input, offered);
+    if (offered > 0) zlib().copyIn(inAt, input, offered);
     this.put64(Z.nextIn, inAt);
     this.put32(Z.availIn, offered);
     this.put64(Z.nextOut, outAt);
     this.put32(Z.availOut, OUT_BYTES);
-    const status = zlib.inflate(mem, toBlock ? Z_BLOCK : Z_NO_FLUSH) as number;
+    const status = zlib().inflate(mem, toBlock ? Z_BLOCK : Z_NO_FLUSH) as number;
     if (status !== Z_OK && status !== Z_STREAM_END && status !== Z_BUF_ERROR) this.check(status, 'inflate');
     const consumed = offered - this.get32(Z.availIn);
     const produced = OUT_BYTES - this.get32(Z.availOut);
     const dataType = this.get32(Z.dataType);
     const output = Buffer.allocUnsafe(produced);
-    if (produced > 0) copyOut(output, outAt, produced);
+    if (produced > 0) zlib().copyOut(output, outAt, produced);
     return {
       consumed,
       output,
@@ -126,23 +134,23 @@ export class RawInflater {
 
   end(): void {
     if (this.mem === undefined) return;
-    zlib.inflateEnd(this.mem);
+    zlib().inflateEnd(this.mem);
     koffi.free(this.mem);
     this.mem = undefined;
   }
 
   private put64(offset: number, value: bigint): void {
     this.field.writeBigUInt64LE(value);
-    copyIn(this.live() + BigInt(offset), this.field, 8);
+    zlib().copyIn(this.live() + BigInt(offset), this.field, 8);
   }
 
   private put32(offset: number, value: number): void {
     this.field.writeUInt32LE(value);
-    copyIn(this.live() + BigInt(offset), this.field, 4);
+    zlib().copyIn(this.live() + BigInt(offset), this.field, 4);
   }
 
   private get32(offset: number): number {
-    copyOut(this.field, this.live() + BigInt(offset), 4);
+    zlib().copyOut(this.field, this.live() + BigInt(offset), 4);
     return this.field.readInt32LE(0);
   }
 
