@@ -6,7 +6,8 @@
  * debian-multi, pushed unchanged with skopeo, is indexed with `layerctl
  * index`; the artifact is read back with Debian's skopeo; `pull --lazy` finds
  * it and serves the bytes of a full pull, span by span; a relay that
- * corrupts range answers gives EIO, never wrong bytes; `layerctl push`
+ * corrupts range answers gives EIO, never wrong bytes, and so does a registry
+ * that is gone (within the bound; reads work again once it is back); `layerctl push`
  * publishes the index itself, and the daemon's background fill completes
  * such a lazy layer into an ordinary stored one.
  */
@@ -120,6 +121,9 @@ describe('lazy pull of unmodified gzip images by their gzip index (docker-regist
     fullInspect = await layerctlJson<Inspect>(['--root', fullRoot, 'inspect', ref]);
     await mountImage(fullRoot, ref, 'full');
     fullTree = await walk(fullMnt());
+    const r = await layerctlR(['index', ref, '--json']);
+    expect(r.code, r.stderr).to.equal(0);
+    indexed = JSON.parse(r.stdout) as Indexed;
   });
 
   after(async () => {
@@ -129,7 +133,9 @@ describe('lazy pull of unmodified gzip images by their gzip index (docker-regist
   });
 
   it('without an index, pull --lazy pulls in full and says why', async () => {
-    const r = await layerctlR(['--root', join(work.dir, 'no-index'), 'pull', '--lazy', ref, '--json']);
+    const plainRef = `${registry.host}/gz/plain:v1`;
+    await execFileAsync('skopeo', ['--insecure-policy', 'copy', '-q', '--dest-tls-verify=false', '--preserve-digests', `oci:${DEBIAN_MULTI}:latest`, `docker://${plainRef}`]);
+    const r = await layerctlR(['--root', join(work.dir, 'no-index'), 'pull', '--lazy', plainRef, '--json']);
     expect(r.code, r.stderr).to.equal(0);
     const result = JSON.parse(r.stdout) as LazyPulled;
     expect(result.lazyLayers).to.deep.equal([]);
@@ -137,9 +143,6 @@ describe('lazy pull of unmodified gzip images by their gzip index (docker-regist
   });
 
   it('layerctl index publishes an artifact skopeo reads, listed by the sha256-<hex> referrers tag', async () => {
-    const r = await layerctlR(['index', ref, '--json']);
-    expect(r.code, r.stderr).to.equal(0);
-    indexed = JSON.parse(r.stdout) as Indexed;
     expect(indexed.manifest).to.equal(fullInspect.Id);
     expect(indexed.layers).to.have.length(4);
     expect(indexed.artifact).to.match(/^sha256:[0-9a-f]{64}$/);
@@ -166,7 +169,6 @@ describe('lazy pull of unmodified gzip images by their gzip index (docker-regist
   });
 
   it('pull --lazy finds the index, mounts at once and serves the bytes of a full pull', async () => {
-    expect(indexed, 'needs the index of the previous test').to.not.equal(undefined);
     const root = join(work.dir, 'lazy-read');
     const pulled = await lazyPull(root, ref);
     expect(pulled.fallback).to.equal(undefined);
@@ -252,6 +254,32 @@ describe('lazy pull of unmodified gzip images by their gzip index (docker-regist
     } finally {
       await proxy.close();
     }
+  });
+
+  it('fails a read with EIO within the bound while the registry is gone, and reads again once it is back', async () => {
+    const root = join(work.dir, 'lazy-down');
+    await lazyPull(root, ref);
+    const mnt = await mountImage(root, ref, 'lazy-down', { LAYERD_LAZY_READ_TIMEOUT_MS: '3000' });
+    // Nothing read yet, so nothing fetched: any file's bytes need the registry.
+    const b = fullTree.files.filter((f) => f.size > 1000).at(-1)!;
+    await registry.stop();
+    try {
+      const started = Date.now();
+      let error: NodeJS.ErrnoException | undefined;
+      try {
+        await readFile(join(mnt, b.path));
+      } catch (err) {
+        error = err as NodeJS.ErrnoException;
+      }
+      expect(error?.code).to.equal('EIO');
+      expect(Date.now() - started).to.be.lessThan(3000 + 5000);
+      // The mount is alive: metadata needs no fetch.
+      expect(await readdir(mnt)).to.include('etc');
+      expect((await stat(join(mnt, b.path))).size).to.equal(b.size);
+    } finally {
+      await registry.restart();
+    }
+    expect((await readFile(join(mnt, b.path))).equals(await readFile(join(fullMnt(), b.path)))).to.equal(true);
   });
 
   it('layerctl push publishes the index; through the daemon the lazy layers serve reads and fill into ordinary stored layers', async () => {
