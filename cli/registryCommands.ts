@@ -151,7 +151,7 @@ export function registerRegistryCommands(program: Command, withStore: WithStore,
         if (opts.json) return print(JSON.stringify(result, null, 2) + '\n');
         if (result.fallback) process.stderr.write(`layerctl: note: ${result.fallback}\n`);
         for (const img of result.images) {
-          const lazy = result.lazyLayers.length > 0 ? `, ${result.lazyLayers.length} lazy` : '';
+          const lazy = result.lazyLayers.length > 0 ? `, ${result.lazyLayers.length} lazy${result.gzipIndex ? ` (gzip index from the ${result.gzipIndex})` : ''}` : '';
           print(`pulled ${img.id} (${img.platform}, ${img.layers} layers${lazy})${img.refs.length ? ' as ' + img.refs.join(', ') : ''}\n`);
         }
         return;

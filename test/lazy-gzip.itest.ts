@@ -29,6 +29,8 @@ interface Inspect { Id: string; Layers: { diffId: string; digest: string | null;
 interface OciDoc { artifactType?: string; subject?: { digest: string }; config?: { mediaType: string }; layers?: { mediaType: string; annotations?: Record<string, string> }[]; manifests?: { digest: string; artifactType?: string }[] }
 
 const ARTIFACT_TYPE = 'application/vnd.layerd.gzip-index.v1';
+const OCI_MANIFEST = 'application/vnd.oci.image.manifest.v1+json';
+const OCI_INDEX = 'application/vnd.oci.image.index.v1+json';
 
 /** mulberry32: the same sample on every run. */
 function prng(seed: number): () => number {
@@ -162,10 +164,17 @@ describe('lazy pull of unmodified gzip images by their gzip index (docker-regist
     expect(artifact.layers?.map((l) => l.annotations?.['org.layerd.gzip-index.layer'])).to.deep.equal(indexed.layers.map((l) => l.digest));
     const tag = await skopeoRaw(`${repo}:sha256-${indexed.manifest.slice(7)}`);
     expect(tag.manifests?.filter((m) => m.artifactType === ARTIFACT_TYPE).map((m) => m.digest)).to.deep.equal([indexed.artifact]);
-    // Indexing again keeps one entry per artifact in the tag's index.
+    // Someone else's referrer in the tag's index (an entry naming an existing manifest: distribution checks).
+    const tagUrl = `http://${registry.host}/v2/gz/dm/manifests/sha256-${indexed.manifest.slice(7)}`;
+    const image = Buffer.from(await (await fetch(`http://${registry.host}/v2/gz/dm/manifests/v1`, { headers: { accept: OCI_MANIFEST } })).arrayBuffer());
+    const foreign = { mediaType: OCI_MANIFEST, digest: indexed.manifest, size: image.length, artifactType: 'application/vnd.example.other' };
+    const put = await fetch(tagUrl, { method: 'PUT', headers: { 'content-type': OCI_INDEX }, body: JSON.stringify({ ...tag, manifests: [foreign, ...tag.manifests!] }) });
+    expect(put.status).to.equal(201);
+    // Indexing again merges: the other referrer stays, ours is listed once.
     const again = await layerctlR(['index', ref, '--json']);
     expect(again.code, again.stderr).to.equal(0);
-    expect((await skopeoRaw(`${repo}:sha256-${indexed.manifest.slice(7)}`)).manifests).to.have.length(1);
+    const merged = await skopeoRaw(`${repo}:sha256-${indexed.manifest.slice(7)}`);
+    expect(merged.manifests?.map((m) => [m.digest, m.artifactType])).to.deep.equal([[indexed.manifest, foreign.artifactType], [indexed.artifact, ARTIFACT_TYPE]]);
   });
 
   it('pull --lazy finds the index, mounts at once and serves the bytes of a full pull', async () => {
