@@ -17,6 +17,11 @@ import { createHash } from 'node:crypto';
 import { mkdir, open, readFile, readdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { gzipSync } from 'node:zlib';
+import { type Digest } from '../storage/digest.js';
+import { publishGzipIndexes } from '../storage/lazy/gzipArtifact.js';
+import { parseGzipIndex } from '../storage/lazy/gzipIndex.js';
+import { RegistryClient } from '../storage/registry/client.js';
+import { EMPTY_CONFIG, endpointsFor } from '../storage/registry/config.js';
 import { DEBIAN_MULTI, execFileAsync, layerctl, layerctlJson, scratch } from './support/env.js';
 import { startDaemon, waitFor, type RunningDaemon } from './support/daemon.js';
 import { writeLayout } from './support/layoutBuilder.js';
@@ -328,6 +333,51 @@ describe('lazy pull of unmodified gzip images by their gzip index (docker-regist
       expect(fsck.code, fsck.stdout + fsck.stderr).to.equal(0);
     } finally {
       if (container && daemon) await layerctl(['rm', container], { LAYERD_SOCKET: daemon.socket });
+      await daemon?.stop();
+    }
+  });
+
+  it('a forged file table (a setuid bit the layer does not have) is caught by the fill: that layer is marked broken', async () => {
+    const forgedRef = `${registry.host}/gz/forged:v1`;
+    await execFileAsync('skopeo', ['--insecure-policy', 'copy', '-q', '--dest-tls-verify=false', '--preserve-digests', `oci:${DEBIAN_MULTI}:latest`, `docker://${forgedRef}`]);
+    // gz/dm's honest indexes, one entry of the first layer's file table changed, published for gz/forged.
+    const get = async (path: string, accept?: string): Promise<Buffer> => {
+      const res = await fetch(`http://${registry.host}/v2/${path}`, accept ? { headers: { accept } } : {});
+      expect(res.status, path).to.equal(200);
+      return Buffer.from(await res.arrayBuffer());
+    };
+    const artifact = JSON.parse((await get(`gz/dm/manifests/${indexed.artifact!}`, OCI_MANIFEST)).toString()) as { layers: { digest: string }[] };
+    const indexes = await Promise.all(artifact.layers.map(async (l) => parseGzipIndex(await get(`gz/dm/blobs/${l.digest}`), l.digest)));
+    const victim = indexes[0]!.index.entries.find((e) => e.kind === 'file' && e.size > 0)!;
+    victim.mode |= 0o4000;
+    const manifest = await get('gz/forged/manifests/v1', OCI_MANIFEST);
+    const [endpoint] = await endpointsFor(EMPTY_CONFIG, registry.host, false);
+    const client = new RegistryClient(endpoint!);
+    const forgeDir = join(work.dir, 'forge');
+    await mkdir(forgeDir);
+    try {
+      await publishGzipIndexes(client, 'gz/forged', { mediaType: OCI_MANIFEST, digest: indexed.manifest as Digest, size: manifest.length }, indexes, forgeDir);
+    } finally {
+      client.close();
+    }
+
+    const dir = join(work.dir, 'daemon-forged');
+    let daemon: RunningDaemon | undefined;
+    try {
+      daemon = await startDaemon(dir);
+      const socket = { LAYERD_SOCKET: daemon.socket };
+      const pulled = await layerctl(['pull', '--lazy', forgedRef, '--json'], socket);
+      expect(pulled.code, pulled.stderr).to.equal(0);
+      expect((JSON.parse(pulled.stdout) as LazyPulled).lazyLayers).to.have.length(4);
+      const inspect = async (): Promise<Inspect> => JSON.parse((await layerctl(['inspect', forgedRef], socket)).stdout) as Inspect;
+      await waitFor('the forged layer broken, the others complete', async () => {
+        const states = (await inspect()).Layers.map((l) => l.state);
+        return states[0] === 'broken' && states.slice(1).every((s) => s === 'complete');
+      }, 120_000, 250);
+      const fsck = await layerctl(['fsck'], socket);
+      expect(fsck.code, fsck.stdout + fsck.stderr).to.equal(7);
+      expect(fsck.stdout + fsck.stderr).to.match(/broken/);
+    } finally {
       await daemon?.stop();
     }
   });

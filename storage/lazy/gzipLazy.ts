@@ -14,9 +14,11 @@
  * Serving, verification, EIO bounds and the background fill are those of
  * eStargz layers; only inflating a chunk differs (from a checkpoint).
  */
-import { mkdir, open, writeFile } from 'node:fs/promises';
+import { mkdir, open, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { ErrorCodes, LayerdError } from '../../common/errors.js';
 import { type Digest } from '../digest.js';
+import { type LayerIndex } from '../layerIndex.js';
 import { type Transaction } from '../importer.js';
 import { type Descriptor } from '../oci.js';
 import { type RegistrySource } from '../registry/source.js';
@@ -61,4 +63,17 @@ export async function stageGzipLazyLayer(
     fileBytes: index.index.entries.reduce((n, e) => n + (e.kind === 'file' && e.link === undefined ? e.size : 0), 0),
     entries: index.index.entries.length,
   });
+}
+
+/**
+ * The file table a gzip-index layer was served with must be the one its
+ * verified tar gives: it came from the registry unverified (docs/lazy.md,
+ * "Trust"). Called by the fill before the layer is committed; a difference
+ * is EDIGEST, which marks the layer broken.
+ */
+export async function checkGzipFileTable(lazyDir: string, verified: LayerIndex): Promise<void> {
+  const served = JSON.parse(await readFile(join(lazyDir, 'index.json'), 'utf8')) as LayerIndex;
+  if (JSON.stringify({ ...served, id: verified.id }) !== JSON.stringify(verified)) {
+    throw new LayerdError(ErrorCodes.EDIGEST, `layer ${verified.id}: the file table of its gzip index is not the one the verified layer gives (a forged or broken index)`, { diffId: verified.id });
+  }
 }
