@@ -196,23 +196,27 @@ export async function buildGzipIndex(blob: AsyncIterable<Buffer>, what: string, 
   }
 }
 
+/** What inflating a span needs of its checkpoint. */
+export type ResumePoint = Pick<GzipCheckpoint, 'bits' | 'window'>;
+
 /**
- * The bytes of `span`, inflated from `compressed` (the blob's bytes from
- * spanFetchStart(span) to span.end). Not verified here: the caller hashes.
+ * The first `length` bytes inflated from `compressed` (the blob's bytes from
+ * spanFetchStart(span) to span.end) resuming at `point`. Not verified here:
+ * the caller hashes.
  */
-export function inflateSpan(span: GzipSpan, compressed: Buffer, what: string): Buffer {
-  const { bits } = span.checkpoint;
+export function inflateSpan(point: ResumePoint, length: number, compressed: Buffer, what: string): Buffer {
+  const { bits } = point;
   const inflater = new RawInflater();
   try {
     if (bits > 0) {
       if (compressed.length === 0) throw new LayerdError(ErrorCodes.EFORMAT, `${what}: no bytes`);
       inflater.prime(bits, compressed[0]! >> (8 - bits));
     }
-    inflater.setDictionary(inflateRawSync(Buffer.from(span.checkpoint.window, 'base64'), { maxOutputLength: INFLATE_WINDOW }));
+    inflater.setDictionary(inflateRawSync(Buffer.from(point.window, 'base64'), { maxOutputLength: INFLATE_WINDOW }));
     let input: Buffer = compressed.subarray(bits > 0 ? 1 : 0);
     const parts: Buffer[] = [];
     let have = 0;
-    while (have < span.length) {
+    while (have < length) {
       const step = inflater.step(input, false);
       input = input.subarray(step.consumed);
       parts.push(step.output);
@@ -225,8 +229,8 @@ export function inflateSpan(span: GzipSpan, compressed: Buffer, what: string): B
         inflater.reset();
       } else if (step.consumed === 0 && step.output.length === 0) break;
     }
-    if (have < span.length) throw new LayerdError(ErrorCodes.EFORMAT, `${what}: the span inflates to ${have} bytes, not ${span.length}`);
-    return Buffer.concat(parts, have).subarray(0, span.length);
+    if (have < length) throw new LayerdError(ErrorCodes.EFORMAT, `${what}: the span inflates to ${have} bytes, not ${length}`);
+    return Buffer.concat(parts, have).subarray(0, length);
   } finally {
     inflater.end();
   }

@@ -344,10 +344,9 @@ function inflatePrefix(member: Buffer, length: number): Promise<Buffer> {
   });
 }
 
-/** A gzip-index span: `length` bytes inflated from its checkpoint (gzipIndex.ts). */
+/** A gzip-index span: its bytes inflated from its checkpoint (gzipIndex.ts). */
 async function inflateFromCheckpoint(chunk: Chunk, compressed: Buffer): Promise<Buffer> {
-  const { bits, window } = chunk.checkpoint!;
-  return inflateSpan({ checkpoint: { in: chunk.start + (bits > 0 ? 1 : 0), bits, out: 0, window }, length: chunk.length, end: chunk.end, digest: chunk.digest }, compressed, 'span');
+  return inflateSpan(chunk.checkpoint!, chunk.length, compressed, `span at ${chunk.start}`);
 }
 
 function readAt(fd: number, buffer: Buffer, position: number): Promise<number> {
