@@ -20,6 +20,7 @@
  */
 import { createHash } from 'node:crypto';
 import { once } from 'node:events';
+import { setImmediate } from 'node:timers/promises';
 import { deflateRawSync, inflateRawSync } from 'node:zlib';
 import { ErrorCodes, LayerdError } from '../../common/errors.js';
 import { INFLATE_WINDOW, RawInflater } from '../../common/sys/zlib.js';
@@ -202,9 +203,10 @@ export type ResumePoint = Pick<GzipCheckpoint, 'bits' | 'window'>;
 /**
  * The first `length` bytes inflated from `compressed` (the blob's bytes from
  * spanFetchStart(span) to span.end) resuming at `point`. Not verified here:
- * the caller hashes.
+ * the caller hashes. Yields to the event loop every 2 MiB of output: a mount
+ * host inflating a span keeps answering other requests meanwhile.
  */
-export function inflateSpan(point: ResumePoint, length: number, compressed: Buffer, what: string): Buffer {
+export async function inflateSpan(point: ResumePoint, length: number, compressed: Buffer, what: string): Promise<Buffer> {
   const { bits } = point;
   const inflater = new RawInflater();
   try {
@@ -216,11 +218,13 @@ export function inflateSpan(point: ResumePoint, length: number, compressed: Buff
     let input: Buffer = compressed.subarray(bits > 0 ? 1 : 0);
     const parts: Buffer[] = [];
     let have = 0;
+    let steps = 0;
     while (have < length) {
       const step = inflater.step(input, false);
       input = input.subarray(step.consumed);
       parts.push(step.output);
       have += step.output.length;
+      if (++steps % 8 === 0) await setImmediate();
       if (step.streamEnd) {
         // The next gzip member, if the span goes on into one.
         const header = input.length >= 8 ? gzipHeaderLength(input, 8, what) : undefined;
