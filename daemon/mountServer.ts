@@ -37,6 +37,8 @@ const DEFAULT_HOSTS_DIR = '/run/layerd/hosts';
 export interface MountSpec {
   /** Store layer directories (layers/sha256/<diffID>), bottom → top. */
   layers: string[];
+  /** Those of `layers` that are plain directories in overlayfs's format instead (an unpack snapshot's directory). */
+  directories?: string[];
   /** A host directory served as a live read-only layer above `layers` (kept current by a watcher). */
   liveLayer?: string;
   /** The writable upper directory. */
@@ -67,6 +69,7 @@ export async function startMount(spec: MountSpec): Promise<ServedMount> {
   const socket = join(hostsDir, `${key}.sock`);
   const request: HostMountRequest = {
     op: 'mount', layers: spec.layers.map((l) => resolve(l)), upper: resolve(spec.upper), mountpoint: resolve(spec.mountpoint),
+    ...(spec.directories !== undefined && spec.directories.length > 0 ? { directories: spec.directories.map((d) => resolve(d)) } : {}),
     ...(spec.readOnly ? { readOnly: true } : {}),
     ...(spec.liveLayer !== undefined ? { liveLayer: resolve(spec.liveLayer) } : {}),
     ...(spec.statsFile !== undefined ? { statsFile: resolve(spec.statsFile) } : {}),
