@@ -138,6 +138,11 @@ export class SnapshotTable {
     return (this.db.db.prepare(`SELECT * FROM snapshots WHERE parent = ? ORDER BY id`).all(key) as SnapshotRow[]).map(reported);
   }
 
+  /** Unpack snapshots prepared and not committed yet (containerd is applying a layer into each). */
+  unpacksInProgress(): number {
+    return (this.db.db.prepare(`SELECT COUNT(*) AS n FROM snapshots WHERE unpack_target IS NOT NULL AND kind = 'active' AND pending_ingest = 0`).get() as { n: number }).n;
+  }
+
   /** Committed snapshots whose layer is still being ingested. */
   pending(): SnapshotRow[] {
     return (this.db.db.prepare(`SELECT * FROM snapshots WHERE pending_ingest = 1 ORDER BY id`).all() as SnapshotRow[]).map(reported);

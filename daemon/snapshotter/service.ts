@@ -114,6 +114,17 @@ const SUPERVISE_MS = 2_000;
 const UPPER_FORMAT_MARK = 'upper-format';
 /** How often a held ingest looks at its gate again (test hook only). */
 const GATE_POLL_MS = 50;
+/**
+ * A background ingest starts once containerd has left layerd alone this long
+ * (no Prepare, View or Commit) and no unpack is in progress: on a small
+ * machine it would otherwise take a core from the unpack of the next layer
+ * and from the containers started right after a pull, which read the pending
+ * directories meanwhile and need no layer. It starts anyway INGEST_MAX_DEFER_MS
+ * after its commit, and at once when something waits for the layer.
+ */
+const INGEST_QUIET_MS = 1_000;
+const INGEST_MAX_DEFER_MS = 30_000;
+const INGEST_QUIET_POLL_MS = 100;
 
 export class SnapshotService {
   readonly table: SnapshotTable;
@@ -126,6 +137,10 @@ export class SnapshotService {
   private ingestsRunning = 0;
   private readonly ingestsWaiting: (() => void)[] = [];
   private stopping = false;
+  /** When containerd last asked for a snapshot to be made or committed (Date.now()). */
+  private lastActivity = 0;
+  /** Callers waiting for a background ingest right now (then none is deferred). */
+  private waitingForIngest = 0;
   /** Snapshot directories being deleted in the background (Cleanup leaves them to that). */
   private readonly removing = new Set<string>();
   private readonly ingestGate: string | undefined;
@@ -162,6 +177,7 @@ export class SnapshotService {
     // (A FUSE mount does not wait for layers still being ingested: it reads their directories, startServer.)
     const parentRow = this.committedParent(parent);
     const started = performance.now();
+    this.lastActivity = Date.now();
     this.busy.add(key);
     let row: SnapshotRow | undefined;
     try {
@@ -440,6 +456,7 @@ export class SnapshotService {
     if (this.busy.has(name) || this.table.get(name)) throw new LayerdError(ErrorCodes.EEXIST, `snapshot ${name} already exists`, { snapshot: name });
     this.busy.add(key);
     this.busy.add(name);
+    this.lastActivity = Date.now();
     const dir = snapshotDir(this.store, row.id);
     try {
       if (row.unpack_target !== null) {
@@ -505,7 +522,7 @@ export class SnapshotService {
     if (diffId === undefined) {
       // The same chain committed in another namespace, its layer still being ingested: share it.
       const pendingTwin = this.table.committedWithChain(target).find((r) => r.pending_ingest === 1);
-      if (pendingTwin !== undefined) diffId = await this.ingested(pendingTwin.key).catch(() => undefined);
+      if (pendingTwin !== undefined) diffId = await this.waitIngested(pendingTwin.key).catch(() => undefined);
     }
     if (diffId !== undefined) {
       const known = diffId;
@@ -545,6 +562,29 @@ export class SnapshotService {
     return job;
   }
 
+  /** `ingested` for a caller that waits for the layer: no background ingest is deferred meanwhile. */
+  private async waitIngested(key: string): Promise<Digest> {
+    this.waitingForIngest++;
+    try {
+      return await this.ingested(key);
+    } finally {
+      this.waitingForIngest--;
+    }
+  }
+
+  /** Hold a background ingest until containerd is quiet (INGEST_QUIET_MS), someone waits for a layer, or its deferral is up. */
+  private async quietEnough(key: string, committedAt: number): Promise<void> {
+    const deadline = committedAt + INGEST_MAX_DEFER_MS;
+    for (let first = true; ; first = false) {
+      if (this.stopping) throw new LayerdError(ErrorCodes.EBUSY, 'the daemon is stopping; the layer is ingested at its next start', { snapshot: key });
+      const now = Date.now();
+      if (this.waitingForIngest > 0 || now >= deadline) return;
+      if (now - this.lastActivity >= INGEST_QUIET_MS && this.table.unpacksInProgress() === 0) return;
+      if (first) this.logger.debug('background ingest deferred while containerd is busy', { snapshot: key });
+      await sleep(Math.min(INGEST_QUIET_POLL_MS, deadline - now));
+    }
+  }
+
   /** Run `job` when fewer than INGEST_CONCURRENCY ingests run (a finished one hands its slot to the next in line). */
   private async ingestSlot<T>(job: () => Promise<T>): Promise<T> {
     if (this.ingestsRunning >= INGEST_CONCURRENCY) await new Promise<void>((resolve) => this.ingestsWaiting.push(resolve));
@@ -565,6 +605,7 @@ export class SnapshotService {
       throw new LayerdError(ErrorCodes.ENOTFOUND, `snapshot ${key} is no longer waiting for its layer`, { snapshot: key });
     }
     await this.passIngestGate(key);
+    await this.quietEnough(key, row.updated_at);
     const started = Date.now();
     try {
       const layer = await directoryToLayer(this.store, row.upper!, `snapshot:${key}`, (_db, l) => this.table.finishPending(key, l.diffId));
@@ -602,7 +643,7 @@ export class SnapshotService {
     let row = this.row(key);
     if (row.pending_ingest === 1) {
       // Its layer first (or the ingest's failure): then it goes as any committed snapshot.
-      await this.ingested(key).catch(() => undefined);
+      await this.waitIngested(key).catch(() => undefined);
       row = this.row(key);
     }
     if (this.busy.has(key)) throw new LayerdError(ErrorCodes.ECONFLICT, `snapshot ${key} is busy`, { snapshot: key });
