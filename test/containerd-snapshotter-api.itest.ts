@@ -381,6 +381,21 @@ describe('containerd snapshotter: the gRPC API', function () {
     await remove(`ns7/2/${target}`);
     expect(await storeLayers(), 'the layer went with its only snapshot').to.deep.equal(before);
   });
+  it('a Remove waiting for a pending layer is not held by the deferral of background ingests while containerd unpacks', async () => {
+    const target = `sha256:${'e'.repeat(64)}`;
+    const other = `sha256:${'f'.repeat(64)}`;
+    const before = await storeLayers();
+    const upperOf = (m: WireMount[]): string => m[0]!.options.find((o) => o.startsWith('upperdir='))!.slice('upperdir='.length);
+    await writeFile(join(upperOf(await prepare(`ns10/1/extract-10-a ${target}`)), 'a'), 'a\n');
+    await commit(`ns10/2/${target}`, `ns10/1/extract-10-a ${target}`);
+    // containerd is unpacking another layer (for as long as it likes): background ingests wait for that
+    await prepare(`ns10/3/extract-10-b ${other}`);
+    const started = Date.now();
+    await remove(`ns10/2/${target}`); // waits for the layer's ingest, which then goes ahead at once
+    expect(Date.now() - started, 'the Remove was not held until the deferral ran out (30 s)').to.be.below(15_000);
+    await remove(`ns10/3/extract-10-b ${other}`);
+    expect(await storeLayers(), 'the layer went with its only snapshot').to.deep.equal(before);
+  });
   it('an unpack of the same chain in another namespace, committed while the first one\'s layer is still being ingested, shares that layer', async () => {
     const target = `sha256:${'d'.repeat(64)}`;
     const before = await storeLayers();
