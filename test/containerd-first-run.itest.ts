@@ -109,8 +109,8 @@ describe('containerd: the first run after a pull does not wait for the backgroun
     await ctr('run', '-d', '--null-io', '--snapshotter', 'layerd', ref, 'long', 'sleep', '600');
     await rm(gate);
     await waitFor('the three layers ingested', async () => (await layerCount()) === before + 3, 180_000, 200);
-    const ingested = logged(logStart, 'unpack snapshot layer ingested');
-    expect(ingested.map((l) => l['directoryKept']), 'each directory kept for the running container').to.deep.equal(['a mount reads it', 'a mount reads it', 'a mount reads it']);
+    expect(logged(logStart, 'unpack snapshot layer ingested'), 'three ingests').to.have.length(3);
+    expect(logged(logStart, 'unpack directory kept while a mount reads it'), 'each directory kept for the running container').to.have.length(3);
     for (const upper of uppers) expect(await exists(upper), `${upper} kept while a mount reads it`).to.equal(true);
     // layerd's Cleanup (containerd's GC calls it) must not take them either
     await env!.gc();

@@ -17,6 +17,9 @@ import { type SnapshotsClient, grpcCode, snapshotsClient } from './support/conta
 import { clearMountsUnder } from './support/store.js';
 import { signalAndWait } from './support/processes.js';
 
+/** No containerd in these tests: layerd never asks one (a host's) for original layer blobs. */
+const NO_CONTAINERD = ['--containerd-socket', 'none'];
+
 interface WireMount { type: string; source: string; options: string[] }
 interface InspectedImage { Layers: { diffId: string; digest: string | null }[] }
 
@@ -76,7 +79,7 @@ describe('containerd snapshotter: the gRPC API', function () {
 
   before(async () => {
     work = await scratch('layerd-snapapi-');
-    daemon = await startDaemon(work.dir, ['--snapshotter-socket', join(work.dir, 'snap.sock')]);
+    daemon = await startDaemon(work.dir, [...NO_CONTAINERD, '--snapshotter-socket', join(work.dir, 'snap.sock')]);
     client = snapshotsClient(socket());
     await cli('import', BUSYBOX);
     busybox = JSON.parse(await cli('inspect', 'busybox:latest')) as InspectedImage;
@@ -332,7 +335,7 @@ describe('containerd snapshotter: the gRPC API', function () {
     expect(await daemon!.stop()).to.equal(0);
     expect(await mounted(m), 'still mounted while the daemon is down').to.equal(true);
     await writeFile(join(m, 'during'), '2');
-    daemon = await startDaemon(work.dir, ['--snapshotter-socket', socket()]);
+    daemon = await startDaemon(work.dir, [...NO_CONTAINERD, '--snapshotter-socket', socket()]);
     client = snapshotsClient(socket());
     expect(daemon.log()).to.match(/snapshots restored.*"adopted":1|"adopted":1.*snapshots restored/);
     expect((await readdir(m)).sort()).to.deep.equal(['before', 'during']);
@@ -341,7 +344,7 @@ describe('containerd snapshotter: the gRPC API', function () {
     client.close();
     expect(await daemon.stop()).to.equal(0);
     await stopMountHostsUnder(work.dir, 'SIGKILL');
-    daemon = await startDaemon(work.dir, ['--snapshotter-socket', socket()]);
+    daemon = await startDaemon(work.dir, [...NO_CONTAINERD, '--snapshotter-socket', socket()]);
     client = snapshotsClient(socket());
     expect(daemon.log()).to.match(/"remounted":1/);
     expect((await readdir(m)).sort()).to.deep.equal(['before', 'during']);
@@ -367,7 +370,7 @@ describe('containerd snapshotter: the gRPC API', function () {
     await daemon!.stop();
     client.close();
     expect(daemon!.log(), 'the kill came before the ingest ended').not.to.contain('unpack snapshot layer ingested');
-    daemon = await startDaemon(work.dir, ['--snapshotter-socket', socket()]);
+    daemon = await startDaemon(work.dir, [...NO_CONTAINERD, '--snapshotter-socket', socket()]);
     client = snapshotsClient(socket());
     expect(daemon.log()).to.contain('resuming the ingest of committed snapshots');
     expect((await statOf(`ns7/2/${target}`)).kind).to.equal('COMMITTED');

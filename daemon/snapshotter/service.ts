@@ -33,13 +33,16 @@ import { ErrorCodes, LayerdError } from '../../common/errors.js';
 import { type Logger } from '../../common/log.js';
 import { processAlive, sleep } from '../../common/process.js';
 import { findMount } from '../../mount/deadMount.js';
+import { scanDirectory } from '../../mount/lowerDir.js';
 import { convertOciUpper } from '../../mount/upperMigration.js';
 import { type Digest, isDigest } from '../../storage/digest.js';
 import {
-  type SnapshotKind, type SnapshotRow, SnapshotTable, chainIdOf, lowerDirIds, parseLabels, removeLayerIfUnused, snapshotDir, snapshotsDir, storeLayerForChain,
+  type SnapshotKind, type SnapshotRow, SnapshotTable, chainIdOf, ingestLayerBlob, lowerDirIds, parseLabels, removeLayerIfUnused, snapshotDir, snapshotsDir, storeLayerForChain,
 } from '../../storage/snapshots.js';
 import { type Store } from '../../storage/store.js';
 import { isServing, startMount, stopMount } from '../mountServer.js';
+import { type OriginalLayerSource } from './containerdContent.js';
+import { fileTableDifference } from './fileTable.js';
 import { type Filter, matchAny, parseFilters } from './filters.js';
 import { LABEL_SNAPSHOT_REF, directoryToLayer, namespaceOf, unpackMounts, unpackTargetOf } from './unpack.js';
 
@@ -98,6 +101,13 @@ export interface SnapshotServiceOptions {
    * committed snapshot, and containerd downloads and unpacks nothing.
    */
   layerSources?: ChainLayerSource[];
+  /**
+   * Where the original blob of a layer containerd unpacked may be found
+   * (containerd's content store): a committed unpack snapshot's layer is
+   * stored from it, with the image's own diffID, instead of from its
+   * directory.
+   */
+  originalLayers?: OriginalLayerSource;
   /**
    * Test hook: while this file exists, background ingests wait before they
    * start (default $LAYERD_TEST_INGEST_GATE), so a test can hold layers
@@ -448,7 +458,8 @@ export class SnapshotService {
 
   // --- committing and removing -------------------------------------------------
 
-  async commit(name: string, key: string, labels: Record<string, string>): Promise<void> {
+  /** `namespace`: the containerd namespace of the call (its gRPC metadata), if it named one. */
+  async commit(name: string, key: string, labels: Record<string, string>, namespace?: string): Promise<void> {
     checkKey(name);
     const row = this.row(key);
     if (row.kind !== 'active') throw new LayerdError(ErrorCodes.ECONFLICT, `snapshot ${key} is not active`, { snapshot: key });
@@ -460,7 +471,7 @@ export class SnapshotService {
     const dir = snapshotDir(this.store, row.id);
     try {
       if (row.unpack_target !== null) {
-        const pending = await this.commitUnpacked(name, row, labels);
+        const pending = await this.commitUnpacked(name, row, labels, namespace ?? namespaceOf(name) ?? namespaceOf(key));
         // The unpacked tree is not needed any more (unless its layer is still to be ingested from it);
         // containerd need not wait for its deletion (no row owns the directory now: a stop before it
         // is gone leaves it to Cleanup / the next start).
@@ -513,7 +524,7 @@ export class SnapshotService {
    * committed snapshot stands for the chain ID containerd named in either
    * case. Returns whether the directory is still needed (pending).
    */
-  private async commitUnpacked(name: string, row: SnapshotRow, labels: Record<string, string>): Promise<boolean> {
+  private async commitUnpacked(name: string, row: SnapshotRow, labels: Record<string, string>, namespace: string | undefined): Promise<boolean> {
     const target = row.unpack_target!;
     const parentRow = row.parent === null ? undefined : this.table.get(row.parent);
     // (Layer sources are asked at Prepare, before containerd downloads anything: once it has
@@ -532,7 +543,7 @@ export class SnapshotService {
     }
     this.store.db.write(() => {
       if (this.table.get(name)) throw new LayerdError(ErrorCodes.EEXIST, `snapshot ${name} already exists`, { snapshot: name });
-      this.table.markPending(row.key, name, labels, target);
+      this.table.markPending(row.key, name, labels, target, namespace ?? null);
     });
     this.logger.info('unpack snapshot committed; its layer is ingested in the background', { snapshot: name, from: row.key, target });
     void this.ingested(name).catch(() => undefined); // logged there; waiters see the error
@@ -608,11 +619,16 @@ export class SnapshotService {
     await this.quietEnough(key, row.updated_at);
     const started = Date.now();
     try {
-      const layer = await directoryToLayer(this.store, row.upper!, `snapshot:${key}`, (_db, l) => this.table.finishPending(key, l.diffId));
-      const readBy = [...this.table.lowerDirsInUse()].includes(id);
-      this.logger.info('unpack snapshot layer ingested', { snapshot: key, diffId: layer.diffId, ms: Date.now() - started, ...(readBy ? { directoryKept: 'a mount reads it' } : {}) });
+      let diffId = await this.ingestOriginal(row);
+      if (diffId === undefined) {
+        const layer = await directoryToLayer(this.store, row.upper!, `snapshot:${key}`, (_db, l) => this.table.finishPending(key, l.diffId));
+        this.logger.info('unpack snapshot layer ingested', { snapshot: key, diffId: layer.diffId, ms: Date.now() - started, from: 'directory' });
+        diffId = layer.diffId;
+      }
+      // A container mounted before the layer was stored reads the directory until it is released.
+      if (this.table.lowerDirsInUse().has(id)) this.logger.info('unpack directory kept while a mount reads it', { snapshot: key });
       this.releaseLowerDirs([id]);
-      return layer.diffId;
+      return diffId;
     } catch (err) {
       this.logger.error('could not ingest a committed snapshot\'s layer (tried again when it is needed)', { snapshot: key, error: (err as Error).message });
       throw err;
@@ -628,6 +644,56 @@ export class SnapshotService {
     this.logger.info('background ingest held by the test gate', { snapshot: key, gate });
     while (!this.stopping && await closed()) await sleep(GATE_POLL_MS);
     if (this.stopping) throw new LayerdError(ErrorCodes.EBUSY, 'the daemon is stopping; the layer is ingested at its next start', { snapshot: key });
+  }
+
+  /**
+   * A pending snapshot's layer stored from its original blob in containerd's
+   * content store, so that it has the diffID the image names (shared with
+   * `layerctl pull` of the image, pushed as the very blob): the blob whose
+   * diffID gives the snapshot's chain ID on its parent's, digest and diffID
+   * verified, and only if the directory containerd unpacked holds the same
+   * file table. Undefined (logged why) when that cannot be had: then the
+   * directory becomes the layer, with layerd's own diffID.
+   */
+  private async ingestOriginal(row: SnapshotRow): Promise<Digest | undefined> {
+    const source = this.options.originalLayers;
+    if (source === undefined) return undefined;
+    const key = row.key;
+    const target = row.chain_id ?? row.unpack_target;
+    const namespace = row.namespace ?? namespaceOf(key);
+    const fallback = (why: string, context: Record<string, unknown> = {}): undefined => {
+      this.logger.warn('unpack snapshot layer stored from its directory (layerd\'s own diffID), not from containerd\'s original blob', { snapshot: key, target, why, ...context });
+      return undefined;
+    };
+    if (target === null) return fallback('the snapshot names no chain ID');
+    if (namespace === undefined) return fallback('the containerd namespace of the snapshot is not known');
+    const parentRow = row.parent === null ? undefined : this.table.get(row.parent);
+    if (parentRow !== undefined && parentRow.chain_id === null) return fallback('the chain ID of the parent snapshot is not known');
+    const parentChain = parentRow?.chain_id ?? null;
+    const started = Date.now();
+    let blob;
+    try {
+      blob = await source.find({ namespace, parentChain, target });
+    } catch (err) {
+      return fallback('containerd\'s content store could not be asked', { error: (err as Error).message });
+    }
+    if (blob === undefined) return fallback('containerd\'s content store has no layer blob of this chain', { namespace });
+    const found = blob;
+    try {
+      const layer = await ingestLayerBlob(this.store, found, async (index) => {
+        const unpacked = await scanDirectory(row.upper!, `snapshot:${key}`, 'overlay');
+        const difference = fileTableDifference(unpacked.index, index);
+        if (difference !== undefined) {
+          throw new LayerdError(ErrorCodes.ECONFLICT, `the directory containerd unpacked does not hold layer ${found.diffId}: ${difference}`, { diffId: found.diffId });
+        }
+      }, (_db, l) => this.table.finishPending(key, l.diffId, l.blobDigest));
+      this.logger.info('unpack snapshot layer ingested', {
+        snapshot: key, diffId: layer.diffId, ms: Date.now() - started, from: 'containerd content', blob: layer.blobDigest, found: found.how,
+      });
+      return layer.diffId;
+    } catch (err) {
+      return fallback('containerd\'s original blob could not be stored', { blob: found.digest, diffId: found.diffId, error: (err as Error).message });
+    }
   }
 
   /** Delete a snapshot directory nothing needs any more, without making the caller wait. */
@@ -662,7 +728,7 @@ export class SnapshotService {
       }
       if (row.kind === 'committed') {
         this.store.db.write(() => this.table.delete(key));
-        const deleted = await removeLayerIfUnused(this.store, row.diff_id!);
+        const deleted = await removeLayerIfUnused(this.store, row.diff_id!, row.blob_digest);
         this.logger.info('snapshot removed', { snapshot: key, kind: row.kind, layerDeleted: deleted });
         return;
       }
