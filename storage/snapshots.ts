@@ -75,7 +75,17 @@ export interface SnapshotRow {
    * the snapshot exists); null when the layer was built from a directory.
    */
   blob_digest: Digest | null;
+  /**
+   * Active and view: the ids of the pending snapshots whose directories its
+   * mount reads as lower layers (it was mounted before their layers were
+   * ingested), as a JSON array; null when it reads store layers only. Such a
+   * directory stays until no mount reads it, even once its layer is stored.
+   */
+  lower_dirs: string | null;
 }
+
+/** One layer of a chain as a mount reads it: a store layer, or the directory of a pending snapshot (row id). */
+export type ChainLayer = { diffId: Digest } | { pendingDir: number };
 
 const SCHEMA = `
 CREATE TABLE IF NOT EXISTS snapshots (
@@ -99,7 +109,7 @@ CREATE INDEX IF NOT EXISTS snapshots_diff_id ON snapshots(diff_id);
 
 /** Columns added after the first version of the table (added to older stores on open). */
 const ADDED_COLUMNS: Record<string, string> = {
-  unpack_target: 'TEXT', pending_ingest: 'INTEGER NOT NULL DEFAULT 0', namespace: 'TEXT', blob_digest: 'TEXT',
+  unpack_target: 'TEXT', pending_ingest: 'INTEGER NOT NULL DEFAULT 0', namespace: 'TEXT', blob_digest: 'TEXT', lower_dirs: 'TEXT',
 };
 
 /** A stored row as callers see it: one whose layer is still being ingested is committed already. */
@@ -140,6 +150,11 @@ export class SnapshotTable {
     return (this.db.db.prepare(`SELECT * FROM snapshots WHERE parent = ? ORDER BY id`).all(key) as SnapshotRow[]).map(reported);
   }
 
+  /** Unpack snapshots prepared and not committed yet (containerd is applying a layer into each). */
+  unpacksInProgress(): number {
+    return (this.db.db.prepare(`SELECT COUNT(*) AS n FROM snapshots WHERE unpack_target IS NOT NULL AND kind = 'active' AND pending_ingest = 0`).get() as { n: number }).n;
+  }
+
   /** Committed snapshots whose layer is still being ingested. */
   pending(): SnapshotRow[] {
     return (this.db.db.prepare(`SELECT * FROM snapshots WHERE pending_ingest = 1 ORDER BY id`).all() as SnapshotRow[]).map(reported);
@@ -177,7 +192,7 @@ export class SnapshotTable {
   }
 
   /** Insert (call inside a write transaction); returns the new row. */
-  insert(row: Omit<SnapshotRow, 'id' | 'created_at' | 'updated_at' | 'unpack_target' | 'pending_ingest' | 'namespace' | 'blob_digest'>
+  insert(row: Omit<SnapshotRow, 'id' | 'created_at' | 'updated_at' | 'unpack_target' | 'pending_ingest' | 'namespace' | 'blob_digest' | 'lower_dirs'>
     & { created_at?: number; unpack_target?: Digest | null; blob_digest?: Digest | null }): SnapshotRow {
     const now = Date.now();
     // A committed snapshot of a layer that came from an original blob holds that blob too (whichever snapshot stored it goes first).
@@ -209,6 +224,20 @@ export class SnapshotTable {
     this.db.db.prepare(`UPDATE snapshots SET server_pid = ? WHERE key = ?`).run(pid, key);
   }
 
+  /** Which pending snapshots' directories the mount of `key` reads (empty: none). */
+  setLowerDirs(key: string, ids: readonly number[]): void {
+    this.db.db.prepare(`UPDATE snapshots SET lower_dirs = ? WHERE key = ?`).run(ids.length > 0 ? JSON.stringify(ids) : null, key);
+  }
+
+  /** The pending-snapshot directories (row ids) some mount reads, by every row's `lower_dirs`. */
+  lowerDirsInUse(): Set<number> {
+    const used = new Set<number>();
+    for (const { lower_dirs: text } of this.db.db.prepare(`SELECT lower_dirs FROM snapshots WHERE lower_dirs IS NOT NULL`).all() as { lower_dirs: string }[]) {
+      for (const id of lowerDirIds(text)) used.add(id);
+    }
+    return used;
+  }
+
   setLabels(key: string, labels: Record<string, string>): void {
     this.db.db.prepare(`UPDATE snapshots SET labels = ?, updated_at = ? WHERE key = ?`).run(JSON.stringify(labels), Date.now(), key);
   }
@@ -217,21 +246,49 @@ export class SnapshotTable {
     this.db.db.prepare(`DELETE FROM snapshots WHERE key = ?`).run(key);
   }
 
-  /** The layers of a committed snapshot's chain, base first. */
+  /** The layers of a committed snapshot's chain, base first (all of them in the store). */
   chain(key: string | null): Digest[] {
-    const layers: Digest[] = [];
+    return this.chainLayers(key).map((l) => {
+      if ('diffId' in l) return l.diffId;
+      throw new LayerdError(ErrorCodes.EBUSY, `snapshot ${this.byId(l.pendingDir)?.key ?? l.pendingDir}'s layer is still being ingested`, { snapshot: String(l.pendingDir) });
+    });
+  }
+
+  /**
+   * The layers of a committed snapshot's chain, base first, as a mount reads
+   * them now: store layers, and the directories of pending snapshots whose
+   * layers are still being ingested.
+   */
+  chainLayers(key: string | null): ChainLayer[] {
+    const layers: ChainLayer[] = [];
     const seen = new Set<string>();
     for (let k = key; k !== null;) {
       if (seen.has(k)) throw new LayerdError(ErrorCodes.ECORRUPT, `snapshot parent chain loops at ${k}`, { snapshot: k });
       seen.add(k);
       const row = this.get(k);
       if (!row) throw new LayerdError(ErrorCodes.ECORRUPT, `snapshot ${k} is missing from its child's chain`, { snapshot: k });
-      if (row.pending_ingest === 1) throw new LayerdError(ErrorCodes.EBUSY, `snapshot ${k}'s layer is still being ingested`, { snapshot: k });
-      if (row.diff_id === null) throw new LayerdError(ErrorCodes.ECORRUPT, `snapshot ${k} in a parent chain is not committed`, { snapshot: k });
-      layers.push(row.diff_id);
+      if (row.pending_ingest === 1) layers.push({ pendingDir: row.id });
+      else if (row.diff_id === null) throw new LayerdError(ErrorCodes.ECORRUPT, `snapshot ${k} in a parent chain is not committed`, { snapshot: k });
+      else layers.push({ diffId: row.diff_id });
       k = row.parent;
     }
     return layers.reverse();
+  }
+
+  byId(id: number): SnapshotRow | undefined {
+    const row = this.db.db.prepare(`SELECT * FROM snapshots WHERE id = ?`).get(id) as SnapshotRow | undefined;
+    return row === undefined ? undefined : reported(row);
+  }
+}
+
+/** The row ids of a `lower_dirs` value (a JSON array; anything else reads as none). */
+export function lowerDirIds(text: string | null): number[] {
+  if (text === null) return [];
+  try {
+    const value = JSON.parse(text) as unknown;
+    return Array.isArray(value) ? value.filter((v): v is number => Number.isSafeInteger(v)) : [];
+  } catch {
+    return [];
   }
 }
 

@@ -116,6 +116,8 @@ export interface ContainerdEnvOptions {
    * read at each pull). No CNI: enough for the image service.
    */
   cri?: { registryHosts: string };
+  /** Environment layerd runs with, beside the test's own (e.g. LAYERD_TEST_INGEST_GATE). */
+  layerdEnv?: Record<string, string>;
   /** More arguments for layerd (e.g. another `--containerd-socket`). */
   layerdArgs?: string[];
 }
@@ -231,7 +233,7 @@ export class ContainerdEnv {
     const child = spawn('nsenter', ['-t', String(this.holderPid), '-m', '--', join(REPO, 'bin', 'layerd'),
       '--root', this.layerdRoot, '--socket', this.layerdSocket, '--snapshotter-socket', this.snapshotterSocket, '--log-level', 'debug',
       '--containerd-socket', this.containerdSocket, ...extraArgs],
-    { stdio: ['ignore', 'pipe', 'pipe'] });
+    { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...this.options.layerdEnv } });
     let output = '';
     child.stdout!.on('data', (d: Buffer) => { output += d.toString(); });
     child.stderr!.on('data', (d: Buffer) => { output += d.toString(); });
