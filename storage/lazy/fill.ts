@@ -21,7 +21,7 @@ import { ingestLayer } from '../layerIngest.js';
 import { repositoryScope } from '../registry/auth.js';
 import { RegistryClient } from '../registry/client.js';
 import { EMPTY_CONFIG, type RegistriesConfig, endpointsFor, loadRegistriesConfig } from '../registry/config.js';
-import { ResumableBlobStream } from '../registry/download.js';
+import { type FetchGate, ResumableBlobStream } from '../registry/download.js';
 import { DEFAULT_TIMEOUTS, type RegistryTimeouts } from '../registry/timeouts.js';
 import { type Store } from '../store.js';
 import { readLazyInfo } from './lazyLayer.js';
@@ -32,6 +32,8 @@ export interface FillOptions {
   signal?: AbortSignal;
   /** How often progress is written to the database (default 500 ms). */
   progressIntervalMs?: number;
+  /** Closed while on-demand reads wait (readDemand.ts): the download pauses, reads get the link. */
+  gate?: FetchGate;
 }
 
 /** Fill one lazy layer; resolves once it is an ordinary stored layer (or was already). */
@@ -57,7 +59,7 @@ export async function fillLazyLayer(store: Store, diffId: Digest, options: FillO
     const dir = join(workDir, 'fill');
     await mkdir(dir);
     const ingested = await ingestLayer(
-      async () => new ResumableBlobStream(clients, info.repository, info.blobDigest, [repositoryScope(info.repository, 'pull')]),
+      async () => new ResumableBlobStream(clients, info.repository, info.blobDigest, [repositoryScope(info.repository, 'pull')], options.gate),
       { digest: info.blobDigest, size: info.blobSize, diffId },
       {
         workDir: dir, unpack: true, flushEarly: store.durable,
@@ -93,7 +95,7 @@ export class LazyFills {
 
   constructor(
     private readonly store: Store,
-    private readonly options: { config: () => Promise<RegistriesConfig>; timeouts?: RegistryTimeouts; logger?: Logger; maxBackoffMs?: number },
+    private readonly options: { config: () => Promise<RegistriesConfig>; timeouts?: RegistryTimeouts; logger?: Logger; maxBackoffMs?: number; gate?: FetchGate },
   ) {}
 
   private get logger(): Logger { return this.options.logger ?? silentLogger(); }
@@ -129,6 +131,7 @@ export class LazyFills {
         await fillLazyLayer(this.store, diffId, {
           config: await this.options.config(), signal: this.controller.signal,
           ...(this.options.timeouts ? { timeouts: this.options.timeouts } : {}),
+          ...(this.options.gate ? { gate: this.options.gate } : {}),
         });
         this.logger.info('lazy layer complete', { diffId });
         return;

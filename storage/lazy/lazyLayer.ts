@@ -37,6 +37,7 @@ import { RegistryClient, headerValue, readLimited } from '../registry/client.js'
 import { EMPTY_CONFIG, endpointsFor, loadRegistriesConfig } from '../registry/config.js';
 import { readLayerIndex } from '../store.js';
 import { type Chunk, type LazyFile } from './estargz.js';
+import { ReadDemandSignal, demandDirOf } from './readDemand.js';
 
 export const LAZY_JSON = 'lazy.json';
 export const LAZY_CONTENT = 'content';
@@ -195,6 +196,17 @@ export class LazyLayerSource implements LayerSource {
     if (chunk.start < 0) throw this.eio(path, chunk, 'a local chunk is missing from the cache');
     this.stats.stalls++;
     this.noteStats();
+    // The daemon's background fill pauses while this read waits (readDemand.ts).
+    const waited = ReadDemandSignal.for(demandDirOf(this.dir)).begin();
+    try {
+      await this.fetchVerified(key, chunk, path);
+    } finally {
+      waited();
+    }
+  }
+
+  /** Fetch, verify and store one chunk: retried within the read bound, refetched once after bad bytes. */
+  private async fetchVerified(key: number, chunk: Chunk, path: string): Promise<void> {
     const deadline = Date.now() + this.readTimeoutMs;
     let failures = 0;
     let badBytes = 0;
