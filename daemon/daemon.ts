@@ -118,6 +118,11 @@ export class Daemon {
       const fetcher = new RegistryLayerSource(store, logger, {
         config: async () => (registriesConfigPath ? loadRegistriesConfig(registriesConfigPath) : EMPTY_CONFIG),
         timeouts: timeoutsFrom(options.config.registryTimeouts),
+        // eStargz layers are mounted lazily; their fills run with the API's lazy pulls'.
+        lazy: {
+          ...(registriesConfigPath !== undefined ? { registriesConfig: registriesConfigPath } : {}),
+          started: (diffId) => { void daemon.lazyFills.start(diffId); },
+        },
       });
       daemon.layerFetcher = fetcher;
       daemon.snapshots = new SnapshotService(store, logger, { layerSources: [fetcher] });
