@@ -276,6 +276,29 @@ describe('lazy pull of eStargz images (docker-registry 2.8.2)', function () {
     }
   });
 
+  it('an offline lazy pull is not filled until `layerctl --root … fill` completes it in the foreground, as a full pull would', async () => {
+    const root = join(work.dir, 'offline-fill');
+    await lazyPull(root, ref);
+    // Without a daemon nothing fills: still lazy after a read through a mount.
+    const mnt = await mountImage(root, ref, 'offline-fill');
+    const f = fullTree.files[0]!;
+    expect((await readFile(join(mnt, f.path))).equals(await readFile(join(fullMnt(), f.path)))).to.equal(true);
+    expect((await layerctlJson<Inspect>(['--root', root, 'inspect', ref])).Layers.map((l) => l.state)).to.deep.equal(['lazy', 'lazy', 'lazy', 'lazy']);
+    const filled = await layerctlR(['--root', root, 'fill', ref, '--json']);
+    expect(filled.code, filled.stderr).to.equal(0);
+    expect((JSON.parse(filled.stdout) as { filled: string[] }).filled).to.have.length(4);
+    const info = await layerctlJson<Inspect>(['--root', root, 'inspect', ref]);
+    expect(info.Layers.map(({ diffId, digest, uncompressedSize, entries, state }) => ({ diffId, digest, uncompressedSize, entries, state })))
+      .to.deep.equal(fullInspect.Layers.map(({ diffId, digest, uncompressedSize, entries }) => ({ diffId, digest, uncompressedSize, entries, state: 'complete' })));
+    const fsck = await layerctl(['--root', root, 'fsck']);
+    expect(fsck.code, fsck.stdout + fsck.stderr).to.equal(0);
+    // The mount made while lazy goes on serving; nothing is left to fill.
+    const g = fullTree.files[fullTree.files.length - 1]!;
+    expect((await readFile(join(mnt, g.path))).equals(await readFile(join(fullMnt(), g.path)))).to.equal(true);
+    const again = await layerctlR(['--root', root, 'fill', '--json']);
+    expect(JSON.parse(again.stdout)).to.deep.equal({ filled: [], broken: [] });
+  });
+
   it('falls back to a full pull, and says so, for an image whose layers are no eStargz', async () => {
     const root = join(work.dir, 'lazy-fallback');
     await execFileAsync('skopeo', ['--insecure-policy', 'copy', '-q', '--dest-tls-verify=false', '--preserve-digests', `oci:${DEBIAN_MULTI}:latest`, `docker://${registry.host}/plain/dm:v1`]);

@@ -88,6 +88,18 @@ export async function fillLazyLayer(store: Store, diffId: Digest, options: FillO
   }
 }
 
+/**
+ * If `err` says the blob itself is bad (does not verify, broken tar), mark the
+ * layer broken and return its message; other failures (the network) are left
+ * for a later attempt: undefined.
+ */
+export function markBrokenIfBadBlob(store: Store, diffId: Digest, err: unknown): string | undefined {
+  if (!(isLayerdError(err, ErrorCodes.EDIGEST) || isLayerdError(err, ErrorCodes.EBADTAR) || isLayerdError(err, ErrorCodes.ECORRUPT))) return undefined;
+  const message = err instanceof Error ? err.message : String(err);
+  if (store.db.getLazyLayer(diffId)) store.db.write(() => store.db.setLazyState(diffId, 'broken', 0, message));
+  return message;
+}
+
 /** The daemon's background fills. */
 export class LazyFills {
   private readonly running = new Map<Digest, Promise<void>>();
@@ -137,9 +149,8 @@ export class LazyFills {
         return;
       } catch (err) {
         if (this.controller.signal.aborted || !this.store.db.getLazyLayer(diffId)) return;
-        if (isLayerdError(err, ErrorCodes.EDIGEST) || isLayerdError(err, ErrorCodes.EBADTAR) || isLayerdError(err, ErrorCodes.ECORRUPT)) {
-          const message = err instanceof Error ? err.message : String(err);
-          this.store.db.write(() => this.store.db.setLazyState(diffId, 'broken', 0, message));
+        const message = markBrokenIfBadBlob(this.store, diffId, err);
+        if (message !== undefined) {
           this.logger.error('lazy layer broken: its blob does not verify', { diffId, error: message });
           return;
         }
