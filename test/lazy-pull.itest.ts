@@ -173,6 +173,28 @@ describe('lazy pull of eStargz images (docker-registry 2.8.2)', function () {
     expect(fetched).to.be.lessThan(total / 2);
   });
 
+  it('reads ahead: the files of one directory, read one after another, come in far fewer range requests than files', async () => {
+    let ranges = 0;
+    const proxy = await startProxy(registry.host, {
+      intercept: (req) => {
+        if (req.headers.range !== undefined && req.url?.includes('/blobs/')) ranges++;
+        return false;
+      },
+    });
+    try {
+      const root = join(work.dir, 'lazy-readahead');
+      const pulled = await lazyPull(root, `${proxy.host}/lazy/dm:v1`);
+      const mnt = await mountImage(root, pulled.images[0]!.refs[0]!, 'lazy-readahead');
+      const etc = fullTree.files.filter((f) => /^etc\/[^/]+$/.test(f.path));
+      expect(etc.length, 'files directly in /etc').to.be.at.least(20);
+      const before = ranges;
+      for (const f of etc) expect((await readFile(join(mnt, f.path))).equals(await readFile(join(fullMnt(), f.path))), `/${f.path}`).to.equal(true);
+      expect(ranges - before, `range requests for ${etc.length} files`).to.be.greaterThan(0).and.lessThan(etc.length / 3);
+    } finally {
+      await proxy.close();
+    }
+  });
+
   it('answers EIO, never wrong bytes, when a relay serves other bytes for the chunks; serves them once the relay is honest', async () => {
     let corrupt = false;
     let corrupted = 0;
