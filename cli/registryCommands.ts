@@ -15,6 +15,8 @@ import { EMPTY_CONFIG, type RegistriesConfig, loadRegistriesConfig } from '../st
 import { pullImage } from '../storage/registry/pull.js';
 import { type LazyPullResult, pullLazy } from '../storage/lazy/lazyPull.js';
 import { indexRemoteImage } from '../storage/lazy/indexImage.js';
+import { fillLazyLayer, markBrokenIfBadBlob } from '../storage/lazy/fill.js';
+import { type Digest } from '../storage/digest.js';
 import { type PushCompression, type PushProgress, type PushResult, pushImage } from '../storage/registry/push.js';
 import { type AbortCause, type RegistryTimeouts, type TimeoutSettings, checkTimeoutSettings, timeoutsFrom } from '../storage/registry/timeouts.js';
 import { type ImportProgress, type ImportedImage } from '../storage/importer.js';
@@ -136,6 +138,38 @@ async function pullLazily(
 }
 
 export function registerRegistryCommands(program: Command, withStore: WithStore, daemonFor: DaemonFor): void {
+  addTimeoutOptions(program.command('fill'))
+    .description('complete lazily pulled layers now, in the foreground: those of IMAGE, else every one (a store without a daemon, --root; a daemon fills them itself)')
+    .argument('[image]', 'image reference or ID')
+    .option('--registries-config <file>', 'registries config JSON (default: the one the lazy pull recorded)')
+    .option('--json', 'print the result as JSON')
+    .action(async (image: string | undefined, opts: { registriesConfig?: string; json?: boolean } & TimeoutFlags, cmd: Command) => {
+      if (daemonFor(cmd)) throw new LayerdError(ErrorCodes.EINVAL, 'the daemon fills lazily pulled layers itself, in the background (layerctl inspect shows their state); fill is for a store without a daemon (--root)');
+      const config = opts.registriesConfig !== undefined ? await registriesConfig(opts.registriesConfig) : undefined;
+      const timeouts = timeoutsOf(opts);
+      const result = await withStore(cmd, (store) => cancellable(async (signal) => {
+        const wanted = image === undefined ? undefined : new Set(store.db.imageLayers(store.resolveImage(image).id).map((l) => l.diff_id));
+        const filled: Digest[] = [];
+        const broken: { diffId: Digest; error: string }[] = [];
+        for (const row of store.db.listLazyLayers()) {
+          if (row.state === 'broken' || (wanted !== undefined && !wanted.has(row.diff_id))) continue;
+          try {
+            await fillLazyLayer(store, row.diff_id, { signal, timeouts, ...(config ? { config } : {}) });
+            filled.push(row.diff_id);
+            if (!opts.json) print(`filled ${row.diff_id}\n`);
+          } catch (err) {
+            const error = markBrokenIfBadBlob(store, row.diff_id, err);
+            if (error === undefined) throw err; // the network: the layer stays lazy, a later fill goes on
+            broken.push({ diffId: row.diff_id, error });
+            process.stderr.write(`layerctl: layer ${row.diff_id} is broken: ${error}\n`);
+          }
+        }
+        return { filled, broken };
+      }));
+      if (opts.json) print(JSON.stringify(result, null, 2) + '\n');
+      if (result.broken.length > 0) throw new LayerdError(ErrorCodes.ECORRUPT, `${result.broken.length} layer(s) did not verify and are marked broken`);
+    });
+
   addTimeoutOptions(program.command('pull'))
     .description('pull an image from a registry (HOST[:PORT]/REPO[:TAG] or ...@sha256:<hex>)')
     .argument('<ref>', 'registry reference')

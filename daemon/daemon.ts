@@ -24,6 +24,7 @@ import { RegistryLayerSource } from './snapshotter/registryLayers.js';
 import { SnapshotService } from './snapshotter/service.js';
 import { Spool } from './spool.js';
 import { LazyFills } from '../storage/lazy/fill.js';
+import { DEFAULT_GATE_TIMING, ReadDemandGate } from '../storage/lazy/readDemand.js';
 import { systemRoutes } from './api/system.js';
 import { type DaemonConfig, loadConfig } from './config.js';
 import { Router } from './http.js';
@@ -70,6 +71,7 @@ export class Daemon {
   containers!: ContainerManager;
   private spool: Spool | undefined;
   lazyFills!: LazyFills;
+  fillGate: ReadDemandGate | undefined;
   snapshots!: SnapshotService;
   private layerFetcher: RegistryLayerSource | undefined;
   private containerdContent: ContainerdContent | undefined;
@@ -105,9 +107,12 @@ export class Daemon {
       if (options.config.lazyReadTimeoutSeconds !== undefined) {
         process.env['LAYERD_LAZY_READ_TIMEOUT_MS'] = String(Math.round(options.config.lazyReadTimeoutSeconds * 1000));
       }
+      // Fills pause while mount hosts' reads wait for the registry (storage/lazy/readDemand.ts).
+      daemon.fillGate = new ReadDemandGate(store.layout.lazyDemandDir, DEFAULT_GATE_TIMING, logger);
+      await daemon.fillGate.start();
       daemon.lazyFills = new LazyFills(store, {
         config: async () => (options.config.registriesConfig ? loadRegistriesConfig(options.config.registriesConfig) : EMPTY_CONFIG),
-        timeouts: timeoutsFrom(options.config.registryTimeouts), logger,
+        timeouts: timeoutsFrom(options.config.registryTimeouts), logger, gate: daemon.fillGate,
       });
       registryRoutes(router, store, options.config.registriesConfig, options.config.registryTimeouts, daemon.lazyFills);
       await daemon.containers.adoptAll();
@@ -117,6 +122,11 @@ export class Daemon {
       const fetcher = new RegistryLayerSource(store, logger, {
         config: async () => (registriesConfigPath ? loadRegistriesConfig(registriesConfigPath) : EMPTY_CONFIG),
         timeouts: timeoutsFrom(options.config.registryTimeouts),
+        // eStargz layers are mounted lazily; their fills run with the API's lazy pulls'.
+        lazy: {
+          ...(registriesConfigPath !== undefined ? { registriesConfig: registriesConfigPath } : {}),
+          started: (diffId) => { void daemon.lazyFills.start(diffId); },
+        },
       });
       daemon.layerFetcher = fetcher;
       // Layers containerd unpacks are stored from their original blobs in its content store (the image's diffIDs).
@@ -249,6 +259,7 @@ export class Daemon {
       await this.watcher?.close();
       await this.spool?.stop();
       await this.lazyFills?.stop();
+      this.fillGate?.stop();
       const closed = new Promise<void>((resolvePromise) => this.server.close(() => resolvePromise()));
       this.server.closeIdleConnections();
       await Promise.allSettled([...this.inflight]);

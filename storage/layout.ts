@@ -28,6 +28,8 @@ export class StoreLayout {
   get lazyDir(): string { return join(this.root, 'lazy', 'sha256'); }
   /** Lazy-read counters of the processes serving lazy layers (storage/lazy/lazyLayer.ts lazyStatsDir: the same place). */
   get lazyStatsDir(): string { return join(this.root, 'lazy', 'stats'); }
+  /** Where processes serving lazy layers say that reads wait (storage/lazy/readDemand.ts demandDirOf: the same place). */
+  get lazyDemandDir(): string { return join(this.root, 'lazy', 'demand'); }
 
   get containersDir(): string { return join(this.root, 'containers'); }
   containerDir(id: string): string { return join(this.containersDir, id); }

@@ -13,7 +13,8 @@
  */
 import { expect } from 'chai';
 import { type ChildProcess } from 'node:child_process';
-import { type ServerResponse } from 'node:http';
+import { type IncomingMessage, type ServerResponse, createServer, request as httpRequest } from 'node:http';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { mkdir, open, readFile, readdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { gzipSync } from 'node:zlib';
@@ -172,6 +173,28 @@ describe('lazy pull of eStargz images (docker-registry 2.8.2)', function () {
     expect(fetched).to.be.lessThan(total / 2);
   });
 
+  it('reads ahead: the files of one directory, read one after another, come in far fewer range requests than files', async () => {
+    let ranges = 0;
+    const proxy = await startProxy(registry.host, {
+      intercept: (req) => {
+        if (req.headers.range !== undefined && req.url?.includes('/blobs/')) ranges++;
+        return false;
+      },
+    });
+    try {
+      const root = join(work.dir, 'lazy-readahead');
+      const pulled = await lazyPull(root, `${proxy.host}/lazy/dm:v1`);
+      const mnt = await mountImage(root, pulled.images[0]!.refs[0]!, 'lazy-readahead');
+      const etc = fullTree.files.filter((f) => /^etc\/[^/]+$/.test(f.path));
+      expect(etc.length, 'files directly in /etc').to.be.at.least(20);
+      const before = ranges;
+      for (const f of etc) expect((await readFile(join(mnt, f.path))).equals(await readFile(join(fullMnt(), f.path))), `/${f.path}`).to.equal(true);
+      expect(ranges - before, `range requests for ${etc.length} files`).to.be.greaterThan(0).and.lessThan(etc.length / 3);
+    } finally {
+      await proxy.close();
+    }
+  });
+
   it('answers EIO, never wrong bytes, when a relay serves other bytes for the chunks; serves them once the relay is honest', async () => {
     let corrupt = false;
     let corrupted = 0;
@@ -273,6 +296,135 @@ describe('lazy pull of eStargz images (docker-registry 2.8.2)', function () {
     } finally {
       if (container && daemon) await layerctl(['rm', container], { LAYERD_SOCKET: daemon.socket });
       await daemon?.stop();
+    }
+  });
+
+  it('an offline lazy pull is not filled until `layerctl --root … fill` completes it in the foreground, as a full pull would', async () => {
+    const root = join(work.dir, 'offline-fill');
+    await lazyPull(root, ref);
+    // Without a daemon nothing fills: still lazy after a read through a mount.
+    const mnt = await mountImage(root, ref, 'offline-fill');
+    const f = fullTree.files[0]!;
+    expect((await readFile(join(mnt, f.path))).equals(await readFile(join(fullMnt(), f.path)))).to.equal(true);
+    expect((await layerctlJson<Inspect>(['--root', root, 'inspect', ref])).Layers.map((l) => l.state)).to.deep.equal(['lazy', 'lazy', 'lazy', 'lazy']);
+    const filled = await layerctlR(['--root', root, 'fill', ref, '--json']);
+    expect(filled.code, filled.stderr).to.equal(0);
+    expect((JSON.parse(filled.stdout) as { filled: string[] }).filled).to.have.length(4);
+    const info = await layerctlJson<Inspect>(['--root', root, 'inspect', ref]);
+    expect(info.Layers.map(({ diffId, digest, uncompressedSize, entries, state }) => ({ diffId, digest, uncompressedSize, entries, state })))
+      .to.deep.equal(fullInspect.Layers.map(({ diffId, digest, uncompressedSize, entries }) => ({ diffId, digest, uncompressedSize, entries, state: 'complete' })));
+    const fsck = await layerctl(['--root', root, 'fsck']);
+    expect(fsck.code, fsck.stdout + fsck.stderr).to.equal(0);
+    // The mount made while lazy goes on serving; nothing is left to fill.
+    const g = fullTree.files[fullTree.files.length - 1]!;
+    expect((await readFile(join(mnt, g.path))).equals(await readFile(join(fullMnt(), g.path)))).to.equal(true);
+    const again = await layerctlR(['--root', root, 'fill', '--json']);
+    expect(JSON.parse(again.stdout)).to.deep.equal({ filled: [], broken: [] });
+  });
+
+  it('through the daemon: the fill lets go of the link while a container\'s read waits, and resumes from where it was after', async () => {
+    const dir = join(work.dir, 'daemon-yield');
+    const [upHost, upPort] = registry.host.split(':') as [string, string];
+    /** Whole-blob answers (the fills): paced while `slow`; their fate. Range requests: held while `holdRanges`. */
+    let slow = true;
+    let holdRanges = false;
+    const fills: { range: string | undefined; length: number; sent: number; closedEarly: boolean; done: boolean }[] = [];
+    const heldRanges: (() => void)[] = [];
+    const forward = (req: IncomingMessage, res: ServerResponse, fill?: (typeof fills)[number]): void => {
+      const up = httpRequest({ host: upHost, port: Number(upPort), method: req.method, path: req.url, headers: req.headers }, (answer) => {
+        res.writeHead(answer.statusCode ?? 502, answer.headers);
+        if (!fill) { answer.pipe(res); return; }
+        fill.length = Number(answer.headers['content-length'] ?? 0);
+        res.on('close', () => { if (!fill.done) { fill.closedEarly = true; answer.destroy(); } });
+        void (async () => {
+          for await (const chunk of answer as AsyncIterable<Buffer>) {
+            for (let at = 0; at < chunk.length && !res.destroyed; at += 32 * 1024) {
+              const part = chunk.subarray(at, at + 32 * 1024);
+              if (slow) await sleep(20);
+              if (res.destroyed) return;
+              fill.sent += part.length;
+              res.write(part);
+            }
+          }
+          fill.done = true;
+          res.end();
+        })().catch(() => res.destroy());
+      });
+      up.on('error', () => res.destroy());
+      req.pipe(up);
+    };
+    const front = createServer((req, res) => {
+      const blob = req.url?.includes('/blobs/') === true && req.method === 'GET';
+      const whole = blob && (req.headers.range === undefined || /^bytes=\d+-$/.test(req.headers.range));
+      if (blob && whole) {
+        const fill = { range: req.headers.range, length: 0, sent: 0, closedEarly: false, done: false };
+        fills.push(fill);
+        forward(req, res, fill);
+      } else if (blob && holdRanges) heldRanges.push(() => forward(req, res));
+      else forward(req, res);
+    });
+    await new Promise<void>((resolve) => front.listen(0, '127.0.0.1', resolve));
+    const frontRef = `127.0.0.1:${(front.address() as { port: number }).port}/lazy/dm:v1`;
+    let daemon: RunningDaemon | undefined;
+    let container: string | undefined;
+    let reader: ChildProcess | undefined;
+    try {
+      daemon = await startDaemon(dir);
+      const socket = { LAYERD_SOCKET: daemon.socket };
+      const pulled = await layerctl(['pull', '--lazy', frontRef, '--json'], socket);
+      expect(pulled.code, pulled.stderr).to.equal(0);
+      await waitFor('the fills to be sending', () => fills.length > 0 && fills.some((f) => f.sent > 0), 30_000, 50);
+      const created = await layerctl(['create', frontRef, '--name', 'yield1', '--json'], socket);
+      expect(created.code, created.stderr).to.equal(0);
+      container = 'yield1';
+      const mnt = (JSON.parse(created.stdout) as { mountpoint: string }).mountpoint;
+
+      // Reads that wait for the registry: their range requests are held. (Several files across the
+      // image: one of a small layer may be complete already, and be read from disk.)
+      // The fills that are far from their end (paced: seconds away) when the reads start must all let go.
+      const inProgress = fills.filter((x) => !x.done && !x.closedEarly && x.length - x.sent > 8 * 1024 * 1024);
+      expect(inProgress.length, 'fills under way when the reads start').to.be.greaterThan(0);
+      holdRanges = true;
+      const big = fullTree.files.filter((x) => x.size > 100_000);
+      const sample = [0, 0.2, 0.4, 0.6, 0.8, 1].map((q) => big[Math.min(big.length - 1, Math.floor(q * big.length))]!);
+      // (In a child process: reads blocked in this one would hold its libuv threads, which the test's own fs calls need.)
+      const sha256sum = (root: string): Promise<string> => {
+        const run = execFileAsync('sha256sum', sample.map((x) => x.path), { cwd: root });
+        reader = run.child;
+        return run.then((r) => r.stdout);
+      };
+      const reading = sha256sum(mnt);
+      reading.catch(() => undefined); // (awaited below)
+      await waitFor('the read\'s range request', () => heldRanges.length > 0, 30_000, 20);
+      await waitFor('the fills under way to end', () => inProgress.every((x) => x.done || x.closedEarly), 60_000, 20);
+      expect(inProgress.map((x) => x.closedEarly), 'each let go of its answer (none finished meanwhile)').to.deep.equal(inProgress.map(() => true));
+      const wholeRequests = fills.length;
+      // While the read waits, its mount host writes heartbeats; the fill asks for nothing meanwhile.
+      const demandDir = join(dir, 'root', 'lazy', 'demand');
+      const heartbeats = new Set<number>();
+      await waitFor('four heartbeats of the waiting read', async () => {
+        for (const name of await readdir(demandDir)) heartbeats.add((await stat(join(demandDir, name))).mtimeMs);
+        return heartbeats.size >= 4;
+      }, 30_000, 50);
+      expect(fills.length, 'no fill request while the read waits').to.equal(wholeRequests);
+
+      // The read is answered with the full pull's bytes; the fill resumes where each download was.
+      slow = false;
+      holdRanges = false;
+      for (const go of heldRanges.splice(0)) go();
+      expect(await reading).to.equal(await sha256sum(fullMnt()));
+      await waitFor('a fill to resume with Range', () => fills.some((x) => x.range !== undefined && /^bytes=[1-9]\d*-$/.test(x.range)), 60_000, 50);
+      const inspect = async (): Promise<Inspect> => JSON.parse((await layerctl(['inspect', frontRef], socket)).stdout) as Inspect;
+      await waitFor('every layer complete', async () => (await inspect()).Layers.every((l) => l.state === 'complete'), 120_000, 250);
+      expect((await inspect()).Layers.map((l) => l.diffId)).to.deep.equal(fullInspect.Layers.map((l) => l.diffId));
+    } finally {
+      holdRanges = false;
+      for (const go of heldRanges.splice(0)) go();
+      if (reader?.exitCode === null && reader.pid !== undefined) process.kill(reader.pid, 'SIGKILL');
+      if (container && daemon) await layerctl(['rm', container], { LAYERD_SOCKET: daemon.socket });
+      await daemon?.stop();
+      front.closeAllConnections();
+      await new Promise<void>((resolve) => front.close(() => resolve()));
     }
   });
 

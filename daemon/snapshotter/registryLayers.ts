@@ -19,11 +19,21 @@
  * background (at most `concurrency` at once): their Prepares then find them
  * fetched or being fetched. A fetch of one digest is shared by every Prepare
  * that asks for it meanwhile (two namespaces pulling one image).
+ *
+ * An eStargz layer (its Prepare labels carry the layer's
+ * `containerd.io/snapshot/stargz/toc.digest` annotation, as containerd passes
+ * a layer's `containerd.io/snapshot/` annotations) is pulled lazily when the
+ * daemon allows it (`lazy`): only its TOC is fetched, the snapshot is there at
+ * once, its content is fetched as it is read, and the daemon's background fill
+ * completes it (storage/lazy/). The image's later layers are then pulled
+ * lazily too; one that turns out not to be eStargz is pulled in full.
  */
 import { type Logger } from '../../common/log.js';
 import { type Digest, isDigest } from '../../storage/digest.js';
 import { type RetryPolicy } from '../../storage/registry/client.js';
 import { type RegistriesConfig } from '../../storage/registry/config.js';
+import { TOC_DIGEST_ANNOTATION } from '../../storage/lazy/estargz.js';
+import { pullLazyLayer } from '../../storage/lazy/lazyLayerPull.js';
 import { pullLayer } from '../../storage/registry/layer.js';
 import { DEFAULT_PULL_CONCURRENCY } from '../../storage/registry/pull.js';
 import { type AbortCause, type RegistryTimeouts } from '../../storage/registry/timeouts.js';
@@ -66,6 +76,8 @@ export interface RegistryLayerSourceOptions {
   timeouts?: RegistryTimeouts;
   /** Layers fetched at once (default: as many as a pull downloads at once). */
   concurrency?: number;
+  /** Pull eStargz layers lazily; `started` is told each layer recorded lazily (its fill is the caller's to start). */
+  lazy?: { registriesConfig?: string; started(diffId: Digest): void };
 }
 
 /**
@@ -91,27 +103,39 @@ export class RegistryLayerSource implements ChainLayerSource {
   async layerFor(request: LayerRequest): Promise<Digest | undefined> {
     const named = namedLayerOf(request.labels);
     if (named === undefined) return undefined;
-    const own = this.fetch(named.reference, named.digest, 'requested');
-    for (const d of named.following) void this.fetch(named.reference, d, 'prefetch').catch(() => undefined); // its own Prepare reports a failure
+    const lazy = this.options.lazy !== undefined && isDigest(request.labels[TOC_DIGEST_ANNOTATION]);
+    const own = this.fetch(named.reference, named.digest, 'requested', lazy);
+    for (const d of named.following) void this.fetch(named.reference, d, 'prefetch', lazy).catch(() => undefined); // its own Prepare reports a failure
     let diffId = await own;
     if (!this.store.db.getLayer(diffId)) {
       // Collected (a store GC, containerd removing the snapshot) between its fetch and now: once more.
       this.fetches.delete(named.digest);
-      diffId = await this.fetch(named.reference, named.digest, 'requested');
+      diffId = await this.fetch(named.reference, named.digest, 'requested', lazy);
     }
     return diffId;
   }
 
   /** The fetch of `digest` in progress or done, else a new one (queued behind `concurrency` others). */
-  private fetch(reference: string, digest: Digest, why: 'requested' | 'prefetch'): Promise<Digest> {
+  private fetch(reference: string, digest: Digest, why: 'requested' | 'prefetch', lazy: boolean): Promise<Digest> {
     const known = this.fetches.get(digest);
     if (known !== undefined && (known.diffId === undefined || this.store.db.getLayer(known.diffId))) return known.fetching;
     const started = Date.now();
     const fetching = this.slot(async () => {
-      const pulled = await pullLayer(this.store, reference, digest, {
+      const options = {
         config: await this.options.config(), retry: FETCH_RETRY, signal: this.stopper.signal,
         ...(this.options.timeouts ? { timeouts: this.options.timeouts } : {}),
-      });
+      };
+      if (lazy && this.options.lazy) {
+        const { registriesConfig, started: fillStarted } = this.options.lazy;
+        const pulled = await pullLazyLayer(this.store, reference, digest, { ...options, ...(registriesConfig !== undefined ? { registriesConfig } : {}) });
+        if (pulled.kind === 'lazy') {
+          if (!pulled.existed) fillStarted(pulled.diffId);
+          this.logger.info('snapshotter pulled a layer lazily', { reference, digest, diffId: pulled.diffId, ms: Date.now() - started, why, alreadyStored: pulled.existed });
+          return pulled.diffId;
+        }
+        this.logger.info('snapshotter cannot pull a layer lazily: fetching it in full', { reference, digest, why: pulled.why });
+      }
+      const pulled = await pullLayer(this.store, reference, digest, options);
       this.logger.info('snapshotter fetched a layer', {
         reference, digest, diffId: pulled.diffId, bytes: pulled.blobBytes, ms: Date.now() - started, why, alreadyStored: pulled.existed,
       });

@@ -21,7 +21,7 @@ import { ingestLayer } from '../layerIngest.js';
 import { repositoryScope } from '../registry/auth.js';
 import { RegistryClient } from '../registry/client.js';
 import { EMPTY_CONFIG, type RegistriesConfig, endpointsFor, loadRegistriesConfig } from '../registry/config.js';
-import { ResumableBlobStream } from '../registry/download.js';
+import { type FetchGate, ResumableBlobStream } from '../registry/download.js';
 import { DEFAULT_TIMEOUTS, type RegistryTimeouts } from '../registry/timeouts.js';
 import { type Store } from '../store.js';
 import { GZIP_INDEX_FORMAT, checkGzipFileTable } from './gzipLazy.js';
@@ -33,6 +33,8 @@ export interface FillOptions {
   signal?: AbortSignal;
   /** How often progress is written to the database (default 500 ms). */
   progressIntervalMs?: number;
+  /** Closed while on-demand reads wait (readDemand.ts): the download pauses, reads get the link. */
+  gate?: FetchGate;
 }
 
 /** Fill one lazy layer; resolves once it is an ordinary stored layer (or was already). */
@@ -58,7 +60,7 @@ export async function fillLazyLayer(store: Store, diffId: Digest, options: FillO
     const dir = join(workDir, 'fill');
     await mkdir(dir);
     const ingested = await ingestLayer(
-      async () => new ResumableBlobStream(clients, info.repository, info.blobDigest, [repositoryScope(info.repository, 'pull')]),
+      async () => new ResumableBlobStream(clients, info.repository, info.blobDigest, [repositoryScope(info.repository, 'pull')], options.gate),
       { digest: info.blobDigest, size: info.blobSize, diffId },
       {
         workDir: dir, unpack: true, flushEarly: store.durable,
@@ -88,6 +90,18 @@ export async function fillLazyLayer(store: Store, diffId: Digest, options: FillO
   }
 }
 
+/**
+ * If `err` says the blob itself is bad (does not verify, broken tar), mark the
+ * layer broken and return its message; other failures (the network) are left
+ * for a later attempt: undefined.
+ */
+export function markBrokenIfBadBlob(store: Store, diffId: Digest, err: unknown): string | undefined {
+  if (!(isLayerdError(err, ErrorCodes.EDIGEST) || isLayerdError(err, ErrorCodes.EBADTAR) || isLayerdError(err, ErrorCodes.ECORRUPT))) return undefined;
+  const message = err instanceof Error ? err.message : String(err);
+  if (store.db.getLazyLayer(diffId)) store.db.write(() => store.db.setLazyState(diffId, 'broken', 0, message));
+  return message;
+}
+
 /** The daemon's background fills. */
 export class LazyFills {
   private readonly running = new Map<Digest, Promise<void>>();
@@ -95,7 +109,7 @@ export class LazyFills {
 
   constructor(
     private readonly store: Store,
-    private readonly options: { config: () => Promise<RegistriesConfig>; timeouts?: RegistryTimeouts; logger?: Logger; maxBackoffMs?: number },
+    private readonly options: { config: () => Promise<RegistriesConfig>; timeouts?: RegistryTimeouts; logger?: Logger; maxBackoffMs?: number; gate?: FetchGate },
   ) {}
 
   private get logger(): Logger { return this.options.logger ?? silentLogger(); }
@@ -131,14 +145,14 @@ export class LazyFills {
         await fillLazyLayer(this.store, diffId, {
           config: await this.options.config(), signal: this.controller.signal,
           ...(this.options.timeouts ? { timeouts: this.options.timeouts } : {}),
+          ...(this.options.gate ? { gate: this.options.gate } : {}),
         });
         this.logger.info('lazy layer complete', { diffId });
         return;
       } catch (err) {
         if (this.controller.signal.aborted || !this.store.db.getLazyLayer(diffId)) return;
-        if (isLayerdError(err, ErrorCodes.EDIGEST) || isLayerdError(err, ErrorCodes.EBADTAR) || isLayerdError(err, ErrorCodes.ECORRUPT)) {
-          const message = err instanceof Error ? err.message : String(err);
-          this.store.db.write(() => this.store.db.setLazyState(diffId, 'broken', 0, message));
+        const message = markBrokenIfBadBlob(this.store, diffId, err);
+        if (message !== undefined) {
           this.logger.error('lazy layer broken: its blob does not verify', { diffId, error: message });
           return;
         }

@@ -38,6 +38,7 @@ import { EMPTY_CONFIG, endpointsFor, loadRegistriesConfig } from '../registry/co
 import { readLayerIndex } from '../store.js';
 import { type Chunk, type LazyFile } from './estargz.js';
 import { inflateSpan } from './gzipIndex.js';
+import { ReadDemandSignal, demandDirOf } from './readDemand.js';
 
 export const LAZY_JSON = 'lazy.json';
 export const LAZY_CONTENT = 'content';
@@ -47,6 +48,14 @@ export const LAZY_FORMAT_VERSION = 1 as const;
 export const DEFAULT_READ_TIMEOUT_MS = 30_000;
 /** Range requests in flight at once for one layer. */
 const MAX_FETCHES = 8;
+/**
+ * Compressed bytes a chunk's Range request also asks for past its chunk: the
+ * chunks that follow it in the blob (mostly the next files of the same
+ * directory, as a program's start reads them), verified and cached like any
+ * other. One request instead of one per small file: a Python start reads
+ * ~80 modules, and each request costs a round trip.
+ */
+const READAHEAD_BYTES = 512 * 1024;
 
 /** Where a lazy layer's blob is, and how its bytes map onto its files. */
 export interface LazyLayerInfo {
@@ -129,6 +138,9 @@ export class LazyLayerSource implements LayerSource {
   private statsTimer: NodeJS.Timeout | undefined;
   private fetching = 0;
   private readonly waiting: (() => void)[] = [];
+  /** Every chunk fetched from the blob, in blob order (key: its content offset), and each key's place in it: for read-ahead. */
+  private readonly blobOrder: { key: number; chunk: Chunk }[];
+  private readonly orderOf = new Map<number, number>();
 
   /**
    * The content file, open for the source's life: the fill removes the lazy
@@ -140,6 +152,9 @@ export class LazyLayerSource implements LayerSource {
   private constructor(readonly dir: string, readonly index: LayerIndex, readonly info: LazyLayerInfo, fd: number, options: LazySourceOptions) {
     this.fd = fd;
     for (const f of info.files) this.byOffset.set(f.offset, f);
+    this.blobOrder = info.files.flatMap((f) => f.chunks.filter((c) => c.start >= 0).map((chunk) => ({ key: f.offset + chunk.fileOffset, chunk })))
+      .sort((a, b) => a.chunk.start - b.chunk.start);
+    this.blobOrder.forEach((c, i) => this.orderOf.set(c.key, i));
     this.readTimeoutMs = options.readTimeoutMs ?? readTimeoutFromEnv();
     this.contentPath = join(dir, LAZY_CONTENT);
   }
@@ -183,14 +198,16 @@ export class LazyLayerSource implements LayerSource {
     if (this.clients) for (const c of await this.clients.catch(() => [])) c.close();
   }
 
-  private ensure(file: LazyFile, chunk: Chunk, path: string): Promise<void> {
+  private ensure(file: LazyFile, chunk: Chunk, path: string, readaheadMisses = 0): Promise<void> {
     const key = file.offset + chunk.fileOffset;
-    let work = this.inFlight.get(key);
-    if (work === undefined) {
-      work = this.load(key, chunk, path).finally(() => this.inFlight.delete(key));
-      this.inFlight.set(key, work);
+    const work = this.inFlight.get(key);
+    // Being read ahead by another chunk's request: if that did not bring it, fetch it (twice at most behind read-aheads that fail).
+    if (work !== undefined && readaheadMisses < 2) {
+      return work.then(() => (this.present.has(key) ? undefined : this.ensure(file, chunk, path, readaheadMisses + 1)));
     }
-    return work;
+    const own = this.load(key, chunk, path).finally(() => { if (this.inFlight.get(key) === own) this.inFlight.delete(key); });
+    this.inFlight.set(key, own);
+    return own;
   }
 
   private async load(key: number, chunk: Chunk, path: string): Promise<void> {
@@ -204,19 +221,36 @@ export class LazyLayerSource implements LayerSource {
     if (chunk.start < 0) throw this.eio(path, chunk, 'a local chunk is missing from the cache');
     this.stats.stalls++;
     this.noteStats();
+    // The daemon's background fill pauses while this read waits (readDemand.ts).
+    const waited = ReadDemandSignal.for(demandDirOf(this.dir)).begin();
+    try {
+      await this.fetchVerified(key, chunk, path);
+    } finally {
+      waited();
+    }
+  }
+
+  /** Fetch, verify and store one chunk: retried within the read bound, refetched once after bad bytes. */
+  private async fetchVerified(key: number, chunk: Chunk, path: string): Promise<void> {
     const deadline = Date.now() + this.readTimeoutMs;
     let failures = 0;
     let badBytes = 0;
     let last: unknown;
-    for (;;) {
+    for (let attempt = 0; ; attempt++) {
       let member: Buffer | undefined;
+      // The first request also asks for what follows the chunk (not when it is asked again).
+      const ahead = attempt === 0 ? this.claimReadahead(key) : [];
+      let fetched: Buffer | undefined;
       try {
-        member = await this.withDeadline(this.fetchChunk(chunk), deadline);
+        fetched = await this.withDeadline(this.fetchRange(chunk.start, ahead.at(-1)?.chunk.end ?? chunk.end), deadline);
+        member = fetched.subarray(0, chunk.end - chunk.start);
       } catch (err) {
         last = err;
+      } finally {
+        void this.keepReadahead(ahead, fetched, chunk.start);
       }
       if (member !== undefined) {
-        const bytes = await (chunk.checkpoint ? inflateFromCheckpoint(chunk, member) : inflatePrefix(member, chunk.length)).catch(() => undefined);
+        const bytes = await inflateChunk(chunk, member).catch(() => undefined);
         if (bytes !== undefined && sha256(bytes) === chunk.digest) {
           await writeAt(this.fd, bytes, key);
           this.present.add(key);
@@ -232,6 +266,49 @@ export class LazyLayerSource implements LayerSource {
       const wait = Math.min(2_000, 100 * 2 ** failures++);
       if (Date.now() + wait >= deadline) throw this.eio(path, chunk, `could not be fetched within ${this.readTimeoutMs} ms: ${(last as Error)?.message ?? last}`);
       await sleep(wait);
+    }
+  }
+
+  /**
+   * The chunks right after `key` in the blob, up to READAHEAD_BYTES past its
+   * end and contiguous, that no one has or fetches; each is marked in flight
+   * (a read of it waits for this request) until keepReadahead releases it.
+   */
+  private claimReadahead(key: number): { key: number; chunk: Chunk; release: () => void }[] {
+    const at = this.orderOf.get(key);
+    if (at === undefined) return [];
+    const first = this.blobOrder[at]!.chunk;
+    const claimed: { key: number; chunk: Chunk; release: () => void }[] = [];
+    let prev = first;
+    for (let i = at + 1; i < this.blobOrder.length; i++) {
+      const next = this.blobOrder[i]!;
+      if (next.chunk.start !== prev.end || next.chunk.end - first.end > READAHEAD_BYTES) break;
+      if (this.present.has(next.key) || this.inFlight.has(next.key)) break;
+      let release: () => void = () => undefined;
+      // Resolves (never rejects) once the read-ahead verified it or gave up: a reader waiting on it then fetches it itself (ensure).
+      const work: Promise<void> = new Promise<void>((resolve) => { release = resolve; })
+        .finally(() => { if (this.inFlight.get(next.key) === work) this.inFlight.delete(next.key); });
+      this.inFlight.set(next.key, work);
+      claimed.push({ ...next, release });
+      prev = next.chunk;
+    }
+    return claimed;
+  }
+
+  /** Verify and cache the read-ahead chunks of `fetched` (blob bytes from `base`), then release them. */
+  private async keepReadahead(ahead: { key: number; chunk: Chunk; release: () => void }[], fetched: Buffer | undefined, base: number): Promise<void> {
+    for (const a of ahead) {
+      try {
+        if (fetched === undefined || fetched.length < a.chunk.end - base) continue;
+        const bytes = await inflateChunk(a.chunk, fetched.subarray(a.chunk.start - base, a.chunk.end - base)).catch(() => undefined);
+        if (bytes === undefined || sha256(bytes) !== a.chunk.digest) continue;
+        await writeAt(this.fd, bytes, a.key);
+        this.present.add(a.key);
+      } catch {
+        // (a write that failed: the reader fetches it itself)
+      } finally {
+        a.release();
+      }
     }
   }
 
@@ -282,19 +359,19 @@ export class LazyLayerSource implements LayerSource {
     return this.clients;
   }
 
-  /** The chunk's gzip member, by a Range request: at most MAX_FETCHES at once per layer (a copy-up of a big file asks for all its chunks). */
-  private async fetchChunk(chunk: Chunk): Promise<Buffer> {
+  /** Blob bytes [start, end) (gzip members), by a Range request: at most MAX_FETCHES at once per layer (a copy-up of a big file asks for all its chunks). */
+  private async fetchRange(start: number, end: number): Promise<Buffer> {
     while (this.fetching >= MAX_FETCHES) await new Promise<void>((wake) => this.waiting.push(wake));
     this.fetching++;
     try {
-      return await this.fetchMember(chunk);
+      return await this.fetchMembers(start, end);
     } finally {
       this.fetching--;
       this.waiting.shift()?.();
     }
   }
 
-  private async fetchMember(chunk: Chunk): Promise<Buffer> {
+  private async fetchMembers(start: number, end: number): Promise<Buffer> {
     const clients = await this.registryClients();
     let last: unknown;
     for (const client of clients) {
@@ -302,15 +379,15 @@ export class LazyLayerSource implements LayerSource {
         this.stats.rangeRequests++;
         const res = await client.request({
           method: 'GET', path: `/v2/${this.info.repository}/blobs/${this.info.blobDigest}`,
-          headers: { range: `bytes=${chunk.start}-${chunk.end - 1}` }, scopes: [repositoryScope(this.info.repository, 'pull')],
+          headers: { range: `bytes=${start}-${end - 1}` }, scopes: [repositoryScope(this.info.repository, 'pull')],
           expect: [206], context: { repository: this.info.repository, digest: this.info.blobDigest },
         });
         const range = /^bytes (\d+)-(\d+)\//.exec(headerValue(res.headers['content-range']) ?? '');
-        if (!range || Number(range[1]) !== chunk.start || Number(range[2]) !== chunk.end - 1) {
+        if (!range || Number(range[1]) !== start || Number(range[2]) !== end - 1) {
           res.body.destroy();
-          throw new LayerdError(ErrorCodes.EFORMAT, `asked for bytes ${chunk.start}-${chunk.end - 1}, got Content-Range '${res.headers['content-range'] ?? ''}'`);
+          throw new LayerdError(ErrorCodes.EFORMAT, `asked for bytes ${start}-${end - 1}, got Content-Range '${res.headers['content-range'] ?? ''}'`);
         }
-        const member = await readLimited(res.body, chunk.end - chunk.start, client.registry);
+        const member = await readLimited(res.body, end - start, client.registry);
         this.stats.fetchedBytes += member.length;
         return member;
       } catch (err) {
@@ -342,6 +419,11 @@ function inflatePrefix(member: Buffer, length: number): Promise<Buffer> {
     inflater.on('error', (err) => settle(() => reject(err)));
     inflater.end(member);
   });
+}
+
+/** A chunk's bytes from its compressed range: an eStargz gzip member, or a gzip-index span from its checkpoint. */
+function inflateChunk(chunk: Chunk, compressed: Buffer): Promise<Buffer> {
+  return chunk.checkpoint ? inflateFromCheckpoint(chunk, compressed) : inflatePrefix(compressed, chunk.length);
 }
 
 /** A gzip-index span: its bytes inflated from its checkpoint (gzipIndex.ts). */

@@ -111,10 +111,8 @@ export async function pullLazy(store: Store, reference: string, options: LazyPul
 function notLazy(manifest: ImageManifest, diffIds: Digest[], store: Store, gzipIndexes: ReadonlyMap<Digest, unknown>): string | undefined {
   for (const [i, layer] of manifest.layers.entries()) {
     if (store.db.getLayer(diffIds[i]!)) continue;
-    if (!GZIP_LAYER_TYPES.includes(layer.mediaType)) return `layer ${layer.digest} is ${layer.mediaType}, not an eStargz gzip layer: pulled in full`;
-    if (!isDigest(layer.annotations?.[TOC_DIGEST_ANNOTATION]) && !gzipIndexes.has(layer.digest)) {
-      return `layer ${layer.digest} is not eStargz (no ${TOC_DIGEST_ANNOTATION} annotation) and the registry has no gzip index for it (layerctl index): pulled in full`;
-    }
+    const why = notLazyLayer(layer, gzipIndexes.has(layer.digest));
+    if (why !== undefined) return why;
   }
   return undefined;
 }
@@ -141,7 +139,19 @@ async function gzipIndexesFor(
   }
 }
 
-interface FoundManifest {
+/**
+ * Why one layer cannot be served lazily, or undefined if it can: an eStargz
+ * layer, or a plain gzip layer with a gzip index (`gzipIndexed`).
+ */
+export function notLazyLayer(layer: Descriptor, gzipIndexed = false): string | undefined {
+  if (!GZIP_LAYER_TYPES.includes(layer.mediaType)) return `layer ${layer.digest} is ${layer.mediaType}, not an eStargz gzip layer: pulled in full`;
+  if (!isDigest(layer.annotations?.[TOC_DIGEST_ANNOTATION]) && !gzipIndexed) {
+    return `layer ${layer.digest} is not eStargz (no ${TOC_DIGEST_ANNOTATION} annotation) and the registry has no gzip index for it (layerctl index): pulled in full`;
+  }
+  return undefined;
+}
+
+export interface FoundManifest {
   digest: Digest;
   mediaType: string;
   manifest: ImageManifest;
@@ -149,14 +159,14 @@ interface FoundManifest {
   indexDigest: Digest | null;
 }
 
-/** Walk indexes down to the manifest for the platform, staging the documents on the way. */
-async function resolveManifest(tx: Transaction, source: RegistrySource, top: Descriptor, options: LazyPullOptions): Promise<FoundManifest> {
+/** Walk indexes down to the manifest for the platform, staging the documents on the way (if `tx`). */
+export async function resolveManifest(tx: Transaction | undefined, source: RegistrySource, top: Descriptor, options: LazyPullOptions): Promise<FoundManifest> {
   let desc = top;
   let indexDigest: Digest | null = null;
   for (let depth = 0; depth <= 8; depth++) {
     const bytes = await readDocument(source, desc, 'manifest');
     const parsed = parseManifestOrIndex(bytes, `${source.description}: ${desc.digest}`, desc.mediaType);
-    await tx.stageDocument(desc.digest, bytes, parsed.mediaType);
+    await tx?.stageDocument(desc.digest, bytes, parsed.mediaType);
     if (parsed.kind === 'index') {
       indexDigest ??= desc.digest;
       desc = selectPlatform(parsed.index.manifests, options.platform ?? hostPlatform(), `${source.description}: index ${desc.digest}`);
@@ -165,7 +175,7 @@ async function resolveManifest(tx: Transaction, source: RegistrySource, top: Des
     const manifest = parsed.manifest;
     const configBytes = await readDocument(source, manifest.config, 'image config');
     const config = parseImageConfig(configBytes, `${source.description}: config ${manifest.config.digest}`);
-    await tx.stageDocument(manifest.config.digest, configBytes, manifest.config.mediaType);
+    await tx?.stageDocument(manifest.config.digest, configBytes, manifest.config.mediaType);
     if (config.rootfs.diff_ids.length !== manifest.layers.length) {
       throw new LayerdError(ErrorCodes.EBADJSON, `${source.description}: ${manifest.layers.length} layers but the config lists ${config.rootfs.diff_ids.length} diff_ids`, { digest: desc.digest });
     }
@@ -175,7 +185,7 @@ async function resolveManifest(tx: Transaction, source: RegistrySource, top: Des
 }
 
 /** Footer, TOC (verified), index and an empty content file, in a directory of the ingest area. */
-async function stageLazyLayer(tx: Transaction, source: RegistrySource, layer: Descriptor, diffId: Digest, registriesConfig: string | undefined): Promise<void> {
+export async function stageLazyLayer(tx: Transaction, source: RegistrySource, layer: Descriptor, diffId: Digest, registriesConfig: string | undefined): Promise<void> {
   const what = `${source.description}: layer ${layer.digest}`;
   const tocDigest = layer.annotations![TOC_DIGEST_ANNOTATION] as Digest;
   if (layer.size < ESTARGZ_FOOTER_SIZE) throw new LayerdError(ErrorCodes.EFORMAT, `${what}: too small for eStargz`);

@@ -7,12 +7,29 @@
  * (storage/layerIngest.ts) hashes the whole stream and checks it against the
  * manifest's digest and size. Timeouts and cancellation (client.ts) end the
  * stream with their error at once; they are not resumed.
+ *
+ * A download may be given a FetchGate (a lazy layer's background fill yields
+ * so to on-demand reads, storage/lazy/readDemand.ts): when the gate closes,
+ * the answer in progress is dropped (the link is free at once) and the rest
+ * is asked for, with Range, once it opens again.
  */
 import { type IncomingMessage } from 'node:http';
 import { Readable } from 'node:stream';
 import { type Digest } from '../digest.js';
 import { type RegistryClient, backoffDelay, headerValue, isRetryableNetworkError } from './client.js';
 import { registryError } from './errors.js';
+
+/** Whether a download may go on now (see ReadDemandGate). */
+export interface FetchGate {
+  readonly open: boolean;
+  /** Resolves once the gate is open (at once if it is, or `signal` aborted). */
+  whenOpen(signal?: AbortSignal): Promise<void>;
+  /** Call `listener` whenever the gate closes; returns the unsubscribe. */
+  onClose(listener: () => void): () => void;
+}
+
+/** The answer in progress was dropped because the gate closed: not a failure. */
+class Yielded extends Error {}
 
 export class ResumableBlobStream extends Readable {
   private received = 0;
@@ -28,6 +45,7 @@ export class ResumableBlobStream extends Readable {
     private readonly repository: string,
     private readonly digest: Digest,
     private readonly scopes: readonly string[],
+    private readonly gate?: FetchGate,
   ) {
     super({ highWaterMark: 1024 * 1024 });
   }
@@ -55,12 +73,15 @@ export class ResumableBlobStream extends Readable {
     let failures = 0;
     for (;;) {
       const before = this.received;
+      if (this.gate && !this.gate.open) await this.gate.whenOpen(this.client.signal);
+      if (this.destroyed) return;
       try {
         const done = await this.fetchOnce();
         if (done) return;
         throw registryError('network', `registry ${this.client.registry}: blob ${this.digest} ended early after ${this.received} bytes`, context);
       } catch (err) {
         if (this.destroyed) return;
+        if (err instanceof Yielded && !this.client.signal?.aborted) continue;
         if (this.client.signal?.aborted) throw err; // cancelled or past the deadline: no other endpoint either
         const retryable = isRetryableNetworkError(err) || (err as { context?: { reason?: string } }).context?.reason === 'network';
         if (this.received > before) failures = 0;
@@ -103,6 +124,13 @@ export class ResumableBlobStream extends Readable {
       if (Number.isSafeInteger(length)) total = length;
     }
     this.current = res.body;
+    let yielded = false;
+    const yieldNow = (): void => {
+      yielded = true;
+      res.body.destroy();
+    };
+    const unsubscribe = this.gate?.onClose(yieldNow);
+    if (this.gate && !this.gate.open) yieldNow(); // closed while the request was on its way
     try {
       await new Promise<void>((resolve, reject) => {
         res.body.on('data', (chunk: Buffer) => {
@@ -118,10 +146,15 @@ export class ResumableBlobStream extends Readable {
         res.body.on('end', resolve);
         res.body.on('error', reject);
         res.body.on('close', () => {
-          if (!res.body.complete) reject(Object.assign(new Error('aborted'), { code: 'ECONNRESET' }));
+          if (yielded) reject(new Yielded(`blob ${this.digest}: yielded after ${this.received} bytes`));
+          else if (!res.body.complete) reject(Object.assign(new Error('aborted'), { code: 'ECONNRESET' }));
         });
       });
+    } catch (err) {
+      if (yielded) throw new Yielded(`blob ${this.digest}: yielded after ${this.received} bytes`);
+      throw err;
     } finally {
+      unsubscribe?.();
       this.current = undefined;
     }
     return total === undefined || this.received >= total;
