@@ -57,6 +57,13 @@ export interface LayerEntry {
    * (`layer.tar`); absent for empty files. Hard links share their target's.
    */
   offset?: number;
+  /**
+   * sha256 of a regular file's bytes (`sha256:<hex>`), computed at import
+   * from the verified layer; absent for empty files and in indexes written
+   * before it was recorded. Names the file's content-addressed object
+   * (storage/objectStore.ts). Hard links share their target's.
+   */
+  digest?: string;
 }
 
 export interface LayerIndex {
@@ -109,6 +116,13 @@ export interface ContentRef {
    * EIO when they cannot be had within its bound. Absent: always present.
    */
   ready?: (offset: number, length: number) => Promise<void>;
+  /**
+   * A read-only descriptor of a whole file holding exactly these bytes (the
+   * file's content-addressed object: storage/objectStore.ts), for FUSE
+   * passthrough; the caller closes it. Undefined when there is none yet:
+   * then one may be made in the background for a later open.
+   */
+  whole?: () => number | undefined;
 }
 
 /** A descriptor of a file's bytes (the caller closes it): through `open` where the reference has one. */
