@@ -21,7 +21,7 @@ import { closeSync } from 'node:fs';
 import type { Logger } from '../common/log.js';
 import { errnoNameOf, fsError, negativeErrno } from './fsError.js';
 import {
-  BodyReader, ENTRY_OUT_SIZE, FOPEN_KEEP_CACHE, FOPEN_PASSTHROUGH, FUSE_GETATTR_FH, Fattr, InitFlag, OUT_HEADER_SIZE, Op,
+  BodyReader, ENTRY_OUT_SIZE, FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE, FOPEN_PASSTHROUGH, FUSE_GETATTR_FH, Fattr, InitFlag, OUT_HEADER_SIZE, Op,
   RENAME_EXCHANGE, RENAME_NOREPLACE, attrOut, direntSize, entryOut, openOut, readReadIn, readSetattr, statfsOut, u32Out,
   writeDirent, writeEntry, type RequestHeader, type SetattrIn,
 } from './fuseProtocol.js';
@@ -77,6 +77,8 @@ export class KernelFuse {
   private readonly handles = new Map<number, number>();
   /** The handles whose data the kernel takes to a backing file (FOPEN_PASSTHROUGH). */
   private readonly passedThrough = new Set<number>();
+  /** Handles served here without the page cache (an upper copy opened while its lower object backs other opens). */
+  private readonly directOpens = new Set<number>();
   private session: FuseSession | undefined;
   private readonly ttl: number;
   private readonly negativeTtl: number;
@@ -401,8 +403,15 @@ export class KernelFuse {
   private openReply(node: FuseNode | undefined, fh: number): Buffer {
     const session = this.session;
     if (node === undefined || session === undefined || !session.passthrough) return openOut(fh, this.openFlags());
+    if (node.backing?.lower === true && !this.union.onLower(fh)) {
+      // Its lower object stands behind open handles, and it was copied up since: this open of
+      // the upper copy can neither share that backing file (its writes would reach the object)
+      // nor be page-cached beside passthrough opens (the kernel refuses): served here, uncached.
+      this.directOpens.add(fh);
+      return openOut(fh, FOPEN_DIRECT_IO);
+    }
     if (node.backing === undefined) {
-      let backing: { fd: number; owned: boolean } | undefined;
+      let backing: { fd: number; owned: boolean; lower: boolean } | undefined;
       try {
         backing = node.cachedOpens === 0 ? this.union.backingFd(fh) : undefined;
       } catch (err) {
@@ -414,7 +423,7 @@ export class KernelFuse {
         return openOut(fh, this.openFlags());
       }
       try {
-        node.backing = { id: session.openBacking(backing.fd), opens: 0 };
+        node.backing = { id: session.openBacking(backing.fd), opens: 0, lower: backing.lower };
       } catch (err) {
         this.options.logger.debug('no backing file for an open: served here', { fh, error: String(err) });
         node.cachedOpens++;
@@ -468,6 +477,8 @@ export class KernelFuse {
           session.closeBacking(node.backing.id);
           node.backing = undefined;
         }
+      } else if (this.directOpens.delete(fh)) {
+        // neither cached nor passed through
       } else if (node.cachedOpens > 0) {
         node.cachedOpens--;
       }

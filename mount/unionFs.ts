@@ -345,15 +345,27 @@ export class UnionFs {
   }
 
   /**
-   * A read-write descriptor of the upper regular file an open handle is on,
-   * to register as its backing file (FUSE passthrough): the handle's own
-   * when it is a plain read-write open, else a new one (`owned`: the caller
-   * closes it). Undefined for lower content, which is no whole file of its own.
+   * A descriptor of a whole file to register as an open handle's backing
+   * file (FUSE passthrough; `owned`: the caller closes it). For an upper
+   * file a read-write one: the handle's own when it is a plain read-write
+   * open, else a new one. For a lower file its content-addressed object,
+   * read-only (`lower`), when it has one; when it has none yet one is made
+   * in the background (storage/objectStore.ts) and undefined returned.
    */
-  backingFd(fh: number): { fd: number; owned: boolean } | undefined {
-    const { fd, node, upper, range, plainReadWrite } = this.files.get(fh);
-    if (!upper || fd < 0 || range !== undefined || node.kind !== 'file') return undefined;
-    return plainReadWrite === true ? { fd, owned: false } : { fd: reopenFd(fd, O_RDWR, OPEN_FILE_PATH), owned: true };
+  backingFd(fh: number): { fd: number; owned: boolean; lower: boolean } | undefined {
+    const { fd, node, upper, lower, range, plainReadWrite } = this.files.get(fh);
+    if (fd < 0 || node.kind !== 'file') return undefined;
+    if (!upper) {
+      const object = lower?.source?.content(lower.entry)?.whole?.();
+      return object === undefined ? undefined : { fd: object, owned: true, lower: true };
+    }
+    if (range !== undefined) return undefined;
+    return plainReadWrite === true ? { fd, owned: false, lower: false } : { fd: reopenFd(fd, O_RDWR, OPEN_FILE_PATH), owned: true, lower: false };
+  }
+
+  /** Whether an open handle is on a lower file (read-only content of a layer). */
+  onLower(fh: number): boolean {
+    return !this.files.get(fh).upper;
   }
 
   read(fh: number, buffer: Buffer, length: number, position: number): Promise<number> {
