@@ -211,7 +211,7 @@ export function buildProgram(): Command {
         const report = await backend.fsck();
         if (opts.json) printJson(report);
         else {
-          print(`checked ${report.checked.blobs} blobs, ${report.checked.layers} layers, ${report.checked.files} files, ${report.checked.images} images\n`);
+          print(`checked ${report.checked.blobs} blobs, ${report.checked.layers} layers, ${report.checked.files} files, ${report.checked.images} images, ${report.checked.objects} file objects\n`);
           for (const p of report.problems) print(`${p.kind} ${p.id}: ${p.message}\n`);
           print(report.ok ? 'store is consistent\n' : `${report.problems.length} problems\n`);
         }
