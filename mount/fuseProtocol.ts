@@ -51,8 +51,6 @@ export const InitFlag2 = {
 } as const;
 
 /** open_out.open_flags. */
-/** The open bypasses the page cache: every read and write comes here. */
-export const FOPEN_DIRECT_IO = 1 << 0;
 export const FOPEN_KEEP_CACHE = 1 << 1;
 /** The open's data goes to the backing file whose id open_out.backing_id names. */
 export const FOPEN_PASSTHROUGH = 1 << 7;

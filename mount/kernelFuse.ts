@@ -21,7 +21,7 @@ import { closeSync } from 'node:fs';
 import type { Logger } from '../common/log.js';
 import { errnoNameOf, fsError, negativeErrno } from './fsError.js';
 import {
-  BodyReader, ENTRY_OUT_SIZE, FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE, FOPEN_PASSTHROUGH, FUSE_GETATTR_FH, Fattr, InitFlag, OUT_HEADER_SIZE, Op,
+  BodyReader, ENTRY_OUT_SIZE, FOPEN_KEEP_CACHE, FOPEN_PASSTHROUGH, FUSE_GETATTR_FH, Fattr, InitFlag, OUT_HEADER_SIZE, Op,
   RENAME_EXCHANGE, RENAME_NOREPLACE, attrOut, direntSize, entryOut, openOut, readReadIn, readSetattr, statfsOut, u32Out,
   writeDirent, writeEntry, type RequestHeader, type SetattrIn,
 } from './fuseProtocol.js';
@@ -41,9 +41,10 @@ export interface KernelFuseOptions {
   logger: Logger;
   stats?: OpStats;
   /**
-   * Hand the data of upper files to the kernel (FUSE passthrough) where it
+   * Hand the data of whole files to the kernel (FUSE passthrough) where it
    * offers that: reads, writes and mmap of everything a container wrote or
-   * copied up then never cross into this process.
+   * copied up, and reads and mmap of lower files that have a whole file
+   * (an object, a directory's file), then never cross into this process.
    */
   passthrough?: boolean;
 }
@@ -77,8 +78,6 @@ export class KernelFuse {
   private readonly handles = new Map<number, number>();
   /** The handles whose data the kernel takes to a backing file (FOPEN_PASSTHROUGH). */
   private readonly passedThrough = new Set<number>();
-  /** Handles served here without the page cache (an upper copy opened while its lower object backs other opens). */
-  private readonly directOpens = new Set<number>();
   private session: FuseSession | undefined;
   private readonly ttl: number;
   private readonly negativeTtl: number;
@@ -301,6 +300,7 @@ export class KernelFuse {
     const orphan = this.orphanHandle(nodeid);
     if (orphan !== undefined) return this.setattrByHandle(nodeid, s.valid & Fattr.FH ? s.fh : orphan, s);
     const path = this.path(nodeid);
+    if (s.valid & Fattr.SIZE) this.refuseWhileLowerBacked(this.nodes.get(nodeid), path, true, 'truncate');
     if (s.valid & Fattr.MODE) await this.union.chmod(path, s.mode);
     if (s.valid & (Fattr.UID | Fattr.GID)) {
       await this.union.chown(path, s.valid & Fattr.UID ? s.uid : NO_OWNER_CHANGE, s.valid & Fattr.GID ? s.gid : NO_OWNER_CHANGE);
@@ -378,6 +378,7 @@ export class KernelFuse {
 
   private async open(nodeid: number, flags: number): Promise<Answer> {
     const path = this.path(nodeid);
+    this.refuseWhileLowerBacked(this.nodes.get(nodeid), path, opensForWriting(flags), 'open for writing');
     const fh = await this.union.open(path, flags);
     const node = this.nodes.get(nodeid);
     this.opened(node, fh);
@@ -389,27 +390,37 @@ export class KernelFuse {
   }
 
   /**
-   * open_out for a new handle: passed through to its upper file when the
-   * kernel allows it, else served here (page-cached).
+   * While a lower file's bytes back passthrough opens of a node, the
+   * kernel takes every open of that node only with that same backing file
+   * (any other answer fails the open with EIO): an open of its upper copy
+   * for writing could only write into the shared object (or lower file). So that open, and
+   * a truncation by name, are refused with ETXTBSY (as writing to a running
+   * executable is) until those opens are closed; its bytes therefore stay
+   * the object's, and read-only opens of an upper copy made meanwhile (by a
+   * chmod, a link) share the backing.
+   */
+  private refuseWhileLowerBacked(node: FuseNode | undefined, path: string, writes: boolean, op: string): void {
+    if (writes && node?.backing?.lower === true) throw fsError('ETXTBSY', path, `${op} (its lower content backs open files)`);
+  }
+
+  /**
+   * open_out for a new handle: passed through to a whole file when the
+   * kernel allows it and there is one — its upper file, or a lower file's
+   * content-addressed object (storage/objectStore.ts) or plain-directory
+   * file —, else served here (page-cached).
    *
    * The kernel keeps one backing file per inode while passthrough opens
    * last, and refuses to mix them with cached opens of the same inode: so
    * all passthrough opens of a node share one backing id (registered on a
-   * read-write descriptor of its own), and a node with cached opens (a
-   * lower file read before it was copied up) gets cached opens until those
-   * are released. (The kernel still clears suid/sgid through SETATTR when
-   * a user writes: that part of a write does not pass through.)
+   * read-write descriptor of its own for an upper file, a read-only one for
+   * lower content), and a node with cached opens (a lower file first read
+   * before its object was made) gets cached opens until those are released.
+   * (The kernel still clears suid/sgid through SETATTR when a user writes:
+   * that part of a write does not pass through.)
    */
   private openReply(node: FuseNode | undefined, fh: number): Buffer {
     const session = this.session;
     if (node === undefined || session === undefined || !session.passthrough) return openOut(fh, this.openFlags());
-    if (node.backing?.lower === true && !this.union.onLower(fh)) {
-      // Its lower object stands behind open handles, and it was copied up since: this open of
-      // the upper copy can neither share that backing file (its writes would reach the object)
-      // nor be page-cached beside passthrough opens (the kernel refuses): served here, uncached.
-      this.directOpens.add(fh);
-      return openOut(fh, FOPEN_DIRECT_IO);
-    }
     if (node.backing === undefined) {
       let backing: { fd: number; owned: boolean; lower: boolean } | undefined;
       try {
@@ -477,8 +488,6 @@ export class KernelFuse {
           session.closeBacking(node.backing.id);
           node.backing = undefined;
         }
-      } else if (this.directOpens.delete(fh)) {
-        // neither cached nor passed through
       } else if (node.cachedOpens > 0) {
         node.cachedOpens--;
       }

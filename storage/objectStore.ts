@@ -28,7 +28,7 @@ import { closeSync, createReadStream, read, write } from 'node:fs';
 import { rm } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { ErrorCodes, LayerdError, errnoCode } from '../common/errors.js';
-import { type Logger, silentLogger } from '../common/log.js';
+import { type Logger, createLogger, silentLogger } from '../common/log.js';
 import { processAlive } from '../common/process.js';
 import { errnoNameOf } from '../common/sys/errors.js';
 import {
@@ -69,9 +69,9 @@ export class ObjectStore {
   private static readonly byRoot = new Map<string, ObjectStore>();
 
   /** The object store of a store root, one per root in a process. */
-  static forRoot(root: string, logger: Logger = silentLogger()): ObjectStore {
+  static forRoot(root: string, logger?: Logger): ObjectStore {
     let store = ObjectStore.byRoot.get(root);
-    if (store === undefined) ObjectStore.byRoot.set(root, store = new ObjectStore(root, logger));
+    if (store === undefined) ObjectStore.byRoot.set(root, store = new ObjectStore(root, logger ?? createLogger({ component: 'objects' })));
     return store;
   }
 
