@@ -135,7 +135,8 @@ export function buildProgram(): Command {
         const u = await backend.diskUsage();
         if (opts.json) return printJson(u);
         print(`stored: ${humanSize(u.storedBytes)} (layers ${humanSize(u.layers.bytes)} in ${u.layers.count}, `
-          + `compressed blobs kept for pushes ${humanSize(u.blobs.bytes)} in ${u.blobs.count})\n`);
+          + `compressed blobs kept for pushes ${humanSize(u.blobs.bytes)} in ${u.blobs.count}, `
+          + `files kept whole for passthrough ${humanSize(u.objects.bytes)} in ${u.objects.count})\n`);
         print(`used by ${u.images.length} images and ${u.snapshots.count} containerd snapshots: ${humanSize(u.referencedBytes)} `
           + `if each kept its own layers; storing each layer once saves ${humanSize(u.savedBySharing)}\n`);
         if (u.layers.unused > 0) print(`${u.layers.unused} layers (${humanSize(u.layers.unusedBytes)}) used by nothing: \`layerctl prune\` frees them\n`);

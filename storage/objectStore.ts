@@ -306,6 +306,24 @@ export function storeLayerSource(index: LayerIndex, tarPath: string, logger?: Lo
   };
 }
 
+/**
+ * Make the objects of every file of a store layer now, as first opens
+ * through a mount would one by one (benchmarks: the steady state); resolves
+ * when they are made. Returns how many files it asked for.
+ */
+export async function makeLayerObjects(index: LayerIndex, tarPath: string): Promise<number> {
+  const source = storeLayerSource(index, tarPath);
+  let files = 0;
+  for (const entry of index.entries) {
+    const fd = source.content(entry)?.whole?.();
+    if (fd !== undefined) closeSync(fd);
+    if (entry.digest !== undefined) files++;
+  }
+  const root = dirname(dirname(dirname(dirname(tarPath))));
+  await ObjectStore.forRoot(root).idle();
+  return files;
+}
+
 /** The digests of the objects present (GC, fsck). */
 export function listObjects(root: string): string[] {
   const rootFd = openRoot(root);

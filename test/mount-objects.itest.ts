@@ -188,13 +188,15 @@ print(open(p, 'rb').read(4))
     expect(copied.subarray(4).equals(same.subarray(4))).to.equal(true);
   });
 
-  it('GC removes objects no layer names; fsck re-hashes them', async () => {
+  it('df counts objects; GC removes objects no layer names; fsck re-hashes them', async () => {
     await mount();
     await shaOnMount('a/same');
     await shaOnMount('a/only');
     await waitFor('two objects', () => objects().length === 2);
     await unmountCounts();
     expect((await withStore((s) => fsck(s))).ok).to.equal(true);
+    const usage = await withStore((s) => new StoreOperations(s).diskUsage());
+    expect(usage.objects).to.deep.equal({ count: 2, bytes: same.length + onlyA.length });
 
     // A corrupt object is reported.
     const onlyPath = join(root, objectRelPath(sha(onlyA))!);
