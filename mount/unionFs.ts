@@ -22,6 +22,7 @@ import {
   O_CREAT, O_DSYNC, O_EXCL, O_RDWR, O_SYNC, O_TRUNC, O_WRONLY, fstat, futimens, reopenFd, type TimeChange,
 } from '../common/sys/fs.js';
 import { type EntryKind, type LayerEntry, type LayerSource, openContent, xattrBytes } from '../storage/layerIndex.js';
+import { PASSTHROUGH_MIN_LOWER_SIZE } from '../storage/objectStore.js';
 import { fsError } from './fsError.js';
 import { devMajor, devMinor, scanDirectory, type MarkerStyle, type XattrMap } from './lowerDir.js';
 import { type LowerMergeCache, mergeLayers } from './lowerMerges.js';
@@ -348,15 +349,17 @@ export class UnionFs {
    * A descriptor of a whole file to register as an open handle's backing
    * file (FUSE passthrough; `owned`: the caller closes it). For an upper
    * file a read-write one: the handle's own when it is a plain read-write
-   * open, else a new one. For a lower file its content-addressed object,
-   * read-only (`lower`), when it has one; when it has none yet one is made
-   * in the background (storage/objectStore.ts) and undefined returned.
+   * open, else a new one. For a lower file of PASSTHROUGH_MIN_LOWER_SIZE or
+   * more its content-addressed object, read-only (`lower`), when it has one;
+   * when it has none yet one is made in the background
+   * (storage/objectStore.ts) and undefined returned.
    */
   backingFd(fh: number): { fd: number; owned: boolean; lower: boolean } | undefined {
     const { fd, node, upper, lower, range, plainReadWrite } = this.files.get(fh);
     if (fd < 0 || node.kind !== 'file') return undefined;
     if (!upper) {
-      const object = lower?.source?.content(lower.entry)?.whole?.();
+      if (lower === undefined || lower.entry.size < PASSTHROUGH_MIN_LOWER_SIZE) return undefined;
+      const object = lower.source?.content(lower.entry)?.whole?.();
       return object === undefined ? undefined : { fd: object, owned: true, lower: true };
     }
     if (range !== undefined) return undefined;

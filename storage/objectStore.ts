@@ -48,6 +48,16 @@ const BATCH_FILES = 256;
 const BATCH_BYTES = 256 * 1024 * 1024;
 const COPY_CHUNK = 1024 * 1024;
 
+/**
+ * Lower files smaller than this are served here and page-cached, not passed
+ * through: one READ fills the kernel's cache for every later open, where a
+ * passthrough open costs two backing ioctls, the object's open and, on a
+ * writable mount, a GETATTR after each read (the kernel drops the cached
+ * atime), and reading thousands of small objects cold is scattered I/O
+ * where the layer's tar is one sequential file (docs/performance.md).
+ */
+export const PASSTHROUGH_MIN_LOWER_SIZE = 256 * 1024;
+
 /** Where to take an object's bytes from: `size` bytes at `offset` of what `openSource` opens. */
 export interface ObjectSource {
   size: number;
@@ -315,9 +325,10 @@ export async function makeLayerObjects(index: LayerIndex, tarPath: string): Prom
   const source = storeLayerSource(index, tarPath);
   let files = 0;
   for (const entry of index.entries) {
+    if (entry.digest === undefined || entry.size < PASSTHROUGH_MIN_LOWER_SIZE) continue;
     const fd = source.content(entry)?.whole?.();
     if (fd !== undefined) closeSync(fd);
-    if (entry.digest !== undefined) files++;
+    files++;
   }
   const root = dirname(dirname(dirname(dirname(tarPath))));
   await ObjectStore.forRoot(root).idle();

@@ -16,7 +16,7 @@ import { join } from 'node:path';
 import { type OpStatsSnapshot } from '../mount/opStats.js';
 import { fsck } from '../storage/fsck.js';
 import { type LayerIndex } from '../storage/layerIndex.js';
-import { listObjects, objectRelPath } from '../storage/objectStore.js';
+import { PASSTHROUGH_MIN_LOWER_SIZE, listObjects, objectRelPath } from '../storage/objectStore.js';
 import { StoreOperations } from '../storage/operations.js';
 import { Store } from '../storage/store.js';
 import { mustRun, startLayerdServer, stopLayerdServer } from './fixtures/mount/harness.js';
@@ -38,7 +38,8 @@ describe('lower files as content-addressed objects (passthrough)', function () {
   /** Store layer directories, top first: image b over image a. */
   let layerDirs: string[];
   const same = randomBytes(3 << 20); // in both layers, at a/same and b/same
-  const onlyA = randomBytes(100_000);
+  const onlyA = randomBytes(300_000); // over PASSTHROUGH_MIN_LOWER_SIZE, as the other files
+  const small = randomBytes(PASSTHROUGH_MIN_LOWER_SIZE - 1); // served from the tar and page-cached: no object
 
   const withStore = async <T>(fn: (store: Store) => Promise<T>): Promise<T> => {
     const store = await Store.open(root, { durability: 'none' });
@@ -82,6 +83,7 @@ describe('lower files as content-addressed objects (passthrough)', function () {
       { header: { name: 'a/', type: 'directory', mode: 0o755 } },
       { header: { name: 'a/same' }, content: same },
       { header: { name: 'a/only' }, content: onlyA },
+      { header: { name: 'a/small' }, content: small },
     ]);
     await writeTar(join(work.dir, 'b.tar'), [
       { header: { name: 'b/', type: 'directory', mode: 0o755 } },
@@ -103,10 +105,12 @@ describe('lower files as content-addressed objects (passthrough)', function () {
     await work.remove();
   });
 
-  it('a lower file read once becomes one object for both layers holding it; then its reads pass through and equal its bytes', async () => {
+  it('a lower file read once becomes one object for both layers holding it (a small one none); then its reads pass through and equal its bytes', async () => {
     await mount();
+    expect(await shaOnMount('a/small')).to.equal(sha(small));
     expect(await shaOnMount('a/same')).to.equal(sha(same)); // served from layer.tar; makes the object
     await waitFor('the object of a/same', () => objects().includes(sha(same)));
+    expect(objects(), 'a small file is no object').to.not.include(sha(small));
     await unmountCounts();
     const object = await readFile(join(root, objectRelPath(sha(same))!));
     expect(sha(object)).to.equal(sha(same));
