@@ -393,11 +393,11 @@ export class KernelFuse {
    * While a lower file's bytes back passthrough opens of a node, the
    * kernel takes every open of that node only with that same backing file
    * (any other answer fails the open with EIO): an open of its upper copy
-   * for writing could only write into the shared object (or lower file). So that open, and
-   * a truncation by name, are refused with ETXTBSY (as writing to a running
-   * executable is) until those opens are closed; its bytes therefore stay
-   * the object's, and read-only opens of an upper copy made meanwhile (by a
-   * chmod, a link) share the backing.
+   * for writing could only write into the shared object (or lower file).
+   * So that open, and a truncation by name, are refused with ETXTBSY (as
+   * writing to a running executable is) until those opens are closed; its
+   * bytes therefore stay the object's, and read-only opens of an upper copy
+   * made meanwhile (by a chmod, a link) share the backing.
    */
   private refuseWhileLowerBacked(node: FuseNode | undefined, path: string, writes: boolean, op: string): void {
     if (writes && node?.backing?.lower === true) throw fsError('ETXTBSY', path, `${op} (its lower content backs open files)`);

@@ -21,8 +21,7 @@ import { statfs } from 'node:fs/promises';
 import {
   O_CREAT, O_DSYNC, O_EXCL, O_RDWR, O_SYNC, O_TRUNC, O_WRONLY, fstat, futimens, reopenFd, type TimeChange,
 } from '../common/sys/fs.js';
-import { type EntryKind, type LayerEntry, type LayerSource, openContent, xattrBytes } from '../storage/layerIndex.js';
-import { PASSTHROUGH_MIN_LOWER_SIZE } from '../storage/objectStore.js';
+import { type EntryKind, type LayerEntry, type LayerSource, PASSTHROUGH_MIN_LOWER_SIZE, openContent, xattrBytes } from '../storage/layerIndex.js';
 import { fsError } from './fsError.js';
 import { devMajor, devMinor, scanDirectory, type MarkerStyle, type XattrMap } from './lowerDir.js';
 import { type LowerMergeCache, mergeLayers } from './lowerMerges.js';
@@ -364,11 +363,6 @@ export class UnionFs {
     }
     if (range !== undefined) return undefined;
     return plainReadWrite === true ? { fd, owned: false, lower: false } : { fd: reopenFd(fd, O_RDWR, OPEN_FILE_PATH), owned: true, lower: false };
-  }
-
-  /** Whether an open handle is on a lower file (read-only content of a layer). */
-  onLower(fh: number): boolean {
-    return !this.files.get(fh).upper;
   }
 
   read(fh: number, buffer: Buffer, length: number, position: number): Promise<number> {

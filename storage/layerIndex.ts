@@ -59,8 +59,8 @@ export interface LayerEntry {
   offset?: number;
   /**
    * sha256 of a regular file's bytes (`sha256:<hex>`), computed at import
-   * from the verified layer; absent for empty files and in indexes written
-   * before it was recorded. Names the file's content-addressed object
+   * from the verified layer for files of PASSTHROUGH_MIN_LOWER_SIZE or more;
+   * absent for smaller files and in indexes written before it was recorded. Names the file's content-addressed object
    * (storage/objectStore.ts). Hard links share their target's.
    */
   digest?: string;
@@ -79,6 +79,17 @@ export interface LayerIndex {
 }
 
 export const LAYER_INDEX_VERSION = 1 as const;
+
+/**
+ * Lower files smaller than this are served here and page-cached, not passed
+ * through: one READ fills the kernel's cache for every later open, where a
+ * passthrough open costs two backing ioctls, the object's open and, on a
+ * writable mount, a GETATTR after each read (the kernel drops the cached
+ * atime), and reading thousands of small objects cold is scattered I/O
+ * where the layer's tar is one sequential file (docs/performance.md). Only
+ * such files get a digest at import (hashing the others cost import time).
+ */
+export const PASSTHROUGH_MIN_LOWER_SIZE = 256 * 1024;
 
 /** The uncompressed tar a store layer keeps beside its index. */
 export const LAYER_TAR = 'layer.tar';

@@ -13,7 +13,7 @@ import { type Readable, type Writable } from 'node:stream';
 import { finished } from 'node:stream/promises';
 import tarStream, { type Headers } from 'tar-stream';
 import { ErrorCodes, LayerdError, asLayerdError } from '../common/errors.js';
-import { type EntryKind, type LayerEntry, type LayerIndex, LAYER_INDEX_VERSION } from './layerIndex.js';
+import { type EntryKind, type LayerEntry, type LayerIndex, LAYER_INDEX_VERSION, PASSTHROUGH_MIN_LOWER_SIZE } from './layerIndex.js';
 import { parsePaxTime } from './paxTime.js';
 import { ancestorsOf, classifyWhiteout, normalizeTarPath } from './tarPaths.js';
 
@@ -79,8 +79,8 @@ export class LayerUnpacker {
         next(err);
         return;
       }
-      if (entry !== undefined && entry.kind === 'file' && entry.size > 0 && entry.link === undefined) {
-        // The file's own digest names its content-addressed object (storage/objectStore.ts).
+      if (entry !== undefined && entry.kind === 'file' && entry.size >= PASSTHROUGH_MIN_LOWER_SIZE && entry.link === undefined) {
+        // The file's own digest names its content-addressed object (storage/objectStore.ts); smaller files never pass through.
         const file = entry;
         const hash = createHash('sha256');
         stream.on('data', (chunk: Buffer) => hash.update(chunk));

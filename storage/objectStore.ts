@@ -36,7 +36,7 @@ import {
   syncFilesystemOf, unlinkAt,
 } from '../common/sys/fs.js';
 import { isDigest } from './digest.js';
-import { LAYER_TAR, type LayerIndex, type LayerSource, tarLayerSource } from './layerIndex.js';
+import { LAYER_TAR, type LayerIndex, type LayerSource, PASSTHROUGH_MIN_LOWER_SIZE, tarLayerSource } from './layerIndex.js';
 
 /** Where objects live, relative to the store root. */
 export const OBJECTS_DIR = 'objects';
@@ -47,16 +47,6 @@ const STAGING_DIR = 'tmp';
 const BATCH_FILES = 256;
 const BATCH_BYTES = 256 * 1024 * 1024;
 const COPY_CHUNK = 1024 * 1024;
-
-/**
- * Lower files smaller than this are served here and page-cached, not passed
- * through: one READ fills the kernel's cache for every later open, where a
- * passthrough open costs two backing ioctls, the object's open and, on a
- * writable mount, a GETATTR after each read (the kernel drops the cached
- * atime), and reading thousands of small objects cold is scattered I/O
- * where the layer's tar is one sequential file (docs/performance.md).
- */
-export const PASSTHROUGH_MIN_LOWER_SIZE = 256 * 1024;
 
 /** Where to take an object's bytes from: `size` bytes at `offset` of what `openSource` opens. */
 export interface ObjectSource {
