@@ -4,7 +4,7 @@
 
 SHELL := /bin/bash
 NODE_MODULES_STAMP := node_modules/.layerd-installed
-DEBIAN_PACKAGES := fuse3 fuse-overlayfs attr acl skopeo umoci pigz zstd docker-registry python3 openssl curl coreutils util-linux chromium containerd runc debootstrap systemd-container stargz-snapshotter
+DEBIAN_PACKAGES := zlib1g fuse3 fuse-overlayfs attr acl skopeo umoci pigz zstd docker-registry python3 openssl curl coreutils util-linux chromium containerd runc debootstrap systemd-container stargz-snapshotter
 DEBIAN_STAMP := /var/lib/layerd-build-deps.stamp
 MOCHA := npx mocha --config .mocharc.json
 

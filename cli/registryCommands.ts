@@ -14,6 +14,7 @@ import { parsePlatform } from '../storage/platform.js';
 import { EMPTY_CONFIG, type RegistriesConfig, loadRegistriesConfig } from '../storage/registry/config.js';
 import { pullImage } from '../storage/registry/pull.js';
 import { type LazyPullResult, pullLazy } from '../storage/lazy/lazyPull.js';
+import { indexRemoteImage } from '../storage/lazy/indexImage.js';
 import { type PushCompression, type PushProgress, type PushResult, pushImage } from '../storage/registry/push.js';
 import { type AbortCause, type RegistryTimeouts, type TimeoutSettings, checkTimeoutSettings, timeoutsFrom } from '../storage/registry/timeouts.js';
 import { type ImportProgress, type ImportedImage } from '../storage/importer.js';
@@ -140,7 +141,7 @@ export function registerRegistryCommands(program: Command, withStore: WithStore,
     .argument('<ref>', 'registry reference')
     .option('--platform <os/arch[/variant]>', 'platform to select from image indexes (default: this host)')
     .option('--registries-config <file>', 'registries config JSON (insecure, caFile, credentials, mirrors; default $LAYERD_REGISTRIES_CONFIG)')
-    .option('--lazy', 'eStargz images: fetch only each layer\'s table of contents and return; file content is fetched as it is read, the rest in the background (by the daemon; docs/lazy.md)')
+    .option('--lazy', 'eStargz images, and gzip images with a gzip index (layerctl index): fetch only each layer\'s table of contents or index and return; file content is fetched as it is read, the rest in the background (by the daemon; docs/lazy.md)')
     .option('--json', 'print the result as JSON')
     .action(async (ref: string, opts: { platform?: string; registriesConfig?: string; json?: boolean; lazy?: boolean } & TimeoutFlags, cmd: Command) => {
       const daemon = daemonFor(cmd);
@@ -150,7 +151,7 @@ export function registerRegistryCommands(program: Command, withStore: WithStore,
         if (opts.json) return print(JSON.stringify(result, null, 2) + '\n');
         if (result.fallback) process.stderr.write(`layerctl: note: ${result.fallback}\n`);
         for (const img of result.images) {
-          const lazy = result.lazyLayers.length > 0 ? `, ${result.lazyLayers.length} lazy` : '';
+          const lazy = result.lazyLayers.length > 0 ? `, ${result.lazyLayers.length} lazy${result.gzipIndex ? ` (gzip index from the ${result.gzipIndex})` : ''}` : '';
           print(`pulled ${img.id} (${img.platform}, ${img.layers} layers${lazy})${img.refs.length ? ' as ' + img.refs.join(', ') : ''}\n`);
         }
         return;
@@ -185,20 +186,24 @@ export function registerRegistryCommands(program: Command, withStore: WithStore,
     .argument('<ref>', 'HOST[:PORT]/REPO[:TAG] to push to')
     .addOption(new Option('--compress <format>', 'compression for layers the store keeps uncompressed').choices(['gzip', 'zstd']).default('gzip'))
     .option('--registries-config <file>', 'registries config JSON (default $LAYERD_REGISTRIES_CONFIG)')
+    .option('--no-gzip-index', 'do not publish the seekable index of the gzip layers (an OCI artifact referring to the manifest, for pull --lazy)')
     .option('--json', 'print the result as JSON')
-    .action(async (image: string, ref: string, opts: { compress: PushCompression; registriesConfig?: string; json?: boolean } & TimeoutFlags, cmd: Command) => {
+    .action(async (image: string, ref: string, opts: { compress: PushCompression; registriesConfig?: string; json?: boolean; gzipIndex: boolean } & TimeoutFlags, cmd: Command) => {
       const daemon = daemonFor(cmd);
       const push = async (): Promise<PushResult> => {
         if (daemon) {
           refuseLocalConfig(opts.registriesConfig);
           refuseLocalTimeouts(opts);
-          return daemon.call<PushResult>('POST', `/v1/images/${encodeURIComponent(image)}/push`, { target: ref, compress: opts.compress });
+          return daemon.call<PushResult>('POST', `/v1/images/${encodeURIComponent(image)}/push`, {
+            target: ref, compress: opts.compress, ...(opts.gzipIndex ? {} : { gzipIndex: false }),
+          });
         }
         const config = await registriesConfig(opts.registriesConfig);
         const timeouts = timeoutsOf(opts);
         const progress = process.stderr.isTTY ? pushProgressLine : undefined;
         return withStore(cmd, (store) => cancellable((signal) => pushImage(store, image, ref, {
           config, compression: opts.compress, timeouts, signal, ...(progress ? { onProgress: progress } : {}),
+          ...(opts.gzipIndex ? {} : { gzipIndex: false }),
         })));
       };
       const result = await push();
@@ -207,6 +212,26 @@ export function registerRegistryCommands(program: Command, withStore: WithStore,
       for (const b of result.blobs) counts[b.outcome]++;
       print(`pushed ${result.ref}: ${result.digest} (${result.manifests.length} manifest${result.manifests.length === 1 ? '' : 's'}; ` +
         `${counts.uploaded} blobs uploaded, ${counts.mounted} mounted, ${counts.exists} already there)\n`);
+      for (const g of result.gzipIndexes ?? []) print(`gzip index of ${g.manifest}: ${g.artifact} (${g.layers} layer${g.layers === 1 ? '' : 's'})\n`);
+    });
+
+  addTimeoutOptions(program.command('index'))
+    .description('build the seekable index of each gzip layer of an image in a registry and publish it there (an OCI artifact referring to the manifest), so that pull --lazy mounts it lazily; streams the layers, stores nothing')
+    .argument('<ref>', 'HOST[:PORT]/REPO[:TAG] or ...@sha256:<hex>')
+    .option('--platform <os/arch[/variant]>', 'platform to select from image indexes (default: this host)')
+    .option('--registries-config <file>', 'registries config JSON (default $LAYERD_REGISTRIES_CONFIG)')
+    .option('--json', 'print the result as JSON')
+    .action(async (ref: string, opts: { platform?: string; registriesConfig?: string; json?: boolean } & TimeoutFlags) => {
+      // Talks to the registry only: runs here, with or without a daemon.
+      const config = await registriesConfig(opts.registriesConfig);
+      const result = await cancellable((signal) => indexRemoteImage(ref, {
+        config, timeouts: timeoutsOf(opts), signal, ...(opts.platform ? { platform: parsePlatform(opts.platform) } : {}),
+        ...(process.stderr.isTTY ? { onLayer: (e) => process.stderr.write(`${short(e.digest)}: indexed (${e.spans} spans, ${humanSize(e.tarSize)} uncompressed)\n`) } : {}),
+      }));
+      if (opts.json) return print(JSON.stringify(result, null, 2) + '\n');
+      print(result.artifact
+        ? `indexed ${result.ref}: ${result.layers.length} gzip layer${result.layers.length === 1 ? '' : 's'}, artifact ${result.artifact} (subject ${result.manifest})\n`
+        : `${result.ref}: no plain gzip layer to index\n`);
     });
 }
 

@@ -44,6 +44,13 @@ export interface DaemonConfig {
    * EIO, in seconds (default 30; docs/lazy.md). Read when the daemon starts.
    */
   lazyReadTimeoutSeconds?: number;
+  /**
+   * containerd's socket (default /run/containerd/containerd.sock; "none":
+   * never asked): the snapshotter reads the original blob of each layer
+   * containerd unpacked from its content service, so the stored layer has
+   * the image's diffID (docs/containerd.md). Read when the daemon starts.
+   */
+  containerdSocket?: string;
 }
 
 const LEVELS: LogLevel[] = ['error', 'warn', 'info', 'debug'];
@@ -72,7 +79,7 @@ export function validateConfig(value: unknown, path: string): DaemonConfig {
   };
   if (typeof value !== 'object' || value === null || Array.isArray(value)) fail('the configuration must be a JSON object');
   const obj = value as Record<string, unknown>;
-  const allowed = ['root', 'socket', 'socketGroup', 'logLevel', 'gc', 'spoolDir', 'mountRoot', 'registriesConfig', 'mountCacheSeconds', 'registryTimeouts', 'diskReserveBytes', 'lazyReadTimeoutSeconds'];
+  const allowed = ['root', 'socket', 'socketGroup', 'logLevel', 'gc', 'spoolDir', 'mountRoot', 'registriesConfig', 'mountCacheSeconds', 'registryTimeouts', 'diskReserveBytes', 'lazyReadTimeoutSeconds', 'containerdSocket'];
   for (const key of Object.keys(obj)) if (!allowed.includes(key)) fail(`unknown key '${key}' (known: ${allowed.join(', ')})`, key);
   for (const key of ['root', 'socket', 'spoolDir', 'mountRoot', 'registriesConfig']) {
     if (obj[key] !== undefined && (typeof obj[key] !== 'string' || !(obj[key] as string).startsWith('/'))) fail(`'${key}' must be an absolute path`, key);
@@ -81,6 +88,10 @@ export function validateConfig(value: unknown, path: string): DaemonConfig {
     fail(`'socketGroup' must be a group name or gid`, 'socketGroup');
   }
   if (obj['logLevel'] !== undefined && !LEVELS.includes(obj['logLevel'] as LogLevel)) fail(`'logLevel' must be one of ${LEVELS.join(', ')}`, 'logLevel');
+  const containerd = obj['containerdSocket'];
+  if (containerd !== undefined && (typeof containerd !== 'string' || (containerd !== 'none' && !containerd.startsWith('/')))) {
+    fail(`'containerdSocket' must be an absolute path or "none"`, 'containerdSocket');
+  }
   const cache = obj['mountCacheSeconds'];
   if (cache !== undefined && (typeof cache !== 'number' || !Number.isFinite(cache) || cache < 0 || cache > 3600)) {
     fail(`'mountCacheSeconds' must be a number of seconds from 0 to 3600`, 'mountCacheSeconds');

@@ -19,6 +19,7 @@ import { imageRoutes } from './api/images.js';
 import { registryRoutes } from './api/registry.js';
 import { ContainerManager } from './containers.js';
 import { type SnapshotterServer, startSnapshotter } from './snapshotter/server.js';
+import { ContainerdContent, ContainerdOriginalLayers, DEFAULT_CONTAINERD_SOCKET } from './snapshotter/containerdContent.js';
 import { RegistryLayerSource } from './snapshotter/registryLayers.js';
 import { SnapshotService } from './snapshotter/service.js';
 import { Spool } from './spool.js';
@@ -49,6 +50,8 @@ export interface DaemonOptions {
   unmountOnStop?: boolean;
   /** The containerd proxy snapshotter's socket (default: beside `socket`); 'none': no snapshotter. */
   snapshotterSocket?: string;
+  /** containerd's socket (its content store holds the original blobs of layers it unpacks); 'none': not asked. Default: the config's, else containerd's default. */
+  containerdSocket?: string;
   /** Tells systemd when the daemon is ready or stopping, and its status (Type=notify units). */
   notifier?: SystemdNotifier;
 }
@@ -69,6 +72,7 @@ export class Daemon {
   lazyFills!: LazyFills;
   snapshots!: SnapshotService;
   private layerFetcher: RegistryLayerSource | undefined;
+  private containerdContent: ContainerdContent | undefined;
   private snapshotter: SnapshotterServer | undefined;
   private statusTimer: NodeJS.Timeout | undefined;
 
@@ -115,7 +119,20 @@ export class Daemon {
         timeouts: timeoutsFrom(options.config.registryTimeouts),
       });
       daemon.layerFetcher = fetcher;
-      daemon.snapshots = new SnapshotService(store, logger, { layerSources: [fetcher] });
+      // Layers containerd unpacks are stored from their original blobs in its content store (the image's diffIDs).
+      const containerdSocket = options.containerdSocket ?? options.config.containerdSocket ?? DEFAULT_CONTAINERD_SOCKET;
+      if (containerdSocket !== 'none') {
+        try {
+          daemon.containerdContent = new ContainerdContent(containerdSocket);
+        } catch (err) {
+          // (an installation without the .proto files: unpacked layers are then stored from their directories)
+          logger.error('containerd\'s content store will not be asked for original layer blobs', { error: (err as Error).message });
+        }
+      }
+      daemon.snapshots = new SnapshotService(store, logger, {
+        layerSources: [fetcher],
+        ...(daemon.containerdContent ? { originalLayers: new ContainerdOriginalLayers(daemon.containerdContent) } : {}),
+      });
       await daemon.snapshots.adoptAll();
       daemon.snapshots.superviseMounts();
       daemon.snapshotter = snapshotter = await startSnapshotter(options.socket, options.snapshotterSocket, daemon.snapshots, logger);
@@ -240,6 +257,7 @@ export class Daemon {
       await this.snapshotter?.stop();
       await this.containers.stopSupervising();
       await this.snapshots.stopSupervising();
+      this.containerdContent?.close();
       if (this.options.unmountOnStop) await this.containers.unmountAll();
       if (this.options.unmountOnStop) await this.snapshots.unmountAll();
       await rm(daemonMarker(this.options.root), { force: true });

@@ -4,6 +4,7 @@
  * `layerd mount …` serves one union mount in the foreground.
  */
 import { Command } from 'commander';
+import { resolve } from 'node:path';
 import { asLayerdError, exitStatusFor } from '../common/errors.js';
 import { type LogLevel, createLogger } from '../common/log.js';
 import { resolveRoot } from '../storage/layout.js';
@@ -20,6 +21,7 @@ interface DaemonFlags {
   mountRoot?: string;
   unmountOnStop?: boolean;
   snapshotterSocket?: string;
+  containerdSocket?: string;
 }
 
 async function runDaemon(flags: DaemonFlags): Promise<number> {
@@ -40,6 +42,7 @@ async function runDaemon(flags: DaemonFlags): Promise<number> {
     root, socket, config, configPath, logger, ...(group !== undefined ? { socketGroup: group } : {}),
     ...(flags.mountRoot ? { mountRoot: flags.mountRoot } : {}), unmountOnStop: flags.unmountOnStop === true,
     ...(flags.snapshotterSocket !== undefined ? { snapshotterSocket: flags.snapshotterSocket } : {}),
+    ...(flags.containerdSocket !== undefined ? { containerdSocket: flags.containerdSocket === 'none' ? 'none' : resolve(flags.containerdSocket) } : {}),
     ...(notifier ? { notifier } : {}),
   });
   await new Promise<void>((resolve) => {
@@ -74,6 +77,7 @@ export async function main(argv: string[]): Promise<number> {
     .option('--mount-root <dir>', 'where containers are mounted by default (default /run/layerd/mounts)')
     .option('--unmount-on-stop', 'unmount every container on SIGTERM (default: mounts keep being served)')
     .option('--snapshotter-socket <path>', 'containerd proxy snapshotter socket (default: snapshotter.sock beside the API socket, /run/layerd/snapshotter.sock; "none": off)')
+    .option('--containerd-socket <path>', 'containerd\'s socket, whose content store holds the original blobs of the layers it unpacks into layerd (default: config containerdSocket, else /run/containerd/containerd.sock; "none": not asked)')
     .addHelpText('after', '\nAlso: layerd mount --help   serve one union mount in the foreground')
     .exitOverride();
   try {

@@ -37,6 +37,8 @@ const DEFAULT_HOSTS_DIR = '/run/layerd/hosts';
 export interface MountSpec {
   /** Store layer directories (layers/sha256/<diffID>), bottom → top. */
   layers: string[];
+  /** Those of `layers` that are plain directories in overlayfs's format instead (an unpack snapshot's directory). */
+  directories?: string[];
   /** A host directory served as a live read-only layer above `layers` (kept current by a watcher). */
   liveLayer?: string;
   /** The writable upper directory. */
@@ -59,6 +61,14 @@ export interface ServedMount {
   mountpoint: string;
 }
 
+/**
+ * The socket each host this process mounted through answers on, by pid: a
+ * host never moves once bound, so stopMount asks it at once instead of
+ * finding it among the hosts directory's sockets (a container's Remove is on
+ * the path of the next `ctr run`: containerd's GC holds its snapshotter lock).
+ */
+const hostSockets = new Map<number, string>();
+
 /** Start serving `spec` and resolve once the mount is live. */
 export async function startMount(spec: MountSpec): Promise<ServedMount> {
   const context = { mountpoint: spec.mountpoint, ...spec.context };
@@ -67,6 +77,7 @@ export async function startMount(spec: MountSpec): Promise<ServedMount> {
   const socket = join(hostsDir, `${key}.sock`);
   const request: HostMountRequest = {
     op: 'mount', layers: spec.layers.map((l) => resolve(l)), upper: resolve(spec.upper), mountpoint: resolve(spec.mountpoint),
+    ...(spec.directories !== undefined && spec.directories.length > 0 ? { directories: spec.directories.map((d) => resolve(d)) } : {}),
     ...(spec.readOnly ? { readOnly: true } : {}),
     ...(spec.liveLayer !== undefined ? { liveLayer: resolve(spec.liveLayer) } : {}),
     ...(spec.statsFile !== undefined ? { statsFile: resolve(spec.statsFile) } : {}),
@@ -76,7 +87,10 @@ export async function startMount(spec: MountSpec): Promise<ServedMount> {
   try {
     for (let attempt = 0; ; attempt++) {
       const reply = await askHost(socket, request, READY_TIMEOUT_MS).catch(() => undefined);
-      if (reply?.ok) return { pid: reply.pid!, mountpoint: request.mountpoint };
+      if (reply?.ok) {
+        hostSockets.set(reply.pid!, socket);
+        return { pid: reply.pid!, mountpoint: request.mountpoint };
+      }
       if (reply !== undefined && reply.code !== EXITING) {
         throw new LayerdError(asErrorCode(reply.code), `cannot mount ${spec.mountpoint}: ${reply.message}`, context);
       }
@@ -244,6 +258,12 @@ export async function isServing(served: ServedMount): Promise<boolean> {
  */
 export async function stopMount(pid: number | null, mountpoint: string): Promise<void> {
   if (pid !== null && processAlive(pid)) {
+    const known = hostSockets.get(pid);
+    // (a reply other than ok — another host on that socket by now, or none — falls back to the search below)
+    if (known !== undefined && (await askHost(known, { op: 'unmount', mountpoint: resolve(mountpoint) }, STOP_TIMEOUT_MS).catch(() => undefined))?.ok === true) {
+      if (await findMount(mountpoint)) await clearDeadMount(mountpoint);
+      return;
+    }
     const server = await serverOf(pid);
     if (server.kind === 'host') {
       // Never killed: it serves other mounts. One that does not answer loses just this mount below.

@@ -99,13 +99,21 @@ export async function scanDirectory(dir: string, label?: string, dialect: Marker
     throw new LayerdError(ErrorCodes.ENOTFOUND, `cannot read layer directory ${root}`, { path: root }, { cause: err });
   }
   try {
-    return walkDirectory(root, rootFd, label, dialect);
+    return await walkDirectory(root, rootFd, label, dialect);
   } finally {
     close(rootFd);
   }
 }
 
-function walkDirectory(root: string, rootFd: number, label: string | undefined, dialect: MarkerDialect): ScannedDirectory {
+/**
+ * Entries walked between two yields to the event loop: a walk of a big tree
+ * (tens of thousands of entries, ~30 µs each) must not stall the process for
+ * seconds — a mount host serving other mounts, the daemon answering containerd
+ * while it ingests an unpacked layer.
+ */
+const ENTRIES_PER_YIELD = 256;
+
+async function walkDirectory(root: string, rootFd: number, label: string | undefined, dialect: MarkerDialect): Promise<ScannedDirectory> {
   const entries: LayerEntry[] = [];
   const whiteouts: string[] = [];
   const opaques: string[] = [];
@@ -145,10 +153,15 @@ function walkDirectory(root: string, rootFd: number, label: string | undefined, 
   };
 
   describe('', rootStat, 'dir', readXattrsQuietly(rootFd, '', root));
-  const walk = (dirPath: string, dirFd: number): void => {
+  let sinceYield = 0;
+  const walk = async (dirPath: string, dirFd: number): Promise<void> => {
     const names = readDirFd(dirFd, join(root, dirPath)).map((e) => e.name).sort();
     const subdirs: string[] = [];
     for (const name of names) {
+      if (++sinceYield >= ENTRIES_PER_YIELD) {
+        sinceYield = 0;
+        await new Promise<void>((done) => setImmediate(done));
+      }
       const path = joinPath(dirPath, name);
       const where = join(root, path);
       if (dialect === 'layer-dir' && name.startsWith(WHITEOUT_PREFIX)) {
@@ -196,7 +209,7 @@ function walkDirectory(root: string, rootFd: number, label: string | undefined, 
       try {
         const st = fstat(fd, join(root, path));
         if (st.ino !== inodes.get(path) || st.dev !== (devs.get(path) ?? rootStat.dev)) continue; // not the directory just described
-        walk(path, fd);
+        await walk(path, fd);
       } finally {
         close(fd);
       }
@@ -204,7 +217,7 @@ function walkDirectory(root: string, rootFd: number, label: string | undefined, 
   };
   const top = openBeneath(rootFd, '', O_RDONLY | O_DIRECTORY);
   try {
-    walk('', top);
+    await walk('', top);
   } finally {
     close(top);
   }

@@ -11,7 +11,9 @@
  *
  * Protocol: a client connects to the Unix socket, writes one JSON request
  * line, and reads one JSON reply line:
- *   {"op":"mount", "layers":[dir…bottom→top], "upper", "mountpoint", "readOnly"?, "liveLayer"?, "statsFile"?, "cacheSeconds"?}
+ *   {"op":"mount", "layers":[dir…bottom→top], "directories"?, "upper", "mountpoint", "readOnly"?, "liveLayer"?, "statsFile"?, "cacheSeconds"?}
+ *                                      (`directories`: those of `layers` that are plain directories in
+ *                                      overlayfs's format, not store layer directories)
  *   {"op":"unmount", "mountpoint"}     (resolves once the mount is gone)
  *   {"op":"list"}                      → {"ok":true,"mounts":[mountpoint…]}
  *   {"op":"bind", "socket"}            a spare host (started with --spare) moves
@@ -33,6 +35,7 @@ import { createLogger, type Logger } from '../common/log.js';
 import { ErrorCodes, LayerdError, isLayerdError } from '../common/errors.js';
 import { type LayerSource } from '../storage/layerIndex.js';
 import { layerDirSource } from '../storage/lazy/lazyLayer.js';
+import { lowerDirSource } from './lowerDir.js';
 import { LowerMergeCache } from './lowerMerges.js';
 import { mountUnion, type MountedUnion } from './mountUnion.js';
 import { OpStats } from './opStats.js';
@@ -47,6 +50,12 @@ const MAX_REQUEST_BYTES = 1024 * 1024;
 export interface HostMountRequest {
   op: 'mount';
   layers: string[];
+  /**
+   * Those of `layers` that are plain directories in overlayfs's format (a
+   * containerd unpack snapshot whose layer is still being ingested), walked
+   * once through the system-call layer (mount/lowerDir.ts), not store layers.
+   */
+  directories?: string[];
   upper: string;
   mountpoint: string;
   readOnly?: boolean;
@@ -122,12 +131,16 @@ class MountHost {
     return { ok: true, pid: process.pid };
   }
 
-  private layer(dir: string): Promise<LayerSource> {
-    let source = this.layers.get(dir);
+  private layer(dir: string, plainDirectory: boolean): Promise<LayerSource> {
+    // (a plain directory is keyed apart: the same path is never read both ways)
+    const key = plainDirectory ? `directory:${dir}` : dir;
+    let source = this.layers.get(key);
     if (source === undefined) {
-      source = layerDirSource(dir); // a lazily pulled layer fetches what it lacks (storage/lazy/)
-      source.catch(() => this.layers.delete(dir));
-      this.layers.set(dir, source);
+      // A plain directory is walked once, now: its writer (containerd's applier) is done with it.
+      // A lazily pulled store layer fetches what it lacks (storage/lazy/).
+      source = plainDirectory ? lowerDirSource(dir, `directory:${dir}`, 'overlay') : layerDirSource(dir);
+      source.catch(() => this.layers.delete(key));
+      this.layers.set(key, source);
     }
     return source;
   }
@@ -140,7 +153,8 @@ class MountHost {
     this.pending.add(mountpoint);
     if (this.idleTimer) clearTimeout(this.idleTimer);
     try {
-      const layers = await Promise.all(request.layers.map((dir) => this.layer(dir)));
+      const directories = new Set(Array.isArray(request.directories) ? request.directories : []);
+      const layers = await Promise.all(request.layers.map((dir) => this.layer(dir, directories.has(dir))));
       const stats = request.statsFile !== undefined ? await OpStats.continuing(request.statsFile) : undefined;
       const mounted = await mountUnion({
         layers, upper: request.upper, mountpoint, readOnly: request.readOnly ?? false, logger: this.logger, lowerMerges: this.lowerMerges,

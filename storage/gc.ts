@@ -10,7 +10,7 @@ import { ErrorCodes, LayerdError } from '../common/errors.js';
 import { type Digest } from './digest.js';
 import { listObjects, objectSize, removeObject } from './objectStore.js';
 import { formatRef, parseImageRef, splitNameTag } from './references.js';
-import { snapshotLayerRefs } from './snapshots.js';
+import { snapshotBlobRefs, snapshotLayerRefs } from './snapshots.js';
 import { type Store } from './store.js';
 
 export interface RemoveResult {
@@ -93,6 +93,7 @@ export async function collectGarbage(store: Store): Promise<GcResult> {
     let n = 0;
     store.db.write(() => {
       const blobs = store.db.referencedBlobs();
+      for (const d of snapshotBlobRefs(store.db)) blobs.add(d); // original blobs of committed containerd snapshots' layers
       const layers = store.db.referencedLayers();
       for (const d of snapshotLayerRefs(store.db)) layers.add(d); // committed containerd snapshots
       for (const row of store.db.listBlobs()) {

@@ -15,6 +15,9 @@ import { type SnapshotsClient, grpcCode, imageDocs, snapshotsClient } from './su
 import { clearMountsUnder } from './support/store.js';
 import { TestRegistry, startProxy } from './support/registry.js';
 
+/** No containerd in these tests: layerd never asks one (a host's) for original layer blobs. */
+const NO_CONTAINERD = ['--containerd-socket', 'none'];
+
 const TAG = 'l2-packages'; // two layers
 
 describe('containerd snapshotter: fetching the layers Prepare labels name', function () {
@@ -45,7 +48,7 @@ describe('containerd snapshotter: fetching the layers Prepare labels name', func
     registry = await TestRegistry.start(join(work.dir, 'registry'));
     await execFileAsync('skopeo', ['--insecure-policy', 'copy', '-q', '--dest-tls-verify=false', '--preserve-digests',
       `oci:${DEBIAN_MULTI}:${TAG}`, `docker://${registry.host}/corpus/debian-multi:${TAG}`]);
-    daemon = await startDaemon(work.dir, ['--snapshotter-socket', join(work.dir, 'snap.sock')]);
+    daemon = await startDaemon(work.dir, [...NO_CONTAINERD, '--snapshotter-socket', join(work.dir, 'snap.sock')]);
     client = snapshotsClient(join(work.dir, 'snap.sock'));
   });
 

@@ -64,4 +64,11 @@ describe('registry references, config and challenges', () => {
     expect(() => validateConfig({ registryTimeouts: { idleSeconds: 'long' } }, '/c.json')).to.throw(/registryTimeouts.*idleSeconds/).with.property('code', 'EINVAL');
     expect(() => validateConfig({ registryTimeouts: 30 }, '/c.json')).to.throw(/registryTimeouts/).with.property('code', 'EINVAL');
   });
+
+  it('the daemon config takes containerdSocket: an absolute path or "none"', () => {
+    expect(validateConfig({ containerdSocket: '/run/k3s/containerd/containerd.sock' }, '/c.json').containerdSocket).to.equal('/run/k3s/containerd/containerd.sock');
+    expect(validateConfig({ containerdSocket: 'none' }, '/c.json').containerdSocket).to.equal('none');
+    expect(() => validateConfig({ containerdSocket: 'containerd.sock' }, '/c.json')).to.throw(/containerdSocket/).with.property('code', 'EINVAL');
+    expect(() => validateConfig({ containerdSocket: 5 }, '/c.json')).to.throw(/containerdSocket/).with.property('code', 'EINVAL');
+  });
 });

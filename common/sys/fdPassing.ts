@@ -11,15 +11,9 @@
 import { closeSync } from 'node:fs';
 import koffi from 'koffi';
 import { ErrorCodes, LayerdError } from '../errors.js';
+import { SOCKET } from './libc.js';
 
-const AF_UNIX = 1;
-const SOCK_STREAM = 1;
-const SOCK_CLOEXEC = 0o2000000;
-const SOL_SOCKET = 1;
-const SCM_RIGHTS = 1;
-const MSG_CTRUNC = 0x8;
-const MSG_DONTWAIT = 0x40;
-const MSG_CMSG_CLOEXEC = 0x40000000;
+const { AF_UNIX, SOCK_STREAM, SOCK_CLOEXEC, SOL_SOCKET, SCM_RIGHTS, MSG_CTRUNC, MSG_DONTWAIT, MSG_CMSG_CLOEXEC } = SOCKET;
 
 /** The errno values this module names in its errors (a local subset, to be unified with common/sys). */
 const ERRNO_NAMES: Readonly<Record<number, string>> = {

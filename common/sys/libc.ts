@@ -19,6 +19,20 @@ export const SYS = process.arch === 'arm64'
   ? { getdents64: 61, openat2: 437, fchmodat2: 452, setxattrat: 463, getxattrat: 464, listxattrat: 465, removexattrat: 466 }
   : { getdents64: 217, openat2: 437, fchmodat2: 452, setxattrat: 463, getxattrat: 464, listxattrat: 465, removexattrat: 466 };
 
+/** Socket constants (the same on x86_64 and arm64) for the Unix-socket calls made through koffi. */
+export const SOCKET = {
+  AF_UNIX: 1,
+  SOCK_STREAM: 1,
+  SOCK_DGRAM: 2,
+  SOCK_CLOEXEC: 0o2000000,
+  SOL_SOCKET: 1,
+  SCM_RIGHTS: 1,
+  MSG_CTRUNC: 0x8,
+  MSG_DONTWAIT: 0x40,
+  MSG_NOSIGNAL: 0x4000,
+  MSG_CMSG_CLOEXEC: 0x40000000,
+} as const;
+
 export const XattrArgs = koffi.struct('layerd_xattr_args', { value: 'void *', size: 'uint32', flags: 'uint32' });
 
 export const libc = {

@@ -8,14 +8,10 @@
  * (sun_path begins with a NUL byte and the name is not NUL-terminated), as
  * systemd writes it in NOTIFY_SOCKET.
  */
-import { lastErrno, libc } from './libc.js';
+import { lastErrno, libc, SOCKET } from './libc.js';
 import { errnoName, fsError, type ErrnoName } from './errors.js';
 
-const AF_UNIX = 1;
-const SOCK_DGRAM = 2;
-const SOCK_CLOEXEC = 0o2000000;
-const MSG_DONTWAIT = 0x40;
-const MSG_NOSIGNAL = 0x4000;
+const { AF_UNIX, SOCK_DGRAM, SOCK_CLOEXEC, MSG_DONTWAIT, MSG_NOSIGNAL } = SOCKET;
 /** offsetof(struct sockaddr_un, sun_path) and sizeof(sun_path). */
 const SUN_PATH_AT = 2;
 const SUN_PATH_SIZE = 108;

@@ -48,14 +48,15 @@ export function registryRoutes(router: Router, store: Store, configPath: string 
   });
 
   router.add('POST', '/v1/images/{ref}/push', async (ctx) => {
-    const body = checkFields<{ target: string; compress?: string }>(await readJsonBody(ctx.req), {
-      target: { type: 'string', required: true }, compress: { type: 'string' },
+    const body = checkFields<{ target: string; compress?: string; gzipIndex?: boolean }>(await readJsonBody(ctx.req), {
+      target: { type: 'string', required: true }, compress: { type: 'string' }, gzipIndex: { type: 'boolean' },
     });
     if (body.compress !== undefined && body.compress !== 'gzip' && body.compress !== 'zstd') {
       throw new LayerdError(ErrorCodes.EINVAL, `compress must be gzip or zstd`);
     }
     return pushImage(store, ctx.params['ref']!, body.target, {
       config: await config(), compression: (body.compress ?? 'gzip') as PushCompression, timeouts, signal: cancelledWhenClientLeaves(ctx),
+      ...(body.gzipIndex === false ? { gzipIndex: false } : {}),
     });
   });
 }

@@ -84,6 +84,12 @@ function toWireMounts(mounts: Mount[]): WireMount[] {
   return mounts.map((m) => ({ type: m.type, source: m.source, target: m.target, options: m.options }));
 }
 
+/** The containerd namespace a call carries (containerd forwards it to proxy plugins as gRPC metadata). */
+export function namespaceOfCall(metadata: grpc.Metadata): string | undefined {
+  const value = metadata.get('containerd-namespace')[0];
+  return typeof value === 'string' && value !== '' ? value : undefined;
+}
+
 export class SnapshotterServer {
   private readonly server = new grpc.Server();
   /** Unary calls being answered (their work runs on after a connection drops). */
@@ -118,10 +124,10 @@ export class SnapshotterServer {
   }
 
   /** One unary call: log, run, map errors. */
-  private unary<Req, Res>(name: string, fn: (req: Req) => Promise<Res> | Res): grpc.handleUnaryCall<Req, Res> {
+  private unary<Req, Res>(name: string, fn: (req: Req, metadata: grpc.Metadata) => Promise<Res> | Res): grpc.handleUnaryCall<Req, Res> {
     return (call, callback) => {
       const started = Date.now();
-      const work = Promise.resolve().then(() => fn(call.request));
+      const work = Promise.resolve().then(() => fn(call.request, call.metadata));
       this.inflight.add(work);
       work.finally(() => this.inflight.delete(work)).catch(() => undefined);
       work.then(
@@ -147,7 +153,7 @@ export class SnapshotterServer {
       Prepare: this.unary<CreateRequest, { mounts: WireMount[] }>('Prepare', async (r) => ({ mounts: toWireMounts(await svc.prepare(r.key, r.parent, r.labels ?? {})) })),
       View: this.unary<CreateRequest, { mounts: WireMount[] }>('View', async (r) => ({ mounts: toWireMounts(await svc.view(r.key, r.parent, r.labels ?? {})) })),
       Mounts: this.unary<KeyRequest, { mounts: WireMount[] }>('Mounts', async (r) => ({ mounts: toWireMounts(await svc.mounts(r.key)) })),
-      Commit: this.unary<CommitRequest, Record<string, never>>('Commit', async (r) => { await svc.commit(r.name, r.key, r.labels ?? {}); return empty(); }),
+      Commit: this.unary<CommitRequest, Record<string, never>>('Commit', async (r, md) => { await svc.commit(r.name, r.key, r.labels ?? {}, namespaceOfCall(md)); return empty(); }),
       Remove: this.unary<KeyRequest, Record<string, never>>('Remove', async (r) => { await svc.remove(r.key); return empty(); }),
       Stat: this.unary<KeyRequest, { info: WireInfo }>('Stat', (r) => ({ info: toWireInfo(svc.stat(r.key)) })),
       Update: this.unary<UpdateRequest, { info: WireInfo }>('Update', (r) => {

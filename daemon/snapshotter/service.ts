@@ -16,8 +16,9 @@
  *   directory itself, and Commit keeps the layer the store already has for
  *   its chain ID (pulled by layerd, or committed in another containerd
  *   namespace) or else answers at once and turns the directory into a layer
- *   in the background (a FUSE mount on top waits for it; a daemon killed
- *   meanwhile does it at its next start).
+ *   in the background (a daemon killed meanwhile does it at its next start).
+ *   A FUSE mount on top does not wait for it: it reads the directory itself
+ *   as a lower layer, and the directory stays until no mount reads it.
  * - The remote path: a Prepare carrying `containerd.io/snapshot.ref` (the
  *   chain ID containerd's unpacker is about to create) and a label naming a
  *   layer the store already has — or one a layer source fetches from the
@@ -30,15 +31,18 @@ import { access, lstat, mkdir, readdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ErrorCodes, LayerdError } from '../../common/errors.js';
 import { type Logger } from '../../common/log.js';
-import { processAlive } from '../../common/process.js';
+import { processAlive, sleep } from '../../common/process.js';
 import { findMount } from '../../mount/deadMount.js';
+import { scanDirectory } from '../../mount/lowerDir.js';
 import { convertOciUpper } from '../../mount/upperMigration.js';
 import { type Digest, isDigest } from '../../storage/digest.js';
 import {
-  type SnapshotKind, type SnapshotRow, SnapshotTable, chainIdOf, parseLabels, removeLayerIfUnused, snapshotDir, snapshotsDir, storeLayerForChain,
+  type SnapshotKind, type SnapshotRow, SnapshotTable, chainIdOf, ingestLayerBlob, lowerDirIds, parseLabels, removeLayerIfUnused, snapshotDir, snapshotsDir, storeLayerForChain,
 } from '../../storage/snapshots.js';
 import { type Store } from '../../storage/store.js';
 import { isServing, startMount, stopMount } from '../mountServer.js';
+import { type OriginalLayerSource } from './containerdContent.js';
+import { fileTableDifference } from './fileTable.js';
 import { type Filter, matchAny, parseFilters } from './filters.js';
 import { LABEL_SNAPSHOT_REF, directoryToLayer, namespaceOf, unpackMounts, unpackTargetOf } from './unpack.js';
 
@@ -97,6 +101,19 @@ export interface SnapshotServiceOptions {
    * committed snapshot, and containerd downloads and unpacks nothing.
    */
   layerSources?: ChainLayerSource[];
+  /**
+   * Where the original blob of a layer containerd unpacked may be found
+   * (containerd's content store): a committed unpack snapshot's layer is
+   * stored from it, with the image's own diffID, instead of from its
+   * directory.
+   */
+  originalLayers?: OriginalLayerSource;
+  /**
+   * Test hook: while this file exists, background ingests wait before they
+   * start (default $LAYERD_TEST_INGEST_GATE), so a test can hold layers
+   * pending for as long as it needs, not for as long as it is lucky.
+   */
+  ingestGate?: string;
 }
 
 /** Background ingests of unpacked layers at once: one, so containerd applying the next layer keeps the other core (2 measured no better, docs/performance.md). */
@@ -105,6 +122,19 @@ const INGEST_CONCURRENCY = 1;
 const SUPERVISE_MS = 2_000;
 /** A snapshot directory holds this mark once its upper is in the overlayfs format (older ones are converted at their next mount). */
 const UPPER_FORMAT_MARK = 'upper-format';
+/** How often a held ingest looks at its gate again (test hook only). */
+const GATE_POLL_MS = 50;
+/**
+ * A background ingest starts once containerd has left layerd alone this long
+ * (no Prepare, View or Commit) and no unpack is in progress: on a small
+ * machine it would otherwise take a core from the unpack of the next layer
+ * and from the containers started right after a pull, which read the pending
+ * directories meanwhile and need no layer. It starts anyway INGEST_MAX_DEFER_MS
+ * after its commit, and at once when something waits for the layer.
+ */
+const INGEST_QUIET_MS = 1_000;
+const INGEST_MAX_DEFER_MS = 30_000;
+const INGEST_QUIET_POLL_MS = 100;
 
 export class SnapshotService {
   readonly table: SnapshotTable;
@@ -117,9 +147,17 @@ export class SnapshotService {
   private ingestsRunning = 0;
   private readonly ingestsWaiting: (() => void)[] = [];
   private stopping = false;
+  /** When containerd last asked for a snapshot to be made or committed (Date.now()). */
+  private lastActivity = 0;
+  /** Callers waiting for a background ingest right now (then none is deferred). */
+  private waitingForIngest = 0;
+  /** Snapshot directories being deleted in the background (Cleanup leaves them to that). */
+  private readonly removing = new Set<string>();
+  private readonly ingestGate: string | undefined;
 
   constructor(private readonly store: Store, private readonly logger: Logger, private readonly options: SnapshotServiceOptions = {}) {
     this.table = new SnapshotTable(store.db);
+    this.ingestGate = options.ingestGate ?? (process.env['LAYERD_TEST_INGEST_GATE'] || undefined);
   }
 
   // --- creating ----------------------------------------------------------------
@@ -146,20 +184,10 @@ export class SnapshotService {
 
   private async create(key: string, parent: string, labels: Record<string, string>, kind: 'active' | 'view', unpackTarget?: Digest): Promise<Mount[]> {
     if (this.busy.has(key) || this.table.get(key)) throw new LayerdError(ErrorCodes.EEXIST, `snapshot ${key} already exists`, { snapshot: key });
-    let parentRow = this.committedParent(parent);
-    // A FUSE mount needs its chain's layers: wait for those still being ingested. (An unpack
-    // does not: containerd writes its layer into an empty directory.)
-    if (unpackTarget === undefined && parentRow !== undefined) {
-      this.busy.add(key);
-      try {
-        await this.chainIngested(parentRow.key);
-      } finally {
-        this.busy.delete(key);
-      }
-      parentRow = this.committedParent(parent);
-    }
-    if (this.busy.has(key) || this.table.get(key)) throw new LayerdError(ErrorCodes.EEXIST, `snapshot ${key} already exists`, { snapshot: key });
-    const layers = unpackTarget === undefined ? this.table.chain(parentRow?.key ?? null) : [];
+    // (A FUSE mount does not wait for layers still being ingested: it reads their directories, startServer.)
+    const parentRow = this.committedParent(parent);
+    const started = performance.now();
+    this.lastActivity = Date.now();
     this.busy.add(key);
     let row: SnapshotRow | undefined;
     try {
@@ -183,13 +211,15 @@ export class SnapshotService {
         return this.mountsOf(row);
       }
       await mkdir(row.mountpoint!, { recursive: true, mode: 0o755 });
-      await this.startServer(row, layers);
-      this.logger.info('snapshot prepared', { snapshot: key, kind, parent: parentRow?.key, layers: layers.length, mountpoint: row.mountpoint });
+      const layers = await this.startServer(row);
+      this.logger.info('snapshot prepared', { snapshot: key, kind, parent: parentRow?.key, ...layers, mountpoint: row.mountpoint, ms: Math.round(performance.now() - started) });
       return this.mountsOf(this.table.get(key)!);
     } catch (err) {
       if (row !== undefined) {
         const failed = row;
+        const readDirs = lowerDirIds(this.table.get(key)?.lower_dirs ?? null);
         this.store.db.write(() => this.table.delete(key));
+        this.releaseLowerDirs(readDirs);
         await rm(snapshotDir(this.store, failed.id), { recursive: true, force: true }).catch(() => undefined);
       }
       throw err;
@@ -207,19 +237,55 @@ export class SnapshotService {
     return row;
   }
 
-  private async startServer(row: SnapshotRow, layers?: Digest[]): Promise<void> {
+  /**
+   * Serve `row`'s mount over its parent chain as it is now: store layers,
+   * and — for the layers still being ingested (the first `ctr run` right
+   * after a pull) — the unpack directories containerd wrote, read as plain
+   * lower directories (whiteouts as 0/0 devices, opaque xattrs), so the
+   * mount waits for no ingest. The row records which directories it reads
+   * (`lower_dirs`) before the mount starts, so an ingest ending meanwhile
+   * keeps them; directories it read before and reads no more are released.
+   */
+  private async startServer(row: SnapshotRow): Promise<{ layers: number; pendingDirs: number; mountMs: number }> {
     await this.convertUpperIfOld(row);
-    const chain = layers ?? this.table.chain(row.parent);
+    const previous = lowerDirIds(this.table.get(row.key)?.lower_dirs ?? null);
+    const chain = this.table.chainLayers(row.parent);
+    const dirIds = chain.flatMap((l) => ('pendingDir' in l ? [l.pendingDir] : []));
+    // (one database commit, an fsync, fewer on the path of every `ctr run` when nothing changes)
+    if (dirIds.length + previous.length > 0) this.store.db.write(() => this.table.setLowerDirs(row.key, dirIds));
+    const mounting = performance.now();
     const served = await startMount({
       // A layer layerd pulled lazily is served lazily here too (storage/lazy/).
-      layers: chain.map((d) => this.store.layerDirFor(d)),
+      layers: chain.map((l) => ('diffId' in l ? this.store.layerDirFor(l.diffId) : this.pendingDirOf(l.pendingDir))),
+      directories: dirIds.map((id) => this.pendingDirOf(id)),
       upper: row.upper!,
       mountpoint: row.mountpoint!,
       readOnly: row.kind === 'view',
       hostsDir: this.store.layout.hostsDir(),
       context: { snapshot: row.key },
     });
+    const mountMs = Math.round(performance.now() - mounting);
     this.store.db.write(() => this.table.setServer(row.key, served.pid));
+    this.releaseLowerDirs(previous.filter((id) => !dirIds.includes(id)));
+    return { layers: chain.length, pendingDirs: dirIds.length, mountMs };
+  }
+
+  /** The directory containerd unpacked a pending snapshot's layer into (by row id). */
+  private pendingDirOf(id: number): string {
+    return join(snapshotDir(this.store, id), 'upper');
+  }
+
+  /**
+   * Delete the directories of these committed snapshots (row ids) that are
+   * needed no more: layer stored (or the row gone) and no mount reading them.
+   */
+  private releaseLowerDirs(ids: readonly number[]): void {
+    if (ids.length === 0) return;
+    const inUse = this.table.lowerDirsInUse();
+    for (const id of ids) {
+      if (this.table.byId(id)?.pending_ingest === 1 || inUse.has(id)) continue; // its ingest or its last reader releases it
+      this.removeDir(snapshotDir(this.store, id));
+    }
   }
 
   /** An upper written before the overlayfs format (`.wh.` files) is converted, with the meaning it had, before it is mounted. */
@@ -392,7 +458,8 @@ export class SnapshotService {
 
   // --- committing and removing -------------------------------------------------
 
-  async commit(name: string, key: string, labels: Record<string, string>): Promise<void> {
+  /** `namespace`: the containerd namespace of the call (its gRPC metadata), if it named one. */
+  async commit(name: string, key: string, labels: Record<string, string>, namespace?: string): Promise<void> {
     checkKey(name);
     const row = this.row(key);
     if (row.kind !== 'active') throw new LayerdError(ErrorCodes.ECONFLICT, `snapshot ${key} is not active`, { snapshot: key });
@@ -400,10 +467,11 @@ export class SnapshotService {
     if (this.busy.has(name) || this.table.get(name)) throw new LayerdError(ErrorCodes.EEXIST, `snapshot ${name} already exists`, { snapshot: name });
     this.busy.add(key);
     this.busy.add(name);
+    this.lastActivity = Date.now();
     const dir = snapshotDir(this.store, row.id);
     try {
       if (row.unpack_target !== null) {
-        const pending = await this.commitUnpacked(name, row, labels);
+        const pending = await this.commitUnpacked(name, row, labels, namespace ?? namespaceOf(name) ?? namespaceOf(key));
         // The unpacked tree is not needed any more (unless its layer is still to be ingested from it);
         // containerd need not wait for its deletion (no row owns the directory now: a stop before it
         // is gone leaves it to Cleanup / the next start).
@@ -437,6 +505,7 @@ export class SnapshotService {
     try {
       const layer = await directoryToLayer(this.store, row.upper!, `snapshot:${key}`, (_db, l) => this.recordCommit(name, row, labels, l.diffId, null));
       this.logger.info('snapshot committed', { snapshot: name, from: key, diffId: layer.diffId });
+      this.releaseLowerDirs(lowerDirIds(this.table.get(key)?.lower_dirs ?? row.lower_dirs));
     } catch (err) {
       // Still active: serve it again so the caller can go on using it.
       const still = this.table.get(key);
@@ -455,7 +524,7 @@ export class SnapshotService {
    * committed snapshot stands for the chain ID containerd named in either
    * case. Returns whether the directory is still needed (pending).
    */
-  private async commitUnpacked(name: string, row: SnapshotRow, labels: Record<string, string>): Promise<boolean> {
+  private async commitUnpacked(name: string, row: SnapshotRow, labels: Record<string, string>, namespace: string | undefined): Promise<boolean> {
     const target = row.unpack_target!;
     const parentRow = row.parent === null ? undefined : this.table.get(row.parent);
     // (Layer sources are asked at Prepare, before containerd downloads anything: once it has
@@ -464,7 +533,7 @@ export class SnapshotService {
     if (diffId === undefined) {
       // The same chain committed in another namespace, its layer still being ingested: share it.
       const pendingTwin = this.table.committedWithChain(target).find((r) => r.pending_ingest === 1);
-      if (pendingTwin !== undefined) diffId = await this.ingested(pendingTwin.key).catch(() => undefined);
+      if (pendingTwin !== undefined) diffId = await this.waitIngested(pendingTwin.key).catch(() => undefined);
     }
     if (diffId !== undefined) {
       const known = diffId;
@@ -474,7 +543,7 @@ export class SnapshotService {
     }
     this.store.db.write(() => {
       if (this.table.get(name)) throw new LayerdError(ErrorCodes.EEXIST, `snapshot ${name} already exists`, { snapshot: name });
-      this.table.markPending(row.key, name, labels, target);
+      this.table.markPending(row.key, name, labels, target, namespace ?? null);
     });
     this.logger.info('unpack snapshot committed; its layer is ingested in the background', { snapshot: name, from: row.key, target });
     void this.ingested(name).catch(() => undefined); // logged there; waiters see the error
@@ -504,6 +573,29 @@ export class SnapshotService {
     return job;
   }
 
+  /** `ingested` for a caller that waits for the layer: no background ingest is deferred meanwhile. */
+  private async waitIngested(key: string): Promise<Digest> {
+    this.waitingForIngest++;
+    try {
+      return await this.ingested(key);
+    } finally {
+      this.waitingForIngest--;
+    }
+  }
+
+  /** Hold a background ingest until containerd is quiet (INGEST_QUIET_MS), someone waits for a layer, or its deferral is up. */
+  private async quietEnough(key: string, committedAt: number): Promise<void> {
+    const deadline = committedAt + INGEST_MAX_DEFER_MS;
+    for (let first = true; ; first = false) {
+      if (this.stopping) throw new LayerdError(ErrorCodes.EBUSY, 'the daemon is stopping; the layer is ingested at its next start', { snapshot: key });
+      const now = Date.now();
+      if (this.waitingForIngest > 0 || now >= deadline) return;
+      if (now - this.lastActivity >= INGEST_QUIET_MS && this.table.unpacksInProgress() === 0) return;
+      if (first) this.logger.debug('background ingest deferred while containerd is busy', { snapshot: key });
+      await sleep(Math.min(INGEST_QUIET_POLL_MS, deadline - now));
+    }
+  }
+
   /** Run `job` when fewer than INGEST_CONCURRENCY ingests run (a finished one hands its slot to the next in line). */
   private async ingestSlot<T>(job: () => Promise<T>): Promise<T> {
     if (this.ingestsRunning >= INGEST_CONCURRENCY) await new Promise<void>((resolve) => this.ingestsWaiting.push(resolve));
@@ -523,38 +615,101 @@ export class SnapshotService {
     if (row === undefined || row.id !== id || row.pending_ingest !== 1) {
       throw new LayerdError(ErrorCodes.ENOTFOUND, `snapshot ${key} is no longer waiting for its layer`, { snapshot: key });
     }
+    await this.passIngestGate(key);
+    await this.quietEnough(key, row.updated_at);
     const started = Date.now();
     try {
-      const layer = await directoryToLayer(this.store, row.upper!, `snapshot:${key}`, (_db, l) => this.table.finishPending(key, l.diffId));
-      this.logger.info('unpack snapshot layer ingested', { snapshot: key, diffId: layer.diffId, ms: Date.now() - started });
-      this.removeDir(snapshotDir(this.store, id));
-      return layer.diffId;
+      let diffId = await this.ingestOriginal(row);
+      if (diffId === undefined) {
+        const layer = await directoryToLayer(this.store, row.upper!, `snapshot:${key}`, (_db, l) => this.table.finishPending(key, l.diffId));
+        this.logger.info('unpack snapshot layer ingested', { snapshot: key, diffId: layer.diffId, ms: Date.now() - started, from: 'directory' });
+        diffId = layer.diffId;
+      }
+      // A container mounted before the layer was stored reads the directory until it is released.
+      if (this.table.lowerDirsInUse().has(id)) this.logger.info('unpack directory kept while a mount reads it', { snapshot: key });
+      this.releaseLowerDirs([id]);
+      return diffId;
     } catch (err) {
       this.logger.error('could not ingest a committed snapshot\'s layer (tried again when it is needed)', { snapshot: key, error: (err as Error).message });
       throw err;
     }
   }
 
-  /** Wait until every snapshot of `key`'s chain has its layer in the store. */
-  private async chainIngested(key: string): Promise<void> {
-    for (let k: string | null = key; k !== null;) {
-      const row = this.table.get(k);
-      if (row === undefined) return; // chain() reports it
-      if (row.pending_ingest === 1) await this.ingested(k);
-      k = row.parent;
+  /** Test hook (options.ingestGate): hold the ingest while the gate file exists; a stopping daemon leaves it to its next start. */
+  private async passIngestGate(key: string): Promise<void> {
+    const gate = this.ingestGate;
+    if (gate === undefined) return;
+    const closed = (): Promise<boolean> => access(gate).then(() => true, () => false);
+    if (!(await closed())) return;
+    this.logger.info('background ingest held by the test gate', { snapshot: key, gate });
+    while (!this.stopping && await closed()) await sleep(GATE_POLL_MS);
+    if (this.stopping) throw new LayerdError(ErrorCodes.EBUSY, 'the daemon is stopping; the layer is ingested at its next start', { snapshot: key });
+  }
+
+  /**
+   * A pending snapshot's layer stored from its original blob in containerd's
+   * content store, so that it has the diffID the image names (shared with
+   * `layerctl pull` of the image, pushed as the very blob): the blob whose
+   * diffID gives the snapshot's chain ID on its parent's, digest and diffID
+   * verified, and only if the directory containerd unpacked holds the same
+   * file table. Undefined (logged why) when that cannot be had: then the
+   * directory becomes the layer, with layerd's own diffID.
+   */
+  private async ingestOriginal(row: SnapshotRow): Promise<Digest | undefined> {
+    const source = this.options.originalLayers;
+    if (source === undefined) return undefined;
+    const key = row.key;
+    const target = row.chain_id ?? row.unpack_target;
+    const namespace = row.namespace ?? namespaceOf(key);
+    const fallback = (why: string, context: Record<string, unknown> = {}): undefined => {
+      this.logger.warn('unpack snapshot layer stored from its directory (layerd\'s own diffID), not from containerd\'s original blob', { snapshot: key, target, why, ...context });
+      return undefined;
+    };
+    if (target === null) return fallback('the snapshot names no chain ID');
+    if (namespace === undefined) return fallback('the containerd namespace of the snapshot is not known');
+    const parentRow = row.parent === null ? undefined : this.table.get(row.parent);
+    if (parentRow !== undefined && parentRow.chain_id === null) return fallback('the chain ID of the parent snapshot is not known');
+    const parentChain = parentRow?.chain_id ?? null;
+    const started = Date.now();
+    let blob;
+    try {
+      blob = await source.find({ namespace, parentChain, target });
+    } catch (err) {
+      return fallback('containerd\'s content store could not be asked', { error: (err as Error).message });
+    }
+    if (blob === undefined) return fallback('containerd\'s content store has no layer blob of this chain', { namespace });
+    const found = blob;
+    try {
+      const layer = await ingestLayerBlob(this.store, found, async (index) => {
+        const unpacked = await scanDirectory(row.upper!, `snapshot:${key}`, 'overlay');
+        const difference = fileTableDifference(unpacked.index, index);
+        if (difference !== undefined) {
+          throw new LayerdError(ErrorCodes.ECONFLICT, `the directory containerd unpacked does not hold layer ${found.diffId}: ${difference}`, { diffId: found.diffId });
+        }
+      }, (_db, l) => this.table.finishPending(key, l.diffId, l.blobDigest));
+      this.logger.info('unpack snapshot layer ingested', {
+        snapshot: key, diffId: layer.diffId, ms: Date.now() - started, from: 'containerd content', blob: layer.blobDigest, found: found.how,
+      });
+      return layer.diffId;
+    } catch (err) {
+      return fallback('containerd\'s original blob could not be stored', { blob: found.digest, diffId: found.diffId, error: (err as Error).message });
     }
   }
 
   /** Delete a snapshot directory nothing needs any more, without making the caller wait. */
   private removeDir(dir: string): void {
-    void rm(dir, { recursive: true, force: true }).catch((err: unknown) => this.logger.warn('could not delete a snapshot directory', { path: dir, error: String(err) }));
+    if (this.removing.has(dir)) return;
+    this.removing.add(dir);
+    void rm(dir, { recursive: true, force: true })
+      .catch((err: unknown) => this.logger.warn('could not delete a snapshot directory', { path: dir, error: String(err) }))
+      .finally(() => this.removing.delete(dir));
   }
 
   async remove(key: string): Promise<void> {
     let row = this.row(key);
     if (row.pending_ingest === 1) {
       // Its layer first (or the ingest's failure): then it goes as any committed snapshot.
-      await this.ingested(key).catch(() => undefined);
+      await this.waitIngested(key).catch(() => undefined);
       row = this.row(key);
     }
     if (this.busy.has(key)) throw new LayerdError(ErrorCodes.ECONFLICT, `snapshot ${key} is busy`, { snapshot: key });
@@ -573,13 +728,15 @@ export class SnapshotService {
       }
       if (row.kind === 'committed') {
         this.store.db.write(() => this.table.delete(key));
-        const deleted = await removeLayerIfUnused(this.store, row.diff_id!);
+        const deleted = await removeLayerIfUnused(this.store, row.diff_id!, row.blob_digest);
         this.logger.info('snapshot removed', { snapshot: key, kind: row.kind, layerDeleted: deleted });
         return;
       }
       if (row.unpack_target === null) await stopMount(row.server_pid, row.mountpoint!);
       this.store.db.write(() => this.table.delete(key));
-      await rm(snapshotDir(this.store, row.id), { recursive: true, force: true });
+      this.releaseLowerDirs(lowerDirIds(row.lower_dirs));
+      // Unmounted and unrecorded: containerd need not wait for the files (a stop before they are gone leaves them to Cleanup).
+      this.removeDir(snapshotDir(this.store, row.id));
       this.logger.info('snapshot removed', { snapshot: key, kind: row.kind });
     } finally {
       this.busy.delete(key);
@@ -589,7 +746,9 @@ export class SnapshotService {
   /** Remove what no snapshot owns: directories under snapshots/ without a row (and their mounts). */
   async cleanup(): Promise<string[]> {
     // (a committed snapshot owns no files, except one whose layer is still to be ingested from its directory)
+    // (nor one whose layer is stored while a mount still reads its directory)
     const owned = new Set(this.table.list().filter((r) => r.kind !== 'committed' || r.pending_ingest === 1).map((r) => String(r.id)));
+    for (const id of this.table.lowerDirsInUse()) owned.add(String(id));
     const removed: string[] = [];
     const names = await readdir(snapshotsDir(this.store)).catch(() => [] as string[]);
     for (const name of names) {
@@ -597,6 +756,7 @@ export class SnapshotService {
       // A row being created right now already has its id; its directory is not an orphan.
       if ([...this.busy].some((k) => String(this.table.get(k)?.id) === name)) continue;
       const dir = join(snapshotsDir(this.store), name);
+      if (this.removing.has(dir)) continue; // being deleted already
       if (await findMount(join(dir, 'mnt'))) await stopMount(null, join(dir, 'mnt'));
       await rm(dir, { recursive: true, force: true });
       removed.push(dir);

@@ -65,6 +65,12 @@ export interface Chunk {
   start: number;
   end: number;
   digest: Digest;
+  /**
+   * A span of an unmodified gzip layer (gzipIndex.ts) instead of a gzip
+   * member: [start, end) is inflated from this checkpoint (the split byte's
+   * bits, the window), not from a gzip header.
+   */
+  checkpoint?: { bits: number; window: string };
 }
 
 /** A regular file's content in the lazy layer's content file, at `offset` (the index entry's `offset`). */

@@ -24,6 +24,7 @@ import { EMPTY_CONFIG, type RegistriesConfig, endpointsFor, loadRegistriesConfig
 import { ResumableBlobStream } from '../registry/download.js';
 import { DEFAULT_TIMEOUTS, type RegistryTimeouts } from '../registry/timeouts.js';
 import { type Store } from '../store.js';
+import { GZIP_INDEX_FORMAT, checkGzipFileTable } from './gzipLazy.js';
 import { readLazyInfo } from './lazyLayer.js';
 
 export interface FillOptions {
@@ -67,6 +68,7 @@ export async function fillLazyLayer(store: Store, diffId: Digest, options: FillO
         },
       },
     );
+    if (info.format === GZIP_INDEX_FORMAT) await checkGzipFileTable(lazyDir, ingested.index!);
     const trash = join(workDir, 'lazy-trash');
     await store.commit(workDir, [
       ...(store.db.getBlob(info.blobDigest) ? [] : [{ kind: 'blob' as const, digest: info.blobDigest, path: ingested.blobPath! }]),

@@ -38,6 +38,7 @@ import { RegistryClient, headerValue, readLimited } from '../registry/client.js'
 import { EMPTY_CONFIG, endpointsFor, loadRegistriesConfig } from '../registry/config.js';
 import { readLayerIndex } from '../store.js';
 import { type Chunk, type LazyFile } from './estargz.js';
+import { inflateSpan } from './gzipIndex.js';
 
 export const LAZY_JSON = 'lazy.json';
 export const LAZY_CONTENT = 'content';
@@ -57,7 +58,10 @@ export interface LazyLayerInfo {
   blobDigest: Digest;
   blobSize: number;
   mediaType: string;
+  /** eStargz: the TOC's digest; a gzip-index layer: the index document's. */
   tocDigest: Digest;
+  /** How `files` map onto the blob: eStargz members (the default) or gzip-index spans (one file: the whole tar). */
+  format?: 'estargz' | 'gzip-index';
   /** The registries configuration (credentials, mirrors, CAs) to fetch with, if any. */
   registriesConfig?: string;
   contentSize: number;
@@ -150,16 +154,21 @@ export class LazyLayerSource implements LayerSource {
 
   content(entry: LayerEntry): ContentRef | undefined {
     if (entry.kind !== 'file' || entry.size === 0 || entry.offset === undefined) return undefined;
-    const file = this.byOffset.get(entry.offset);
     const offset = entry.offset;
+    const file = this.byOffset.get(offset) ?? this.containing(offset, entry.size);
     return {
       path: this.contentPath, offset, size: entry.size,
       // Through this process's descriptor: the path is gone once the layer is complete.
       open: () => openSync(`/proc/self/fd/${this.fd}`, fsConstants.O_RDONLY),
       ready: (from, length) => (file === undefined
         ? Promise.reject(fsError('EIO', entry.path, 'read'))
-        : this.ready(file, from, length, entry.path)),
+        : this.ready(file, offset - file.offset + from, length, entry.path)),
     };
+  }
+
+  /** The LazyFile whose bytes hold [offset, offset + size): a gzip-index layer has one, the whole tar. */
+  private containing(offset: number, size: number): LazyFile | undefined {
+    return this.info.files.find((f) => f.offset <= offset && offset + size <= f.offset + f.size);
   }
 
   /** Make bytes [from, from + length) of `file` present and verified. */
@@ -208,7 +217,7 @@ export class LazyLayerSource implements LayerSource {
         last = err;
       }
       if (member !== undefined) {
-        const bytes = await inflatePrefix(member, chunk.length).catch(() => undefined);
+        const bytes = await (chunk.checkpoint ? inflateFromCheckpoint(chunk, member) : inflatePrefix(member, chunk.length)).catch(() => undefined);
         if (bytes !== undefined && sha256(bytes) === chunk.digest) {
           await writeAt(this.fd, bytes, key);
           this.present.add(key);
@@ -334,6 +343,11 @@ function inflatePrefix(member: Buffer, length: number): Promise<Buffer> {
     inflater.on('error', (err) => settle(() => reject(err)));
     inflater.end(member);
   });
+}
+
+/** A gzip-index span: its bytes inflated from its checkpoint (gzipIndex.ts). */
+async function inflateFromCheckpoint(chunk: Chunk, compressed: Buffer): Promise<Buffer> {
+  return inflateSpan(chunk.checkpoint!, chunk.length, compressed, `span at ${chunk.start}`);
 }
 
 function readAt(fd: number, buffer: Buffer, position: number): Promise<number> {

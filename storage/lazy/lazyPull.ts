@@ -6,9 +6,11 @@
  * bytes are fetched as they are read (lazyLayer.ts), and a background fill
  * (fill.ts) later makes every layer an ordinary stored one.
  *
- * A layer that is no eStargz (no annotation: plain gzip, zstd, …) cannot be
- * served lazily yet: the whole image is then pulled as usual, and the answer
- * says why (`fallback`).
+ * A plain gzip layer is served lazily from its gzip index (gzipIndex.ts),
+ * an OCI artifact referring to the image manifest (gzipArtifact.ts) that
+ * `layerctl push` and `layerctl index` publish. A layer that is neither
+ * (zstd, gzip without an index, …) cannot be served lazily: the whole image
+ * is then pulled as usual, and the answer says why (`fallback`).
  */
 import { mkdir, open, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -23,6 +25,9 @@ import { type PullOptions, openPullSource, pullImage } from '../registry/pull.js
 import { RegistrySource } from '../registry/source.js';
 import { type Store } from '../store.js';
 import { ESTARGZ_FOOTER_SIZE, MAX_TOC_BYTES, TOC_DIGEST_ANNOTATION, parseFooter, parseToc, planLazyLayer, readTocMember } from './estargz.js';
+import { type ReferrersVia, findGzipIndexes } from './gzipArtifact.js';
+import { type GzipIndex } from './gzipIndex.js';
+import { stageGzipLazyLayer } from './gzipLazy.js';
 import { LAZY_CONTENT, LAZY_FORMAT_VERSION, LAZY_JSON, type LazyLayerInfo } from './lazyLayer.js';
 
 export interface LazyPullOptions extends PullOptions {
@@ -34,8 +39,10 @@ export interface LazyPullResult {
   images: ImportedImage[];
   /** Layers recorded lazily (their fills are the caller's to start). */
   lazyLayers: Digest[];
-  /** Why the image was pulled in full instead (a layer is no eStargz). */
+  /** Why the image was pulled in full instead (a layer is neither eStargz nor has a gzip index). */
   fallback?: string;
+  /** Where the gzip indexes of plain gzip layers were found, if any were used. */
+  gzipIndex?: ReferrersVia;
 }
 
 const GZIP_LAYER_TYPES: readonly string[] = [MediaTypes.ociLayerGzip, MediaTypes.dockerLayer];
@@ -50,7 +57,8 @@ export async function pullLazy(store: Store, reference: string, options: LazyPul
     const [image] = await source.images();
     if (!image) throw new LayerdError(ErrorCodes.EFORMAT, `${source.description}: the registry offers no image`);
     const found = await resolveManifest(tx, source, image.descriptor, options);
-    fallback = notLazy(found.manifest, found.config.rootfs.diff_ids as Digest[], store);
+    const gzip = await gzipIndexesFor(source, found, store);
+    fallback = gzip.error ?? notLazy(found.manifest, found.config.rootfs.diff_ids as Digest[], store, gzip.indexes);
     if (fallback === undefined) {
       const lazyLayers: Digest[] = [];
       for (const [i, layer] of found.manifest.layers.entries()) {
@@ -60,7 +68,9 @@ export async function pullLazy(store: Store, reference: string, options: LazyPul
           continue;
         }
         options.onProgress?.({ type: 'layer-start', digest: layer.digest, size: layer.size, index: i, count: found.manifest.layers.length });
-        await stageLazyLayer(tx, source, layer, diffId, options.registriesConfig);
+        const indexed = layer.annotations?.[TOC_DIGEST_ANNOTATION] === undefined ? gzip.indexes.get(layer.digest) : undefined;
+        if (indexed) await stageGzipLazyLayer(tx, source, layer, diffId, indexed, options.registriesConfig);
+        else await stageLazyLayer(tx, source, layer, diffId, options.registriesConfig);
         lazyLayers.push(diffId);
         options.onProgress?.({ type: 'layer-done', digest: layer.digest, diffId });
       }
@@ -83,6 +93,7 @@ export async function pullLazy(store: Store, reference: string, options: LazyPul
           platform: formatPlatform(normalizePlatform({ os: config.os, architecture: config.architecture, ...(config.variant ? { variant: config.variant } : {}) })),
         }],
         lazyLayers,
+        ...(gzip.via ? { gzipIndex: gzip.via } : {}),
       };
     }
   } catch (err) {
@@ -97,13 +108,37 @@ export async function pullLazy(store: Store, reference: string, options: LazyPul
 }
 
 /** Why the image cannot be pulled lazily, or undefined if it can. */
-function notLazy(manifest: ImageManifest, diffIds: Digest[], store: Store): string | undefined {
+function notLazy(manifest: ImageManifest, diffIds: Digest[], store: Store, gzipIndexes: ReadonlyMap<Digest, unknown>): string | undefined {
   for (const [i, layer] of manifest.layers.entries()) {
     if (store.db.getLayer(diffIds[i]!)) continue;
     if (!GZIP_LAYER_TYPES.includes(layer.mediaType)) return `layer ${layer.digest} is ${layer.mediaType}, not an eStargz gzip layer: pulled in full`;
-    if (!isDigest(layer.annotations?.[TOC_DIGEST_ANNOTATION])) return `layer ${layer.digest} is not eStargz (no ${TOC_DIGEST_ANNOTATION} annotation): pulled in full`;
+    if (!isDigest(layer.annotations?.[TOC_DIGEST_ANNOTATION]) && !gzipIndexes.has(layer.digest)) {
+      return `layer ${layer.digest} is not eStargz (no ${TOC_DIGEST_ANNOTATION} annotation) and the registry has no gzip index for it (layerctl index): pulled in full`;
+    }
   }
   return undefined;
+}
+
+/**
+ * The gzip indexes (gzipArtifact.ts) of the plain gzip layers the store
+ * lacks, if there are such layers. An index that cannot be used (does not
+ * verify, cannot be fetched) is a reason to pull in full, not to fail.
+ */
+async function gzipIndexesFor(
+  source: RegistrySource, found: FoundManifest, store: Store,
+): Promise<{ indexes: ReadonlyMap<Digest, { index: GzipIndex; blob: Descriptor }>; via?: ReferrersVia; error?: string }> {
+  const plain = found.manifest.layers.flatMap((descriptor, i) => {
+    const diffId = found.config.rootfs.diff_ids[i] as Digest;
+    return !store.db.getLayer(diffId) && GZIP_LAYER_TYPES.includes(descriptor.mediaType) && descriptor.annotations?.[TOC_DIGEST_ANNOTATION] === undefined
+      ? [{ descriptor, diffId }] : [];
+  });
+  if (plain.length === 0) return { indexes: new Map() };
+  try {
+    const listed = await findGzipIndexes(source, found.digest, plain);
+    return listed ? { indexes: listed.indexes, via: listed.via } : { indexes: new Map() };
+  } catch (err) {
+    return { indexes: new Map(), error: `the gzip index of ${source.description} cannot be used (${(err as Error).message}): pulled in full` };
+  }
 }
 
 interface FoundManifest {

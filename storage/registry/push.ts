@@ -34,6 +34,7 @@ import { registryError } from './errors.js';
 import { type RegistryRef, formatRegistryRef, parseRegistryRef } from './reference.js';
 import { DEFAULT_TIMEOUTS, type RegistryTimeouts, withDeadline } from './timeouts.js';
 import { type BlobOutcome, BlobUploader, DEFAULT_UPLOAD, type LocalBlob } from './upload.js';
+import { publishImageGzipIndexes } from '../lazy/gzipArtifact.js';
 
 export type PushCompression = Exclude<Compression, 'none'>;
 
@@ -58,6 +59,8 @@ export interface PushOptions {
   timeouts?: RegistryTimeouts;
   /** Aborting it (with an AbortCause as reason) stops every upload at once. */
   signal?: AbortSignal;
+  /** Publish the seekable index of the gzip layers as an artifact of each manifest (default true; storage/lazy/gzipArtifact.ts). */
+  gzipIndex?: boolean;
 }
 
 export interface PushedBlob {
@@ -74,6 +77,8 @@ export interface PushResult {
   mediaType: string;
   manifests: { digest: Digest; platform: string; rewritten: boolean }[];
   blobs: PushedBlob[];
+  /** The gzip-index artifacts published, by the manifest they refer to. */
+  gzipIndexes?: { manifest: Digest; artifact: Digest; layers: number }[];
 }
 
 export async function pushImage(store: Store, image: string, target: string, options: PushOptions = {}): Promise<PushResult> {
@@ -112,6 +117,7 @@ class Pusher {
   private readonly compressed = new Map<Digest, Promise<LocalBlob>>();
   private readonly mountSources: Map<Digest, string[]>;
   private seq = 0;
+  private readonly gzipIndexes: NonNullable<PushResult['gzipIndexes']> = [];
 
   constructor(
     private readonly store: Store,
@@ -165,6 +171,7 @@ class Pusher {
         rewritten: m.pushed.rewritten,
       })),
       blobs: await Promise.all(this.done.values()),
+      ...(this.gzipIndexes.length > 0 ? { gzipIndexes: this.gzipIndexes } : {}),
     };
   }
 
@@ -236,7 +243,17 @@ class Pusher {
         layers,
       }));
     }
-    return { descriptor: { ...(await this.putManifest(bytes, mediaType, tag)), platform: platformOf(row) }, rewritten };
+    const descriptor = await this.putManifest(bytes, mediaType, tag);
+    if (this.options.gzipIndex !== false) {
+      const layers = parseManifestOrIndex(bytes, `manifest ${descriptor.digest}`, mediaType);
+      if (layers.kind === 'manifest') {
+        const published = await publishImageGzipIndexes(this.client, this.ref.repository, descriptor, layers.manifest.layers.map((desc, i) => ({
+          descriptor: desc, diffId: layerRows[i]!.diff_id, open: () => createReadStream(blobs[i]!.blob.path, { highWaterMark: 1024 * 1024 }),
+        })), this.workDir);
+        if (published) this.gzipIndexes.push({ manifest: descriptor.digest, artifact: published.digest, layers: published.layers.length });
+      }
+    }
+    return { descriptor: { ...descriptor, platform: platformOf(row) }, rewritten };
   }
 
   private async putManifest(bytes: Buffer, mediaType: string, tag: string | undefined): Promise<Descriptor> {

@@ -101,6 +101,33 @@ export class RegistrySource implements ImageSource {
     });
   }
 
+  /**
+   * GET a document of the repository that may well not exist (`referrers/<digest>`,
+   * a manifest by tag): its bytes and media type, or undefined for 404. Unverified.
+   */
+  async readOptional(path: string, accept: string, maxBytes: number): Promise<{ bytes: Buffer; mediaType: string } | undefined> {
+    const context = { registry: this.ref.registry, repository: this.ref.repository, ref: path };
+    // Every endpoint in turn: a mirror that lacks the document says nothing of the registry.
+    let missing = false;
+    let last: unknown;
+    for (const client of this.clients) {
+      try {
+        const res = await client.requestBuffer({
+          method: 'GET', path: `/v2/${this.ref.repository}/${path}`, headers: { accept }, scopes: this.scopes, expect: [200, 404], context,
+        }, maxBytes);
+        if (res.status === 404) {
+          missing = true;
+          continue;
+        }
+        return { bytes: res.body, mediaType: (headerValue(res.headers['content-type']) ?? '').split(';')[0]!.trim() };
+      } catch (err) {
+        last = err;
+      }
+    }
+    if (missing) return undefined;
+    throw last;
+  }
+
   async openBlob(digest: Digest): Promise<Readable> {
     return new ResumableBlobStream(this.clients, this.ref.repository, digest, this.scopes);
   }

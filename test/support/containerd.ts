@@ -116,6 +116,10 @@ export interface ContainerdEnvOptions {
    * read at each pull). No CNI: enough for the image service.
    */
   cri?: { registryHosts: string };
+  /** Environment layerd runs with, beside the test's own (e.g. LAYERD_TEST_INGEST_GATE). */
+  layerdEnv?: Record<string, string>;
+  /** More arguments for layerd (e.g. another `--containerd-socket`). */
+  layerdArgs?: string[];
 }
 
 /** The containerd namespace of the CRI plugin. */
@@ -165,7 +169,7 @@ export class ContainerdEnv {
       await sleep(20);
     }
     this.inheritedFuse = new Set(fuseMinors(await this.mountinfo()));
-    await this.startLayerd();
+    await this.startLayerd(this.options.layerdArgs);
     const config = [
       'version = 2',
       `root = "${join(this.dir, 'containerd-root')}"`,
@@ -220,11 +224,16 @@ export class ContainerdEnv {
 
   containerdOutput(): string { return this.containerdLog; }
 
-  /** Start layerd inside the namespace (again after `stopLayerd`) and wait until it answers. */
+  /**
+   * Start layerd inside the namespace (again after `stopLayerd`) and wait until it answers.
+   * It reads original layer blobs from this containerd's content store (`--containerd-socket`;
+   * a later one in `extraArgs` wins).
+   */
   async startLayerd(extraArgs: string[] = []): Promise<LayerdProcess> {
     const child = spawn('nsenter', ['-t', String(this.holderPid), '-m', '--', join(REPO, 'bin', 'layerd'),
-      '--root', this.layerdRoot, '--socket', this.layerdSocket, '--snapshotter-socket', this.snapshotterSocket, '--log-level', 'debug', ...extraArgs],
-    { stdio: ['ignore', 'pipe', 'pipe'] });
+      '--root', this.layerdRoot, '--socket', this.layerdSocket, '--snapshotter-socket', this.snapshotterSocket, '--log-level', 'debug',
+      '--containerd-socket', this.containerdSocket, ...extraArgs],
+    { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...this.options.layerdEnv } });
     let output = '';
     child.stdout!.on('data', (d: Buffer) => { output += d.toString(); });
     child.stderr!.on('data', (d: Buffer) => { output += d.toString(); });
