@@ -109,7 +109,7 @@ describe('lower files as content-addressed objects (passthrough)', function () {
     await mount();
     expect(await shaOnMount('a/small')).to.equal(sha(small));
     expect(await shaOnMount('a/same')).to.equal(sha(same)); // served from layer.tar; makes the object
-    await waitFor('the object of a/same', () => objects().includes(sha(same)));
+    await waitFor('the object of a/same', () => objects().includes(sha(same)), 60_000); // one syncfs: slow on a busy disk
     expect(objects(), 'a small file is no object').to.not.include(sha(small));
     await unmountCounts();
     const object = await readFile(join(root, objectRelPath(sha(same))!));
@@ -150,7 +150,7 @@ with open(${JSON.stringify(join(mnt, 'b/same'))}, 'rb') as f:
 
     await mount();
     expect(await shaOnMount('a/only')).to.equal(sha(onlyA)); // the layer's real bytes
-    await waitFor('the refusal', () => serverLog.includes('does not hash to the digest'));
+    await waitFor('the refusal', () => serverLog.includes('does not hash to the digest'), 60_000);
     expect(await shaOnMount('a/only')).to.equal(sha(onlyA)); // still served, never from an object
     const counts = await unmountCounts();
     expect(counts['read'] ?? 0).to.be.greaterThan(0);
@@ -163,7 +163,7 @@ with open(${JSON.stringify(join(mnt, 'b/same'))}, 'rb') as f:
     await mkdir(upper);
     await mount({ upper });
     await shaOnMount('a/same');
-    await waitFor('the object of a/same', () => objects().includes(sha(same)));
+    await waitFor('the object of a/same', () => objects().includes(sha(same)), 60_000); // one syncfs: slow on a busy disk
     const out = await mustRun('python3', ['-c', `
 import errno, os
 p = ${JSON.stringify(join(mnt, 'a/same'))}
@@ -196,7 +196,7 @@ print(open(p, 'rb').read(4))
     await mount();
     await shaOnMount('a/same');
     await shaOnMount('a/only');
-    await waitFor('two objects', () => objects().length === 2);
+    await waitFor('two objects', () => objects().length === 2, 60_000);
     await unmountCounts();
     expect((await withStore((s) => fsck(s))).ok).to.equal(true);
     const usage = await withStore((s) => new StoreOperations(s).diskUsage());
