@@ -200,7 +200,7 @@ export function buildProgram(): Command {
       await withBackend(cmd, async (backend) => {
         const r = await backend.prune();
         if (opts.json) return printJson(r);
-        print(`removed ${r.images.length} images, ${r.gc.layers.length} layers, ${r.gc.blobs.length} blobs; reclaimed ${humanSize(r.gc.bytes)}\n`);
+        print(`removed ${r.images.length} images, ${r.gc.layers.length} layers, ${r.gc.blobs.length} blobs, ${r.gc.objects} file objects; reclaimed ${humanSize(r.gc.bytes)}\n`);
       });
     });
 
