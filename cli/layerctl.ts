@@ -135,7 +135,8 @@ export function buildProgram(): Command {
         const u = await backend.diskUsage();
         if (opts.json) return printJson(u);
         print(`stored: ${humanSize(u.storedBytes)} (layers ${humanSize(u.layers.bytes)} in ${u.layers.count}, `
-          + `compressed blobs kept for pushes ${humanSize(u.blobs.bytes)} in ${u.blobs.count})\n`);
+          + `compressed blobs kept for pushes ${humanSize(u.blobs.bytes)} in ${u.blobs.count}, `
+          + `files kept whole for passthrough ${humanSize(u.objects.bytes)} in ${u.objects.count})\n`);
         print(`used by ${u.images.length} images and ${u.snapshots.count} containerd snapshots: ${humanSize(u.referencedBytes)} `
           + `if each kept its own layers; storing each layer once saves ${humanSize(u.savedBySharing)}\n`);
         if (u.layers.unused > 0) print(`${u.layers.unused} layers (${humanSize(u.layers.unusedBytes)}) used by nothing: \`layerctl prune\` frees them\n`);
@@ -199,7 +200,7 @@ export function buildProgram(): Command {
       await withBackend(cmd, async (backend) => {
         const r = await backend.prune();
         if (opts.json) return printJson(r);
-        print(`removed ${r.images.length} images, ${r.gc.layers.length} layers, ${r.gc.blobs.length} blobs; reclaimed ${humanSize(r.gc.bytes)}\n`);
+        print(`removed ${r.images.length} images, ${r.gc.layers.length} layers, ${r.gc.blobs.length} blobs, ${r.gc.objects} file objects; reclaimed ${humanSize(r.gc.bytes)}\n`);
       });
     });
 
@@ -211,7 +212,7 @@ export function buildProgram(): Command {
         const report = await backend.fsck();
         if (opts.json) printJson(report);
         else {
-          print(`checked ${report.checked.blobs} blobs, ${report.checked.layers} layers, ${report.checked.files} files, ${report.checked.images} images\n`);
+          print(`checked ${report.checked.blobs} blobs, ${report.checked.layers} layers, ${report.checked.files} files, ${report.checked.images} images, ${report.checked.objects} file objects\n`);
           for (const p of report.problems) print(`${p.kind} ${p.id}: ${p.message}\n`);
           print(report.ok ? 'store is consistent\n' : `${report.problems.length} problems\n`);
         }

@@ -31,8 +31,11 @@ export class FuseNode {
   openHandles = 0;
   /** Of those, the ones served here (page-cached, not passed through). */
   cachedOpens = 0;
-  /** The backing file registered for its passthrough opens, while any last. */
-  backing: { id: number; opens: number } | undefined;
+  /**
+   * The backing file registered for its passthrough opens, while any last;
+   * `lower`: a lower file's read-only object (never for opens of its upper copy).
+   */
+  backing: { id: number; opens: number; lower: boolean } | undefined;
 
   constructor(readonly id: number, public ino: number, public type: number) {}
 }

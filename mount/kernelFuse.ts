@@ -41,9 +41,10 @@ export interface KernelFuseOptions {
   logger: Logger;
   stats?: OpStats;
   /**
-   * Hand the data of upper files to the kernel (FUSE passthrough) where it
+   * Hand the data of whole files to the kernel (FUSE passthrough) where it
    * offers that: reads, writes and mmap of everything a container wrote or
-   * copied up then never cross into this process.
+   * copied up, and reads and mmap of lower files that have a whole file
+   * (an object, a directory's file), then never cross into this process.
    */
   passthrough?: boolean;
 }
@@ -299,6 +300,7 @@ export class KernelFuse {
     const orphan = this.orphanHandle(nodeid);
     if (orphan !== undefined) return this.setattrByHandle(nodeid, s.valid & Fattr.FH ? s.fh : orphan, s);
     const path = this.path(nodeid);
+    if (s.valid & Fattr.SIZE) this.refuseWhileLowerBacked(this.nodes.get(nodeid), path, true, 'truncate');
     if (s.valid & Fattr.MODE) await this.union.chmod(path, s.mode);
     if (s.valid & (Fattr.UID | Fattr.GID)) {
       await this.union.chown(path, s.valid & Fattr.UID ? s.uid : NO_OWNER_CHANGE, s.valid & Fattr.GID ? s.gid : NO_OWNER_CHANGE);
@@ -376,6 +378,7 @@ export class KernelFuse {
 
   private async open(nodeid: number, flags: number): Promise<Answer> {
     const path = this.path(nodeid);
+    this.refuseWhileLowerBacked(this.nodes.get(nodeid), path, opensForWriting(flags), 'open for writing');
     const fh = await this.union.open(path, flags);
     const node = this.nodes.get(nodeid);
     this.opened(node, fh);
@@ -387,22 +390,39 @@ export class KernelFuse {
   }
 
   /**
-   * open_out for a new handle: passed through to its upper file when the
-   * kernel allows it, else served here (page-cached).
+   * While a lower file's bytes back passthrough opens of a node, the
+   * kernel takes every open of that node only with that same backing file
+   * (any other answer fails the open with EIO): an open of its upper copy
+   * for writing could only write into the shared object (or lower file).
+   * So that open, and a truncation by name, are refused with ETXTBSY (as
+   * writing to a running executable is) until those opens are closed; its
+   * bytes therefore stay the object's, and read-only opens of an upper copy
+   * made meanwhile (by a chmod, a link) share the backing.
+   */
+  private refuseWhileLowerBacked(node: FuseNode | undefined, path: string, writes: boolean, op: string): void {
+    if (writes && node?.backing?.lower === true) throw fsError('ETXTBSY', path, `${op} (its lower content backs open files)`);
+  }
+
+  /**
+   * open_out for a new handle: passed through to a whole file when the
+   * kernel allows it and there is one — its upper file, or a lower file's
+   * content-addressed object (storage/objectStore.ts) or plain-directory
+   * file —, else served here (page-cached).
    *
    * The kernel keeps one backing file per inode while passthrough opens
    * last, and refuses to mix them with cached opens of the same inode: so
    * all passthrough opens of a node share one backing id (registered on a
-   * read-write descriptor of its own), and a node with cached opens (a
-   * lower file read before it was copied up) gets cached opens until those
-   * are released. (The kernel still clears suid/sgid through SETATTR when
-   * a user writes: that part of a write does not pass through.)
+   * read-write descriptor of its own for an upper file, a read-only one for
+   * lower content), and a node with cached opens (a lower file first read
+   * before its object was made) gets cached opens until those are released.
+   * (The kernel still clears suid/sgid through SETATTR when a user writes:
+   * that part of a write does not pass through.)
    */
   private openReply(node: FuseNode | undefined, fh: number): Buffer {
     const session = this.session;
     if (node === undefined || session === undefined || !session.passthrough) return openOut(fh, this.openFlags());
     if (node.backing === undefined) {
-      let backing: { fd: number; owned: boolean } | undefined;
+      let backing: { fd: number; owned: boolean; lower: boolean } | undefined;
       try {
         backing = node.cachedOpens === 0 ? this.union.backingFd(fh) : undefined;
       } catch (err) {
@@ -414,7 +434,7 @@ export class KernelFuse {
         return openOut(fh, this.openFlags());
       }
       try {
-        node.backing = { id: session.openBacking(backing.fd), opens: 0 };
+        node.backing = { id: session.openBacking(backing.fd), opens: 0, lower: backing.lower };
       } catch (err) {
         this.options.logger.debug('no backing file for an open: served here', { fh, error: String(err) });
         node.cachedOpens++;

@@ -256,7 +256,9 @@ export function directorySource(scanned: ScannedDirectory): LayerSource {
       if (entry.kind !== 'file' || entry.size === 0) return undefined;
       const path = entry.link ?? entry.path;
       const ino = inodes.get(path) ?? -1;
-      return { path: join(root, path), offset: 0, size: entry.size, open: () => openScannedFile(root, path, devs.get(path) ?? dev, ino, entry.size) };
+      const open = (): number => openScannedFile(root, path, devs.get(path) ?? dev, ino, entry.size);
+      // The file itself can stand behind a passthrough open (as kernel overlayfs reads a lower file).
+      return { path: join(root, path), offset: 0, size: entry.size, open, whole: open };
     },
   };
 }

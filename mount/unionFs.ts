@@ -21,7 +21,7 @@ import { statfs } from 'node:fs/promises';
 import {
   O_CREAT, O_DSYNC, O_EXCL, O_RDWR, O_SYNC, O_TRUNC, O_WRONLY, fstat, futimens, reopenFd, type TimeChange,
 } from '../common/sys/fs.js';
-import { type EntryKind, type LayerEntry, type LayerSource, openContent, xattrBytes } from '../storage/layerIndex.js';
+import { type EntryKind, type LayerEntry, type LayerSource, PASSTHROUGH_MIN_LOWER_SIZE, openContent, xattrBytes } from '../storage/layerIndex.js';
 import { fsError } from './fsError.js';
 import { devMajor, devMinor, scanDirectory, type MarkerStyle, type XattrMap } from './lowerDir.js';
 import { type LowerMergeCache, mergeLayers } from './lowerMerges.js';
@@ -345,15 +345,24 @@ export class UnionFs {
   }
 
   /**
-   * A read-write descriptor of the upper regular file an open handle is on,
-   * to register as its backing file (FUSE passthrough): the handle's own
-   * when it is a plain read-write open, else a new one (`owned`: the caller
-   * closes it). Undefined for lower content, which is no whole file of its own.
+   * A descriptor of a whole file to register as an open handle's backing
+   * file (FUSE passthrough; `owned`: the caller closes it). For an upper
+   * file a read-write one: the handle's own when it is a plain read-write
+   * open, else a new one. For a lower file of PASSTHROUGH_MIN_LOWER_SIZE or
+   * more its content-addressed object, read-only (`lower`), when it has one;
+   * when it has none yet one is made in the background
+   * (storage/objectStore.ts) and undefined returned.
    */
-  backingFd(fh: number): { fd: number; owned: boolean } | undefined {
-    const { fd, node, upper, range, plainReadWrite } = this.files.get(fh);
-    if (!upper || fd < 0 || range !== undefined || node.kind !== 'file') return undefined;
-    return plainReadWrite === true ? { fd, owned: false } : { fd: reopenFd(fd, O_RDWR, OPEN_FILE_PATH), owned: true };
+  backingFd(fh: number): { fd: number; owned: boolean; lower: boolean } | undefined {
+    const { fd, node, upper, lower, range, plainReadWrite } = this.files.get(fh);
+    if (fd < 0 || node.kind !== 'file') return undefined;
+    if (!upper) {
+      if (lower === undefined || lower.entry.size < PASSTHROUGH_MIN_LOWER_SIZE) return undefined;
+      const object = lower.source?.content(lower.entry)?.whole?.();
+      return object === undefined ? undefined : { fd: object, owned: true, lower: true };
+    }
+    if (range !== undefined) return undefined;
+    return plainReadWrite === true ? { fd, owned: false, lower: false } : { fd: reopenFd(fd, O_RDWR, OPEN_FILE_PATH), owned: true, lower: false };
   }
 
   read(fh: number, buffer: Buffer, length: number, position: number): Promise<number> {

@@ -3,7 +3,7 @@
  * every layer's `layer.tar` is re-hashed against its diffID (and a stored
  * blob of it must decompress to the same), and its index must point inside
  * it; every image's records must point at present content; files no record
- * refers to are reported as orphans.
+ * refers to are reported as orphans; every file object must hash to its name.
  */
 import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
@@ -12,26 +12,28 @@ import { join } from 'node:path';
 import { Writable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { LayerdError } from '../common/errors.js';
+import { processAlive } from '../common/process.js';
 import { createDecompressor, readHead, sniffCompression } from './compression.js';
 import { type Digest, DigestingStream } from './digest.js';
 import { readLazyInfo } from './lazy/lazyLayer.js';
+import { hashObject, listObjects, stagingDirs, stagingRelPath } from './objectStore.js';
 import { type Store } from './store.js';
 
 export interface FsckProblem {
-  kind: 'blob' | 'layer' | 'image' | 'orphan';
+  kind: 'blob' | 'layer' | 'image' | 'object' | 'orphan';
   id: string;
   message: string;
 }
 
 export interface FsckReport {
   ok: boolean;
-  checked: { blobs: number; layers: number; files: number; images: number };
+  checked: { blobs: number; layers: number; files: number; images: number; objects: number };
   problems: FsckProblem[];
 }
 
 export async function fsck(store: Store): Promise<FsckReport> {
   const problems: FsckProblem[] = [];
-  const checked = { blobs: 0, layers: 0, files: 0, images: 0 };
+  const checked = { blobs: 0, layers: 0, files: 0, images: 0, objects: 0 };
 
   for (const row of store.db.listBlobs()) {
     checked.blobs++;
@@ -106,6 +108,22 @@ export async function fsck(store: Store): Promise<FsckReport> {
   for (const name of await readdir(store.layout.tmpDir)) {
     const st = await stat(join(store.layout.tmpDir, name)).catch(() => undefined);
     if (st && !name.startsWith(`${process.pid}-`)) problems.push({ kind: 'orphan', id: join('tmp', name), message: 'ingest directory (an import is running, or one was interrupted)' });
+  }
+  // File objects (storage/objectStore.ts): each must hash to its name. One no layer names is
+  // no problem (GC removes it); a staging directory of a process that is gone is an orphan.
+  for (const digest of listObjects(store.layout.root)) {
+    checked.objects++;
+    try {
+      const got = await hashObject(store.layout.root, digest);
+      if (got !== digest) problems.push({ kind: 'object', id: digest, message: `object content hashes to ${got}` });
+    } catch (err) {
+      problems.push({ kind: 'object', id: digest, message: `unreadable: ${(err as Error).message}` });
+    }
+  }
+  for (const { name, pid } of stagingDirs(store.layout.root)) {
+    if (pid !== process.pid && !(Number.isInteger(pid) && pid > 0 && processAlive(pid))) {
+      problems.push({ kind: 'orphan', id: stagingRelPath(name), message: 'object staging directory of a process that is gone' });
+    }
   }
   return { ok: problems.length === 0, checked, problems };
 }

@@ -57,6 +57,13 @@ export interface LayerEntry {
    * (`layer.tar`); absent for empty files. Hard links share their target's.
    */
   offset?: number;
+  /**
+   * sha256 of a regular file's bytes (`sha256:<hex>`), computed at import
+   * from the verified layer for files of PASSTHROUGH_MIN_LOWER_SIZE or more;
+   * absent for smaller files and in indexes written before it was recorded. Names the file's content-addressed object
+   * (storage/objectStore.ts). Hard links share their target's.
+   */
+  digest?: string;
 }
 
 export interface LayerIndex {
@@ -72,6 +79,17 @@ export interface LayerIndex {
 }
 
 export const LAYER_INDEX_VERSION = 1 as const;
+
+/**
+ * Lower files smaller than this are served here and page-cached, not passed
+ * through: one READ fills the kernel's cache for every later open, where a
+ * passthrough open costs two backing ioctls, the object's open and, on a
+ * writable mount, a GETATTR after each read (the kernel drops the cached
+ * atime), and reading thousands of small objects cold is scattered I/O
+ * where the layer's tar is one sequential file (docs/performance.md). Only
+ * such files get a digest at import (hashing the others cost import time).
+ */
+export const PASSTHROUGH_MIN_LOWER_SIZE = 256 * 1024;
 
 /** The uncompressed tar a store layer keeps beside its index. */
 export const LAYER_TAR = 'layer.tar';
@@ -109,6 +127,13 @@ export interface ContentRef {
    * EIO when they cannot be had within its bound. Absent: always present.
    */
   ready?: (offset: number, length: number) => Promise<void>;
+  /**
+   * A read-only descriptor of a whole file holding exactly these bytes (the
+   * file's content-addressed object: storage/objectStore.ts), for FUSE
+   * passthrough; the caller closes it. Undefined when there is none yet:
+   * then one may be made in the background for a later open.
+   */
+  whole?: () => number | undefined;
 }
 
 /** A descriptor of a file's bytes (the caller closes it): through `open` where the reference has one. */

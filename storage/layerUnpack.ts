@@ -8,11 +8,12 @@
  * with EBADTAR, because an archive that contains them is broken or hostile
  * and the image would not mean what it says.
  */
+import { createHash } from 'node:crypto';
 import { type Readable, type Writable } from 'node:stream';
 import { finished } from 'node:stream/promises';
 import tarStream, { type Headers } from 'tar-stream';
 import { ErrorCodes, LayerdError, asLayerdError } from '../common/errors.js';
-import { type EntryKind, type LayerEntry, type LayerIndex, LAYER_INDEX_VERSION } from './layerIndex.js';
+import { type EntryKind, type LayerEntry, type LayerIndex, LAYER_INDEX_VERSION, PASSTHROUGH_MIN_LOWER_SIZE } from './layerIndex.js';
 import { parsePaxTime } from './paxTime.js';
 import { ancestorsOf, classifyWhiteout, normalizeTarPath } from './tarPaths.js';
 
@@ -70,14 +71,23 @@ export class LayerUnpacker {
       // small files. A failure of the archive also destroys the entry's
       // stream with it; it is reported once, through `done`.
       stream.on('error', ignore);
+      let entry: LayerEntry | undefined;
       try {
-        this.onEntry(header);
+        entry = this.onEntry(header);
       } catch (err) {
         stream.resume();
         next(err);
         return;
       }
-      stream.once('end', () => next());
+      if (entry !== undefined && entry.kind === 'file' && entry.size >= PASSTHROUGH_MIN_LOWER_SIZE && entry.link === undefined) {
+        // The file's own digest names its content-addressed object (storage/objectStore.ts); smaller files never pass through.
+        const file = entry;
+        const hash = createHash('sha256');
+        stream.on('data', (chunk: Buffer) => hash.update(chunk));
+        stream.once('end', () => { file.digest = `sha256:${hash.digest('hex')}`; next(); });
+      } else {
+        stream.once('end', () => next());
+      }
       stream.resume();
     });
     this.done = (async () => {
@@ -117,7 +127,8 @@ export class LayerUnpacker {
     };
   }
 
-  private onEntry(header: RawHeaders): void {
+  /** Index one member; returns its entry (undefined for whiteouts and opaque markers). */
+  private onEntry(header: RawHeaders): LayerEntry | undefined {
     if (++this.count > this.limits.maxEntries) {
       throw new LayerdError(ErrorCodes.ELIMIT, `layer has more than ${this.limits.maxEntries} entries`, { limit: this.limits.maxEntries });
     }
@@ -131,7 +142,7 @@ export class LayerUnpacker {
       // A whiteout below a path this layer made a file or symlink is kept as
       // layer metadata (umoci writes such layers); the union never applies it
       // through that non-directory.
-      return;
+      return undefined;
     }
 
     if (this.byPath.has(path)) {
@@ -195,6 +206,7 @@ export class LayerUnpacker {
       if (this.parents.has(ancestor)) break; // its own ancestors are in already
       this.parents.add(ancestor);
     }
+    return entry;
   }
 
   private addOnce(set: Set<string>, path: string, what: string, raw: string): void {

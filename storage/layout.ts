@@ -1,11 +1,14 @@
 /**
- * Where things live under a store root. Only this module builds paths inside
- * the store; every name it builds comes from a validated digest or from an
- * id layerd generated itself, never from archive content.
+ * Where things live under a store root. Only this module (and objectStore.ts,
+ * for objects/) builds paths inside the store; every name it builds comes
+ * from a validated digest or from an id layerd generated itself, never from
+ * archive content.
  *
  *   <root>/metadata.db              image records, tags, layer and blob records
  *   <root>/blobs/sha256/<hex>       blobs by distribution digest (layers, configs, manifests)
  *   <root>/layers/sha256/<hex>/     layers by diffID: layer.tar (sha256 = diffID) + index.json
+ *   <root>/objects/sha256/<xx>/<hex> regular files' bytes by sha256 (storage/objectStore.ts builds these
+ *                                   names, relative to the root, for openat2 beneath it)
  *   <root>/lazy/sha256/<hex>/       layers pulled lazily, by diffID: index.json + lazy.json + content (docs/lazy.md)
  *   <root>/lazy/stats/              lazy-read counters of the processes serving them (for /metrics)
  *   <root>/tmp/<pid>-<rand>/        ingest area: becomes visible only by rename

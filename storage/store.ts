@@ -21,6 +21,7 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { ErrorCodes, LayerdError, errnoCode } from '../common/errors.js';
 import { processAlive } from '../common/process.js';
+import { removeDeadStaging } from './objectStore.js';
 import { type Logger, silentLogger } from '../common/log.js';
 import { type Digest, isDigest } from './digest.js';
 import { DEFAULT_DISK_RESERVE_BYTES, noSpaceError } from './diskSpace.js';
@@ -158,10 +159,11 @@ export class Store {
 
   /**
    * Remove what interrupted imports left: ingest directories of processes
-   * that are gone, and files under blobs/ or layers/ that no row refers to.
+   * that are gone (and their object staging directories, objects/tmp/), and
+   * files under blobs/ or layers/ that no row refers to.
    */
   async recover(removedIngests = 0): Promise<{ tmpDirs: number; blobs: number; layers: number }> {
-    const tmpDirs = removedIngests + await removeDeadIngests(this.layout);
+    const tmpDirs = removedIngests + await removeDeadIngests(this.layout) + await removeDeadStaging(this.layout.root);
     const workDir = await this.newWorkDir();
     const trash: string[] = [];
     let blobs = 0;

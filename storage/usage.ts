@@ -5,6 +5,7 @@
  * each image holds alone (what removing it alone would free).
  */
 import { type Digest } from './digest.js';
+import { listObjects, objectSize } from './objectStore.js';
 import { formatRef } from './references.js';
 import { snapshotLayerUseCounts } from './snapshots.js';
 import { type Store } from './store.js';
@@ -22,10 +23,12 @@ export interface ImageUsage {
 }
 
 export interface DiskUsage {
-  /** Bytes of stored layer tars plus the compressed blobs kept for pushes. */
+  /** Bytes of stored layer tars, the compressed blobs kept for pushes, and file objects. */
   storedBytes: number;
   layers: { count: number; bytes: number; unused: number; unusedBytes: number };
   blobs: { count: number; bytes: number };
+  /** Files of layers kept whole for FUSE passthrough (storage/objectStore.ts), each distinct content once. */
+  objects: { count: number; bytes: number };
   /** Committed containerd snapshots (each holds one layer). */
   snapshots: { count: number };
   /** What images and snapshots would take if each kept its own copy of its layers. */
@@ -60,10 +63,13 @@ export function diskUsage(store: Store): DiskUsage {
   const unused = [...layerSize.keys()].filter((d) => !users.has(d));
   const blobs = store.db.listBlobs();
   const blobBytes = blobs.reduce((n, b) => n + b.size, 0);
+  const objects = listObjects(store.layout.root);
+  const objectBytes = objects.reduce((n, d) => n + objectSize(store.layout.root, d), 0);
   return {
-    storedBytes: layerBytes + blobBytes,
+    storedBytes: layerBytes + blobBytes + objectBytes,
     layers: { count: layerSize.size, bytes: layerBytes, unused: unused.length, unusedBytes: unused.reduce((n, d) => n + sizeOf(d), 0) },
     blobs: { count: blobs.length, bytes: blobBytes },
+    objects: { count: objects.length, bytes: objectBytes },
     snapshots: { count: [...snapshotUses.values()].reduce((n, c) => n + c, 0) },
     referencedBytes,
     savedBySharing: referencedBytes - usedLayerBytes,

@@ -1,9 +1,11 @@
 /** The layer unpacker on hand-made archives: what the index records. */
 import { expect } from 'chai';
+import { createHash, randomBytes } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { pipeline } from 'node:stream/promises';
+import { PASSTHROUGH_MIN_LOWER_SIZE } from '../storage/layerIndex.js';
 import { LayerUnpacker } from '../storage/layerUnpack.js';
 import { scratch } from './support/env.js';
 import { writeTar } from './support/tarBuilder.js';
@@ -20,6 +22,20 @@ describe('layer unpacker', () => {
     await pipeline(createReadStream(tar), unpacker.writable);
     return { ...(await unpacker.done), tar };
   }
+
+  it('records the sha256 of each file big enough to pass through (its object\'s name), hard links sharing it', async () => {
+    const big = randomBytes(PASSTHROUGH_MIN_LOWER_SIZE);
+    const { index } = await unpack('digests', [
+      { header: { name: 'big', size: big.length }, content: big },
+      { header: { name: 'big-link', type: 'link', linkname: 'big' } },
+      { header: { name: 'small', size: PASSTHROUGH_MIN_LOWER_SIZE - 1 }, content: Buffer.alloc(PASSTHROUGH_MIN_LOWER_SIZE - 1, 1) },
+    ]);
+    const by = new Map(index.entries.map((e) => [e.path, e]));
+    const digest = `sha256:${createHash('sha256').update(big).digest('hex')}`;
+    expect(by.get('big')!.digest).to.equal(digest);
+    expect(by.get('big-link')!.digest).to.equal(digest);
+    expect(by.get('small')!.digest).to.equal(undefined);
+  });
 
   it('indexes metadata and where the bytes of each file are in the tar, hard links sharing them', async () => {
     const { index, fileBytes, tar } = await unpack('basic', [

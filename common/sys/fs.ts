@@ -441,6 +441,21 @@ export function copyFileRange(fdIn: number, inOffset: number, fdOut: number, out
   return done;
 }
 
+/**
+ * Flush the whole filesystem holding `fd` (syncfs: one flush for many new
+ * files instead of an fsync each), on a worker thread: it may take long.
+ * `fd` must be a real descriptor (not O_PATH).
+ */
+export function syncFilesystemOf(fd: number, label = `fd ${fd}`): Promise<void> {
+  return new Promise((resolve, reject) => {
+    libc.syncfs.async(fd, (err: unknown, rc: number) => {
+      if (err) reject(err instanceof Error ? err : new Error(String(err)));
+      else if (rc < 0) reject(fsError('EIO', label, 'syncfs'));
+      else resolve();
+    });
+  });
+}
+
 export function ioctl(fd: number, request: number, arg: Buffer | null, label = `fd ${fd}`): number {
   return check(libc.ioctl(fd, request, arg), `ioctl ${request.toString(16)}`, label);
 }

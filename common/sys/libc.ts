@@ -68,6 +68,7 @@ export const libc = {
   socket: lib.func('int socket(int domain, int type, int protocol)'),
   sendto: lib.func('long sendto(int fd, const void *buf, size_t len, int flags, const void *addr, uint32 addrlen)'),
   close: lib.func('int close(int fd)'),
+  syncfs: lib.func('int syncfs(int fd)'),
 };
 
 /** errno of the last call made through koffi on this thread. */

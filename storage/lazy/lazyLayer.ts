@@ -31,7 +31,8 @@ import { createGunzip } from 'node:zlib';
 import { ErrorCodes, LayerdError } from '../../common/errors.js';
 import { fsError } from '../../common/sys/errors.js';
 import { type Digest } from '../digest.js';
-import { type ContentRef, LAYER_TAR, type LayerEntry, type LayerIndex, type LayerSource, tarLayerSource } from '../layerIndex.js';
+import { type ContentRef, LAYER_TAR, type LayerEntry, type LayerIndex, type LayerSource } from '../layerIndex.js';
+import { storeLayerSource } from '../objectStore.js';
 import { repositoryScope } from '../registry/auth.js';
 import { RegistryClient, headerValue, readLimited } from '../registry/client.js';
 import { EMPTY_CONFIG, endpointsFor, loadRegistriesConfig } from '../registry/config.js';
@@ -445,7 +446,7 @@ function sha256(bytes: Buffer): Digest {
 
 /** How the union filesystem reads a store layer: from its tar, or fetching what a lazy one lacks. */
 export async function storedLayerSource(layer: { index: LayerIndex; tarPath: string; lazyDir?: string }, options: LazySourceOptions = {}): Promise<LayerSource> {
-  return layer.lazyDir !== undefined ? layerDirSource(layer.lazyDir, options) : tarLayerSource(layer.index, layer.tarPath);
+  return layer.lazyDir !== undefined ? layerDirSource(layer.lazyDir, options) : storeLayerSource(layer.index, layer.tarPath);
 }
 
 /**
@@ -455,12 +456,12 @@ export async function storedLayerSource(layer: { index: LayerIndex; tarPath: str
  */
 export async function layerDirSource(dir: string, options: LazySourceOptions = {}): Promise<LayerSource> {
   const complete = completeDirOf(dir);
-  if (complete === undefined) return tarLayerSource(await readLayerIndex(dir), join(dir, LAYER_TAR));
+  if (complete === undefined) return storeLayerSource(await readLayerIndex(dir), join(dir, LAYER_TAR));
   try {
     return await LazyLayerSource.open(dir, options);
   } catch (err) {
     if (!await access(join(complete, 'index.json')).then(() => true, () => false)) throw err;
-    return tarLayerSource(await readLayerIndex(complete), join(complete, LAYER_TAR));
+    return storeLayerSource(await readLayerIndex(complete), join(complete, LAYER_TAR));
   }
 }
 
