@@ -107,10 +107,14 @@ describe('eStargz images made by ctr-remote, pulled lazily (containerd rpull, la
     const layerDigests = new Set(manifest.layers.map((l) => l.digest));
     front = await startProxy(registry.host, {
       intercept: (req, res) => {
-        if (req.url?.includes('/blobs/') && req.headers.range !== undefined) rangeRequests++;
+        // A chunk read asks for a closed range; the fill for the whole blob, or for its rest
+        // (`bytes=N-`) when it resumes after yielding to reads (readDemand.ts).
+        const range = req.headers.range;
+        const fill = range === undefined || /^bytes=\d+-$/.test(range);
+        if (req.url?.includes('/blobs/') && !fill) rangeRequests++;
         const digest = /\/blobs\/(sha256:[0-9a-f]{64})$/.exec(req.url ?? '')?.[1];
-        // A whole layer blob (the fill): held, unanswered, while `hold` is set.
-        if (!hold || req.headers.range !== undefined || req.method !== 'GET' || digest === undefined || !layerDigests.has(digest)) return false;
+        // A fill's request for a layer blob: held, unanswered, while `hold` is set.
+        if (!hold || !fill || req.method !== 'GET' || digest === undefined || !layerDigests.has(digest)) return false;
         held.push(res);
         return true;
       },
