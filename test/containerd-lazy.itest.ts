@@ -16,9 +16,10 @@
 import { expect } from 'chai';
 import { execFileSync } from 'node:child_process';
 import { type ServerResponse } from 'node:http';
-import { mkdir, open, readFile, readdir, stat } from 'node:fs/promises';
+import { mkdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { DEBIAN_MULTI, scratch } from './support/env.js';
+import { readRange, walk } from './support/treeSample.js';
 import { ContainerdEnv, missingTools, ociArchive } from './support/containerd.js';
 import { http, waitFor } from './support/daemon.js';
 import { TestRegistry, layerctlR, layerctlRJson, startProxy, type TestProxy } from './support/registry.js';
@@ -35,36 +36,6 @@ function missing(): string | undefined {
     return undefined;
   } catch {
     return 'ctr-remote not installed (apt-get install stargz-snapshotter)';
-  }
-}
-
-/** Every path beneath `root` with its type, sorted; and the regular files with content. */
-async function walk(root: string): Promise<{ listing: string[]; files: { path: string; size: number }[] }> {
-  const listing: string[] = [];
-  const files: { path: string; size: number }[] = [];
-  const visit = async (rel: string): Promise<void> => {
-    for (const d of await readdir(join(root, rel), { withFileTypes: true })) {
-      const path = rel ? `${rel}/${d.name}` : d.name;
-      listing.push(`${d.isDirectory() ? 'd' : d.isFile() ? 'f' : d.isSymbolicLink() ? 'l' : 'o'} ${path}`);
-      if (d.isDirectory()) await visit(path);
-      else if (d.isFile()) {
-        const size = (await stat(join(root, path))).size;
-        if (size > 0) files.push({ path, size });
-      }
-    }
-  };
-  await visit('');
-  return { listing: listing.sort(), files };
-}
-
-async function readRange(path: string, position: number, length: number): Promise<Buffer> {
-  const fh = await open(path, 'r');
-  try {
-    const buffer = Buffer.alloc(length);
-    const { bytesRead } = await fh.read(buffer, 0, length, position);
-    return buffer.subarray(0, bytesRead);
-  } finally {
-    await fh.close();
   }
 }
 

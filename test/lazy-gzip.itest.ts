@@ -14,7 +14,7 @@
 import { expect } from 'chai';
 import { type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { mkdir, open, readFile, readdir, stat } from 'node:fs/promises';
+import { mkdir, readFile, readdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { gzipSync } from 'node:zlib';
 import { type Digest } from '../storage/digest.js';
@@ -23,6 +23,7 @@ import { parseGzipIndex } from '../storage/lazy/gzipIndex.js';
 import { RegistryClient } from '../storage/registry/client.js';
 import { EMPTY_CONFIG, endpointsFor } from '../storage/registry/config.js';
 import { DEBIAN_MULTI, execFileAsync, layerctl, layerctlJson, scratch } from './support/env.js';
+import { lazyAllocated, prng, readRange, walk } from './support/treeSample.js';
 import { startDaemon, waitFor, type RunningDaemon } from './support/daemon.js';
 import { writeLayout } from './support/layoutBuilder.js';
 import { TestRegistry, layerctlR, startProxy } from './support/registry.js';
@@ -36,53 +37,6 @@ interface OciDoc { artifactType?: string; subject?: { digest: string }; config?:
 const ARTIFACT_TYPE = 'application/vnd.layerd.gzip-index.v1';
 const OCI_MANIFEST = 'application/vnd.oci.image.manifest.v1+json';
 const OCI_INDEX = 'application/vnd.oci.image.index.v1+json';
-
-/** mulberry32: the same sample on every run. */
-function prng(seed: number): () => number {
-  let a = seed;
-  return () => {
-    a = (a + 0x6d2b79f5) | 0;
-    let t = Math.imul(a ^ (a >>> 15), 1 | a);
-    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
-async function walk(root: string): Promise<{ listing: string[]; files: { path: string; size: number }[] }> {
-  const listing: string[] = [];
-  const files: { path: string; size: number }[] = [];
-  const visit = async (rel: string): Promise<void> => {
-    for (const d of await readdir(join(root, rel), { withFileTypes: true })) {
-      const path = rel ? `${rel}/${d.name}` : d.name;
-      listing.push(`${d.isDirectory() ? 'd' : d.isFile() ? 'f' : d.isSymbolicLink() ? 'l' : 'o'} ${path}`);
-      if (d.isDirectory()) await visit(path);
-      else if (d.isFile()) {
-        const size = (await stat(join(root, path))).size;
-        if (size > 0) files.push({ path, size });
-      }
-    }
-  };
-  await visit('');
-  return { listing: listing.sort(), files };
-}
-
-async function readRange(path: string, position: number, length: number): Promise<Buffer> {
-  const fh = await open(path, 'r');
-  try {
-    const buffer = Buffer.alloc(length);
-    const { bytesRead } = await fh.read(buffer, 0, length, position);
-    return buffer.subarray(0, bytesRead);
-  } finally {
-    await fh.close();
-  }
-}
-
-async function lazyAllocated(root: string): Promise<number> {
-  const dir = join(root, 'lazy', 'sha256');
-  let total = 0;
-  for (const hex of await readdir(dir).catch(() => [] as string[])) total += (await stat(join(dir, hex, 'content'))).blocks * 512;
-  return total;
-}
 
 async function skopeoRaw(ref: string): Promise<OciDoc> {
   const { stdout } = await execFileAsync('skopeo', ['inspect', '--tls-verify=false', '--raw', `docker://${ref}`]);

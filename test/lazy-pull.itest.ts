@@ -15,10 +15,11 @@ import { expect } from 'chai';
 import { type ChildProcess } from 'node:child_process';
 import { type IncomingMessage, type ServerResponse, createServer, request as httpRequest } from 'node:http';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { mkdir, open, readFile, readdir, stat } from 'node:fs/promises';
+import { mkdir, readFile, readdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { gzipSync } from 'node:zlib';
 import { DEBIAN_MULTI, execFileAsync, layerctl, layerctlJson, scratch } from './support/env.js';
+import { lazyAllocated, prng, readRange, walk } from './support/treeSample.js';
 import { writeEstargzLayout } from './support/estargz.js';
 import { http, startDaemon, waitFor, type RunningDaemon } from './support/daemon.js';
 import { TestRegistry, layerctlR, startProxy, type TestProxy } from './support/registry.js';
@@ -29,56 +30,6 @@ const BOGUS_MEMBER = gzipSync(Buffer.alloc(4 * 1024 * 1024));
 interface LazyPulled { images: { id: string; refs: string[] }[]; lazyLayers: string[]; fallback?: string }
 interface InspectLayer { diffId: string; digest: string | null; uncompressedSize: number; entries: number; state: string; filled?: number }
 interface Inspect { Id: string; Layers: InspectLayer[] }
-
-/** A small deterministic PRNG (mulberry32): the sample is the same on every run. */
-function prng(seed: number): () => number {
-  let a = seed;
-  return () => {
-    a = (a + 0x6d2b79f5) | 0;
-    let t = Math.imul(a ^ (a >>> 15), 1 | a);
-    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
-/** Every path beneath `root` with its type (f, d, l, o), sorted; and the regular files with content. */
-async function walk(root: string): Promise<{ listing: string[]; files: { path: string; size: number }[] }> {
-  const listing: string[] = [];
-  const files: { path: string; size: number }[] = [];
-  const visit = async (rel: string): Promise<void> => {
-    for (const d of await readdir(join(root, rel), { withFileTypes: true })) {
-      const path = rel ? `${rel}/${d.name}` : d.name;
-      const kind = d.isDirectory() ? 'd' : d.isFile() ? 'f' : d.isSymbolicLink() ? 'l' : 'o';
-      listing.push(`${kind} ${path}`);
-      if (d.isDirectory()) await visit(path);
-      else if (d.isFile()) {
-        const size = (await stat(join(root, path))).size;
-        if (size > 0) files.push({ path, size });
-      }
-    }
-  };
-  await visit('');
-  return { listing: listing.sort(), files };
-}
-
-async function readRange(path: string, position: number, length: number): Promise<Buffer> {
-  const fh = await open(path, 'r');
-  try {
-    const buffer = Buffer.alloc(length);
-    const { bytesRead } = await fh.read(buffer, 0, length, position);
-    return buffer.subarray(0, bytesRead);
-  } finally {
-    await fh.close();
-  }
-}
-
-/** Allocated bytes of every lazy content file under a store (sparse: what was fetched). */
-async function lazyAllocated(root: string): Promise<number> {
-  const dir = join(root, 'lazy', 'sha256');
-  let total = 0;
-  for (const hex of await readdir(dir).catch(() => [] as string[])) total += (await stat(join(dir, hex, 'content'))).blocks * 512;
-  return total;
-}
 
 describe('lazy pull of eStargz images (docker-registry 2.8.2)', function () {
   this.timeout(300_000);
