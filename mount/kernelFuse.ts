@@ -95,9 +95,12 @@ export class KernelFuse {
   static async mount(mountpoint: string, union: UnionFs, options: KernelFuseOptions): Promise<FuseSession> {
     const server = new KernelFuse(union, options);
     // Content that cannot change behind the kernel: no OPENDIR/RELEASEDIR round
-    // trips, directories and symlinks cached. A live layer: pages revalidated.
-    const wantFlags = InitFlag.DO_READDIRPLUS | InitFlag.READDIRPLUS_AUTO
-      | (options.contentMayChange ? InitFlag.AUTO_INVAL_DATA : InitFlag.CACHE_SYMLINKS | InitFlag.NO_OPENDIR_SUPPORT);
+    // trips, directories and symlinks cached, and every chunk of a listing
+    // read with attributes (without READDIRPLUS_AUTO): with it the kernel
+    // reads chunks after the first without them and then LOOKUPs each of
+    // their names. A live layer: pages revalidated, plus only where it helps.
+    const wantFlags = InitFlag.DO_READDIRPLUS
+      | (options.contentMayChange ? InitFlag.READDIRPLUS_AUTO | InitFlag.AUTO_INVAL_DATA : InitFlag.CACHE_SYMLINKS | InitFlag.NO_OPENDIR_SUPPORT);
     return FuseSession.mount(mountpoint, (header, request, session) => server.handle(header, request, session), {
       readOnly: options.readOnly, wantFlags, passthrough: options.passthrough ?? false,
     });

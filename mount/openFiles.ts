@@ -7,9 +7,18 @@ import { closeSync, fdatasync, fsync, ftruncate, read, write, writeSync } from '
 import { fsError } from './fsError.js';
 import type { LowerObject, UnionNode } from './mergedTree.js';
 
+/** `OpenFile.fd` of a file whose descriptor `openOnRead` opens at its first read. */
+export const NOT_OPENED_YET = -2;
+
 export interface OpenFile {
-  /** Host file descriptor, or -1 for an empty lower file (reads return 0 bytes). */
-  readonly fd: number;
+  /** Host file descriptor, -1 for an empty lower file (reads return 0 bytes), or NOT_OPENED_YET. */
+  fd: number;
+  /**
+   * Opens the descriptor at the first read (a store layer's `layer.tar`):
+   * an open whose pages the kernel already caches (FOPEN_KEEP_CACHE) never
+   * reads, and then costs no open(2) and close(2) here.
+   */
+  readonly openOnRead?: () => number;
   readonly node: UnionNode;
   /**
    * For a lower file that is a range of a bigger file (a store layer's
@@ -72,7 +81,14 @@ export class OpenFiles {
   }
 
   read(fh: number, buffer: Buffer, length: number, position: number): Promise<number> {
-    const { fd, range, ready } = this.get(fh);
+    const file = this.get(fh);
+    const { range, ready } = file;
+    let fd: number;
+    try {
+      fd = descriptorOf(file);
+    } catch (err) {
+      return Promise.reject(err);
+    }
     if (fd < 0) return Promise.resolve(0);
     if (range) {
       // Never read past the file's own bytes into the rest of the tar.
@@ -126,4 +142,10 @@ export class OpenFiles {
   async closeAll(): Promise<void> {
     for (const fh of [...this.files.keys()]) await this.release(fh).catch(() => undefined);
   }
+}
+
+/** The file's descriptor, opened now if it was left for the first read. */
+function descriptorOf(file: OpenFile): number {
+  if (file.fd === NOT_OPENED_YET && file.openOnRead !== undefined) file.fd = file.openOnRead();
+  return file.fd;
 }

@@ -27,7 +27,7 @@ import { devMajor, devMinor, scanDirectory, type MarkerStyle, type XattrMap } fr
 import { type LowerMergeCache, mergeLayers } from './lowerMerges.js';
 import { MergedTree, UnionNode } from './mergedTree.js';
 import { KIND_OF_TYPE, S_IFMT, TYPE_BITS, inoOf, lowerStat, upperStat, type UnionStat } from './nodeStats.js';
-import { OpenFiles, callback as call } from './openFiles.js';
+import { NOT_OPENED_YET, OpenFiles, callback as call } from './openFiles.js';
 import { ancestorsOf, baseName, isWithin, joinPath, parentOf } from './paths.js';
 import { UpperDir } from './upperDir.js';
 
@@ -320,10 +320,15 @@ export class UnionFs {
     const object = node.lower!;
     const content = object.source?.content(object.entry);
     if (content === undefined) return this.files.add({ fd: -1, node, upper: false, lower: object });
-    const fd = openContent(content);
+    // A store layer's tar is the store's own file: opened at the first read. What
+    // opens by its own rules (a directory layer's file, checked to be the one
+    // scanned; lazily pulled bytes) is opened now, so the open fails if it fails.
+    const deferred = content.open === undefined && content.ready === undefined;
+    const fd = deferred ? NOT_OPENED_YET : openContent(content);
+    const later = deferred ? { openOnRead: () => openContent(content) } : {};
     const whole = content.offset === 0 && content.size === object.entry.size && content.ready === undefined;
-    return this.files.add(whole ? { fd, node, upper: false, lower: object } : {
-      fd, node, upper: false, lower: object, range: { offset: content.offset, size: content.size }, ...(content.ready ? { ready: content.ready } : {}),
+    return this.files.add(whole ? { fd, node, upper: false, lower: object, ...later } : {
+      fd, node, upper: false, lower: object, ...later, range: { offset: content.offset, size: content.size }, ...(content.ready ? { ready: content.ready } : {}),
     });
   }
 
@@ -355,13 +360,13 @@ export class UnionFs {
    */
   backingFd(fh: number): { fd: number; owned: boolean; lower: boolean } | undefined {
     const { fd, node, upper, lower, range, plainReadWrite } = this.files.get(fh);
-    if (fd < 0 || node.kind !== 'file') return undefined;
+    if (node.kind !== 'file') return undefined;
     if (!upper) {
       if (lower === undefined || lower.entry.size < PASSTHROUGH_MIN_LOWER_SIZE) return undefined;
       const object = lower.source?.content(lower.entry)?.whole?.();
       return object === undefined ? undefined : { fd: object, owned: true, lower: true };
     }
-    if (range !== undefined) return undefined;
+    if (fd < 0 || range !== undefined) return undefined;
     return plainReadWrite === true ? { fd, owned: false, lower: false } : { fd: reopenFd(fd, O_RDWR, OPEN_FILE_PATH), owned: true, lower: false };
   }
 

@@ -1,0 +1,132 @@
+/**
+ * What the kernel's caches of a layerd mount spare the server (issue 17,
+ * read-all round trips), counted with the server's own operation stats
+ * (--stats-file), and that what they keep is right after changes made
+ * through the mount.
+ *
+ * Files are touched only from child processes (never synchronous I/O on a
+ * mount from the process that could serve it). Needs root.
+ */
+import { expect } from 'chai';
+import { type ChildProcess } from 'node:child_process';
+import { mkdir, readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { type OpStatsSnapshot } from '../mount/opStats.js';
+import { makeWorkspace, mustRun, removeWorkspace, startLayerdServer, stopLayerdServer, type Workspace } from './fixtures/mount/harness.js';
+import { scratch } from './support/env.js';
+import { clearMountsUnder, storeWithDebianMulti } from './support/store.js';
+
+/** More entries than one READDIRPLUS reply holds, so a listing takes several chunks. */
+const ENTRIES = 2000;
+
+describe('mount kernel caches', function () {
+  this.timeout(60_000);
+  let ws: Workspace;
+  let server: ChildProcess | undefined;
+  let statsFile: string;
+
+  const mount = async (): Promise<void> => {
+    server = await startLayerdServer(['--lower', ws.lowers.join(':'), '--upper', ws.upper, '--stats-file', statsFile], ws.mnt);
+  };
+  /** Unmount; the server writes its final counts as it exits. */
+  const unmountCounts = async (): Promise<Record<string, number>> => {
+    await stopLayerdServer(server!, ws.mnt);
+    server = undefined;
+    const snap = JSON.parse(await readFile(statsFile, 'utf8')) as OpStatsSnapshot;
+    return Object.fromEntries(Object.entries(snap).map(([op, c]) => [op, c.count]));
+  };
+
+  beforeEach(async () => {
+    ws = await makeWorkspace();
+    statsFile = join(ws.root, 'stats.json');
+    const big = join(ws.lowers[1]!, 'big');
+    await mkdir(big);
+    for (let i = 0; i < ENTRIES; i++) await writeFile(join(big, `a-file-with-a-longer-name-${String(i).padStart(5, '0')}`), `${i}\n`);
+  });
+  afterEach(async () => {
+    if (server) await stopLayerdServer(server, ws.mnt);
+    server = undefined;
+    await removeWorkspace(ws);
+  });
+
+  it('a listing brings every entry\'s attributes: lstat of all entries of a large directory asks no LOOKUP', async () => {
+    await mount();
+    const out = await mustRun('python3', ['-c', `
+import os
+d = ${JSON.stringify(join(ws.mnt, 'big'))}
+names = os.listdir(d)
+print(len(names), sum(os.lstat(os.path.join(d, n)).st_size for n in names))`]);
+    const counts = await unmountCounts();
+    const sizes = Array.from({ length: ENTRIES }, (_, i) => `${i}\n`.length).reduce((a, b) => a + b, 0);
+    expect(out.trim()).to.equal(`${ENTRIES} ${sizes}`);
+    // The one LOOKUP of `big` itself; none per entry (READDIRPLUS_AUTO sent a LOOKUP per entry of every chunk after the first).
+    expect(counts['lookup'] ?? 0, 'lookups').to.be.at.most(1);
+    expect(counts['readdirplus'] ?? 0, 'listing chunks').to.be.greaterThan(2);
+  });
+
+  it('entries a listing cached show changes made through the mount at once to another process', async () => {
+    await mount();
+    const d = join(ws.mnt, 'big');
+    const name = (i: number): string => join(d, `a-file-with-a-longer-name-${String(i).padStart(5, '0')}`);
+    // Cache every entry (names and attributes) in the kernel, from the end of the listing too.
+    await mustRun('sh', ['-c', 'ls -l "$0" > /dev/null', d]);
+    await mustRun('chmod', ['600', name(ENTRIES - 1)]);
+    await mustRun('mv', [name(ENTRIES - 2), join(d, 'renamed')]);
+    await mustRun('rm', [name(ENTRIES - 3)]);
+    await mustRun('sh', ['-c', 'echo longer-content > "$0"', name(ENTRIES - 4)]);
+    const seen = await mustRun('python3', ['-c', `
+import os
+def show(p):
+    try:
+        st = os.lstat(p)
+        return '%o %d' % (st.st_mode & 0o7777, st.st_size)
+    except FileNotFoundError:
+        return 'gone'
+print(';'.join(show(p) for p in ${JSON.stringify([name(ENTRIES - 1), name(ENTRIES - 2), join(d, 'renamed'), name(ENTRIES - 3), name(ENTRIES - 4)])}))
+print(len(os.listdir(${JSON.stringify(d)})))`]);
+    expect(seen.trim().split('\n')).to.deep.equal([
+      `600 ${`${ENTRIES - 1}\n`.length};gone;644 ${`${ENTRIES - 2}\n`.length};gone;644 ${'longer-content\n'.length}`,
+      String(ENTRIES - 1),
+    ]);
+  });
+});
+
+describe('mount kernel caches: store layers', function () {
+  this.timeout(120_000);
+  let work: { dir: string; remove(): Promise<void> } | undefined;
+  let server: ChildProcess | undefined;
+  let mnt: string;
+
+  before(async () => {
+    work = await scratch();
+    await storeWithDebianMulti(join(work.dir, 'store'));
+    mnt = join(work.dir, 'mnt');
+    for (const d of [mnt, join(work.dir, 'upper')]) await mkdir(d);
+    server = await startLayerdServer(['--root', join(work.dir, 'store'), '--image', 'debian-multi:latest', '--upper', join(work.dir, 'upper')], mnt);
+  });
+  after(async () => {
+    if (server) await stopLayerdServer(server, mnt);
+    if (work) await clearMountsUnder(work.dir);
+    await work?.remove();
+  });
+
+  it('opens of page-cached files of a layer cost the server no descriptor, and read the right bytes', async () => {
+    const dir = join(mnt, 'usr/share/zoneinfo');
+    const out = await mustRun('python3', ['-c', `
+import os, hashlib
+fds = lambda: len(os.listdir('/proc/${server!.pid}/fd'))
+paths = sorted(os.path.join(r, n) for r, _, ns in os.walk(${JSON.stringify(dir)}) for n in ns)
+paths = [p for p in paths if not os.path.islink(p) and 0 < os.path.getsize(p) < 65536][:300]
+first = hashlib.sha256(b''.join(open(p, 'rb').read() for p in paths)).hexdigest()   # into the page cache
+before = fds()
+held = [open(p, 'rb') for p in paths]
+during = fds()
+again = hashlib.sha256(b''.join(f.read() for f in held)).hexdigest()
+print(len(paths), during - before, first == again)`]);
+    const [files, moreFds, same] = out.trim().split(' ');
+    expect(Number(files), 'files opened').to.equal(300);
+    // Before: one descriptor of layer.tar per open handle.
+    expect(Number(moreFds), 'descriptors the server took for 300 held opens').to.be.below(10);
+    expect(same, 'the held opens read the same bytes').to.equal('True');
+  });
+});
