@@ -399,22 +399,6 @@ describe('containerd snapshotter: the gRPC API', function () {
     await remove(`ns10/3/extract-10-b ${other}`);
     expect(await storeLayers(), 'the layer went with its only snapshot').to.deep.equal(before);
   });
-  it('defers a background ingest while a mount reads its pending directory (containers started after a pull), and ingests it once none does', async () => {
-    const target = `sha256:${'a1'.repeat(32)}`;
-    const before = await storeLayers();
-    const m = await prepare(`ns12/1/extract-12-a ${target}`);
-    await writeFile(join(m[0]!.options.find((o) => o.startsWith('upperdir='))!.slice('upperdir='.length), 'a'), 'a\n');
-    await commit(`ns12/2/${target}`, `ns12/1/extract-12-a ${target}`);
-    await view('reads-pending', `ns12/2/${target}`);
-    // three times the quiet time (1 s) with no call at all: only the mount reading the directory holds the ingest
-    const held = Date.now();
-    await waitFor('three quiet seconds', async () => Date.now() - held >= 3_000, 10_000, 100);
-    expect(await storeLayers(), 'no ingest while a mount reads the directory').to.deep.equal(before);
-    await remove('reads-pending');
-    await waitFor('the layer ingested once no mount reads its directory', async () => (await storeLayers()).length === before.length + 1, 60_000, 100);
-    await remove(`ns12/2/${target}`);
-    expect(await storeLayers(), 'the layer went with its only snapshot').to.deep.equal(before);
-  });
   it('an unpack of the same chain in another namespace, committed while the first one\'s layer is still being ingested, shares that layer', async () => {
     const target = `sha256:${'d'.repeat(64)}`;
     const before = await storeLayers();

@@ -129,10 +129,9 @@ const SCAN_FILE = 'upper.scan.json';
 const GATE_POLL_MS = 50;
 /**
  * A background ingest starts once containerd has left layerd alone this long
- * (no Prepare, View, Commit or Remove), no unpack is in progress and no mount
- * reads a pending directory: on a small machine it would otherwise take a
- * core from the unpack of the next layer and from the containers started
- * right after a pull (the first and the later runs), which read the pending
+ * (no Prepare, View or Commit) and no unpack is in progress: on a small
+ * machine it would otherwise take a core from the unpack of the next layer
+ * and from the containers started right after a pull, which read the pending
  * directories meanwhile and need no layer. It starts anyway INGEST_MAX_DEFER_MS
  * after its commit, and at once when something waits for the layer.
  */
@@ -650,7 +649,7 @@ export class SnapshotService {
       if (this.stopping) throw new LayerdError(ErrorCodes.EBUSY, 'the daemon is stopping; the layer is ingested at its next start', { snapshot: key });
       const now = Date.now();
       if (this.waitingForIngest > 0 || now >= deadline) return;
-      if (now - this.lastActivity >= INGEST_QUIET_MS && this.table.unpacksInProgress() === 0 && this.table.lowerDirsInUse().size === 0) return;
+      if (now - this.lastActivity >= INGEST_QUIET_MS && this.table.unpacksInProgress() === 0) return;
       if (first) this.logger.debug('background ingest deferred while containerd is busy', { snapshot: key });
       await sleep(Math.min(INGEST_QUIET_POLL_MS, deadline - now));
     }
@@ -768,7 +767,6 @@ export class SnapshotService {
 
   async remove(key: string): Promise<void> {
     let row = this.row(key);
-    this.lastActivity = Date.now(); // (a container's Remove is often followed by the next one's Prepare)
     if (row.pending_ingest === 1) {
       // Its layer first (or the ingest's failure): then it goes as any committed snapshot.
       await this.waitIngested(key).catch(() => undefined);
