@@ -10,13 +10,16 @@
  * ctr-remote installed, a third column: `ctr-remote images rpull
  * --snapshotter layerd`, where layerd fetches the layers itself.
  *
- *   node dist/bench/containerd.js [--reps N] [--runs N]
+ *   node dist/bench/containerd.js [--reps N] [--runs N] [--layerd-log FILE]
+ *
+ * (`--layerd-log`: the daemon's log, kept for reading where the time went:
+ * `snapshot prepared` lines carry ms and mountMs, ingests their ms.)
  *
  * Writes bench/results/containerd-<timestamp>.{md,json}. Needs root,
  * containerd, runc and skopeo (make debian-deps).
  */
 import { execFile, execFileSync } from 'node:child_process';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -133,6 +136,8 @@ async function main(): Promise<void> {
     ];
     await writeResults('containerd', lines, { reps, laterRuns, samples, summary, ratios, targets: { ...TARGETS, fetchPull: FETCH_PULL_TARGET } });
   } finally {
+    const logFile = argOf('--layerd-log', '');
+    if (logFile !== '') await writeFile(logFile, env.layerd?.log() ?? '').catch((err: unknown) => console.error(`layerd log: ${String(err)}`));
     await env.stop().catch((err: unknown) => console.error(`cleanup: ${String(err)}`));
     await registry?.stop();
     await rm(work, { recursive: true, force: true });

@@ -39,6 +39,8 @@ export interface MountSpec {
   layers: string[];
   /** Those of `layers` that are plain directories in overlayfs's format instead (an unpack snapshot's directory). */
   directories?: string[];
+  /** For some of `directories`: a file with the daemon's walk of it (mount/directoryScan.ts), so the host does not walk it again. */
+  directoryScans?: Record<string, string>;
   /** A host directory served as a live read-only layer above `layers` (kept current by a watcher). */
   liveLayer?: string;
   /** The writable upper directory. */
@@ -59,6 +61,8 @@ export interface MountSpec {
 export interface ServedMount {
   pid: number;
   mountpoint: string;
+  /** How many of `directories` the host had to walk itself (no usable scan). */
+  walkedDirectories?: number;
 }
 
 /**
@@ -78,6 +82,8 @@ export async function startMount(spec: MountSpec): Promise<ServedMount> {
   const request: HostMountRequest = {
     op: 'mount', layers: spec.layers.map((l) => resolve(l)), upper: resolve(spec.upper), mountpoint: resolve(spec.mountpoint),
     ...(spec.directories !== undefined && spec.directories.length > 0 ? { directories: spec.directories.map((d) => resolve(d)) } : {}),
+    ...(spec.directoryScans !== undefined && Object.keys(spec.directoryScans).length > 0
+      ? { directoryScans: Object.fromEntries(Object.entries(spec.directoryScans).map(([d, f]) => [resolve(d), resolve(f)])) } : {}),
     ...(spec.readOnly ? { readOnly: true } : {}),
     ...(spec.liveLayer !== undefined ? { liveLayer: resolve(spec.liveLayer) } : {}),
     ...(spec.statsFile !== undefined ? { statsFile: resolve(spec.statsFile) } : {}),
@@ -89,7 +95,7 @@ export async function startMount(spec: MountSpec): Promise<ServedMount> {
       const reply = await askHost(socket, request, READY_TIMEOUT_MS).catch(() => undefined);
       if (reply?.ok) {
         hostSockets.set(reply.pid!, socket);
-        return { pid: reply.pid!, mountpoint: request.mountpoint };
+        return { pid: reply.pid!, mountpoint: request.mountpoint, ...(reply.walked !== undefined ? { walkedDirectories: reply.walked } : {}) };
       }
       if (reply !== undefined && reply.code !== EXITING) {
         throw new LayerdError(asErrorCode(reply.code), `cannot mount ${spec.mountpoint}: ${reply.message}`, context);

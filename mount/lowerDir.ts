@@ -248,7 +248,7 @@ export function openScannedFile(root: string, path: string, dev: number, ino: nu
 }
 
 /** A LayerSource whose bytes are the directory's own files, each opened safely (openScannedFile). */
-export function directorySource(scanned: ScannedDirectory): LayerSource {
+export function directorySource(scanned: Pick<ScannedDirectory, 'root' | 'index' | 'inodes' | 'dev' | 'devs'>): LayerSource {
   const { root, index, inodes, dev, devs } = scanned;
   return {
     index,

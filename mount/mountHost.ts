@@ -11,9 +11,11 @@
  *
  * Protocol: a client connects to the Unix socket, writes one JSON request
  * line, and reads one JSON reply line:
- *   {"op":"mount", "layers":[dir…bottom→top], "directories"?, "upper", "mountpoint", "readOnly"?, "liveLayer"?, "statsFile"?, "cacheSeconds"?}
+ *   {"op":"mount", "layers":[dir…bottom→top], "directories"?, "directoryScans"?, "upper", "mountpoint", "readOnly"?, "liveLayer"?, "statsFile"?, "cacheSeconds"?}
  *                                      (`directories`: those of `layers` that are plain directories in
- *                                      overlayfs's format, not store layer directories)
+ *                                      overlayfs's format, not store layer directories; `directoryScans`:
+ *                                      {directory: file} the daemon's walks of some, mount/directoryScan.ts;
+ *                                      the reply's `walked` counts the directories the host walked itself)
  *   {"op":"unmount", "mountpoint"}     (resolves once the mount is gone)
  *   {"op":"list"}                      → {"ok":true,"mounts":[mountpoint…]}
  *   {"op":"bind", "socket"}            a spare host (started with --spare) moves
@@ -35,6 +37,7 @@ import { createLogger, type Logger } from '../common/log.js';
 import { ErrorCodes, LayerdError, isLayerdError } from '../common/errors.js';
 import { type LayerSource } from '../storage/layerIndex.js';
 import { layerDirSource } from '../storage/lazy/lazyLayer.js';
+import { directoryScanSource } from './directoryScan.js';
 import { lowerDirSource } from './lowerDir.js';
 import { LowerMergeCache } from './lowerMerges.js';
 import { mountUnion, type MountedUnion } from './mountUnion.js';
@@ -56,6 +59,11 @@ export interface HostMountRequest {
    * once through the system-call layer (mount/lowerDir.ts), not store layers.
    */
   directories?: string[];
+  /**
+   * For some of `directories`: a file holding the daemon's walk of it
+   * (mount/directoryScan.ts), read instead of walking the directory again.
+   */
+  directoryScans?: Record<string, string>;
   upper: string;
   mountpoint: string;
   readOnly?: boolean;
@@ -64,7 +72,8 @@ export interface HostMountRequest {
   cacheSeconds?: number;
 }
 export type HostRequest = HostMountRequest | { op: 'unmount'; mountpoint: string } | { op: 'list' } | { op: 'bind'; socket: string };
-export type HostReply = { ok: true; mounts?: string[]; pid?: number } | { ok: false; code: string; message: string };
+/** `walked`: how many of a mount request's plain directories this host walked itself (not read from a scan file). */
+export type HostReply = { ok: true; mounts?: string[]; pid?: number; walked?: number } | { ok: false; code: string; message: string };
 
 interface HostedMount {
   mounted: MountedUnion;
@@ -78,6 +87,8 @@ class MountHost {
   private readonly pending = new Set<string>();
   /** Layer indexes by directory, loaded once and shared by every mount. */
   private readonly layers = new Map<string, Promise<LayerSource>>();
+  /** The plain directories among them that this host walked itself (no scan file, or an unusable one). */
+  private readonly walkedDirectories = new Set<string>();
   /** Their merge, kept: each mount of the image builds its tree over it. */
   private readonly lowerMerges = new LowerMergeCache();
   private exiting = false;
@@ -131,17 +142,35 @@ class MountHost {
     return { ok: true, pid: process.pid };
   }
 
-  private layer(dir: string, plainDirectory: boolean): Promise<LayerSource> {
+  private layer(dir: string, plainDirectory: boolean, scanFile: string | undefined): Promise<LayerSource> {
     // (a plain directory is keyed apart: the same path is never read both ways)
     const key = plainDirectory ? `directory:${dir}` : dir;
     let source = this.layers.get(key);
     if (source === undefined) {
-      // A plain directory is walked once, now: its writer (containerd's applier) is done with it.
-      // A lazily pulled store layer fetches what it lacks (storage/lazy/).
-      source = plainDirectory ? lowerDirSource(dir, `directory:${dir}`, 'overlay') : layerDirSource(dir);
+      // A plain directory is read from the daemon's walk of it, else walked once, now: its
+      // writer (containerd's applier) is done with it. A lazily pulled store layer fetches
+      // what it lacks (storage/lazy/).
+      source = plainDirectory ? this.plainDirectory(dir, key, scanFile) : layerDirSource(dir);
       source.catch(() => this.layers.delete(key));
       this.layers.set(key, source);
     }
+    return source;
+  }
+
+  private async plainDirectory(dir: string, key: string, scanFile: string | undefined): Promise<LayerSource> {
+    const started = performance.now();
+    if (typeof scanFile === 'string') {
+      try {
+        const source = await directoryScanSource(scanFile, dir);
+        this.logger.info('plain directory layer loaded', { dir, from: 'scan', entries: source.index.entries.length, ms: Math.round(performance.now() - started) });
+        return source;
+      } catch (err) {
+        this.logger.warn('directory scan unusable, walking the directory', { dir, scan: scanFile, error: (err as Error).message });
+      }
+    }
+    this.walkedDirectories.add(key);
+    const source = await lowerDirSource(dir, key, 'overlay');
+    this.logger.info('plain directory layer loaded', { dir, from: 'walk', entries: source.index.entries.length, ms: Math.round(performance.now() - started) });
     return source;
   }
 
@@ -154,7 +183,8 @@ class MountHost {
     if (this.idleTimer) clearTimeout(this.idleTimer);
     try {
       const directories = new Set(Array.isArray(request.directories) ? request.directories : []);
-      const layers = await Promise.all(request.layers.map((dir) => this.layer(dir, directories.has(dir))));
+      const scans = typeof request.directoryScans === 'object' && request.directoryScans !== null ? request.directoryScans : {};
+      const layers = await Promise.all(request.layers.map((dir) => this.layer(dir, directories.has(dir), Object.hasOwn(scans, dir) ? scans[dir] : undefined)));
       const stats = request.statsFile !== undefined ? await OpStats.continuing(request.statsFile) : undefined;
       const mounted = await mountUnion({
         layers, upper: request.upper, mountpoint, readOnly: request.readOnly ?? false, logger: this.logger, lowerMerges: this.lowerMerges,
@@ -164,7 +194,8 @@ class MountHost {
       this.mounts.set(mountpoint, { mounted, stats, statsFile: request.statsFile });
       // Someone else may unmount it (umount, the daemon clearing a mount): forget it then.
       void mounted.gone.then(() => this.forget(mountpoint));
-      return { ok: true, pid: process.pid };
+      const walked = [...directories].filter((dir) => this.walkedDirectories.has(`directory:${dir}`)).length;
+      return { ok: true, pid: process.pid, ...(directories.size > 0 ? { walked } : {}) };
     } finally {
       this.pending.delete(mountpoint);
       this.armIdleExit();

@@ -103,6 +103,8 @@ describe('containerd: the first run after a pull does not wait for the backgroun
     expectImageSeen(await env!.ctrOk(['run', '--rm', '--snapshotter', 'layerd', ref, 'first', 'sh', '-c', SCRIPT], { timeoutMs: 120_000 }));
     const prepared = logged(logStart, 'snapshot prepared');
     expect(prepared.map((l) => l['pendingDirs']), 'the container\'s mount read the pending directories').to.deep.equal([3]);
+    // ... from the daemon's walks of them at their Commit: the mount host walked none on the run's critical path
+    expect(prepared.map((l) => l['walkedDirs']), 'directories the mount host walked itself').to.deep.equal([0]);
     expect(await layerCount(), 'still no layer stored').to.equal(before);
 
     // a container running while the ingests end

@@ -19,7 +19,7 @@
  * label). containerd's metadata layer prefixes keys with `<namespace>/<n>/`.
  */
 import { type Writable } from 'node:stream';
-import { directorySource, scanDirectory } from '../../mount/lowerDir.js';
+import { directorySource, scanDirectory, type ScannedDirectory } from '../../mount/lowerDir.js';
 import { type Digest, isDigest } from '../../storage/digest.js';
 import { writeLayerTar } from '../../storage/layerWriter.js';
 import { type MetadataDb } from '../../storage/metadata.js';
@@ -56,13 +56,13 @@ export function unpackMounts(dirs: { upper: string; work: string; lower: string 
 }
 
 /**
- * A directory in overlayfs's format as a store layer, in one pass: the scan
- * is written as a layer tar straight into the ingest that hashes, indexes
+ * A directory in overlayfs's format as a store layer, in one pass (`walked`: its walk, if
+ * one was made already): the scan is written as a layer tar straight into the ingest that hashes, indexes
  * and stores it. `record` runs in the transaction that makes the layer visible.
  */
 export async function directoryToLayer(
-  store: Store, dir: string, label: string, record: (db: MetadataDb, layer: IngestedLayerTar) => void,
+  store: Store, dir: string, label: string, record: (db: MetadataDb, layer: IngestedLayerTar) => void, walked?: ScannedDirectory,
 ): Promise<IngestedLayerTar> {
-  const scanned = await scanDirectory(dir, label, 'overlay');
+  const scanned = walked ?? await scanDirectory(dir, label, 'overlay');
   return ingestLayerStream(store, (out: Writable) => writeLayerTar(directorySource(scanned), out), record);
 }
