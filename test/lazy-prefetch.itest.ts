@@ -10,7 +10,7 @@
  *
  * Observable: the landmark's prefix arrives with no read asking for it (reading
  * it afterwards makes no range request), a program reading `lib/` file after
- * file waits for the registry (a stall) about once instead of once per
+ * file makes its own range request (a stall) about once instead of once per
  * synchronous read-ahead, and a prefetch answered with wrong bytes is never served.
  */
 import { expect } from 'chai';
@@ -123,7 +123,7 @@ describe('lazy pull: background prefetch (landmark, read-ahead)', function () {
     expect(ranges - before).to.be.greaterThan(0);
   });
 
-  it('reads ahead in the background: a program reading a directory file after file waits for the registry about once', async () => {
+  it('reads ahead in the background: a program reading a directory file after file makes its own range request (a stall) at most twice', async () => {
     const { root, mnt } = await pullAndMount('readahead');
     for (const f of LIB) expect((await readFile(join(mnt, f.path))).equals(f.bytes), f.path).to.equal(true);
     const readEnd = Date.now();

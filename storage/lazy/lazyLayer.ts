@@ -163,11 +163,12 @@ export class LazyLayerSource implements LayerSource {
   private fetching = 0;
   private readonly waiting: (() => void)[] = [];
   /** Every chunk fetched from the blob, in blob order (key: its content offset), and each key's place in it: for read-ahead. */
-  private readonly blobOrder: { key: number; chunk: Chunk }[];
+  private readonly blobOrder: { key: number; chunk: Chunk; fileEnd: number }[];
   private readonly orderOf = new Map<number, number>();
   /** Regions of the blob to prefetch, in order: from a place in blobOrder up to a blob offset. */
   private readonly prefetchQueue: { from: number; until: number; marks: boolean }[] = [];
   private prefetching = 0;
+  private prefetchesDone: (() => void) | undefined;
   /**
    * Chunks cached by read-ahead or prefetch that no read used yet: the first
    * read of one moves the background read-ahead on past it (as the kernel's
@@ -187,7 +188,7 @@ export class LazyLayerSource implements LayerSource {
   private constructor(readonly dir: string, readonly index: LayerIndex, readonly info: LazyLayerInfo, fd: number, options: LazySourceOptions) {
     this.fd = fd;
     for (const f of info.files) this.byOffset.set(f.offset, f);
-    this.blobOrder = info.files.flatMap((f) => f.chunks.filter((c) => c.start >= 0).map((chunk) => ({ key: f.offset + chunk.fileOffset, chunk })))
+    this.blobOrder = info.files.flatMap((f) => f.chunks.filter((c) => c.start >= 0).map((chunk) => ({ key: f.offset + chunk.fileOffset, chunk, fileEnd: f.offset + f.size })))
       .sort((a, b) => a.chunk.start - b.chunk.start);
     this.blobOrder.forEach((c, i) => this.orderOf.set(c.key, i));
     this.readTimeoutMs = options.readTimeoutMs ?? readTimeoutFromEnv();
@@ -252,6 +253,8 @@ export class LazyLayerSource implements LayerSource {
   async close(): Promise<void> {
     this.closed = true;
     this.prefetchQueue.length = 0;
+    // A prefetch still under way writes into the descriptor: it is closed once none is (never a reused number).
+    if (this.prefetching > 0) await new Promise<void>((resolve) => { this.prefetchesDone = resolve; });
     await promisify(close)(this.fd).catch(() => undefined);
     if (this.clients) for (const c of await this.clients.catch(() => [])) c.close();
   }
@@ -367,19 +370,25 @@ export class LazyLayerSource implements LayerSource {
 
   /**
    * Background read-ahead: the PREFETCH_AHEAD_BYTES of the blob after the
-   * chunk at content offset `key` — unless at least half of that is had or
-   * coming already (then a read further on moves it: requests of half a
-   * window at least, not one per small file as the window slides).
+   * chunk at content offset `key`, and the next chunk of the same file
+   * whatever its size (eStargz: a big file read from its start, such as a
+   * program's binary, goes on being read) — unless that is had or coming
+   * already, or half of the window is (then a read further on moves it:
+   * requests of half a window at least, not one per small file as it slides).
    */
   private prefetchAfter(key: number): void {
     const at = this.orderOf.get(key);
     if (at === undefined) return;
-    const end = this.blobOrder[at]!.chunk.end;
+    const { chunk, fileEnd } = this.blobOrder[at]!;
+    const next = this.blobOrder[at + 1];
+    // Gzip-index spans are one file (the tar) of ~4 MiB spans: only the window, which they do not fit in.
+    const sameFile = next !== undefined && chunk.checkpoint === undefined && key + chunk.length < fileEnd && next.key === key + chunk.length;
+    const until = Math.max(chunk.end + PREFETCH_AHEAD_BYTES, sameFile ? next.chunk.end : 0);
     let i = at + 1;
     while (i < this.blobOrder.length && (this.present.has(this.blobOrder[i]!.key) || this.inFlight.has(this.blobOrder[i]!.key))) i++;
     const covered = i < this.blobOrder.length ? this.blobOrder[i]!.chunk.start : Infinity;
-    if (covered - end >= PREFETCH_AHEAD_BYTES / 2) return;
-    this.prefetch(i, end + PREFETCH_AHEAD_BYTES);
+    if (covered >= until || covered - chunk.end >= PREFETCH_AHEAD_BYTES / 2) return;
+    this.prefetch(i, until);
   }
 
   /**
@@ -417,7 +426,7 @@ export class LazyLayerSource implements LayerSource {
       }
       this.prefetching++;
       void this.prefetchRun(claimed, region.marks).finally(() => {
-        this.prefetching--;
+        if (--this.prefetching === 0 && this.closed) this.prefetchesDone?.();
         this.pumpPrefetch();
       });
     }
@@ -439,15 +448,15 @@ export class LazyLayerSource implements LayerSource {
       }
       wanted = claimed.slice(cached.length);
       if (wanted.length === 0 || this.closed) return;
-      const waited = ReadDemandSignal.for(demandDirOf(this.dir)).begin();
+      // Bounded like one request of a read (its idle timeout): a read waiting for a claimed chunk then fetches it itself.
+      const deadline = Date.now() + Math.min(this.readTimeoutMs, 10_000);
+      // A guess does not hold the fill back; a read that waits for it does (ensure).
       let fetched: Buffer | undefined;
       try {
         this.stats.prefetchRequests++;
-        fetched = await this.withDeadline(this.fetchRange(wanted[0]!.chunk.start, wanted.at(-1)!.chunk.end), Date.now() + this.readTimeoutMs);
+        fetched = await this.withDeadline(this.fetchRange(wanted[0]!.chunk.start, wanted.at(-1)!.chunk.end), deadline);
       } catch {
         // a guess that failed: the reads fetch what they need themselves
-      } finally {
-        waited();
       }
       const before = this.present.size;
       await this.keepReadahead(wanted, fetched, wanted[0]!.chunk.start, marks);
@@ -533,6 +542,8 @@ export class LazyLayerSource implements LayerSource {
     } finally {
       this.fetching--;
       this.waiting.shift()?.();
+      // After the woken read took its slot: the reads go first.
+      if (this.prefetchQueue.length > 0) setImmediate(() => this.pumpPrefetch());
     }
   }
 
