@@ -168,6 +168,8 @@ export class LazyLayerSource implements LayerSource {
   /** Regions of the blob to prefetch, in order: from a place in blobOrder up to a blob offset. */
   private readonly prefetchQueue: { from: number; until: number; marks: boolean }[] = [];
   private prefetching = 0;
+  /** Of `fetching`, the prefetch requests. */
+  private prefetchFetching = 0;
   private prefetchesDone: (() => void) | undefined;
   /**
    * Chunks cached by read-ahead or prefetch that no read used yet: the first
@@ -406,7 +408,8 @@ export class LazyLayerSource implements LayerSource {
   }
 
   private pumpPrefetch(): void {
-    while (!this.closed && this.prefetching < PREFETCH_REQUESTS && this.waiting.length === 0 && this.fetching < MAX_FETCHES) {
+    // Only while no read's own request is under way: the relay or link shares its bandwidth by connection, and the reads' requests go first.
+    while (!this.closed && this.prefetching < PREFETCH_REQUESTS && this.fetching === this.prefetchFetching) {
       const region = this.prefetchQueue[0];
       if (region === undefined) return;
       // The first chunk of the region still wanted; the region goes on after what this request claims.
@@ -454,7 +457,7 @@ export class LazyLayerSource implements LayerSource {
       let fetched: Buffer | undefined;
       try {
         this.stats.prefetchRequests++;
-        fetched = await this.withDeadline(this.fetchRange(wanted[0]!.chunk.start, wanted.at(-1)!.chunk.end), deadline);
+        fetched = await this.withDeadline(this.fetchRange(wanted[0]!.chunk.start, wanted.at(-1)!.chunk.end, true), deadline);
       } catch {
         // a guess that failed: the reads fetch what they need themselves
       }
@@ -534,13 +537,15 @@ export class LazyLayerSource implements LayerSource {
   }
 
   /** Blob bytes [start, end) (gzip members), by a Range request: at most MAX_FETCHES at once per layer (a copy-up of a big file asks for all its chunks). */
-  private async fetchRange(start: number, end: number): Promise<Buffer> {
+  private async fetchRange(start: number, end: number, prefetch = false): Promise<Buffer> {
     while (this.fetching >= MAX_FETCHES) await new Promise<void>((wake) => this.waiting.push(wake));
     this.fetching++;
+    if (prefetch) this.prefetchFetching++;
     try {
       return await this.fetchMembers(start, end);
     } finally {
       this.fetching--;
+      if (prefetch) this.prefetchFetching--;
       this.waiting.shift()?.();
       // After the woken read took its slot: the reads go first.
       if (this.prefetchQueue.length > 0) setImmediate(() => this.pumpPrefetch());
