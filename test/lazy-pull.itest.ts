@@ -140,7 +140,8 @@ describe('lazy pull of eStargz images (docker-registry 2.8.2)', function () {
       expect(etc.length, 'files directly in /etc').to.be.at.least(20);
       const before = ranges;
       for (const f of etc) expect((await readFile(join(mnt, f.path))).equals(await readFile(join(fullMnt(), f.path))), `/${f.path}`).to.equal(true);
-      expect(ranges - before, `range requests for ${etc.length} files`).to.be.greaterThan(0).and.lessThan(etc.length / 3);
+      // (the background read-ahead's requests count too: a layer's first read starts up to two more, of up to 512 KiB each)
+      expect(ranges - before, `range requests for ${etc.length} files`).to.be.greaterThan(0).and.lessThan(etc.length / 2);
     } finally {
       await proxy.close();
     }

@@ -33,7 +33,9 @@ function lazyMetricsText(stats: LazyStats): string {
   return counter('layerd_lazy_fetched_bytes_total', 'Compressed bytes fetched by reads of lazily pulled layers', stats.fetchedBytes)
     + counter('layerd_lazy_range_requests_total', 'Range requests made by reads of lazily pulled layers', stats.rangeRequests)
     + counter('layerd_lazy_read_stalls_total', 'Chunk reads of lazily pulled layers that had to wait for the registry', stats.stalls)
-    + counter('layerd_lazy_verify_failures_total', 'Fetched chunks that did not match their TOC digest', stats.verifyFailures);
+    + counter('layerd_lazy_verify_failures_total', 'Fetched chunks that did not match their TOC digest', stats.verifyFailures)
+    + counter('layerd_lazy_prefetch_requests_total', 'Background prefetch range requests (landmark and read-ahead) of lazily pulled layers', stats.prefetchRequests)
+    + counter('layerd_lazy_prefetched_chunks_total', 'Chunks the background prefetch verified and cached', stats.prefetchedChunks);
 }
 
 export function systemRoutes(

@@ -57,6 +57,25 @@ const MAX_FETCHES = 8;
  * ~80 modules, and each request costs a round trip.
  */
 const READAHEAD_BYTES = 512 * 1024;
+/**
+ * Background prefetch (see `prefetch`): requests in flight at once for one
+ * layer. The on-demand reads keep the other MAX_FETCHES - PREFETCH_REQUESTS
+ * slots, and a queued prefetch starts only once no read waits for a slot.
+ */
+const PREFETCH_REQUESTS = 2;
+/** Compressed bytes one prefetch request asks for at most (its chunks, contiguous). */
+const PREFETCH_REQUEST_BYTES = 512 * 1024;
+/**
+ * How far past an on-demand fetch (its read-ahead included) the background
+ * read-ahead goes, in compressed bytes: while the program works on what it
+ * just read, the next files of the directory are already coming.
+ */
+const PREFETCH_AHEAD_BYTES = 1024 * 1024;
+/** At most this many compressed bytes before a `.prefetch.landmark` are prefetched when the layer is opened. */
+const LANDMARK_PREFETCH_MAX_BYTES = 64 * 1024 * 1024;
+/** The eStargz entries `ctr-remote image optimize` records: the files before the first were read by the workload (prefetch them); the second says there is nothing to prefetch. */
+export const PREFETCH_LANDMARK = '.prefetch.landmark';
+export const NO_PREFETCH_LANDMARK = '.no.prefetch.landmark';
 
 /** Where a lazy layer's blob is, and how its bytes map onto its files. */
 export interface LazyLayerInfo {
@@ -98,6 +117,10 @@ export interface LazyStats {
   /** Reads that had to wait for a fetch. */
   stalls: number;
   verifyFailures: number;
+  /** Background prefetch requests (landmark and read-ahead; also counted in rangeRequests). */
+  prefetchRequests: number;
+  /** Chunks the background prefetch verified and cached. */
+  prefetchedChunks: number;
 }
 
 export interface LazySourceOptions {
@@ -111,7 +134,7 @@ export function lazyStatsDir(lazyLayerDir: string): string {
 
 /** The sum of every LazyStats file under `statsDir`: counters that never go down, whoever wrote them. */
 export async function sumLazyStats(statsDir: string): Promise<LazyStats> {
-  const total: LazyStats = { rangeRequests: 0, fetchedBytes: 0, stalls: 0, verifyFailures: 0 };
+  const total: LazyStats = { rangeRequests: 0, fetchedBytes: 0, stalls: 0, verifyFailures: 0, prefetchRequests: 0, prefetchedChunks: 0 };
   for (const name of await readdir(statsDir).catch(() => [] as string[])) {
     if (!name.endsWith('.json')) continue;
     const stats = await readFile(join(statsDir, name), 'utf8').then((t) => JSON.parse(t) as Partial<LazyStats>, () => undefined);
@@ -128,7 +151,7 @@ export function readTimeoutFromEnv(): number {
 
 /** A lazy layer directory as a LayerSource whose reads fetch what is missing. */
 export class LazyLayerSource implements LayerSource {
-  readonly stats: LazyStats = { rangeRequests: 0, fetchedBytes: 0, stalls: 0, verifyFailures: 0 };
+  readonly stats: LazyStats = { rangeRequests: 0, fetchedBytes: 0, stalls: 0, verifyFailures: 0, prefetchRequests: 0, prefetchedChunks: 0 };
   private readonly byOffset = new Map<number, LazyFile>();
   /** Chunks known to be in `content`, verified (key: content offset of the chunk). */
   private readonly present = new Set<number>();
@@ -140,8 +163,22 @@ export class LazyLayerSource implements LayerSource {
   private fetching = 0;
   private readonly waiting: (() => void)[] = [];
   /** Every chunk fetched from the blob, in blob order (key: its content offset), and each key's place in it: for read-ahead. */
-  private readonly blobOrder: { key: number; chunk: Chunk }[];
+  private readonly blobOrder: { key: number; chunk: Chunk; fileEnd: number }[];
   private readonly orderOf = new Map<number, number>();
+  /** Regions of the blob to prefetch, in order: from a place in blobOrder up to a blob offset. */
+  private readonly prefetchQueue: { from: number; until: number; marks: boolean }[] = [];
+  private prefetching = 0;
+  /** Of `fetching`, the prefetch requests. */
+  private prefetchFetching = 0;
+  private prefetchesDone: (() => void) | undefined;
+  /**
+   * Chunks cached by read-ahead or prefetch that no read used yet: the first
+   * read of one moves the background read-ahead on past it (as the kernel's
+   * asynchronous read-ahead marker does), so a program reading on through a
+   * directory finds the next files coming.
+   */
+  private readonly unused = new Set<number>();
+  private closed = false;
 
   /**
    * The content file, open for the source's life: the fill removes the lazy
@@ -153,7 +190,7 @@ export class LazyLayerSource implements LayerSource {
   private constructor(readonly dir: string, readonly index: LayerIndex, readonly info: LazyLayerInfo, fd: number, options: LazySourceOptions) {
     this.fd = fd;
     for (const f of info.files) this.byOffset.set(f.offset, f);
-    this.blobOrder = info.files.flatMap((f) => f.chunks.filter((c) => c.start >= 0).map((chunk) => ({ key: f.offset + chunk.fileOffset, chunk })))
+    this.blobOrder = info.files.flatMap((f) => f.chunks.filter((c) => c.start >= 0).map((chunk) => ({ key: f.offset + chunk.fileOffset, chunk, fileEnd: f.offset + f.size })))
       .sort((a, b) => a.chunk.start - b.chunk.start);
     this.blobOrder.forEach((c, i) => this.orderOf.set(c.key, i));
     this.readTimeoutMs = options.readTimeoutMs ?? readTimeoutFromEnv();
@@ -164,7 +201,26 @@ export class LazyLayerSource implements LayerSource {
     const info = await readLazyInfo(dir);
     const index = await readLayerIndex(dir, info.diffId);
     const fd = await promisify(open)(join(dir, LAZY_CONTENT), fsConstants.O_RDWR);
-    return new LazyLayerSource(dir, index, info, fd, options);
+    const source = new LazyLayerSource(dir, index, info, fd, options);
+    source.prefetchLandmark();
+    return source;
+  }
+
+  /**
+   * An image `ctr-remote image optimize` made puts the files its workload
+   * read first in each layer, then a `.prefetch.landmark` entry: the blob
+   * before the landmark is fetched in the background as soon as the layer
+   * is opened (as stargz-snapshotter does), up to LANDMARK_PREFETCH_MAX_BYTES.
+   * `.no.prefetch.landmark` (the workload read nothing of the layer) or no
+   * landmark: nothing.
+   */
+  private prefetchLandmark(): void {
+    const landmark = this.index.entries.find((e) => e.kind === 'file' && e.path.replace(/^\/+/, '') === PREFETCH_LANDMARK);
+    if (landmark?.offset === undefined) return;
+    const start = (this.byOffset.get(landmark.offset) ?? this.containing(landmark.offset, Math.max(1, landmark.size)))?.chunks[0]?.start;
+    if (start === undefined || start <= 0) return;
+    // The workload's own reads: not a sequence to read on past (no read-ahead markers).
+    this.prefetch(0, Math.min(start, LANDMARK_PREFETCH_MAX_BYTES), false);
   }
 
   content(entry: LayerEntry): ContentRef | undefined {
@@ -189,12 +245,18 @@ export class LazyLayerSource implements LayerSource {
   /** Make bytes [from, from + length) of `file` present and verified. */
   async ready(file: LazyFile, from: number, length: number, path: string): Promise<void> {
     const end = Math.min(file.size, from + length);
-    const wanted = file.chunks.filter((c) => c.fileOffset < end && c.fileOffset + c.length > from && !this.present.has(file.offset + c.fileOffset));
+    const covering = file.chunks.filter((c) => c.fileOffset < end && c.fileOffset + c.length > from);
+    for (const c of covering) if (this.unused.delete(file.offset + c.fileOffset)) this.prefetchAfter(file.offset + c.fileOffset);
+    const wanted = covering.filter((c) => !this.present.has(file.offset + c.fileOffset));
     if (wanted.length === 0) return;
     await Promise.all(wanted.map((c) => this.ensure(file, c, path)));
   }
 
   async close(): Promise<void> {
+    this.closed = true;
+    this.prefetchQueue.length = 0;
+    // A prefetch still under way writes into the descriptor: it is closed once none is (never a reused number).
+    if (this.prefetching > 0) await new Promise<void>((resolve) => { this.prefetchesDone = resolve; });
     await promisify(close)(this.fd).catch(() => undefined);
     if (this.clients) for (const c of await this.clients.catch(() => [])) c.close();
   }
@@ -204,7 +266,9 @@ export class LazyLayerSource implements LayerSource {
     const work = this.inFlight.get(key);
     // Being read ahead by another chunk's request: if that did not bring it, fetch it (twice at most behind read-aheads that fail).
     if (work !== undefined && readaheadMisses < 2) {
-      return work.then(() => (this.present.has(key) ? undefined : this.ensure(file, chunk, path, readaheadMisses + 1)));
+      // The fill pauses while a read waits for a prefetch or read-ahead as for its own fetch.
+      const waited = ReadDemandSignal.for(demandDirOf(this.dir)).begin();
+      return work.finally(waited).then(() => (this.present.has(key) ? undefined : this.ensure(file, chunk, path, readaheadMisses + 1)));
     }
     const own = this.load(key, chunk, path).finally(() => { if (this.inFlight.get(key) === own) this.inFlight.delete(key); });
     this.inFlight.set(key, own);
@@ -239,8 +303,9 @@ export class LazyLayerSource implements LayerSource {
     let last: unknown;
     for (let attempt = 0; ; attempt++) {
       let member: Buffer | undefined;
-      // The first request also asks for what follows the chunk (not when it is asked again).
+      // The first request also asks for what follows the chunk (not when it is asked again), and the region after that comes in the background.
       const ahead = attempt === 0 ? this.claimReadahead(key) : [];
+      if (attempt === 0) this.prefetchAfter(ahead.at(-1)?.key ?? key);
       let fetched: Buffer | undefined;
       try {
         fetched = await this.withDeadline(this.fetchRange(chunk.start, ahead.at(-1)?.chunk.end ?? chunk.end), deadline);
@@ -279,11 +344,20 @@ export class LazyLayerSource implements LayerSource {
     const at = this.orderOf.get(key);
     if (at === undefined) return [];
     const first = this.blobOrder[at]!.chunk;
+    return this.claimRun(at + 1, first.end, first.end + READAHEAD_BYTES);
+  }
+
+  /**
+   * Claim the chunks from blobOrder[at] on that start at `prevEnd` and go on
+   * contiguously, end by `limit`, and that no one has or fetches: each is
+   * marked in flight (a read of it waits for this request) until
+   * keepReadahead releases it.
+   */
+  private claimRun(at: number, prevEnd: number, limit: number): { key: number; chunk: Chunk; release: () => void }[] {
     const claimed: { key: number; chunk: Chunk; release: () => void }[] = [];
-    let prev = first;
-    for (let i = at + 1; i < this.blobOrder.length; i++) {
+    for (let i = at; i < this.blobOrder.length; i++) {
       const next = this.blobOrder[i]!;
-      if (next.chunk.start !== prev.end || next.chunk.end - first.end > READAHEAD_BYTES) break;
+      if (next.chunk.start !== prevEnd || next.chunk.end > limit) break;
       if (this.present.has(next.key) || this.inFlight.has(next.key)) break;
       let release: () => void = () => undefined;
       // Resolves (never rejects) once the read-ahead verified it or gave up: a reader waiting on it then fetches it itself (ensure).
@@ -291,13 +365,114 @@ export class LazyLayerSource implements LayerSource {
         .finally(() => { if (this.inFlight.get(next.key) === work) this.inFlight.delete(next.key); });
       this.inFlight.set(next.key, work);
       claimed.push({ ...next, release });
-      prev = next.chunk;
+      prevEnd = next.chunk.end;
     }
     return claimed;
   }
 
+  /**
+   * Background read-ahead: the PREFETCH_AHEAD_BYTES of the blob after the
+   * chunk at content offset `key`, and the next chunk of the same file
+   * whatever its size (eStargz: a big file read from its start, such as a
+   * program's binary, goes on being read) — unless that is had or coming
+   * already, or half of the window is (then a read further on moves it:
+   * requests of half a window at least, not one per small file as it slides).
+   */
+  private prefetchAfter(key: number): void {
+    const at = this.orderOf.get(key);
+    if (at === undefined) return;
+    const { chunk, fileEnd } = this.blobOrder[at]!;
+    const next = this.blobOrder[at + 1];
+    // Gzip-index spans are one file (the tar) of ~4 MiB spans: only the window, which they do not fit in.
+    const sameFile = next !== undefined && chunk.checkpoint === undefined && key + chunk.length < fileEnd && next.key === key + chunk.length;
+    const until = Math.max(chunk.end + PREFETCH_AHEAD_BYTES, sameFile ? next.chunk.end : 0);
+    let i = at + 1;
+    while (i < this.blobOrder.length && (this.present.has(this.blobOrder[i]!.key) || this.inFlight.has(this.blobOrder[i]!.key))) i++;
+    const covered = i < this.blobOrder.length ? this.blobOrder[i]!.chunk.start : Infinity;
+    if (covered >= until || covered - chunk.end >= PREFETCH_AHEAD_BYTES / 2) return;
+    this.prefetch(i, until);
+  }
+
+  /**
+   * Fetch in the background the chunks of blobOrder[from…] that end by blob
+   * offset `until` and are neither had nor being fetched: at most
+   * PREFETCH_REQUESTS requests at once, each of up to PREFETCH_REQUEST_BYTES,
+   * started only while no on-demand fetch waits for a slot. Verified and
+   * cached like read-ahead (a chunk that does not verify is left to the read
+   * that needs it); failures are dropped: prefetching is only a guess.
+   */
+  private prefetch(from: number, until: number, marks = true): void {
+    if (this.closed || from >= this.blobOrder.length) return;
+    this.prefetchQueue.push({ from, until, marks });
+    this.pumpPrefetch();
+  }
+
+  private pumpPrefetch(): void {
+    // Only while no read's own request is under way: the relay or link shares its bandwidth by connection, and the reads' requests go first.
+    while (!this.closed && this.prefetching < PREFETCH_REQUESTS && this.fetching === this.prefetchFetching) {
+      const region = this.prefetchQueue[0];
+      if (region === undefined) return;
+      // The first chunk of the region still wanted; the region goes on after what this request claims.
+      let i = region.from;
+      while (i < this.blobOrder.length && this.blobOrder[i]!.chunk.end <= region.until
+        && (this.present.has(this.blobOrder[i]!.key) || this.inFlight.has(this.blobOrder[i]!.key))) i++;
+      const first = this.blobOrder[i];
+      if (first === undefined || first.chunk.end > region.until) {
+        this.prefetchQueue.shift();
+        continue;
+      }
+      const claimed = this.claimRun(i, first.chunk.start, Math.min(region.until, first.chunk.start + Math.max(PREFETCH_REQUEST_BYTES, first.chunk.end - first.chunk.start)));
+      region.from = i + claimed.length;
+      if (claimed.length === 0) {
+        this.prefetchQueue.shift();
+        continue;
+      }
+      this.prefetching++;
+      void this.prefetchRun(claimed, region.marks).finally(() => {
+        if (--this.prefetching === 0 && this.closed) this.prefetchesDone?.();
+        this.pumpPrefetch();
+      });
+    }
+  }
+
+  /** One prefetch request: what another process already cached is taken from `content`, the rest fetched, verified and cached. */
+  private async prefetchRun(claimed: { key: number; chunk: Chunk; release: () => void }[], marks: boolean): Promise<void> {
+    let wanted = claimed;
+    try {
+      const cached: typeof claimed = [];
+      for (const c of claimed) {
+        const have = Buffer.alloc(c.chunk.length);
+        if (await readAt(this.fd, have, c.key) === c.chunk.length && sha256(have) === c.chunk.digest) cached.push(c);
+        else break; // one request for a contiguous run: from the first chunk not cached on
+      }
+      for (const c of cached) {
+        this.present.add(c.key);
+        c.release();
+      }
+      wanted = claimed.slice(cached.length);
+      if (wanted.length === 0 || this.closed) return;
+      // Bounded like one request of a read (its idle timeout): a read waiting for a claimed chunk then fetches it itself.
+      const deadline = Date.now() + Math.min(this.readTimeoutMs, 10_000);
+      // A guess does not hold the fill back; a read that waits for it does (ensure).
+      let fetched: Buffer | undefined;
+      try {
+        this.stats.prefetchRequests++;
+        fetched = await this.withDeadline(this.fetchRange(wanted[0]!.chunk.start, wanted.at(-1)!.chunk.end, true), deadline);
+      } catch {
+        // a guess that failed: the reads fetch what they need themselves
+      }
+      const before = this.present.size;
+      await this.keepReadahead(wanted, fetched, wanted[0]!.chunk.start, marks);
+      this.stats.prefetchedChunks += this.present.size - before;
+      wanted = [];
+      this.noteStats();
+    } finally {
+      for (const c of wanted) c.release();
+    }
+  }
+
   /** Verify and cache the read-ahead chunks of `fetched` (blob bytes from `base`), then release them. */
-  private async keepReadahead(ahead: { key: number; chunk: Chunk; release: () => void }[], fetched: Buffer | undefined, base: number): Promise<void> {
+  private async keepReadahead(ahead: { key: number; chunk: Chunk; release: () => void }[], fetched: Buffer | undefined, base: number, marks = true): Promise<void> {
     for (const a of ahead) {
       try {
         if (fetched === undefined || fetched.length < a.chunk.end - base) continue;
@@ -305,6 +480,7 @@ export class LazyLayerSource implements LayerSource {
         if (bytes === undefined || sha256(bytes) !== a.chunk.digest) continue;
         await writeAt(this.fd, bytes, a.key);
         this.present.add(a.key);
+        if (marks) this.unused.add(a.key);
       } catch {
         // (a write that failed: the reader fetches it itself)
       } finally {
@@ -361,14 +537,18 @@ export class LazyLayerSource implements LayerSource {
   }
 
   /** Blob bytes [start, end) (gzip members), by a Range request: at most MAX_FETCHES at once per layer (a copy-up of a big file asks for all its chunks). */
-  private async fetchRange(start: number, end: number): Promise<Buffer> {
+  private async fetchRange(start: number, end: number, prefetch = false): Promise<Buffer> {
     while (this.fetching >= MAX_FETCHES) await new Promise<void>((wake) => this.waiting.push(wake));
     this.fetching++;
+    if (prefetch) this.prefetchFetching++;
     try {
       return await this.fetchMembers(start, end);
     } finally {
       this.fetching--;
+      if (prefetch) this.prefetchFetching--;
       this.waiting.shift()?.();
+      // After the woken read took its slot: the reads go first.
+      if (this.prefetchQueue.length > 0) setImmediate(() => this.pumpPrefetch());
     }
   }
 
