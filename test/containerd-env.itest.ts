@@ -12,7 +12,7 @@ import type { ChildProcess } from 'node:child_process';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { findMount } from '../mount/deadMount.js';
-import { makeWorkspace, removeWorkspace, startLayerdServer, stopLayerdServer, type Workspace } from './fixtures/mount/harness.js';
+import { fuseOverlayfs, makeWorkspace, removeWorkspace, startLayerdServer, stopLayerdServer, type Workspace } from './fixtures/mount/harness.js';
 import { ContainerdEnv, missingTools } from './support/containerd.js';
 import { scratch } from './support/env.js';
 
@@ -47,9 +47,21 @@ describe('containerd test environment: its namespace', function () {
     assert.equal(before?.fstype, 'fuse.layerd');
     env = new ContainerdEnv(work.dir);
     await env.start();
-    assert.ok((await env.mountinfo()).includes(` ${before.major}:${before.minor} `), 'the namespace holds a copy of the outside mount');
+    assert.ok(!(await env.mountinfo()).includes(` ${before.major}:${before.minor} `), 'the namespace detached its copy of the outside mount');
     await env.stop();
     assert.equal(outside.exitCode, null, 'the outside mount\'s server still runs');
     assert.equal(await readFile(join(ws.mnt, 'etc/passwd'), 'utf8'), 'root:x:0:0\n');
+  });
+
+  it('does not keep a FUSE mount made outside alive after its owner unmounts it (fuse-overlayfs exits)', async function () {
+    ws = await makeWorkspace();
+    work = await scratch('layerd-ctrenv-');
+    const mounted = await fuseOverlayfs.mount(ws.lowers, ws.upper, ws.work, ws.mnt);
+    env = new ContainerdEnv(work.dir);
+    await env.start();
+    // Once the namespace held a copy: fuse-overlayfs waited for that namespace to go, and the
+    // harness's unmount (which waits for it to exit) failed whenever a containerd test ran beside it.
+    await mounted.unmount();
+    assert.equal(await findMount(ws.mnt), undefined);
   });
 });

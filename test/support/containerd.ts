@@ -18,7 +18,9 @@
  * existed then (other tests', other CI runs', a user's). A copy shares its
  * original's connection, so aborting it kills the original's server for
  * everyone (a mount host in another run then answers ENOTCONN). Those are
- * recorded when the namespace is made and left alone.
+ * recorded when the namespace is made and left alone, and the copies are
+ * detached inside the namespace (`umount -l` there touches only the copy): a
+ * copy would keep the original's connection alive after its owner unmounts it.
  */
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
@@ -161,7 +163,11 @@ export class ContainerdEnv {
   /** The holder, layerd, then containerd with layerd as its `layerd` proxy snapshotter. */
   async start(): Promise<void> {
     await mkdir(this.runDir, { recursive: true });
-    const holder = spawn('unshare', ['--mount', '--propagation', 'private', 'sh', '-c', `mount --bind '${this.runDir}' /run && exec sleep infinity`], { stdio: 'ignore' });
+    // The copies of FUSE mounts the namespace inherits are detached in it at once: a copy keeps its
+    // original's connection alive after the original is unmounted, so a server waiting for its
+    // unmount to end (fuse-overlayfs exits only then) would wait for this namespace to go.
+    const detachInherited = `grep -E ' - fuse(\\.[^ ]+)? ' /proc/self/mountinfo | cut -d' ' -f5 | sort -r | while read -r m; do umount -l "$m" 2>/dev/null; done`;
+    const holder = spawn('unshare', ['--mount', '--propagation', 'private', 'sh', '-c', `mount --bind '${this.runDir}' /run && { ${detachInherited}; } && exec sleep infinity`], { stdio: 'ignore' });
     this.holderPid = holder.pid!;
     const deadline = Date.now() + 10_000;
     while ((await readFile(`/proc/${this.holderPid}/comm`, 'utf8').catch(() => '')).trim() !== 'sleep') {
