@@ -123,6 +123,10 @@ describe('containerd: the first run after a pull does not wait for the backgroun
     for (const upper of uppers) expect(await exists(upper), `${upper} kept through a daemon restart`).to.equal(true);
     expectImageSeen(await ctr('tasks', 'exec', '--exec-id', 'check-2', 'long', 'sh', '-c', SCRIPT));
 
+    // containerd's GC cleans a snapshotter once per removal and does not retry: a GC run while its
+    // connection to the restarted snapshotter is still down (gRPC reconnects with backoff) never
+    // removes the snapshot. Wait until containerd reaches the snapshotter again.
+    await waitFor('containerd reaches the restarted snapshotter', async () => (await env!.ctr(['snapshots', '--snapshotter', 'layerd', 'ls'])).code === 0, 60_000, 250);
     await env!.removeContainer('long');
     await env!.gc(); // containerd removes the container's snapshot (layerd unmounts it)
     for (const upper of uppers) await waitFor(`${upper} deleted once no mount reads it`, async () => !(await exists(upper)), 30_000, 100);
