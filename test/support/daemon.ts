@@ -43,7 +43,11 @@ export function http(socketPath: string, method: string, path: string, body?: st
 export async function startDaemon(dir: string, extraArgs: string[] = [], env: NodeJS.ProcessEnv = {}): Promise<RunningDaemon> {
   const root = join(dir, 'root');
   const socket = join(dir, 'layerd.sock');
-  const child = spawn(join(REPO, 'bin', 'layerd'), ['--root', root, '--socket', socket, ...extraArgs], {
+  // Containers are mounted beneath the test's own directory unless a test says where: the
+  // daemon's default (/run/layerd/mounts) is shared by every run on the machine, and two runs
+  // creating a container of one name there mounted and removed each other's.
+  const mountRoot = extraArgs.includes('--mount-root') ? [] : ['--mount-root', join(dir, 'mounts')];
+  const child = spawn(join(REPO, 'bin', 'layerd'), ['--root', root, '--socket', socket, ...mountRoot, ...extraArgs], {
     stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env },
   });
   let output = '';
