@@ -62,7 +62,12 @@ export class LayerUnpacker {
   private fileBytes = 0;
   private count = 0;
 
-  constructor(private readonly limits: UnpackLimits = DEFAULT_UNPACK_LIMITS) {
+  /**
+   * @param options.digests hash files of PASSTHROUGH_MIN_LOWER_SIZE or more
+   *   (default); off when another stage hashes every file (storage/tarSplit.ts)
+   */
+  constructor(private readonly limits: UnpackLimits = DEFAULT_UNPACK_LIMITS, options: { digests?: boolean } = {}) {
+    const digests = options.digests ?? true;
     const extract = tarStream.extract();
     this.writable = extract;
     extract.on('entry', (header: RawHeaders, stream: Readable, next: (err?: unknown) => void) => {
@@ -79,7 +84,7 @@ export class LayerUnpacker {
         next(err);
         return;
       }
-      if (entry !== undefined && entry.kind === 'file' && entry.size >= PASSTHROUGH_MIN_LOWER_SIZE && entry.link === undefined) {
+      if (digests && entry !== undefined && entry.kind === 'file' && entry.size >= PASSTHROUGH_MIN_LOWER_SIZE && entry.link === undefined) {
         // The file's own digest names its content-addressed object (storage/objectStore.ts); smaller files never pass through.
         const file = entry;
         const hash = createHash('sha256');
