@@ -1,6 +1,7 @@
 /**
  * `fsck`: re-verify everything the store claims. Every blob is re-hashed;
- * every layer's `layer.tar` is re-hashed against its diffID (and a stored
+ * every layer's `layer.tar` (or the tar its skeleton and objects rebuild) is
+ * re-hashed against its diffID (and a stored
  * blob of it must decompress to the same), and its index must point inside
  * it; every image's records must point at present content; files no record
  * refers to are reported as orphans; every file object must hash to its name.
@@ -9,7 +10,7 @@ import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import { readdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
-import { Writable } from 'node:stream';
+import { type Readable, Writable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { LayerdError } from '../common/errors.js';
 import { processAlive } from '../common/process.js';
@@ -18,6 +19,8 @@ import { type Digest, DigestingStream } from './digest.js';
 import { readLazyInfo } from './lazy/lazyLayer.js';
 import { hashObject, listObjects, stagingDirs, stagingRelPath } from './objectStore.js';
 import { type Store } from './store.js';
+import { openLayerTar } from './layerTar.js';
+import { INLINE_FILE } from './tarSkeleton.js';
 
 export interface FsckProblem {
   kind: 'blob' | 'layer' | 'image' | 'object' | 'orphan';
@@ -75,15 +78,21 @@ export async function fsck(store: Store): Promise<FsckReport> {
     }
     try {
       const index = await store.layerIndex(row.diff_id);
-      // The layer's tar IS what the diffID names: re-hash it.
-      const tar = await hashFile(store.layout.layerTarPath(row.diff_id));
-      if (tar.digest !== row.diff_id) problems.push({ kind: 'layer', id: row.diff_id, message: `layer.tar hashes to ${tar.digest}` });
-      if (tar.size !== row.size) problems.push({ kind: 'layer', id: row.diff_id, message: `layer.tar is ${tar.size} bytes, expected ${row.size}` });
+      // The layer's tar IS what the diffID names: re-hash it (a skeleton layer's
+      // as its skeleton and objects rebuild it, bit for bit).
+      const skeleton = index.storage === 'skeleton';
+      const what = skeleton ? 'the tar rebuilt from its skeleton' : 'layer.tar';
+      const tar = await hashStream(openLayerTar(store, row.diff_id, index));
+      if (tar.digest !== row.diff_id) problems.push({ kind: 'layer', id: row.diff_id, message: `${what} hashes to ${tar.digest}` });
+      if (tar.size !== row.size) problems.push({ kind: 'layer', id: row.diff_id, message: `${what} is ${tar.size} bytes, expected ${row.size}` });
+      const inlineSize = skeleton ? (await stat(join(store.layout.layerDir(row.diff_id), INLINE_FILE))).size : 0;
       for (const entry of index.entries) {
         if (entry.kind !== 'file' || entry.size === 0) continue;
         checked.files++;
-        if (entry.offset === undefined || entry.offset + entry.size > tar.size) {
-          problems.push({ kind: 'layer', id: row.diff_id, message: `index entry /${entry.path} points outside layer.tar` });
+        if (skeleton && entry.digest !== undefined) continue; // its object is hashed below, and was read into the tar above
+        const limit = skeleton ? inlineSize : tar.size;
+        if (entry.offset === undefined || entry.offset + entry.size > limit) {
+          problems.push({ kind: 'layer', id: row.diff_id, message: `index entry /${entry.path} points outside ${skeleton ? 'the layer\'s inline file' : 'layer.tar'}` });
         }
       }
       const blob = blobOfLayer.get(row.diff_id);
@@ -129,9 +138,13 @@ export async function fsck(store: Store): Promise<FsckReport> {
 }
 
 async function hashFile(path: string): Promise<{ digest: Digest; size: number }> {
+  return hashStream(createReadStream(path, { highWaterMark: 1024 * 1024 }));
+}
+
+async function hashStream(stream: Readable): Promise<{ digest: Digest; size: number }> {
   const hash = createHash('sha256');
   let size = 0;
-  await pipeline(createReadStream(path, { highWaterMark: 1024 * 1024 }), new Writable({
+  await pipeline(stream, new Writable({
     write(chunk: Buffer, _enc, cb) { hash.update(chunk); size += chunk.length; cb(); },
   }));
   return { digest: `sha256:${hash.digest('hex')}`, size };

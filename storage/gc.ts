@@ -4,10 +4,11 @@
  * files are moved aside inside it, then deleted, so a crash half-way leaves
  * either the old state or orphans that recovery removes.
  */
-import { renameSync } from 'node:fs';
+import { readFileSync, renameSync } from 'node:fs';
 import { join } from 'node:path';
 import { ErrorCodes, LayerdError } from '../common/errors.js';
 import { type Digest } from './digest.js';
+import { type LayerIndex } from './layerIndex.js';
 import { listObjects, objectSize, removeObject } from './objectStore.js';
 import { formatRef, parseImageRef, splitNameTag } from './references.js';
 import { snapshotBlobRefs, snapshotLayerRefs } from './snapshots.js';
@@ -129,35 +130,51 @@ export async function collectGarbage(store: Store): Promise<GcResult> {
 }
 
 /**
- * Remove the file objects no stored layer's index names. Without rows (an
- * object's name is its content) this runs after the layers' transaction: a
- * layer committed meanwhile may name an object removed here, and its next
- * open through a mount makes it again. A mount host's open descriptors of
- * a removed object keep working.
+ * Remove the file objects no stored layer's index names: mark (every
+ * layer's index) and sweep, the sweep inside a write transaction. Objects
+ * have no rows (an object's name is its content), but an import renames the
+ * objects of a skeleton layer into place inside the transaction that adds
+ * the layer's row (Store.commit), so no commit can slip in between the last
+ * look at the layers and the removals: layers whose rows appeared since the
+ * first (asynchronous) pass are read again in the transaction. A crash half
+ * way leaves only unnamed objects, which the next GC removes. A mount host's
+ * open descriptors of a removed object keep working.
  */
 async function collectObjects(store: Store): Promise<{ count: number; bytes: number }> {
-  const present = listObjects(store.layout.root);
-  if (present.length === 0) return { count: 0, bytes: 0 };
   const named = new Set<string>();
+  const seen = new Set<string>();
+  const mark = (index: LayerIndex): void => {
+    for (const entry of index.entries) if (entry.digest !== undefined) named.add(entry.digest);
+  };
   for (const row of store.db.listLayers()) {
     if (store.db.getLazyLayer(row.diff_id)) continue; // its index names no objects
-    let index;
     try {
-      index = await store.layerIndex(row.diff_id);
+      mark(await store.layerIndex(row.diff_id));
     } catch {
       return { count: 0, bytes: 0 }; // what it names cannot be known: keep every object (fsck reports the layer)
     }
-    for (const entry of index.entries) if (entry.digest !== undefined) named.add(entry.digest);
+    seen.add(row.diff_id);
   }
   let count = 0;
   let bytes = 0;
-  for (const digest of present) {
-    if (named.has(digest)) continue;
-    const size = objectSize(store.layout.root, digest);
-    if (removeObject(store.layout.root, digest)) {
-      count++;
-      bytes += size;
+  store.db.write(() => {
+    for (const row of store.db.listLayers()) {
+      if (seen.has(row.diff_id) || store.db.getLazyLayer(row.diff_id)) continue;
+      try {
+        // Synchronous on purpose: inside the transaction, so that no commit comes between.
+        mark(JSON.parse(readFileSync(store.layout.layerIndexPath(row.diff_id), 'utf8')) as LayerIndex);
+      } catch {
+        return; // unreadable: keep every object (fsck reports the layer)
+      }
     }
-  }
+    for (const digest of listObjects(store.layout.root)) {
+      if (named.has(digest)) continue;
+      const size = objectSize(store.layout.root, digest);
+      if (removeObject(store.layout.root, digest)) {
+        count++;
+        bytes += size;
+      }
+    }
+  });
   return { count, bytes };
 }

@@ -21,6 +21,8 @@ import { formatRef, isValidName } from './references.js';
 import { type ImageSource } from './sources/source.js';
 import { type LazyLayerRow } from './metadata.js';
 import { type StagedItem, type Store } from './store.js';
+import { ObjectStore } from './objectStore.js';
+import { type ObjectStaging } from './tarSplit.js';
 
 export type ImportProgress =
   | { type: 'layer-start'; digest: Digest; size: number; index: number; count: number }
@@ -71,9 +73,36 @@ export class Transaction {
   /** Keeps the store's disk reserve free while this transaction writes. */
   readonly disk: DiskGuard;
   private seq = 0;
+  /** Objects this transaction's layers staged (skeleton layers), by digest. */
+  private readonly stagedObjects = new Map<string, string>();
+  private objectDir: string | undefined;
+  private objectSeq = 0;
 
   constructor(readonly store: Store, readonly workDir: string) {
     this.disk = new DiskGuard(workDir, store.diskReserveBytes);
+  }
+
+  /**
+   * Where this transaction's layers stage their files' objects, when the
+   * store keeps new layers as skeleton + objects (undefined: as `layer.tar`).
+   */
+  async objectStaging(): Promise<ObjectStaging | undefined> {
+    if (this.store.layerFormat !== 'skeleton') return undefined;
+    if (this.objectDir === undefined) {
+      this.objectDir = join(this.workDir, 'objects');
+      await mkdir(this.objectDir, { recursive: true });
+    }
+    const objects = ObjectStore.forRoot(this.store.layout.root);
+    return {
+      dir: this.objectDir,
+      has: (digest) => this.stagedObjects.has(digest) || objects.has(digest),
+      add: (digest, path) => {
+        if (this.stagedObjects.has(digest)) return false;
+        this.stagedObjects.set(digest, path);
+        return true;
+      },
+      nextName: () => String(this.objectSeq++),
+    };
   }
 
   /** A blob this transaction already ingested (another image shares it). */
@@ -104,8 +133,11 @@ export class Transaction {
   async ingestLayerFile(path: string, options: { storedBlob?: boolean; limits?: IngestLimits } = {}): Promise<IngestedLayer> {
     const workDir = this.nextDir();
     await mkdir(workDir);
+    const objects = await this.objectStaging();
     const ingested = await ingestLayer(async () => createReadStream(path, { highWaterMark: 1024 * 1024 }), {}, {
       workDir, unpack: true, flushEarly: this.store.durable, disk: this.disk,
+      // A stored plain tar (a commit's) is not kept as a blob: it is split too.
+      ...(objects ? { objects, splitPlain: options.storedBlob === true } : {}),
       ...(options.storedBlob ? { storedBlob: path } : {}), ...(options.limits ? { limits: options.limits } : {}),
     });
     if (this.store.db.getLayer(ingested.diffId) !== undefined) {
@@ -121,13 +153,16 @@ export class Transaction {
       this.blobs.set(layer.digest, { size: layer.size, mediaType });
     }
     if (layer.layerDir && layer.index) {
-      this.staged.push({ kind: 'layer', diffId: layer.diffId, path: layer.layerDir });
+      this.staged.push(layer.objects !== undefined
+        ? { kind: 'skeleton', diffId: layer.diffId, path: layer.layerDir, objects: layer.objects }
+        : { kind: 'layer', diffId: layer.diffId, path: layer.layerDir });
       this.layers.set(layer.diffId, { size: layer.diffSize, fileBytes: layer.fileBytes, entries: layer.index.entries.length });
     }
   }
 
   async commit(): Promise<void> {
-    await this.store.commit(this.workDir, this.staged, (db) => {
+    const objects: StagedItem[] = [...this.stagedObjects].map(([digest, path]) => ({ kind: 'object', digest, path }));
+    await this.store.commit(this.workDir, [...objects, ...this.staged], (db) => {
       for (const [digest, b] of this.blobs) db.putBlob({ digest, size: b.size, media_type: b.mediaType });
       for (const [diffId, l] of this.layers) db.putLayer({ diff_id: diffId, size: l.size, file_bytes: l.fileBytes, entries: l.entries });
       for (const [diffId, l] of this.lazyLayers) {
@@ -281,6 +316,7 @@ async function ingestManifestLayer(
   const workDir = tx.nextDir();
   await mkdir(workDir);
   const storedBlob = tx.store.db.getBlob(layer.digest) ? tx.store.layout.blobPath(layer.digest) : tx.stagedBlobPath(layer.digest);
+  const objects = haveLayer ? undefined : await tx.objectStaging();
   const ingested = await ingestLayer(
     () => source.openBlob(layer.digest),
     { digest: layer.digest, size: layer.size, diffId },
@@ -288,6 +324,7 @@ async function ingestManifestLayer(
       workDir,
       ...(storedBlob ? { storedBlob } : {}),
       unpack: !haveLayer,
+      ...(objects ? { objects } : {}),
       flushEarly: tx.store.durable,
       disk: tx.disk,
       ...(options.limits ? { limits: options.limits } : {}),

@@ -76,6 +76,14 @@ export interface LayerIndex {
   whiteouts: string[];
   /** Directories whose lower contents this layer hides. */
   opaques: string[];
+  /**
+   * 'skeleton': the store keeps the layer as a tar skeleton + objects
+   * (storage/tarSkeleton.ts), not as `layer.tar`: a file's bytes are the
+   * object its `digest` names, or, for a small file with no digest, `size`
+   * bytes of the layer's `inline` file from `offset`. Absent: `layer.tar`,
+   * `offset` into it.
+   */
+  storage?: 'skeleton';
 }
 
 export const LAYER_INDEX_VERSION = 1 as const;

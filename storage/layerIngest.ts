@@ -27,6 +27,7 @@ import { type DiskGuard, noSpaceError } from './diskSpace.js';
 import { type Downstream, IngestFeed } from './ingestFeed.js';
 import { LAYER_TAR, type LayerIndex } from './layerIndex.js';
 import { DEFAULT_UNPACK_LIMITS, LayerUnpacker, type UnpackLimits } from './layerUnpack.js';
+import { type ObjectStaging, type SplitResult, TarSplitter } from './tarSplit.js';
 
 export interface IngestLimits extends UnpackLimits {
   /** Largest uncompressed layer tar (decompression bombs stop here). */
@@ -70,6 +71,8 @@ export interface IngestedLayer {
   layerDir?: string;
   index?: LayerIndex;
   fileBytes: number;
+  /** A layer kept as skeleton + objects: the objects its skeleton names (all present or staged). */
+  objects?: Set<string>;
 }
 
 export interface IngestOptions {
@@ -91,6 +94,14 @@ export interface IngestOptions {
   flushEarly?: boolean;
   /** Keeps the store's disk reserve free while the ingest writes. */
   disk?: DiskGuard;
+  /**
+   * Keep the layer as a tar skeleton + objects (storage/tarSkeleton.ts)
+   * instead of `layer.tar`, staging new objects here. An uncompressed blob
+   * the store keeps stays the layer's `layer.tar` (a hard link: one copy
+   * already) unless `splitPlain`: the blob is not kept (a commit's tar).
+   */
+  objects?: ObjectStaging;
+  splitPlain?: boolean;
 }
 
 export async function ingestLayer(source: () => Promise<Readable>, expected: LayerExpectation, options: IngestOptions): Promise<IngestedLayer> {
@@ -104,14 +115,19 @@ export async function ingestLayer(source: () => Promise<Readable>, expected: Lay
   // The layer keeps the uncompressed tar as `layer.tar`: for an uncompressed
   // blob that is the blob itself (a hard link once it is complete, no copy).
   const diffHasher = new DigestingStream(limits.maxLayerBytes, 'uncompressed layer');
-  const unpacker = layerDir ? new LayerUnpacker(limits) : undefined;
   let compression: Compression = 'none';
+  let splitter: TarSplitter | undefined;
+  let unpacker: LayerUnpacker | undefined;
   const openDownstream = (head: Buffer): Downstream => {
     compression = sniffCompression(head);
+    const split = layerDir !== undefined && options.objects !== undefined && (compression !== 'none' || options.splitPlain === true);
+    // A split layer's files are all hashed by the splitter: the indexer need not hash the big ones too.
+    unpacker = layerDir ? new LayerUnpacker(limits, { digests: !split }) : undefined;
     const stages: unknown[] = [];
     if (compression !== 'none') stages.push(createDecompressor(compression), expansionBound(limits, () => compressedBytes));
     stages.push(diffHasher);
-    if (layerDir && compression !== 'none') stages.push(new FileTee(join(layerDir, LAYER_TAR), options.flushEarly === true, options.disk));
+    if (split) stages.push(splitter = new TarSplitter(layerDir, options.objects!, options.disk));
+    else if (layerDir && compression !== 'none') stages.push(new FileTee(join(layerDir, LAYER_TAR), options.flushEarly === true, options.disk));
     stages.push(unpacker ? unpacker.writable : discard());
     const done = (pipeline as (...s: unknown[]) => Promise<void>)(...stages).then(async () => { if (unpacker) await unpacker.done; });
     return { head: stages[0] as Writable, done };
@@ -152,15 +168,45 @@ export async function ingestLayer(source: () => Promise<Readable>, expected: Lay
     digest: blob.digest, size: blob.size, diffId: diff.digest, diffSize: diff.size, compression, fileBytes: 0,
   };
   if (!stored) result.blobPath = blobPath;
-  if (unpacker && layerDir) {
-    if (compression === 'none') await link(blobPath, join(layerDir, LAYER_TAR));
-    const { index, fileBytes } = await unpacker.done;
+  const indexer = unpacker as LayerUnpacker | undefined;
+  if (indexer && layerDir) {
+    if (compression === 'none' && splitter === undefined) await link(blobPath, join(layerDir, LAYER_TAR));
+    const { index, fileBytes } = await indexer.done;
     result.index = { ...index, id: diff.digest };
+    if (splitter !== undefined) result.objects = placeFiles(result.index, splitter.result, blob.digest);
     result.fileBytes = fileBytes;
     result.layerDir = layerDir;
     await writeFile(join(layerDir, 'index.json'), JSON.stringify(result.index), { mode: 0o600 });
   }
   return result;
+}
+
+/**
+ * Point a split layer's index at where its files' bytes now are: each
+ * file's object digest, or its offset in the layer's `inline` file. The
+ * indexer and the splitter each walked the tar; a file the splitter did
+ * not find where the indexer did means they read it differently, and such
+ * a tar is refused rather than kept in a form that would not read back.
+ */
+function placeFiles(index: LayerIndex, split: SplitResult, blob: Digest): Set<string> {
+  const named = new Set<string>();
+  for (const entry of index.entries) {
+    if (entry.kind !== 'file' || entry.size === 0 || entry.offset === undefined) continue;
+    const digest = split.objects.get(entry.offset);
+    const inline = split.inline.get(entry.offset);
+    if (digest !== undefined) {
+      entry.digest = digest;
+      delete entry.offset;
+      named.add(digest);
+    } else if (inline !== undefined) {
+      entry.offset = inline;
+      delete entry.digest;
+    } else {
+      throw new LayerdError(ErrorCodes.EBADTAR, `layer ${blob}: the bytes of /${entry.path} are not where the archive's headers put them`, { digest: blob, path: entry.path });
+    }
+  }
+  index.storage = 'skeleton';
+  return named;
 }
 
 /**

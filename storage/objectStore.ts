@@ -36,6 +36,7 @@ import {
   syncFilesystemOf, unlinkAt,
 } from '../common/sys/fs.js';
 import { isDigest } from './digest.js';
+import { INLINE_FILE } from './tarSkeleton.js';
 import { LAYER_TAR, type LayerIndex, type LayerSource, PASSTHROUGH_MIN_LOWER_SIZE, tarLayerSource } from './layerIndex.js';
 
 /** Where objects live, relative to the store root. */
@@ -290,6 +291,7 @@ export function storeLayerSource(index: LayerIndex, tarPath: string, logger?: Lo
     return tarLayerSource(index, tarPath);
   }
   const objects = ObjectStore.forRoot(root, logger);
+  if (index.storage === 'skeleton') return skeletonLayerSource(index, layerDir, objects);
   const tarRel = `layers/sha256/${basename(layerDir)}/${LAYER_TAR}`;
   const plain = tarLayerSource(index, tarPath);
   return {
@@ -302,6 +304,30 @@ export function storeLayerSource(index: LayerIndex, tarPath: string, logger?: Lo
         size: content.size, offset: content.offset, openSource: () => objects.openInStore(tarRel),
       };
       return { ...content, whole: () => objects.open(digest, source) };
+    },
+  };
+}
+
+/**
+ * A layer kept as skeleton + objects (storage/tarSkeleton.ts): a file's
+ * bytes are its object (read with pread, like the tar's ranges; those of
+ * PASSTHROUGH_MIN_LOWER_SIZE or more also stand behind opens as a FUSE
+ * passthrough backing file), or a range of the layer's `inline` file.
+ */
+function skeletonLayerSource(index: LayerIndex, layerDir: string, objects: ObjectStore): LayerSource {
+  const inline = join(layerDir, INLINE_FILE);
+  return {
+    index,
+    content: (entry) => {
+      if (entry.kind !== 'file' || entry.size === 0) return undefined;
+      const digest = entry.digest;
+      if (digest === undefined) return entry.offset === undefined ? undefined : { path: inline, offset: entry.offset, size: entry.size };
+      const rel = objectRelPath(digest);
+      if (rel === undefined) return undefined;
+      return {
+        path: join(objects.root, rel), offset: 0, size: entry.size,
+        ...(entry.size >= PASSTHROUGH_MIN_LOWER_SIZE ? { whole: () => objects.open(digest) } : {}),
+      };
     },
   };
 }
@@ -457,4 +483,53 @@ function writeAt(fd: number, buffer: Buffer, position: number): Promise<void> {
     else if (n !== buffer.length) writeAt(fd, buffer.subarray(n), position + n).then(resolve, reject);
     else resolve();
   }));
+}
+
+/**
+ * Give files an import staged (storage/tarSplit.ts: each hashed while it
+ * was written) their object names, inside the commit's transaction: renamed
+ * with RENAME_NOREPLACE, one that is there already kept as it is. Files are
+ * in the import's ingest area, which the store synced before the commit.
+ */
+export function publishObjects(root: string, files: readonly { digest: string; path: string }[]): void {
+  const rootFd = openRoot(root);
+  const dirs = new Map<string, number>();
+  const fanouts = new Map<string, number>();
+  try {
+    const algorithmDir = ensureDirBeneath(rootFd, `${OBJECTS_DIR}/${ALGORITHM_DIR}`);
+    fanouts.set('', algorithmDir);
+    for (const { digest, path } of files) {
+      const rel = objectRelPath(digest);
+      if (rel === undefined) throw new LayerdError(ErrorCodes.EINVAL, `not an object name: ${digest}`, { digest });
+      const fanName = basename(dirname(rel));
+      let fanout = fanouts.get(fanName);
+      if (fanout === undefined) fanouts.set(fanName, fanout = ensureDirBeneath(algorithmDir, fanName));
+      let from = dirs.get(dirname(path));
+      if (from === undefined) dirs.set(dirname(path), from = openRoot(dirname(path)));
+      try {
+        renameAt(from, basename(path), fanout, basename(rel), RENAME_NOREPLACE, rel);
+      } catch (err) {
+        if (errnoNameOf(err) !== 'EEXIST') throw err;
+      }
+    }
+  } finally {
+    for (const fd of [...dirs.values(), ...fanouts.values()]) close(fd);
+    close(rootFd);
+  }
+}
+
+/** An O_PATH descriptor of directory `rel` beneath `dirFd`, made (0700) where missing. */
+function ensureDirBeneath(dirFd: number, rel: string): number {
+  let fd = dirFd;
+  for (const part of rel.split('/')) {
+    try {
+      mkdirAt(fd, part, 0o700);
+    } catch (err) {
+      if (errnoNameOf(err) !== 'EEXIST') throw err;
+    }
+    const next = openBeneath(fd, part, O_PATH | O_DIRECTORY);
+    if (fd !== dirFd) close(fd);
+    fd = next;
+  }
+  return fd;
 }

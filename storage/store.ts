@@ -21,7 +21,7 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { ErrorCodes, LayerdError, errnoCode } from '../common/errors.js';
 import { processAlive } from '../common/process.js';
-import { removeDeadStaging } from './objectStore.js';
+import { ObjectStore, publishObjects, removeDeadStaging } from './objectStore.js';
 import { type Logger, silentLogger } from '../common/log.js';
 import { type Digest, isDigest } from './digest.js';
 import { DEFAULT_DISK_RESERVE_BYTES, noSpaceError } from './diskSpace.js';
@@ -42,6 +42,23 @@ export interface StoreOptions extends OpenOptions {
   durability?: 'full' | 'none';
   /** Free space imports must leave on the store's filesystem (default 256 MiB; 0: no check). */
   diskReserveBytes?: number;
+  /**
+   * How new layers are kept: 'tar' (default: `layer.tar` + index) or
+   * 'skeleton' (a tar skeleton + content-addressed objects, one copy of each
+   * file per store: storage/tarSkeleton.ts). Default from
+   * `$LAYERD_LAYER_FORMAT`. Layers of either kind are read either way.
+   */
+  layerFormat?: LayerFormat;
+}
+
+export type LayerFormat = 'tar' | 'skeleton';
+
+/** The layer format a store uses when none is given: `$LAYERD_LAYER_FORMAT`, else 'tar'. */
+export function defaultLayerFormat(): LayerFormat {
+  const env = process.env['LAYERD_LAYER_FORMAT'];
+  if (env === undefined || env === '' || env === 'tar') return 'tar';
+  if (env === 'skeleton') return 'skeleton';
+  throw new LayerdError(ErrorCodes.EINVAL, `LAYERD_LAYER_FORMAT must be 'tar' or 'skeleton', not '${env}'`, { value: env });
 }
 
 /** A verified item in the ingest area, ready to be renamed into place. */
@@ -49,7 +66,11 @@ export type StagedItem =
   | { kind: 'blob'; digest: Digest; path: string }
   | { kind: 'layer'; diffId: Digest; path: string }
   /** A lazily pulled layer's directory (storage/lazy/): goes to lazy/, its rows are the caller's. */
-  | { kind: 'lazy'; diffId: Digest; path: string };
+  | { kind: 'lazy'; diffId: Digest; path: string }
+  /** A file's bytes, verified (its sha256 is `digest`): becomes objects/sha256/xx/<hex> unless one is there. */
+  | { kind: 'object'; digest: string; path: string }
+  /** A layer kept as skeleton + objects: every object it names must exist once the commit's renames are done. */
+  | { kind: 'skeleton'; diffId: Digest; path: string; objects: ReadonlySet<string> };
 
 /** A layer of the store: its index and its uncompressed tar (`offset`s point into it). */
 export interface StoredLayer {
@@ -66,6 +87,7 @@ export class Store {
   readonly logger: Logger;
   private readonly durability: 'full' | 'none';
   readonly diskReserveBytes: number;
+  readonly layerFormat: LayerFormat;
   private readonly indexCache = new Map<Digest, LayerIndex>();
 
   private constructor(root: string, db: MetadataDb, options: StoreOptions) {
@@ -74,6 +96,7 @@ export class Store {
     this.logger = options.logger ?? silentLogger();
     this.durability = options.durability ?? 'full';
     this.diskReserveBytes = options.diskReserveBytes ?? DEFAULT_DISK_RESERVE_BYTES;
+    this.layerFormat = options.layerFormat ?? defaultLayerFormat();
   }
 
   static async open(root: string, options: StoreOptions = {}): Promise<Store> {
@@ -135,7 +158,20 @@ export class Store {
   private commitRows(staged: readonly StagedItem[], trash: string, record: (db: MetadataDb) => void): void {
     let trashed = 0;
     this.db.write(() => {
+      // Objects first: a layer named by a row must find every object it names.
+      const objects = staged.filter((item): item is Extract<StagedItem, { kind: 'object' }> => item.kind === 'object');
+      if (objects.length > 0) publishObjects(this.layout.root, objects);
       for (const item of staged) {
+        if (item.kind === 'object') continue;
+        if (item.kind === 'skeleton') {
+          // An object found in the store at ingest was not staged again; a GC since may have removed it.
+          const store = ObjectStore.forRoot(this.layout.root);
+          for (const digest of item.objects) {
+            if (!store.has(digest)) {
+              throw new LayerdError(ErrorCodes.ECONFLICT, `layer ${item.diffId}: object ${digest} was removed (by a GC) while the layer was imported; import it again`, { diffId: item.diffId, digest });
+            }
+          }
+        }
         if (item.kind === 'blob') {
           if (this.db.getBlob(item.digest)) continue;
           renameSync(item.path, this.layout.blobPath(item.digest));

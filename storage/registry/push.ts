@@ -27,6 +27,7 @@ import { type Descriptor, INDEX_MEDIA_TYPES, MediaTypes, parseJsonObject, parseM
 import { forEachBounded } from '../importer.js';
 import { type ImageRow } from '../metadata.js';
 import { type Store } from '../store.js';
+import { openLayerTar } from '../layerTar.js';
 import { repositoryScope } from './auth.js';
 import { DEFAULT_RETRY, RegistryClient, type RetryPolicy, headerValue } from './client.js';
 import { EMPTY_CONFIG, type RegistriesConfig, endpointsFor } from './config.js';
@@ -310,7 +311,7 @@ class Pusher {
     return { digest, size: row.size, path };
   }
 
-  /** Compress a layer's layer.tar into the ingest area; its digest is the new distribution digest. */
+  /** Compress a layer's tar (layer.tar, or rebuilt from its skeleton) into the ingest area; its digest is the new distribution digest. */
   private compressLayer(diffId: Digest): Promise<LocalBlob> {
     let pending = this.compressed.get(diffId);
     if (!pending) {
@@ -322,7 +323,7 @@ class Pusher {
         const path = join(this.workDir, `layer-${this.seq++}.${compression}`);
         const hasher = new DigestingStream();
         await pipeline(
-          createReadStream(this.store.layout.layerTarPath(diffId), { highWaterMark: 1024 * 1024 }),
+          openLayerTar(this.store, diffId, await this.store.layerIndex(diffId)),
           createCompressor(compression), hasher, createWriteStream(path, { mode: 0o600 }),
         );
         const { digest, size } = hasher.result();
