@@ -134,9 +134,11 @@ export function buildProgram(): Command {
       await withBackend(cmd, async (backend) => {
         const u = await backend.diskUsage();
         if (opts.json) return printJson(u);
-        print(`stored: ${humanSize(u.storedBytes)} (layers ${humanSize(u.layers.bytes)} in ${u.layers.count}, `
+        print(`stored: ${humanSize(u.storedBytes)} (layers ${humanSize(u.layers.bytes)} in ${u.layers.count}`
+          + `${u.layers.skeletons > 0 ? `, ${u.layers.skeletons} of them as skeletons` : ''}, `
           + `compressed blobs kept for pushes ${humanSize(u.blobs.bytes)} in ${u.blobs.count}, `
-          + `files kept whole for passthrough ${humanSize(u.objects.bytes)} in ${u.objects.count})\n`);
+          + `files by content ${humanSize(u.objects.bytes)} in ${u.objects.count})\n`);
+        if (u.objects.savedByDedup > 0) print(`files the same in several layers are kept once: saves ${humanSize(u.objects.savedByDedup)}\n`);
         print(`used by ${u.images.length} images and ${u.snapshots.count} containerd snapshots: ${humanSize(u.referencedBytes)} `
           + `if each kept its own layers; storing each layer once saves ${humanSize(u.savedBySharing)}\n`);
         if (u.layers.unused > 0) print(`${u.layers.unused} layers (${humanSize(u.layers.unusedBytes)}) used by nothing: \`layerctl prune\` frees them\n`);

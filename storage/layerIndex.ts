@@ -18,6 +18,7 @@
  * store.
  */
 import { constants as fsConstants, openSync } from 'node:fs';
+import { dirname, join } from 'node:path';
 
 /**
  * 'socket' exists only in directories (a container's writable layer): an
@@ -160,12 +161,35 @@ export interface LayerSource {
   content(entry: LayerEntry): ContentRef | undefined;
 }
 
-/** A store layer (index + its uncompressed tar) as a LayerSource. */
+/**
+ * A store layer (index + its uncompressed tar, `<root>/layers/sha256/<hex>/layer.tar`)
+ * as a LayerSource. A layer kept as a skeleton (`index.storage`) has no tar:
+ * its files are read from their objects (`<root>/objects/sha256/<xx>/<hex>`,
+ * storage/objectStore.ts) or its `inline` file, found from the same path.
+ */
 export function tarLayerSource(index: LayerIndex, tarPath: string): LayerSource {
+  if (index.storage === 'skeleton') {
+    const layerDir = dirname(tarPath);
+    const root = dirname(dirname(dirname(layerDir)));
+    return { index, content: (entry) => skeletonContent(entry, layerDir, root) };
+  }
   return {
     index,
     content: (entry) => (entry.kind !== 'file' || entry.size === 0 || entry.offset === undefined
       ? undefined
       : { path: tarPath, offset: entry.offset, size: entry.size }),
   };
+}
+
+/** The layer's `inline` file: small files' bytes of a skeleton layer (storage/tarSkeleton.ts INLINE_FILE). */
+const SKELETON_INLINE_FILE = 'inline';
+
+/** Where a skeleton layer's file's bytes are: its object, or a range of the layer's `inline` file. */
+export function skeletonContent(entry: LayerEntry, layerDir: string, root: string): ContentRef | undefined {
+  if (entry.kind !== 'file' || entry.size === 0) return undefined;
+  const digest = entry.digest;
+  if (digest === undefined) return entry.offset === undefined ? undefined : { path: join(layerDir, SKELETON_INLINE_FILE), offset: entry.offset, size: entry.size };
+  if (!/^sha256:[0-9a-f]{64}$/.test(digest)) return undefined;
+  const hex = digest.slice('sha256:'.length);
+  return { path: join(root, 'objects', 'sha256', hex.slice(0, 2), hex), offset: 0, size: entry.size };
 }

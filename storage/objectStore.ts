@@ -36,8 +36,7 @@ import {
   syncFilesystemOf, unlinkAt,
 } from '../common/sys/fs.js';
 import { isDigest } from './digest.js';
-import { INLINE_FILE } from './tarSkeleton.js';
-import { LAYER_TAR, type LayerIndex, type LayerSource, PASSTHROUGH_MIN_LOWER_SIZE, tarLayerSource } from './layerIndex.js';
+import { LAYER_TAR, type LayerIndex, type LayerSource, PASSTHROUGH_MIN_LOWER_SIZE, skeletonContent, tarLayerSource } from './layerIndex.js';
 
 /** Where objects live, relative to the store root. */
 export const OBJECTS_DIR = 'objects';
@@ -315,19 +314,13 @@ export function storeLayerSource(index: LayerIndex, tarPath: string, logger?: Lo
  * passthrough backing file), or a range of the layer's `inline` file.
  */
 function skeletonLayerSource(index: LayerIndex, layerDir: string, objects: ObjectStore): LayerSource {
-  const inline = join(layerDir, INLINE_FILE);
   return {
     index,
     content: (entry) => {
-      if (entry.kind !== 'file' || entry.size === 0) return undefined;
+      const content = skeletonContent(entry, layerDir, objects.root);
       const digest = entry.digest;
-      if (digest === undefined) return entry.offset === undefined ? undefined : { path: inline, offset: entry.offset, size: entry.size };
-      const rel = objectRelPath(digest);
-      if (rel === undefined) return undefined;
-      return {
-        path: join(objects.root, rel), offset: 0, size: entry.size,
-        ...(entry.size >= PASSTHROUGH_MIN_LOWER_SIZE ? { whole: () => objects.open(digest) } : {}),
-      };
+      if (content === undefined || digest === undefined || entry.size < PASSTHROUGH_MIN_LOWER_SIZE) return content;
+      return { ...content, whole: () => objects.open(digest) };
     },
   };
 }

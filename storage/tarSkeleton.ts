@@ -29,7 +29,7 @@ import { ErrorCodes, LayerdError } from '../common/errors.js';
 
 /** The skeleton's file name in a layer directory. */
 export const SKELETON_FILE = 'skeleton';
-/** Small files' bytes, concatenated, in a layer directory. */
+/** Small files' bytes, concatenated, in a layer directory (storage/layerIndex.ts skeletonContent reads it by the same name). */
 export const INLINE_FILE = 'inline';
 /**
  * Files below this size stay in the layer's `inline` file instead of

@@ -4,7 +4,10 @@
  * snapshots use it; this says how many bytes that saves, and which bytes
  * each image holds alone (what removing it alone would free).
  */
+import { stat } from 'node:fs/promises';
+import { join } from 'node:path';
 import { type Digest } from './digest.js';
+import { INLINE_FILE, SKELETON_FILE } from './tarSkeleton.js';
 import { listObjects, objectSize } from './objectStore.js';
 import { formatRef } from './references.js';
 import { snapshotLayerUseCounts } from './snapshots.js';
@@ -23,12 +26,20 @@ export interface ImageUsage {
 }
 
 export interface DiskUsage {
-  /** Bytes of stored layer tars, the compressed blobs kept for pushes, and file objects. */
+  /** Bytes of the layers' own files, the compressed blobs kept for pushes, and file objects. */
   storedBytes: number;
-  layers: { count: number; bytes: number; unused: number; unusedBytes: number };
+  /**
+   * `bytes`: what the layers' own files take: `layer.tar` of a tar layer, skeleton + inline
+   * bytes of a skeleton layer (its other files are objects); `tarBytes`: their uncompressed tars' sizes.
+   */
+  layers: { count: number; bytes: number; tarBytes: number; skeletons: number; unused: number; unusedBytes: number };
   blobs: { count: number; bytes: number };
-  /** Files of layers kept whole for FUSE passthrough (storage/objectStore.ts), each distinct content once. */
-  objects: { count: number; bytes: number };
+  /**
+   * Files' bytes by content (storage/objectStore.ts), each distinct content once: the files
+   * of skeleton layers, and of tar layers those kept whole for FUSE passthrough. `savedByDedup`:
+   * what keeping each once saves over one copy per layer naming it.
+   */
+  objects: { count: number; bytes: number; savedByDedup: number };
   /** Committed containerd snapshots (each holds one layer). */
   snapshots: { count: number };
   /** What images and snapshots would take if each kept its own copy of its layers. */
@@ -38,7 +49,7 @@ export interface DiskUsage {
   images: ImageUsage[];
 }
 
-export function diskUsage(store: Store): DiskUsage {
+export async function diskUsage(store: Store): Promise<DiskUsage> {
   const layerSize = new Map(store.db.listLayers().map((l) => [l.diff_id, l.size]));
   const sizeOf = (d: Digest): number => layerSize.get(d) ?? 0;
   const snapshotUses = snapshotLayerUseCounts(store.db);
@@ -64,12 +75,34 @@ export function diskUsage(store: Store): DiskUsage {
   const blobs = store.db.listBlobs();
   const blobBytes = blobs.reduce((n, b) => n + b.size, 0);
   const objects = listObjects(store.layout.root);
-  const objectBytes = objects.reduce((n, d) => n + objectSize(store.layout.root, d), 0);
+  const objectSizes = new Map(objects.map((d) => [d, objectSize(store.layout.root, d)]));
+  const objectBytes = [...objectSizes.values()].reduce((n, s) => n + s, 0);
+  // What the layers' own files take, and how many layers name each object.
+  let layerFileBytes = 0;
+  let skeletons = 0;
+  const namedBy = new Map<string, number>();
+  for (const diffId of layerSize.keys()) {
+    if (store.isLazy(diffId)) continue; // its bytes are counted by its lazy state (docs/lazy.md), not here
+    const index = await store.layerIndex(diffId).catch(() => undefined);
+    if (index?.storage === 'skeleton') {
+      skeletons++;
+      for (const name of [SKELETON_FILE, INLINE_FILE]) layerFileBytes += (await stat(join(store.layout.layerDir(diffId), name)).catch(() => undefined))?.size ?? 0;
+    } else {
+      layerFileBytes += sizeOf(diffId);
+    }
+    const digests = new Set<string>();
+    for (const e of index?.entries ?? []) if (e.digest !== undefined) digests.add(e.digest);
+    for (const d of digests) namedBy.set(d, (namedBy.get(d) ?? 0) + 1);
+  }
+  let savedByDedup = 0;
+  for (const [d, size] of objectSizes) savedByDedup += size * Math.max(0, (namedBy.get(d) ?? 1) - 1);
   return {
-    storedBytes: layerBytes + blobBytes + objectBytes,
-    layers: { count: layerSize.size, bytes: layerBytes, unused: unused.length, unusedBytes: unused.reduce((n, d) => n + sizeOf(d), 0) },
+    storedBytes: layerFileBytes + blobBytes + objectBytes,
+    layers: {
+      count: layerSize.size, bytes: layerFileBytes, tarBytes: layerBytes, skeletons, unused: unused.length, unusedBytes: unused.reduce((n, d) => n + sizeOf(d), 0),
+    },
     blobs: { count: blobs.length, bytes: blobBytes },
-    objects: { count: objects.length, bytes: objectBytes },
+    objects: { count: objects.length, bytes: objectBytes, savedByDedup },
     snapshots: { count: [...snapshotUses.values()].reduce((n, c) => n + c, 0) },
     referencedBytes,
     savedBySharing: referencedBytes - usedLayerBytes,
