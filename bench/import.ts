@@ -33,10 +33,10 @@ async function decompressAll(tool: string, blobs: string[]): Promise<void> {
   for (const b of blobs) await run('sh', ['-c', `${tool} -dc '${b}' > /dev/null`]);
 }
 
-interface ImportCase { layout: string; durability: 'full' | 'none'; concurrency: number }
+interface ImportCase { layout: string; durability: 'full' | 'none'; concurrency: number; layerFormat?: 'tar' | 'skeleton' }
 
 async function importLayout(c: ImportCase, root: string): Promise<void> {
-  const store = await Store.open(root, { durability: c.durability });
+  const store = await Store.open(root, { durability: c.durability, layerFormat: c.layerFormat ?? 'tar' });
   try {
     const detected = await detectSource(c.layout, {});
     if (detected.kind !== 'image') throw new Error('not an image');
@@ -68,6 +68,9 @@ async function main(): Promise<void> {
       'layerd import gzip layout (no fsync, 2 layers at once)': { layout: LAYOUT, durability: 'none', concurrency: 2 },
       'layerd import zstd layout (durable)': { layout: zstdLayout, durability: 'full', concurrency: 1 },
       'layerd import zstd layout (no fsync)': { layout: zstdLayout, durability: 'none', concurrency: 1 },
+      // Layers kept as skeleton + one object per file (docs/storage.md, issue 17 "one copy").
+      'layerd import gzip layout (durable, skeleton)': { layout: LAYOUT, durability: 'full', concurrency: 1, layerFormat: 'skeleton' },
+      'layerd import gzip layout (no fsync, skeleton)': { layout: LAYOUT, durability: 'none', concurrency: 1, layerFormat: 'skeleton' },
     };
     const cases: Record<string, () => Promise<void>> = {
       'pigz -d (gzip blobs)': () => decompressAll('pigz', gzipBlobs),
@@ -97,6 +100,8 @@ async function main(): Promise<void> {
       'gzip import vs pigz -d (no fsync, 2 layers at once)': med('pigz -d (gzip blobs)') / med('layerd import gzip layout (no fsync, 2 layers at once)'),
       'zstd import vs zstd -d (durable)': med('zstd -d (zstd blobs)') / med('layerd import zstd layout (durable)'),
       'zstd import vs zstd -d (no fsync)': med('zstd -d (zstd blobs)') / med('layerd import zstd layout (no fsync)'),
+      'gzip import vs pigz -d (durable, skeleton)': med('pigz -d (gzip blobs)') / med('layerd import gzip layout (durable, skeleton)'),
+      'gzip import vs pigz -d (no fsync, skeleton)': med('pigz -d (gzip blobs)') / med('layerd import gzip layout (no fsync, skeleton)'),
     };
     const lines = [
       `# Import throughput, debian-multi (4 layers, ${(UNCOMPRESSED_BYTES / 1e6).toFixed(0)} MB of tar), ${reps} repetitions, ${new Date().toISOString()}`,

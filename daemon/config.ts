@@ -39,6 +39,12 @@ export interface DaemonConfig {
   /** Free space imports must leave on the store's filesystem, in bytes (default 256 MiB; 0: no check). */
   diskReserveBytes?: number;
   /**
+   * How new layers are kept: 'tar' (default) or 'skeleton' (tar skeleton +
+   * one content-addressed object per file: docs/storage.md). Read when the
+   * daemon starts; `$LAYERD_LAYER_FORMAT` when absent.
+   */
+  layerFormat?: 'tar' | 'skeleton';
+  /**
    * How long a read of a lazily pulled layer may wait for content that is
    * not here yet (retrying the registry with backoff) before it fails with
    * EIO, in seconds (default 30; docs/lazy.md). Read when the daemon starts.
@@ -79,7 +85,7 @@ export function validateConfig(value: unknown, path: string): DaemonConfig {
   };
   if (typeof value !== 'object' || value === null || Array.isArray(value)) fail('the configuration must be a JSON object');
   const obj = value as Record<string, unknown>;
-  const allowed = ['root', 'socket', 'socketGroup', 'logLevel', 'gc', 'spoolDir', 'mountRoot', 'registriesConfig', 'mountCacheSeconds', 'registryTimeouts', 'diskReserveBytes', 'lazyReadTimeoutSeconds', 'containerdSocket'];
+  const allowed = ['root', 'socket', 'socketGroup', 'logLevel', 'gc', 'spoolDir', 'mountRoot', 'registriesConfig', 'mountCacheSeconds', 'registryTimeouts', 'diskReserveBytes', 'lazyReadTimeoutSeconds', 'containerdSocket', 'layerFormat'];
   for (const key of Object.keys(obj)) if (!allowed.includes(key)) fail(`unknown key '${key}' (known: ${allowed.join(', ')})`, key);
   for (const key of ['root', 'socket', 'spoolDir', 'mountRoot', 'registriesConfig']) {
     if (obj[key] !== undefined && (typeof obj[key] !== 'string' || !(obj[key] as string).startsWith('/'))) fail(`'${key}' must be an absolute path`, key);
@@ -101,6 +107,8 @@ export function validateConfig(value: unknown, path: string): DaemonConfig {
     fail(`'lazyReadTimeoutSeconds' must be a number of seconds above 0, at most 3600`, 'lazyReadTimeoutSeconds');
   }
   if (obj['registryTimeouts'] !== undefined) checkTimeoutSettings(obj['registryTimeouts'], `${path}: 'registryTimeouts'`);
+  const format = obj['layerFormat'];
+  if (format !== undefined && format !== 'tar' && format !== 'skeleton') fail(`'layerFormat' must be 'tar' or 'skeleton'`, 'layerFormat');
   const reserve = obj['diskReserveBytes'];
   if (reserve !== undefined && (typeof reserve !== 'number' || !Number.isSafeInteger(reserve) || reserve < 0)) {
     fail(`'diskReserveBytes' must be a whole number of bytes ≥ 0`, 'diskReserveBytes');

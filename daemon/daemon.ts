@@ -90,6 +90,7 @@ export class Daemon {
       exclusive: true, logger,
       ...(options.durability ? { durability: options.durability } : {}),
       ...(options.config.diskReserveBytes !== undefined ? { diskReserveBytes: options.config.diskReserveBytes } : {}),
+      ...(options.config.layerFormat !== undefined ? { layerFormat: options.config.layerFormat } : {}),
     });
     let snapshotter: SnapshotterServer | undefined;
     try {

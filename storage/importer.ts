@@ -75,6 +75,8 @@ export class Transaction {
   private seq = 0;
   /** Objects this transaction's layers staged (skeleton layers), by digest. */
   private readonly stagedObjects = new Map<string, string>();
+  /** Of those, the ones already in `staged`. */
+  private readonly publishedObjects = new Set<string>();
   private objectDir: string | undefined;
   private objectSeq = 0;
 
@@ -152,6 +154,14 @@ export class Transaction {
       this.staged.push({ kind: 'blob', digest: layer.digest, path: layer.blobPath });
       this.blobs.set(layer.digest, { size: layer.size, mediaType });
     }
+    if (layer.objects !== undefined) {
+      // The objects staged so far (this layer's among them) go with it, whoever commits `staged`.
+      for (const [digest, path] of this.stagedObjects) {
+        if (this.publishedObjects.has(digest)) continue;
+        this.publishedObjects.add(digest);
+        this.staged.push({ kind: 'object', digest, path });
+      }
+    }
     if (layer.layerDir && layer.index) {
       this.staged.push(layer.objects !== undefined
         ? { kind: 'skeleton', diffId: layer.diffId, path: layer.layerDir, objects: layer.objects }
@@ -161,8 +171,7 @@ export class Transaction {
   }
 
   async commit(): Promise<void> {
-    const objects: StagedItem[] = [...this.stagedObjects].map(([digest, path]) => ({ kind: 'object', digest, path }));
-    await this.store.commit(this.workDir, [...objects, ...this.staged], (db) => {
+    await this.store.commit(this.workDir, this.staged, (db) => {
       for (const [digest, b] of this.blobs) db.putBlob({ digest, size: b.size, media_type: b.mediaType });
       for (const [diffId, l] of this.layers) db.putLayer({ diff_id: diffId, size: l.size, file_bytes: l.fileBytes, entries: l.entries });
       for (const [diffId, l] of this.lazyLayers) {

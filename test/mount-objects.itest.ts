@@ -200,7 +200,7 @@ print(open(p, 'rb').read(4))
     await unmountCounts();
     expect((await withStore((s) => fsck(s))).ok).to.equal(true);
     const usage = await withStore((s) => new StoreOperations(s).diskUsage());
-    expect(usage.objects).to.deep.equal({ count: 2, bytes: same.length + onlyA.length });
+    expect(usage.objects).to.deep.equal({ count: 2, bytes: same.length + onlyA.length, savedByDedup: same.length }); // a/same and b/same: one object
 
     // A corrupt object is reported.
     const onlyPath = join(root, objectRelPath(sha(onlyA))!);

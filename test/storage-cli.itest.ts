@@ -107,7 +107,7 @@ describe('layerctl (offline --root mode)', function () {
     expect(s).to.have.length(4);
     const usage = await layerctlJson<DiskUsage>(['--root', root, 'df']);
     const total = s.reduce((a, b) => a + b, 0);
-    expect(usage.layers).to.deep.equal({ count: 4, bytes: total, unused: 0, unusedBytes: 0 });
+    expect(usage.layers).to.deep.equal({ count: 4, bytes: total, tarBytes: total, skeletons: 0, unused: 0, unusedBytes: 0 });
     let blobBytes = 0;
     for (const name of await readdir(join(root, 'blobs', 'sha256'))) blobBytes += (await stat(join(root, 'blobs', 'sha256', name))).size;
     expect(usage.blobs.bytes).to.equal(blobBytes);

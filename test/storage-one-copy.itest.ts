@@ -26,6 +26,7 @@ import { importRawLayer } from '../storage/importer.js';
 import { tarLayerSource } from '../storage/layerIndex.js';
 import { StoreOperations } from '../storage/operations.js';
 import { Store } from '../storage/store.js';
+import { diskUsage } from '../storage/usage.js';
 import { DEBIAN_MULTI, execFileAsync, scratch } from './support/env.js';
 import { writeTar } from './support/tarBuilder.js';
 
@@ -114,6 +115,12 @@ describe('one copy of each file: three images sharing most files', function () {
       const report = await fsck(store);
       assert.deepEqual(report.problems, []);
       assert.equal(report.checked.layers, 6, 'four corpus layers, the rebuilt one, the commit');
+      // df says the same: six skeletons, and what one copy per file saves (107 MB when written).
+      const df = await diskUsage(store);
+      assert.equal(df.layers.skeletons, 6);
+      assert.equal(df.objects.count, (await bytesUnder(join(root, 'objects', 'sha256'))).files);
+      assert.ok(df.objects.savedByDedup > 50e6, `saved by one copy per file: ${df.objects.savedByDedup}`);
+      assert.ok(df.layers.bytes < 0.1 * df.layers.tarBytes, 'skeletons and inline bytes are a small part of the tars');
     } finally {
       store.close();
     }
