@@ -21,7 +21,6 @@ import { formatRef, isValidName } from './references.js';
 import { type ImageSource } from './sources/source.js';
 import { type LazyLayerRow } from './metadata.js';
 import { type StagedItem, type Store } from './store.js';
-import { ObjectStore } from './objectStore.js';
 import { type ObjectStaging } from './tarSplit.js';
 
 export type ImportProgress =
@@ -94,7 +93,7 @@ export class Transaction {
       this.objectDir = join(this.workDir, 'objects');
       await mkdir(this.objectDir, { recursive: true });
     }
-    const objects = ObjectStore.forRoot(this.store.layout.root);
+    const objects = this.store.objects;
     return {
       dir: this.objectDir,
       has: (digest) => this.stagedObjects.has(digest) || objects.has(digest),

@@ -14,9 +14,8 @@ import { ObjectStore, objectRelPath } from './objectStore.js';
 import { INLINE_FILE, SKELETON_FILE, type SkeletonParts, layerTarStream } from './tarSkeleton.js';
 import { type Store } from './store.js';
 
-/** The parts of a skeleton layer in `layerDir` of the store at `root`. */
-export function skeletonParts(root: string, layerDir: string): SkeletonParts {
-  const objects = ObjectStore.forRoot(root);
+/** The parts of a skeleton layer in `layerDir`, its objects in `objects`. */
+export function skeletonParts(objects: ObjectStore, layerDir: string): SkeletonParts {
   return {
     skeletonPath: join(layerDir, SKELETON_FILE),
     inlinePath: join(layerDir, INLINE_FILE),
@@ -34,6 +33,6 @@ export function skeletonParts(root: string, layerDir: string): SkeletonParts {
 
 /** The exact tar bytes of a stored (complete) layer. */
 export function openLayerTar(store: Store, diffId: Digest, index: LayerIndex): Readable {
-  if (index.storage === 'skeleton') return layerTarStream(skeletonParts(store.layout.root, store.layout.layerDir(diffId)));
+  if (index.storage === 'skeleton') return layerTarStream(skeletonParts(store.objects, store.layout.layerDir(diffId)));
   return createReadStream(store.layout.layerTarPath(diffId), { highWaterMark: 1024 * 1024 });
 }

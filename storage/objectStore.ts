@@ -275,6 +275,12 @@ export class ObjectStore {
     this.rootFd ??= openRoot(this.root);
     return this.rootFd;
   }
+
+  /** Close the root's descriptor (a store's own instance, when the store closes; opened again if used). */
+  close(): void {
+    if (this.rootFd !== undefined) close(this.rootFd);
+    this.rootFd = undefined;
+  }
 }
 
 /**

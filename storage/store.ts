@@ -88,6 +88,12 @@ export class Store {
   private readonly durability: 'full' | 'none';
   readonly diskReserveBytes: number;
   readonly layerFormat: LayerFormat;
+  /**
+   * The store's objects, with a descriptor of this root of its own (not
+   * ObjectStore.forRoot's, which a process keeps for good: a store removed
+   * and made again at the same path must not be looked at through the old one).
+   */
+  readonly objects: ObjectStore;
   private readonly indexCache = new Map<Digest, LayerIndex>();
 
   private constructor(root: string, db: MetadataDb, options: StoreOptions) {
@@ -97,6 +103,7 @@ export class Store {
     this.durability = options.durability ?? 'full';
     this.diskReserveBytes = options.diskReserveBytes ?? DEFAULT_DISK_RESERVE_BYTES;
     this.layerFormat = options.layerFormat ?? defaultLayerFormat();
+    this.objects = new ObjectStore(root, this.logger);
   }
 
   static async open(root: string, options: StoreOptions = {}): Promise<Store> {
@@ -119,6 +126,7 @@ export class Store {
 
   close(): void {
     this.db.close();
+    this.objects.close();
   }
 
   /** Whether commits wait for the disk (imports then start flushing their files early). */
@@ -165,9 +173,8 @@ export class Store {
         if (item.kind === 'object') continue;
         if (item.kind === 'skeleton') {
           // An object found in the store at ingest was not staged again; a GC since may have removed it.
-          const store = ObjectStore.forRoot(this.layout.root);
           for (const digest of item.objects) {
-            if (!store.has(digest)) {
+            if (!this.objects.has(digest)) {
               throw new LayerdError(ErrorCodes.ECONFLICT, `layer ${item.diffId}: object ${digest} was removed (by a GC) while the layer was imported; import it again`, { diffId: item.diffId, digest });
             }
           }

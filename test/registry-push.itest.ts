@@ -5,7 +5,7 @@
  */
 import { expect } from 'chai';
 import { subscribe, unsubscribe } from 'node:diagnostics_channel';
-import { readFile } from 'node:fs/promises';
+import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { REQUEST_CHANNEL, type RequestEvent } from '../storage/registry/client.js';
 import { pushImage } from '../storage/registry/push.js';
@@ -118,6 +118,29 @@ describe('registry push (docker-registry 2.8.2)', function () {
     expect(manifest.layers.map((l) => l.mediaType)).to.deep.equal(Array(4).fill('application/vnd.oci.image.layer.v1.tar+zstd'));
     const zpulled = await pullFresh(`${registry.host}/pushed/from-archive:zstd`);
     expect(zpulled.RootFS.Layers).to.deep.equal(local.RootFS.Layers);
+  });
+
+  it('a store keeping layers as skeleton + objects pushes the imported blobs as they are, and a commit\'s layer rebuilt from its skeleton', async () => {
+    const root = freshRoot();
+    const env = { LAYERD_LAYER_FORMAT: 'skeleton' };
+    await layerctlRJson(['--root', root, 'import', DEBIAN_MULTI], env);
+    const change = join(work.dir, `change-${n++}`);
+    await mkdir(join(change, 'etc'), { recursive: true });
+    await writeFile(join(change, 'etc', 'motd'), 'changed by a commit\n');
+    await layerctlRJson(['--root', root, 'commit', '--layer-dir', change, 'debian-multi:latest', 'mine:v1'], env);
+    const local = await layerctlJson<Inspect>(['--root', root, 'inspect', 'mine:v1']);
+    const tar = join(root, 'layers', 'sha256', local.RootFS.Layers[4]!.slice(7), 'layer.tar');
+    expect(await readFile(tar).then(() => 'present', (err: NodeJS.ErrnoException) => err.code)).to.equal('ENOENT'); // skeleton + objects: no tar to send
+    const imported = await layerctlJson<Inspect>(['--root', root, 'inspect', 'debian-multi:latest']);
+
+    const pushed = await layerctlRJson<PushResult>(['--root', root, 'push', 'mine:v1', `${registry.host}/pushed/skeleton:v1`], env);
+    const back = await skopeoBack(`${registry.host}/pushed/skeleton:v1`);
+    expect(back.diffIds).to.deep.equal(local.RootFS.Layers);
+    // The corpus's own blobs, byte for byte; the commit's layer compressed from the tar its skeleton rebuilds.
+    expect(back.inspect.Layers.slice(0, 4)).to.deep.equal(imported.Layers.map((l) => l.digest));
+    expect(pushed.manifests[0]!.rewritten).to.equal(true);
+    const pulled = await pullFresh(`${registry.host}/pushed/skeleton:v1`);
+    expect(pulled.RootFS.Layers).to.deep.equal(local.RootFS.Layers);
   });
 
   it('mounts blobs from the repository an image was pulled from', async () => {
