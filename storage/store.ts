@@ -72,7 +72,11 @@ export type StagedItem =
   /** A layer kept as skeleton + objects: every object it names must exist once the commit's renames are done. */
   | { kind: 'skeleton'; diffId: Digest; path: string; objects: ReadonlySet<string> };
 
-/** A layer of the store: its index and its uncompressed tar (`offset`s point into it). */
+/**
+ * A layer of the store: its index and where its uncompressed tar is (`offset`s point into it).
+ * A skeleton layer (`index.storage`) has no tar there: tarLayerSource and storeLayerSource
+ * read its files from objects and its `inline` file, found from the same path.
+ */
 export interface StoredLayer {
   diffId: Digest;
   index: LayerIndex;

@@ -77,6 +77,8 @@ export class TarSplitter extends Transform {
 
   private rawChunks: Buffer[] = [];
   private rawBytes = 0;
+  private records: Buffer[] = [];
+  private recordBytes = 0;
 
   // The file whose bytes are streaming by.
   private fileOffset = 0;
@@ -133,6 +135,7 @@ export class TarSplitter extends Transform {
       // A file cut short by the end of the stream: the indexer refuses the tar; keep the bytes so the rest is consistent.
       if (this.state === 'file') this.abandonFile();
       this.flushRaw();
+      this.flushRecords();
       this.flushInline();
       await Promise.all([...this.pending]);
       if (this.failure !== undefined) throw this.failure;
@@ -377,14 +380,28 @@ export class TarSplitter extends Transform {
 
   private keepRecord(record: Buffer): void {
     this.flushRaw();
-    this.gzip.write(record);
+    this.record(record);
   }
 
   private flushRaw(): void {
     if (this.rawBytes === 0) return;
-    this.gzip.write(encodeRaw(Buffer.concat(this.rawChunks, this.rawBytes)));
+    this.record(encodeRaw(Buffer.concat(this.rawChunks, this.rawBytes)));
     this.rawChunks = [];
     this.rawBytes = 0;
+  }
+
+  /** Records go to the compressor in large pieces: each write is a job on the thread pool. */
+  private record(bytes: Buffer): void {
+    this.records.push(bytes);
+    this.recordBytes += bytes.length;
+    if (this.recordBytes >= RAW_RECORD) this.flushRecords();
+  }
+
+  private flushRecords(): void {
+    if (this.recordBytes === 0) return;
+    this.gzip.write(Buffer.concat(this.records, this.recordBytes));
+    this.records = [];
+    this.recordBytes = 0;
   }
 
   private flushInline(): void {
