@@ -131,6 +131,51 @@ with open(${JSON.stringify(join(mnt, 'b/same'))}, 'rb') as f:
     expect(objects().filter((d) => d === sha(same)), 'one object for the two layers').to.have.length(1);
   });
 
+  it('skeleton layers (one copy): a big file passes through its object from the first open, both layers\' copies one object; a small one reads from its object', async () => {
+    const skeletonRoot = join(work.dir, 'skeleton-store');
+    await writeTar(join(work.dir, 'a.tar.gz'), [
+      { header: { name: 'a/', type: 'directory', mode: 0o755 } },
+      { header: { name: 'a/same' }, content: same },
+      { header: { name: 'a/only' }, content: onlyA },
+      { header: { name: 'a/small' }, content: small },
+    ], { gzip: true });
+    await writeTar(join(work.dir, 'b.tar.gz'), [
+      { header: { name: 'b/', type: 'directory', mode: 0o755 } },
+      { header: { name: 'b/same', mode: 0o755 }, content: same },
+    ], { gzip: true });
+    const store = await Store.open(skeletonRoot, { durability: 'none', layerFormat: 'skeleton' });
+    try {
+      const ops = new StoreOperations(store);
+      await ops.importPath({ path: join(work.dir, 'a.tar.gz'), name: 'obj-a' });
+      await ops.importPath({ path: join(work.dir, 'b.tar.gz'), name: 'obj-b' });
+      const [a] = await store.imageLayers('obj-a');
+      const [b] = await store.imageLayers('obj-b');
+      expect(a!.index.storage).to.equal('skeleton');
+      layerDirs = [store.layout.layerDir(b!.diffId), store.layout.layerDir(a!.diffId)];
+    } finally {
+      store.close();
+    }
+    expect(listObjects(skeletonRoot).sort()).to.deep.equal([sha(same), sha(onlyA), sha(small)].sort(), 'made at import, each once');
+
+    await mount(); // first opens, fresh kernel inodes
+    expect(await shaOnMount('a/same')).to.equal(sha(same));
+    expect(await shaOnMount('b/same')).to.equal(sha(same));
+    expect(await shaOnMount('a/only')).to.equal(sha(onlyA));
+    const mmapped = await mustRun('python3', ['-c', `
+import mmap, hashlib
+with open(${JSON.stringify(join(mnt, 'a/only'))}, 'rb') as f:
+    m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    print('sha256:' + hashlib.sha256(m[:]).hexdigest())
+`]);
+    expect(mmapped.trim()).to.equal(sha(onlyA));
+    expect((await unmountCounts())['read'] ?? 0, 'reads served by layerd').to.equal(0);
+
+    await rm(statsFile);
+    await mount();
+    expect(await shaOnMount('a/small')).to.equal(sha(small)); // under PASSTHROUGH_MIN_LOWER_SIZE: pread from its object
+    expect((await unmountCounts())['read'] ?? 0).to.be.greaterThan(0);
+  });
+
   it('with passthrough off makes no object and serves every read', async () => {
     await mount({ passthrough: false });
     expect(await shaOnMount('a/same')).to.equal(sha(same));
