@@ -10,6 +10,7 @@
  */
 import http, { type IncomingMessage, type OutgoingHttpHeaders, type ServerResponse } from 'node:http';
 import { type Socket, createServer as createNetServer } from 'node:net';
+import { listenLoopback } from './loopback.js';
 
 export interface SeenRequest {
   method: string;
@@ -31,15 +32,8 @@ async function serve(handler: (req: IncomingMessage, res: ServerResponse) => voi
     seen.push({ method: req.method ?? '', url: req.url ?? '', authorization: req.headers.authorization, range: req.headers.range });
     handler(req, res);
   });
-  server.keepAliveTimeout = 1000;
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const address = server.address();
-  const port = typeof address === 'object' && address ? address.port : 0;
-  return {
-    host: `127.0.0.1:${port}`,
-    seen,
-    close: () => new Promise<void>((resolve) => { server.closeAllConnections(); server.close(() => resolve()); }),
-  };
+  const { host, close } = await listenLoopback(server);
+  return { host, seen, close };
 }
 
 interface ForwardOptions {
