@@ -132,6 +132,8 @@ describe('eStargz images made by ctr-remote, pulled lazily (containerd rpull, la
       const s = await lazyStates();
       return (s['lazy'] ?? 0) + (s['filling'] ?? 0) + (s['broken'] ?? 0) === 0;
     }, 300_000, 250);
+    // The state leaves the database before the fill's log line is written and piped to us.
+    await waitFor('both fills logged complete', () => logged(/lazy layer complete/).length === 2, 30_000, 100);
     expect(logged(/lazy layer complete/)).to.have.length(2);
     const again = await env!.ctrOk(['run', '--rm', '--snapshotter', 'layerd', ref, 'lazy-run-2', 'sh', '-c', 'grep VERSION_CODENAME /etc/os-release'],
       { namespace, timeoutMs: 300_000 });
