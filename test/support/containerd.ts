@@ -34,6 +34,7 @@ import { parseMountinfo } from '../../mount/deadMount.js';
 import { REPO } from './env.js';
 import { http } from './daemon.js';
 import { signalAndWait, stopChild, waitPidGone } from './processes.js';
+import { processAlive, sleep } from '../../common/process.js';
 
 export interface RunResult {
   code: number;
@@ -80,22 +81,9 @@ export function ok(what: string, r: RunResult): string {
   return r.stdout;
 }
 
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
-}
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
-
 /** SIGTERM, then SIGKILL after `ms`; true once the process is gone, false if it outlived SIGKILL (bounded). */
 async function terminate(pid: number, ms = 10_000): Promise<boolean> {
-  if (!alive(pid)) return true;
+  if (!processAlive(pid)) return true;
   try { process.kill(pid, 'SIGTERM'); } catch { return true; }
   if (await waitPidGone(pid, ms)) return true;
   try { process.kill(pid, 'SIGKILL'); } catch { /* gone */ }
