@@ -115,6 +115,13 @@ export interface SnapshotServiceOptions {
    * pending for as long as it needs, not for as long as it is lucky.
    */
   ingestGate?: string;
+  /**
+   * Bench hook: where each snapshot mount's FUSE operation statistics are
+   * written (`<dir>/<snapshot id>.json`, by its mount host; default
+   * $LAYERD_SNAPSHOT_STATS_DIR, else none), so a benchmark can tell what a
+   * container's reads cost (bench/containerdPhases.ts).
+   */
+  statsDir?: string;
 }
 
 /** Background ingests of unpacked layers at once: one, so containerd applying the next layer keeps the other core (2 measured no better, docs/performance.md). */
@@ -165,10 +172,12 @@ export class SnapshotService {
   /** Snapshot directories being deleted in the background (Cleanup leaves them to that). */
   private readonly removing = new Set<string>();
   private readonly ingestGate: string | undefined;
+  private readonly statsDir: string | undefined;
 
   constructor(private readonly store: Store, private readonly logger: Logger, private readonly options: SnapshotServiceOptions = {}) {
     this.table = new SnapshotTable(store.db);
     this.ingestGate = options.ingestGate ?? (process.env['LAYERD_TEST_INGEST_GATE'] || undefined);
+    this.statsDir = options.statsDir ?? (process.env['LAYERD_SNAPSHOT_STATS_DIR'] || undefined);
   }
 
   // --- creating ----------------------------------------------------------------
@@ -274,6 +283,7 @@ export class SnapshotService {
       upper: row.upper!,
       mountpoint: row.mountpoint!,
       readOnly: row.kind === 'view',
+      ...(this.statsDir !== undefined ? { statsFile: join(this.statsDir, `${row.id}.json`) } : {}),
       hostsDir: this.store.layout.hostsDir(),
       context: { snapshot: row.key },
     });
@@ -766,6 +776,7 @@ export class SnapshotService {
   }
 
   async remove(key: string): Promise<void> {
+    const started = performance.now();
     let row = this.row(key);
     if (row.pending_ingest === 1) {
       // Its layer first (or the ingest's failure): then it goes as any committed snapshot.
@@ -797,7 +808,7 @@ export class SnapshotService {
       this.releaseLowerDirs(lowerDirIds(row.lower_dirs));
       // Unmounted and unrecorded: containerd need not wait for the files (a stop before they are gone leaves them to Cleanup).
       this.removeDir(snapshotDir(this.store, row.id));
-      this.logger.info('snapshot removed', { snapshot: key, kind: row.kind });
+      this.logger.info('snapshot removed', { snapshot: key, kind: row.kind, ms: Math.round(performance.now() - started) });
     } finally {
       this.busy.delete(key);
     }
