@@ -288,7 +288,8 @@ export class SnapshotService {
       context: { snapshot: row.key },
     });
     const mountMs = Math.round(performance.now() - mounting);
-    this.store.db.write(() => this.table.setServer(row.key, served.pid));
+    // (no fsync: after a power failure no server runs, and restore finds mounts by mountpoint)
+    this.store.db.writeUnsynced(() => this.table.setServer(row.key, served.pid));
     this.releaseLowerDirs(previous.filter((id) => !dirIds.includes(id)));
     return { layers: chain.length, pendingDirs: dirIds.length, ...(dirIds.length > 0 ? { walkedDirs: served.walkedDirectories ?? dirIds.length } : {}), mountMs };
   }
@@ -804,7 +805,11 @@ export class SnapshotService {
         return;
       }
       if (row.unpack_target === null) await stopMount(row.server_pid, row.mountpoint!);
-      this.store.db.write(() => this.table.delete(key));
+      // No fsync for a container's snapshot (containerd's GC holds its lock through Remove, before the next
+      // `ctr run`): a row a power failure brings back is unknown to containerd, whose GC removes it again.
+      // One that holds pending directories is synced: those are deleted next.
+      if (row.lower_dirs === null) this.store.db.writeUnsynced(() => this.table.delete(key));
+      else this.store.db.write(() => this.table.delete(key));
       this.releaseLowerDirs(lowerDirIds(row.lower_dirs));
       // Unmounted and unrecorded: containerd need not wait for the files (a stop before they are gone leaves them to Cleanup).
       this.removeDir(snapshotDir(this.store, row.id));
