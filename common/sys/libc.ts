@@ -69,6 +69,8 @@ export const libc = {
   sendto: lib.func('long sendto(int fd, const void *buf, size_t len, int flags, const void *addr, uint32 addrlen)'),
   close: lib.func('int close(int fd)'),
   syncfs: lib.func('int syncfs(int fd)'),
+  mount: lib.func('int mount(const char *source, const char *target, const char *fstype, unsigned long flags, const char *data)'),
+  umount2: lib.func('int umount2(const char *target, int flags)'),
 };
 
 /** errno of the last call made through koffi on this thread. */
