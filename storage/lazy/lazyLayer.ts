@@ -377,14 +377,20 @@ export class LazyLayerSource implements LayerSource {
    * program's binary, goes on being read) — unless that is had or coming
    * already, or half of the window is (then a read further on moves it:
    * requests of half a window at least, not one per small file as it slides).
+   * Gzip-index layers: the next span, if it is neither had nor coming.
    */
   private prefetchAfter(key: number): void {
     const at = this.orderOf.get(key);
     if (at === undefined) return;
     const { chunk, fileEnd } = this.blobOrder[at]!;
     const next = this.blobOrder[at + 1];
-    // Gzip-index spans are one file (the tar) of ~4 MiB spans: only the window, which they do not fit in.
-    const sameFile = next !== undefined && chunk.checkpoint === undefined && key + chunk.length < fileEnd && next.key === key + chunk.length;
+    if (chunk.checkpoint !== undefined) {
+      // A gzip-index span (~4 MiB of the tar's blob, a directory's files or more): the window is no
+      // fraction of one, so the next span whole — the tar goes on with the files read next.
+      if (next !== undefined && !this.present.has(next.key) && !this.inFlight.has(next.key)) this.prefetch(at + 1, next.chunk.end);
+      return;
+    }
+    const sameFile = next !== undefined && key + chunk.length < fileEnd && next.key === key + chunk.length;
     const until = Math.max(chunk.end + PREFETCH_AHEAD_BYTES, sameFile ? next.chunk.end : 0);
     let i = at + 1;
     while (i < this.blobOrder.length && (this.present.has(this.blobOrder[i]!.key) || this.inFlight.has(this.blobOrder[i]!.key))) i++;
@@ -461,9 +467,7 @@ export class LazyLayerSource implements LayerSource {
       } catch {
         // a guess that failed: the reads fetch what they need themselves
       }
-      const before = this.present.size;
-      await this.keepReadahead(wanted, fetched, wanted[0]!.chunk.start, marks);
-      this.stats.prefetchedChunks += this.present.size - before;
+      this.stats.prefetchedChunks += await this.keepReadahead(wanted, fetched, wanted[0]!.chunk.start, marks);
       wanted = [];
       this.noteStats();
     } finally {
@@ -471,8 +475,9 @@ export class LazyLayerSource implements LayerSource {
     }
   }
 
-  /** Verify and cache the read-ahead chunks of `fetched` (blob bytes from `base`), then release them. */
-  private async keepReadahead(ahead: { key: number; chunk: Chunk; release: () => void }[], fetched: Buffer | undefined, base: number, marks = true): Promise<void> {
+  /** Verify and cache the read-ahead chunks of `fetched` (blob bytes from `base`), then release them; how many were kept. */
+  private async keepReadahead(ahead: { key: number; chunk: Chunk; release: () => void }[], fetched: Buffer | undefined, base: number, marks = true): Promise<number> {
+    let kept = 0;
     for (const a of ahead) {
       try {
         if (fetched === undefined || fetched.length < a.chunk.end - base) continue;
@@ -480,6 +485,7 @@ export class LazyLayerSource implements LayerSource {
         if (bytes === undefined || sha256(bytes) !== a.chunk.digest) continue;
         await writeAt(this.fd, bytes, a.key);
         this.present.add(a.key);
+        kept++;
         if (marks) this.unused.add(a.key);
       } catch {
         // (a write that failed: the reader fetches it itself)
@@ -487,6 +493,7 @@ export class LazyLayerSource implements LayerSource {
         a.release();
       }
     }
+    return kept;
   }
 
   /** Write the counters for /metrics, at most once a second (the write may fail: only metrics are lost). */
