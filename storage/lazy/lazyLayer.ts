@@ -31,8 +31,8 @@ import { createGunzip } from 'node:zlib';
 import { ErrorCodes, LayerdError } from '../../common/errors.js';
 import { fsError } from '../../common/sys/errors.js';
 import { type Digest } from '../digest.js';
-import { type ContentRef, LAYER_TAR, type LayerEntry, type LayerIndex, type LayerSource } from '../layerIndex.js';
-import { storeLayerSource } from '../objectStore.js';
+import { type ContentRef, LAYER_TAR, type LayerEntry, type LayerIndex, type LayerSource, PASSTHROUGH_MIN_LOWER_SIZE } from '../layerIndex.js';
+import { ObjectStore, storeLayerSource } from '../objectStore.js';
 import { repositoryScope } from '../registry/auth.js';
 import { RegistryClient, headerValue, readLimited } from '../registry/client.js';
 import { EMPTY_CONFIG, endpointsFor, loadRegistriesConfig } from '../registry/config.js';
@@ -179,6 +179,8 @@ export class LazyLayerSource implements LayerSource {
    */
   private readonly unused = new Set<number>();
   private closed = false;
+  /** The store's content-addressed objects (storage/objectStore.ts), when the layer is in a store's lazy directory. */
+  private readonly objects: ObjectStore | undefined;
 
   /**
    * The content file, open for the source's life: the fill removes the lazy
@@ -195,6 +197,8 @@ export class LazyLayerSource implements LayerSource {
     this.blobOrder.forEach((c, i) => this.orderOf.set(c.key, i));
     this.readTimeoutMs = options.readTimeoutMs ?? readTimeoutFromEnv();
     this.contentPath = join(dir, LAZY_CONTENT);
+    const complete = completeDirOf(dir);
+    this.objects = complete !== undefined ? ObjectStore.forRoot(dirname(dirname(dirname(complete)))) : undefined;
   }
 
   static async open(dir: string, options: LazySourceOptions = {}): Promise<LazyLayerSource> {
@@ -227,14 +231,27 @@ export class LazyLayerSource implements LayerSource {
     if (entry.kind !== 'file' || entry.size === 0 || entry.offset === undefined) return undefined;
     const offset = entry.offset;
     const file = this.byOffset.get(offset) ?? this.containing(offset, entry.size);
+    // Through this process's descriptor: the path is gone once the layer is complete.
+    const open = (): number => openSync(`/proc/self/fd/${this.fd}`, fsConstants.O_RDONLY);
+    const { digest } = entry;
     return {
-      path: this.contentPath, offset, size: entry.size,
-      // Through this process's descriptor: the path is gone once the layer is complete.
-      open: () => openSync(`/proc/self/fd/${this.fd}`, fsConstants.O_RDONLY),
+      path: this.contentPath, offset, size: entry.size, open,
       ready: (from, length) => (file === undefined
         ? Promise.reject(fsError('EIO', entry.path, 'read'))
         : this.ready(file, offset - file.offset + from, length, entry.path)),
+      ...(this.objects !== undefined && digest !== undefined && file !== undefined && entry.size >= PASSTHROUGH_MIN_LOWER_SIZE ? {
+        // Its object, as a stored layer's file has one (FUSE passthrough): made once every chunk of the file is here and
+        // verified (the object store hashes the bytes again against the digest before naming them).
+        whole: () => this.objects!.open(digest, this.allPresent(file, offset - file.offset, entry.size)
+          ? { size: entry.size, offset, openSource: open } : undefined),
+      } : {}),
     };
+  }
+
+  /** Whether every chunk of bytes [from, from + length) of `file` is in `content`, verified by this process. */
+  private allPresent(file: LazyFile, from: number, length: number): boolean {
+    const end = from + length;
+    return file.chunks.every((c) => c.fileOffset >= end || c.fileOffset + c.length <= from || this.present.has(file.offset + c.fileOffset));
   }
 
   /** The LazyFile whose bytes hold [offset, offset + size): a gzip-index layer has one, the whole tar. */
