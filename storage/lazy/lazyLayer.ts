@@ -484,7 +484,9 @@ export class LazyLayerSource implements LayerSource {
       } catch {
         // a guess that failed: the reads fetch what they need themselves
       }
-      this.stats.prefetchedChunks += await this.keepReadahead(wanted, fetched, wanted[0]!.chunk.start, marks);
+      // Awaited first: `+= await` would read the counter before the await, losing a concurrent prefetch's count.
+      const kept = await this.keepReadahead(wanted, fetched, wanted[0]!.chunk.start, marks);
+      this.stats.prefetchedChunks += kept;
       wanted = [];
       this.noteStats();
     } finally {
