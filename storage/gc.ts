@@ -129,7 +129,8 @@ export async function collectGarbage(store: Store): Promise<GcResult> {
 }
 
 /**
- * Remove the file objects no stored layer's index names. Without rows (an
+ * Remove the file objects no layer's index names (a lazy layer's too: its
+ * fetched files become objects, storage/lazy/lazyLayer.ts). Without rows (an
  * object's name is its content) this runs after the layers' transaction: a
  * layer committed meanwhile may name an object removed here, and its next
  * open through a mount makes it again. A mount host's open descriptors of
@@ -140,7 +141,6 @@ async function collectObjects(store: Store): Promise<{ count: number; bytes: num
   if (present.length === 0) return { count: 0, bytes: 0 };
   const named = new Set<string>();
   for (const row of store.db.listLayers()) {
-    if (store.db.getLazyLayer(row.diff_id)) continue; // its index names no objects
     let index;
     try {
       index = await store.layerIndex(row.diff_id);
