@@ -17,9 +17,9 @@ export interface OpenFile {
   fd: number;
   /**
    * A store layer's file: its bytes are `range` of the layer's tar, read
-   * through the mount's one descriptor of it (which reads ahead across
-   * files). An open whose pages the kernel already caches (FOPEN_KEEP_CACHE)
-   * never reads, and costs no system call here.
+   * through the mount's one descriptor of it (so the kernel's read-ahead
+   * sees one reader across files). An open whose pages the kernel already
+   * caches (FOPEN_KEEP_CACHE) never reads, and costs no system call here.
    */
   readonly tar?: TarReader;
   readonly node: UnionNode;
