@@ -34,6 +34,7 @@ export const SOCKET = {
 } as const;
 
 export const XattrArgs = koffi.struct('layerd_xattr_args', { value: 'void *', size: 'uint32', flags: 'uint32' });
+koffi.struct('layerd_iovec', { base: 'void *', len: 'size_t' });
 
 export const libc = {
   openat2: lib.func('long syscall(long nr, int dirfd, const char *path, void *how, size_t size)'),
@@ -71,6 +72,7 @@ export const libc = {
   syncfs: lib.func('int syncfs(int fd)'),
   mount: lib.func('int mount(const char *source, const char *target, const char *fstype, unsigned long flags, const char *data)'),
   umount2: lib.func('int umount2(const char *target, int flags)'),
+  preadv2: lib.func('long preadv2(int fd, const layerd_iovec *iov, int iovcnt, int64 offset, int flags)'),
 };
 
 /** errno of the last call made through koffi on this thread. */
