@@ -1,19 +1,29 @@
 /**
- * The image of the lazy-pull benchmark, as an OCI layout of eStargz layers
- * (test/support/estargz.ts): debian-multi's first three real Debian layers
- * (l3-whiteouts: containerd cannot unpack layer 4, see docs/containerd.md) plus a
- * fifth layer of FILLER_FILES incompressible files (AES-CTR keystream, fixed
- * key) under opt/filler/ that the benchmark's command never reads. Built once
- * and cached under $LAYERD_BENCH_CACHE (default /var/tmp/layerd-bench-lazy)/
- * v<VERSION>-c<chunk size>; a run that finds the cache complete reuses it.
- * Bump LAZY_IMAGE_VERSION whenever the content changes.
+ * The image of the lazy-pull benchmark: debian-multi's first three real
+ * Debian layers (l3-whiteouts: containerd cannot unpack layer 4, see
+ * docs/containerd.md) plus a fourth layer of FILLER_FILES incompressible files
+ * (AES-CTR keystream, fixed key) under opt/filler/ that the benchmark's
+ * command never reads, as an OCI layout in one of two forms:
+ *
+ *  - `estargz`: eStargz layers (test/support/estargz.ts) with the given chunk size;
+ *  - `gzip`: unmodified gzip layers — debian-multi's own blobs for the first
+ *    three (as Debian's tools made them), the filler layer gzipped by node —
+ *    served lazily through their gzip index (the benchmark publishes it).
+ *
+ * Built once and cached under $LAYERD_BENCH_CACHE (default
+ * /var/tmp/layerd-bench-lazy)/v<VERSION>-c<chunk size> or gz<VERSION>; a run
+ * that finds the cache complete reuses it. Bump LAZY_IMAGE_VERSION whenever
+ * the content changes.
  */
 import { createCipheriv } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { mkdir, mkdtemp, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { gzip } from 'node:zlib';
 import tarStream from 'tar-stream';
 import { writeEstargzLayout } from '../test/support/estargz.js';
+import { writeLayout } from '../test/support/layoutBuilder.js';
 import { DEBIAN_MULTI, layerctlJson } from '../test/support/env.js';
 
 export const LAZY_IMAGE_VERSION = 2;
@@ -54,23 +64,41 @@ async function summary(layout: string): Promise<LazyImage> {
   return { layout, layerBytes: manifest.layers.reduce((n, l) => n + l.size, 0), layers: manifest.layers.length };
 }
 
+/** debian-multi's first three layer blobs as the corpus has them (gzip, made by Debian's tools). */
+async function debianGzipBlobs(): Promise<Buffer[]> {
+  const blob = (digest: string): Promise<Buffer> => readFile(join(DEBIAN_MULTI, 'blobs', 'sha256', digest.slice(7)));
+  const index = JSON.parse(await readFile(join(DEBIAN_MULTI, 'index.json'), 'utf8')) as { manifests: { digest: string; annotations?: Record<string, string> }[] };
+  const l3 = index.manifests.find((m) => m.annotations?.['org.opencontainers.image.ref.name'] === 'l3-whiteouts');
+  if (!l3) throw new Error(`${DEBIAN_MULTI} has no l3-whiteouts`);
+  const manifest = JSON.parse((await blob(l3.digest)).toString('utf8')) as { layers: { digest: string }[] };
+  return Promise.all(manifest.layers.map((l) => blob(l.digest)));
+}
+
+export type LazyImageFormat = 'estargz' | 'gzip';
+
 /** The cached layout, built first if it is not there. */
-export async function lazyBenchImage(chunkSize: number): Promise<LazyImage> {
+export async function lazyBenchImage(chunkSize: number, format: LazyImageFormat = 'estargz'): Promise<LazyImage> {
   const base = process.env['LAYERD_BENCH_CACHE'] ?? '/var/tmp/layerd-bench-lazy';
-  const dir = join(base, `v${LAZY_IMAGE_VERSION}-c${chunkSize}`);
+  const dir = join(base, format === 'estargz' ? `v${LAZY_IMAGE_VERSION}-c${chunkSize}` : `gz${LAZY_IMAGE_VERSION}`);
   if (existsSync(join(dir, 'COMPLETE'))) return summary(join(dir, 'layout'));
   await rm(dir, { recursive: true, force: true });
   await mkdir(base, { recursive: true });
   const building = await mkdtemp(`${dir}.building-`);
   try {
-    // debian-multi's layer tars, as a store keeps them.
-    const src = join(building, 'store');
-    await layerctlJson(['--root', src, 'import', DEBIAN_MULTI]);
-    const info = await layerctlJson<{ RootFS: { Layers: string[] } }>(['--root', src, 'inspect', 'debian-multi:latest']);
-    const tars: Buffer[] = await Promise.all(info.RootFS.Layers.slice(0, 3).map((d) => readFile(join(src, 'layers', 'sha256', d.slice(7), 'layer.tar'))));
-    tars.push(await fillerTar());
-    await writeEstargzLayout(join(building, 'layout'), tars, chunkSize);
-    await rm(src, { recursive: true, force: true });
+    if (format === 'gzip') {
+      const blobs = await debianGzipBlobs();
+      blobs.push(await promisify(gzip)(await fillerTar()));
+      await writeLayout(join(building, 'layout'), { layers: blobs });
+    } else {
+      // debian-multi's layer tars, as a store keeps them.
+      const src = join(building, 'store');
+      await layerctlJson(['--root', src, 'import', DEBIAN_MULTI]);
+      const info = await layerctlJson<{ RootFS: { Layers: string[] } }>(['--root', src, 'inspect', 'debian-multi:latest']);
+      const tars: Buffer[] = await Promise.all(info.RootFS.Layers.slice(0, 3).map((d) => readFile(join(src, 'layers', 'sha256', d.slice(7), 'layer.tar'))));
+      tars.push(await fillerTar());
+      await writeEstargzLayout(join(building, 'layout'), tars, chunkSize);
+      await rm(src, { recursive: true, force: true });
+    }
     await writeFile(join(building, 'COMPLETE'), `${new Date().toISOString()}\n`);
     await rename(building, dir);
   } catch (err) {

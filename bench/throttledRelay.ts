@@ -9,6 +9,7 @@
  */
 import http, { type IncomingMessage, type ServerResponse } from 'node:http';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { listenLoopback } from '../test/support/loopback.js';
 
 const SLICE = 16 * 1024;
 
@@ -87,13 +88,6 @@ export async function startThrottledRelay(upstreamHost: string, bytesPerSecond: 
     res.on('close', () => upstream.destroy());
     req.pipe(upstream);
   });
-  server.keepAliveTimeout = 1000;
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const address = server.address();
-  const port = typeof address === 'object' && address ? address.port : 0;
-  return {
-    host: `127.0.0.1:${port}`,
-    counters,
-    close: () => new Promise<void>((resolve) => { server.closeAllConnections(); server.close(() => resolve()); }),
-  };
+  const { host, close } = await listenLoopback(server);
+  return { host, counters, close };
 }

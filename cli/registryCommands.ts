@@ -246,7 +246,7 @@ export function registerRegistryCommands(program: Command, withStore: WithStore,
       for (const b of result.blobs) counts[b.outcome]++;
       print(`pushed ${result.ref}: ${result.digest} (${result.manifests.length} manifest${result.manifests.length === 1 ? '' : 's'}; ` +
         `${counts.uploaded} blobs uploaded, ${counts.mounted} mounted, ${counts.exists} already there)\n`);
-      for (const g of result.gzipIndexes ?? []) print(`gzip index of ${g.manifest}: ${g.artifact} (${g.layers} layer${g.layers === 1 ? '' : 's'})\n`);
+      for (const g of result.gzipIndexes ?? []) print(`gzip index of ${g.manifest}: ${g.artifact} (${g.layers} layer${g.layers === 1 ? '' : 's'}; listed by the ${g.listedBy})\n`);
     });
 
   addTimeoutOptions(program.command('index'))
@@ -264,7 +264,7 @@ export function registerRegistryCommands(program: Command, withStore: WithStore,
       }));
       if (opts.json) return print(JSON.stringify(result, null, 2) + '\n');
       print(result.artifact
-        ? `indexed ${result.ref}: ${result.layers.length} gzip layer${result.layers.length === 1 ? '' : 's'}, artifact ${result.artifact} (subject ${result.manifest})\n`
+        ? `indexed ${result.ref}: ${result.layers.length} gzip layer${result.layers.length === 1 ? '' : 's'}, artifact ${result.artifact} (subject ${result.manifest}; listed by the ${result.listedBy ?? 'referrers tag'})\n`
         : `${result.ref}: no plain gzip layer to index\n`);
     });
 }

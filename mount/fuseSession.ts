@@ -9,8 +9,8 @@
  * (linux/fuse.h).
  *
  * How it is wired:
- * - As root, /dev/fuse is opened here and mounted with mount(8) (`-o fd=3`,
- *   the descriptor handed to the child).
+ * - As root, /dev/fuse is opened here and mounted with mount(2) (`fd=N`;
+ *   unmounted with umount2(2)): no mount(8)/umount(8) process per mount.
  * - Otherwise, like libfuse 3, through the setuid `fusermount3` (Debian's
  *   fuse3): it mounts for the calling user and sends the /dev/fuse
  *   descriptor back over a socketpair (SCM_RIGHTS, common/sys/fdPassing.ts);
@@ -33,6 +33,7 @@ import { spawn } from 'node:child_process';
 import { closeSync, openSync, writeSync } from 'node:fs';
 import { readFile, writeFile } from 'node:fs/promises';
 import { Socket } from 'node:net';
+import { resolve } from 'node:path';
 import { ErrorCodes, LayerdError } from '../common/errors.js';
 import { receiveFd, socketPair } from '../common/sys/fdPassing.js';
 import { findMount } from './deadMount.js';
@@ -41,6 +42,7 @@ import {
   InitFlag2, OUT_HEADER_SIZE, Op, initOut, outHeader, readHeader, readInit, writeOutHeader, type RequestHeader,
 } from './fuseProtocol.js';
 import { ioctl } from '../common/sys/fs.js';
+import { MNT_DETACH, MS_RDONLY, mount as mountSyscall, unmount as unmountSyscall } from '../common/sys/mount.js';
 
 /** Pages per READ or WRITE request (1 MiB): fewer round trips for big files. */
 const MAX_PAGES = 256;
@@ -114,7 +116,7 @@ async function userAllowOther(): Promise<boolean> {
   return text.split('\n').some((line) => line.trim() === 'user_allow_other');
 }
 
-/** Open /dev/fuse and mount it with mount(8); returns the connection's descriptor. */
+/** Open /dev/fuse and mount it (mount(2), common/sys/mount.ts); returns the connection's descriptor. */
 async function mountAsRoot(mountpoint: string, readOnly: boolean): Promise<number> {
   let fd: number;
   try {
@@ -122,13 +124,13 @@ async function mountAsRoot(mountpoint: string, readOnly: boolean): Promise<numbe
   } catch (err) {
     throw new LayerdError(ErrorCodes.EIO, `cannot open /dev/fuse: ${(err as Error).message}`, { mountpoint }, { cause: err });
   }
-  const data = ['fd=3', 'rootmode=40000', `user_id=${process.getuid?.() ?? 0}`, `group_id=${process.getgid?.() ?? 0}`,
-    'allow_other', 'default_permissions', ...(readOnly ? ['ro'] : [])];
-  // -i: no /sbin/mount.fuse* helper; the kernel gets our options as they are.
-  const mounted = await run('mount', ['-i', '-n', '-t', 'fuse.layerd', '-o', data.join(','), 'layerd', mountpoint], fd);
-  if (mounted.code !== 0) {
+  const data = [`fd=${fd}`, 'rootmode=40000', `user_id=${process.getuid?.() ?? 0}`, `group_id=${process.getgid?.() ?? 0}`, 'allow_other', 'default_permissions'];
+  try {
+    // What `mount -i -t fuse.layerd -o …` did, without starting a process (no /sbin/mount.fuse* helper either).
+    mountSyscall('layerd', resolve(mountpoint), 'fuse.layerd', readOnly ? MS_RDONLY : 0, data.join(','));
+  } catch (err) {
     closeSync(fd);
-    throw new LayerdError(ErrorCodes.EIO, `cannot mount ${mountpoint}: ${mounted.stderr || `mount exited ${mounted.code}`}`, { mountpoint });
+    throw new LayerdError(ErrorCodes.EIO, `cannot mount ${mountpoint}: ${(err as Error).message}`, { mountpoint }, { cause: err });
   }
   return fd;
 }
@@ -322,12 +324,20 @@ export class FuseSession {
   async unmount(): Promise<void> {
     const stillMounted = async (): Promise<boolean> => (await findMount(this.mountpoint))?.fstype.startsWith('fuse') ?? false;
     if (!this.isClosed && (await stillMounted())) {
-      // fusermount3 unmounts only mounts of the calling user (that it made).
-      const [command, plain, lazy]: [string, string[], string[]] = this.mountedAsRoot
-        ? ['umount', [this.mountpoint], ['-l', this.mountpoint]]
-        : [FUSERMOUNT, ['-u', '--', this.mountpoint], ['-u', '-z', '--', this.mountpoint]];
-      const result = await run(command, plain);
-      if (result.code !== 0 && (await stillMounted())) await run(command, lazy);
+      if (this.mountedAsRoot) {
+        // umount2(2) directly (no umount(8) process); a busy mount is detached instead.
+        try {
+          unmountSyscall(this.mountpoint);
+        } catch {
+          if (await stillMounted()) {
+            try { unmountSyscall(this.mountpoint, MNT_DETACH); } catch { /* gone meanwhile, or nothing more to do: closed below */ }
+          }
+        }
+      } else {
+        // fusermount3 unmounts only mounts of the calling user (that it made).
+        const result = await run(FUSERMOUNT, ['-u', '--', this.mountpoint]);
+        if (result.code !== 0 && (await stillMounted())) await run(FUSERMOUNT, ['-u', '-z', '--', this.mountpoint]);
+      }
     }
     this.close('unmounted by its server');
     await this.closed;

@@ -4,21 +4,24 @@
  * descriptor serves any number of concurrent requests.
  */
 import { closeSync, fdatasync, fsync, ftruncate, read, write, writeSync } from 'node:fs';
+import { preadCached } from '../common/sys/fs.js';
 import { fsError } from './fsError.js';
 import type { LowerObject, UnionNode } from './mergedTree.js';
+import type { TarReader } from './tarReader.js';
 
-/** `OpenFile.fd` of a file whose descriptor `openOnRead` opens at its first read. */
-export const NOT_OPENED_YET = -2;
+/** `OpenFile.fd` of a file read through its layer's TarReader (no descriptor of its own). */
+export const THROUGH_TAR = -2;
 
 export interface OpenFile {
-  /** Host file descriptor, -1 for an empty lower file (reads return 0 bytes), or NOT_OPENED_YET. */
+  /** Host file descriptor, -1 for an empty lower file (reads return 0 bytes), or THROUGH_TAR. */
   fd: number;
   /**
-   * Opens the descriptor at the first read (a store layer's `layer.tar`):
-   * an open whose pages the kernel already caches (FOPEN_KEEP_CACHE) never
-   * reads, and then costs no open(2) and close(2) here.
+   * A store layer's file: its bytes are `range` of the layer's tar, read
+   * through the mount's one descriptor of it (so the kernel's read-ahead
+   * sees one reader across files). An open whose pages the kernel already
+   * caches (FOPEN_KEEP_CACHE) never reads, and costs no system call here.
    */
-  readonly openOnRead?: () => number;
+  readonly tar?: TarReader;
   readonly node: UnionNode;
   /**
    * For a lower file that is a range of a bigger file (a store layer's
@@ -56,6 +59,12 @@ const MAX_FH = 0x7fffffff;
  * hold up the other mounts of a host.
  */
 export const SYNC_IO_MAX = 64 * 1024;
+/**
+ * Reads up to this size are tried at once from the page cache (preadCached:
+ * a copy of ≤ 256 KiB takes ~10 µs); only what would wait for the disk goes
+ * to the pool. Files of this size or more are passed through when they can be.
+ */
+export const SYNC_READ_MAX = 256 * 1024;
 
 export class OpenFiles {
   private readonly files = new Map<number, OpenFile>();
@@ -81,23 +90,21 @@ export class OpenFiles {
   }
 
   read(fh: number, buffer: Buffer, length: number, position: number): Promise<number> {
-    const file = this.get(fh);
-    const { range, ready } = file;
-    let fd: number;
     try {
-      fd = descriptorOf(file);
+      const { fd, range, ready, tar } = this.get(fh);
+      if (range) {
+        // Never read past the file's own bytes into the rest of the tar.
+        const n = Math.min(length, range.size - position);
+        if (n <= 0) return Promise.resolve(0);
+        if (tar) return tar.read(buffer, n, range.offset + position);
+        if (ready) return ready(position, n).then(() => callback<number>((cb) => read(fd, buffer, 0, n, range.offset + position, cb)));
+        return Promise.resolve(readAt(fd, buffer, n, range.offset + position));
+      }
+      if (fd < 0) return Promise.resolve(0);
+      return Promise.resolve(readAt(fd, buffer, length, position));
     } catch (err) {
       return Promise.reject(err);
     }
-    if (fd < 0) return Promise.resolve(0);
-    if (range) {
-      // Never read past the file's own bytes into the rest of the tar.
-      const n = Math.min(length, range.size - position);
-      if (n <= 0) return Promise.resolve(0);
-      if (ready) return ready(position, n).then(() => callback<number>((cb) => read(fd, buffer, 0, n, range.offset + position, cb)));
-      return callback<number>((cb) => read(fd, buffer, 0, n, range.offset + position, cb));
-    }
-    return callback<number>((cb) => read(fd, buffer, 0, length, position, cb));
   }
 
   /**
@@ -144,8 +151,17 @@ export class OpenFiles {
   }
 }
 
-/** The file's descriptor, opened now if it was left for the first read. */
-function descriptorOf(file: OpenFile): number {
-  if (file.fd === NOT_OPENED_YET && file.openOnRead !== undefined) file.fd = file.openOnRead();
-  return file.fd;
+/**
+ * pread: at once what the page cache holds (up to SYNC_READ_MAX), the rest
+ * on the thread pool. A short read from the cache is not the end of the
+ * file, only of what is cached: the pool reads on from there.
+ */
+export function readAt(fd: number, buffer: Buffer, length: number, position: number): number | Promise<number> {
+  let cached: number | undefined;
+  if (length <= SYNC_READ_MAX) {
+    cached = preadCached(fd, buffer, length, position);
+    if (cached === length || cached === 0) return cached;
+  }
+  const got = cached ?? 0;
+  return callback<number>((cb) => read(fd, buffer, got, length - got, position + got, cb)).then((n) => got + n);
 }

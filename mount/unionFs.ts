@@ -27,7 +27,8 @@ import { devMajor, devMinor, scanDirectory, type MarkerStyle, type XattrMap } fr
 import { type LowerMergeCache, mergeLayers } from './lowerMerges.js';
 import { MergedTree, UnionNode } from './mergedTree.js';
 import { KIND_OF_TYPE, S_IFMT, TYPE_BITS, inoOf, lowerStat, upperStat, type UnionStat } from './nodeStats.js';
-import { NOT_OPENED_YET, OpenFiles, callback as call } from './openFiles.js';
+import { THROUGH_TAR, OpenFiles, callback as call } from './openFiles.js';
+import { TarReader } from './tarReader.js';
 import { ancestorsOf, baseName, isWithin, joinPath, parentOf } from './paths.js';
 import { UpperDir } from './upperDir.js';
 
@@ -114,6 +115,8 @@ export class UnionFs {
   private readonly upper: UpperDir;
   private readonly readOnly: boolean;
   private readonly files = new OpenFiles();
+  /** One reader per store-layer tar this mount reads files from (tarReader.ts). */
+  private readonly tars = new Map<string, TarReader>();
   /**
    * xattrs of upper objects by st_ino, once read or changed: every name of a
    * hard-link group is one inode with one set of xattrs, so a change through
@@ -320,16 +323,25 @@ export class UnionFs {
     const object = node.lower!;
     const content = object.source?.content(object.entry);
     if (content === undefined) return this.files.add({ fd: -1, node, upper: false, lower: object });
-    // A store layer's tar is the store's own file: opened at the first read. What
-    // opens by its own rules (a directory layer's file, checked to be the one
-    // scanned; lazily pulled bytes) is opened now, so the open fails if it fails.
-    const deferred = content.open === undefined && content.ready === undefined;
-    const fd = deferred ? NOT_OPENED_YET : openContent(content);
-    const later = deferred ? { openOnRead: () => openContent(content) } : {};
+    // A store layer's tar is the store's own file: read through the mount's one
+    // descriptor of it, opened at the first read. What opens by its own rules (a
+    // directory layer's file, checked to be the one scanned; lazily pulled bytes)
+    // is opened now, so the open fails if it fails.
+    const range = { offset: content.offset, size: content.size };
+    if (content.open === undefined && content.ready === undefined) {
+      return this.files.add({ fd: THROUGH_TAR, node, upper: false, lower: object, range, tar: this.tarReader(content.path) });
+    }
+    const fd = openContent(content);
     const whole = content.offset === 0 && content.size === object.entry.size && content.ready === undefined;
-    return this.files.add(whole ? { fd, node, upper: false, lower: object, ...later } : {
-      fd, node, upper: false, lower: object, ...later, range: { offset: content.offset, size: content.size }, ...(content.ready ? { ready: content.ready } : {}),
+    return this.files.add(whole ? { fd, node, upper: false, lower: object } : {
+      fd, node, upper: false, lower: object, range, ...(content.ready ? { ready: content.ready } : {}),
     });
+  }
+
+  private tarReader(tarPath: string): TarReader {
+    let reader = this.tars.get(tarPath);
+    if (reader === undefined) this.tars.set(tarPath, reader = new TarReader(tarPath));
+    return reader;
   }
 
   private async openUpper(path: string, node: UnionNode, flags: number): Promise<number> {
@@ -401,6 +413,8 @@ export class UnionFs {
   /** Close every open file, and the upper's root descriptor: the union is done. */
   async closeAll(): Promise<void> {
     await this.files.closeAll();
+    for (const reader of this.tars.values()) reader.close();
+    this.tars.clear();
     this.upper.close();
   }
 

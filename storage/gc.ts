@@ -130,7 +130,8 @@ export async function collectGarbage(store: Store): Promise<GcResult> {
 }
 
 /**
- * Remove the file objects no stored layer's index names: mark (every
+ * Remove the file objects no layer's index names (a lazy layer's too: its
+ * fetched files become objects, storage/lazy/lazyLayer.ts): mark (every
  * layer's index) and sweep, the sweep inside a write transaction. Objects
  * have no rows (an object's name is its content), but an import renames the
  * objects of a skeleton layer into place inside the transaction that adds
@@ -147,7 +148,6 @@ async function collectObjects(store: Store): Promise<{ count: number; bytes: num
     for (const entry of index.entries) if (entry.digest !== undefined) named.add(entry.digest);
   };
   for (const row of store.db.listLayers()) {
-    if (store.db.getLazyLayer(row.diff_id)) continue; // its index names no objects
     try {
       mark(await store.layerIndex(row.diff_id));
     } catch {
@@ -159,10 +159,10 @@ async function collectObjects(store: Store): Promise<{ count: number; bytes: num
   let bytes = 0;
   store.db.write(() => {
     for (const row of store.db.listLayers()) {
-      if (seen.has(row.diff_id) || store.db.getLazyLayer(row.diff_id)) continue;
+      if (seen.has(row.diff_id)) continue;
       try {
         // Synchronous on purpose: inside the transaction, so that no commit comes between.
-        mark(JSON.parse(readFileSync(store.layout.layerIndexPath(row.diff_id), 'utf8')) as LayerIndex);
+        mark(JSON.parse(readFileSync(join(store.layerDirFor(row.diff_id), 'index.json'), 'utf8')) as LayerIndex);
       } catch {
         return; // unreadable: keep every object (fsck reports the layer)
       }

@@ -15,12 +15,12 @@
  */
 import { expect } from 'chai';
 import { createHash } from 'node:crypto';
-import { readFile, readdir } from 'node:fs/promises';
+import { readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ContainerdContent, ContainerdOriginalLayers, LABEL_UNCOMPRESSED } from '../daemon/snapshotter/containerdContent.js';
 import { type Digest } from '../storage/digest.js';
 import { DEBIAN_MULTI, execFileAsync, layerctl, scratch } from './support/env.js';
-import { ContainerdEnv, type ImageDocs, imageDocs, missingTools } from './support/containerd.js';
+import { ContainerdEnv, type ImageDocs, imageDocs, missingTools, closeContainerdTest } from './support/containerd.js';
 import { waitFor } from './support/daemon.js';
 import { TestRegistry } from './support/registry.js';
 
@@ -54,17 +54,7 @@ function setUp(prefix: string, layerdArgs: string[] = []): {
   });
 
   after(async function () {
-    if (env) {
-      const log = env.layerd?.log() ?? '';
-      await env.stop();
-      if (this.currentTest?.state === 'failed') console.log(`layerd log (tail):\n${log.split('\n').slice(-40).join('\n')}`);
-    }
-    await registry?.stop();
-    if (work) {
-      const left = (await readFile('/proc/self/mountinfo', 'utf8')).split('\n').filter((l) => l.includes(work!.dir));
-      await work.remove();
-      expect(left, 'no mount left behind').to.deep.equal([]);
-    }
+    await closeContainerdTest(this, { env, work, servers: [registry] });
   });
 
   return {

@@ -13,10 +13,10 @@
  */
 import { expect } from 'chai';
 import { execFileSync } from 'node:child_process';
-import { mkdir, readFile, writeFile } from 'node:fs/promises';
+import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { BUSYBOX, DEBIAN_MULTI, execFileAsync, layerctl, scratch } from './support/env.js';
-import { CRI_NAMESPACE, ContainerdEnv, imageDocs, missingTools } from './support/containerd.js';
+import { CRI_NAMESPACE, ContainerdEnv, imageDocs, missingTools, closeContainerdTest } from './support/containerd.js';
 import { criImageClient } from './support/cri.js';
 import { TestRegistry } from './support/registry.js';
 
@@ -70,21 +70,7 @@ describe('containerd: the snapshotter fetches layers itself (CRI labels, ctr-rem
   });
 
   after(async function () {
-    if (env) {
-      const log = env.layerd?.log() ?? '';
-      const containerdLog = env.containerdOutput();
-      await env.stop();
-      if (this.currentTest?.state === 'failed') {
-        console.log(`layerd log (tail):\n${log.split('\n').slice(-40).join('\n')}`);
-        console.log(`containerd log (tail):\n${containerdLog.split('\n').slice(-30).join('\n')}`);
-      }
-    }
-    await registry?.stop();
-    if (work) {
-      const left = (await readFile('/proc/self/mountinfo', 'utf8')).split('\n').filter((l) => l.includes(work!.dir));
-      await work.remove();
-      expect(left, 'no mount left behind').to.deep.equal([]);
-    }
+    await closeContainerdTest(this, { env, work, servers: [registry], containerdLog: true });
   });
 
   it('CRI PullImage: layerd fetches every layer, containerd downloads none and unpacks nothing; the image runs', async () => {

@@ -14,10 +14,10 @@
  * 127.0.0.1. Skipped only if containerd or runc are not installed.
  */
 import { expect } from 'chai';
-import { readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { DEBIAN_MULTI, execFileAsync, layerctl, scratch } from './support/env.js';
-import { ContainerdEnv, missingTools } from './support/containerd.js';
+import { ContainerdEnv, missingTools, closeContainerdTest } from './support/containerd.js';
 import { waitFor } from './support/daemon.js';
 import { TestRegistry } from './support/registry.js';
 
@@ -74,17 +74,7 @@ describe('containerd: the first run after a pull does not wait for the backgroun
 
   after(async function () {
     if (gate !== '') await rm(gate, { force: true });
-    if (env) {
-      const log = env.layerd?.log() ?? '';
-      await env.stop();
-      if (this.currentTest?.state === 'failed') console.log(`layerd log (tail):\n${log.split('\n').slice(-40).join('\n')}`);
-    }
-    await registry?.stop();
-    if (work) {
-      const left = (await readFile('/proc/self/mountinfo', 'utf8')).split('\n').filter((l) => l.includes(work!.dir));
-      await work.remove();
-      expect(left, 'no mount left behind').to.deep.equal([]);
-    }
+    await closeContainerdTest(this, { env, work, servers: [registry] });
   });
 
   it('runs the image from the unpack directories while its layers are held pending; the ingest ending under a running container keeps them until it is gone', async () => {

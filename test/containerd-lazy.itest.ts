@@ -20,7 +20,7 @@ import { mkdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { DEBIAN_MULTI, scratch } from './support/env.js';
 import { readRange, walk } from './support/treeSample.js';
-import { ContainerdEnv, missingTools, ociArchive } from './support/containerd.js';
+import { ContainerdEnv, missingTools, ociArchive, closeContainerdTest } from './support/containerd.js';
 import { http, waitFor } from './support/daemon.js';
 import { TestRegistry, layerctlR, layerctlRJson, startProxy, type TestProxy } from './support/registry.js';
 import { startLayerdServer, stopLayerdServer } from './fixtures/mount/harness.js';
@@ -96,18 +96,7 @@ describe('eStargz images made by ctr-remote, pulled lazily (containerd rpull, la
     hold = false;
     for (const res of held) res.destroy();
     for (const s of servers.reverse()) await stopLayerdServer(s.child, s.mnt).catch(() => undefined);
-    if (env) {
-      const log = env.layerd?.log() ?? '';
-      await env.stop();
-      if (this.currentTest?.state === 'failed') console.log(`layerd log (tail):\n${log.split('\n').slice(-40).join('\n')}`);
-    }
-    await front?.close();
-    await registry?.stop();
-    if (work) {
-      const left = (await readFile('/proc/self/mountinfo', 'utf8')).split('\n').filter((l) => l.includes(work!.dir));
-      await work.remove();
-      expect(left, 'no mount left behind').to.deep.equal([]);
-    }
+    await closeContainerdTest(this, { env, work, servers: [front, registry] });
   });
 
   it('`ctr-remote images rpull`: the snapshots are there at once, a container runs while the fill is held, the fill then completes', async () => {
@@ -143,6 +132,8 @@ describe('eStargz images made by ctr-remote, pulled lazily (containerd rpull, la
       const s = await lazyStates();
       return (s['lazy'] ?? 0) + (s['filling'] ?? 0) + (s['broken'] ?? 0) === 0;
     }, 300_000, 250);
+    // The state leaves the database before the fill's log line is written and piped to us.
+    await waitFor('both fills logged complete', () => logged(/lazy layer complete/).length === 2, 30_000, 100);
     expect(logged(/lazy layer complete/)).to.have.length(2);
     const again = await env!.ctrOk(['run', '--rm', '--snapshotter', 'layerd', ref, 'lazy-run-2', 'sh', '-c', 'grep VERSION_CODENAME /etc/os-release'],
       { namespace, timeoutMs: 300_000 });

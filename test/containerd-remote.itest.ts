@@ -11,10 +11,9 @@
  */
 import { expect } from 'chai';
 import { status } from '@grpc/grpc-js';
-import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { DEBIAN_MULTI, layerctl, scratch } from './support/env.js';
-import { ContainerdEnv, grpcCode, imageDocs, missingTools, ociArchive, snapshotsClient } from './support/containerd.js';
+import { DEBIAN_MULTI, scratch, daemonCli } from './support/env.js';
+import { ContainerdEnv, grpcCode, imageDocs, missingTools, ociArchive, snapshotsClient, closeContainerdTest } from './support/containerd.js';
 
 describe('containerd: remote snapshots (layers already in layerd\'s store are not unpacked)', function () {
   this.timeout(300_000);
@@ -23,11 +22,7 @@ describe('containerd: remote snapshots (layers already in layerd\'s store are no
   const reason = missingTools();
   const IMAGE = 'corpus/debian-multi:l3-whiteouts';
 
-  const cli = async (...args: string[]): Promise<string> => {
-    const r = await layerctl(['--socket', env!.layerdSocket, ...args]);
-    if (r.code !== 0) throw new Error(`layerctl ${args.join(' ')}: ${r.code} ${r.stderr}`);
-    return r.stdout;
-  };
+  const { cli } = daemonCli(() => env!.layerdSocket);
   const storeLayers = async (): Promise<string[]> => (JSON.parse(await cli('layers', '--json')) as { diffId: string }[]).map((l) => l.diffId).sort();
 
   before(async function () {
@@ -41,16 +36,7 @@ describe('containerd: remote snapshots (layers already in layerd\'s store are no
   });
 
   after(async function () {
-    if (env) {
-      const log = env.layerd?.log() ?? '';
-      await env.stop();
-      if (this.currentTest?.state === 'failed') console.log(`layerd log (tail):\n${log.split('\n').slice(-40).join('\n')}`);
-    }
-    if (work) {
-      const left = (await readFile('/proc/self/mountinfo', 'utf8')).split('\n').filter((l) => l.includes(work!.dir));
-      await work.remove();
-      expect(left, 'no mount left behind').to.deep.equal([]);
-    }
+    await closeContainerdTest(this, { env, work });
   });
 
   /**

@@ -16,7 +16,7 @@ import { lstat, mkdir, readFile, readdir, stat, writeFile } from 'node:fs/promis
 import { dirname, join } from 'node:path';
 import { digestOf } from '../storage/digest.js';
 import { BUSYBOX, CORPUS, DEBIAN_MULTI, scratch } from './support/env.js';
-import { ContainerdEnv, type SnapshotsClient, missingTools, ociArchive, ok, snapshotsClient } from './support/containerd.js';
+import { ContainerdEnv, type SnapshotsClient, missingTools, ociArchive, ok, snapshotsClient, closeContainerdTest } from './support/containerd.js';
 
 const DEBIAN = 'corpus/debian-multi:l3-whiteouts';
 const BB = 'corpus/busybox:latest';
@@ -102,18 +102,7 @@ describe('containerd: containers on layerd snapshots', function () {
 
   after(async function () {
     client?.close();
-    if (env) {
-      const log = env.layerd?.log() ?? '';
-      await env.stop();
-      if (this.currentTest?.state === 'failed' || process.env['LAYERD_TEST_VERBOSE']) {
-        console.log(`layerd log (tail):\n${log.split('\n').slice(-40).join('\n')}\ncontainerd log (tail):\n${env.containerdOutput().split('\n').slice(-30).join('\n')}`);
-      }
-    }
-    if (work) {
-      const left = (await readFile('/proc/self/mountinfo', 'utf8')).split('\n').filter((l) => l.includes(work!.dir));
-      await work.remove();
-      expect(left, 'no mount left behind').to.deep.equal([]);
-    }
+    await closeContainerdTest(this, { env, work, containerdLog: true });
   });
 
   it('imports busybox with `ctr images import --snapshotter layerd` and runs it', async () => {

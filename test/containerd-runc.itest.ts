@@ -7,7 +7,7 @@
 import { expect } from 'chai';
 import { mkdir, readFile, readdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { BUSYBOX, layerctl, scratch } from './support/env.js';
+import { BUSYBOX, scratch, daemonCli } from './support/env.js';
 import { type RunningDaemon, startDaemon } from './support/daemon.js';
 import { clearMountsUnder } from './support/store.js';
 import { ok, run } from './support/containerd.js';
@@ -25,11 +25,7 @@ describe('runc: a bundle whose rootfs is a layerd mount', function () {
   const ids: string[] = [];
   let runcMissing: string | undefined;
 
-  const cli = async (...args: string[]): Promise<string> => {
-    const r = await layerctl(['--socket', daemon!.socket, ...args]);
-    if (r.code !== 0) throw new Error(`layerctl ${args.join(' ')}: ${r.code} ${r.stderr}`);
-    return r.stdout;
-  };
+  const { cli } = daemonCli(() => daemon!.socket);
   const runcRoot = (): string => join(work!.dir, 'runc-state');
 
   /** A bundle from `runc spec`, its rootfs the mount of a new layerd container. */

@@ -11,7 +11,7 @@ import { randomBytes } from 'node:crypto';
 import { status } from '@grpc/grpc-js';
 import { readFile, readdir, mkdir, stat, writeFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
-import { BUSYBOX, layerctl, scratch } from './support/env.js';
+import { BUSYBOX, scratch, daemonCli } from './support/env.js';
 import { type RunningDaemon, startDaemon, waitFor } from './support/daemon.js';
 import { type SnapshotsClient, grpcCode, snapshotsClient } from './support/containerd.js';
 import { clearMountsUnder } from './support/store.js';
@@ -41,11 +41,7 @@ describe('containerd snapshotter: the gRPC API', function () {
   const usage = (key: string) => client.call<{ size: number; inodes: number }>('Usage', { snapshotter: 'layerd', key });
   const codeOf = async (p: Promise<unknown>): Promise<number | undefined> => p.then(() => undefined, (err: unknown) => grpcCode(err));
   const mounted = async (path: string): Promise<boolean> => (await readFile('/proc/self/mountinfo', 'utf8')).split('\n').some((l) => l.split(' ')[4] === path);
-  const cli = async (...args: string[]): Promise<string> => {
-    const r = await layerctl(['--socket', daemon!.socket, ...args]);
-    if (r.code !== 0) throw new Error(`layerctl ${args.join(' ')}: ${r.code} ${r.stderr}`);
-    return r.stdout;
-  };
+  const { cli } = daemonCli(() => daemon!.socket);
   const storeLayers = async (): Promise<string[]> => (JSON.parse(await cli('layers', '--json')) as { diffId: string }[]).map((l) => l.diffId);
   /** A committed snapshot `name` without parent holding etc/hello ("hello\n"), made through an active one. */
   const committedHello = async (name: string, labels: Record<string, string> = {}): Promise<void> => {

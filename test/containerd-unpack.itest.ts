@@ -10,10 +10,9 @@
  * 127.0.0.1. Skipped only if containerd or runc are not installed.
  */
 import { expect } from 'chai';
-import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { DEBIAN_MULTI, execFileAsync, layerctl, scratch } from './support/env.js';
-import { ContainerdEnv, missingTools, ociArchive } from './support/containerd.js';
+import { ContainerdEnv, missingTools, ociArchive, closeContainerdTest } from './support/containerd.js';
 import { waitFor } from './support/daemon.js';
 import { TestRegistry } from './support/registry.js';
 
@@ -52,17 +51,7 @@ describe('containerd: unpacking into layerd at disk speed, each layer stored onc
   });
 
   after(async function () {
-    if (env) {
-      const log = env.layerd?.log() ?? '';
-      await env.stop();
-      if (this.currentTest?.state === 'failed') console.log(`layerd log (tail):\n${log.split('\n').slice(-40).join('\n')}`);
-    }
-    await registry?.stop();
-    if (work) {
-      const left = (await readFile('/proc/self/mountinfo', 'utf8')).split('\n').filter((l) => l.includes(work!.dir));
-      await work.remove();
-      expect(left, 'no mount left behind').to.deep.equal([]);
-    }
+    await closeContainerdTest(this, { env, work, servers: [registry] });
   });
 
   it('`ctr images import` in two namespaces unpacks without FUSE and stores each layer once; the image runs', async () => {

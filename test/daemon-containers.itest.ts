@@ -9,7 +9,7 @@ import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { readFile, readdir, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { DEBIAN_MULTI, execFileAsync, layerctl, scratch } from './support/env.js';
+import { DEBIAN_MULTI, execFileAsync, layerctl, scratch, daemonCli } from './support/env.js';
 import { type RunningDaemon, http, startDaemon, waitFor } from './support/daemon.js';
 
 describe('daemon: containers', function () {
@@ -18,12 +18,7 @@ describe('daemon: containers', function () {
   let daemon: RunningDaemon | undefined;
   let mountRoot: string;
 
-  const cli = async (...args: string[]): Promise<string> => {
-    const r = await layerctl(['--socket', daemon!.socket, ...args]);
-    if (r.code !== 0) throw new Error(`layerctl ${args.join(' ')}: ${r.code} ${r.stderr}`);
-    return r.stdout;
-  };
-  const json = async <T>(...args: string[]): Promise<T> => JSON.parse(await cli(...args, '--json')) as T;
+  const { cli, json } = daemonCli(() => daemon!.socket);
   /** layerd_fuse_operations_total of one operation, summed over all mounts. */
   const fuseCount = async (op: string): Promise<number> => {
     const body = (await http(daemon!.socket, 'GET', '/metrics')).body;

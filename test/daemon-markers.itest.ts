@@ -8,7 +8,7 @@
 import { expect } from 'chai';
 import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { DEBIAN_MULTI, execFileAsync, layerctl, scratch } from './support/env.js';
+import { DEBIAN_MULTI, execFileAsync, layerctl, scratch, daemonCli } from './support/env.js';
 import { type RunningDaemon, startDaemon } from './support/daemon.js';
 
 describe('daemon: marker lookalikes from inside a container', function () {
@@ -17,12 +17,7 @@ describe('daemon: marker lookalikes from inside a container', function () {
   let daemon: RunningDaemon | undefined;
   let mountRoot: string;
 
-  const cli = async (...args: string[]): Promise<string> => {
-    const r = await layerctl(['--socket', daemon!.socket, ...args]);
-    if (r.code !== 0) throw new Error(`layerctl ${args.join(' ')}: ${r.code} ${r.stderr}`);
-    return r.stdout;
-  };
-  const json = async <T>(...args: string[]): Promise<T> => JSON.parse(await cli(...args, '--json')) as T;
+  const { cli, json } = daemonCli(() => daemon!.socket);
   const xattr = async (path: string, name: string): Promise<string> =>
     (await execFileAsync('getfattr', ['--only-values', '-n', name, path])).stdout;
 

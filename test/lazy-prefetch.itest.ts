@@ -23,6 +23,7 @@ import tarStream from 'tar-stream';
 import { execFileAsync, scratch } from './support/env.js';
 import { writeEstargzLayout } from './support/estargz.js';
 import { waitFor } from './support/daemon.js';
+import { lazyStats } from './support/treeSample.js';
 import { TestRegistry, layerctlR, startProxy, type TestProxy } from './support/registry.js';
 import { startLayerdServer, stopLayerdServer } from './fixtures/mount/harness.js';
 
@@ -41,20 +42,6 @@ async function tarOf(dirs: string[], files: { path: string; bytes: Buffer }[]): 
   pack.finalize();
   await done;
   return Buffer.concat(chunks);
-}
-
-interface Stats { rangeRequests: number; stalls: number; prefetchRequests?: number; prefetchedChunks?: number }
-
-/** The lazy counters every serving process of a store wrote (lazy/stats/*.json), summed. */
-async function lazyStats(root: string): Promise<Stats> {
-  const dir = join(root, 'lazy', 'stats');
-  const total: Stats = { rangeRequests: 0, stalls: 0, prefetchRequests: 0, prefetchedChunks: 0 };
-  for (const name of await readdir(dir).catch(() => [] as string[])) {
-    if (!name.endsWith('.json')) continue;
-    const s = await readFile(join(dir, name), 'utf8').then((t) => JSON.parse(t) as Partial<Stats>, () => ({} as Partial<Stats>));
-    for (const k of Object.keys(total) as (keyof Stats)[]) total[k] = (total[k] ?? 0) + (s[k] ?? 0);
-  }
-  return total;
 }
 
 describe('lazy pull: background prefetch (landmark, read-ahead)', function () {

@@ -54,6 +54,21 @@ describe('mount command (layerd mount server)', function () {
     }
   });
 
+  it('mounts and unmounts as root with system calls: no mount(8)/umount(8) process (none on its PATH)', async function () {
+    if (process.getuid?.() !== 0) this.skip(); // as a user it mounts through fusermount3
+    // A process per mount and per unmount was on the path of every container start and removal (issue 15).
+    const child = await startLayerdServer(['--lower', ws.lowers.join(':'), '--upper', ws.upper], ws.mnt, { ...process.env, PATH: join(ws.root, 'no-such-bin') });
+    try {
+      assert.equal(await readFile(join(ws.mnt, 'etc/passwd'), 'utf8'), 'root:x:0:0\n');
+      assert.equal((await findMount(ws.mnt))?.fstype, 'fuse.layerd');
+      child.kill('SIGTERM');
+      assert.equal(await exitOf(child), 0);
+      assert.equal(await findMount(ws.mnt), undefined);
+    } finally {
+      await stopLayerdServer(child, ws.mnt);
+    }
+  });
+
   it('exits 0 when someone else unmounts it', async () => {
     const child = await startLayerdServer(['--lower', ws.lowers.join(':'), '--upper', ws.upper], ws.mnt);
     try {

@@ -9,9 +9,11 @@
  */
 import { expect } from 'chai';
 import { type ChildProcess } from 'node:child_process';
-import { mkdir, readFile, writeFile } from 'node:fs/promises';
+import { createHash } from 'node:crypto';
+import { mkdir, open, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { type OpStatsSnapshot } from '../mount/opStats.js';
+import { Store } from '../storage/store.js';
 import { makeWorkspace, mustRun, removeWorkspace, startLayerdServer, stopLayerdServer, type Workspace } from './fixtures/mount/harness.js';
 import { scratch } from './support/env.js';
 import { clearMountsUnder, storeWithDebianMulti } from './support/store.js';
@@ -128,5 +130,60 @@ print(len(paths), during - before, first == again)`]);
     // Before: one descriptor of layer.tar per open handle.
     expect(Number(moreFds), 'descriptors the server took for 300 held opens').to.be.below(10);
     expect(same, 'the held opens read the same bytes').to.equal('True');
+  });
+
+  it('cold reads of a layer\'s small files: one descriptor of the tar for all held opens, and the right bytes', async () => {
+    // The bottom layer's small files that no layer above replaces, in the order of its tar.
+    const store = await Store.open(join(work!.dir, 'store'), { durability: 'none' });
+    let tarPath: string;
+    let files: { path: string; offset: number; size: number }[];
+    try {
+      const layers = await store.imageLayers('debian-multi:latest');
+      // A path is the bottom layer's when no layer above has it, a non-directory on its way, a whiteout or an opaque directory over it.
+      const aboveKinds = new Map(layers.slice(1).flatMap((l) => l.index.entries.map((e) => [e.path, e.kind] as const)));
+      const hiding = new Set(layers.slice(1).flatMap((l) => [...l.index.whiteouts, ...l.index.opaques]));
+      const visible = (path: string): boolean => path.split('/').every((_, i, parts) => {
+        const prefix = parts.slice(0, i + 1).join('/');
+        const kind = aboveKinds.get(prefix);
+        return !hiding.has(prefix) && (kind === undefined || (kind === 'dir' && prefix !== path));
+      });
+      tarPath = layers[0]!.tarPath;
+      files = layers[0]!.index.entries
+        .filter((e) => e.kind === 'file' && e.link === undefined && e.size > 0 && e.size < 65536 && e.offset !== undefined
+          && visible(e.path) && !e.path.startsWith('usr/share/zoneinfo/'))
+        .map((e) => ({ path: e.path, offset: e.offset!, size: e.size }))
+        .sort((a, b) => a.offset - b.offset);
+    } finally {
+      store.close();
+    }
+    // Those in the first 2 MiB of the tar from the first of them.
+    const first = files[0]!.offset;
+    const run = files.filter((f) => f.offset < first + 2 * 1024 * 1024);
+    expect(run.length, 'small files read').to.be.above(50);
+
+    const out = await mustRun('python3', ['-c', `
+import os, sys, json, hashlib
+tar, mnt, paths = ${JSON.stringify(tarPath)}, ${JSON.stringify(mnt)}, json.loads(sys.argv[1])
+fd = os.open(tar, os.O_RDONLY); os.fsync(fd); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED); os.close(fd)   # the tar cold
+fds = lambda: len(os.listdir('/proc/${server!.pid}/fd'))
+before = fds()
+held = []
+h = hashlib.sha256()
+for p in paths:
+    f = open(os.path.join(mnt, p), 'rb'); h.update(f.read()); held.append(f)
+print(len(held), fds() - before, h.hexdigest())`, JSON.stringify(run.map((f) => f.path))]);
+    const [read, moreFds, digest] = out.trim().split(' ');
+    expect(Number(read)).to.equal(run.length);
+    // Before: each open that had read held a descriptor of layer.tar until its release.
+    expect(Number(moreFds), `descriptors the server took for ${run.length} held opens that read`).to.be.below(10);
+
+    const expected = createHash('sha256');
+    const handle = await open(tarPath, 'r');
+    try {
+      for (const f of run) expected.update((await handle.read(Buffer.alloc(f.size), 0, f.size, f.offset)).buffer);
+    } finally {
+      await handle.close();
+    }
+    expect(digest, 'the bytes read through the mount').to.equal(expected.digest('hex'));
   });
 });

@@ -6,7 +6,7 @@
 import { expect } from 'chai';
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { layerctl, scratch } from './support/env.js';
+import { layerctl, scratch, daemonCli } from './support/env.js';
 import { type RunningDaemon, startDaemon } from './support/daemon.js';
 import { TestRegistry, pushCorpus } from './support/registry.js';
 
@@ -15,11 +15,7 @@ describe('registry pull and push through the daemon', function () {
   let work: { dir: string; remove(): Promise<void> };
   let registry: TestRegistry;
   let daemon: RunningDaemon | undefined;
-  const cli = async (...args: string[]): Promise<string> => {
-    const r = await layerctl(['--socket', daemon!.socket, ...args]);
-    if (r.code !== 0) throw new Error(`layerctl ${args.join(' ')}: ${r.code} ${r.stderr}`);
-    return r.stdout;
-  };
+  const { cli } = daemonCli(() => daemon!.socket);
 
   before(async () => {
     work = await scratch('layerd-registry-daemon-');

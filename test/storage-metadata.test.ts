@@ -59,3 +59,28 @@ describe('metadata schema versions', () => {
     expect(code).to.equal(ErrorCodes.ECORRUPT);
   });
 });
+
+describe('metadata writes without fsync (writeUnsynced)', () => {
+  let dir: string;
+  beforeEach(async () => { dir = await mkdtemp(join(tmpdir(), 'layerd-meta-')); });
+  afterEach(async () => { await rm(dir, { recursive: true, force: true }); });
+
+  const synchronous = (db: MetadataDb): number => db.db.pragma('synchronous', { simple: true }) as number;
+
+  it('commits for other connections to see, and leaves every later write synced (FULL), even when the change throws', () => {
+    const path = join(dir, 'metadata.db');
+    const db = new MetadataDb(path);
+    const reader = new MetadataDb(path);
+    try {
+      expect(synchronous(db)).to.equal(2); // FULL
+      db.writeUnsynced(() => db.db.prepare(`INSERT INTO meta (key, value) VALUES ('probe', 'one')`).run());
+      expect(synchronous(db)).to.equal(2);
+      expect((reader.db.prepare(`SELECT value FROM meta WHERE key = 'probe'`).get() as { value: string }).value).to.equal('one');
+      expect(() => db.writeUnsynced(() => { throw new Error('no'); })).to.throw('no');
+      expect(synchronous(db)).to.equal(2);
+    } finally {
+      reader.close();
+      db.close();
+    }
+  });
+});

@@ -441,6 +441,25 @@ export function copyFileRange(fdIn: number, inOffset: number, fdOut: number, out
   return done;
 }
 
+const RWF_NOWAIT = 0x8;
+const EAGAIN = 11;
+
+/**
+ * Read up to `length` bytes at `position` into `buffer` only if they are in
+ * the page cache (preadv2 RWF_NOWAIT): the bytes read (short if only the
+ * first part is cached, or at end of file), or undefined where reading would
+ * wait for the disk. Lets a server read cached bytes at once and send only
+ * real disk reads to the thread pool.
+ */
+export function preadCached(fd: number, buffer: Buffer, length: number, position: number, label = `fd ${fd}`): number | undefined {
+  const n = Number(libc.preadv2(fd, { base: buffer, len: Math.min(length, buffer.length) }, 1, position, RWF_NOWAIT));
+  if (n >= 0) return n;
+  const errno = lastErrno();
+  // EOPNOTSUPP: a filesystem without non-blocking reads; the caller reads the usual way.
+  if (errno === EAGAIN || errnoName(errno) === 'EOPNOTSUPP') return undefined;
+  return fail('preadv2', label);
+}
+
 /**
  * Flush the whole filesystem holding `fd` (syncfs: one flush for many new
  * files instead of an fsync each), on a worker thread: it may take long.

@@ -34,6 +34,7 @@ export const SOCKET = {
 } as const;
 
 export const XattrArgs = koffi.struct('layerd_xattr_args', { value: 'void *', size: 'uint32', flags: 'uint32' });
+koffi.struct('layerd_iovec', { base: 'void *', len: 'size_t' });
 
 export const libc = {
   openat2: lib.func('long syscall(long nr, int dirfd, const char *path, void *how, size_t size)'),
@@ -69,6 +70,9 @@ export const libc = {
   sendto: lib.func('long sendto(int fd, const void *buf, size_t len, int flags, const void *addr, uint32 addrlen)'),
   close: lib.func('int close(int fd)'),
   syncfs: lib.func('int syncfs(int fd)'),
+  mount: lib.func('int mount(const char *source, const char *target, const char *fstype, unsigned long flags, const char *data)'),
+  umount2: lib.func('int umount2(const char *target, int flags)'),
+  preadv2: lib.func('long preadv2(int fd, const layerd_iovec *iov, int iovcnt, int64 offset, int flags)'),
 };
 
 /** errno of the last call made through koffi on this thread. */

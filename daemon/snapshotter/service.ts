@@ -115,6 +115,13 @@ export interface SnapshotServiceOptions {
    * pending for as long as it needs, not for as long as it is lucky.
    */
   ingestGate?: string;
+  /**
+   * Bench hook: where each snapshot mount's FUSE operation statistics are
+   * written (`<dir>/<snapshot id>.json`, by its mount host; default
+   * $LAYERD_SNAPSHOT_STATS_DIR, else none), so a benchmark can tell what a
+   * container's reads cost (bench/containerdPhases.ts).
+   */
+  statsDir?: string;
 }
 
 /** Background ingests of unpacked layers at once: one, so containerd applying the next layer keeps the other core (2 measured no better, docs/performance.md). */
@@ -165,10 +172,12 @@ export class SnapshotService {
   /** Snapshot directories being deleted in the background (Cleanup leaves them to that). */
   private readonly removing = new Set<string>();
   private readonly ingestGate: string | undefined;
+  private readonly statsDir: string | undefined;
 
   constructor(private readonly store: Store, private readonly logger: Logger, private readonly options: SnapshotServiceOptions = {}) {
     this.table = new SnapshotTable(store.db);
     this.ingestGate = options.ingestGate ?? (process.env['LAYERD_TEST_INGEST_GATE'] || undefined);
+    this.statsDir = options.statsDir ?? (process.env['LAYERD_SNAPSHOT_STATS_DIR'] || undefined);
   }
 
   // --- creating ----------------------------------------------------------------
@@ -274,11 +283,13 @@ export class SnapshotService {
       upper: row.upper!,
       mountpoint: row.mountpoint!,
       readOnly: row.kind === 'view',
+      ...(this.statsDir !== undefined ? { statsFile: join(this.statsDir, `${row.id}.json`) } : {}),
       hostsDir: this.store.layout.hostsDir(),
       context: { snapshot: row.key },
     });
     const mountMs = Math.round(performance.now() - mounting);
-    this.store.db.write(() => this.table.setServer(row.key, served.pid));
+    // (no fsync: after a power failure no server runs, and restore finds mounts by mountpoint)
+    this.store.db.writeUnsynced(() => this.table.setServer(row.key, served.pid));
     this.releaseLowerDirs(previous.filter((id) => !dirIds.includes(id)));
     return { layers: chain.length, pendingDirs: dirIds.length, ...(dirIds.length > 0 ? { walkedDirs: served.walkedDirectories ?? dirIds.length } : {}), mountMs };
   }
@@ -766,6 +777,7 @@ export class SnapshotService {
   }
 
   async remove(key: string): Promise<void> {
+    const started = performance.now();
     let row = this.row(key);
     if (row.pending_ingest === 1) {
       // Its layer first (or the ingest's failure): then it goes as any committed snapshot.
@@ -793,11 +805,15 @@ export class SnapshotService {
         return;
       }
       if (row.unpack_target === null) await stopMount(row.server_pid, row.mountpoint!);
-      this.store.db.write(() => this.table.delete(key));
+      // No fsync for a container's snapshot (containerd's GC holds its lock through Remove, before the next
+      // `ctr run`): a row a power failure brings back is unknown to containerd, whose GC removes it again.
+      // One that holds pending directories is synced: those are deleted next.
+      if (row.lower_dirs === null) this.store.db.writeUnsynced(() => this.table.delete(key));
+      else this.store.db.write(() => this.table.delete(key));
       this.releaseLowerDirs(lowerDirIds(row.lower_dirs));
       // Unmounted and unrecorded: containerd need not wait for the files (a stop before they are gone leaves them to Cleanup).
       this.removeDir(snapshotDir(this.store, row.id));
-      this.logger.info('snapshot removed', { snapshot: key, kind: row.kind });
+      this.logger.info('snapshot removed', { snapshot: key, kind: row.kind, ms: Math.round(performance.now() - started) });
     } finally {
       this.busy.delete(key);
     }

@@ -18,7 +18,7 @@ import { promisify } from 'node:util';
 import { type Headers } from 'tar-stream';
 import { ErrorCodes, LayerdError } from '../../common/errors.js';
 import { type Digest, digestOf, isDigest } from '../digest.js';
-import { type LayerIndex } from '../layerIndex.js';
+import { type LayerIndex, PASSTHROUGH_MIN_LOWER_SIZE } from '../layerIndex.js';
 import { LayerUnpacker } from '../layerUnpack.js';
 
 const gunzipAsync = promisify(gunzip);
@@ -179,6 +179,8 @@ export function planLazyLayer(toc: Toc, tocMember: TocMember, tocOffset: number,
   };
   const indexer = new LayerUnpacker();
   const files: LazyFile[] = [];
+  /** The TOC's digest of each regular file, by its offset in the content file. */
+  const fileDigests = new Map<number, Digest>();
   let current: LazyFile | undefined;
   let currentName = '';
   let contentSize = 0;
@@ -206,6 +208,7 @@ export function planLazyLayer(toc: Toc, tocMember: TocMember, tocOffset: number,
     const header = headerOf(e, what);
     if (e.type === 'reg' && (e.size ?? 0) > 0) {
       const size = e.size!;
+      if (isDigest(e.digest)) fileDigests.set(contentSize, e.digest);
       current = { offset: contentSize, size, chunks: [] };
       currentName = e.name;
       header.byteOffset = contentSize;
@@ -228,6 +231,11 @@ export function planLazyLayer(toc: Toc, tocMember: TocMember, tocOffset: number,
   contentSize += tocMember.json.length;
   files.push(tocFile);
   const { index, fileBytes } = indexer.result();
+  // A file's TOC digest (sha256 of its bytes; the TOC is verified) names its content-addressed object, as the digest a full pull computes does.
+  for (const entry of index.entries) {
+    const digest = entry.kind === 'file' && entry.link === undefined && entry.size >= PASSTHROUGH_MIN_LOWER_SIZE && entry.offset !== undefined ? fileDigests.get(entry.offset) : undefined;
+    if (digest !== undefined) entry.digest = digest;
+  }
   return { index: { ...index, id: diffId }, fileBytes, files, tocFile, contentSize };
 }
 

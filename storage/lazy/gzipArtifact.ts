@@ -7,15 +7,18 @@
  *   document, annotated with the layer's digest) and `subject` = the image
  *   manifest; pushed by digest.
  *
- * Registries without the referrers API (docker-registry 2.8) are served by
- * the referrers tag schema: an OCI index tagged `sha256-<hex of the subject
- * digest>` listing the referrers, which publishing merges into. Finding
+ * A registry with the referrers API (distribution spec 1.1) says so when the
+ * artifact manifest is pushed (`OCI-Subject: <subject digest>` in its answer)
+ * and lists the artifact itself. Registries without it (docker-registry 2.8)
+ * are served by the referrers tag schema: an OCI index tagged `sha256-<hex of
+ * the subject digest>` listing the referrers, which publishing merges into. Finding
  * tries `GET /v2/<name>/referrers/<digest>?artifactType=…` first, then that tag.
  * Listings are unverified; the artifact manifest is fetched by digest and
  * must name the image as its subject, and every index blob is verified by
  * digest and must describe the layer it is used for.
  */
 import { writeFile } from 'node:fs/promises';
+import { type IncomingHttpHeaders } from 'node:http';
 import { type Readable } from 'node:stream';
 import { join } from 'node:path';
 import { ErrorCodes, LayerdError } from '../../common/errors.js';
@@ -76,11 +79,14 @@ export interface PublishedArtifact {
   size: number;
   /** The indexed layers' digests. */
   layers: Digest[];
+  /** How readers find it: the registry's referrers API (it answered the push with OCI-Subject), else the tag schema. */
+  listedBy: ReferrersVia;
 }
 
 /**
  * Push `indexes` (documents in files of `workDir`) as the gzip-index artifact
- * of `subject`, and list it in the referrers tag of the subject.
+ * of `subject`; unless the registry answers that it processed the subject
+ * (referrers API), list it in the referrers tag of the subject.
  */
 export async function publishGzipIndexes(
   client: RegistryClient, repository: string, subject: Descriptor, indexes: GzipIndex[], workDir: string,
@@ -106,12 +112,15 @@ export async function publishGzipIndexes(
   const artifact: Descriptor & { artifactType: string } = {
     mediaType: MediaTypes.ociManifest, digest: digestOf(manifest), size: manifest.length, artifactType: GZIP_INDEX_ARTIFACT_TYPE,
   };
-  await putManifest(client, repository, artifact.digest, manifest, MediaTypes.ociManifest, scopes);
-  await addToReferrersTag(client, repository, subject.digest, artifact, scopes);
-  return { digest: artifact.digest, size: artifact.size, layers: indexes.map((i) => i.layer.digest) };
+  const answer = await putManifest(client, repository, artifact.digest, manifest, MediaTypes.ociManifest, scopes);
+  // Distribution spec 1.1: a registry with the referrers API answers a manifest with a subject with OCI-Subject; else the client keeps the tag.
+  const listedBy: ReferrersVia = headerValue(answer['oci-subject']) === subject.digest ? 'referrers API' : 'referrers tag';
+  if (listedBy === 'referrers tag') await addToReferrersTag(client, repository, subject.digest, artifact, scopes);
+  return { digest: artifact.digest, size: artifact.size, layers: indexes.map((i) => i.layer.digest), listedBy };
 }
 
-async function putManifest(client: RegistryClient, repository: string, reference: string, bytes: Buffer, mediaType: string, scopes: string[]): Promise<void> {
+/** PUT a manifest; the answer's headers. */
+async function putManifest(client: RegistryClient, repository: string, reference: string, bytes: Buffer, mediaType: string, scopes: string[]): Promise<IncomingHttpHeaders> {
   const digest = digestOf(bytes);
   const res = await client.requestBuffer({
     method: 'PUT', path: `/v2/${repository}/manifests/${reference}`, headers: { 'content-type': mediaType }, body: bytes,
@@ -121,6 +130,7 @@ async function putManifest(client: RegistryClient, repository: string, reference
   if (stored && stored !== digest) {
     throw registryError('protocol', `registry ${client.registry}: pushed ${reference} as ${digest} but the registry stored ${stored}`, { registry: client.registry, repository, digest });
   }
+  return res.headers;
 }
 
 /**

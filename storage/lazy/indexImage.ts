@@ -18,7 +18,7 @@ import { EMPTY_CONFIG, type RegistriesConfig, endpointsFor } from '../registry/c
 import { formatRegistryRef } from '../registry/reference.js';
 import { RegistrySource } from '../registry/source.js';
 import { DEFAULT_TIMEOUTS, type RegistryTimeouts, withDeadline } from '../registry/timeouts.js';
-import { publishImageGzipIndexes } from './gzipArtifact.js';
+import { type ReferrersVia, publishImageGzipIndexes } from './gzipArtifact.js';
 
 export interface IndexImageOptions {
   config?: RegistriesConfig;
@@ -34,6 +34,8 @@ export interface IndexImageResult {
   manifest: Digest;
   /** The artifact's manifest digest; absent if the image has no plain gzip layer. */
   artifact?: Digest;
+  /** How readers find the artifact: the registry's referrers API, or the `sha256-<hex>` referrers tag written beside it. */
+  listedBy?: ReferrersVia;
   layers: { digest: Digest; spans: number; tarSize: number }[];
 }
 
@@ -57,7 +59,7 @@ export async function indexRemoteImage(reference: string, options: IndexImageOpt
       indexed.push(event);
       options.onLayer?.(event);
     });
-    return { ref: formatRegistryRef(source.ref), manifest: descriptor.digest, ...(published ? { artifact: published.digest } : {}), layers: indexed };
+    return { ref: formatRegistryRef(source.ref), manifest: descriptor.digest, ...(published ? { artifact: published.digest, listedBy: published.listedBy } : {}), layers: indexed };
   } finally {
     client.close();
     await source.close();

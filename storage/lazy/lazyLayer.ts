@@ -31,8 +31,8 @@ import { createGunzip } from 'node:zlib';
 import { ErrorCodes, LayerdError } from '../../common/errors.js';
 import { fsError } from '../../common/sys/errors.js';
 import { type Digest } from '../digest.js';
-import { type ContentRef, LAYER_TAR, type LayerEntry, type LayerIndex, type LayerSource } from '../layerIndex.js';
-import { storeLayerSource } from '../objectStore.js';
+import { type ContentRef, LAYER_TAR, type LayerEntry, type LayerIndex, type LayerSource, PASSTHROUGH_MIN_LOWER_SIZE } from '../layerIndex.js';
+import { ObjectStore, storeLayerSource } from '../objectStore.js';
 import { repositoryScope } from '../registry/auth.js';
 import { RegistryClient, headerValue, readLimited } from '../registry/client.js';
 import { EMPTY_CONFIG, endpointsFor, loadRegistriesConfig } from '../registry/config.js';
@@ -179,6 +179,8 @@ export class LazyLayerSource implements LayerSource {
    */
   private readonly unused = new Set<number>();
   private closed = false;
+  /** The store's content-addressed objects (storage/objectStore.ts), when the layer is in a store's lazy directory. */
+  private readonly objects: ObjectStore | undefined;
 
   /**
    * The content file, open for the source's life: the fill removes the lazy
@@ -195,6 +197,8 @@ export class LazyLayerSource implements LayerSource {
     this.blobOrder.forEach((c, i) => this.orderOf.set(c.key, i));
     this.readTimeoutMs = options.readTimeoutMs ?? readTimeoutFromEnv();
     this.contentPath = join(dir, LAZY_CONTENT);
+    const complete = completeDirOf(dir);
+    this.objects = complete !== undefined ? ObjectStore.forRoot(dirname(dirname(dirname(complete)))) : undefined;
   }
 
   static async open(dir: string, options: LazySourceOptions = {}): Promise<LazyLayerSource> {
@@ -227,14 +231,27 @@ export class LazyLayerSource implements LayerSource {
     if (entry.kind !== 'file' || entry.size === 0 || entry.offset === undefined) return undefined;
     const offset = entry.offset;
     const file = this.byOffset.get(offset) ?? this.containing(offset, entry.size);
+    // Through this process's descriptor: the path is gone once the layer is complete.
+    const open = (): number => openSync(`/proc/self/fd/${this.fd}`, fsConstants.O_RDONLY);
+    const { digest } = entry;
     return {
-      path: this.contentPath, offset, size: entry.size,
-      // Through this process's descriptor: the path is gone once the layer is complete.
-      open: () => openSync(`/proc/self/fd/${this.fd}`, fsConstants.O_RDONLY),
+      path: this.contentPath, offset, size: entry.size, open,
       ready: (from, length) => (file === undefined
         ? Promise.reject(fsError('EIO', entry.path, 'read'))
         : this.ready(file, offset - file.offset + from, length, entry.path)),
+      ...(this.objects !== undefined && digest !== undefined && file !== undefined && entry.size >= PASSTHROUGH_MIN_LOWER_SIZE ? {
+        // Its object, as a stored layer's file has one (FUSE passthrough): made once every chunk of the file is here and
+        // verified (the object store hashes the bytes again against the digest before naming them).
+        whole: () => this.objects!.open(digest, this.allPresent(file, offset - file.offset, entry.size)
+          ? { size: entry.size, offset, openSource: open } : undefined),
+      } : {}),
     };
+  }
+
+  /** Whether every chunk of bytes [from, from + length) of `file` is in `content`, verified by this process. */
+  private allPresent(file: LazyFile, from: number, length: number): boolean {
+    const end = from + length;
+    return file.chunks.every((c) => c.fileOffset >= end || c.fileOffset + c.length <= from || this.present.has(file.offset + c.fileOffset));
   }
 
   /** The LazyFile whose bytes hold [offset, offset + size): a gzip-index layer has one, the whole tar. */
@@ -377,14 +394,20 @@ export class LazyLayerSource implements LayerSource {
    * program's binary, goes on being read) — unless that is had or coming
    * already, or half of the window is (then a read further on moves it:
    * requests of half a window at least, not one per small file as it slides).
+   * Gzip-index layers: the next span, if it is neither had nor coming.
    */
   private prefetchAfter(key: number): void {
     const at = this.orderOf.get(key);
     if (at === undefined) return;
     const { chunk, fileEnd } = this.blobOrder[at]!;
     const next = this.blobOrder[at + 1];
-    // Gzip-index spans are one file (the tar) of ~4 MiB spans: only the window, which they do not fit in.
-    const sameFile = next !== undefined && chunk.checkpoint === undefined && key + chunk.length < fileEnd && next.key === key + chunk.length;
+    if (chunk.checkpoint !== undefined) {
+      // A gzip-index span (~4 MiB of the tar's blob, a directory's files or more): the window is no
+      // fraction of one, so the next span whole — the tar goes on with the files read next.
+      if (next !== undefined && !this.present.has(next.key) && !this.inFlight.has(next.key)) this.prefetch(at + 1, next.chunk.end);
+      return;
+    }
+    const sameFile = next !== undefined && key + chunk.length < fileEnd && next.key === key + chunk.length;
     const until = Math.max(chunk.end + PREFETCH_AHEAD_BYTES, sameFile ? next.chunk.end : 0);
     let i = at + 1;
     while (i < this.blobOrder.length && (this.present.has(this.blobOrder[i]!.key) || this.inFlight.has(this.blobOrder[i]!.key))) i++;
@@ -461,9 +484,9 @@ export class LazyLayerSource implements LayerSource {
       } catch {
         // a guess that failed: the reads fetch what they need themselves
       }
-      const before = this.present.size;
-      await this.keepReadahead(wanted, fetched, wanted[0]!.chunk.start, marks);
-      this.stats.prefetchedChunks += this.present.size - before;
+      // Awaited first: `+= await` would read the counter before the await, losing a concurrent prefetch's count.
+      const kept = await this.keepReadahead(wanted, fetched, wanted[0]!.chunk.start, marks);
+      this.stats.prefetchedChunks += kept;
       wanted = [];
       this.noteStats();
     } finally {
@@ -471,8 +494,9 @@ export class LazyLayerSource implements LayerSource {
     }
   }
 
-  /** Verify and cache the read-ahead chunks of `fetched` (blob bytes from `base`), then release them. */
-  private async keepReadahead(ahead: { key: number; chunk: Chunk; release: () => void }[], fetched: Buffer | undefined, base: number, marks = true): Promise<void> {
+  /** Verify and cache the read-ahead chunks of `fetched` (blob bytes from `base`), then release them; how many were kept. */
+  private async keepReadahead(ahead: { key: number; chunk: Chunk; release: () => void }[], fetched: Buffer | undefined, base: number, marks = true): Promise<number> {
+    let kept = 0;
     for (const a of ahead) {
       try {
         if (fetched === undefined || fetched.length < a.chunk.end - base) continue;
@@ -480,6 +504,7 @@ export class LazyLayerSource implements LayerSource {
         if (bytes === undefined || sha256(bytes) !== a.chunk.digest) continue;
         await writeAt(this.fd, bytes, a.key);
         this.present.add(a.key);
+        kept++;
         if (marks) this.unused.add(a.key);
       } catch {
         // (a write that failed: the reader fetches it itself)
@@ -487,6 +512,7 @@ export class LazyLayerSource implements LayerSource {
         a.release();
       }
     }
+    return kept;
   }
 
   /** Write the counters for /metrics, at most once a second (the write may fail: only metrics are lost). */

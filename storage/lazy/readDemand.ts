@@ -28,6 +28,7 @@ import { mkdir, readdir, unlink, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { type Logger, silentLogger } from '../../common/log.js';
 import { type FetchGate } from '../registry/download.js';
+import { processAlive } from '../../common/process.js';
 
 /** How often a process rewrites its demand file while reads wait. */
 export const HEARTBEAT_MS = 250;
@@ -124,7 +125,7 @@ export class ReadDemandGate implements FetchGate {
     await mkdir(this.dir, { recursive: true, mode: 0o700 });
     for (const name of await readdir(this.dir)) {
       const pid = Number(name);
-      if (!Number.isSafeInteger(pid) || !alive(pid)) await unlink(join(this.dir, name)).catch(() => undefined);
+      if (!Number.isSafeInteger(pid) || !processAlive(pid)) await unlink(join(this.dir, name)).catch(() => undefined);
     }
     try {
       this.watcher = watch(this.dir, { persistent: false }, () => this.demand());
@@ -196,14 +197,5 @@ export class ReadDemandGate implements FetchGate {
     this.logger.warn('lazy fills cannot watch for on-demand reads: they will not yield to them', { dir: this.dir, error: String(err) });
     this.watcher?.close();
     this.watcher = undefined;
-  }
-}
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
   }
 }

@@ -35,7 +35,7 @@ import { registryError } from './errors.js';
 import { type RegistryRef, formatRegistryRef, parseRegistryRef } from './reference.js';
 import { DEFAULT_TIMEOUTS, type RegistryTimeouts, withDeadline } from './timeouts.js';
 import { type BlobOutcome, BlobUploader, DEFAULT_UPLOAD, type LocalBlob } from './upload.js';
-import { publishImageGzipIndexes } from '../lazy/gzipArtifact.js';
+import { type ReferrersVia, publishImageGzipIndexes } from '../lazy/gzipArtifact.js';
 
 export type PushCompression = Exclude<Compression, 'none'>;
 
@@ -79,7 +79,8 @@ export interface PushResult {
   manifests: { digest: Digest; platform: string; rewritten: boolean }[];
   blobs: PushedBlob[];
   /** The gzip-index artifacts published, by the manifest they refer to. */
-  gzipIndexes?: { manifest: Digest; artifact: Digest; layers: number }[];
+  /** `listedBy`: the registry's referrers API, or the `sha256-<hex>` referrers tag layerd wrote. */
+  gzipIndexes?: { manifest: Digest; artifact: Digest; layers: number; listedBy: ReferrersVia }[];
 }
 
 export async function pushImage(store: Store, image: string, target: string, options: PushOptions = {}): Promise<PushResult> {
@@ -251,7 +252,7 @@ class Pusher {
         const published = await publishImageGzipIndexes(this.client, this.ref.repository, descriptor, layers.manifest.layers.map((desc, i) => ({
           descriptor: desc, diffId: layerRows[i]!.diff_id, open: () => createReadStream(blobs[i]!.blob.path, { highWaterMark: 1024 * 1024 }),
         })), this.workDir);
-        if (published) this.gzipIndexes.push({ manifest: descriptor.digest, artifact: published.digest, layers: published.layers.length });
+        if (published) this.gzipIndexes.push({ manifest: descriptor.digest, artifact: published.digest, layers: published.layers.length, listedBy: published.listedBy });
       }
     }
     return { descriptor: { ...descriptor, platform: platformOf(row) }, rewritten };

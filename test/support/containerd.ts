@@ -22,6 +22,7 @@
  * detached inside the namespace (`umount -l` there touches only the copy): a
  * copy would keep the original's connection alive after its owner unmounts it.
  */
+import { expect } from 'chai';
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { mkdir, readFile, readdir, readlink, rm, rmdir, writeFile } from 'node:fs/promises';
@@ -33,6 +34,7 @@ import { parseMountinfo } from '../../mount/deadMount.js';
 import { REPO } from './env.js';
 import { http } from './daemon.js';
 import { signalAndWait, stopChild, waitPidGone } from './processes.js';
+import { processAlive, sleep } from '../../common/process.js';
 
 export interface RunResult {
   code: number;
@@ -79,22 +81,9 @@ export function ok(what: string, r: RunResult): string {
   return r.stdout;
 }
 
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
-}
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
-
 /** SIGTERM, then SIGKILL after `ms`; true once the process is gone, false if it outlived SIGKILL (bounded). */
 async function terminate(pid: number, ms = 10_000): Promise<boolean> {
-  if (!alive(pid)) return true;
+  if (!processAlive(pid)) return true;
   try { process.kill(pid, 'SIGTERM'); } catch { return true; }
   if (await waitPidGone(pid, ms)) return true;
   try { process.kill(pid, 'SIGKILL'); } catch { /* gone */ }
@@ -487,4 +476,40 @@ export function grpcCode(err: unknown): number | undefined {
 function fuseMinors(mountinfo: string): number[] {
   const fuse = parseMountinfo(mountinfo).filter((e) => e.major === 0 && (e.fstype === 'fuse' || e.fstype.startsWith('fuse.')));
   return [...new Set(fuse.map((e) => e.minor))];
+}
+
+/** What a containerd test suite holds: each part may be missing (a `before` that failed or skipped). */
+export interface ContainerdTestParts {
+  env: ContainerdEnv | undefined;
+  work: { dir: string; remove(): Promise<void> } | undefined;
+  /** Stopped after the environment, in order (registries, relays in front of them). */
+  servers?: ReadonlyArray<{ stop(): Promise<unknown> } | { close(): Promise<unknown> } | undefined>;
+  /** Print containerd's log tail too (besides layerd's) when the test failed. */
+  containerdLog?: boolean;
+}
+
+/**
+ * The end of a containerd test suite, for its `after` hook: stop the environment (printing
+ * its logs' tails when the last test failed or `LAYERD_TEST_VERBOSE` is set), then the
+ * servers, then remove the scratch directory — failing if a mount was left beneath it.
+ */
+export async function closeContainerdTest(test: Mocha.Context, parts: ContainerdTestParts): Promise<void> {
+  if (parts.env) {
+    const layerdLog = parts.env.layerd?.log() ?? '';
+    const containerdLog = parts.env.containerdOutput();
+    await parts.env.stop();
+    if (test.currentTest?.state === 'failed' || process.env['LAYERD_TEST_VERBOSE']) {
+      console.log(`layerd log (tail):\n${layerdLog.split('\n').slice(-40).join('\n')}`);
+      if (parts.containerdLog) console.log(`containerd log (tail):\n${containerdLog.split('\n').slice(-30).join('\n')}`);
+    }
+  }
+  for (const server of parts.servers ?? []) {
+    if (server) await ('stop' in server ? server.stop() : server.close());
+  }
+  if (parts.work) {
+    const work = parts.work;
+    const left = (await readFile('/proc/self/mountinfo', 'utf8')).split('\n').filter((l) => l.includes(work.dir));
+    await work.remove();
+    expect(left, 'no mount left behind').to.deep.equal([]);
+  }
 }

@@ -49,6 +49,19 @@ export function layerctl(args: string[], env: NodeJS.ProcessEnv = {}): Promise<C
   });
 }
 
+/**
+ * `layerctl` against the daemon listening on `socket()` (read at each call: suites start their
+ * daemon in a hook): `cli` gives stdout or throws with the exit code and stderr, `json` adds `--json`.
+ */
+export function daemonCli(socket: () => string): { cli(...args: string[]): Promise<string>; json<T>(...args: string[]): Promise<T> } {
+  const cli = async (...args: string[]): Promise<string> => {
+    const r = await layerctl(['--socket', socket(), ...args]);
+    if (r.code !== 0) throw new Error(`layerctl ${args.join(' ')}: ${r.code} ${r.stderr}`);
+    return r.stdout;
+  };
+  return { cli, json: async <T>(...args: string[]): Promise<T> => JSON.parse(await cli(...args, '--json')) as T };
+}
+
 export async function layerctlJson<T>(args: string[]): Promise<T> {
   const r = await layerctl([...args, '--json']);
   if (r.code !== 0) throw new Error(`layerctl ${args.join(' ')} failed (${r.code}): ${r.stderr}`);

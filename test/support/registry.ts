@@ -18,6 +18,7 @@ import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { BUSYBOX, CORPUS, DEBIAN_MULTI, type CliResult, execFileAsync, layerctl } from './env.js';
+import { listenLoopback } from './loopback.js';
 
 export interface RegistryOptions {
   /** Reuse a port and storage (restart after a kill). */
@@ -305,13 +306,6 @@ export async function startProxy(upstreamHost: string, hooks: ProxyHooks = {}): 
     upstream.on('error', () => { res.statusCode = 502; res.end(); });
     req.pipe(upstream);
   });
-  server.keepAliveTimeout = 1000;
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const address = server.address();
-  const port = typeof address === 'object' && address ? address.port : 0;
-  return {
-    host: `127.0.0.1:${port}`,
-    seen,
-    close: () => new Promise<void>((resolve) => { server.closeAllConnections(); server.close(() => resolve()); }),
-  };
+  const { host, close } = await listenLoopback(server);
+  return { host, seen, close };
 }

@@ -10,6 +10,7 @@
  */
 import http, { type IncomingMessage, type OutgoingHttpHeaders, type ServerResponse } from 'node:http';
 import { type Socket, createServer as createNetServer } from 'node:net';
+import { listenLoopback } from './loopback.js';
 
 export interface SeenRequest {
   method: string;
@@ -31,15 +32,8 @@ async function serve(handler: (req: IncomingMessage, res: ServerResponse) => voi
     seen.push({ method: req.method ?? '', url: req.url ?? '', authorization: req.headers.authorization, range: req.headers.range });
     handler(req, res);
   });
-  server.keepAliveTimeout = 1000;
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const address = server.address();
-  const port = typeof address === 'object' && address ? address.port : 0;
-  return {
-    host: `127.0.0.1:${port}`,
-    seen,
-    close: () => new Promise<void>((resolve) => { server.closeAllConnections(); server.close(() => resolve()); }),
-  };
+  const { host, close } = await listenLoopback(server);
+  return { host, seen, close };
 }
 
 interface ForwardOptions {
@@ -243,4 +237,102 @@ export async function waitFor(what: string, condition: () => boolean | Promise<b
     if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
     await new Promise((resolve) => setTimeout(resolve, 50));
   }
+}
+
+/** A descriptor as the referrers API lists it. */
+export interface ReferrerDescriptor {
+  mediaType: string;
+  digest: string;
+  size: number;
+  artifactType?: string;
+  annotations?: Record<string, string>;
+}
+
+export interface ReferrersFront extends TestServer {
+  /** Subjects whose manifests with a `subject` the front answered with OCI-Subject. */
+  subjectsProcessed: string[];
+  /** What `GET /v2/<name>/referrers/<subject>` answers from now on, instead of what was pushed. */
+  forge(name: string, subject: string, referrers: ReferrerDescriptor[]): void;
+}
+
+const REFERRERS = /^\/v2\/(.+)\/referrers\/([^/?]+)(\?.*)?$/;
+const MANIFEST_PUT = /^\/v2\/(.+)\/manifests\/[^/?]+$/;
+const OCI_INDEX_TYPE = 'application/vnd.oci.image.index.v1+json';
+
+/**
+ * The referrers API of the OCI distribution spec 1.1 in front of a registry
+ * that has none (docker-registry 2.8): manifest PUTs go through; those with a
+ * `subject` the registry accepted are remembered and answered with
+ * `OCI-Subject: <subject digest>`, as a registry with the API answers them.
+ * `GET /v2/<name>/referrers/<digest>[?artifactType=T]` is answered with an
+ * image index of those manifests' descriptors (artifactType: the manifest's,
+ * else its config's media type; annotations), filtered by `artifactType`
+ * (`OCI-Filters-Applied: artifactType`); an unknown subject lists nothing
+ * (200, never 404). Everything else is passed through unchanged.
+ */
+export async function startReferrersFront(registryHost: string): Promise<ReferrersFront> {
+  const pushed = new Map<string, ReferrerDescriptor[]>();
+  const forged = new Map<string, ReferrerDescriptor[]>();
+  const subjectsProcessed: string[] = [];
+  const [host, port] = registryHost.split(':') as [string, string];
+  const server = await serve((req, res) => {
+    const url = req.url ?? '';
+    const referrers = req.method === 'GET' ? REFERRERS.exec(url) : null;
+    if (referrers) {
+      const [, name, subject, query] = referrers as unknown as [string, string, string, string | undefined];
+      if (!/^sha256:[0-9a-f]{64}$/.test(subject)) {
+        res.writeHead(400, { 'content-type': 'application/json' }).end('{"errors":[{"code":"DIGEST_INVALID","message":"bad digest"}]}');
+        return;
+      }
+      const artifactType = new URLSearchParams(query?.slice(1) ?? '').get('artifactType');
+      const key = `${name}@${subject}`;
+      const all = forged.get(key) ?? pushed.get(key) ?? [];
+      const manifests = artifactType === null ? all : all.filter((d) => d.artifactType === artifactType);
+      res.writeHead(200, { 'content-type': OCI_INDEX_TYPE, ...(artifactType !== null ? { 'oci-filters-applied': 'artifactType' } : {}) })
+        .end(JSON.stringify({ schemaVersion: 2, mediaType: OCI_INDEX_TYPE, manifests }));
+      return;
+    }
+    const put = req.method === 'PUT' ? MANIFEST_PUT.exec(url) : null;
+    if (!put) {
+      forward(req, res, registryHost);
+      return;
+    }
+    // A manifest: read it whole, pass it on, and list it if the registry took it and it has a subject.
+    const parts: Buffer[] = [];
+    req.on('data', (c: Buffer) => parts.push(c));
+    req.on('end', () => {
+      const body = Buffer.concat(parts);
+      const up = http.request({ host, port: Number(port), method: 'PUT', path: url, headers: req.headers }, (answer) => {
+        const headers: OutgoingHttpHeaders = { ...answer.headers };
+        let doc: { mediaType?: string; artifactType?: string; config?: { mediaType?: string }; subject?: { digest?: string }; annotations?: Record<string, string> } = {};
+        try {
+          doc = JSON.parse(body.toString('utf8')) as typeof doc;
+        } catch {
+          // not JSON: the registry says what it thinks of it
+        }
+        const subject = doc.subject?.digest;
+        const digest = answer.headers['docker-content-digest'];
+        if (answer.statusCode === 201 && typeof subject === 'string' && typeof digest === 'string') {
+          const key = `${put[1]!}@${subject}`;
+          const artifactType = doc.artifactType ?? doc.config?.mediaType;
+          const descriptor: ReferrerDescriptor = {
+            mediaType: doc.mediaType ?? String(req.headers['content-type'] ?? ''), digest, size: body.length,
+            ...(artifactType !== undefined ? { artifactType } : {}), ...(doc.annotations ? { annotations: doc.annotations } : {}),
+          };
+          pushed.set(key, [...(pushed.get(key) ?? []).filter((d) => d.digest !== digest), descriptor]);
+          subjectsProcessed.push(subject);
+          headers['oci-subject'] = subject;
+        }
+        res.writeHead(answer.statusCode ?? 502, headers);
+        answer.pipe(res);
+      });
+      up.on('error', () => res.destroy());
+      up.end(body);
+    });
+  });
+  return {
+    ...server,
+    subjectsProcessed,
+    forge: (name, subject, referrers) => { forged.set(`${name}@${subject}`, referrers); },
+  };
 }

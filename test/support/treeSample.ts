@@ -3,7 +3,7 @@
  * lazily mounted image shows the listing and the bytes of a full pull,
  * over a deterministic random sample of files and ranges.
  */
-import { open, readdir, stat } from 'node:fs/promises';
+import { open, readFile, readdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 
 /** A small deterministic PRNG (mulberry32): the sample is the same on every run. */
@@ -54,5 +54,19 @@ export async function lazyAllocated(root: string): Promise<number> {
   const dir = join(root, 'lazy', 'sha256');
   let total = 0;
   for (const hex of await readdir(dir).catch(() => [] as string[])) total += (await stat(join(dir, hex, 'content'))).blocks * 512;
+  return total;
+}
+
+export interface LazyCounters { rangeRequests: number; stalls: number; prefetchRequests: number; prefetchedChunks: number }
+
+/** The lazy counters every serving process of a store wrote (lazy/stats/*.json), summed. */
+export async function lazyStats(root: string): Promise<LazyCounters> {
+  const dir = join(root, 'lazy', 'stats');
+  const total: LazyCounters = { rangeRequests: 0, stalls: 0, prefetchRequests: 0, prefetchedChunks: 0 };
+  for (const name of await readdir(dir).catch(() => [] as string[])) {
+    if (!name.endsWith('.json')) continue;
+    const s = await readFile(join(dir, name), 'utf8').then((t) => JSON.parse(t) as Partial<LazyCounters>, () => ({} as Partial<LazyCounters>));
+    for (const k of Object.keys(total) as (keyof LazyCounters)[]) total[k] += s[k] ?? 0;
+  }
   return total;
 }
