@@ -191,5 +191,7 @@ export function skeletonContent(entry: LayerEntry, layerDir: string, root: strin
   if (digest === undefined) return entry.offset === undefined ? undefined : { path: join(layerDir, SKELETON_INLINE_FILE), offset: entry.offset, size: entry.size };
   if (!/^sha256:[0-9a-f]{64}$/.test(digest)) return undefined;
   const hex = digest.slice('sha256:'.length);
-  return { path: join(root, 'objects', 'sha256', hex.slice(0, 2), hex), offset: 0, size: entry.size };
+  const path = join(root, 'objects', 'sha256', hex.slice(0, 2), hex);
+  // Opened per open file (`open`), not kept like a layer's one tar (or `inline`) for the mount's life: a layer has thousands of objects.
+  return { path, offset: 0, size: entry.size, open: () => openSync(path, fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW) };
 }

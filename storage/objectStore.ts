@@ -325,8 +325,11 @@ function skeletonLayerSource(index: LayerIndex, layerDir: string, objects: Objec
     content: (entry) => {
       const content = skeletonContent(entry, layerDir, objects.root);
       const digest = entry.digest;
-      if (content === undefined || digest === undefined || entry.size < PASSTHROUGH_MIN_LOWER_SIZE) return content;
-      return { ...content, whole: () => objects.open(digest) };
+      if (content === undefined || digest === undefined) return content;
+      // Opened beneath the store root through the system-call layer (openat2), per open file.
+      const rel = objectRelPath(digest)!;
+      const open = (): number => objects.openInStore(rel);
+      return entry.size < PASSTHROUGH_MIN_LOWER_SIZE ? { ...content, open } : { ...content, open, whole: () => objects.open(digest) };
     },
   };
 }
