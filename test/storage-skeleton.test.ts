@@ -8,7 +8,7 @@
 import { strict as assert } from 'node:assert';
 import { createHash } from 'node:crypto';
 import { closeSync as closeFd, readFileSync, readSync } from 'node:fs';
-import { readFile, readdir, writeFile } from 'node:fs/promises';
+import { readFile, readdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { gunzipSync, gzipSync } from 'node:zlib';
 import { LayerdError } from '../common/errors.js';
@@ -18,7 +18,7 @@ import { importFromSource, importRawLayer } from '../storage/importer.js';
 import { type Digest } from '../storage/digest.js';
 import { openContent } from '../storage/layerIndex.js';
 import { openLayerTar } from '../storage/layerTar.js';
-import { listObjects, storeLayerSource } from '../storage/objectStore.js';
+import { listObjects, objectRelPath, storeLayerSource } from '../storage/objectStore.js';
 import { detectSource } from '../storage/sources/detect.js';
 import { Store } from '../storage/store.js';
 import { INLINE_MAX_SIZE } from '../storage/tarSkeleton.js';
@@ -184,6 +184,29 @@ describe('layers kept as tar skeleton + objects', function () {
     };
     for (const [name, tar] of Object.entries(cases)) {
       assert.notEqual(await roundTrip(tar), 'imported', name);
+    }
+  });
+
+  it('fsck finds a skeleton layer whose inline bytes changed or whose object is gone', async () => {
+    const big = Buffer.alloc(20_000, 8);
+    const store = await open('skeleton');
+    try {
+      const path = join(dir, `fsck-${n++}.tar.gz`);
+      await writeFile(path, gzipSync(Buffer.concat([member({ name: 'small', type: '0' }, Buffer.from('tiny\n')), member({ name: 'big', type: '0' }, big), end()])));
+      await importRawLayer(store, path, 'f');
+      const diffId = store.db.imageLayers(store.resolveImage('f').id)[0]!.diff_id;
+      assert.deepEqual((await fsck(store)).problems, []);
+      const inline = join(store.layout.layerDir(diffId), 'inline');
+      await writeFile(inline, 'TINY\n');
+      const changed = await fsck(store);
+      assert.ok(changed.problems.some((p) => p.kind === 'layer' && p.id === diffId && /rebuilt from its skeleton hashes to/.test(p.message)), JSON.stringify(changed.problems));
+      await writeFile(inline, 'tiny\n');
+      assert.deepEqual((await fsck(store)).problems, []);
+      await rm(join(store.layout.root, objectRelPath(sha256(big))!));
+      const gone = await fsck(store);
+      assert.ok(gone.problems.some((p) => p.kind === 'layer' && p.id === diffId && /missing or unreadable/.test(p.message)), JSON.stringify(gone.problems));
+    } finally {
+      store.close();
     }
   });
 
