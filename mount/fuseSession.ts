@@ -62,6 +62,12 @@ export interface SessionOptions {
    * process may register backing files (CAP_SYS_ADMIN: a root mount).
    */
   passthrough?: boolean;
+  /**
+   * Take FUSE_WRITEBACK_CACHE where passthrough is not taken (the kernel
+   * refuses passthrough opens on a connection with it): small writes are
+   * gathered in the page cache and written back in batches.
+   */
+  writeback?: boolean;
 }
 
 /**
@@ -175,6 +181,8 @@ export class FuseSession {
   private markClosed!: () => void;
   private initDone!: (err?: Error) => void;
   private passthroughTaken = false;
+  /** The FUSE_INIT flags both sides agreed on. */
+  private negotiated = 0;
   private readonly initialized: Promise<void>;
 
   private constructor(readonly mountpoint: string, private readonly fd: number, private readonly handler: RequestHandler, private readonly options: SessionOptions,
@@ -237,13 +245,20 @@ export class FuseSession {
     const passthrough = this.options.passthrough === true && this.mountedAsRoot && kernel.minor >= FUSE_PASSTHROUGH_MINOR_VERSION
       && (kernel.flags & InitFlag.INIT_EXT) !== 0 && (kernel.flags2 & InitFlag2.PASSTHROUGH) !== 0;
     if (passthrough) flags |= InitFlag.INIT_EXT;
+    else if (this.options.writeback === true && !this.options.readOnly) flags |= kernel.flags & InitFlag.WRITEBACK_CACHE;
     this.reply(header.unique, 0, initOut({
       maxReadahead: kernel.maxReadahead, flags, maxBackground: 64, congestionThreshold: 48,
       maxWrite: MAX_WRITE, timeGran: 1, maxPages: MAX_PAGES,
       ...(passthrough ? { minor: FUSE_PASSTHROUGH_MINOR_VERSION, flags2: InitFlag2.PASSTHROUGH, maxStackDepth: PASSTHROUGH_STACK_DEPTH } : {}),
     }));
     this.passthroughTaken = passthrough;
+    this.negotiated = flags;
     this.initDone();
+  }
+
+  /** The FUSE_INIT flags in effect (0 before FUSE_INIT). */
+  get flags(): number {
+    return this.negotiated;
   }
 
   /** Whether opens may hand their data to backing files (negotiated at FUSE_INIT). */

@@ -21,7 +21,7 @@ import { closeSync } from 'node:fs';
 import type { Logger } from '../common/log.js';
 import { errnoNameOf, fsError, negativeErrno } from './fsError.js';
 import {
-  BodyReader, ENTRY_OUT_SIZE, FOPEN_KEEP_CACHE, FOPEN_PASSTHROUGH, FUSE_GETATTR_FH, Fattr, InitFlag, OUT_HEADER_SIZE, Op,
+  BodyReader, ENTRY_OUT_SIZE, FOPEN_KEEP_CACHE, FOPEN_PASSTHROUGH, FUSE_GETATTR_FH, FUSE_WRITE_KILL_SUIDGID, Fattr, InitFlag, OUT_HEADER_SIZE, Op,
   RENAME_EXCHANGE, RENAME_NOREPLACE, attrOut, direntSize, entryOut, openOut, readReadIn, readSetattr, statfsOut, u32Out,
   writeDirent, writeEntry, type RequestHeader, type SetattrIn,
 } from './fuseProtocol.js';
@@ -99,8 +99,12 @@ export class KernelFuse {
     // read with attributes (without READDIRPLUS_AUTO): with it the kernel
     // reads chunks after the first without them and then LOOKUPs each of
     // their names. A live layer: pages revalidated, plus only where it helps.
+    // Writable: suid/sgid are cleared here (KILLPRIV_V2), which lets the kernel
+    // stop asking for security.capability before every write of a file it
+    // found without privileges (SB_NOSEC), and drop the GETATTR before a chown.
     const wantFlags = InitFlag.DO_READDIRPLUS
-      | (options.contentMayChange ? InitFlag.READDIRPLUS_AUTO | InitFlag.AUTO_INVAL_DATA : InitFlag.CACHE_SYMLINKS | InitFlag.NO_OPENDIR_SUPPORT);
+      | (options.contentMayChange ? InitFlag.READDIRPLUS_AUTO | InitFlag.AUTO_INVAL_DATA : InitFlag.CACHE_SYMLINKS | InitFlag.NO_OPENDIR_SUPPORT)
+      | (options.readOnly ? 0 : InitFlag.HANDLE_KILLPRIV_V2);
     return FuseSession.mount(mountpoint, (header, request, session) => server.handle(header, request, session), {
       readOnly: options.readOnly, wantFlags, passthrough: options.passthrough ?? false,
     });
@@ -163,7 +167,7 @@ export class KernelFuse {
         const fh = r.u64();
         return this.attrReply(h.nodeid, (flags & FUSE_GETATTR_FH) !== 0 ? fh : undefined);
       }
-      case Op.SETATTR: return this.setattr(h.nodeid, req);
+      case Op.SETATTR: return this.setattr(h, req);
       case Op.READLINK: return this.union.readlink(this.path(h.nodeid)).then((target) => Buffer.from(target));
       case Op.SYMLINK: {
         const name = r.name();
@@ -205,8 +209,10 @@ export class KernelFuse {
         const fh = r.u64();
         const offset = r.u64();
         const size = r.u32();
+        const writeFlags = r.u32();
+        if ((writeFlags & FUSE_WRITE_KILL_SUIDGID) !== 0 && this.killsPrivileges) this.union.fkillPrivileges(fh);
         // A view of the request buffer, which the next read reuses (fuseSession.ts): the union copies what it does not write at once.
-        const written = this.union.write(fh, r.skip(4 + 8 + 8).rest(size), size, offset);
+        const written = this.union.write(fh, r.skip(8 + 8).rest(size), size, offset);
         return written instanceof Promise ? written.then(u32Out) : u32Out(written);
       }
       case Op.STATFS: return this.union.statfs().then((st) => statfsOut({
@@ -298,10 +304,36 @@ export class KernelFuse {
     return attrOut(st, this.ttl);
   }
 
-  private async setattr(nodeid: number, req: Buffer): Promise<Answer> {
+  /** Whether suid/sgid are cleared here (FUSE_HANDLE_KILLPRIV_V2 taken at FUSE_INIT). */
+  private get killsPrivileges(): boolean {
+    return ((this.session?.flags ?? 0) & InitFlag.HANDLE_KILLPRIV_V2) !== 0;
+  }
+
+  /**
+   * Whether a SETATTR asks to clear suid/sgid. With KILLPRIV_V2 the kernel
+   * says so with FATTR_KILL_SUIDGID on a chown or truncate; when a write it
+   * does not send here (passed through, or cached) must clear them, its
+   * file_remove_privs() strips the mode change it would have made and
+   * sends a SETATTR that sets nothing at all. It does that only for a
+   * caller without CAP_FSETID, or to drop security.capability (which the
+   * kernel removes itself): a root caller's empty SETATTR changes nothing.
+   */
+  private killRequested(h: RequestHeader, valid: number): boolean {
+    if (!this.killsPrivileges) return false;
+    if ((valid & Fattr.KILL_SUIDGID) !== 0) return true;
+    return (valid & ~(Fattr.FH | Fattr.LOCKOWNER)) === 0 && h.uid !== 0;
+  }
+
+  private async setattr(h: RequestHeader, req: Buffer): Promise<Answer> {
+    const nodeid = h.nodeid;
     const s = readSetattr(req);
+    const kill = this.killRequested(h, s.valid);
     const orphan = this.orphanHandle(nodeid);
-    if (orphan !== undefined) return this.setattrByHandle(nodeid, s.valid & Fattr.FH ? s.fh : orphan, s);
+    if (orphan !== undefined) {
+      const fh = s.valid & Fattr.FH ? s.fh : orphan;
+      if (kill) this.union.fkillPrivileges(fh);
+      return this.setattrByHandle(nodeid, fh, s);
+    }
     const path = this.path(nodeid);
     if (s.valid & Fattr.SIZE) this.refuseWhileLowerBacked(this.nodes.get(nodeid), path, true, 'truncate');
     if (s.valid & Fattr.MODE) await this.union.chmod(path, s.mode);
@@ -313,6 +345,7 @@ export class KernelFuse {
       else await this.union.truncate(path, s.size);
     }
     if (s.valid & (Fattr.ATIME | Fattr.MTIME)) await this.union.utimens(path, ...timeChanges(s));
+    if (kill) await this.union.killPrivileges(path);
     return this.attrReply(nodeid, undefined);
   }
 
@@ -453,14 +486,7 @@ export class KernelFuse {
 
   private async create(h: RequestHeader, name: string, mode: number): Promise<Answer> {
     const path = this.childPath(h.nodeid, name);
-    const fh = await this.union.create(path, mode, ownerOf(h));
-    let st: UnionStat;
-    try {
-      st = await this.stat(path);
-    } catch (err) {
-      await this.union.release(fh);
-      throw err;
-    }
+    const { fh, stat: st } = await this.union.createFile(path, mode, ownerOf(h));
     const node = this.nodes.remember(h.nodeid, name, st);
     this.opened(node, fh);
     const out = Buffer.allocUnsafe(ENTRY_OUT_SIZE + 16);
