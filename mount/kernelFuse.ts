@@ -25,7 +25,7 @@ import {
   RENAME_EXCHANGE, RENAME_NOREPLACE, attrOut, direntSize, entryOut, openOut, readReadIn, readSetattr, statfsOut, u32Out,
   writeDirent, writeEntry, type RequestHeader, type SetattrIn,
 } from './fuseProtocol.js';
-import { UTIME_NOW, UTIME_OMIT, type TimeChange } from '../common/sys/fs.js';
+import { O_RDWR, O_WRONLY, UTIME_NOW, UTIME_OMIT, type TimeChange } from '../common/sys/fs.js';
 import { FuseNode, NodeTable } from './fuseNodes.js';
 import { FuseSession } from './fuseSession.js';
 import type { OpStats } from './opStats.js';
@@ -47,6 +47,12 @@ export interface KernelFuseOptions {
    * (an object, a directory's file), then never cross into this process.
    */
   passthrough?: boolean;
+  /**
+   * Let the kernel cache writes (FUSE_WRITEBACK_CACHE) where passthrough is
+   * not taken: it keeps size and mtime itself, writes pages back in
+   * batches, and reads through write-only opens to fill partial pages.
+   */
+  writeback?: boolean;
 }
 
 
@@ -57,6 +63,7 @@ export interface KernelFuseOptions {
  */
 const NOT_IMPLEMENTED = fsError('ENOSYS', '', 'FUSE request');
 const NAMESPACE_CHANGES = new Set<number>([Op.CREATE, Op.MKNOD, Op.MKDIR, Op.SYMLINK, Op.LINK, Op.UNLINK, Op.RMDIR, Op.RENAME, Op.RENAME2]);
+const O_ACCMODE = 3;
 const OP_NAMES = new Map<number, string>(Object.entries(Op).map(([name, code]) => [code, name.toLowerCase()]));
 
 interface DirHandle { listing: DirListing; nodeid: number }
@@ -107,6 +114,7 @@ export class KernelFuse {
       | (options.readOnly ? 0 : InitFlag.HANDLE_KILLPRIV_V2);
     return FuseSession.mount(mountpoint, (header, request, session) => server.handle(header, request, session), {
       readOnly: options.readOnly, wantFlags, passthrough: options.passthrough ?? false,
+      writeback: options.writeback === true && !options.readOnly && !options.contentMayChange,
     });
   }
 
@@ -412,10 +420,15 @@ export class KernelFuse {
     this.handles.set(fh, node.id);
   }
 
+  /** Whether the kernel caches writes (FUSE_WRITEBACK_CACHE taken at FUSE_INIT). */
+  private get writebackCache(): boolean {
+    return ((this.session?.flags ?? 0) & InitFlag.WRITEBACK_CACHE) !== 0;
+  }
+
   private async open(nodeid: number, flags: number): Promise<Answer> {
     const path = this.path(nodeid);
     this.refuseWhileLowerBacked(this.nodes.get(nodeid), path, opensForWriting(flags), 'open for writing');
-    const fh = await this.union.open(path, flags);
+    const fh = await this.openUnion(path, flags);
     const node = this.nodes.get(nodeid);
     this.opened(node, fh);
     if (node && opensForWriting(flags)) {
@@ -423,6 +436,23 @@ export class KernelFuse {
       this.nodes.noteIno(node, (await this.stat(path).catch(() => undefined))?.ino ?? node.ino);
     }
     return this.openReply(node, fh);
+  }
+
+  /**
+   * With writeback caching the kernel reads through any open it writes
+   * through (to fill the rest of a page a write covers in part), so a
+   * write-only open is opened read-write here; where the server may not
+   * read the file (a server without root, a file without read permission)
+   * it stays write-only, as before.
+   */
+  private async openUnion(path: string, flags: number): Promise<number> {
+    if (!this.writebackCache || (flags & O_ACCMODE) !== O_WRONLY) return this.union.open(path, flags);
+    try {
+      return await this.union.open(path, (flags & ~O_ACCMODE) | O_RDWR);
+    } catch (err) {
+      if (errnoNameOf(err) !== 'EACCES') throw err;
+      return this.union.open(path, flags);
+    }
   }
 
   /**
