@@ -322,14 +322,16 @@ export class KernelFuse {
    * says so with FATTR_KILL_SUIDGID on a chown or truncate; when a write it
    * does not send here (passed through, or cached) must clear them, its
    * file_remove_privs() strips the mode change it would have made and
-   * sends a SETATTR that sets nothing at all. It does that only for a
-   * caller without CAP_FSETID, or to drop security.capability (which the
-   * kernel removes itself): a root caller's empty SETATTR changes nothing.
+   * sends a SETATTR that sets nothing at all (so does `chown(f, -1, -1)`,
+   * which clears suid on Linux too; with writeback caching it carries the
+   * new ctime). It does that only for a caller without CAP_FSETID, or to
+   * drop security.capability (which the kernel removes itself): a root
+   * caller's empty SETATTR changes nothing.
    */
   private killRequested(h: RequestHeader, valid: number): boolean {
     if (!this.killsPrivileges) return false;
     if ((valid & Fattr.KILL_SUIDGID) !== 0) return true;
-    return (valid & ~(Fattr.FH | Fattr.LOCKOWNER)) === 0 && h.uid !== 0;
+    return (valid & ~(Fattr.FH | Fattr.LOCKOWNER | Fattr.CTIME)) === 0 && h.uid !== 0;
   }
 
   private async setattr(h: RequestHeader, req: Buffer): Promise<Answer> {
