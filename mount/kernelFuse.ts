@@ -483,8 +483,8 @@ export class KernelFuse {
    * read-write descriptor of its own for an upper file, a read-only one for
    * lower content), and a node with cached opens (a lower file first read
    * before its object was made) gets cached opens until those are released.
-   * (The kernel still clears suid/sgid through SETATTR when a user writes:
-   * that part of a write does not pass through.)
+   * (When a user writes, the kernel still asks for suid/sgid to be cleared,
+   * with a SETATTR (killRequested): that part of a write does not pass through.)
    */
   private openReply(node: FuseNode | undefined, fh: number): Buffer {
     const session = this.session;
