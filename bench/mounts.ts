@@ -20,11 +20,20 @@ import { CORPUS, REPO } from './report.js';
 const run = promisify(execFile);
 export const LAYERD_BIN = join(REPO, 'bin', 'layerd');
 
-/** `layerd-nopt`: layerd with FUSE passthrough off (LAYERD_FUSE_PASSTHROUGH=0), serving every read and write itself. */
-export type Impl = 'layerd' | 'layerd-nopt' | 'overlayfs' | 'fuse-overlayfs';
+/**
+ * `layerd-wb`: layerd with FUSE passthrough off (LAYERD_FUSE_PASSTHROUGH=0), so with the kernel's
+ * writeback cache; `layerd-nopt`: neither (LAYERD_FUSE_WRITEBACK=0 too), serving every read and write itself.
+ */
+export type Impl = 'layerd' | 'layerd-wb' | 'layerd-nopt' | 'overlayfs' | 'fuse-overlayfs';
 export const IMPLS: Impl[] = ['layerd', 'overlayfs', 'fuse-overlayfs'];
-/** For workloads that write: what passthrough changes shows beside the peers. */
-export const IMPLS_WITH_PASSTHROUGH_OFF: Impl[] = ['layerd', 'layerd-nopt', 'overlayfs', 'fuse-overlayfs'];
+/** For workloads that write: what passthrough and writeback caching change shows beside the peers. */
+export const IMPLS_WITH_PASSTHROUGH_OFF: Impl[] = ['layerd', 'layerd-wb', 'layerd-nopt', 'overlayfs', 'fuse-overlayfs'];
+
+const LAYERD_ENV: Record<'layerd' | 'layerd-wb' | 'layerd-nopt', NodeJS.ProcessEnv> = {
+  'layerd': { LAYERD_FUSE_PASSTHROUGH: '1', LAYERD_FUSE_WRITEBACK: '1' },
+  'layerd-wb': { LAYERD_FUSE_PASSTHROUGH: '0', LAYERD_FUSE_WRITEBACK: '1' },
+  'layerd-nopt': { LAYERD_FUSE_PASSTHROUGH: '0', LAYERD_FUSE_WRITEBACK: '0' },
+};
 
 /** The same layers as layerd and as overlayfs see them. */
 export interface LayerStack {
@@ -98,9 +107,9 @@ export async function mountStack(impl: Impl, stack: LayerStack, base: string, op
   // builds rewrite dist/ under a starting `layerd mount` on a shared machine.
   for (let attempt = 1; ; attempt++) {
     const t0 = performance.now();
-    const server = impl === 'layerd' || impl === 'layerd-nopt'
+    const server = impl === 'layerd' || impl === 'layerd-wb' || impl === 'layerd-nopt'
       ? spawn(process.execPath, [LAYERD_BIN, 'mount', '--layers', topFirst(stack.layerDirs), '--upper', upper, ...layerdCacheArgs, mnt], {
-        stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, LAYERD_FUSE_PASSTHROUGH: impl === 'layerd-nopt' ? '0' : '1' },
+        stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, ...LAYERD_ENV[impl] },
       })
       : spawn('fuse-overlayfs', ['-f', '-o', fuseOverlayOpts, mnt], { stdio: ['ignore', 'ignore', 'pipe'] });
     // The server's log (a line per mount and unmount) is kept out of the report; its tail explains a failure.

@@ -33,6 +33,8 @@ export const InitFlag = {
   ASYNC_READ: 1 << 0,
   BIG_WRITES: 1 << 5,
   AUTO_INVAL_DATA: 1 << 12,
+  /** The kernel keeps written pages (and so size and mtime) and writes them back in batches. */
+  WRITEBACK_CACHE: 1 << 16,
   DO_READDIRPLUS: 1 << 13,
   READDIRPLUS_AUTO: 1 << 14,
   PARALLEL_DIROPS: 1 << 18,
@@ -40,6 +42,13 @@ export const InitFlag = {
   CACHE_SYMLINKS: 1 << 23,
   /** The kernel may skip OPENDIR/RELEASEDIR once OPENDIR answers ENOSYS (and then caches directories). */
   NO_OPENDIR_SUPPORT: 1 << 24,
+  /**
+   * The server clears suid/sgid on write, truncate and chown (told by
+   * FUSE_WRITE_KILL_SUIDGID / FATTR_KILL_SUIDGID); the kernel then sets
+   * SB_NOSEC, so an inode found without privileges is not asked for its
+   * `security.capability` again before each write.
+   */
+  HANDLE_KILLPRIV_V2: 1 << 28,
   /** flags2 (the upper 32 bits of the flags) is valid in init_in and init_out. */
   INIT_EXT: 1 << 30,
 } as const;
@@ -62,8 +71,14 @@ export const FUSE_DEV_IOC_BACKING_CLOSE = 0x4004e502; // _IOW(229, 2, uint32_t)
 /** setattr_in.valid bits. */
 export const Fattr = {
   MODE: 1 << 0, UID: 1 << 1, GID: 1 << 2, SIZE: 1 << 3, ATIME: 1 << 4, MTIME: 1 << 5,
-  FH: 1 << 6, ATIME_NOW: 1 << 7, MTIME_NOW: 1 << 8,
+  FH: 1 << 6, ATIME_NOW: 1 << 7, MTIME_NOW: 1 << 8, LOCKOWNER: 1 << 9, CTIME: 1 << 10,
+  /** With HANDLE_KILLPRIV_V2: clear suid, and sgid if group-executable, after this change (chown; truncate by a caller without CAP_FSETID). */
+  KILL_SUIDGID: 1 << 11,
 } as const;
+
+/** write_in.write_flags: the page cache writing back (no caller behind it), and "clear suid/sgid first". */
+export const FUSE_WRITE_CACHE = 1 << 0;
+export const FUSE_WRITE_KILL_SUIDGID = 1 << 2;
 
 export const FUSE_GETATTR_FH = 1 << 0;
 export const RENAME_NOREPLACE = 1 << 0;

@@ -49,6 +49,8 @@ const MAX_PAGES = 256;
 export const MAX_WRITE = MAX_PAGES * 4096;
 /** Room for the largest request: a WRITE's headers and data (the kernel refuses smaller reads). */
 const READ_BUFFER = Buffer.allocUnsafe(MAX_WRITE + 4096);
+/** Where replies up to its size are put together before their write() (entries, attributes, listings). */
+const REPLY_BUFFER = Buffer.allocUnsafe(64 * 1024);
 /**
  * The kernel reads ahead 128 KiB on a new FUSE mount; as much as one READ
  * may carry halves the time of a cold sequential read (1 GiB: ~1.9 → ~1.05 s).
@@ -64,6 +66,12 @@ export interface SessionOptions {
    * process may register backing files (CAP_SYS_ADMIN: a root mount).
    */
   passthrough?: boolean;
+  /**
+   * Take FUSE_WRITEBACK_CACHE where passthrough is not taken (the kernel
+   * refuses passthrough opens on a connection with it): small writes are
+   * gathered in the page cache and written back in batches.
+   */
+  writeback?: boolean;
 }
 
 /**
@@ -177,6 +185,8 @@ export class FuseSession {
   private markClosed!: () => void;
   private initDone!: (err?: Error) => void;
   private passthroughTaken = false;
+  /** The FUSE_INIT flags both sides agreed on. */
+  private negotiated = 0;
   private readonly initialized: Promise<void>;
 
   private constructor(readonly mountpoint: string, private readonly fd: number, private readonly handler: RequestHandler, private readonly options: SessionOptions,
@@ -239,13 +249,20 @@ export class FuseSession {
     const passthrough = this.options.passthrough === true && this.mountedAsRoot && kernel.minor >= FUSE_PASSTHROUGH_MINOR_VERSION
       && (kernel.flags & InitFlag.INIT_EXT) !== 0 && (kernel.flags2 & InitFlag2.PASSTHROUGH) !== 0;
     if (passthrough) flags |= InitFlag.INIT_EXT;
+    else if (this.options.writeback === true && !this.options.readOnly) flags |= kernel.flags & InitFlag.WRITEBACK_CACHE;
     this.reply(header.unique, 0, initOut({
       maxReadahead: kernel.maxReadahead, flags, maxBackground: 64, congestionThreshold: 48,
       maxWrite: MAX_WRITE, timeGran: 1, maxPages: MAX_PAGES,
       ...(passthrough ? { minor: FUSE_PASSTHROUGH_MINOR_VERSION, flags2: InitFlag2.PASSTHROUGH, maxStackDepth: PASSTHROUGH_STACK_DEPTH } : {}),
     }));
     this.passthroughTaken = passthrough;
+    this.negotiated = flags;
     this.initDone();
+  }
+
+  /** The FUSE_INIT flags in effect (0 before FUSE_INIT). */
+  get flags(): number {
+    return this.negotiated;
   }
 
   /** Whether opens may hand their data to backing files (negotiated at FUSE_INIT). */
@@ -281,8 +298,14 @@ export class FuseSession {
   reply(unique: number, errno: number, body?: Buffer): void {
     if (this.isClosed) return;
     const length = OUT_HEADER_SIZE + (errno === 0 && body ? body.length : 0);
-    const out = errno === 0 && body ? Buffer.concat([outHeader(length, 0, unique), body], length) : outHeader(length, errno, unique);
-    this.write(out);
+    if (length > REPLY_BUFFER.length) {
+      this.write(Buffer.concat([outHeader(length, 0, unique), body!], length));
+      return;
+    }
+    // Replies are written synchronously, one at a time: one buffer serves them all (no allocation per reply).
+    writeOutHeader(REPLY_BUFFER, length, errno, unique);
+    if (length > OUT_HEADER_SIZE) body!.copy(REPLY_BUFFER, OUT_HEADER_SIZE);
+    this.write(REPLY_BUFFER.subarray(0, length));
   }
 
   /**

@@ -21,11 +21,11 @@ import { closeSync } from 'node:fs';
 import type { Logger } from '../common/log.js';
 import { errnoNameOf, fsError, negativeErrno } from './fsError.js';
 import {
-  BodyReader, ENTRY_OUT_SIZE, FOPEN_KEEP_CACHE, FOPEN_PASSTHROUGH, FUSE_GETATTR_FH, Fattr, InitFlag, OUT_HEADER_SIZE, Op,
+  BodyReader, ENTRY_OUT_SIZE, FOPEN_KEEP_CACHE, FOPEN_PASSTHROUGH, FUSE_GETATTR_FH, FUSE_WRITE_KILL_SUIDGID, Fattr, InitFlag, OUT_HEADER_SIZE, Op,
   RENAME_EXCHANGE, RENAME_NOREPLACE, attrOut, direntSize, entryOut, openOut, readReadIn, readSetattr, statfsOut, u32Out,
   writeDirent, writeEntry, type RequestHeader, type SetattrIn,
 } from './fuseProtocol.js';
-import { UTIME_NOW, UTIME_OMIT, type TimeChange } from '../common/sys/fs.js';
+import { O_RDWR, O_WRONLY, UTIME_NOW, UTIME_OMIT, type TimeChange } from '../common/sys/fs.js';
 import { FuseNode, NodeTable } from './fuseNodes.js';
 import { FuseSession } from './fuseSession.js';
 import type { OpStats } from './opStats.js';
@@ -47,6 +47,12 @@ export interface KernelFuseOptions {
    * (an object, a directory's file), then never cross into this process.
    */
   passthrough?: boolean;
+  /**
+   * Let the kernel cache writes (FUSE_WRITEBACK_CACHE) where passthrough is
+   * not taken: it keeps size and mtime itself, writes pages back in
+   * batches, and reads through write-only opens to fill partial pages.
+   */
+  writeback?: boolean;
 }
 
 
@@ -57,6 +63,7 @@ export interface KernelFuseOptions {
  */
 const NOT_IMPLEMENTED = fsError('ENOSYS', '', 'FUSE request');
 const NAMESPACE_CHANGES = new Set<number>([Op.CREATE, Op.MKNOD, Op.MKDIR, Op.SYMLINK, Op.LINK, Op.UNLINK, Op.RMDIR, Op.RENAME, Op.RENAME2]);
+const O_ACCMODE = 3;
 const OP_NAMES = new Map<number, string>(Object.entries(Op).map(([name, code]) => [code, name.toLowerCase()]));
 
 interface DirHandle { listing: DirListing; nodeid: number }
@@ -99,10 +106,15 @@ export class KernelFuse {
     // read with attributes (without READDIRPLUS_AUTO): with it the kernel
     // reads chunks after the first without them and then LOOKUPs each of
     // their names. A live layer: pages revalidated, plus only where it helps.
+    // Writable: suid/sgid are cleared here (KILLPRIV_V2), which lets the kernel
+    // stop asking for security.capability before every write of a file it
+    // found without privileges (SB_NOSEC), and drop the GETATTR before a chown.
     const wantFlags = InitFlag.DO_READDIRPLUS
-      | (options.contentMayChange ? InitFlag.READDIRPLUS_AUTO | InitFlag.AUTO_INVAL_DATA : InitFlag.CACHE_SYMLINKS | InitFlag.NO_OPENDIR_SUPPORT);
+      | (options.contentMayChange ? InitFlag.READDIRPLUS_AUTO | InitFlag.AUTO_INVAL_DATA : InitFlag.CACHE_SYMLINKS | InitFlag.NO_OPENDIR_SUPPORT)
+      | (options.readOnly ? 0 : InitFlag.HANDLE_KILLPRIV_V2);
     return FuseSession.mount(mountpoint, (header, request, session) => server.handle(header, request, session), {
       readOnly: options.readOnly, wantFlags, passthrough: options.passthrough ?? false,
+      writeback: options.writeback === true && !options.readOnly && !options.contentMayChange,
     });
   }
 
@@ -163,7 +175,7 @@ export class KernelFuse {
         const fh = r.u64();
         return this.attrReply(h.nodeid, (flags & FUSE_GETATTR_FH) !== 0 ? fh : undefined);
       }
-      case Op.SETATTR: return this.setattr(h.nodeid, req);
+      case Op.SETATTR: return this.setattr(h, req);
       case Op.READLINK: return this.union.readlink(this.path(h.nodeid)).then((target) => Buffer.from(target));
       case Op.SYMLINK: {
         const name = r.name();
@@ -205,8 +217,10 @@ export class KernelFuse {
         const fh = r.u64();
         const offset = r.u64();
         const size = r.u32();
+        const writeFlags = r.u32();
+        if ((writeFlags & FUSE_WRITE_KILL_SUIDGID) !== 0 && this.killsPrivileges) this.union.fkillPrivileges(fh);
         // A view of the request buffer, which the next read reuses (fuseSession.ts): the union copies what it does not write at once.
-        const written = this.union.write(fh, r.skip(4 + 8 + 8).rest(size), size, offset);
+        const written = this.union.write(fh, r.skip(8 + 8).rest(size), size, offset);
         return written instanceof Promise ? written.then(u32Out) : u32Out(written);
       }
       case Op.STATFS: return this.union.statfs().then((st) => statfsOut({
@@ -298,10 +312,38 @@ export class KernelFuse {
     return attrOut(st, this.ttl);
   }
 
-  private async setattr(nodeid: number, req: Buffer): Promise<Answer> {
+  /** Whether suid/sgid are cleared here (FUSE_HANDLE_KILLPRIV_V2 taken at FUSE_INIT). */
+  private get killsPrivileges(): boolean {
+    return ((this.session?.flags ?? 0) & InitFlag.HANDLE_KILLPRIV_V2) !== 0;
+  }
+
+  /**
+   * Whether a SETATTR asks to clear suid/sgid. With KILLPRIV_V2 the kernel
+   * says so with FATTR_KILL_SUIDGID on a chown or truncate; when a write it
+   * does not send here (passed through, or cached) must clear them, its
+   * file_remove_privs() strips the mode change it would have made and
+   * sends a SETATTR that sets nothing at all (so does `chown(f, -1, -1)`,
+   * which clears suid on Linux too; with writeback caching it carries the
+   * new ctime). It does that only for a caller without CAP_FSETID, or to
+   * drop security.capability (which the kernel removes itself): a root
+   * caller's empty SETATTR changes nothing.
+   */
+  private killRequested(h: RequestHeader, valid: number): boolean {
+    if (!this.killsPrivileges) return false;
+    if ((valid & Fattr.KILL_SUIDGID) !== 0) return true;
+    return (valid & ~(Fattr.FH | Fattr.LOCKOWNER | Fattr.CTIME)) === 0 && h.uid !== 0;
+  }
+
+  private async setattr(h: RequestHeader, req: Buffer): Promise<Answer> {
+    const nodeid = h.nodeid;
     const s = readSetattr(req);
+    const kill = this.killRequested(h, s.valid);
     const orphan = this.orphanHandle(nodeid);
-    if (orphan !== undefined) return this.setattrByHandle(nodeid, s.valid & Fattr.FH ? s.fh : orphan, s);
+    if (orphan !== undefined) {
+      const fh = s.valid & Fattr.FH ? s.fh : orphan;
+      if (kill) this.union.fkillPrivileges(fh);
+      return this.setattrByHandle(nodeid, fh, s);
+    }
     const path = this.path(nodeid);
     if (s.valid & Fattr.SIZE) this.refuseWhileLowerBacked(this.nodes.get(nodeid), path, true, 'truncate');
     if (s.valid & Fattr.MODE) await this.union.chmod(path, s.mode);
@@ -313,6 +355,7 @@ export class KernelFuse {
       else await this.union.truncate(path, s.size);
     }
     if (s.valid & (Fattr.ATIME | Fattr.MTIME)) await this.union.utimens(path, ...timeChanges(s));
+    if (kill) await this.union.killPrivileges(path);
     return this.attrReply(nodeid, undefined);
   }
 
@@ -379,10 +422,15 @@ export class KernelFuse {
     this.handles.set(fh, node.id);
   }
 
+  /** Whether the kernel caches writes (FUSE_WRITEBACK_CACHE taken at FUSE_INIT). */
+  private get writebackCache(): boolean {
+    return ((this.session?.flags ?? 0) & InitFlag.WRITEBACK_CACHE) !== 0;
+  }
+
   private async open(nodeid: number, flags: number): Promise<Answer> {
     const path = this.path(nodeid);
     this.refuseWhileLowerBacked(this.nodes.get(nodeid), path, opensForWriting(flags), 'open for writing');
-    const fh = await this.union.open(path, flags);
+    const fh = await this.openUnion(path, flags);
     const node = this.nodes.get(nodeid);
     this.opened(node, fh);
     if (node && opensForWriting(flags)) {
@@ -390,6 +438,23 @@ export class KernelFuse {
       this.nodes.noteIno(node, (await this.stat(path).catch(() => undefined))?.ino ?? node.ino);
     }
     return this.openReply(node, fh);
+  }
+
+  /**
+   * With writeback caching the kernel reads through any open it writes
+   * through (to fill the rest of a page a write covers in part), so a
+   * write-only open is opened read-write here; where the server may not
+   * read the file (a server without root, a file without read permission)
+   * it stays write-only, as before.
+   */
+  private async openUnion(path: string, flags: number): Promise<number> {
+    if (!this.writebackCache || (flags & O_ACCMODE) !== O_WRONLY) return this.union.open(path, flags);
+    try {
+      return await this.union.open(path, (flags & ~O_ACCMODE) | O_RDWR);
+    } catch (err) {
+      if (errnoNameOf(err) !== 'EACCES') throw err;
+      return this.union.open(path, flags);
+    }
   }
 
   /**
@@ -418,8 +483,8 @@ export class KernelFuse {
    * read-write descriptor of its own for an upper file, a read-only one for
    * lower content), and a node with cached opens (a lower file first read
    * before its object was made) gets cached opens until those are released.
-   * (The kernel still clears suid/sgid through SETATTR when a user writes:
-   * that part of a write does not pass through.)
+   * (When a user writes, the kernel still asks for suid/sgid to be cleared,
+   * with a SETATTR (killRequested): that part of a write does not pass through.)
    */
   private openReply(node: FuseNode | undefined, fh: number): Buffer {
     const session = this.session;
@@ -453,14 +518,7 @@ export class KernelFuse {
 
   private async create(h: RequestHeader, name: string, mode: number): Promise<Answer> {
     const path = this.childPath(h.nodeid, name);
-    const fh = await this.union.create(path, mode, ownerOf(h));
-    let st: UnionStat;
-    try {
-      st = await this.stat(path);
-    } catch (err) {
-      await this.union.release(fh);
-      throw err;
-    }
+    const { fh, stat: st } = await this.union.createFile(path, mode, ownerOf(h));
     const node = this.nodes.remember(h.nodeid, name, st);
     this.opened(node, fh);
     const out = Buffer.allocUnsafe(ENTRY_OUT_SIZE + 16);

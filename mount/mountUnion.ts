@@ -7,6 +7,7 @@ import { ErrorCodes, LayerdError } from '../common/errors.js';
 import type { LayerSource } from '../storage/layerIndex.js';
 import { clearDeadMount, isDeadMount } from './deadMount.js';
 import type { FuseSession } from './fuseSession.js';
+import { InitFlag } from './fuseProtocol.js';
 import { KernelFuse } from './kernelFuse.js';
 import { LiveLayer } from './liveLayer.js';
 import type { LowerMergeCache } from './lowerMerges.js';
@@ -35,6 +36,17 @@ export interface MountUnionOptions {
    * on, unless the environment has LAYERD_FUSE_PASSTHROUGH=0).
    */
   passthrough?: boolean;
+  /**
+   * FUSE writeback caching on a writable mount that is not passed through
+   * (default: on, unless the environment has LAYERD_FUSE_WRITEBACK=0; never
+   * with a live layer, whose files change behind the kernel).
+   */
+  writeback?: boolean;
+}
+
+/** The default of MountUnionOptions.writeback: LAYERD_FUSE_WRITEBACK=0 turns it off (benchmarks, the semantics suite run each way). */
+export function writebackByDefault(): boolean {
+  return process.env['LAYERD_FUSE_WRITEBACK'] !== '0';
 }
 
 /** The default of MountUnionOptions.passthrough: LAYERD_FUSE_PASSTHROUGH=0 turns it off (benchmarks, the semantics suite run both ways). */
@@ -94,6 +106,7 @@ export async function mountUnion(options: MountUnionOptions): Promise<MountedUni
     session = await KernelFuse.mount(mountpoint, union, {
       readOnly, contentMayChange: live !== undefined, cacheSeconds: cacheSeconds ?? KERNEL_CACHE_SECONDS, logger,
       ...(options.stats ? { stats: options.stats } : {}), passthrough: options.passthrough ?? passthroughByDefault(),
+      writeback: live === undefined && (options.writeback ?? writebackByDefault()),
     });
   } catch (err) {
     await live?.close();
@@ -102,6 +115,7 @@ export async function mountUnion(options: MountUnionOptions): Promise<MountedUni
   const mergedUnion = union;
   logger.info('mounted', {
     mountpoint, layers: options.layers.length, readOnly, ...(live ? { liveLayer: live.dir } : {}), passthrough: session.passthrough,
+    writeback: (session.flags & InitFlag.WRITEBACK_CACHE) !== 0,
     mergeMs: Math.round(merged - started), serveMs: Math.round(performance.now() - merged),
   });
 

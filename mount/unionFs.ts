@@ -19,7 +19,7 @@
 import { closeSync, fchmodSync, fchownSync, ftruncate } from 'node:fs';
 import { statfs } from 'node:fs/promises';
 import {
-  O_CREAT, O_DSYNC, O_EXCL, O_RDWR, O_SYNC, O_TRUNC, O_WRONLY, fstat, futimens, reopenFd, type TimeChange,
+  O_CREAT, O_DSYNC, O_EXCL, O_RDWR, O_SYNC, O_TRUNC, O_WRONLY, fstat, futimens, reopenFd, type Stat, type TimeChange,
 } from '../common/sys/fs.js';
 import { type EntryKind, type LayerEntry, type LayerSource, PASSTHROUGH_MIN_LOWER_SIZE, openContent, xattrBytes } from '../storage/layerIndex.js';
 import { fsError } from './fsError.js';
@@ -73,6 +73,15 @@ export const XATTR_REPLACE = 2;
 /** chown's "leave this id alone" ((uid_t) -1), as the FUSE bindings pass it. */
 export const NO_OWNER_CHANGE = 0xffffffff;
 const S_ISGID = 0o2000;
+const S_ISUID = 0o4000;
+const S_IXGRP = 0o010;
+
+/** The permission bits left once privileges are cleared: no suid, no sgid if group-executable (a sgid without it is a locking mark). */
+function withoutPrivileges(mode: number): number {
+  let kept = mode & 0o7777 & ~S_ISUID;
+  if ((mode & (S_ISGID | S_IXGRP)) === (S_ISGID | S_IXGRP)) kept &= ~S_ISGID;
+  return kept;
+}
 
 /** Flags kept when opening an upper file for a FUSE open (offsets come from the kernel, so no O_APPEND). */
 const OPEN_FLAGS_KEPT = O_ACCMODE | O_TRUNC | O_SYNC | O_DSYNC;
@@ -211,6 +220,31 @@ export class UnionFs {
 
   futimens(fh: number, atime: TimeChange, mtime: TimeChange): void {
     futimens(this.openUpperFd(fh, 'futimens'), atime, mtime);
+  }
+
+  /**
+   * Clear suid (and a group-executable file's sgid) of the file at `path`:
+   * with FUSE_HANDLE_KILLPRIV_V2 the kernel leaves that to the server when
+   * a caller without CAP_FSETID writes, truncates or chowns. Only upper
+   * files can be asked for it (writing copies up first).
+   */
+  killPrivileges(path: string): Promise<void> {
+    return this.mutate(path, 'clear suid/sgid', async () => {
+      const node = this.node(path, 'clear suid/sgid');
+      if (!node.upper || node.kind !== 'file') return;
+      const mode = this.upper.stat(path).mode;
+      const kept = withoutPrivileges(mode);
+      if (kept !== (mode & 0o7777)) this.upper.chmod(path, kept);
+    });
+  }
+
+  /** killPrivileges by an open handle (a WRITE that carries FUSE_WRITE_KILL_SUIDGID). */
+  fkillPrivileges(fh: number): void {
+    const { fd, upper } = this.files.get(fh);
+    if (!upper || fd < 0) return;
+    const mode = fstat(fd, OPEN_FILE_PATH).mode;
+    const kept = withoutPrivileges(mode);
+    if (kept !== (mode & 0o7777)) fchmodSync(fd, kept);
   }
 
   private openUpperFd(fh: number, op: string): number {
@@ -559,21 +593,27 @@ export class UnionFs {
   }
 
   create(path: string, mode: number, owner?: Owner): Promise<number> {
+    return this.createFile(path, mode, owner).then((made) => made.fh);
+  }
+
+  /** create, answering with the new file's attributes too (from its descriptor: no second lookup of the path). */
+  createFile(path: string, mode: number, owner?: Owner): Promise<{ fh: number; stat: UnionStat }> {
     return this.mutate(path, 'create', async () => {
       await this.prepareNewEntry(path, 'create');
       const fd = this.upper.open(path, O_CREAT | O_EXCL | O_RDWR, mode & 0o7777);
-      let ino: number;
+      let st: Stat;
       try {
         this.applyOwner(path, owner, fd);
         // open() applied our umask, and a chown clears setuid/setgid: set the mode unless neither changed it.
         if ((mode & 0o7777 & ~SERVER_UMASK) !== (mode & 0o7777) || (mode & 0o6000) !== 0) fchmodSync(fd, mode & 0o7777);
-        ino = fstat(fd, this.upper.pathOf(path)).ino;
+        st = fstat(fd, this.upper.pathOf(path));
       } catch (err) {
         closeSync(fd); // no handle leaks, and no file the tree does not know
         try { this.upper.unlink(path); } catch { /* the first error is the one to report */ }
         throw err;
       }
-      return this.files.add({ fd, node: this.addUpperNode(path, 'file', ino), upper: true, plainReadWrite: true });
+      const node = this.addUpperNode(path, 'file', st.ino);
+      return { fh: this.files.add({ fd, node, upper: true, plainReadWrite: true }), stat: upperStat(path, node, st, 0) };
     });
   }
 

@@ -28,17 +28,24 @@ import type { XattrMap } from './lowerDir.js';
 
 export type NodeKind = 'fifo' | 'char' | 'block' | 'socket';
 
+/** How many directories' descriptors an upper keeps open (dirFd): a few per mount, as many mounts share a host's descriptor limit. */
+const KEPT_DIR_FDS = 16;
+
 const TYPE_OF: Record<NodeKind, number> = { fifo: 0o010000, char: 0o020000, block: 0o060000, socket: 0o140000 };
 
 export class UpperDir {
   /** Descriptor of the upper's root, for the union's lifetime. */
   private readonly rootFd: number;
 
+  /** Directories' descriptors kept between calls (dirFd), oldest first. */
+  private readonly dirFds = new Map<string, number>();
+
   constructor(readonly root: string) {
     this.rootFd = openRoot(root);
   }
 
   close(): void {
+    this.forgetDirs('');
     close(this.rootFd);
   }
 
@@ -52,11 +59,41 @@ export class UpperDir {
     if (path === '') return op(this.rootFd, '');
     const slash = path.lastIndexOf('/');
     if (slash < 0) return op(this.rootFd, path);
-    const dirfd = openBeneath(this.rootFd, path.slice(0, slash), O_PATH | O_DIRECTORY);
-    try {
-      return op(dirfd, path.slice(slash + 1));
-    } finally {
-      close(dirfd);
+    return op(this.dirFd(path.slice(0, slash)), path.slice(slash + 1));
+  }
+
+  /**
+   * An O_PATH descriptor of the directory `dir`, opened beneath the root
+   * with no symlink followed, and kept for the next calls in it: a file
+   * made in a directory is then chowned, chmodded, timed and stat'ed there,
+   * and resolving the path again for each (openat2 + close) was the largest
+   * item of the server's CPU profile while untarring into a mount. Only
+   * this union changes the upper's directories while it is mounted (as
+   * with overlayfs, changing the upper behind a mount is not supported);
+   * its renames and removals of directories drop what they move or remove.
+   */
+  private dirFd(dir: string): number {
+    const kept = this.dirFds.get(dir);
+    if (kept !== undefined) return kept;
+    const fd = openBeneath(this.rootFd, dir, O_PATH | O_DIRECTORY);
+    if (this.dirFds.size >= KEPT_DIR_FDS) {
+      const [oldest, oldestFd] = this.dirFds.entries().next().value as [string, number];
+      this.dirFds.delete(oldest);
+      close(oldestFd);
+    }
+    this.dirFds.set(dir, fd);
+    return fd;
+  }
+
+  /** Forget kept descriptors of `path` and of the directories beneath it (it was renamed or removed). */
+  private forgetDirs(path: string): void {
+    if (this.dirFds.size === 0) return;
+    const prefix = `${path}/`;
+    for (const [dir, fd] of this.dirFds) {
+      if (path === '' || dir === path || dir.startsWith(prefix)) {
+        this.dirFds.delete(dir);
+        close(fd);
+      }
     }
   }
 
@@ -71,7 +108,7 @@ export class UpperDir {
 
   /** Open `path` beneath the root (never through a symlink). */
   open(path: string, flags: number, mode = 0): number {
-    return openBeneath(this.rootFd, path, flags, mode);
+    return this.at(path, (d, n) => openBeneath(d, n, flags, mode));
   }
 
   mkdir(path: string, mode: number): void {
@@ -99,7 +136,12 @@ export class UpperDir {
   }
 
   rename(src: string, dst: string, flags = 0): void {
-    this.at2(src, dst, (ds, ns, dd, nd) => renameAt(ds, ns, dd, nd, flags, this.pathOf(src)));
+    try {
+      this.at2(src, dst, (ds, ns, dd, nd) => renameAt(ds, ns, dd, nd, flags, this.pathOf(src)));
+    } finally {
+      this.forgetDirs(src); // moved: its descriptors now stand for another path
+      this.forgetDirs(dst); // an empty directory renamed over is gone
+    }
   }
 
   chown(path: string, uid: number, gid: number): void {
@@ -147,7 +189,11 @@ export class UpperDir {
     } finally {
       close(fd);
     }
-    this.at(path, (d, n) => unlinkAt(d, n, true, this.pathOf(path)));
+    try {
+      this.at(path, (d, n) => unlinkAt(d, n, true, this.pathOf(path)));
+    } finally {
+      this.forgetDirs(path);
+    }
   }
 
   // ---- xattrs (the user's names; bookkeeping hidden, escaped names mapped) -------

@@ -11,7 +11,7 @@ import assert from 'node:assert/strict';
 import { chmod, lstat, mkdir, readdir, readFile, rm, symlink, utimes, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import {
-  kernelOverlay, layerd, layerdPassthroughOff, makeWorkspace, mustRun, removeWorkspace, run, startLayerdServer, stopLayerdServer,
+  kernelOverlay, layerd, layerdPassthroughOff, layerdWriteback, makeWorkspace, mustRun, removeWorkspace, run, startLayerdServer, stopLayerdServer,
   type MountedUnionUnderTest, type UnionImplementation, type Workspace,
 } from './fixtures/mount/harness.js';
 
@@ -45,7 +45,7 @@ print(json.dumps({'mode': st.st_mode, 'nlink': st.st_nlink, 'uid': st.st_uid, 'g
 
 const NAME_255 = 'n'.repeat(255);
 
-for (const impl of [layerd, layerdPassthroughOff, kernelOverlay]) {
+for (const impl of [layerd, layerdPassthroughOff, layerdWriteback, kernelOverlay]) {
   describe(`mount safety: ${impl.name}`, function () {
     this.timeout(120_000);
     let ws: Workspace;

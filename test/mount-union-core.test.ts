@@ -306,6 +306,28 @@ describe('mount union core (no FUSE)', () => {
       assert.equal(isWhiteoutDevice(join(upper, 'f')) && isWhiteoutDevice(join(upper, 'src')), true);
     });
 
+    it('puts what it makes at a path into the directory at that path, after directories were renamed and removed', async () => {
+      const upper = freshUpper();
+      const fs = await UnionFs.create({ layers: [layer({})], upper });
+      const touch = async (path: string): Promise<void> => { await fs.release(await fs.create(path, 0o644)); };
+      await fs.mkdir('a', 0o755);
+      await fs.mkdir('a/b', 0o755);
+      await touch('a/b/f'); // the upper keeps a descriptor of a/b from here
+      await fs.chmod('a/b/f', 0o600);
+      await fs.rename('a', 'c');
+      await fs.mkdir('a', 0o755);
+      await fs.mkdir('a/b', 0o755);
+      await touch('a/b/g');
+      await fs.utimens('a/b/g', { sec: 5, nsec: 0 }, { sec: 7, nsec: 0 });
+      await fs.unlink('c/b/f');
+      await fs.rmdir('c/b');
+      await fs.mkdir('c/b', 0o755);
+      await touch('c/b/h');
+      assert.deepEqual(readdirSync(join(upper, 'a/b')), ['g']);
+      assert.equal(lstatSync(join(upper, 'a/b/g')).mtimeMs, 7000);
+      assert.deepEqual(readdirSync(join(upper, 'c/b')), ['h']);
+    });
+
     it('refuses renames that POSIX refuses', async () => {
       const l1 = layer({ 'd/': {}, 'd/x': {}, 'e/': {}, 'f': {} });
       const fs = await UnionFs.create({ layers: [l1], upper: freshUpper() });
