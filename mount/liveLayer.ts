@@ -10,7 +10,7 @@
  * a walk costs milliseconds.
  */
 import { watch, type FSWatcher } from 'chokidar';
-import { resolve } from 'node:path';
+import { join, resolve } from 'node:path';
 import { silentLogger, type Logger } from '../common/log.js';
 import type { LayerSource } from '../storage/layerIndex.js';
 import { lowerDirSource } from './lowerDir.js';
@@ -23,6 +23,8 @@ export class LiveLayer {
   private scanning: Promise<void> | undefined;
   private dirty = false;
   private closed = false;
+  /** Directories added to the watcher after a walk found them unwatched (watchEveryDirectory). */
+  private readonly readded = new Set<string>();
 
   private constructor(
     readonly dir: string,
@@ -84,12 +86,34 @@ export class LiveLayer {
           if (this.closed) return;
           this.current = source;
           await this.onChange(source);
+          this.watchEveryDirectory(source);
         } catch (err) {
           // E.g. the directory was removed: keep serving the last good view.
           this.logger.warn('could not read the live layer again', { dir: this.dir, error: (err as Error).message });
         }
       } while (this.dirty && !this.closed);
     })().finally(() => { this.scanning = undefined; });
+  }
+
+  /**
+   * chokidar can miss a directory made while it was setting up the watch of its parent
+   * (`mkdir -p` and a write at once, under load): nothing in it would ever be reported, so
+   * the view would keep what the last walk saw for good. Every directory the walk found must
+   * be watched; one that is not is added, and the directory walked again (what changed before
+   * the watch existed was never reported).
+   */
+  private watchEveryDirectory(source: LayerSource): void {
+    const watched = this.watcher.getWatched();
+    const unwatched = source.index.entries
+      .filter((e) => e.kind === 'dir')
+      .map((e) => join(this.dir, e.path))
+      // Once each: a directory the watcher cannot watch at all (unreadable) must not loop.
+      .filter((dir) => !(dir in watched) && !this.readded.has(dir));
+    if (unwatched.length === 0 || this.closed) return;
+    for (const dir of unwatched) this.readded.add(dir);
+    this.logger.warn('live layer: directories the watcher missed, watched now', { dir: this.dir, missed: unwatched.slice(0, 10), count: unwatched.length });
+    this.watcher.add(unwatched);
+    this.schedule();
   }
 
   /** Stop watching (idempotent); waits for a walk in progress. */
