@@ -259,10 +259,41 @@ export class ObjectStore {
       const name = `${process.pid}-${randomBytes(6).toString('hex')}`;
       mkdirAt(tmp, name, 0o700);
       this.staging = { fd: openBeneath(tmp, name, O_RDONLY | O_DIRECTORY), name };
+      // A process that ends normally (a mount host leaving when idle) takes its staging
+      // directory with it: left behind, fsck reports it until the daemon next opens the store.
+      removeAtExit(this);
     } finally {
       close(tmp);
     }
     return this.staging;
+  }
+
+  /** Remove this process's staging directory and what is still staged in it (synchronous: runs at exit). */
+  removeStaging(): void {
+    const staging = this.staging;
+    if (staging === undefined) return;
+    this.staging = undefined;
+    try {
+      for (const e of readDirFd(staging.fd)) {
+        if (e.name !== '.' && e.name !== '..') this.unlinkQuietly(staging.fd, e.name);
+      }
+      const tmp = openBeneath(this.rootDescriptor(), `${OBJECTS_DIR}/${STAGING_DIR}`, O_RDONLY | O_DIRECTORY);
+      try {
+        unlinkAt(tmp, staging.name, true);
+      } finally {
+        close(tmp);
+      }
+    } catch {
+      // Left for the next store open (removeDeadStaging) to remove.
+    } finally {
+      close(staging.fd);
+    }
+  }
+
+  private unlinkQuietly(dirFd: number, name: string): void {
+    try {
+      unlinkAt(dirFd, name);
+    } catch { /* left for removeDeadStaging */ }
   }
 
   private unlinkStaged(name: string): void {
@@ -439,6 +470,14 @@ export function removeObject(root: string, digest: string): boolean {
   } finally {
     close(rootFd);
   }
+}
+
+/** Object stores of this process with a staging directory, emptied and removed at exit (one listener for all). */
+const stagingAtExit = new Set<ObjectStore>();
+
+function removeAtExit(store: ObjectStore): void {
+  if (stagingAtExit.size === 0) process.once('exit', () => { for (const s of stagingAtExit) s.removeStaging(); });
+  stagingAtExit.add(store);
 }
 
 /** The staging directories in `objects/tmp/` (`<pid>-<random>`), for recovery and fsck. */
