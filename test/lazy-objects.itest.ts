@@ -13,7 +13,6 @@ import { type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { mkdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
-import tarStream from 'tar-stream';
 import { type OpStatsSnapshot } from '../mount/opStats.js';
 import { collectGarbage } from '../storage/gc.js';
 import { listObjects, objectRelPath } from '../storage/objectStore.js';
@@ -23,21 +22,9 @@ import { waitFor } from './support/daemon.js';
 import { execFileAsync, scratch } from './support/env.js';
 import { writeEstargzLayout } from './support/estargz.js';
 import { TestRegistry, layerctlR } from './support/registry.js';
+import { dataDirTar } from './support/smallTar.js';
 
 const sha = (b: Buffer): string => `sha256:${createHash('sha256').update(b).digest('hex')}`;
-const MTIME = new Date(1_700_000_000_000);
-
-async function tarOf(files: { path: string; bytes: Buffer }[]): Promise<Buffer> {
-  const pack = tarStream.pack();
-  const chunks: Buffer[] = [];
-  pack.on('data', (c: Buffer) => chunks.push(c));
-  const done = new Promise<void>((resolve, reject) => { pack.on('end', resolve); pack.on('error', reject); });
-  pack.entry({ name: 'data/', type: 'directory', mode: 0o755, mtime: MTIME });
-  for (const f of files) pack.entry({ name: f.path, type: 'file', mode: 0o644, mtime: MTIME }, f.bytes);
-  pack.finalize();
-  await done;
-  return Buffer.concat(chunks);
-}
 
 describe('lazy pull: a fetched file becomes a content-addressed object (passthrough)', function () {
   this.timeout(180_000);
@@ -69,7 +56,7 @@ describe('lazy pull: a fetched file becomes a content-addressed object (passthro
     work = await scratch('layerd-lazy-objects-');
     registry = await TestRegistry.start(join(work.dir, 'registry'));
     const layout = join(work.dir, 'layout');
-    await writeEstargzLayout(layout, [await tarOf([{ path: 'data/big.bin', bytes: big }, { path: 'data/unread.bin', bytes: unread }])], 64 * 1024);
+    await writeEstargzLayout(layout, [await dataDirTar([{ path: 'data/big.bin', bytes: big }, { path: 'data/unread.bin', bytes: unread }])], 64 * 1024);
     ref = `${registry.host}/lazy/objects:v1`;
     await execFileAsync('skopeo', ['--insecure-policy', 'copy', '-q', '--dest-tls-verify=false', '--preserve-digests', `oci:${layout}:latest`, `docker://${ref}`]);
     root = join(work.dir, 'store');

@@ -20,7 +20,6 @@ import { mkdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { gzipSync } from 'node:zlib';
-import tarStream from 'tar-stream';
 import { type Digest } from '../storage/digest.js';
 import { publishGzipIndexes } from '../storage/lazy/gzipArtifact.js';
 import { buildGzipIndex, parseGzipIndex } from '../storage/lazy/gzipIndex.js';
@@ -31,25 +30,15 @@ import { writeLayout } from './support/layoutBuilder.js';
 import { TestRegistry, layerctlR } from './support/registry.js';
 import { type ReferrersFront, startReferrersFront } from './support/registryFronts.js';
 import { startLayerdServer, stopLayerdServer } from './fixtures/mount/harness.js';
+import { dataDirTar } from './support/smallTar.js';
 
 const ARTIFACT_TYPE = 'application/vnd.layerd.gzip-index.v1';
 const OCI_MANIFEST = 'application/vnd.oci.image.manifest.v1+json';
-const MTIME = new Date(1_700_000_000_000);
 
 interface LazyPulled { images: { id: string; refs: string[] }[]; lazyLayers: string[]; fallback?: string; gzipIndex?: string }
 interface Indexed { manifest: string; artifact?: string; listedBy?: string }
 
-async function gzipLayer(files: { path: string; bytes: Buffer }[]): Promise<Buffer> {
-  const pack = tarStream.pack();
-  const chunks: Buffer[] = [];
-  pack.on('data', (c: Buffer) => chunks.push(c));
-  const done = new Promise<void>((resolve, reject) => { pack.on('end', resolve); pack.on('error', reject); });
-  pack.entry({ name: 'data/', type: 'directory', mode: 0o755, mtime: MTIME });
-  for (const f of files) pack.entry({ name: f.path, type: 'file', mode: 0o644, mtime: MTIME }, f.bytes);
-  pack.finalize();
-  await done;
-  return gzipSync(Buffer.concat(chunks));
-}
+const gzipLayer = async (files: { path: string; bytes: Buffer }[]): Promise<Buffer> => gzipSync(await dataDirTar(files));
 
 describe('lazy pull: gzip-index artifacts through the referrers API (a front on docker-registry 2.8.2)', function () {
   this.timeout(180_000);
