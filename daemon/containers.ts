@@ -24,7 +24,7 @@ import { tarLayerSource } from '../storage/layerIndex.js';
 import { type ContainerRow } from '../storage/metadata.js';
 import { formatRef, splitNameTag } from '../storage/references.js';
 import { type Store } from '../storage/store.js';
-import { isServing, prewarmMountHost, spareHostPid, startMount, stopMount, stopSpareHost } from './mountServer.js';
+import { HostMountsCache, isServing, prewarmMountHost, spareHostPid, startMount, stopMount, stopSpareHost } from './mountServer.js';
 
 const SPARE_CHECK_MS = 5 * 60_000;
 const SUPERVISE_MS = 2_000;
@@ -246,9 +246,17 @@ export class ContainerManager {
     if (this.reviving) return;
     this.reviving = true;
     try {
+      const served = new HostMountsCache();
       for (const row of this.store.db.listContainers()) {
-        if (row.server_pid === null || processAlive(row.server_pid) || this.removing.has(row.id) || this.creating.has(row.id)) continue;
-        this.logger.warn('the mount host of a container died; mounting it again', { container: row.id, pid: row.server_pid });
+        if (row.server_pid === null || this.removing.has(row.id) || this.creating.has(row.id)) continue;
+        if (processAlive(row.server_pid)) {
+          // The host lives, but the mount may not: its FUSE connection aborted, or unmounted from outside.
+          if (await served.serves(row.server_pid, row.mountpoint)) continue;
+          if (this.removing.has(row.id) || this.creating.has(row.id) || !this.store.db.getContainer(row.id)) continue;
+          this.logger.warn('a container lost its mount while its host runs; mounting it again', { container: row.id, pid: row.server_pid });
+        } else {
+          this.logger.warn('the mount host of a container died; mounting it again', { container: row.id, pid: row.server_pid });
+        }
         await stopMount(null, row.mountpoint); // clears the dead mount
         try {
           await this.startServer(row);

@@ -257,6 +257,40 @@ export async function isServing(served: ServedMount): Promise<boolean> {
 }
 
 /**
+ * The mountpoints the mount host `pid` serves now (those it is mounting
+ * included), or undefined when that cannot be told: not a host (a one-mount
+ * server of an older daemon), or no answer. A mount whose FUSE connection
+ * ended while its host lives (aborted through fusectl, unmounted from
+ * outside) is missing here: the host forgets a mount once its connection ends.
+ */
+export async function mountsServedBy(pid: number): Promise<Set<string> | undefined> {
+  if (!processAlive(pid)) return undefined;
+  const known = hostSockets.get(pid);
+  const socket = known ?? await serverOf(pid).then((s) => (s.kind === 'host' ? s.socket : undefined));
+  if (socket === undefined) return undefined;
+  const reply = await askHost(socket, { op: 'list' }, STOP_TIMEOUT_MS).catch(() => undefined);
+  if (!reply?.ok || reply.pid !== pid || reply.mounts === undefined) return undefined;
+  if (known === undefined) hostSockets.set(pid, socket);
+  return new Set(reply.mounts);
+}
+
+/** mountsServedBy, asked once per host for one supervision round. */
+export class HostMountsCache {
+  private readonly byPid = new Map<number, Promise<Set<string> | undefined>>();
+
+  /** False only when the live host `pid` says it does not serve `mountpoint` (unknown counts as served). */
+  async serves(pid: number, mountpoint: string): Promise<boolean> {
+    let mounts = this.byPid.get(pid);
+    if (mounts === undefined) {
+      mounts = mountsServedBy(pid);
+      this.byPid.set(pid, mounts);
+    }
+    const set = await mounts;
+    return set === undefined || set.has(resolve(mountpoint));
+  }
+}
+
+/**
  * Stop serving a mount: ask its host to unmount it (or, for a one-mount
  * server of an older daemon, SIGTERM it, forced after a while), then clear
  * whatever is left at the mountpoint. `pid` may be null (no server known)

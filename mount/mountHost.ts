@@ -115,7 +115,8 @@ class MountHost {
     switch (request.op) {
       case 'mount': return this.mount(request);
       case 'unmount': return this.unmount(request.mountpoint);
-      case 'list': return { ok: true, mounts: [...this.mounts.keys()], pid: process.pid };
+      // Mounts being made count as served: the daemon's supervisor must not take one for lost.
+      case 'list': return { ok: true, mounts: [...this.mounts.keys(), ...this.pending], pid: process.pid };
       case 'bind': return this.bind(request.socket);
       default: throw new LayerdError(ErrorCodes.EINVAL, `unknown request ${JSON.stringify((request as { op?: unknown }).op)}`);
     }

@@ -16,6 +16,7 @@ import { type RunningDaemon, startDaemon, waitFor } from './support/daemon.js';
 import { type SnapshotsClient, grpcCode, snapshotsClient } from './support/containerd.js';
 import { clearMountsUnder } from './support/store.js';
 import { signalAndWait } from './support/processes.js';
+import { abortFuseConnection } from './support/fusectl.js';
 
 /** No containerd in these tests: layerd never asks one (a host's) for original layer blobs. */
 const NO_CONTAINERD = ['--containerd-socket', 'none'];
@@ -322,6 +323,16 @@ describe('containerd snapshotter: the gRPC API', function () {
     expect(daemon!.log()).to.match(/the mount host of a snapshot died; serving it again/);
     await writeFile(join(m, 'after'), 'still writable\n');
     await remove('supervised');
+  });
+
+  it('serves a snapshot again whose FUSE connection was aborted while its mount host runs', async () => {
+    const m = (await prepare('aborted', ''))[0]!.source;
+    await writeFile(join(m, 'kept'), 'in the upper\n');
+    await abortFuseConnection(m);
+    await waitFor('the snapshot served again', async () => (await readFile(join(m, 'kept'), 'utf8').catch(() => '')) === 'in the upper\n', 15_000, 100);
+    expect(daemon!.log()).to.match(/a snapshot lost its mount while its host runs; serving it again/);
+    await writeFile(join(m, 'after'), 'still writable\n');
+    await remove('aborted');
   });
 
   it('keeps snapshot mounts served across a daemon restart, and serves again one whose server died', async () => {

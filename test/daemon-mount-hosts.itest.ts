@@ -15,6 +15,7 @@ import { join } from 'node:path';
 import { type RunningDaemon, startDaemon } from './support/daemon.js';
 import { DEBIAN_MULTI, REPO, execFileAsync, layerctl, scratch } from './support/env.js';
 import { clearMountsUnder } from './support/store.js';
+import { abortFuseConnection } from './support/fusectl.js';
 
 /** Size and mode of `b` as the kernel reports them, right after changing the file through its other name `a`. */
 async function seenThroughOtherName(mnt: string): Promise<string> {
@@ -197,9 +198,9 @@ describe('daemon: supervision of mount hosts', function () {
     for (const id of ['s1', 's2']) expect((await layerctl(['--socket', daemon.socket, 'create', 'debian-multi:latest', '--name', id])).code).to.equal(0);
   });
   after(() => tearDown(daemon, ['s1', 's2'], work));
+  const ps = async () => JSON.parse((await layerctl(['--socket', daemon!.socket, 'ps', '--json'])).stdout) as Array<{ id: string; serverPid: number | null; state: string }>;
 
   it('mounts the containers of a host that died again, while the daemon keeps running', async () => {
-    const ps = async () => JSON.parse((await layerctl(['--socket', daemon!.socket, 'ps', '--json'])).stdout) as Array<{ id: string; serverPid: number | null; state: string }>;
     await execFileAsync('sh', ['-c', `echo kept > ${join(work.dir, 'mounts', 's1', 'root', 'kept')}`]);
     const host = (await ps()).find((c) => c.id === 's1')!.serverPid!;
     process.kill(host, 'SIGKILL');
@@ -210,6 +211,20 @@ describe('daemon: supervision of mount hosts', function () {
     expect((await execFileAsync('cat', [join(work.dir, 'mounts', 's1', 'root', 'kept')])).stdout).to.equal('kept\n');
     expect((await execFileAsync('cat', [join(work.dir, 'mounts', 's2', 'etc', 'os-release')])).stdout).to.match(/Debian/);
     expect(daemon!.log()).to.contain('mounting it again');
+  });
+
+  it('mounts a container again whose FUSE connection was aborted while its host keeps serving', async () => {
+    const mnt = (id: string): string => join(work.dir, 'mounts', id);
+    const catOf = (path: string): Promise<string> => execFileAsync('cat', [path]).then((r) => r.stdout, () => '');
+    await execFileAsync('sh', ['-c', `echo kept > ${join(mnt('s2'), 'root', 'aborted')}`]);
+    const host = (await ps()).find((c) => c.id === 's2')!.serverPid!;
+    // What an admin clearing a hung mount does; the host lives on and serves s1.
+    await abortFuseConnection(mnt('s2'));
+    await until('s2 mounted again', async () => (await catOf(join(mnt('s2'), 'root', 'aborted'))) === 'kept\n');
+    expect(processAlive(host)).to.equal(true);
+    expect((await ps()).find((c) => c.id === 's2')!.serverPid, 'the same host serves it again').to.equal(host);
+    expect(await catOf(join(mnt('s1'), 'etc', 'os-release'))).to.match(/Debian/);
+    expect(daemon!.log()).to.contain('lost its mount while its host runs');
   });
 });
 

@@ -41,7 +41,7 @@ import {
   type SnapshotKind, type SnapshotRow, SnapshotTable, chainIdOf, ingestLayerBlob, lowerDirIds, parseLabels, removeLayerIfUnused, snapshotDir, snapshotsDir, storeLayerForChain,
 } from '../../storage/snapshots.js';
 import { type Store } from '../../storage/store.js';
-import { isServing, startMount, stopMount } from '../mountServer.js';
+import { HostMountsCache, isServing, startMount, stopMount } from '../mountServer.js';
 import { type OriginalLayerSource } from './containerdContent.js';
 import { fileTableDifference } from './fileTable.js';
 import { type Filter, matchAny, parseFilters } from './filters.js';
@@ -898,10 +898,17 @@ export class SnapshotService {
   private reviveDead(): Promise<void> {
     if (this.reviving !== undefined) return this.reviving;
     const round = (async () => {
+      const served = new HostMountsCache();
       for (const row of this.table.list()) {
-        if (row.kind === 'committed' || row.unpack_target !== null || row.server_pid === null) continue;
-        if (processAlive(row.server_pid) || this.busy.has(row.key)) continue;
-        this.logger.warn('the mount host of a snapshot died; serving it again', { snapshot: row.key, pid: row.server_pid });
+        if (row.kind === 'committed' || row.unpack_target !== null || row.server_pid === null || this.busy.has(row.key)) continue;
+        if (processAlive(row.server_pid)) {
+          // The host lives, but the mount may not: its FUSE connection aborted, or unmounted from outside.
+          if (await served.serves(row.server_pid, row.mountpoint!)) continue;
+          if (this.busy.has(row.key) || !this.table.get(row.key)) continue;
+          this.logger.warn('a snapshot lost its mount while its host runs; serving it again', { snapshot: row.key, pid: row.server_pid });
+        } else {
+          this.logger.warn('the mount host of a snapshot died; serving it again', { snapshot: row.key, pid: row.server_pid });
+        }
         await this.serveAgain(row).catch(() => undefined); // logged; the next round or a Mounts call tries again
       }
     })();
