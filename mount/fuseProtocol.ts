@@ -6,7 +6,9 @@
  * Only encoding and decoding live here; what a request means for the union
  * is kernelFuse.ts' business.
  */
+import { isUtf8 } from 'node:buffer';
 import type { Timespec } from '../common/sys/fs.js';
+import { fsError } from '../common/sys/errors.js';
 import type { UnionStat } from './nodeStats.js';
 
 export const FUSE_KERNEL_VERSION = 7;
@@ -157,13 +159,20 @@ export class BodyReader {
     return this;
   }
 
-  /** A NUL-terminated name (bytes kept as UTF-8, as every other path in layerd). */
-  name(): string {
+  /**
+   * A NUL-terminated name. layerd keeps every path as a UTF-8 string, so a
+   * name whose bytes are not UTF-8 is refused (`invalid`: EILSEQ; ENOENT
+   * for a lookup, as no such name can exist): decoded, two such names would
+   * become one (each bad byte read as U+FFFD), and a file made under one
+   * would read back under another name.
+   */
+  name(invalid: 'EILSEQ' | 'ENOENT' = 'EILSEQ'): string {
     const end = this.buf.indexOf(0, this.offset);
     const stop = end < 0 ? this.buf.length : end;
-    const value = this.buf.toString('utf8', this.offset, stop);
+    const bytes = this.buf.subarray(this.offset, stop);
     this.offset = stop + 1;
-    return value;
+    if (!isUtf8(bytes)) throw fsError(invalid, bytes.toString('latin1'), 'a name that is not UTF-8');
+    return bytes.toString('utf8');
   }
 
   rest(length?: number): Buffer {

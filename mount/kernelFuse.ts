@@ -168,7 +168,7 @@ export class KernelFuse {
     const r = new BodyReader(req);
     if (NAMESPACE_CHANGES.has(h.opcode)) this.listings.clear();
     switch (h.opcode) {
-      case Op.LOOKUP: return this.lookup(h.nodeid, r.name());
+      case Op.LOOKUP: return this.lookup(h.nodeid, r.name('ENOENT'));
       case Op.GETATTR: {
         const flags = r.u32();
         r.skip(4);

@@ -224,6 +224,42 @@ print(os.read(g, 10).decode())`, ws.mnt);
       assert.equal(await errnoOfPy(`os.lstat(sys.argv[1])`, at('e'.repeat(200))), 'ENOENT');
     });
 
+    it('never reads a name that is not UTF-8 back as another name', async () => {
+      // Two names that decode to one string ('a' + U+FFFD) if their bytes are read as UTF-8.
+      const made = await py(`import errno, os, sys
+m = os.fsencode(sys.argv[1])
+out = []
+def attempt(call):
+    try:
+        call()
+        out.append('made')
+    except OSError as e:
+        out.append(errno.errorcode[e.errno])
+def write(name, data):
+    with open(os.path.join(m, name), 'wb') as f:
+        f.write(data)
+attempt(lambda: write(b'a\\xff', b'first'))
+attempt(lambda: write(b'a\\xfe', b'second'))
+attempt(lambda: os.mkdir(os.path.join(m, b'd\\xff')))
+attempt(lambda: os.symlink(b't\\xff', os.path.join(m, b'link2')))
+attempt(lambda: os.rename(os.path.join(m, b'etc/passwd'), os.path.join(m, b'etc/p\\xff')))
+print(' '.join(out))`, ws.mnt);
+      const listing = await py(`import os, sys
+m = os.fsencode(sys.argv[1])
+names = sorted(n for n in os.listdir(m) + [b'etc/' + e for e in os.listdir(os.path.join(m, b'etc'))] if not n.isascii())
+print(repr([(n, open(os.path.join(m, n), 'rb').read() if os.path.isfile(os.path.join(m, n)) else None) for n in names]))
+print(repr(os.readlink(os.path.join(m, b'link2')) if os.path.lexists(os.path.join(m, b'link2')) else None))`, ws.mnt);
+      if (isLayerd) {
+        assert.equal(made.trim(), 'EILSEQ EILSEQ EILSEQ EILSEQ EILSEQ', 'refused, not made under another name');
+        assert.equal(listing.trim(), '[]\nNone');
+        assert.equal(await errnoOfPy(`os.lstat(os.fsencode(sys.argv[1]) + b'/a\\xff')`, ws.mnt), 'ENOENT');
+        assert.equal(await readFile(at('etc/passwd'), 'utf8'), 'root:x:0:0\n', 'the refused rename moved nothing');
+      } else {
+        assert.equal(made.trim(), 'made made made made made');
+        assert.equal(listing.trim(), "[(b'a\\xfe', b'second'), (b'a\\xff', b'first'), (b'd\\xff', None), (b'etc/p\\xff', b'root:x:0:0\\n')]\nb't\\xff'");
+      }
+    });
+
     it('passes real errnos through (mknod, mkfifo, ENOSPC for a non-root writer)', async () => {
       assert.equal(await errnoOfPy(`os.mkfifo(sys.argv[1])`, at('etc/passwd')), 'EEXIST');
       assert.equal(await errnoOfPy(`os.mknod(sys.argv[1], 0o600 | 0o010000)`, at('nodir/fifo')), 'ENOENT');
