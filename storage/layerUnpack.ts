@@ -8,6 +8,7 @@
  * with EBADTAR, because an archive that contains them is broken or hostile
  * and the image would not mean what it says.
  */
+import { isUtf8 } from 'node:buffer';
 import { createHash } from 'node:crypto';
 import { type Readable, type Writable } from 'node:stream';
 import { finished } from 'node:stream/promises';
@@ -68,7 +69,8 @@ export class LayerUnpacker {
    */
   constructor(private readonly limits: UnpackLimits = DEFAULT_UNPACK_LIMITS, options: { digests?: boolean } = {}) {
     const digests = options.digests ?? true;
-    const extract = tarStream.extract();
+    // Names as bytes (latin1: one char per byte), so that utf8Names can tell a name that is not UTF-8 from one that is.
+    const extract = tarStream.extract({ filenameEncoding: 'latin1' });
     this.writable = extract;
     extract.on('entry', (header: RawHeaders, stream: Readable, next: (err?: unknown) => void) => {
       // Synchronous, and the data skipped by a plain resume: a promise and a
@@ -137,6 +139,7 @@ export class LayerUnpacker {
     if (++this.count > this.limits.maxEntries) {
       throw new LayerdError(ErrorCodes.ELIMIT, `layer has more than ${this.limits.maxEntries} entries`, { limit: this.limits.maxEntries });
     }
+    utf8Names(header);
     const path = normalizeTarPath(header.name);
     const kind = entryKind(header, path);
 
@@ -316,6 +319,28 @@ function paxInt(value: string | Buffer | undefined): number | undefined {
 function ignore(): void {}
 
 /** tar-stream reports malformed archives with plain Errors. */
+/**
+ * Turn the member's name and link target into UTF-8 strings, or refuse the
+ * layer. layerd keeps every path as UTF-8 (the FUSE union refuses other
+ * names with EILSEQ): decoded, a name such as 'a\xff' would be served as
+ * 'a\uFFFD', another name than the layer's, and two such names as one.
+ * ustar, GNU long-name and prefix fields arrive as latin1 (the raw bytes);
+ * PAX path/linkpath records are UTF-8 by the standard, checked in their raw form.
+ */
+function utf8Names(header: RawHeaders): void {
+  const decode = (field: string, paxKey: string): string => {
+    const pax = header.paxRaw?.get(paxKey);
+    const bytes = pax ?? Buffer.from(field, 'latin1');
+    if (!isUtf8(bytes)) {
+      const shown = [...bytes].map((b) => (b >= 0x20 && b < 0x7f ? String.fromCharCode(b) : `\\x${b.toString(16).padStart(2, '0')}`)).join('');
+      throw new LayerdError(ErrorCodes.EBADTAR, `a member's ${paxKey === 'path' ? 'name' : 'link target'} is not UTF-8: "${shown}"`, { path: shown });
+    }
+    return pax !== undefined ? field : bytes.toString('utf8');
+  };
+  header.name = decode(header.name, 'path');
+  if (header.linkname) header.linkname = decode(header.linkname, 'linkpath');
+}
+
 function tarError(err: unknown): LayerdError {
   if (err instanceof LayerdError) return err;
   const message = err instanceof Error ? err.message : String(err);

@@ -11,7 +11,7 @@ import { ErrorCodes, isLayerdError } from '../common/errors.js';
 import { importRawLayer } from '../storage/importer.js';
 import { DEFAULT_INGEST_LIMITS } from '../storage/layerIngest.js';
 import { Store } from '../storage/store.js';
-import { BUSYBOX, layerctl, scratch } from './support/env.js';
+import { BUSYBOX, execFileAsync, layerctl, scratch } from './support/env.js';
 import { writeLayout } from './support/layoutBuilder.js';
 import { type TarItem, writeTar } from './support/tarBuilder.js';
 
@@ -46,7 +46,7 @@ describe('import: hostile and broken input fails cleanly', function () {
   after(async () => { await work?.remove(); });
 
   /** Import PATH, expect CODE, then check the store and the world around it. */
-  async function expectRefused(path: string, code: string, args: string[] = []): Promise<void> {
+  async function expectRefused(path: string, code: string, args: string[] = []): Promise<string> {
     const before = await tree(work.dir, root);
     const r = await layerctl(['--root', root, 'import', path, ...args]);
     expect(r.stderr, `stderr for ${path}`).to.contain(`layerctl: ${code}:`);
@@ -61,6 +61,7 @@ describe('import: hostile and broken input fails cleanly', function () {
     expect(await readdir(join(root, 'tmp')), 'ingest area is empty').to.deep.equal([]);
     expect(await readdir(join(root, 'blobs', 'sha256'))).to.deep.equal([]);
     expect(await readdir(join(root, 'layers', 'sha256'))).to.deep.equal([]);
+    return r.stderr;
   }
 
   async function hostileTar(items: TarItem[], gzip = false): Promise<string> {
@@ -126,6 +127,42 @@ describe('import: hostile and broken input fails cleanly', function () {
 
   it('refuses duplicate entries', async () => {
     await expectRefused(await hostileTar([file('dup', 'a'), file('dup', 'b')]), ErrorCodes.EBADTAR);
+  });
+
+  it('refuses names and link targets that are not UTF-8 (ustar, GNU long name, PAX), and keeps UTF-8 ones', async () => {
+    // Python's tarfile writes the raw bytes (tar-stream's packer would encode them as UTF-8).
+    const pyTar = async (name: string, items: string, format: 'GNU' | 'PAX' = 'GNU'): Promise<string> => {
+      const path = join(work.dir, `${name}.tar`);
+      await execFileAsync('python3', ['-c', `import io, sys, tarfile
+t = tarfile.open(sys.argv[1], 'w', format=tarfile.${format}_FORMAT, encoding='utf-8', errors='surrogateescape')
+def add(name, target=None):
+    ti = tarfile.TarInfo(name.decode('utf-8', 'surrogateescape'))
+    if target is None:
+        ti.size = 1
+        t.addfile(ti, io.BytesIO(b'x'))
+    else:
+        ti.type = tarfile.SYMTYPE
+        ti.linkname = target.decode('utf-8', 'surrogateescape')
+        t.addfile(ti)
+${items}
+t.close()`, path]);
+      return path;
+    };
+    for (const [name, items, format] of [
+      ['short', "add(b'ok')\nadd(b'a\\xff')", 'GNU'],
+      ['long', "add(b'd' * 120 + b'\\xfe')", 'GNU'],
+      ['target', "add(b'l', b't\\xff')", 'GNU'],
+      ['pax', "add(b'\\xff' * 3)", 'PAX'],
+    ] as const) {
+      expect(await expectRefused(await pyTar(name, items, format), ErrorCodes.EBADTAR)).to.match(/is not UTF-8: ".*\\x(ff|fe)"/);
+    }
+    const good = await pyTar('utf8', "add('é'.encode())\nadd('ü'.encode() * 120)\nadd(b'l', 'ñ'.encode())");
+    const r = await layerctl(['--root', root, 'import', '--format', 'layer', good, '--name', 'utf8']);
+    expect(r.code, r.stderr).to.equal(0);
+    const listed = (await layerctl(['--root', root, 'tree', 'utf8'])).stdout;
+    expect(listed).to.contain('/é\n').and.to.contain(`/${'ü'.repeat(120)}\n`).and.to.contain('/l\n');
+    expect((await layerctl(['--root', root, 'rmi', 'utf8'])).code).to.equal(0);
+    expect((await layerctl(['--root', root, 'prune'])).code).to.equal(0);
   });
 
   it('refuses a bare .wh. whiteout', async () => {
