@@ -80,6 +80,7 @@ export class LayerUnpacker {
       stream.on('error', ignore);
       let entry: LayerEntry | undefined;
       try {
+        utf8Names(header);
         entry = this.onEntry(header);
       } catch (err) {
         stream.resume();
@@ -123,6 +124,10 @@ export class LayerUnpacker {
    * eStargz TOC entry; `byteOffset` says where a file's bytes are).
    */
   addHeader(header: RawHeaders): void {
+    // Names from JSON may hold lone surrogates, which no UTF-8 name can be.
+    for (const name of [header.name, header.linkname ?? '']) {
+      if (LONE_SURROGATE.test(name)) throw new LayerdError(ErrorCodes.EBADTAR, `a member's name or link target is not UTF-8: ${JSON.stringify(name)}`, { path: name });
+    }
     this.onEntry(header);
   }
 
@@ -139,7 +144,6 @@ export class LayerUnpacker {
     if (++this.count > this.limits.maxEntries) {
       throw new LayerdError(ErrorCodes.ELIMIT, `layer has more than ${this.limits.maxEntries} entries`, { limit: this.limits.maxEntries });
     }
-    utf8Names(header);
     const path = normalizeTarPath(header.name);
     const kind = entryKind(header, path);
 
@@ -327,6 +331,8 @@ function ignore(): void {}
  * ustar, GNU long-name and prefix fields arrive as latin1 (the raw bytes);
  * PAX path/linkpath records are UTF-8 by the standard, checked in their raw form.
  */
+const LONE_SURROGATE = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/;
+
 function utf8Names(header: RawHeaders): void {
   const decode = (field: string, paxKey: string): string => {
     const pax = header.paxRaw?.get(paxKey);

@@ -36,6 +36,9 @@ async function sampleTar(big: Buffer): Promise<Buffer> {
   pack.entry({ name: 'a/empty', mode: 0o600, mtime }, '');
   pack.entry({ name: 'a/hard', type: 'link', linkname: 'a/small', mode: 0o4755, mtime });
   pack.entry({ name: 'a/sym', type: 'symlink', linkname: '../etc/passwd', mode: 0o777, mtime });
+  // UTF-8 names beyond ASCII: a full pull reads them from tar fields, a lazy one from the TOC's JSON.
+  pack.entry({ name: 'a/café', mode: 0o644, mtime }, 'crème\n');
+  pack.entry({ name: 'a/naïve', type: 'symlink', linkname: 'café', mode: 0o777, mtime });
   pack.entry({ name: 'a/.wh.gone', mode: 0o600, mtime }, '');
   pack.entry({ name: 'b/', type: 'directory', mode: 0o700, mtime });
   pack.entry({ name: 'b/.wh..wh..opq', mode: 0o600, mtime }, '');
@@ -74,6 +77,8 @@ describe('eStargz layers (storage/lazy/estargz.ts)', () => {
     // A hard link shares its target's bytes in the content file too.
     const byPath = new Map(plan.index.entries.map((e) => [e.path, e]));
     expect(byPath.get('a/hard')!.offset).to.equal(byPath.get('a/small')!.offset);
+    expect(byPath.get('a/naïve')!.target).to.equal('café');
+    expect(full.entries.map((e) => e.path)).to.include('a/café');
 
     // Every chunk's blob range inflates to the file's bytes there, with the TOC's digest.
     const fullByPath = new Map(full.entries.map((e) => [e.path, e]));
@@ -92,7 +97,7 @@ describe('eStargz layers (storage/lazy/estargz.ts)', () => {
       }
     }
     expect(plan.files.find((f) => f.size === big.length)!.chunks).to.have.length(4);
-    expect(chunks).to.equal(4 + 1 + 2);
+    expect(chunks).to.equal(4 + 1 + 1 + 2); // big, small, café, tail
   });
 
   it('serves a lazy layer whose fill completed before it was opened from its complete directory', async () => {
