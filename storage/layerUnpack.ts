@@ -15,6 +15,7 @@ import { finished } from 'node:stream/promises';
 import tarStream, { type Headers } from 'tar-stream';
 import { ErrorCodes, LayerdError, asLayerdError } from '../common/errors.js';
 import { type EntryKind, type LayerEntry, type LayerIndex, LAYER_INDEX_VERSION, PASSTHROUGH_MIN_LOWER_SIZE } from './layerIndex.js';
+import { escapeBytes } from '../common/sys/fs.js';
 import { parsePaxTime } from './paxTime.js';
 import { ancestorsOf, classifyWhiteout, normalizeTarPath } from './tarPaths.js';
 
@@ -338,7 +339,7 @@ function utf8Names(header: RawHeaders): void {
     const pax = header.paxRaw?.get(paxKey);
     const bytes = pax ?? Buffer.from(field, 'latin1');
     if (!isUtf8(bytes)) {
-      const shown = [...bytes].map((b) => (b >= 0x20 && b < 0x7f ? String.fromCharCode(b) : `\\x${b.toString(16).padStart(2, '0')}`)).join('');
+      const shown = escapeBytes(bytes);
       throw new LayerdError(ErrorCodes.EBADTAR, `a member's ${paxKey === 'path' ? 'name' : 'link target'} is not UTF-8: "${shown}"`, { path: shown });
     }
     return pax !== undefined ? field : bytes.toString('utf8');

@@ -332,6 +332,11 @@ describe('mount safety: a hostile layer-directory owner (layerd)', function () {
     await assertNoLeak(join(ws.mnt, 'etc/dir/keep'), 'HOST-SECRET');
   });
 
+  it('a plain lower directory holding a name that is not UTF-8: refused with EILSEQ, never served as another name', async () => {
+    await mustRun('python3', ['-c', `import os, sys; open(os.fsencode(sys.argv[1]) + b'/x\\xff', 'w').write('owner')`, join(ws.lowers[1]!, 'etc')]);
+    await assert.rejects(startLayerdServer(['--lower', ws.lowers.join(':'), '--upper', ws.upper], ws.mnt), /EILSEQ.*etc\/x\\\\xff/);
+  });
+
   it('a live layer directory: no host byte before or after its rescan', async () => {
     // sub -> ../../secret resolves (for the server) to a host directory beside the layer, but not from the mount.
     const live = join(ws.root, 'a/b/live');

@@ -15,6 +15,7 @@
  * Times are whole seconds plus nanoseconds end to end (statx, utimensat):
  * nothing passes through float milliseconds.
  */
+import { isUtf8 } from 'node:buffer';
 import { openSync } from 'node:fs';
 import { XattrArgs, SYS, lastErrno, libc } from './libc.js';
 import { errnoName, fsError, type ErrnoName } from './errors.js';
@@ -305,6 +306,11 @@ export function renameAt(olddirfd: number, oldname: string, newdirfd: number, ne
 
 // ---- directories ---------------------------------------------------------------
 
+/** Bytes as printable ASCII, every other byte as \\xNN (for messages). */
+export function escapeBytes(bytes: Uint8Array): string {
+  return [...bytes].map((b) => (b >= 0x20 && b < 0x7f && b !== 0x5c ? String.fromCharCode(b) : `\\x${b.toString(16).padStart(2, '0')}`)).join('');
+}
+
 export interface DirEntry { name: string; ino: number; /** DT_* type, 0 when unknown. */ type: number }
 
 export const DT_DIR = 4;
@@ -319,6 +325,11 @@ export function readDirFd(fd: number, label = `fd ${fd}`): DirEntry[] {
     for (let at = 0; at < n;) {
       const reclen = direntBuffer.readUInt16LE(at + 16);
       const nameEnd = direntBuffer.indexOf(0, at + 19);
+      // layerd keeps names as UTF-8 strings: decoded, a name that is not UTF-8 would read back as another
+      // (each bad byte as U+FFFD) and be reached by nobody. Refused, as the FUSE union refuses making one.
+      if (!isUtf8(direntBuffer.subarray(at + 19, nameEnd))) {
+        throw fsError('EILSEQ', `${label}/${escapeBytes(direntBuffer.subarray(at + 19, nameEnd))}`, 'readdir: a name that is not UTF-8');
+      }
       const name = direntBuffer.toString('utf8', at + 19, nameEnd);
       if (name !== '.' && name !== '..') {
         out.push({ name, ino: Number(direntBuffer.readBigUInt64LE(at)), type: direntBuffer.readUInt8(at + 18) });
