@@ -25,6 +25,7 @@ import { fileURLToPath } from 'node:url';
 import { type ErrorCode, ErrorCodes, LayerdError } from '../common/errors.js';
 import { processAlive, sleep } from '../common/process.js';
 import { clearDeadMount, findMount, isDeadMount } from '../mount/deadMount.js';
+import { type AccessOp, validAccessOps } from '../mount/accessRecord.js';
 import { EXITING, type HostMountRequest, type HostReply, type HostRequest, socketAnswers } from '../mount/mountHost.js';
 
 const LAYERD_BIN = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..', 'bin', 'layerd');
@@ -55,6 +56,8 @@ export interface MountSpec {
   cacheSeconds?: number;
   /** Where mount hosts keep their sockets and logs (default $LAYERD_HOSTS_DIR or /run/layerd/hosts). */
   hostsDir?: string;
+  /** Have the host record the mount's first accesses (mount/accessRecord.ts): stopMount returns them. */
+  record?: boolean;
 }
 
 /** A mount being served: by whom, and where. */
@@ -88,6 +91,7 @@ export async function startMount(spec: MountSpec): Promise<ServedMount> {
     ...(spec.liveLayer !== undefined ? { liveLayer: resolve(spec.liveLayer) } : {}),
     ...(spec.statsFile !== undefined ? { statsFile: resolve(spec.statsFile) } : {}),
     ...(spec.cacheSeconds !== undefined ? { cacheSeconds: spec.cacheSeconds } : {}),
+    ...(spec.record === true ? { record: true } : {}),
   };
   let tookSpare = false;
   try {
@@ -180,7 +184,10 @@ async function spawnHost(socket: string, logFile: string, context: Record<string
   try {
     // Detached, in its own session, with no pipe to the daemon: it must
     // keep serving when the daemon stops or restarts.
-    const child = spawn(process.execPath, [LAYERD_BIN, 'mount-host', '--socket', socket, ...extraArgs], {
+    // LAYERD_MOUNT_HOST_NODE_ARGS: extra node flags for hosts (e.g. `--cpu-prof --cpu-prof-dir=DIR` to profile
+    // one; node refuses those in NODE_OPTIONS).
+    const nodeArgs = (process.env['LAYERD_MOUNT_HOST_NODE_ARGS'] ?? '').split(' ').filter((a) => a !== '');
+    const child = spawn(process.execPath, [...nodeArgs, LAYERD_BIN, 'mount-host', '--socket', socket, ...extraArgs], {
       detached: true, stdio: ['ignore', log.fd, log.fd], env: { ...process.env, LAYERD_DAEMON_PID: String(process.pid) },
     });
     child.unref();
@@ -260,15 +267,17 @@ export async function isServing(served: ServedMount): Promise<boolean> {
  * Stop serving a mount: ask its host to unmount it (or, for a one-mount
  * server of an older daemon, SIGTERM it, forced after a while), then clear
  * whatever is left at the mountpoint. `pid` may be null (no server known)
- * or a server that already died.
+ * or a server that already died. Returns the accesses the host recorded
+ * for the mount (MountSpec.record), when it had them.
  */
-export async function stopMount(pid: number | null, mountpoint: string): Promise<void> {
+export async function stopMount(pid: number | null, mountpoint: string): Promise<AccessOp[] | undefined> {
   if (pid !== null && processAlive(pid)) {
     const known = hostSockets.get(pid);
     // (a reply other than ok — another host on that socket by now, or none — falls back to the search below)
-    if (known !== undefined && (await askHost(known, { op: 'unmount', mountpoint: resolve(mountpoint) }, STOP_TIMEOUT_MS).catch(() => undefined))?.ok === true) {
+    const reply = known === undefined ? undefined : await askHost(known, { op: 'unmount', mountpoint: resolve(mountpoint) }, STOP_TIMEOUT_MS).catch(() => undefined);
+    if (reply?.ok === true) {
       if (await findMount(mountpoint)) await clearDeadMount(mountpoint);
-      return;
+      return reply.accesses === undefined ? undefined : validAccessOps(reply.accesses);
     }
     const server = await serverOf(pid);
     if (server.kind === 'host') {
@@ -284,4 +293,5 @@ export async function stopMount(pid: number | null, mountpoint: string): Promise
     }
   }
   if (await findMount(mountpoint)) await clearDeadMount(mountpoint);
+  return undefined;
 }

@@ -42,6 +42,7 @@ import { lowerDirSource } from './lowerDir.js';
 import { LowerMergeCache } from './lowerMerges.js';
 import { mountUnion, type MountedUnion } from './mountUnion.js';
 import { OpStats } from './opStats.js';
+import { AccessRecorder, type AccessOp } from './accessRecord.js';
 import { warmUpMounting } from './warmUp.js';
 
 export const EXITING = 'EXITING';
@@ -70,15 +71,21 @@ export interface HostMountRequest {
   liveLayer?: string;
   statsFile?: string;
   cacheSeconds?: number;
+  /**
+   * Record the mount's first accesses (mount/accessRecord.ts); the reply to
+   * its unmount carries them (`accesses`), for warming the next mount.
+   */
+  record?: boolean;
 }
 export type HostRequest = HostMountRequest | { op: 'unmount'; mountpoint: string } | { op: 'list' } | { op: 'bind'; socket: string };
 /** `walked`: how many of a mount request's plain directories this host walked itself (not read from a scan file). */
-export type HostReply = { ok: true; mounts?: string[]; pid?: number; walked?: number } | { ok: false; code: string; message: string };
+export type HostReply = { ok: true; mounts?: string[]; pid?: number; walked?: number; accesses?: readonly AccessOp[] } | { ok: false; code: string; message: string };
 
 interface HostedMount {
   mounted: MountedUnion;
   stats: OpStats | undefined;
   statsFile: string | undefined;
+  record: AccessRecorder | undefined;
 }
 
 class MountHost {
@@ -186,12 +193,14 @@ class MountHost {
       const scans = typeof request.directoryScans === 'object' && request.directoryScans !== null ? request.directoryScans : {};
       const layers = await Promise.all(request.layers.map((dir) => this.layer(dir, directories.has(dir), Object.hasOwn(scans, dir) ? scans[dir] : undefined)));
       const stats = request.statsFile !== undefined ? await OpStats.continuing(request.statsFile) : undefined;
+      const record = request.record === true ? new AccessRecorder() : undefined;
       const mounted = await mountUnion({
         layers, upper: request.upper, mountpoint, readOnly: request.readOnly ?? false, logger: this.logger, lowerMerges: this.lowerMerges,
         ...(stats ? { stats } : {}), ...(request.liveLayer !== undefined ? { liveLayer: request.liveLayer } : {}),
         ...(typeof request.cacheSeconds === 'number' ? { cacheSeconds: request.cacheSeconds } : {}),
+        ...(record ? { record } : {}),
       });
-      this.mounts.set(mountpoint, { mounted, stats, statsFile: request.statsFile });
+      this.mounts.set(mountpoint, { mounted, stats, statsFile: request.statsFile, record });
       // Someone else may unmount it (umount, the daemon clearing a mount): forget it then.
       void mounted.gone.then(() => this.forget(mountpoint));
       const walked = [...directories].filter((dir) => this.walkedDirectories.has(`directory:${dir}`)).length;
@@ -207,7 +216,7 @@ class MountHost {
     if (hosted === undefined) throw new LayerdError(ErrorCodes.ENOTFOUND, `${mountpoint} is not served by this host`, { mountpoint });
     await hosted.mounted.unmount();
     await this.forget(mountpoint);
-    return { ok: true };
+    return { ok: true, ...(hosted.record ? { accesses: hosted.record.ops } : {}) };
   }
 
   private async forget(mountpoint: string): Promise<void> {

@@ -45,6 +45,7 @@ import { isServing, startMount, stopMount } from '../mountServer.js';
 import { type OriginalLayerSource } from './containerdContent.js';
 import { fileTableDifference } from './fileTable.js';
 import { type Filter, matchAny, parseFilters } from './filters.js';
+import { MountWarmer } from './mountWarmer.js';
 import { LABEL_SNAPSHOT_REF, directoryToLayer, namespaceOf, unpackMounts, unpackTargetOf } from './unpack.js';
 
 export { LABEL_SNAPSHOT_REF } from './unpack.js';
@@ -173,9 +174,14 @@ export class SnapshotService {
   private readonly removing = new Set<string>();
   private readonly ingestGate: string | undefined;
   private readonly statsDir: string | undefined;
+  /** Warms a container's new mount with what the last one of its image read at start (mountWarmer.ts). */
+  private readonly warmer: MountWarmer;
+  /** LAYERD_SNAPSHOT_WARMUP=0 turns the warm-up off (benchmarks compare both). */
+  private readonly warmUp = process.env['LAYERD_SNAPSHOT_WARMUP'] !== '0';
 
   constructor(private readonly store: Store, private readonly logger: Logger, private readonly options: SnapshotServiceOptions = {}) {
     this.table = new SnapshotTable(store.db);
+    this.warmer = new MountWarmer(logger);
     this.ingestGate = options.ingestGate ?? (process.env['LAYERD_TEST_INGEST_GATE'] || undefined);
     this.statsDir = options.statsDir ?? (process.env['LAYERD_SNAPSHOT_STATS_DIR'] || undefined);
   }
@@ -232,6 +238,7 @@ export class SnapshotService {
       }
       await mkdir(row.mountpoint!, { recursive: true, mode: 0o755 });
       const layers = await this.startServer(row);
+      if (this.warmUp) void this.warmer.start(key, this.warmChainOf(row), row.mountpoint!);
       this.logger.info('snapshot prepared', { snapshot: key, kind, parent: parentRow?.key, ...layers, mountpoint: row.mountpoint, ms: Math.round(performance.now() - started) });
       return this.mountsOf(this.table.get(key)!);
     } catch (err) {
@@ -246,6 +253,22 @@ export class SnapshotService {
     } finally {
       this.busy.delete(key);
     }
+  }
+
+  /**
+   * What a mount's accesses are recorded and repeated under (mountWarmer.ts):
+   * its parent's chain ID where known — the same image in every containerd
+   * namespace, and before and after its layers are ingested —, else the parent.
+   */
+  private warmChainOf(row: SnapshotRow): string {
+    if (row.parent === null) return '';
+    return this.table.get(row.parent)?.chain_id ?? row.parent;
+  }
+
+  /** Stop a mount (after its warm-up), keeping what its start-up read for the next mount of its image. */
+  private async stopServed(row: SnapshotRow): Promise<void> {
+    await this.warmer.stop(row.key);
+    this.warmer.remember(this.warmChainOf(row), await stopMount(row.server_pid, row.mountpoint!));
   }
 
   /** The parent named by a Prepare/View: '' = none; it must exist and be committed. */
@@ -286,6 +309,7 @@ export class SnapshotService {
       ...(this.statsDir !== undefined ? { statsFile: join(this.statsDir, `${row.id}.json`) } : {}),
       hostsDir: this.store.layout.hostsDir(),
       context: { snapshot: row.key },
+      record: true,
     });
     const mountMs = Math.round(performance.now() - mounting);
     // (no fsync: after a power failure no server runs, and restore finds mounts by mountpoint)
@@ -524,7 +548,7 @@ export class SnapshotService {
   /** A snapshot served through FUSE: the mount stops first (everything written through it is in the upper dir). */
   private async commitMounted(name: string, row: SnapshotRow, labels: Record<string, string>): Promise<void> {
     const key = row.key;
-    await stopMount(row.server_pid, row.mountpoint!);
+    await this.stopServed(row);
     this.store.db.write(() => this.table.setServer(key, null));
     try {
       const layer = await directoryToLayer(this.store, row.upper!, `snapshot:${key}`, (_db, l) => this.recordCommit(name, row, labels, l.diffId, null));
@@ -804,7 +828,7 @@ export class SnapshotService {
         this.logger.info('snapshot removed', { snapshot: key, kind: row.kind, layerDeleted: deleted });
         return;
       }
-      if (row.unpack_target === null) await stopMount(row.server_pid, row.mountpoint!);
+      if (row.unpack_target === null) await this.stopServed(row);
       // No fsync for a container's snapshot (containerd's GC holds its lock through Remove, before the next
       // `ctr run`): a row a power failure brings back is unknown to containerd, whose GC removes it again.
       // One that holds pending directories is synced: those are deleted next.
@@ -892,6 +916,7 @@ export class SnapshotService {
     this.supervisor = undefined;
     this.stopping = true; // queued ingests are left to the next start
     await this.reviving;
+    await this.warmer.close();
     await Promise.allSettled([...this.ingests.values()]);
   }
 
