@@ -56,6 +56,13 @@ export interface MountSpec {
   cacheSeconds?: number;
   /** Where mount hosts keep their sockets and logs (default $LAYERD_HOSTS_DIR or /run/layerd/hosts). */
   hostsDir?: string;
+  /**
+   * Which host serves the mount: the one of this key (e.g. an image's chain
+   * ID), instead of the one of `layers` (the default). A containerd image's
+   * chain keeps its host when its layers, once ingested, are read from the
+   * store instead of their unpack directories.
+   */
+  hostKey?: string;
   /** Have the host record the mount's first accesses (mount/accessRecord.ts): stopMount returns them. */
   record?: boolean;
 }
@@ -80,7 +87,7 @@ const hostSockets = new Map<number, string>();
 export async function startMount(spec: MountSpec): Promise<ServedMount> {
   const context = { mountpoint: spec.mountpoint, ...spec.context };
   const hostsDir = resolve(spec.hostsDir ?? process.env['LAYERD_HOSTS_DIR'] ?? DEFAULT_HOSTS_DIR);
-  const key = createHash('sha256').update(spec.layers.map((l) => resolve(l)).join('\n')).digest('hex').slice(0, 16);
+  const key = createHash('sha256').update(spec.hostKey !== undefined ? `key:${spec.hostKey}` : spec.layers.map((l) => resolve(l)).join('\n')).digest('hex').slice(0, 16);
   const socket = join(hostsDir, `${key}.sock`);
   const request: HostMountRequest = {
     op: 'mount', layers: spec.layers.map((l) => resolve(l)), upper: resolve(spec.upper), mountpoint: resolve(spec.mountpoint),

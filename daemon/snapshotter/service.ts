@@ -262,7 +262,12 @@ export class SnapshotService {
    */
   private warmChainOf(row: SnapshotRow): string {
     if (row.parent === null) return '';
-    return this.table.get(row.parent)?.chain_id ?? row.parent;
+    return this.chainIdOf(row) ?? row.parent;
+  }
+
+  /** The chain ID of the layers a snapshot mounts (its parent's), where known. */
+  private chainIdOf(row: SnapshotRow): string | undefined {
+    return row.parent === null ? undefined : this.table.get(row.parent)?.chain_id ?? undefined;
   }
 
   /** Stop a mount (after its warm-up), keeping what its start-up read for the next mount of its image. */
@@ -310,6 +315,8 @@ export class SnapshotService {
       hostsDir: this.store.layout.hostsDir(),
       context: { snapshot: row.key },
       record: true,
+      // One host per image chain, before and after its layers are ingested (its JIT, indexes and merges stay warm).
+      ...(this.chainIdOf(row) !== undefined ? { hostKey: `chain:${this.chainIdOf(row)!}` } : {}),
     });
     const mountMs = Math.round(performance.now() - mounting);
     // (no fsync: after a power failure no server runs, and restore finds mounts by mountpoint)
