@@ -83,12 +83,26 @@ export interface ServedMount {
  */
 const hostSockets = new Map<number, string>();
 
+/** The key of the host that serves a stack (its socket and log are named after it). */
+function hostKeyOf(spec: Pick<MountSpec, 'layers' | 'hostKey'>): string {
+  return createHash('sha256').update(spec.hostKey !== undefined ? `key:${spec.hostKey}` : spec.layers.map((l) => resolve(l)).join('\n')).digest('hex').slice(0, 16);
+}
+
+/**
+ * Have the host of a stack load and merge its layers now, for mounts to
+ * come (a host started for it, or the spare bound, if none serves it yet):
+ * the first mount of the stack then finds them ready. Resolves when done.
+ */
+export async function preloadLayers(spec: Pick<MountSpec, 'layers' | 'hostKey' | 'hostsDir' | 'context'>): Promise<void> {
+  const hostsDir = resolve(spec.hostsDir ?? process.env['LAYERD_HOSTS_DIR'] ?? DEFAULT_HOSTS_DIR);
+  await askServingHost(hostsDir, hostKeyOf(spec), { op: 'load', layers: spec.layers.map((l) => resolve(l)) }, spec.context ?? {}, 'load layers');
+}
+
 /** Start serving `spec` and resolve once the mount is live. */
 export async function startMount(spec: MountSpec): Promise<ServedMount> {
   const context = { mountpoint: spec.mountpoint, ...spec.context };
   const hostsDir = resolve(spec.hostsDir ?? process.env['LAYERD_HOSTS_DIR'] ?? DEFAULT_HOSTS_DIR);
-  const key = createHash('sha256').update(spec.hostKey !== undefined ? `key:${spec.hostKey}` : spec.layers.map((l) => resolve(l)).join('\n')).digest('hex').slice(0, 16);
-  const socket = join(hostsDir, `${key}.sock`);
+  const key = hostKeyOf(spec);
   const request: HostMountRequest = {
     op: 'mount', layers: spec.layers.map((l) => resolve(l)), upper: resolve(spec.upper), mountpoint: resolve(spec.mountpoint),
     ...(spec.directories !== undefined && spec.directories.length > 0 ? { directories: spec.directories.map((d) => resolve(d)) } : {}),
@@ -100,19 +114,34 @@ export async function startMount(spec: MountSpec): Promise<ServedMount> {
     ...(spec.cacheSeconds !== undefined ? { cacheSeconds: spec.cacheSeconds } : {}),
     ...(spec.record === true ? { record: true } : {}),
   };
+  const reply = await askServingHost(hostsDir, key, request, context, `mount ${spec.mountpoint}`);
+  return { pid: reply.pid!, mountpoint: request.mountpoint, ...(reply.walked !== undefined ? { walkedDirectories: reply.walked } : {}) };
+}
+
+/** The host of a stack (by its socket key): socket path. */
+function hostSocketOf(hostsDir: string, key: string): string {
+  return join(hostsDir, `${key}.sock`);
+}
+
+/**
+ * Have the host of the stack `key` (taking the spare or starting one when
+ * none answers) answer `request`; its ok reply.
+ */
+async function askServingHost(hostsDir: string, key: string, request: HostRequest, context: Record<string, string>, what: string): Promise<HostReply & { ok: true }> {
+  const socket = hostSocketOf(hostsDir, key);
   let tookSpare = false;
   try {
     for (let attempt = 0; ; attempt++) {
       const reply = await askHost(socket, request, READY_TIMEOUT_MS).catch(() => undefined);
       if (reply?.ok) {
         hostSockets.set(reply.pid!, socket);
-        return { pid: reply.pid!, mountpoint: request.mountpoint, ...(reply.walked !== undefined ? { walkedDirectories: reply.walked } : {}) };
+        return reply;
       }
       if (reply !== undefined && reply.code !== EXITING) {
-        throw new LayerdError(asErrorCode(reply.code), `cannot mount ${spec.mountpoint}: ${reply.message}`, context);
+        throw new LayerdError(asErrorCode(reply.code), `cannot ${what}: ${reply.message}`, context);
       }
       // No host answers (none yet, or it is leaving): take the spare or start one, then ask again.
-      if (attempt >= 3) throw new LayerdError(ErrorCodes.EIO, `no mount host would serve ${spec.mountpoint}`, { ...context, socket });
+      if (attempt >= 3) throw new LayerdError(ErrorCodes.EIO, `no mount host would ${what}`, { ...context, socket });
       if (attempt === 0 && await bindSpare(hostsDir, socket)) {
         tookSpare = true;
         continue;

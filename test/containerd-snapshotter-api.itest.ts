@@ -9,7 +9,7 @@ import { expect } from 'chai';
 import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { status } from '@grpc/grpc-js';
-import { readFile, readdir, mkdir, stat, writeFile } from 'node:fs/promises';
+import { readFile, readdir, mkdir, rm, stat, writeFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { BUSYBOX, scratch, daemonCli } from './support/env.js';
 import { type RunningDaemon, startDaemon, waitFor } from './support/daemon.js';
@@ -32,6 +32,8 @@ describe('containerd snapshotter: the gRPC API', function () {
   const socket = (): string => join(work.dir, 'snap.sock');
   /** Where each snapshot mount's FUSE operation counts are written (<id>.json). */
   const statsDir = (): string => join(work.dir, 'fuse-stats');
+  /** While this file exists, background ingests wait (LAYERD_TEST_INGEST_GATE). */
+  const ingestGate = (): string => join(work.dir, 'ingest-gate');
 
   const prepare = (key: string, parent = '', labels: Record<string, string> = {}) =>
     client.call<{ mounts: WireMount[] }>('Prepare', { snapshotter: 'layerd', key, parent, labels }).then((r) => r.mounts);
@@ -78,7 +80,9 @@ describe('containerd snapshotter: the gRPC API', function () {
   before(async () => {
     work = await scratch('layerd-snapapi-');
     await mkdir(statsDir());
-    daemon = await startDaemon(work.dir, [...NO_CONTAINERD, '--snapshotter-socket', join(work.dir, 'snap.sock')], { LAYERD_SNAPSHOT_STATS_DIR: statsDir() });
+    daemon = await startDaemon(work.dir, [...NO_CONTAINERD, '--snapshotter-socket', join(work.dir, 'snap.sock')], {
+      LAYERD_SNAPSHOT_STATS_DIR: statsDir(), LAYERD_TEST_INGEST_GATE: ingestGate(),
+    });
     client = snapshotsClient(socket());
     await cli('import', BUSYBOX);
     busybox = JSON.parse(await cli('inspect', 'busybox:latest')) as InspectedImage;
@@ -348,6 +352,26 @@ describe('containerd snapshotter: the gRPC API', function () {
     expect(warmUp.repeated).to.be.greaterThan(0);
     expect(warmUp.failed, 'etc/no-such-file, looked up again (and cached as missing)').to.be.at.least(1);
     await remove(base);
+  });
+
+  it('once the last pending layer of a chain a container ran on is stored, the chain\'s host loads the stored layers before the next container asks', async () => {
+    const target = `sha256:${'d'.repeat(64)}`;
+    await writeFile(ingestGate(), '');
+    const m = await prepare(`ns11/1/extract-11-p ${target}`);
+    const upper = m[0]!.options.find((o) => o.startsWith('upperdir='))!.slice('upperdir='.length);
+    await writeFile(join(upper, 'hello'), 'from the unpack\n');
+    await commit(`ns11/2/${target}`, `ns11/1/extract-11-p ${target}`);
+    const first = (await prepare('pre-1', `ns11/2/${target}`))[0]!.source; // reads the unpack directory
+    expect(await readFile(join(first, 'hello'), 'utf8')).to.equal('from the unpack\n');
+    await remove('pre-1');
+    expect(daemon!.log()).not.to.contain('"message":"snapshot chain preloaded"');
+    await rm(ingestGate());
+    await waitFor('the chain preloaded', async () => daemon!.log().split('\n')
+      .some((l) => l.includes('"message":"snapshot chain preloaded"') && l.includes(`"parent":"ns11/2/${target}"`)), 60_000, 100);
+    const second = (await prepare('pre-2', `ns11/2/${target}`))[0]!.source; // the stored layer now
+    expect(await readFile(join(second, 'hello'), 'utf8')).to.equal('from the unpack\n');
+    await remove('pre-2');
+    await remove(`ns11/2/${target}`);
   });
 
   it('Cleanup removes snapshot directories no record owns', async () => {

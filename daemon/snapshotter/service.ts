@@ -41,7 +41,7 @@ import {
   type SnapshotKind, type SnapshotRow, SnapshotTable, chainIdOf, ingestLayerBlob, lowerDirIds, parseLabels, removeLayerIfUnused, snapshotDir, snapshotsDir, storeLayerForChain,
 } from '../../storage/snapshots.js';
 import { type Store } from '../../storage/store.js';
-import { isServing, startMount, stopMount } from '../mountServer.js';
+import { isServing, preloadLayers, startMount, stopMount } from '../mountServer.js';
 import { type OriginalLayerSource } from './containerdContent.js';
 import { fileTableDifference } from './fileTable.js';
 import { type Filter, matchAny, parseFilters } from './filters.js';
@@ -144,6 +144,8 @@ const GATE_POLL_MS = 50;
  * after its commit, and at once when something waits for the layer.
  */
 const INGEST_QUIET_MS = 1_000;
+/** Parents of recent containers whose chains are preloaded once ingested (SnapshotService.recentParents). */
+const RECENT_PARENTS_KEPT = 8;
 const INGEST_MAX_DEFER_MS = 30_000;
 const INGEST_QUIET_POLL_MS = 100;
 
@@ -178,6 +180,13 @@ export class SnapshotService {
   private readonly warmer: MountWarmer;
   /** LAYERD_SNAPSHOT_WARMUP=0 turns the warm-up off (benchmarks compare both). */
   private readonly warmUp = process.env['LAYERD_SNAPSHOT_WARMUP'] !== '0';
+  /**
+   * Parents of the last containers mounted (most recent last), and the layers
+   * each was last preloaded with: when the ingest of a chain's last pending
+   * layer ends, its host loads the stored layers before the next container
+   * asks for them (`preloadChains`).
+   */
+  private readonly recentParents = new Map<string, string>();
 
   constructor(private readonly store: Store, private readonly logger: Logger, private readonly options: SnapshotServiceOptions = {}) {
     this.table = new SnapshotTable(store.db);
@@ -237,6 +246,12 @@ export class SnapshotService {
         return this.mountsOf(row);
       }
       await mkdir(row.mountpoint!, { recursive: true, mode: 0o755 });
+      if (parentRow !== undefined) {
+        const preloaded = this.recentParents.get(parentRow.key) ?? '';
+        this.recentParents.delete(parentRow.key);
+        this.recentParents.set(parentRow.key, preloaded);
+        if (this.recentParents.size > RECENT_PARENTS_KEPT) this.recentParents.delete(this.recentParents.keys().next().value!);
+      }
       const layers = await this.startServer(row);
       if (this.warmUp) void this.warmer.start(key, this.warmChainOf(row), row.mountpoint!);
       this.logger.info('snapshot prepared', { snapshot: key, kind, parent: parentRow?.key, ...layers, mountpoint: row.mountpoint, ms: Math.round(performance.now() - started) });
@@ -262,11 +277,11 @@ export class SnapshotService {
    */
   private warmChainOf(row: SnapshotRow): string {
     if (row.parent === null) return '';
-    return this.chainIdOf(row) ?? row.parent;
+    return this.mountChainId(row) ?? row.parent;
   }
 
   /** The chain ID of the layers a snapshot mounts (its parent's), where known. */
-  private chainIdOf(row: SnapshotRow): string | undefined {
+  private mountChainId(row: SnapshotRow): string | undefined {
     return row.parent === null ? undefined : this.table.get(row.parent)?.chain_id ?? undefined;
   }
 
@@ -316,7 +331,7 @@ export class SnapshotService {
       context: { snapshot: row.key },
       record: true,
       // One host per image chain, before and after its layers are ingested (its JIT, indexes and merges stay warm).
-      ...(this.chainIdOf(row) !== undefined ? { hostKey: `chain:${this.chainIdOf(row)!}` } : {}),
+      ...(this.mountChainId(row) !== undefined ? { hostKey: `chain:${this.mountChainId(row)!}` } : {}),
     });
     const mountMs = Math.round(performance.now() - mounting);
     // (no fsync: after a power failure no server runs, and restore finds mounts by mountpoint)
@@ -730,10 +745,42 @@ export class SnapshotService {
       if (this.table.lowerDirsInUse().has(id)) this.logger.info('unpack directory kept while a mount reads it', { snapshot: key });
       this.scans.delete(id);
       this.releaseLowerDirs([id]);
+      void this.preloadChains().catch(() => undefined);
       return diffId;
     } catch (err) {
       this.logger.error('could not ingest a committed snapshot\'s layer (tried again when it is needed)', { snapshot: key, error: (err as Error).message });
       throw err;
+    }
+  }
+
+  /**
+   * For each recent parent whose chain is now stored in full (its last
+   * pending layer just ingested) and not preloaded with these layers yet:
+   * have its host load and merge them now. Else the next container's Prepare
+   * does that (tens of ms, more on a busy machine: the first later run).
+   */
+  private async preloadChains(): Promise<void> {
+    for (const [parent, preloaded] of [...this.recentParents]) {
+      const row = this.table.get(parent);
+      let chain: ReturnType<SnapshotTable['chainLayers']>;
+      try {
+        chain = this.table.chainLayers(parent);
+      } catch {
+        this.recentParents.delete(parent);
+        continue;
+      }
+      const diffIds = chain.flatMap((l) => ('diffId' in l ? [l.diffId] : []));
+      if (row?.chain_id == null || diffIds.length < chain.length || diffIds.join(',') === preloaded) continue;
+      this.recentParents.set(parent, diffIds.join(','));
+      const started = performance.now();
+      try {
+        await preloadLayers({
+          layers: diffIds.map((d) => this.store.layerDirFor(d)), hostKey: `chain:${row.chain_id}`, hostsDir: this.store.layout.hostsDir(), context: { snapshot: parent },
+        });
+        this.logger.info('snapshot chain preloaded', { parent, layers: diffIds.length, ms: Math.round(performance.now() - started) });
+      } catch (err) {
+        this.logger.warn('could not preload a snapshot chain', { parent, error: (err as Error).message });
+      }
     }
   }
 
