@@ -81,7 +81,7 @@ describe('containerd snapshotter: the gRPC API', function () {
     work = await scratch('layerd-snapapi-');
     await mkdir(statsDir());
     daemon = await startDaemon(work.dir, [...NO_CONTAINERD, '--snapshotter-socket', join(work.dir, 'snap.sock')], {
-      LAYERD_SNAPSHOT_STATS_DIR: statsDir(), LAYERD_TEST_INGEST_GATE: ingestGate(),
+      LAYERD_SNAPSHOT_STATS_DIR: statsDir(), LAYERD_TEST_INGEST_GATE: ingestGate(), LAYERD_SNAPSHOT_WARMUP: '1',
     });
     client = snapshotsClient(socket());
     await cli('import', BUSYBOX);

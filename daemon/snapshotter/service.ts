@@ -178,8 +178,12 @@ export class SnapshotService {
   private readonly statsDir: string | undefined;
   /** Warms a container's new mount with what the last one of its image read at start (mountWarmer.ts). */
   private readonly warmer: MountWarmer;
-  /** LAYERD_SNAPSHOT_WARMUP=0 turns the warm-up off (benchmarks compare both). */
-  private readonly warmUp = process.env['LAYERD_SNAPSHOT_WARMUP'] !== '0';
+  /**
+   * LAYERD_SNAPSHOT_WARMUP=1 turns the warm-up on (off by default: on 2 busy
+   * cores it moved the round trips from python3 into the container's start
+   * without a measurable gain, docs/performance.md).
+   */
+  private readonly warmUp = process.env['LAYERD_SNAPSHOT_WARMUP'] === '1';
   /**
    * Parents of the last containers mounted (most recent last), and the layers
    * each was last preloaded with: when the ingest of a chain's last pending
@@ -329,7 +333,7 @@ export class SnapshotService {
       ...(this.statsDir !== undefined ? { statsFile: join(this.statsDir, `${row.id}.json`) } : {}),
       hostsDir: this.store.layout.hostsDir(),
       context: { snapshot: row.key },
-      record: true,
+      ...(this.warmUp ? { record: true } : {}),
       // One host per image chain, before and after its layers are ingested (its JIT, indexes and merges stay warm).
       ...(this.mountChainId(row) !== undefined ? { hostKey: `chain:${this.mountChainId(row)!}` } : {}),
     });
