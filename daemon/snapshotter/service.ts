@@ -765,6 +765,7 @@ export class SnapshotService {
    */
   private async preloadChains(): Promise<void> {
     for (const [parent, preloaded] of [...this.recentParents]) {
+      if (this.stopping) return; // (a host started now would outlive the daemon for nothing)
       const row = this.table.get(parent);
       let chain: ReturnType<SnapshotTable['chainLayers']>;
       try {
