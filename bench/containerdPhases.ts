@@ -30,7 +30,7 @@ const TAG = 'l3-whiteouts';
 const LAYERS = 3;
 
 interface Phases { total: number; start: number; python: number; end: number }
-interface LayerdPhases { prepareMs?: number; mountMs?: number; removeMs?: number; ops?: OpStatsSnapshot }
+interface LayerdPhases { prepareMs?: number; mountMs?: number; removeMs?: number; warmMs?: number; warmOps?: number; ops?: OpStatsSnapshot }
 
 function logLines(log: string, message: string): Record<string, unknown>[] {
   return log.split('\n').filter((l) => l.includes(`"message":"${message}"`)).map((l) => JSON.parse(l) as Record<string, unknown>);
@@ -77,10 +77,12 @@ async function main(): Promise<void> {
       const key = `/later-${i}`;
       const prepared = logLines(log(), 'snapshot prepared').find((l) => String(l['snapshot']).endsWith(key));
       const removed = logLines(log(), 'snapshot removed').find((l) => String(l['snapshot']).endsWith(key));
+      const warmed = logLines(log(), 'snapshot mount warmed').find((l) => String(l['snapshot']).endsWith(key));
       const id = /snapshots\/(\d+)\/mnt$/.exec(String(prepared?.['mountpoint']))?.[1];
       daemon.push({
         prepareMs: prepared?.['ms'] as number | undefined, mountMs: prepared?.['mountMs'] as number | undefined,
         removeMs: removed?.['ms'] as number | undefined,
+        warmMs: warmed?.['ms'] as number | undefined, warmOps: warmed?.['repeated'] as number | undefined,
         ...(id !== undefined ? { ops: await readSnapshot(join(statsDir, `${id}.json`)) } : {}),
       });
     }
@@ -102,7 +104,8 @@ async function main(): Promise<void> {
       '|---|---|---|',
       phase('total'), phase('start'), phase('python'), phase('end'),
       '',
-      `layerd daemon: Prepare ${fmt(num(daemon.map((d) => d.prepareMs)))} ms (mount ${fmt(num(daemon.map((d) => d.mountMs)))}), Remove ${fmt(num(daemon.map((d) => d.removeMs)))} ms`,
+      `layerd daemon: Prepare ${fmt(num(daemon.map((d) => d.prepareMs)))} ms (mount ${fmt(num(daemon.map((d) => d.mountMs)))}), Remove ${fmt(num(daemon.map((d) => d.removeMs)))} ms`
+        + (daemon.some((d) => d.warmMs !== undefined) ? `; mount warm-up (background, from Prepare) ${fmt(num(daemon.map((d) => d.warmMs)))} ms, ${fmt(num(daemon.map((d) => d.warmOps)))} accesses` : ''),
       '',
       '| FUSE op (per run) | count | server ms |',
       '|---|---|---|',

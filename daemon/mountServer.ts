@@ -25,6 +25,7 @@ import { fileURLToPath } from 'node:url';
 import { type ErrorCode, ErrorCodes, LayerdError } from '../common/errors.js';
 import { processAlive, sleep } from '../common/process.js';
 import { clearDeadMount, findMount, isDeadMount } from '../mount/deadMount.js';
+import { type AccessOp, validAccessOps } from '../mount/accessRecord.js';
 import { EXITING, type HostMountRequest, type HostReply, type HostRequest, socketAnswers } from '../mount/mountHost.js';
 
 const LAYERD_BIN = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..', 'bin', 'layerd');
@@ -55,6 +56,15 @@ export interface MountSpec {
   cacheSeconds?: number;
   /** Where mount hosts keep their sockets and logs (default $LAYERD_HOSTS_DIR or /run/layerd/hosts). */
   hostsDir?: string;
+  /**
+   * Which host serves the mount: the one of this key (e.g. an image's chain
+   * ID), instead of the one of `layers` (the default). A containerd image's
+   * chain keeps its host when its layers, once ingested, are read from the
+   * store instead of their unpack directories.
+   */
+  hostKey?: string;
+  /** Have the host record the mount's first accesses (mount/accessRecord.ts): stopMount returns them. */
+  record?: boolean;
 }
 
 /** A mount being served: by whom, and where. */
@@ -73,12 +83,26 @@ export interface ServedMount {
  */
 const hostSockets = new Map<number, string>();
 
+/** The key of the host that serves a stack (its socket and log are named after it). */
+function hostKeyOf(spec: Pick<MountSpec, 'layers' | 'hostKey'>): string {
+  return createHash('sha256').update(spec.hostKey !== undefined ? `key:${spec.hostKey}` : spec.layers.map((l) => resolve(l)).join('\n')).digest('hex').slice(0, 16);
+}
+
+/**
+ * Have the host of a stack load and merge its layers now, for mounts to
+ * come (a host started for it, or the spare bound, if none serves it yet):
+ * the first mount of the stack then finds them ready. Resolves when done.
+ */
+export async function preloadLayers(spec: Pick<MountSpec, 'layers' | 'hostKey' | 'hostsDir' | 'context'>): Promise<void> {
+  const hostsDir = resolve(spec.hostsDir ?? process.env['LAYERD_HOSTS_DIR'] ?? DEFAULT_HOSTS_DIR);
+  await askServingHost(hostsDir, hostKeyOf(spec), { op: 'load', layers: spec.layers.map((l) => resolve(l)) }, spec.context ?? {}, 'load layers');
+}
+
 /** Start serving `spec` and resolve once the mount is live. */
 export async function startMount(spec: MountSpec): Promise<ServedMount> {
   const context = { mountpoint: spec.mountpoint, ...spec.context };
   const hostsDir = resolve(spec.hostsDir ?? process.env['LAYERD_HOSTS_DIR'] ?? DEFAULT_HOSTS_DIR);
-  const key = createHash('sha256').update(spec.layers.map((l) => resolve(l)).join('\n')).digest('hex').slice(0, 16);
-  const socket = join(hostsDir, `${key}.sock`);
+  const key = hostKeyOf(spec);
   const request: HostMountRequest = {
     op: 'mount', layers: spec.layers.map((l) => resolve(l)), upper: resolve(spec.upper), mountpoint: resolve(spec.mountpoint),
     ...(spec.directories !== undefined && spec.directories.length > 0 ? { directories: spec.directories.map((d) => resolve(d)) } : {}),
@@ -88,20 +112,36 @@ export async function startMount(spec: MountSpec): Promise<ServedMount> {
     ...(spec.liveLayer !== undefined ? { liveLayer: resolve(spec.liveLayer) } : {}),
     ...(spec.statsFile !== undefined ? { statsFile: resolve(spec.statsFile) } : {}),
     ...(spec.cacheSeconds !== undefined ? { cacheSeconds: spec.cacheSeconds } : {}),
+    ...(spec.record === true ? { record: true } : {}),
   };
+  const reply = await askServingHost(hostsDir, key, request, context, `mount ${spec.mountpoint}`);
+  return { pid: reply.pid!, mountpoint: request.mountpoint, ...(reply.walked !== undefined ? { walkedDirectories: reply.walked } : {}) };
+}
+
+/** The host of a stack (by its socket key): socket path. */
+function hostSocketOf(hostsDir: string, key: string): string {
+  return join(hostsDir, `${key}.sock`);
+}
+
+/**
+ * Have the host of the stack `key` (taking the spare or starting one when
+ * none answers) answer `request`; its ok reply.
+ */
+async function askServingHost(hostsDir: string, key: string, request: HostRequest, context: Record<string, string>, what: string): Promise<HostReply & { ok: true }> {
+  const socket = hostSocketOf(hostsDir, key);
   let tookSpare = false;
   try {
     for (let attempt = 0; ; attempt++) {
       const reply = await askHost(socket, request, READY_TIMEOUT_MS).catch(() => undefined);
       if (reply?.ok) {
         hostSockets.set(reply.pid!, socket);
-        return { pid: reply.pid!, mountpoint: request.mountpoint, ...(reply.walked !== undefined ? { walkedDirectories: reply.walked } : {}) };
+        return reply;
       }
       if (reply !== undefined && reply.code !== EXITING) {
-        throw new LayerdError(asErrorCode(reply.code), `cannot mount ${spec.mountpoint}: ${reply.message}`, context);
+        throw new LayerdError(asErrorCode(reply.code), `cannot ${what}: ${reply.message}`, context);
       }
       // No host answers (none yet, or it is leaving): take the spare or start one, then ask again.
-      if (attempt >= 3) throw new LayerdError(ErrorCodes.EIO, `no mount host would serve ${spec.mountpoint}`, { ...context, socket });
+      if (attempt >= 3) throw new LayerdError(ErrorCodes.EIO, `no mount host would ${what}`, { ...context, socket });
       if (attempt === 0 && await bindSpare(hostsDir, socket)) {
         tookSpare = true;
         continue;
@@ -180,7 +220,10 @@ async function spawnHost(socket: string, logFile: string, context: Record<string
   try {
     // Detached, in its own session, with no pipe to the daemon: it must
     // keep serving when the daemon stops or restarts.
-    const child = spawn(process.execPath, [LAYERD_BIN, 'mount-host', '--socket', socket, ...extraArgs], {
+    // LAYERD_MOUNT_HOST_NODE_ARGS: extra node flags for hosts (e.g. `--cpu-prof --cpu-prof-dir=DIR` to profile
+    // one; node refuses those in NODE_OPTIONS).
+    const nodeArgs = (process.env['LAYERD_MOUNT_HOST_NODE_ARGS'] ?? '').split(' ').filter((a) => a !== '');
+    const child = spawn(process.execPath, [...nodeArgs, LAYERD_BIN, 'mount-host', '--socket', socket, ...extraArgs], {
       detached: true, stdio: ['ignore', log.fd, log.fd], env: { ...process.env, LAYERD_DAEMON_PID: String(process.pid) },
     });
     child.unref();
@@ -294,15 +337,17 @@ export class HostMountsCache {
  * Stop serving a mount: ask its host to unmount it (or, for a one-mount
  * server of an older daemon, SIGTERM it, forced after a while), then clear
  * whatever is left at the mountpoint. `pid` may be null (no server known)
- * or a server that already died.
+ * or a server that already died. Returns the accesses the host recorded
+ * for the mount (MountSpec.record), when it had them.
  */
-export async function stopMount(pid: number | null, mountpoint: string): Promise<void> {
+export async function stopMount(pid: number | null, mountpoint: string): Promise<AccessOp[] | undefined> {
   if (pid !== null && processAlive(pid)) {
     const known = hostSockets.get(pid);
     // (a reply other than ok — another host on that socket by now, or none — falls back to the search below)
-    if (known !== undefined && (await askHost(known, { op: 'unmount', mountpoint: resolve(mountpoint) }, STOP_TIMEOUT_MS).catch(() => undefined))?.ok === true) {
+    const reply = known === undefined ? undefined : await askHost(known, { op: 'unmount', mountpoint: resolve(mountpoint) }, STOP_TIMEOUT_MS).catch(() => undefined);
+    if (reply?.ok === true) {
       if (await findMount(mountpoint)) await clearDeadMount(mountpoint);
-      return;
+      return reply.accesses === undefined ? undefined : validAccessOps(reply.accesses);
     }
     const server = await serverOf(pid);
     if (server.kind === 'host') {
@@ -318,4 +363,5 @@ export async function stopMount(pid: number | null, mountpoint: string): Promise
     }
   }
   if (await findMount(mountpoint)) await clearDeadMount(mountpoint);
+  return undefined;
 }

@@ -29,6 +29,7 @@ import { O_RDWR, O_WRONLY, UTIME_NOW, UTIME_OMIT, type TimeChange } from '../com
 import { FuseNode, NodeTable } from './fuseNodes.js';
 import { FuseSession } from './fuseSession.js';
 import type { OpStats } from './opStats.js';
+import type { AccessRecorder } from './accessRecord.js';
 import { joinPath } from './paths.js';
 import { NO_OWNER_CHANGE, opensForWriting, type DirListing, type Owner, type UnionFs, type UnionStat } from './unionFs.js';
 
@@ -53,6 +54,8 @@ export interface KernelFuseOptions {
    * batches, and reads through write-only opens to fill partial pages.
    */
   writeback?: boolean;
+  /** Where to record the mount's first accesses (mount/accessRecord.ts), for warming the next mount of the image. */
+  record?: AccessRecorder;
 }
 
 
@@ -176,7 +179,11 @@ export class KernelFuse {
         return this.attrReply(h.nodeid, (flags & FUSE_GETATTR_FH) !== 0 ? fh : undefined);
       }
       case Op.SETATTR: return this.setattr(h, req);
-      case Op.READLINK: return this.union.readlink(this.path(h.nodeid)).then((target) => Buffer.from(target));
+      case Op.READLINK: {
+        const path = this.path(h.nodeid);
+        if (this.options.record?.open === true) this.options.record.record({ op: 'readlink', path });
+        return this.union.readlink(path).then((target) => Buffer.from(target));
+      }
       case Op.SYMLINK: {
         const name = r.name();
         const target = r.name();
@@ -287,8 +294,10 @@ export class KernelFuse {
 
   private async lookup(parent: number, name: string): Promise<Answer> {
     let st: UnionStat;
+    const path = this.childPath(parent, name);
+    if (this.options.record?.open === true) this.options.record.record({ op: 'lookup', path });
     try {
-      st = await this.stat(this.childPath(parent, name));
+      st = await this.stat(path);
     } catch (err) {
       // A cached negative answer (node id 0) spares the kernel asking again.
       if (errnoNameOf(err) === 'ENOENT' && this.negativeTtl > 0) return entryOut(0, undefined, this.negativeTtl, 0);
@@ -530,6 +539,10 @@ export class KernelFuse {
   private read(h: RequestHeader, req: Buffer, session: FuseSession): void {
     const { fh, offset, size } = readReadIn(req);
     const started = this.options.stats ? process.hrtime.bigint() : 0n;
+    if (this.options.record?.open === true) {
+      const path = this.nodes.pathOf(this.handles.get(fh) ?? 0);
+      if (path !== undefined) this.options.record.record({ op: 'read', path, offset, size });
+    }
     const buf = Buffer.allocUnsafe(OUT_HEADER_SIZE + size);
     this.union.read(fh, buf.subarray(OUT_HEADER_SIZE), size, offset).then(
       (n) => session.replyInPlace(h.unique, buf, n),
@@ -603,6 +616,7 @@ export class KernelFuse {
   private async readdir(nodeid: number, req: Buffer, plus: boolean): Promise<Answer> {
     const { fh, offset, size } = readReadIn(req);
     const dir = this.listingOf(nodeid, fh, offset);
+    if (offset === 0 && this.options.record?.open === true) this.options.record.record({ op: 'list', path: this.path(dir.nodeid) });
     const { names, stats } = dir.listing;
     let end = offset;
     let bytes = 0;

@@ -16,6 +16,9 @@
  *                                      overlayfs's format, not store layer directories; `directoryScans`:
  *                                      {directory: file} the daemon's walks of some, mount/directoryScan.ts;
  *                                      the reply's `walked` counts the directories the host walked itself)
+ *   {"op":"load", "layers", "directories"?, "directoryScans"?}
+ *                                      load and merge those layers now, for mounts to come
+ *                                      (the host then stays PRELOAD_KEEP_MS without mounts)
  *   {"op":"unmount", "mountpoint"}     (resolves once the mount is gone)
  *   {"op":"list"}                      → {"ok":true,"mounts":[mountpoint…]}
  *   {"op":"bind", "socket"}            a spare host (started with --spare) moves
@@ -42,11 +45,14 @@ import { lowerDirSource } from './lowerDir.js';
 import { LowerMergeCache } from './lowerMerges.js';
 import { mountUnion, type MountedUnion } from './mountUnion.js';
 import { OpStats } from './opStats.js';
+import { AccessRecorder, type AccessOp } from './accessRecord.js';
 import { warmUpMounting } from './warmUp.js';
 
 export const EXITING = 'EXITING';
 const IDLE_EXIT_MS = 5_000;
 const SPARE_IDLE_EXIT_MS = 30 * 60_000;
+/** How long a host that was asked to load layers waits for a mount of them. */
+const PRELOAD_KEEP_MS = 60_000;
 const STATS_INTERVAL_MS = 2_000;
 const MAX_REQUEST_BYTES = 1024 * 1024;
 
@@ -70,15 +76,23 @@ export interface HostMountRequest {
   liveLayer?: string;
   statsFile?: string;
   cacheSeconds?: number;
+  /**
+   * Record the mount's first accesses (mount/accessRecord.ts); the reply to
+   * its unmount carries them (`accesses`), for warming the next mount.
+   */
+  record?: boolean;
 }
-export type HostRequest = HostMountRequest | { op: 'unmount'; mountpoint: string } | { op: 'list' } | { op: 'bind'; socket: string };
+/** Load (and merge) a stack's layers ahead of its mounts. */
+export type HostLoadRequest = Pick<HostMountRequest, 'layers' | 'directories' | 'directoryScans'> & { op: 'load' };
+export type HostRequest = HostMountRequest | HostLoadRequest | { op: 'unmount'; mountpoint: string } | { op: 'list' } | { op: 'bind'; socket: string };
 /** `walked`: how many of a mount request's plain directories this host walked itself (not read from a scan file). */
-export type HostReply = { ok: true; mounts?: string[]; pid?: number; walked?: number } | { ok: false; code: string; message: string };
+export type HostReply = { ok: true; mounts?: string[]; pid?: number; walked?: number; accesses?: readonly AccessOp[] } | { ok: false; code: string; message: string };
 
 interface HostedMount {
   mounted: MountedUnion;
   stats: OpStats | undefined;
   statsFile: string | undefined;
+  record: AccessRecorder | undefined;
 }
 
 class MountHost {
@@ -92,6 +106,8 @@ class MountHost {
   /** Their merge, kept: each mount of the image builds its tree over it. */
   private readonly lowerMerges = new LowerMergeCache();
   private exiting = false;
+  /** Until when (Date.now()) the host stays without mounts: a load asked for mounts to come. */
+  private keepUntil = 0;
   private idleTimer: NodeJS.Timeout | undefined;
   private readonly statsTimer: NodeJS.Timeout;
   private readonly finished: Promise<void>;
@@ -114,6 +130,7 @@ class MountHost {
     if (this.exiting) return { ok: false, code: EXITING, message: 'this mount host is shutting down' };
     switch (request.op) {
       case 'mount': return this.mount(request);
+      case 'load': return this.load(request);
       case 'unmount': return this.unmount(request.mountpoint);
       // Mounts being made count as served: the daemon's supervisor must not take one for lost.
       case 'list': return { ok: true, mounts: [...this.mounts.keys(), ...this.pending], pid: process.pid };
@@ -175,6 +192,27 @@ class MountHost {
     return source;
   }
 
+  /** The layer sources of a request (loaded once per host). */
+  private sources(request: HostMountRequest | HostLoadRequest): Promise<LayerSource[]> {
+    const directories = new Set(Array.isArray(request.directories) ? request.directories : []);
+    const scans = typeof request.directoryScans === 'object' && request.directoryScans !== null ? request.directoryScans : {};
+    return Promise.all(request.layers.map((dir) => this.layer(dir, directories.has(dir), Object.hasOwn(scans, dir) ? scans[dir] : undefined)));
+  }
+
+  private async load(request: HostLoadRequest): Promise<HostReply> {
+    if (!Array.isArray(request.layers) || request.layers.some((l) => typeof l !== 'string' || !l.startsWith('/'))) {
+      throw new LayerdError(ErrorCodes.EINVAL, 'load needs absolute layer paths');
+    }
+    this.keepUntil = Math.max(this.keepUntil, Date.now() + PRELOAD_KEEP_MS);
+    if (this.idleTimer) clearTimeout(this.idleTimer);
+    try {
+      this.lowerMerges.get(await this.sources(request));
+    } finally {
+      this.armIdleExit();
+    }
+    return { ok: true, pid: process.pid };
+  }
+
   private async mount(request: HostMountRequest): Promise<HostReply> {
     const { mountpoint } = request;
     if (this.mounts.has(mountpoint) || this.pending.has(mountpoint)) {
@@ -184,15 +222,16 @@ class MountHost {
     if (this.idleTimer) clearTimeout(this.idleTimer);
     try {
       const directories = new Set(Array.isArray(request.directories) ? request.directories : []);
-      const scans = typeof request.directoryScans === 'object' && request.directoryScans !== null ? request.directoryScans : {};
-      const layers = await Promise.all(request.layers.map((dir) => this.layer(dir, directories.has(dir), Object.hasOwn(scans, dir) ? scans[dir] : undefined)));
+      const layers = await this.sources(request);
       const stats = request.statsFile !== undefined ? await OpStats.continuing(request.statsFile) : undefined;
+      const record = request.record === true ? new AccessRecorder() : undefined;
       const mounted = await mountUnion({
         layers, upper: request.upper, mountpoint, readOnly: request.readOnly ?? false, logger: this.logger, lowerMerges: this.lowerMerges,
         ...(stats ? { stats } : {}), ...(request.liveLayer !== undefined ? { liveLayer: request.liveLayer } : {}),
         ...(typeof request.cacheSeconds === 'number' ? { cacheSeconds: request.cacheSeconds } : {}),
+        ...(record ? { record } : {}),
       });
-      this.mounts.set(mountpoint, { mounted, stats, statsFile: request.statsFile });
+      this.mounts.set(mountpoint, { mounted, stats, statsFile: request.statsFile, record });
       // Someone else may unmount it (umount, the daemon clearing a mount): forget it then.
       void mounted.gone.then(() => this.forget(mountpoint));
       const walked = [...directories].filter((dir) => this.walkedDirectories.has(`directory:${dir}`)).length;
@@ -208,7 +247,7 @@ class MountHost {
     if (hosted === undefined) throw new LayerdError(ErrorCodes.ENOTFOUND, `${mountpoint} is not served by this host`, { mountpoint });
     await hosted.mounted.unmount();
     await this.forget(mountpoint);
-    return { ok: true };
+    return { ok: true, ...(hosted.record ? { accesses: hosted.record.ops } : {}) };
   }
 
   private async forget(mountpoint: string): Promise<void> {
@@ -236,7 +275,7 @@ class MountHost {
   private armIdleExit(): void {
     if (this.idleTimer) clearTimeout(this.idleTimer);
     if (this.mounts.size > 0 || this.pending.size > 0 || this.exiting) return;
-    this.idleTimer = setTimeout(() => { void this.shutdown('idle'); }, this.spare ? SPARE_IDLE_EXIT_MS : IDLE_EXIT_MS);
+    this.idleTimer = setTimeout(() => { void this.shutdown('idle'); }, this.spare ? SPARE_IDLE_EXIT_MS : Math.max(IDLE_EXIT_MS, this.keepUntil - Date.now()));
   }
 
   /** Stop taking requests, unmount everything, and let the process end. */

@@ -13,6 +13,7 @@ import { LiveLayer } from './liveLayer.js';
 import type { LowerMergeCache } from './lowerMerges.js';
 import { UnionFs } from './unionFs.js';
 import type { OpStats } from './opStats.js';
+import type { AccessRecorder } from './accessRecord.js';
 import { resolve } from 'node:path';
 import { isWithin } from './paths.js';
 
@@ -42,6 +43,8 @@ export interface MountUnionOptions {
    * with a live layer, whose files change behind the kernel).
    */
   writeback?: boolean;
+  /** Record the mount's first accesses here (mount/accessRecord.ts). */
+  record?: AccessRecorder;
 }
 
 /** The default of MountUnionOptions.writeback: LAYERD_FUSE_WRITEBACK=0 turns it off (benchmarks, the semantics suite run each way). */
@@ -107,6 +110,7 @@ export async function mountUnion(options: MountUnionOptions): Promise<MountedUni
       readOnly, contentMayChange: live !== undefined, cacheSeconds: cacheSeconds ?? KERNEL_CACHE_SECONDS, logger,
       ...(options.stats ? { stats: options.stats } : {}), passthrough: options.passthrough ?? passthroughByDefault(),
       writeback: live === undefined && (options.writeback ?? writebackByDefault()),
+      ...(options.record && live === undefined ? { record: options.record } : {}),
     });
   } catch (err) {
     await live?.close();

@@ -9,7 +9,7 @@ import { expect } from 'chai';
 import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { status } from '@grpc/grpc-js';
-import { readFile, readdir, mkdir, stat, writeFile } from 'node:fs/promises';
+import { readFile, readdir, mkdir, rm, stat, writeFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { BUSYBOX, scratch, daemonCli } from './support/env.js';
 import { type RunningDaemon, startDaemon, waitFor } from './support/daemon.js';
@@ -31,6 +31,10 @@ describe('containerd snapshotter: the gRPC API', function () {
   let client: SnapshotsClient;
   let busybox: InspectedImage;
   const socket = (): string => join(work.dir, 'snap.sock');
+  /** Where each snapshot mount's FUSE operation counts are written (<id>.json). */
+  const statsDir = (): string => join(work.dir, 'fuse-stats');
+  /** While this file exists, background ingests wait (LAYERD_TEST_INGEST_GATE). */
+  const ingestGate = (): string => join(work.dir, 'ingest-gate');
 
   const prepare = (key: string, parent = '', labels: Record<string, string> = {}) =>
     client.call<{ mounts: WireMount[] }>('Prepare', { snapshotter: 'layerd', key, parent, labels }).then((r) => r.mounts);
@@ -76,7 +80,10 @@ describe('containerd snapshotter: the gRPC API', function () {
 
   before(async () => {
     work = await scratch('layerd-snapapi-');
-    daemon = await startDaemon(work.dir, [...NO_CONTAINERD, '--snapshotter-socket', join(work.dir, 'snap.sock')]);
+    await mkdir(statsDir());
+    daemon = await startDaemon(work.dir, [...NO_CONTAINERD, '--snapshotter-socket', join(work.dir, 'snap.sock')], {
+      LAYERD_SNAPSHOT_STATS_DIR: statsDir(), LAYERD_TEST_INGEST_GATE: ingestGate(), LAYERD_SNAPSHOT_WARMUP: '1',
+    });
     client = snapshotsClient(socket());
     await cli('import', BUSYBOX);
     busybox = JSON.parse(await cli('inspect', 'busybox:latest')) as InspectedImage;
@@ -305,6 +312,67 @@ describe('containerd snapshotter: the gRPC API', function () {
     await remove(base);
     expect(await storeLayers(), 'the image still uses the busybox layer').to.include(base);
     expect(await client.list()).to.deep.equal([]);
+  });
+
+  it('warms a new container mount with what the last one of its image read at start: the second container finds it in the kernel\'s caches', async () => {
+    const base = await registerBusyboxBase();
+    /** A start-up: list etc, read two files, look up a name that is not there. */
+    const startUp = async (m: string): Promise<string> => {
+      const names = (await readdir(join(m, 'etc'))).sort().join(',');
+      const text = await readFile(join(m, 'etc', 'passwd'), 'utf8') + await readFile(join(m, 'etc', 'group'), 'utf8');
+      await stat(join(m, 'etc', 'no-such-file')).then(() => expect.fail('etc/no-such-file exists'), () => undefined);
+      return `${names}\n${text}`;
+    };
+    const idOf = (m: string): string => /snapshots\/(\d+)\/mnt$/.exec(m)![1]!;
+    /** The FUSE requests of kinds the kernel's caches spare (opens always reach the server). */
+    const cacheable = async (m: string): Promise<Record<string, number>> => {
+      const ops = JSON.parse(await readFile(join(statsDir(), `${idOf(m)}.json`), 'utf8').catch(() => '{}')) as Record<string, { count: number }>;
+      return Object.fromEntries(['lookup', 'read', 'readdirplus'].map((op) => [op, ops[op]?.count ?? 0]));
+    };
+
+    const m1 = (await prepare('warm-1', base))[0]!.source;
+    const seen = await startUp(m1);
+    await remove('warm-1'); // its host hands the record of its accesses to the daemon
+    const cold = await cacheable(m1);
+    expect(cold.lookup, 'the first mount was cold').to.be.greaterThan(0);
+    expect(cold.read).to.be.greaterThan(0);
+
+    const m2 = (await prepare('warm-2', base))[0]!.source;
+    await waitFor('the warm-up of warm-2', async () => /"message":"snapshot mount warmed"[^\n]*"snapshot":"warm-2"/.test(daemon!.log()), 15_000, 50);
+    // the host writes its counts every 2 s: wait for those of the warm-up
+    await waitFor('the warm-up\'s requests counted', async () => {
+      const now = await cacheable(m2);
+      return now.lookup >= cold.lookup && now.read >= cold.read && now.readdirplus >= cold.readdirplus;
+    }, 15_000, 100);
+    const warmed = await cacheable(m2);
+    expect(await startUp(m2), 'the same content').to.equal(seen);
+    await remove('warm-2');
+    expect(await cacheable(m2), 'the start-up on the warmed mount sent no lookup, read or listing').to.deep.equal(warmed);
+    const line = daemon!.log().split('\n').find((l) => l.includes('"snapshot mount warmed"') && l.includes('"snapshot":"warm-2"'))!;
+    const warmUp = JSON.parse(line) as { repeated: number; failed: number };
+    expect(warmUp.repeated).to.be.greaterThan(0);
+    expect(warmUp.failed, 'etc/no-such-file, looked up again (and cached as missing)').to.be.at.least(1);
+    await remove(base);
+  });
+
+  it('once the last pending layer of a chain a container ran on is stored, the chain\'s host loads the stored layers before the next container asks', async () => {
+    const target = `sha256:${'d'.repeat(64)}`;
+    await writeFile(ingestGate(), '');
+    const m = await prepare(`ns11/1/extract-11-p ${target}`);
+    const upper = m[0]!.options.find((o) => o.startsWith('upperdir='))!.slice('upperdir='.length);
+    await writeFile(join(upper, 'hello'), 'from the unpack\n');
+    await commit(`ns11/2/${target}`, `ns11/1/extract-11-p ${target}`);
+    const first = (await prepare('pre-1', `ns11/2/${target}`))[0]!.source; // reads the unpack directory
+    expect(await readFile(join(first, 'hello'), 'utf8')).to.equal('from the unpack\n');
+    await remove('pre-1');
+    expect(daemon!.log()).not.to.contain('"message":"snapshot chain preloaded"');
+    await rm(ingestGate());
+    await waitFor('the chain preloaded', async () => daemon!.log().split('\n')
+      .some((l) => l.includes('"message":"snapshot chain preloaded"') && l.includes(`"parent":"ns11/2/${target}"`)), 60_000, 100);
+    const second = (await prepare('pre-2', `ns11/2/${target}`))[0]!.source; // the stored layer now
+    expect(await readFile(join(second, 'hello'), 'utf8')).to.equal('from the unpack\n');
+    await remove('pre-2');
+    await remove(`ns11/2/${target}`);
   });
 
   it('Cleanup removes snapshot directories no record owns', async () => {

@@ -41,10 +41,11 @@ import {
   type SnapshotKind, type SnapshotRow, SnapshotTable, chainIdOf, ingestLayerBlob, lowerDirIds, parseLabels, removeLayerIfUnused, snapshotDir, snapshotsDir, storeLayerForChain,
 } from '../../storage/snapshots.js';
 import { type Store } from '../../storage/store.js';
-import { HostMountsCache, isServing, startMount, stopMount } from '../mountServer.js';
+import { HostMountsCache, isServing, preloadLayers, startMount, stopMount } from '../mountServer.js';
 import { type OriginalLayerSource } from './containerdContent.js';
 import { fileTableDifference } from './fileTable.js';
 import { type Filter, matchAny, parseFilters } from './filters.js';
+import { MountWarmer } from './mountWarmer.js';
 import { LABEL_SNAPSHOT_REF, directoryToLayer, namespaceOf, unpackMounts, unpackTargetOf } from './unpack.js';
 
 export { LABEL_SNAPSHOT_REF } from './unpack.js';
@@ -143,6 +144,8 @@ const GATE_POLL_MS = 50;
  * after its commit, and at once when something waits for the layer.
  */
 const INGEST_QUIET_MS = 1_000;
+/** Parents of recent containers whose chains are preloaded once ingested (SnapshotService.recentParents). */
+const RECENT_PARENTS_KEPT = 8;
 const INGEST_MAX_DEFER_MS = 30_000;
 const INGEST_QUIET_POLL_MS = 100;
 
@@ -173,9 +176,25 @@ export class SnapshotService {
   private readonly removing = new Set<string>();
   private readonly ingestGate: string | undefined;
   private readonly statsDir: string | undefined;
+  /** Warms a container's new mount with what the last one of its image read at start (mountWarmer.ts). */
+  private readonly warmer: MountWarmer;
+  /**
+   * LAYERD_SNAPSHOT_WARMUP=1 turns the warm-up on (off by default: on 2 busy
+   * cores it moved the round trips from python3 into the container's start
+   * without a measurable gain, docs/performance.md).
+   */
+  private readonly warmUp = process.env['LAYERD_SNAPSHOT_WARMUP'] === '1';
+  /**
+   * Parents of the last containers mounted (most recent last), and the layers
+   * each was last preloaded with: when the ingest of a chain's last pending
+   * layer ends, its host loads the stored layers before the next container
+   * asks for them (`preloadChains`).
+   */
+  private readonly recentParents = new Map<string, string>();
 
   constructor(private readonly store: Store, private readonly logger: Logger, private readonly options: SnapshotServiceOptions = {}) {
     this.table = new SnapshotTable(store.db);
+    this.warmer = new MountWarmer(logger);
     this.ingestGate = options.ingestGate ?? (process.env['LAYERD_TEST_INGEST_GATE'] || undefined);
     this.statsDir = options.statsDir ?? (process.env['LAYERD_SNAPSHOT_STATS_DIR'] || undefined);
   }
@@ -231,7 +250,14 @@ export class SnapshotService {
         return this.mountsOf(row);
       }
       await mkdir(row.mountpoint!, { recursive: true, mode: 0o755 });
+      if (parentRow !== undefined) {
+        const preloaded = this.recentParents.get(parentRow.key) ?? '';
+        this.recentParents.delete(parentRow.key);
+        this.recentParents.set(parentRow.key, preloaded);
+        if (this.recentParents.size > RECENT_PARENTS_KEPT) this.recentParents.delete(this.recentParents.keys().next().value!);
+      }
       const layers = await this.startServer(row);
+      if (this.warmUp) void this.warmer.start(key, this.warmChainOf(row), row.mountpoint!);
       this.logger.info('snapshot prepared', { snapshot: key, kind, parent: parentRow?.key, ...layers, mountpoint: row.mountpoint, ms: Math.round(performance.now() - started) });
       return this.mountsOf(this.table.get(key)!);
     } catch (err) {
@@ -246,6 +272,27 @@ export class SnapshotService {
     } finally {
       this.busy.delete(key);
     }
+  }
+
+  /**
+   * What a mount's accesses are recorded and repeated under (mountWarmer.ts):
+   * its parent's chain ID where known — the same image in every containerd
+   * namespace, and before and after its layers are ingested —, else the parent.
+   */
+  private warmChainOf(row: SnapshotRow): string {
+    if (row.parent === null) return '';
+    return this.mountChainId(row) ?? row.parent;
+  }
+
+  /** The chain ID of the layers a snapshot mounts (its parent's), where known. */
+  private mountChainId(row: SnapshotRow): string | undefined {
+    return row.parent === null ? undefined : this.table.get(row.parent)?.chain_id ?? undefined;
+  }
+
+  /** Stop a mount (after its warm-up), keeping what its start-up read for the next mount of its image. */
+  private async stopServed(row: SnapshotRow): Promise<void> {
+    await this.warmer.stop(row.key);
+    this.warmer.remember(this.warmChainOf(row), await stopMount(row.server_pid, row.mountpoint!));
   }
 
   /** The parent named by a Prepare/View: '' = none; it must exist and be committed. */
@@ -286,6 +333,9 @@ export class SnapshotService {
       ...(this.statsDir !== undefined ? { statsFile: join(this.statsDir, `${row.id}.json`) } : {}),
       hostsDir: this.store.layout.hostsDir(),
       context: { snapshot: row.key },
+      ...(this.warmUp ? { record: true } : {}),
+      // One host per image chain, before and after its layers are ingested (its JIT, indexes and merges stay warm).
+      ...(this.mountChainId(row) !== undefined ? { hostKey: `chain:${this.mountChainId(row)!}` } : {}),
     });
     const mountMs = Math.round(performance.now() - mounting);
     // (no fsync: after a power failure no server runs, and restore finds mounts by mountpoint)
@@ -524,7 +574,7 @@ export class SnapshotService {
   /** A snapshot served through FUSE: the mount stops first (everything written through it is in the upper dir). */
   private async commitMounted(name: string, row: SnapshotRow, labels: Record<string, string>): Promise<void> {
     const key = row.key;
-    await stopMount(row.server_pid, row.mountpoint!);
+    await this.stopServed(row);
     this.store.db.write(() => this.table.setServer(key, null));
     try {
       const layer = await directoryToLayer(this.store, row.upper!, `snapshot:${key}`, (_db, l) => this.recordCommit(name, row, labels, l.diffId, null));
@@ -699,10 +749,43 @@ export class SnapshotService {
       if (this.table.lowerDirsInUse().has(id)) this.logger.info('unpack directory kept while a mount reads it', { snapshot: key });
       this.scans.delete(id);
       this.releaseLowerDirs([id]);
+      void this.preloadChains().catch(() => undefined);
       return diffId;
     } catch (err) {
       this.logger.error('could not ingest a committed snapshot\'s layer (tried again when it is needed)', { snapshot: key, error: (err as Error).message });
       throw err;
+    }
+  }
+
+  /**
+   * For each recent parent whose chain is now stored in full (its last
+   * pending layer just ingested) and not preloaded with these layers yet:
+   * have its host load and merge them now. Else the next container's Prepare
+   * does that (tens of ms, more on a busy machine: the first later run).
+   */
+  private async preloadChains(): Promise<void> {
+    for (const [parent, preloaded] of [...this.recentParents]) {
+      if (this.stopping) return; // (a host started now would outlive the daemon for nothing)
+      const row = this.table.get(parent);
+      let chain: ReturnType<SnapshotTable['chainLayers']>;
+      try {
+        chain = this.table.chainLayers(parent);
+      } catch {
+        this.recentParents.delete(parent);
+        continue;
+      }
+      const diffIds = chain.flatMap((l) => ('diffId' in l ? [l.diffId] : []));
+      if (row?.chain_id == null || diffIds.length < chain.length || diffIds.join(',') === preloaded) continue;
+      this.recentParents.set(parent, diffIds.join(','));
+      const started = performance.now();
+      try {
+        await preloadLayers({
+          layers: diffIds.map((d) => this.store.layerDirFor(d)), hostKey: `chain:${row.chain_id}`, hostsDir: this.store.layout.hostsDir(), context: { snapshot: parent },
+        });
+        this.logger.info('snapshot chain preloaded', { parent, layers: diffIds.length, ms: Math.round(performance.now() - started) });
+      } catch (err) {
+        this.logger.warn('could not preload a snapshot chain', { parent, error: (err as Error).message });
+      }
     }
   }
 
@@ -804,7 +887,7 @@ export class SnapshotService {
         this.logger.info('snapshot removed', { snapshot: key, kind: row.kind, layerDeleted: deleted });
         return;
       }
-      if (row.unpack_target === null) await stopMount(row.server_pid, row.mountpoint!);
+      if (row.unpack_target === null) await this.stopServed(row);
       // No fsync for a container's snapshot (containerd's GC holds its lock through Remove, before the next
       // `ctr run`): a row a power failure brings back is unknown to containerd, whose GC removes it again.
       // One that holds pending directories is synced: those are deleted next.
@@ -892,6 +975,7 @@ export class SnapshotService {
     this.supervisor = undefined;
     this.stopping = true; // queued ingests are left to the next start
     await this.reviving;
+    await this.warmer.close();
     await Promise.allSettled([...this.ingests.values()]);
   }
 
