@@ -30,7 +30,7 @@ import { FuseNode, NodeTable } from './fuseNodes.js';
 import { FuseSession } from './fuseSession.js';
 import type { OpStats } from './opStats.js';
 import { joinPath } from './paths.js';
-import { NO_OWNER_CHANGE, opensForWriting, type DirListing, type Owner, type UnionFs, type UnionStat } from './unionFs.js';
+import { NO_OWNER_CHANGE, opensForWriting, type AttrChange, type DirListing, type Owner, type UnionFs, type UnionStat } from './unionFs.js';
 
 export interface KernelFuseOptions {
   readOnly: boolean;
@@ -62,6 +62,9 @@ export interface KernelFuseOptions {
  * object, made once.
  */
 const NOT_IMPLEMENTED = fsError('ENOSYS', '', 'FUSE request');
+/** The routine "no" answers (a name not there on a mount without negative caching, an xattr a file has not): made once. */
+const NO_SUCH_NAME = fsError('ENOENT', '', 'lookup');
+const NO_SUCH_XATTR = fsError('ENODATA', '', 'getxattr');
 const NAMESPACE_CHANGES = new Set<number>([Op.CREATE, Op.MKNOD, Op.MKDIR, Op.SYMLINK, Op.LINK, Op.UNLINK, Op.RMDIR, Op.RENAME, Op.RENAME2]);
 const O_ACCMODE = 3;
 const OP_NAMES = new Map<number, string>(Object.entries(Op).map(([name, code]) => [code, name.toLowerCase()]));
@@ -276,8 +279,17 @@ export class KernelFuse {
     return path;
   }
 
-  private async stat(path: string): Promise<UnionStat> {
+  private stat(path: string): UnionStat {
     return this.union.getattr(path);
+  }
+
+  /** Attributes, or undefined for any failure (a name gone meanwhile). */
+  private statOrNone(path: string): UnionStat | undefined {
+    try {
+      return this.union.getattr(path);
+    } catch {
+      return undefined;
+    }
   }
 
   private entry(parent: number, name: string, st: UnionStat): Buffer {
@@ -285,14 +297,18 @@ export class KernelFuse {
     return entryOut(node.id, st, this.ttl, this.ttl);
   }
 
-  private async lookup(parent: number, name: string): Promise<Answer> {
-    let st: UnionStat;
+  /** Answered at once, as everything that only reads the tree and stats the upper is (no promise, no error made for a "no"). */
+  private lookup(parent: number, name: string): Answer {
+    let st: UnionStat | undefined;
     try {
-      st = await this.stat(this.childPath(parent, name));
+      st = this.union.lookupStat(this.childPath(parent, name));
     } catch (err) {
+      if (errnoNameOf(err) !== 'ENOENT') throw err;
+    }
+    if (st === undefined) {
       // A cached negative answer (node id 0) spares the kernel asking again.
-      if (errnoNameOf(err) === 'ENOENT' && this.negativeTtl > 0) return entryOut(0, undefined, this.negativeTtl, 0);
-      throw err;
+      if (this.negativeTtl > 0) return entryOut(0, undefined, this.negativeTtl, 0);
+      throw NO_SUCH_NAME;
     }
     return this.entry(parent, name, st);
   }
@@ -304,9 +320,9 @@ export class KernelFuse {
     return undefined;
   }
 
-  private async attrReply(nodeid: number, fh: number | undefined): Promise<Answer> {
+  private attrReply(nodeid: number, fh: number | undefined): Answer {
     const handle = fh ?? this.orphanHandle(nodeid);
-    const st = handle !== undefined ? this.union.fgetattr(handle) : await this.stat(this.path(nodeid));
+    const st = handle !== undefined ? this.union.fgetattr(handle) : this.stat(this.path(nodeid));
     const node = this.nodes.get(nodeid);
     if (node) this.nodes.noteIno(node, st.ino);
     return attrOut(st, this.ttl);
@@ -334,7 +350,7 @@ export class KernelFuse {
     return (valid & ~(Fattr.FH | Fattr.LOCKOWNER | Fattr.CTIME)) === 0 && h.uid !== 0;
   }
 
-  private async setattr(h: RequestHeader, req: Buffer): Promise<Answer> {
+  private setattr(h: RequestHeader, req: Buffer): Answer | Promise<Answer> {
     const nodeid = h.nodeid;
     const s = readSetattr(req);
     const kill = this.killRequested(h, s.valid);
@@ -345,6 +361,12 @@ export class KernelFuse {
       return this.setattrByHandle(nodeid, fh, s);
     }
     const path = this.path(nodeid);
+    // An upper file's mode, owner and times (untar's fchmod, fchown, futimens of each file it makes): at once.
+    if ((s.valid & Fattr.SIZE) === 0 && this.union.setattrNow(path, attrChange(s, kill))) return this.attrReply(nodeid, undefined);
+    return this.setattrQueued(h.nodeid, path, s, kill);
+  }
+
+  private async setattrQueued(nodeid: number, path: string, s: SetattrIn, kill: boolean): Promise<Answer> {
     if (s.valid & Fattr.SIZE) this.refuseWhileLowerBacked(this.nodes.get(nodeid), path, true, 'truncate');
     if (s.valid & Fattr.MODE) await this.union.chmod(path, s.mode);
     if (s.valid & (Fattr.UID | Fattr.GID)) {
@@ -400,8 +422,7 @@ export class KernelFuse {
     const dst = this.childPath(newParent, newName);
     if (flags & RENAME_EXCHANGE || flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE)) throw fsError('EINVAL', src, `rename flags ${flags}`);
     if (flags & RENAME_NOREPLACE) {
-      const exists = await this.stat(dst).then(() => true, () => false);
-      if (exists) throw fsError('EEXIST', dst, 'rename');
+      if (this.statOrNone(dst) !== undefined) throw fsError('EEXIST', dst, 'rename');
     }
     await this.union.rename(src, dst);
     this.nodes.move(parent, name, newParent, newName);
@@ -427,15 +448,22 @@ export class KernelFuse {
     return ((this.session?.flags ?? 0) & InitFlag.WRITEBACK_CACHE) !== 0;
   }
 
-  private async open(nodeid: number, flags: number): Promise<Answer> {
+  private open(nodeid: number, flags: number): Answer | Promise<Answer> {
     const path = this.path(nodeid);
     this.refuseWhileLowerBacked(this.nodes.get(nodeid), path, opensForWriting(flags), 'open for writing');
-    const fh = await this.openUnion(path, flags);
+    // What needs no copy-up, truncation or wait for queued changes is opened at once (reads; writes of upper files).
+    const now = this.writebackCache && (flags & O_ACCMODE) === O_WRONLY ? undefined : this.union.openNow(path, flags);
+    return now !== undefined ? this.openedReply(nodeid, path, flags, now) : this.openUnion(path, flags).then((fh) => this.openedReply(nodeid, path, flags, fh));
+  }
+
+  private openedReply(nodeid: number, path: string, flags: number, fh: number): Answer {
     const node = this.nodes.get(nodeid);
     this.opened(node, fh);
     if (node && opensForWriting(flags)) {
       // Opening for writing copied the file up: its inode number is the upper one now.
-      this.nodes.noteIno(node, (await this.stat(path).catch(() => undefined))?.ino ?? node.ino);
+      let ino = node.ino;
+      try { ino = this.stat(path).ino; } catch { /* gone meanwhile: the handle still stands */ }
+      this.nodes.noteIno(node, ino);
     }
     return this.openReply(node, fh);
   }
@@ -516,9 +544,15 @@ export class KernelFuse {
     return openOut(fh, FOPEN_PASSTHROUGH, node.backing.id);
   }
 
-  private async create(h: RequestHeader, name: string, mode: number): Promise<Answer> {
+  private create(h: RequestHeader, name: string, mode: number): Answer | Promise<Answer> {
     const path = this.childPath(h.nodeid, name);
-    const { fh, stat: st } = await this.union.createFile(path, mode, ownerOf(h));
+    // In a directory already in the upper (every file of a new one: untar, builds): at once.
+    const now = this.union.createFileNow(path, mode, ownerOf(h));
+    if (now !== undefined) return this.created(h, name, now.fh, now.stat);
+    return this.union.createFile(path, mode, ownerOf(h)).then(({ fh, stat }) => this.created(h, name, fh, stat));
+  }
+
+  private created(h: RequestHeader, name: string, fh: number, st: UnionStat): Answer {
     const node = this.nodes.remember(h.nodeid, name, st);
     this.opened(node, fh);
     const out = Buffer.allocUnsafe(ENTRY_OUT_SIZE + 16);
@@ -558,10 +592,11 @@ export class KernelFuse {
 
   // ---- xattrs -------------------------------------------------------------------
 
-  private async getxattr(nodeid: number, name: string, size: number): Promise<Answer> {
+  private getxattr(nodeid: number, name: string, size: number): Answer {
     const path = this.path(nodeid);
-    const value = await this.union.getxattr(path, name);
-    if (value === undefined) throw fsError('ENODATA', path, `getxattr ${name}`);
+    const value = this.union.getxattr(path, name);
+    // The kernel asks for security.capability before a file's first write and at each chown: "none" is the usual answer.
+    if (value === undefined) throw NO_SUCH_XATTR;
     if (size === 0) return u32Out(value.length);
     if (value.length > size) throw fsError('ERANGE', path, `getxattr ${name}`);
     return value;
@@ -600,7 +635,7 @@ export class KernelFuse {
     return { listing, nodeid };
   }
 
-  private async readdir(nodeid: number, req: Buffer, plus: boolean): Promise<Answer> {
+  private readdir(nodeid: number, req: Buffer, plus: boolean): Answer {
     const { fh, offset, size } = readReadIn(req);
     const dir = this.listingOf(nodeid, fh, offset);
     const { names, stats } = dir.listing;
@@ -621,9 +656,7 @@ export class KernelFuse {
     // Attributes first (upper entries need an lstat); lookups are counted only
     // for entries that go out in this reply.
     const dirPath = this.path(dir.nodeid);
-    const attrs = await Promise.all(names.slice(offset, end).map((name) => (name === '.' || name === '..'
-      ? undefined
-      : this.stat(joinPath(dirPath, name)).catch(() => undefined))));
+    const attrs = names.slice(offset, end).map((name) => (name === '.' || name === '..' ? undefined : this.statOrNone(joinPath(dirPath, name))));
     let at = 0;
     for (let i = offset; i < end; i++) {
       const st = attrs[i - offset];
@@ -634,6 +667,17 @@ export class KernelFuse {
     }
     return out;
   }
+}
+
+/** What a SETATTR changes besides the size, for UnionFs.setattrNow. */
+function attrChange(s: SetattrIn, kill: boolean): AttrChange {
+  const change: AttrChange = {};
+  if (s.valid & Fattr.MODE) change.mode = s.mode;
+  if (s.valid & Fattr.UID) change.uid = s.uid;
+  if (s.valid & Fattr.GID) change.gid = s.gid;
+  if (s.valid & (Fattr.ATIME | Fattr.MTIME)) change.times = timeChanges(s);
+  if (kill) change.killPrivileges = true;
+  return change;
 }
 
 /** The times a SETATTR sets: each one given, now, or left alone (UTIME_OMIT). */
