@@ -553,9 +553,12 @@ export class UnionFs {
   /**
    * The node's content now lives in the upper. Its xattrs are known without
    * asking the disk (a getfattr process per lookup would cost milliseconds):
-   * a copy-up wrote exactly the lower entry's, a new object has none. (A
-   * default ACL on an upper parent would add some behind our back; such a
-   * parent drops the cache instead.)
+   * a copy-up wrote exactly the lower entry's, a new object has none —
+   * unless its directory has a default ACL, which the new object inherits
+   * behind our back: then they are read from the disk when asked. So the
+   * directory's own are looked at (read once per directory, then known):
+   * the kernel asks for security.capability before the first write of
+   * every new file, and that "none" is then answered from memory.
    */
   private markUpper(path: string, node: UnionNode, ino: number, copiedFrom?: LayerEntry, newObject = true): void {
     node.upper = true;
@@ -565,12 +568,23 @@ export class UnionFs {
       return;
     }
     this.xattrsByIno.delete(ino); // a new object may reuse the number of one deleted before
-    const parent = path === '' ? undefined : this.tree.get(parentOf(path));
-    const inheritsAcl = parent?.upperXattrs === undefined || parent.upperXattrs.has('system.posix_acl_default');
-    if (copiedFrom !== undefined) {
+    if (copiedFrom === undefined && path !== '') {
+      const parent = this.tree.get(parentOf(path));
+      const parentXattrs = parent?.upper === true ? this.knownUpperXattrs(parentOf(path), parent) : undefined;
+      node.upperXattrs = parentXattrs === undefined || parentXattrs.has('system.posix_acl_default') ? undefined : new Map();
+    } else if (copiedFrom !== undefined) {
       node.upperXattrs = new Map(Object.keys(copiedFrom.xattrs ?? {}).map((name) => [name, xattrBytes(copiedFrom, name)!]));
     } else {
-      node.upperXattrs = inheritsAcl && path !== '' ? undefined : new Map();
+      node.upperXattrs = new Map();
+    }
+  }
+
+  /** An upper directory's xattrs (read once), or undefined if they cannot be read. */
+  private knownUpperXattrs(path: string, node: UnionNode): XattrMap | undefined {
+    try {
+      return this.upperXattrs(path, node);
+    } catch {
+      return undefined;
     }
   }
 

@@ -188,6 +188,25 @@ os.close(fd)
       expect((await stat(at('t'))).size).to.equal(2);
     });
 
+    it('a new file or directory inherits its directory\'s default ACL; one in a directory without it has no xattrs', async () => {
+      await mount();
+      // The union answers "no xattrs" for a new file from memory when its directory has no default ACL,
+      // so it must look at the directory's: a file made under one has the ACL it inherited on the disk.
+      await mustRun('mkdir', [at('acl')]);
+      await mustRun('setfacl', ['-d', '-m', 'u:1234:rw', at('acl')]);
+      await py(`
+import os
+for p in ['${at('acl/f')}', '${at('plain')}']:
+    with open(p, 'wb') as f: f.write(b'x')
+os.mkdir('${at('acl/sub')}')
+open('${at('acl/sub/g')}', 'wb').close()
+`);
+      for (const path of ['acl/f', 'acl/sub', 'acl/sub/g']) {
+        expect(await mustRun('getfacl', ['-cp', at(path)]), path).to.include('user:1234:rw-');
+      }
+      expect(await mustRun('getfattr', ['-d', '-m', '-', at('plain')])).to.equal('');
+    });
+
     it('is asked for security.capability once per written file, not before every write, and chown asks no GETATTR', async () => {
       await mount();
       // 20 files, each written with three write() calls and then chowned (what tar does per file).
