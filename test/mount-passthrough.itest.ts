@@ -207,6 +207,29 @@ open('${at('acl/sub/g')}', 'wb').close()
       expect(await mustRun('getfattr', ['-d', '-m', '-', at('plain')])).to.equal('');
     });
 
+    it('answers the routine "no"s as the syscalls expect: ENOTTY to a terminal ioctl, ENODATA to a missing xattr', async () => {
+      await mount();
+      // Answered without an error object (kernelFuse.ts answerHot): still the errno each caller gets.
+      const out = await py(`
+import errno, fcntl, os, termios
+p = '${at('f')}'
+open(p, 'wb').close()
+fd = os.open(p, os.O_RDONLY)
+print(os.isatty(fd))
+try:
+    fcntl.ioctl(fd, termios.TCGETS, bytes(64))
+except OSError as e:
+    print(errno.errorcode[e.errno])
+try:
+    os.getxattr(p, 'security.capability')
+except OSError as e:
+    print(errno.errorcode[e.errno])
+os.setxattr(p, 'user.k', b'v')
+print(os.getxattr(p, 'user.k').decode())
+`);
+      expect(out.trim().split('\n')).to.deep.equal(['False', 'ENOTTY', 'ENODATA', 'v']);
+    });
+
     it('is asked for security.capability once per written file, not before every write, and chown asks no GETATTR', async () => {
       await mount();
       // 20 files, each written with three write() calls and then chowned (what tar does per file).
