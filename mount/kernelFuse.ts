@@ -31,7 +31,7 @@ import { FuseSession } from './fuseSession.js';
 import type { OpStats } from './opStats.js';
 import type { AccessRecorder } from './accessRecord.js';
 import { joinPath } from './paths.js';
-import { NO_OWNER_CHANGE, opensForWriting, type DirListing, type Owner, type UnionFs, type UnionStat } from './unionFs.js';
+import { NO_OWNER_CHANGE, opensForWriting, type AttrChange, type DirListing, type Owner, type UnionFs, type UnionStat } from './unionFs.js';
 
 export interface KernelFuseOptions {
   readOnly: boolean;
@@ -65,14 +65,22 @@ export interface KernelFuseOptions {
  * object, made once.
  */
 const NOT_IMPLEMENTED = fsError('ENOSYS', '', 'FUSE request');
+/** The routine "no" of a lookup on a mount without negative caching: made once. */
+const NO_SUCH_NAME = fsError('ENOENT', '', 'lookup');
+
 const NAMESPACE_CHANGES = new Set<number>([Op.CREATE, Op.MKNOD, Op.MKDIR, Op.SYMLINK, Op.LINK, Op.UNLINK, Op.RMDIR, Op.RENAME, Op.RENAME2]);
 const O_ACCMODE = 3;
 const OP_NAMES = new Map<number, string>(Object.entries(Op).map(([name, code]) => [code, name.toLowerCase()]));
 
 interface DirHandle { listing: DirListing; nodeid: number }
 
-/** Replies of an operation: a body, or nothing (errno 0 alone). */
-type Answer = Buffer | undefined;
+/** Replies of an operation: a body, nothing (errno 0 alone), or a negative errno (a routine "no", made without an error object). */
+type Answer = Buffer | undefined | number;
+
+const ENODATA_ANSWER = -61;
+/** What the kernel turns an ENOSYS answer to IOCTL into anyway (it asks again each time: fs/fuse/ioctl.c). */
+const ENOTTY_ANSWER = -25;
+const OP_IOCTL = 39;
 
 export class KernelFuse {
   private readonly nodes: NodeTable;
@@ -159,11 +167,51 @@ export class KernelFuse {
       done(negativeErrno(err));
     };
     try {
-      const answer = this.answer(header, request);
-      if (answer instanceof Promise) answer.then((body) => done(0, body), fail);
+      const answer = this.answerHot(header, request);
+      if (answer instanceof Promise) answer.then((body) => (typeof body === 'number' ? done(body) : done(0, body)), fail);
+      else if (typeof answer === 'number') done(answer);
       else done(0, answer);
     } catch (err) {
       fail(err);
+    }
+  }
+
+  /**
+   * The requests that come by the thousand (lookups, attributes, an untar's
+   * create, set-attributes and capability checks, a program's opens and
+   * isatty() probes), dispatched on literal opcodes, which V8 compiles to a
+   * jump table; `answer` takes the rest. (Its switch on `Op.*` properties is
+   * a chain of loads and compares, and the profile of an untar showed V8
+   * running it interpreted, never optimized.)
+   */
+  private answerHot(h: RequestHeader, req: Buffer): Answer | Promise<Answer> {
+    switch (h.opcode) {
+      case 1: /* LOOKUP */ return this.lookup(h.nodeid, new BodyReader(req).name('ENOENT'));
+      case 3: { /* GETATTR */
+        const r = new BodyReader(req);
+        const flags = r.u32();
+        r.skip(4);
+        const fh = r.u64();
+        return this.attrReply(h.nodeid, (flags & FUSE_GETATTR_FH) !== 0 ? fh : undefined);
+      }
+      case 4: /* SETATTR */ return this.setattr(h, req);
+      case 14: /* OPEN */ return this.open(h.nodeid, new BodyReader(req).u32());
+      case 22: { /* GETXATTR */
+        const r = new BodyReader(req);
+        const size = r.u32();
+        r.skip(4);
+        return this.getxattr(h.nodeid, r.name(), size);
+      }
+      case 35: { /* CREATE */
+        this.listings.clear();
+        const r = new BodyReader(req);
+        r.skip(4); // flags: the union's create always opens read-write
+        const mode = r.u32();
+        r.skip(8);
+        return this.create(h, r.name(), mode);
+      }
+      case OP_IOCTL: return ENOTTY_ANSWER;
+      default: return this.answer(h, req);
     }
   }
 
@@ -283,8 +331,17 @@ export class KernelFuse {
     return path;
   }
 
-  private async stat(path: string): Promise<UnionStat> {
+  private stat(path: string): UnionStat {
     return this.union.getattr(path);
+  }
+
+  /** Attributes, or undefined for any failure (a name gone meanwhile). */
+  private statOrNone(path: string): UnionStat | undefined {
+    try {
+      return this.union.getattr(path);
+    } catch {
+      return undefined;
+    }
   }
 
   private entry(parent: number, name: string, st: UnionStat): Buffer {
@@ -292,16 +349,20 @@ export class KernelFuse {
     return entryOut(node.id, st, this.ttl, this.ttl);
   }
 
-  private async lookup(parent: number, name: string): Promise<Answer> {
-    let st: UnionStat;
+  /** Answered at once, as everything that only reads the tree and stats the upper is (no promise, no error made for a "no"). */
+  private lookup(parent: number, name: string): Answer {
+    let st: UnionStat | undefined;
     const path = this.childPath(parent, name);
     if (this.options.record?.open === true) this.options.record.record({ op: 'lookup', path });
     try {
-      st = await this.stat(path);
+      st = this.union.lookupStat(path);
     } catch (err) {
+      if (errnoNameOf(err) !== 'ENOENT') throw err;
+    }
+    if (st === undefined) {
       // A cached negative answer (node id 0) spares the kernel asking again.
-      if (errnoNameOf(err) === 'ENOENT' && this.negativeTtl > 0) return entryOut(0, undefined, this.negativeTtl, 0);
-      throw err;
+      if (this.negativeTtl > 0) return entryOut(0, undefined, this.negativeTtl, 0);
+      throw NO_SUCH_NAME;
     }
     return this.entry(parent, name, st);
   }
@@ -313,9 +374,9 @@ export class KernelFuse {
     return undefined;
   }
 
-  private async attrReply(nodeid: number, fh: number | undefined): Promise<Answer> {
+  private attrReply(nodeid: number, fh: number | undefined): Answer {
     const handle = fh ?? this.orphanHandle(nodeid);
-    const st = handle !== undefined ? this.union.fgetattr(handle) : await this.stat(this.path(nodeid));
+    const st = handle !== undefined ? this.union.fgetattr(handle) : this.stat(this.path(nodeid));
     const node = this.nodes.get(nodeid);
     if (node) this.nodes.noteIno(node, st.ino);
     return attrOut(st, this.ttl);
@@ -343,7 +404,7 @@ export class KernelFuse {
     return (valid & ~(Fattr.FH | Fattr.LOCKOWNER | Fattr.CTIME)) === 0 && h.uid !== 0;
   }
 
-  private async setattr(h: RequestHeader, req: Buffer): Promise<Answer> {
+  private setattr(h: RequestHeader, req: Buffer): Answer | Promise<Answer> {
     const nodeid = h.nodeid;
     const s = readSetattr(req);
     const kill = this.killRequested(h, s.valid);
@@ -354,6 +415,12 @@ export class KernelFuse {
       return this.setattrByHandle(nodeid, fh, s);
     }
     const path = this.path(nodeid);
+    // An upper file's mode, owner and times (untar's fchmod, fchown, futimens of each file it makes): at once.
+    if ((s.valid & Fattr.SIZE) === 0 && this.union.setattrNow(path, attrChange(s, kill))) return this.attrReply(nodeid, undefined);
+    return this.setattrQueued(h.nodeid, path, s, kill);
+  }
+
+  private async setattrQueued(nodeid: number, path: string, s: SetattrIn, kill: boolean): Promise<Answer> {
     if (s.valid & Fattr.SIZE) this.refuseWhileLowerBacked(this.nodes.get(nodeid), path, true, 'truncate');
     if (s.valid & Fattr.MODE) await this.union.chmod(path, s.mode);
     if (s.valid & (Fattr.UID | Fattr.GID)) {
@@ -409,8 +476,7 @@ export class KernelFuse {
     const dst = this.childPath(newParent, newName);
     if (flags & RENAME_EXCHANGE || flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE)) throw fsError('EINVAL', src, `rename flags ${flags}`);
     if (flags & RENAME_NOREPLACE) {
-      const exists = await this.stat(dst).then(() => true, () => false);
-      if (exists) throw fsError('EEXIST', dst, 'rename');
+      if (this.statOrNone(dst) !== undefined) throw fsError('EEXIST', dst, 'rename');
     }
     await this.union.rename(src, dst);
     this.nodes.move(parent, name, newParent, newName);
@@ -436,15 +502,22 @@ export class KernelFuse {
     return ((this.session?.flags ?? 0) & InitFlag.WRITEBACK_CACHE) !== 0;
   }
 
-  private async open(nodeid: number, flags: number): Promise<Answer> {
+  private open(nodeid: number, flags: number): Answer | Promise<Answer> {
     const path = this.path(nodeid);
     this.refuseWhileLowerBacked(this.nodes.get(nodeid), path, opensForWriting(flags), 'open for writing');
-    const fh = await this.openUnion(path, flags);
+    // What needs no copy-up, truncation or wait for queued changes is opened at once (reads; writes of upper files).
+    const now = this.writebackCache && (flags & O_ACCMODE) === O_WRONLY ? undefined : this.union.openNow(path, flags);
+    return now !== undefined ? this.openedReply(nodeid, path, flags, now) : this.openUnion(path, flags).then((fh) => this.openedReply(nodeid, path, flags, fh));
+  }
+
+  private openedReply(nodeid: number, path: string, flags: number, fh: number): Answer {
     const node = this.nodes.get(nodeid);
     this.opened(node, fh);
     if (node && opensForWriting(flags)) {
       // Opening for writing copied the file up: its inode number is the upper one now.
-      this.nodes.noteIno(node, (await this.stat(path).catch(() => undefined))?.ino ?? node.ino);
+      let ino = node.ino;
+      try { ino = this.stat(path).ino; } catch { /* gone meanwhile: the handle still stands */ }
+      this.nodes.noteIno(node, ino);
     }
     return this.openReply(node, fh);
   }
@@ -525,9 +598,15 @@ export class KernelFuse {
     return openOut(fh, FOPEN_PASSTHROUGH, node.backing.id);
   }
 
-  private async create(h: RequestHeader, name: string, mode: number): Promise<Answer> {
+  private create(h: RequestHeader, name: string, mode: number): Answer | Promise<Answer> {
     const path = this.childPath(h.nodeid, name);
-    const { fh, stat: st } = await this.union.createFile(path, mode, ownerOf(h));
+    // In a directory already in the upper (every file of a new one: untar, builds): at once.
+    const now = this.union.createFileNow(path, mode, ownerOf(h));
+    if (now !== undefined) return this.created(h, name, now.fh, now.stat);
+    return this.union.createFile(path, mode, ownerOf(h)).then(({ fh, stat }) => this.created(h, name, fh, stat));
+  }
+
+  private created(h: RequestHeader, name: string, fh: number, st: UnionStat): Answer {
     const node = this.nodes.remember(h.nodeid, name, st);
     this.opened(node, fh);
     const out = Buffer.allocUnsafe(ENTRY_OUT_SIZE + 16);
@@ -571,10 +650,11 @@ export class KernelFuse {
 
   // ---- xattrs -------------------------------------------------------------------
 
-  private async getxattr(nodeid: number, name: string, size: number): Promise<Answer> {
+  private getxattr(nodeid: number, name: string, size: number): Answer {
     const path = this.path(nodeid);
-    const value = await this.union.getxattr(path, name);
-    if (value === undefined) throw fsError('ENODATA', path, `getxattr ${name}`);
+    const value = this.union.getxattr(path, name);
+    // The kernel asks for security.capability before a file's first write and at each chown: "none" is the usual answer.
+    if (value === undefined) return ENODATA_ANSWER;
     if (size === 0) return u32Out(value.length);
     if (value.length > size) throw fsError('ERANGE', path, `getxattr ${name}`);
     return value;
@@ -613,7 +693,7 @@ export class KernelFuse {
     return { listing, nodeid };
   }
 
-  private async readdir(nodeid: number, req: Buffer, plus: boolean): Promise<Answer> {
+  private readdir(nodeid: number, req: Buffer, plus: boolean): Answer {
     const { fh, offset, size } = readReadIn(req);
     const dir = this.listingOf(nodeid, fh, offset);
     if (offset === 0 && this.options.record?.open === true) this.options.record.record({ op: 'list', path: this.path(dir.nodeid) });
@@ -635,9 +715,7 @@ export class KernelFuse {
     // Attributes first (upper entries need an lstat); lookups are counted only
     // for entries that go out in this reply.
     const dirPath = this.path(dir.nodeid);
-    const attrs = await Promise.all(names.slice(offset, end).map((name) => (name === '.' || name === '..'
-      ? undefined
-      : this.stat(joinPath(dirPath, name)).catch(() => undefined))));
+    const attrs = names.slice(offset, end).map((name) => (name === '.' || name === '..' ? undefined : this.statOrNone(joinPath(dirPath, name))));
     let at = 0;
     for (let i = offset; i < end; i++) {
       const st = attrs[i - offset];
@@ -648,6 +726,17 @@ export class KernelFuse {
     }
     return out;
   }
+}
+
+/** What a SETATTR changes besides the size, for UnionFs.setattrNow. */
+function attrChange(s: SetattrIn, kill: boolean): AttrChange {
+  const change: AttrChange = {};
+  if (s.valid & Fattr.MODE) change.mode = s.mode;
+  if (s.valid & Fattr.UID) change.uid = s.uid;
+  if (s.valid & Fattr.GID) change.gid = s.gid;
+  if (s.valid & (Fattr.ATIME | Fattr.MTIME)) change.times = timeChanges(s);
+  if (kill) change.killPrivileges = true;
+  return change;
 }
 
 /** The times a SETATTR sets: each one given, now, or left alone (UTIME_OMIT). */

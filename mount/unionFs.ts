@@ -43,6 +43,17 @@ export interface DirListing {
   stats: Array<Pick<UnionStat, 'mode' | 'ino'>>;
 }
 
+/** What one SETATTR changes besides the size (setattrNow): each field given is set. */
+export interface AttrChange {
+  mode?: number;
+  /** NO_OWNER_CHANGE or absent: left alone. */
+  uid?: number;
+  gid?: number;
+  times?: [TimeChange, TimeChange];
+  /** Clear suid (and a group-executable file's sgid) last. */
+  killPrivileges?: boolean;
+}
+
 /** Who creates a new file (the calling process), when the FUSE binding tells. */
 export interface Owner { uid: number; gid: number }
 
@@ -133,6 +144,8 @@ export class UnionFs {
    */
   private readonly xattrsByIno = new Map<number, XattrMap>();
   private lock: Promise<unknown> = Promise.resolve();
+  /** Changes queued or running under the lock: while there are none, a change that needs no copy-up may be made at once (the *Now methods). */
+  private pending = 0;
 
   private constructor(tree: MergedTree, upperWhiteouts: Map<string, MarkerStyle>, upper: UpperDir, readOnly: boolean) {
     this.tree = tree;
@@ -190,6 +203,21 @@ export class UnionFs {
   /** Attributes; synchronous for lower content (the common case). */
   getattr(path: string): UnionStat {
     const node = this.node(path, 'getattr');
+    const subdirs = node.subdirs;
+    if (!node.upper) return lowerStat(path, node, subdirs);
+    return upperStat(path, node, this.upper.stat(path), subdirs);
+  }
+
+  /**
+   * Attributes, or undefined when there is no such name (a lookup's common
+   * "no": answered without making an error). A name too long still fails.
+   */
+  lookupStat(path: string): UnionStat | undefined {
+    const node = this.tree.get(path);
+    if (node === undefined) {
+      checkNameLength(path, 'lookup');
+      return undefined;
+    }
     const subdirs = node.subdirs;
     if (!node.upper) return lowerStat(path, node, subdirs);
     return upperStat(path, node, this.upper.stat(path), subdirs);
@@ -342,10 +370,30 @@ export class UnionFs {
 
   // ---- open files -----------------------------------------------------------
 
+  /**
+   * open, made at once where it needs no copy-up and no truncation (reads of
+   * any file; writes of an upper file while no change is queued); undefined
+   * when it cannot be: then `open` does it.
+   */
+  openNow(path: string, flags: number): number | undefined {
+    const node = this.tree.get(path);
+    if (node === undefined || node.kind === 'dir') return undefined;
+    if (!opensForWriting(flags)) return node.upper ? this.openUpperNow(path, node, flags) : this.openLower(node);
+    if (!node.upper || (flags & O_TRUNC) !== 0 || !this.canChangeNow()) return undefined;
+    this.dropKilledXattrs(node); // writing drops security.capability
+    return this.openUpperNow(path, node, flags);
+  }
+
   open(path: string, flags: number): Promise<number> {
     const node = this.node(path, 'open');
     if (node.kind === 'dir') return Promise.reject(fsError('EISDIR', path, 'open'));
-    if (!opensForWriting(flags)) return node.upper ? this.openUpper(path, node, flags) : this.openLower(node);
+    if (!opensForWriting(flags)) {
+      try {
+        return Promise.resolve(node.upper ? this.openUpperNow(path, node, flags) : this.openLower(node));
+      } catch (err) {
+        return Promise.reject(err);
+      }
+    }
     return this.mutate(path, 'open', async () => {
       const current = await this.copyUp(path);
       this.dropKilledXattrs(current); // writing drops security.capability
@@ -353,7 +401,7 @@ export class UnionFs {
     });
   }
 
-  private async openLower(node: UnionNode): Promise<number> {
+  private openLower(node: UnionNode): number {
     const object = node.lower!;
     const content = object.source?.content(object.entry);
     if (content === undefined) return this.files.add({ fd: -1, node, upper: false, lower: object });
@@ -378,7 +426,17 @@ export class UnionFs {
     return reader;
   }
 
+  /** An upper file opened without O_TRUNC (everything done at once). */
+  private openUpperNow(path: string, node: UnionNode, flags: number): number {
+    const kept = flags & OPEN_FLAGS_KEPT & ~O_TRUNC;
+    const fd = this.upper.open(path, kept);
+    return this.files.add({
+      fd, node, upper: true, durable: (kept & (O_SYNC | O_DSYNC)) !== 0, plainReadWrite: (kept & (O_ACCMODE | O_SYNC | O_DSYNC)) === O_RDWR,
+    });
+  }
+
   private async openUpper(path: string, node: UnionNode, flags: number): Promise<number> {
+    if ((flags & O_TRUNC) === 0) return this.openUpperNow(path, node, flags);
     const kept = flags & OPEN_FLAGS_KEPT;
     // Truncating frees the file's blocks, which can take long: that part goes to the thread pool.
     const fd = this.upper.open(path, kept & ~O_TRUNC);
@@ -462,9 +520,19 @@ export class UnionFs {
 
   /** Run `work` after every change queued before it (one at a time, in order). */
   private locked<T>(work: () => Promise<T>): Promise<T> {
-    const run = this.lock.then(work, work);
+    this.pending++;
+    const run = this.lock.then(work, work).finally(() => { this.pending--; });
     this.lock = run.catch(() => undefined);
     return run;
+  }
+
+  /**
+   * Whether a change may be made synchronously, now: the union is writable
+   * and no queued change is waiting or running (so making it at once keeps
+   * the order of changes; it runs to its end before anything else does).
+   */
+  private canChangeNow(): boolean {
+    return !this.readOnly && this.pending === 0;
   }
 
   /** True when the lower layers show something at `path` that an upper deletion must white out. */
@@ -485,9 +553,12 @@ export class UnionFs {
   /**
    * The node's content now lives in the upper. Its xattrs are known without
    * asking the disk (a getfattr process per lookup would cost milliseconds):
-   * a copy-up wrote exactly the lower entry's, a new object has none. (A
-   * default ACL on an upper parent would add some behind our back; such a
-   * parent drops the cache instead.)
+   * a copy-up wrote exactly the lower entry's, a new object has none —
+   * unless its directory has a default ACL, which the new object inherits
+   * behind our back: then they are read from the disk when asked. So the
+   * directory's own are looked at (read once per directory, then known):
+   * the kernel asks for security.capability before the first write of
+   * every new file, and that "none" is then answered from memory.
    */
   private markUpper(path: string, node: UnionNode, ino: number, copiedFrom?: LayerEntry, newObject = true): void {
     node.upper = true;
@@ -497,12 +568,23 @@ export class UnionFs {
       return;
     }
     this.xattrsByIno.delete(ino); // a new object may reuse the number of one deleted before
-    const parent = path === '' ? undefined : this.tree.get(parentOf(path));
-    const inheritsAcl = parent?.upperXattrs === undefined || parent.upperXattrs.has('system.posix_acl_default');
-    if (copiedFrom !== undefined) {
+    if (copiedFrom === undefined && path !== '') {
+      const parent = this.tree.get(parentOf(path));
+      const parentXattrs = parent?.upper === true ? this.knownUpperXattrs(parentOf(path), parent) : undefined;
+      node.upperXattrs = parentXattrs === undefined || parentXattrs.has('system.posix_acl_default') ? undefined : new Map();
+    } else if (copiedFrom !== undefined) {
       node.upperXattrs = new Map(Object.keys(copiedFrom.xattrs ?? {}).map((name) => [name, xattrBytes(copiedFrom, name)!]));
     } else {
-      node.upperXattrs = inheritsAcl && path !== '' ? undefined : new Map();
+      node.upperXattrs = new Map();
+    }
+  }
+
+  /** An upper directory's xattrs (read once), or undefined if they cannot be read. */
+  private knownUpperXattrs(path: string, node: UnionNode): XattrMap | undefined {
+    try {
+      return this.upperXattrs(path, node);
+    } catch {
+      return undefined;
     }
   }
 
@@ -552,10 +634,10 @@ export class UnionFs {
     this.parentDir(path, op);
     if (this.tree.get(path) !== undefined) throw fsError('EEXIST', path, op);
     await this.materializeDir(parentOf(path));
-    await this.clearWhiteout(path);
+    this.clearWhiteout(path);
   }
 
-  private async clearWhiteout(path: string): Promise<void> {
+  private clearWhiteout(path: string): void {
     const style = this.upperWhiteouts.get(path);
     if (style === undefined) return;
     this.upper.removeWhiteout(path, style);
@@ -596,25 +678,43 @@ export class UnionFs {
     return this.createFile(path, mode, owner).then((made) => made.fh);
   }
 
+  /**
+   * createFile, made at once when its directory is in the upper already and
+   * no change is queued (untar, a build: every file of a new directory);
+   * undefined when it cannot be: then `createFile` does it.
+   */
+  createFileNow(path: string, mode: number, owner?: Owner): { fh: number; stat: UnionStat } | undefined {
+    if (!this.canChangeNow() || path === '' || this.tree.get(parentOf(path))?.upper !== true) return undefined;
+    this.parentDir(path, 'create');
+    if (this.tree.get(path) !== undefined) throw fsError('EEXIST', path, 'create');
+    this.clearWhiteout(path);
+    return this.createInUpper(path, mode, owner);
+  }
+
   /** create, answering with the new file's attributes too (from its descriptor: no second lookup of the path). */
   createFile(path: string, mode: number, owner?: Owner): Promise<{ fh: number; stat: UnionStat }> {
     return this.mutate(path, 'create', async () => {
       await this.prepareNewEntry(path, 'create');
-      const fd = this.upper.open(path, O_CREAT | O_EXCL | O_RDWR, mode & 0o7777);
-      let st: Stat;
-      try {
-        this.applyOwner(path, owner, fd);
-        // open() applied our umask, and a chown clears setuid/setgid: set the mode unless neither changed it.
-        if ((mode & 0o7777 & ~SERVER_UMASK) !== (mode & 0o7777) || (mode & 0o6000) !== 0) fchmodSync(fd, mode & 0o7777);
-        st = fstat(fd, this.upper.pathOf(path));
-      } catch (err) {
-        closeSync(fd); // no handle leaks, and no file the tree does not know
-        try { this.upper.unlink(path); } catch { /* the first error is the one to report */ }
-        throw err;
-      }
-      const node = this.addUpperNode(path, 'file', st.ino);
-      return { fh: this.files.add({ fd, node, upper: true, plainReadWrite: true }), stat: upperStat(path, node, st, 0) };
+      return this.createInUpper(path, mode, owner);
     });
+  }
+
+  /** The new file, its parent ready in the upper and no whiteout in the way. */
+  private createInUpper(path: string, mode: number, owner?: Owner): { fh: number; stat: UnionStat } {
+    const fd = this.upper.open(path, O_CREAT | O_EXCL | O_RDWR, mode & 0o7777);
+    let st: Stat;
+    try {
+      this.applyOwner(path, owner, fd);
+      // open() applied our umask, and a chown clears setuid/setgid: set the mode unless neither changed it.
+      if ((mode & 0o7777 & ~SERVER_UMASK) !== (mode & 0o7777) || (mode & 0o6000) !== 0) fchmodSync(fd, mode & 0o7777);
+      st = fstat(fd, this.upper.pathOf(path));
+    } catch (err) {
+      closeSync(fd); // no handle leaks, and no file the tree does not know
+      try { this.upper.unlink(path); } catch { /* the first error is the one to report */ }
+      throw err;
+    }
+    const node = this.addUpperNode(path, 'file', st.ino);
+    return { fh: this.files.add({ fd, node, upper: true, plainReadWrite: true }), stat: upperStat(path, node, st, 0) };
   }
 
   mkdir(path: string, mode: number, owner?: Owner): Promise<void> {
@@ -722,7 +822,7 @@ export class UnionFs {
         this.forgetWhiteoutsBelow(dst);
         this.tree.removeSubtree(dst);
       }
-      await this.clearWhiteout(dst);
+      this.clearWhiteout(dst);
       this.upper.rename(src, dst);
       this.tree.move(src, dst);
       for (const path of [...this.upperWhiteouts.keys()]) {
@@ -738,6 +838,32 @@ export class UnionFs {
       }
       await this.whiteoutIfCovered(src);
     });
+  }
+
+  /**
+   * The metadata changes of one SETATTR (all but the size), made at once
+   * when the node is in the upper already (no copy-up) and no change is
+   * queued; false, with nothing done, when they cannot be: then chmod,
+   * chown, utimens and killPrivileges make them. In that order, as those.
+   */
+  setattrNow(path: string, change: AttrChange): boolean {
+    if (!this.canChangeNow()) return false;
+    const node = this.tree.get(path);
+    if (node === undefined || !node.upper) return false;
+    if (change.mode !== undefined && node.kind !== 'symlink') this.upper.chmod(path, change.mode & 0o7777);
+    if (change.uid !== undefined || change.gid !== undefined) {
+      const uid = change.uid ?? NO_OWNER_CHANGE;
+      const gid = change.gid ?? NO_OWNER_CHANGE;
+      this.upper.chown(path, uid === NO_OWNER_CHANGE ? -1 : uid, gid === NO_OWNER_CHANGE ? -1 : gid);
+      this.dropKilledXattrs(node); // chown drops security.capability
+    }
+    if (change.times !== undefined) this.upper.utimens(path, change.times[0], change.times[1]);
+    if (change.killPrivileges === true && node.kind === 'file') {
+      const mode = this.upper.stat(path).mode;
+      const kept = withoutPrivileges(mode);
+      if (kept !== (mode & 0o7777)) this.upper.chmod(path, kept);
+    }
+    return true;
   }
 
   chmod(path: string, mode: number): Promise<void> {

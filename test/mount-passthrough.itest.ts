@@ -188,6 +188,48 @@ os.close(fd)
       expect((await stat(at('t'))).size).to.equal(2);
     });
 
+    it('a new file or directory inherits its directory\'s default ACL; one in a directory without it has no xattrs', async () => {
+      await mount();
+      // The union answers "no xattrs" for a new file from memory when its directory has no default ACL,
+      // so it must look at the directory's: a file made under one has the ACL it inherited on the disk.
+      await mustRun('mkdir', [at('acl')]);
+      await mustRun('setfacl', ['-d', '-m', 'u:1234:rw', at('acl')]);
+      await py(`
+import os
+for p in ['${at('acl/f')}', '${at('plain')}']:
+    with open(p, 'wb') as f: f.write(b'x')
+os.mkdir('${at('acl/sub')}')
+open('${at('acl/sub/g')}', 'wb').close()
+`);
+      for (const path of ['acl/f', 'acl/sub', 'acl/sub/g']) {
+        expect(await mustRun('getfacl', ['-cp', at(path)]), path).to.include('user:1234:rw-');
+      }
+      expect(await mustRun('getfattr', ['-d', '-m', '-', at('plain')])).to.equal('');
+    });
+
+    it('answers the routine "no"s as the syscalls expect: ENOTTY to a terminal ioctl, ENODATA to a missing xattr', async () => {
+      await mount();
+      // Answered without an error object (kernelFuse.ts answerHot): still the errno each caller gets.
+      const out = await py(`
+import errno, fcntl, os, termios
+p = '${at('f')}'
+open(p, 'wb').close()
+fd = os.open(p, os.O_RDONLY)
+print(os.isatty(fd))
+try:
+    fcntl.ioctl(fd, termios.TCGETS, bytes(64))
+except OSError as e:
+    print(errno.errorcode[e.errno])
+try:
+    os.getxattr(p, 'security.capability')
+except OSError as e:
+    print(errno.errorcode[e.errno])
+os.setxattr(p, 'user.k', b'v')
+print(os.getxattr(p, 'user.k').decode())
+`);
+      expect(out.trim().split('\n')).to.deep.equal(['False', 'ENOTTY', 'ENODATA', 'v']);
+    });
+
     it('is asked for security.capability once per written file, not before every write, and chown asks no GETATTR', async () => {
       await mount();
       // 20 files, each written with three write() calls and then chowned (what tar does per file).

@@ -406,6 +406,38 @@ describe('mount union core (no FUSE)', () => {
       await fs.release(writer);
     });
 
+    it('makes a change at once (the *Now calls FUSE answers use) only when it needs no copy-up and no change is queued before it', async () => {
+      const upper = freshUpper();
+      const fs = await UnionFs.create({ layers: [layer({ 'd/': {}, 'd/low': { content: 'lower' } })], upper });
+      await fs.release(await fs.create('a', 0o644));
+      await fs.release(await fs.create('b', 0o644));
+      const unlinking = fs.unlink('a'); // queued: nothing may overtake it
+      assert.equal(fs.createFileNow('a', 0o600), undefined, 'a create of the name a queued unlink frees waits for it (else EEXIST)');
+      assert.equal(fs.setattrNow('b', { mode: 0o600 }), false);
+      assert.equal(fs.openNow('b', 1 /* O_WRONLY */), undefined);
+      const created = fs.createFile('a', 0o600);
+      await unlinking;
+      await fs.release((await created).fh);
+      // Nothing queued: upper files change at once; what needs a copy-up (or a truncation) does not.
+      assert.equal(fs.setattrNow('b', { mode: 0o640, times: [{ sec: 5, nsec: 6 }, { sec: 7, nsec: 8 }] }), true);
+      const st = lstatSync(join(upper, 'b'), { bigint: true });
+      assert.equal(Number(st.mode) & 0o7777, 0o640);
+      assert.equal(st.mtimeNs, 7_000_000_008n);
+      assert.equal(fs.setattrNow('d/low', { mode: 0o600 }), false, 'a lower file is copied up on the queued path');
+      assert.equal(fs.createFileNow('d/new', 0o644), undefined, 'so is its directory');
+      assert.equal(fs.openNow('b', 1 | 0o1000 /* O_WRONLY|O_TRUNC */), undefined);
+      const fh = fs.openNow('b', 1);
+      assert.notEqual(fh, undefined);
+      await fs.release(fh!);
+      const made = fs.createFileNow('c', 0o644);
+      assert.ok(made !== undefined && made.stat.size === 0 && lstatSync(join(upper, 'c')).isFile());
+      await fs.release(made.fh);
+      assert.throws(() => fs.createFileNow('c', 0o644), (err: unknown) => err instanceof FsError && err.errno === 'EEXIST');
+      assert.equal(fs.lookupStat('nothing'), undefined);
+      assert.throws(() => fs.lookupStat('x'.repeat(300)), (err: unknown) => err instanceof FsError && err.errno === 'ENAMETOOLONG');
+      assert.equal(await readAll(fs, 'd/low'), 'lower');
+    });
+
     it('refuses every change when read-only', async () => {
       const fs = await UnionFs.create({ layers: [layer({ 'f': {} })], upper: freshUpper(), readOnly: true });
       assert.equal(await errnoOf(fs.unlink('f')), 'EROFS');
