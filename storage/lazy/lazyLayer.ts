@@ -221,6 +221,9 @@ export class LazyLayerSource implements LayerSource {
     const index = await readLayerIndex(dir, info.diffId);
     const fd = await promisify(open)(join(dir, LAZY_CONTENT), fsConstants.O_RDWR);
     const source = new LazyLayerSource(dir, index, info, fd, options, await openKept(dir));
+    // A layer is opened to be read (a mount host starting, a container about to run): the fill yields from now
+    // (readDemand.ts), not only from the first read's request, whose first bytes would share the link with it.
+    ReadDemandSignal.for(demandDirOf(dir)).begin()();
     source.prefetchLandmark();
     return source;
   }
