@@ -103,7 +103,11 @@ export class Daemon {
       daemon.containers = new ContainerManager(store, options.mountRoot ?? options.config.mountRoot ?? DEFAULT_MOUNT_ROOT, logger, {
         ...(options.config.mountCacheSeconds !== undefined ? { cacheSeconds: options.config.mountCacheSeconds } : {}),
       });
-      containerRoutes(router, daemon.containers);
+      containerRoutes(router, daemon.containers, {
+        // A container made while layers are lazy will read them: background fills yield from now, not from when its
+        // mount host (a process yet to start) first waits for the registry (storage/lazy/readDemand.ts).
+        creating: () => { if (store.db.listLazyLayers().some((l) => l.state !== 'broken')) daemon.fillGate?.expectReads(); },
+      });
       // Mount hosts inherit the daemon's environment: the bound on lazy reads reaches them so (storage/lazy/lazyLayer.ts).
       if (options.config.lazyReadTimeoutSeconds !== undefined) {
         process.env['LAYERD_LAZY_READ_TIMEOUT_MS'] = String(Math.round(options.config.lazyReadTimeoutSeconds * 1000));

@@ -8,9 +8,11 @@
 import { expect } from 'chai';
 import { createHash } from 'node:crypto';
 import http from 'node:http';
-import { readdir, writeFile } from 'node:fs/promises';
+import { mkdir, readdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { type Digest } from '../storage/digest.js';
+import { LazyLayerSource } from '../storage/lazy/lazyLayer.js';
 import { ReadDemandGate, ReadDemandSignal } from '../storage/lazy/readDemand.js';
 import { RegistryClient } from '../storage/registry/client.js';
 import { ResumableBlobStream } from '../storage/registry/download.js';
@@ -62,6 +64,37 @@ describe('lazy fill yields to on-demand reads', function () {
     expect(Date.now() - ended).to.be.at.least(TIMING.quietMs - 50);
     expect(gate.stats.pauses).to.equal(1);
     expect(await readdir(dir)).to.deep.equal([String(process.pid)]);
+  });
+
+  it('closes when a serving process opens a lazy layer (its reads are about to come), and opens once it was quiet', async () => {
+    const diffId = `sha256:${createHash('sha256').update('a lazy layer').digest('hex')}` as Digest;
+    const dir = join(work.dir, 'lazy', 'sha256', diffId.slice(7));
+    await mkdir(dir, { recursive: true });
+    await writeFile(join(dir, 'index.json'), JSON.stringify({ version: 1, id: diffId, entries: [], whiteouts: [], opaques: [] }));
+    await writeFile(join(dir, 'lazy.json'), JSON.stringify({
+      version: 1, diffId, registry: '127.0.0.1:9', repository: 'r', blobDigest: diffId, blobSize: 0, mediaType: 'application/vnd.oci.image.layer.v1.tar+gzip',
+      tocDigest: diffId, contentSize: 0, files: [],
+    }));
+    await writeFile(join(dir, 'content'), '');
+    const gate = await startGate(join(work.dir, 'lazy', 'demand'));
+    const source = await LazyLayerSource.open(dir);
+    try {
+      await waitFor('the gate to close', () => !gate.open, 10_000, 10);
+      const closed = Date.now();
+      await waitFor('the gate to open', () => gate.open, 10_000, 10);
+      expect(Date.now() - closed).to.be.at.least(TIMING.quietMs - 100);
+    } finally {
+      await source.close();
+    }
+  });
+
+  it('closes when the daemon expects reads (a container created on lazy layers), and opens once it was quiet', async () => {
+    const gate = await startGate(join(work.dir, 'demand'));
+    gate.expectReads();
+    expect(gate.open).to.equal(false);
+    const closed = Date.now();
+    await waitFor('the gate to open', () => gate.open, 10_000, 10);
+    expect(Date.now() - closed).to.be.at.least(TIMING.quietMs - 50);
   });
 
   it('pauses at most maxPauseMs at a time, then runs at least minRunMs, while reads never stop', async () => {

@@ -7,12 +7,13 @@
  * import builds.
  */
 import { expect } from 'chai';
-import { createHash } from 'node:crypto';
+import { createCipheriv, createHash } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { gunzipSync, gzipSync } from 'node:zlib';
+import tarStream from 'tar-stream';
 import { type Digest } from '../storage/digest.js';
-import { buildGzipIndex, inflateSpan, parseGzipIndex, spanFetchStart, type GzipIndex } from '../storage/lazy/gzipIndex.js';
+import { DEFAULT_SPAN_BYTES, DEFAULT_SPAN_OUT_BYTES, EMPTY_WINDOW, buildGzipIndex, inflateSpan, parseGzipIndex, spanFetchStart, type GzipIndex } from '../storage/lazy/gzipIndex.js';
 import { DEBIAN_MULTI } from './support/env.js';
 
 /** The largest layer of debian-multi (gzip, ~14 MB compressed). */
@@ -27,6 +28,17 @@ async function corpusLayer(): Promise<{ blob: Buffer; digest: Digest }> {
 
 async function* chunks(bytes: Buffer, size: number): AsyncGenerator<Buffer> {
   for (let at = 0; at < bytes.length; at += size) yield bytes.subarray(at, at + size);
+}
+
+async function tarOf(files: [string, Buffer][]): Promise<Buffer> {
+  const pack = tarStream.pack();
+  const parts: Buffer[] = [];
+  pack.on('data', (c: Buffer) => parts.push(c));
+  const done = new Promise<void>((resolve, reject) => { pack.on('end', resolve); pack.on('error', reject); });
+  for (const [name, bytes] of files) pack.entry({ name, type: 'file', mode: 0o644, mtime: new Date(0) }, bytes);
+  pack.finalize();
+  await done;
+  return Buffer.concat(parts);
 }
 
 function sha256(bytes: Buffer): Digest {
@@ -62,6 +74,34 @@ describe('seekable gzip index', function () {
     const file = index.index.entries.find((e) => e.kind === 'file' && e.path === 'etc/passwd') ?? index.index.entries.find((e) => e.kind === 'file' && e.size > 100)!;
     expect(file.offset).to.be.a('number');
     expect(tar.subarray(file.offset!, file.offset! + file.size).length).to.equal(file.size);
+  });
+
+  it('by default: spans of ~2 MiB of tar, short in the blob where data compresses, without a window where it is stored', async () => {
+    const { blob } = await corpusLayer();
+    const text = gunzipSync(blob);
+    // A file of incompressible bytes (deflate stores them) between two files holding a real layer's tar.
+    const noise = createCipheriv('aes-128-ctr', Buffer.alloc(16, 7), Buffer.alloc(16)).update(Buffer.alloc(12 << 20));
+    const tar = await tarOf([['a', text], ['noise', noise], ['b', text]]);
+    const gz = gzipSync(tar);
+    const index = await buildGzipIndex(chunks(gz, 1 << 20), 'mixed');
+    await checkSpans(index, gz, tar);
+    const compressed = (i: number): number => index.spans[i]!.end - index.spans[i]!.checkpoint.in;
+    const inText = index.spans.map((_s, i) => i).filter((i) => index.spans[i]!.checkpoint.out + index.spans[i]!.length <= text.length && i + 1 < index.spans.length);
+    const inNoise = index.spans.map((_s, i) => i).filter((i) => index.spans[i]!.checkpoint.out > text.length + 64 * 1024 && index.spans[i]!.checkpoint.out + index.spans[i]!.length < text.length + noise.length);
+    // The text: spans end after ~2 MiB of tar, far less than DEFAULT_SPAN_BYTES of the blob; their windows are kept.
+    expect(inText.length).to.be.greaterThan(5);
+    for (const i of inText) {
+      expect(index.spans[i]!.length, `span ${i}`).to.be.within(DEFAULT_SPAN_OUT_BYTES, DEFAULT_SPAN_OUT_BYTES + (1 << 20));
+      expect(compressed(i), `span ${i}`).to.be.lessThan(DEFAULT_SPAN_BYTES / 2);
+    }
+    // (A layer holds incompressible files too, such as gzipped docs: a checkpoint stored blocks follow needs no window there either.)
+    expect(inText.filter((i) => i > 0 && index.spans[i]!.checkpoint.window !== EMPTY_WINDOW).length).to.be.greaterThan(inText.length / 2);
+    // The noise: spans of ~2 MiB of the blob too, but no window (stored blocks follow each checkpoint): the index stays small.
+    expect(inNoise.length).to.be.at.least(3);
+    for (const i of inNoise) {
+      expect(compressed(i), `span ${i}`).to.be.within(DEFAULT_SPAN_OUT_BYTES, DEFAULT_SPAN_BYTES);
+      expect(index.spans[i]!.checkpoint.window, `span ${i}`).to.equal(EMPTY_WINDOW);
+    }
   });
 
   it('follows a span across gzip members', async () => {

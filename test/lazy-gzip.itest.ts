@@ -9,12 +9,13 @@
  * corrupts range answers gives EIO, never wrong bytes, and so does a registry
  * that is gone (within the bound; reads work again once it is back); `layerctl push`
  * publishes the index itself, and the daemon's background fill completes
- * such a lazy layer into an ordinary stored one.
+ * such a lazy layer into an ordinary stored one; the fill downloads only
+ * what reads did not fetch already.
  */
 import { expect } from 'chai';
 import { type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { mkdir, readFile, readdir, stat } from 'node:fs/promises';
+import { mkdir, open, readFile, readdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { gzipSync } from 'node:zlib';
 import { type Digest } from '../storage/digest.js';
@@ -236,6 +237,102 @@ describe('lazy pull of unmodified gzip images by their gzip index (docker-regist
       // Reading into the prefetched span moves the prefetch on (span 5); span 4 is not asked for again.
       await waitFor('the span after that, asked for', () => starts.length >= 3, 60_000);
       expect(starts).to.deep.equal([spanStart(3), spanStart(4), spanStart(5)]);
+    } finally {
+      await proxy.close();
+    }
+  });
+
+  /** The blob ranges a lazy layer's serving processes kept for the fill (its `fetched` file), merged. */
+  async function keptRanges(root: string, diffId: string): Promise<[number, number][]> {
+    const text = await readFile(join(root, 'lazy', 'sha256', diffId.slice(7), 'fetched'), 'utf8').catch(() => '');
+    const ranges = text.split('\n').filter((l) => l !== '').map((l) => l.split(' ').map(Number) as [number, number]).sort((a, b) => a[0] - b[0]);
+    const merged: [number, number][] = [];
+    for (const [a, b] of ranges) {
+      const last = merged.at(-1);
+      if (last && a <= last[1]) last[1] = Math.max(last[1], b);
+      else merged.push([a, b]);
+    }
+    return merged;
+  }
+
+  it('the fill downloads only what reads did not fetch: the gaps between the kept ranges, and falls back to the whole blob if kept bytes are wrong', async () => {
+    /** Blob bytes the registry sent, per layer blob digest, and the Range headers asked. */
+    const sent = new Map<string, { bytes: number; ranges: string[] }>();
+    const layerDigests = new Set(fullInspect.Layers.map((l) => l.digest!));
+    const counted = (req: { url?: string }): string | undefined => [...layerDigests].find((d) => req.url?.endsWith(`/blobs/${d}`));
+    const proxy = await startProxy(registry.host, {
+      intercept: (req) => {
+        const d = counted(req);
+        if (d !== undefined && req.method === 'GET') (sent.get(d) ?? sent.set(d, { bytes: 0, ranges: [] }).get(d)!).ranges.push(req.headers.range ?? '');
+        return false;
+      },
+      mapChunk: (req, chunk) => {
+        const d = counted(req);
+        if (d !== undefined) sent.get(d)!.bytes += chunk.length;
+        return chunk;
+      },
+    });
+    try {
+      for (const corruptKept of [false, true]) {
+        sent.clear();
+        const root = join(work.dir, `lazy-kept-${corruptKept}`);
+        const pulled = await lazyPull(root, `${proxy.host}/gz/dm:v1`);
+        const mnt = await mountImage(root, pulled.images[0]!.refs[0]!, `kept-${corruptKept}`);
+        const random = prng(4242);
+        for (let i = 0; i < 12; i++) {
+          const f = fullTree.files[Math.floor(random() * fullTree.files.length)]!;
+          expect((await readFile(join(mnt, f.path))).equals(await readFile(join(fullMnt(), f.path))), `/${f.path}`).to.equal(true);
+        }
+        // Every range the reads (and their prefetch) fetched is kept, once the mount host recorded it.
+        const askedByReads = new Map([...sent].map(([d, s]) => [d, s.ranges.map((r) => /^bytes=(\d+)-(\d+)$/.exec(r)!).map((m) => [Number(m[1]), Number(m[2]) + 1] as [number, number])]));
+        const byDigest = new Map(fullInspect.Layers.map((l) => [l.digest!, l]));
+        await waitFor('the fetched ranges recorded', async () => {
+          for (const [d, asked] of askedByReads) {
+            const kept = await keptRanges(root, byDigest.get(d)!.diffId);
+            if (!asked.every(([a, b]) => kept.some(([x, y]) => x <= a && b <= y))) return false;
+          }
+          return true;
+        }, 30_000);
+        // The mount host gone (no prefetch under way), what it kept is what the fill finds.
+        const server = servers.findIndex((x) => x.mnt === mnt);
+        await stopLayerdServer(servers[server]!.child, mnt);
+        servers.splice(server, 1);
+        const kept = new Map(await Promise.all(fullInspect.Layers.map(async (l) => [l.digest!, await keptRanges(root, l.diffId)] as const)));
+        const keptBytes = (d: string): number => kept.get(d)!.reduce((n, [a, b]) => n + b - a, 0);
+        expect([...kept.values()].some((r) => r.length > 0), 'some ranges kept').to.equal(true);
+        if (corruptKept) {
+          // A kept byte that is wrong (as after a crash between writing it and the record): the blob does not verify
+          // with it, so the fill downloads the whole blob once more; nothing unverified is stored.
+          const [d, ranges] = [...kept].find(([, r]) => r.length > 0)!;
+          const file = await open(join(root, 'lazy', 'sha256', byDigest.get(d)!.diffId.slice(7), 'blob'), 'r+');
+          try {
+            const at = ranges[0]![0] + 10;
+            const byte = Buffer.alloc(1);
+            await file.read(byte, 0, 1, at);
+            byte[0] ^= 0xff;
+            await file.write(byte, 0, 1, at);
+          } finally {
+            await file.close();
+          }
+        }
+        sent.clear();
+        const fill = await layerctlR(['--root', root, 'fill']);
+        expect(fill.code, fill.stdout + fill.stderr).to.equal(0);
+        const info = await layerctlJson<Inspect>(['--root', root, 'inspect', pulled.images[0]!.refs[0]!]);
+        expect(info.Layers.map((l) => [l.diffId, l.state, l.uncompressedSize])).to.deep.equal(fullInspect.Layers.map((l) => [l.diffId, 'complete', l.uncompressedSize]));
+        const fsck = await layerctl(['--root', root, 'fsck']);
+        expect(fsck.code, fsck.stdout + fsck.stderr).to.equal(0);
+        for (const l of fullInspect.Layers) {
+          const got = sent.get(l.digest!)?.bytes ?? 0;
+          const size = (await stat(join(fullRoot, 'blobs', 'sha256', l.digest!.slice(7)))).size;
+          if (corruptKept && l.digest === [...kept].find(([, r]) => r.length > 0)![0]) {
+            // Gaps until the wrong byte made the blob fail (at its end, or where it no longer inflates), then all of it.
+            expect(got, `${l.digest}: gaps, then all of it`).to.be.within(size, size - keptBytes(l.digest!) + size);
+          } else {
+            expect(got, `${l.digest}: ${size} bytes, ${keptBytes(l.digest!)} kept`).to.equal(size - keptBytes(l.digest!));
+          }
+        }
+      }
     } finally {
       await proxy.close();
     }

@@ -326,10 +326,18 @@ describe('lazy pull of eStargz images (docker-registry 2.8.2)', function () {
       const pulled = await layerctl(['pull', '--lazy', frontRef, '--json'], socket);
       expect(pulled.code, pulled.stderr).to.equal(0);
       await waitFor('the fills to be sending', () => fills.length > 0 && fills.some((f) => f.sent > 0), 30_000, 50);
+      const farFromEnd = (x: (typeof fills)[number]): boolean => !x.done && !x.closedEarly && x.length - x.sent > 8 * 1024 * 1024;
+      await waitFor('a fill far from its end (paced: seconds away)', () => fills.some(farFromEnd), 30_000, 20);
+      const beforeCreate = fills.filter(farFromEnd);
       const created = await layerctl(['create', frontRef, '--name', 'yield1', '--json'], socket);
       expect(created.code, created.stderr).to.equal(0);
       container = 'yield1';
       const mnt = (JSON.parse(created.stdout) as { mountpoint: string }).mountpoint;
+      // A container made on lazy layers will read them: the fills let go at once, before any read waits (the daemon
+      // expects reads, the mount host opening the layers too), and go on once nothing was read for the quiet second.
+      await waitFor('the fills under way to let go at the create', () => beforeCreate.every((x) => x.done || x.closedEarly), 30_000, 20);
+      expect(beforeCreate.map((x) => x.closedEarly), 'each let go of its answer at the create').to.deep.equal(beforeCreate.map(() => true));
+      await waitFor('the fills to go on', () => fills.some((x) => farFromEnd(x) && x.range !== undefined && x.sent > 0), 30_000, 20);
 
       // Reads that wait for the registry: their range requests are held. (Several files across the
       // image: one of a small layer may be complete already, and be read from disk.)

@@ -6,12 +6,13 @@ import { Writable } from 'node:stream';
 import { HANDLED, type Router, checkFields, readJsonBody } from '../http.js';
 import { type ContainerManager, type CreateRequest } from '../containers.js';
 
-export function containerRoutes(router: Router, containers: ContainerManager): void {
+export function containerRoutes(router: Router, containers: ContainerManager, hooks: { creating?: () => void } = {}): void {
   router.add('POST', '/v1/containers', async (ctx) => {
     const body = checkFields<CreateRequest>(await readJsonBody(ctx.req), {
       id: { type: 'string' }, image: { type: 'string', required: true }, mountpoint: { type: 'string' },
       readOnly: { type: 'boolean' }, labels: { type: 'object' }, layerDir: { type: 'string' },
     });
+    hooks.creating?.();
     const created = await containers.create(body);
     ctx.res.statusCode = 201;
     return created;

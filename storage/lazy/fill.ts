@@ -10,8 +10,16 @@
  * with backoff while the registry cannot be reached (so a fill resumes when
  * it returns), and started again for every unfinished layer when the daemon
  * starts. A blob that does not verify marks the layer broken.
+ *
+ * What the processes serving the layer fetched is not downloaded again: they
+ * keep the compressed bytes of every chunk they verified in the lazy
+ * directory (`blob`, sparse, and the ranges in `fetched`: lazyLayer.ts), and
+ * the fill reads those ranges from there and asks the registry only for the
+ * gaps. They are a hint, verified with the rest (the whole blob's digest,
+ * the diffID): if the blob does not verify with them, it is downloaded once
+ * more without them before the layer is called broken.
  */
-import { mkdir, rename } from 'node:fs/promises';
+import { mkdir, open, readFile, rename } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ErrorCodes, LayerdError, isLayerdError } from '../../common/errors.js';
@@ -21,11 +29,11 @@ import { ingestLayer } from '../layerIngest.js';
 import { repositoryScope } from '../registry/auth.js';
 import { RegistryClient } from '../registry/client.js';
 import { EMPTY_CONFIG, type RegistriesConfig, endpointsFor, loadRegistriesConfig } from '../registry/config.js';
-import { type FetchGate, ResumableBlobStream } from '../registry/download.js';
+import { type FetchGate, type LocalBlobBytes, ResumableBlobStream } from '../registry/download.js';
 import { DEFAULT_TIMEOUTS, type RegistryTimeouts } from '../registry/timeouts.js';
 import { type Store } from '../store.js';
 import { GZIP_INDEX_FORMAT, checkGzipFileTable } from './gzipLazy.js';
-import { readLazyInfo } from './lazyLayer.js';
+import { LAZY_BLOB, LAZY_FETCHED, readLazyInfo } from './lazyLayer.js';
 
 export interface FillOptions {
   config?: RegistriesConfig;
@@ -35,6 +43,47 @@ export interface FillOptions {
   progressIntervalMs?: number;
   /** Closed while on-demand reads wait (readDemand.ts): the download pauses, reads get the link. */
   gate?: FetchGate;
+  /** The blob did not verify with the bytes the serving processes kept: it is downloaded again without them. */
+  onKeptBytesRejected?: (err: unknown) => void;
+}
+
+/**
+ * The blob bytes the serving processes kept (lazyLayer.ts): `fetched`'s
+ * ranges, merged, read from `blob`; undefined if there are none.
+ */
+export async function keptBlobBytes(lazyDir: string, size: number): Promise<(LocalBlobBytes & { close(): Promise<void> }) | undefined> {
+  const text = await readFile(join(lazyDir, LAZY_FETCHED), 'utf8').catch(() => '');
+  const ranges: [number, number][] = [];
+  for (const line of text.split('\n')) {
+    const m = /^(\d+) (\d+)$/.exec(line);
+    if (!m) continue; // (a line cut short by a crash)
+    const [start, end] = [Number(m[1]), Math.min(size, Number(m[2]))];
+    if (Number.isSafeInteger(start) && start < end) ranges.push([start, end]);
+  }
+  ranges.sort((a, b) => a[0] - b[0]);
+  const merged: [number, number][] = [];
+  for (const [start, end] of ranges) {
+    const last = merged[merged.length - 1];
+    if (last !== undefined && start <= last[1]) last[1] = Math.max(last[1], end);
+    else merged.push([start, end]);
+  }
+  if (merged.length === 0) return undefined;
+  const file = await open(join(lazyDir, LAZY_BLOB), 'r').catch(() => undefined);
+  if (file === undefined) return undefined;
+  return {
+    size, ranges: merged,
+    read: async (position, length) => {
+      const bytes = Buffer.alloc(length);
+      const { bytesRead } = await file.read(bytes, 0, length, position);
+      if (bytesRead !== length) throw new LayerdError(ErrorCodes.EIO, `${join(lazyDir, LAZY_BLOB)}: ${bytesRead} bytes at ${position}, not ${length}`);
+      return bytes;
+    },
+    close: () => file.close(),
+  };
+}
+
+function isBadBlob(err: unknown): boolean {
+  return isLayerdError(err, ErrorCodes.EDIGEST) || isLayerdError(err, ErrorCodes.EBADTAR) || isLayerdError(err, ErrorCodes.ECORRUPT);
 }
 
 /** Fill one lazy layer; resolves once it is an ordinary stored layer (or was already). */
@@ -55,21 +104,35 @@ export async function fillLazyLayer(store: Store, diffId: Digest, options: FillO
     if (store.db.getLazyLayer(diffId)) store.db.write(() => store.db.setLazyState(diffId, 'filling', filled));
     written = Date.now();
   };
+  let kept: Awaited<ReturnType<typeof keptBlobBytes>>;
   try {
+    kept = await keptBlobBytes(lazyDir, info.blobSize);
     writeProgress();
-    const dir = join(workDir, 'fill');
-    await mkdir(dir);
-    const ingested = await ingestLayer(
-      async () => new ResumableBlobStream(clients, info.repository, info.blobDigest, [repositoryScope(info.repository, 'pull')], options.gate),
-      { digest: info.blobDigest, size: info.blobSize, diffId },
-      {
-        workDir: dir, unpack: true, flushEarly: store.durable,
-        onProgress: (bytes) => {
-          filled = bytes;
-          if (Date.now() - written >= interval) writeProgress();
+    const ingest = async (local: LocalBlobBytes | undefined): Promise<Awaited<ReturnType<typeof ingestLayer>>> => {
+      const dir = join(workDir, local ? 'fill-kept' : 'fill');
+      await mkdir(dir);
+      return ingestLayer(
+        async () => new ResumableBlobStream(clients, info.repository, info.blobDigest, [repositoryScope(info.repository, 'pull')], options.gate, local),
+        { digest: info.blobDigest, size: info.blobSize, diffId },
+        {
+          workDir: dir, unpack: true, flushEarly: store.durable,
+          onProgress: (bytes) => {
+            filled = bytes;
+            if (Date.now() - written >= interval) writeProgress();
+          },
         },
-      },
-    );
+      );
+    };
+    let ingested: Awaited<ReturnType<typeof ingestLayer>>;
+    try {
+      ingested = await ingest(kept);
+    } catch (err) {
+      // Kept bytes may be wrong (a crash between their write and their record) whatever the failure says — a digest, a
+      // broken deflate stream or tar: once more, all from the registry (a network failure fails again, and is retried later).
+      if (kept === undefined || options.signal?.aborted) throw err;
+      options.onKeptBytesRejected?.(err);
+      ingested = await ingest(undefined);
+    }
     if (info.format === GZIP_INDEX_FORMAT) await checkGzipFileTable(lazyDir, ingested.index!);
     const trash = join(workDir, 'lazy-trash');
     await store.commit(workDir, [
@@ -85,6 +148,7 @@ export async function fillLazyLayer(store: Store, diffId: Digest, options: FillO
     // Out of the store now; open content files stay readable to the processes that have them.
     await rename(lazyDir, trash).catch(() => undefined);
   } finally {
+    await kept?.close().catch(() => undefined);
     for (const c of clients) c.close();
     await store.releaseWorkDir(workDir);
   }
@@ -96,7 +160,7 @@ export async function fillLazyLayer(store: Store, diffId: Digest, options: FillO
  * for a later attempt: undefined.
  */
 export function markBrokenIfBadBlob(store: Store, diffId: Digest, err: unknown): string | undefined {
-  if (!(isLayerdError(err, ErrorCodes.EDIGEST) || isLayerdError(err, ErrorCodes.EBADTAR) || isLayerdError(err, ErrorCodes.ECORRUPT))) return undefined;
+  if (!isBadBlob(err)) return undefined;
   const message = err instanceof Error ? err.message : String(err);
   if (store.db.getLazyLayer(diffId)) store.db.write(() => store.db.setLazyState(diffId, 'broken', 0, message));
   return message;
@@ -146,6 +210,7 @@ export class LazyFills {
           config: await this.options.config(), signal: this.controller.signal,
           ...(this.options.timeouts ? { timeouts: this.options.timeouts } : {}),
           ...(this.options.gate ? { gate: this.options.gate } : {}),
+          onKeptBytesRejected: (err) => this.logger.warn('lazy layer fill: the blob does not verify with the bytes reads kept; downloading it whole', { diffId, error: String(err) }),
         });
         this.logger.info('lazy layer complete', { diffId });
         return;

@@ -3,11 +3,13 @@
  * again in the middle of the blob, and what comes out.
  *
  * While the blob is read once from start to end, inflate stops at every
- * deflate block boundary (Z_BLOCK); about every `spanBytes` of compressed
- * data such a boundary becomes a **checkpoint**: the blob offset of its first
+ * deflate block boundary (Z_BLOCK); after about 2 MiB of tar (and at least
+ * 512 KiB of blob: spanOutBytes, minSpanBytes; at most spanBytes of blob)
+ * such a boundary becomes a **checkpoint**: the blob offset of its first
  * whole byte (`in`), how many bits of the byte before belong to it (`bits`),
  * its offset in the uncompressed tar (`out`) and the 32 KiB of output before
- * it (the window later back-references reach into). The uncompressed bytes
+ * it (the window later back-references reach into) — none if stored deflate
+ * blocks follow for 32 KiB (EMPTY_WINDOW). The uncompressed bytes
  * between one checkpoint and the next are a **span**, with its sha256. The
  * layer's **file table** is the layer index a full pull builds (the same
  * LayerUnpacker), whose file offsets are offsets in the uncompressed tar.
@@ -30,8 +32,27 @@ import { DEFAULT_UNPACK_LIMITS, LayerUnpacker, type UnpackLimits } from '../laye
 
 export const GZIP_INDEX_MEDIA_TYPE = 'application/vnd.layerd.gzip-index.v1+json';
 export const GZIP_INDEX_VERSION = 1 as const;
-/** Compressed bytes between checkpoints, by default. */
+/** Compressed bytes between checkpoints at most, by default (with the default DEFAULT_SPAN_OUT_BYTES, spans end sooner). */
 export const DEFAULT_SPAN_BYTES = 4 * 1024 * 1024;
+/**
+ * Uncompressed bytes a span ends after, by default, once it has
+ * DEFAULT_MIN_SPAN_BYTES of compressed data: where data compresses well (a
+ * directory of small files) a span is a fraction of that in the blob — a
+ * read fetches and inflates less than with spans of fixed compressed size —
+ * and its window (deflated) costs the index as little. Spans used to be
+ * 4 MiB of the blob: python's start in the lazy benchmark needed 33.7 MB of
+ * them, now 15.9 MB (docs/lazy.md).
+ */
+export const DEFAULT_SPAN_OUT_BYTES = 2 * 1024 * 1024;
+export const DEFAULT_MIN_SPAN_BYTES = 512 * 1024;
+/**
+ * The window of a checkpoint that needs none: the deflate blocks after it are
+ * stored (uncompressed, no back-references) for at least 32 KiB of output, so
+ * no later back-reference reaches before it — incompressible data, where a
+ * window would cost 32 KiB of the index per span. An empty window, deflated:
+ * a reader that sets it as the dictionary sets nothing (older layerds too).
+ */
+export const EMPTY_WINDOW = deflateRawSync(Buffer.alloc(0)).toString('base64');
 /** An index document larger than this is refused. */
 export const MAX_GZIP_INDEX_BYTES = 512 * 1024 * 1024;
 
@@ -94,7 +115,12 @@ export function gzipHeaderLength(buf: Buffer, at: number, what: string): number 
 }
 
 export interface BuildOptions {
+  /** Compressed bytes between checkpoints at most. */
   spanBytes?: number;
+  /** A checkpoint also comes after this many uncompressed bytes… */
+  spanOutBytes?: number;
+  /** …once the span has this many compressed bytes. */
+  minSpanBytes?: number;
   limits?: UnpackLimits;
   /** The blob's digest and size, when known: checked. */
   expected?: { digest?: Digest; size?: number; diffId?: Digest };
@@ -103,6 +129,8 @@ export interface BuildOptions {
 /** Read a gzip layer blob once and index it. */
 export async function buildGzipIndex(blob: AsyncIterable<Buffer>, what: string, options: BuildOptions = {}): Promise<GzipIndex> {
   const spanBytes = options.spanBytes ?? DEFAULT_SPAN_BYTES;
+  const spanOutBytes = options.spanOutBytes ?? (options.spanBytes === undefined ? DEFAULT_SPAN_OUT_BYTES : Infinity);
+  const minSpanBytes = Math.min(spanBytes, options.minSpanBytes ?? DEFAULT_MIN_SPAN_BYTES);
   const blobHash = createHash('sha256');
   const tarHash = createHash('sha256');
   const unpacker = new LayerUnpacker(options.limits ?? DEFAULT_UNPACK_LIMITS);
@@ -119,6 +147,10 @@ export async function buildGzipIndex(blob: AsyncIterable<Buffer>, what: string, 
   let out = 0;
   let state: 'header' | 'deflate' | 'trailer' = 'header';
   let members = 0;
+  /** The last byte inflate consumed: at a block boundary, its top `unusedBits` bits begin the next block's header. */
+  let lastByte = 0;
+  /** The newest checkpoint while it may need no window: only stored blocks followed it so far. */
+  let windowless: { checkpoint: GzipCheckpoint; stored: boolean } | undefined;
   const emit = async (bytes: Buffer): Promise<void> => {
     if (bytes.length === 0) return;
     tarHash.update(bytes);
@@ -131,7 +163,7 @@ export async function buildGzipIndex(blob: AsyncIterable<Buffer>, what: string, 
     const previous = checkpoints[checkpoints.length - 1];
     if (previous) spans.push({ checkpoint: previous, length: out - previous.out, digest: `sha256:${spanHash.digest('hex')}` });
     spanHash = createHash('sha256');
-    checkpoints.push({ in: at, bits, out, window: deflateRawSync(window).toString('base64') });
+    checkpoints.push({ in: at, bits, out, window: out === 0 ? EMPTY_WINDOW : deflateRawSync(window).toString('base64') });
   };
   try {
     const drain = async (): Promise<void> => {
@@ -148,14 +180,31 @@ export async function buildGzipIndex(blob: AsyncIterable<Buffer>, what: string, 
         } else if (state === 'deflate') {
           if (pending.length === 0) return;
           const step = inflater.step(pending, true);
+          if (step.consumed > 0) lastByte = pending[step.consumed - 1]!;
           pending = pending.subarray(step.consumed);
           base += step.consumed;
           await emit(step.output);
           if (step.streamEnd) {
+            // The next member starts afresh (inflateSpan resets there): nothing after reaches back.
+            if (windowless?.stored) windowless.checkpoint.window = EMPTY_WINDOW;
+            windowless = undefined;
             state = 'trailer';
             continue;
           }
-          if (step.atBlockBoundary && base - checkpoints[checkpoints.length - 1]!.in >= spanBytes) checkpoint(base, step.unusedBits);
+          if (step.atBlockBoundary) {
+            const nextStored = storedBlockNext(lastByte, step.unusedBits, pending);
+            if (windowless !== undefined) {
+              if (windowless.stored && out - windowless.checkpoint.out >= INFLATE_WINDOW) windowless.checkpoint.window = EMPTY_WINDOW;
+              if (!windowless.stored || out - windowless.checkpoint.out >= INFLATE_WINDOW) windowless = undefined;
+              else windowless.stored = nextStored;
+            }
+            const last = checkpoints[checkpoints.length - 1]!;
+            const compressed = base - last.in;
+            if (compressed >= spanBytes || (compressed >= minSpanBytes && out - last.out >= spanOutBytes)) {
+              checkpoint(base, step.unusedBits);
+              windowless = { checkpoint: checkpoints[checkpoints.length - 1]!, stored: nextStored };
+            }
+          }
           if (step.consumed === 0 && step.output.length === 0) return; // needs more input
         } else {
           if (pending.length < 8) return;
@@ -197,6 +246,20 @@ export async function buildGzipIndex(blob: AsyncIterable<Buffer>, what: string, 
   }
 }
 
+/**
+ * Whether the deflate block that starts at a block boundary is a stored one
+ * (RFC 1951: BFINAL, then BTYPE 00), from the bits of `lastByte` that belong
+ * to it (the top `bits`) and the bytes after; false when they do not say.
+ */
+function storedBlockNext(lastByte: number, bits: number, next: Buffer): boolean {
+  let header = bits > 0 ? lastByte >> (8 - bits) : 0;
+  if (bits < 3) {
+    if (next.length === 0) return false;
+    header |= next[0]! << bits;
+  }
+  return ((header >> 1) & 3) === 0;
+}
+
 /** What inflating a span needs of its checkpoint. */
 export type ResumePoint = Pick<GzipCheckpoint, 'bits' | 'window'>;
 
@@ -214,7 +277,8 @@ export async function inflateSpan(point: ResumePoint, length: number, compressed
       if (compressed.length === 0) throw new LayerdError(ErrorCodes.EFORMAT, `${what}: no bytes`);
       inflater.prime(bits, compressed[0]! >> (8 - bits));
     }
-    inflater.setDictionary(inflateRawSync(Buffer.from(point.window, 'base64'), { maxOutputLength: INFLATE_WINDOW }));
+    const window = inflateRawSync(Buffer.from(point.window, 'base64'), { maxOutputLength: INFLATE_WINDOW });
+    if (window.length > 0) inflater.setDictionary(window);
     let input: Buffer = compressed.subarray(bits > 0 ? 1 : 0);
     const parts: Buffer[] = [];
     let have = 0;

@@ -9,6 +9,13 @@
  *                  which bytes of which file, and their digests
  *     content      a sparse file: every regular file's bytes, one after the
  *                  other, filled in as they are fetched
+ *     blob         a sparse file: the blob's compressed bytes of the chunks
+ *                  fetched and verified, at their blob offsets, kept for
+ *                  the background fill (fill.ts), which then asks the
+ *                  registry only for the rest
+ *     fetched      the ranges written to `blob`, a `start end` line each,
+ *                  appended once their bytes are in (a hint: the fill
+ *                  verifies the whole blob)
  *
  * Nothing records which chunks `content` holds: a process serving the layer
  * hashes a chunk's bytes the first time it needs them, and fetches them when
@@ -43,6 +50,8 @@ import { ReadDemandSignal, demandDirOf } from './readDemand.js';
 
 export const LAZY_JSON = 'lazy.json';
 export const LAZY_CONTENT = 'content';
+export const LAZY_BLOB = 'blob';
+export const LAZY_FETCHED = 'fetched';
 export const LAZY_FORMAT_VERSION = 1 as const;
 
 /** Default bound on one read of content that is not there yet (LAYERD_LAZY_READ_TIMEOUT_MS). */
@@ -188,9 +197,15 @@ export class LazyLayerSource implements LayerSource {
    * (and fetching into) this descriptor.
    */
   private readonly fd: number;
+  /** `blob` and `fetched`, open for the source's life like `content` (undefined if they could not be opened: nothing is kept). */
+  private readonly kept: { blob: number; fetched: number } | undefined;
+  /** keepCompressed writes under way: the descriptors are closed once none is. */
+  private readonly keeping = new Set<Promise<void>>();
 
-  private constructor(readonly dir: string, readonly index: LayerIndex, readonly info: LazyLayerInfo, fd: number, options: LazySourceOptions) {
+  private constructor(readonly dir: string, readonly index: LayerIndex, readonly info: LazyLayerInfo, fd: number, options: LazySourceOptions,
+    kept: { blob: number; fetched: number } | undefined) {
     this.fd = fd;
+    this.kept = kept;
     for (const f of info.files) this.byOffset.set(f.offset, f);
     this.blobOrder = info.files.flatMap((f) => f.chunks.filter((c) => c.start >= 0).map((chunk) => ({ key: f.offset + chunk.fileOffset, chunk, fileEnd: f.offset + f.size })))
       .sort((a, b) => a.chunk.start - b.chunk.start);
@@ -205,7 +220,10 @@ export class LazyLayerSource implements LayerSource {
     const info = await readLazyInfo(dir);
     const index = await readLayerIndex(dir, info.diffId);
     const fd = await promisify(open)(join(dir, LAZY_CONTENT), fsConstants.O_RDWR);
-    const source = new LazyLayerSource(dir, index, info, fd, options);
+    const source = new LazyLayerSource(dir, index, info, fd, options, await openKept(dir));
+    // A layer is opened to be read (a mount host starting, a container about to run): the fill yields from now
+    // (readDemand.ts), not only from the first read's request, whose first bytes would share the link with it.
+    ReadDemandSignal.for(demandDirOf(dir)).begin()();
     source.prefetchLandmark();
     return source;
   }
@@ -275,6 +293,8 @@ export class LazyLayerSource implements LayerSource {
     // A prefetch still under way writes into the descriptor: it is closed once none is (never a reused number).
     if (this.prefetching > 0) await new Promise<void>((resolve) => { this.prefetchesDone = resolve; });
     await promisify(close)(this.fd).catch(() => undefined);
+    while (this.keeping.size > 0) await Promise.all([...this.keeping]);
+    if (this.kept) for (const fd of [this.kept.blob, this.kept.fetched]) await promisify(close)(fd).catch(() => undefined);
     if (this.clients) for (const c of await this.clients.catch(() => [])) c.close();
   }
 
@@ -338,6 +358,7 @@ export class LazyLayerSource implements LayerSource {
           await writeAt(this.fd, bytes, key);
           this.present.add(key);
           this.noteStats();
+          void this.keepCompressed(chunk, member);
           return;
         }
         this.stats.verifyFailures++;
@@ -504,6 +525,7 @@ export class LazyLayerSource implements LayerSource {
         if (bytes === undefined || sha256(bytes) !== a.chunk.digest) continue;
         await writeAt(this.fd, bytes, a.key);
         this.present.add(a.key);
+        void this.keepCompressed(a.chunk, fetched.subarray(a.chunk.start - base, a.chunk.end - base));
         kept++;
         if (marks) this.unused.add(a.key);
       } catch {
@@ -513,6 +535,22 @@ export class LazyLayerSource implements LayerSource {
       }
     }
     return kept;
+  }
+
+  /**
+   * Keep a verified chunk's compressed bytes (blob offsets [chunk.start,
+   * chunk.end)) for the fill, then record the range. A failure loses only
+   * that: the fill downloads what is not recorded.
+   */
+  private keepCompressed(chunk: Chunk, compressed: Buffer): Promise<void> {
+    const kept = this.kept;
+    if (kept === undefined || this.closed || chunk.start < 0 || compressed.length !== chunk.end - chunk.start) return Promise.resolve();
+    const work = writeAt(kept.blob, compressed, chunk.start)
+      .then(() => appendTo(kept.fetched, Buffer.from(`${chunk.start} ${chunk.end}\n`)))
+      .catch(() => undefined) // (only the fill's shortcut is lost)
+      .finally(() => this.keeping.delete(work));
+    this.keeping.add(work);
+    return work;
   }
 
   /** Write the counters for /metrics, at most once a second (the write may fail: only metrics are lost). */
@@ -640,6 +678,24 @@ async function inflateFromCheckpoint(chunk: Chunk, compressed: Buffer): Promise<
 
 function readAt(fd: number, buffer: Buffer, position: number): Promise<number> {
   return new Promise((resolve, reject) => read(fd, buffer, 0, buffer.length, position, (err, n) => (err ? reject(err) : resolve(n))));
+}
+
+/** `blob` (made sparse if missing) and `fetched` (appended to) of a lazy directory; undefined if they cannot be opened. */
+async function openKept(dir: string): Promise<{ blob: number; fetched: number } | undefined> {
+  const openFile = promisify(open);
+  let blob: number | undefined;
+  try {
+    blob = await openFile(join(dir, LAZY_BLOB), fsConstants.O_WRONLY | fsConstants.O_CREAT, 0o600);
+    return { blob, fetched: await openFile(join(dir, LAZY_FETCHED), fsConstants.O_WRONLY | fsConstants.O_APPEND | fsConstants.O_CREAT, 0o600) };
+  } catch {
+    if (blob !== undefined) await promisify(close)(blob).catch(() => undefined);
+    return undefined;
+  }
+}
+
+/** One write(2) at the end of an O_APPEND descriptor: a whole line, never interleaved with another process's. */
+function appendTo(fd: number, buffer: Buffer): Promise<void> {
+  return new Promise((resolve, reject) => write(fd, buffer, 0, buffer.length, null, (err) => (err ? reject(err) : resolve())));
 }
 
 function writeAt(fd: number, buffer: Buffer, position: number): Promise<void> {

@@ -156,6 +156,15 @@ export class ReadDemandGate implements FetchGate {
     return () => this.closeListeners.delete(listener);
   }
 
+  /**
+   * Reads are about to come (the daemon creates a container while layers are
+   * lazy): closed now, as by a demand file's write — the mount host's own
+   * signal follows only once it started.
+   */
+  expectReads(): void {
+    this.demand();
+  }
+
   /** A serving process wrote its demand file. */
   private demand(): void {
     const now = Date.now();

@@ -12,6 +12,12 @@
  * so to on-demand reads, storage/lazy/readDemand.ts): when the gate closes,
  * the answer in progress is dropped (the link is free at once) and the rest
  * is asked for, with Range, once it opens again.
+ *
+ * It may also be given bytes of the blob that are here already (a lazy
+ * layer's fill: what the processes serving it fetched, storage/lazy/fill.ts):
+ * those ranges are read locally and only the gaps between them are asked
+ * for, each with a bounded Range request. Not trusted either: the reader
+ * hashes them with the rest.
  */
 import { type IncomingMessage } from 'node:http';
 import { Readable } from 'node:stream';
@@ -28,6 +34,19 @@ export interface FetchGate {
   onClose(listener: () => void): () => void;
 }
 
+/** Bytes of the blob that are here already: read locally instead of downloaded. */
+export interface LocalBlobBytes {
+  /** The blob's size. */
+  readonly size: number;
+  /** Sorted, disjoint, non-adjacent [start, end) ranges within [0, size). */
+  readonly ranges: readonly (readonly [number, number])[];
+  /** Exactly `length` bytes from `position` (rejects otherwise). */
+  read(position: number, length: number): Promise<Buffer>;
+}
+
+/** Bytes read locally at a time. */
+const LOCAL_READ_BYTES = 1024 * 1024;
+
 /** The answer in progress was dropped because the gate closed: not a failure. */
 class Yielded extends Error {}
 
@@ -38,6 +57,8 @@ export class ResumableBlobStream extends Readable {
 
   /** Which of `clients` (mirrors first, then the registry) is being read from. */
   private which = 0;
+  /** Wakes the local reading once the consumer wants more. */
+  private wantMore: (() => void) | undefined;
 
   constructor(
     /** Endpoints to try in order until one serves the blob. */
@@ -46,12 +67,16 @@ export class ResumableBlobStream extends Readable {
     private readonly digest: Digest,
     private readonly scopes: readonly string[],
     private readonly gate?: FetchGate,
+    private local?: LocalBlobBytes,
   ) {
     super({ highWaterMark: 1024 * 1024 });
   }
 
   override _read(): void {
-    if (this.current) this.current.resume();
+    const wake = this.wantMore;
+    this.wantMore = undefined;
+    if (wake) wake();
+    else if (this.current) this.current.resume();
     else if (!this.started) {
       this.started = true;
       this.fetchAll().then(() => this.push(null), (err: unknown) => this.destroy(err as Error));
@@ -60,6 +85,7 @@ export class ResumableBlobStream extends Readable {
 
   override _destroy(error: Error | null, callback: (error?: Error | null) => void): void {
     this.current?.destroy();
+    this.wantMore?.();
     callback(error);
   }
 
@@ -73,11 +99,23 @@ export class ResumableBlobStream extends Readable {
     let failures = 0;
     for (;;) {
       const before = this.received;
+      if (this.local !== undefined) {
+        if (this.received >= this.local.size) return;
+        const here = this.local.ranges.find(([start, end]) => start <= this.received && this.received < end);
+        if (here !== undefined) {
+          await this.pushLocal(here[1]);
+          if (this.destroyed) return;
+          continue;
+        }
+      }
+      // Up to the next range that is here, if any.
+      const until = this.local?.ranges.find(([start]) => start > this.received)?.[0] ?? Infinity;
       if (this.gate && !this.gate.open) await this.gate.whenOpen(this.client.signal);
       if (this.destroyed) return;
       try {
-        const done = await this.fetchOnce();
-        if (done) return;
+        const done = await this.fetchOnce(until);
+        if (done && until === Infinity) return;
+        if (done) continue;
         throw registryError('network', `registry ${this.client.registry}: blob ${this.digest} ended early after ${this.received} bytes`, context);
       } catch (err) {
         if (this.destroyed) return;
@@ -97,13 +135,35 @@ export class ResumableBlobStream extends Readable {
     }
   }
 
-  /** One GET (from `received` on); true if the blob was read to its end. */
-  private async fetchOnce(): Promise<boolean> {
-    const resuming = this.received > 0;
+  /**
+   * Blob bytes [received, end) read from the local copy, paced by the
+   * consumer and, like a download, held while the gate is closed (the fill's
+   * inflating and hashing yield the CPU to reads too). A local read that
+   * fails drops the local copy: the rest is downloaded.
+   */
+  private async pushLocal(end: number): Promise<void> {
+    while (this.received < end && !this.destroyed) {
+      if (this.gate && !this.gate.open) await this.gate.whenOpen(this.client.signal);
+      if (this.destroyed) return;
+      let bytes: Buffer;
+      try {
+        bytes = await this.local!.read(this.received, Math.min(LOCAL_READ_BYTES, end - this.received));
+      } catch {
+        this.local = undefined;
+        return;
+      }
+      this.received += bytes.length;
+      if (!this.push(bytes)) await new Promise<void>((resolve) => { this.wantMore = resolve; });
+    }
+  }
+
+  /** One GET (from `received` on, up to `until` if finite); true if the blob was read to its end (or to `until`). */
+  private async fetchOnce(until = Infinity): Promise<boolean> {
+    const bounded = Number.isFinite(until);
     const res = await this.client.request({
       method: 'GET',
       path: `/v2/${this.repository}/blobs/${this.digest}`,
-      headers: resuming ? { range: `bytes=${this.received}-` } : {},
+      headers: bounded ? { range: `bytes=${this.received}-${until - 1}` } : this.received > 0 ? { range: `bytes=${this.received}-` } : {},
       scopes: this.scopes,
       expect: [200, 206],
       context: { repository: this.repository, digest: this.digest },
@@ -140,8 +200,15 @@ export class ResumableBlobStream extends Readable {
             chunk = chunk.subarray(drop);
             if (chunk.length === 0) return;
           }
+          if (this.received >= until) return;
+          if (this.received + chunk.length > until) chunk = chunk.subarray(0, until - this.received);
           this.received += chunk.length;
           if (!this.push(chunk)) res.body.pause();
+          if (this.received >= until && res.status !== 206) {
+            // A registry that ignored Range sends the whole blob: the rest is here already.
+            resolve();
+            res.body.destroy();
+          }
         });
         res.body.on('end', resolve);
         res.body.on('error', reject);
@@ -157,6 +224,6 @@ export class ResumableBlobStream extends Readable {
       unsubscribe?.();
       this.current = undefined;
     }
-    return total === undefined || this.received >= total;
+    return this.received >= until || total === undefined || this.received >= total;
   }
 }
