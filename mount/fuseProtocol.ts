@@ -7,7 +7,7 @@
  * is kernelFuse.ts' business.
  */
 import { isUtf8 } from 'node:buffer';
-import type { Timespec } from '../common/sys/fs.js';
+import { escapeBytes, type Timespec } from '../common/sys/fs.js';
 import { fsError } from '../common/sys/errors.js';
 import type { UnionStat } from './nodeStats.js';
 
@@ -171,7 +171,7 @@ export class BodyReader {
     const stop = end < 0 ? this.buf.length : end;
     const bytes = this.buf.subarray(this.offset, stop);
     this.offset = stop + 1;
-    if (!isUtf8(bytes)) throw fsError(invalid, bytes.toString('latin1'), 'a name that is not UTF-8');
+    if (!isUtf8(bytes)) throw fsError(invalid, escapeBytes(bytes), 'a name that is not UTF-8');
     return bytes.toString('utf8');
   }
 

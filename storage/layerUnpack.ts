@@ -324,6 +324,9 @@ function paxInt(value: string | Buffer | undefined): number | undefined {
 function ignore(): void {}
 
 /** tar-stream reports malformed archives with plain Errors. */
+/** A UTF-16 surrogate without its pair: no UTF-8 name decodes to one. */
+const LONE_SURROGATE = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/;
+
 /**
  * Turn the member's name and link target into UTF-8 strings, or refuse the
  * layer. layerd keeps every path as UTF-8 (the FUSE union refuses other
@@ -332,8 +335,6 @@ function ignore(): void {}
  * ustar, GNU long-name and prefix fields arrive as latin1 (the raw bytes);
  * PAX path/linkpath records are UTF-8 by the standard, checked in their raw form.
  */
-const LONE_SURROGATE = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/;
-
 function utf8Names(header: RawHeaders): void {
   const decode = (field: string, paxKey: string): string => {
     const pax = header.paxRaw?.get(paxKey);
