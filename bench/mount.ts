@@ -15,7 +15,7 @@
  * `sync; echo 3 > /proc/sys/vm/drop_caches`, and mount again first.
  * Only ratios from one run mean anything on a shared, noisy machine.
  *
- *   node dist/bench/mount.js [--reps N] [--dataset debian-multi|synthetic|all] [--only REGEX]   (root; part of `make bench`)
+ *   node dist/bench/mount.js [--reps N] [--dataset debian-multi|synthetic|all] [--only REGEX] [--fuse-wake-here on|off|as-is]   (root; part of `make bench`)
  *
  * `--only` runs just the workloads whose names match (e.g. 'read all|python3').
  *
@@ -35,6 +35,7 @@ import { type Impl, IMPLS_WITH_PASSTHROUGH_OFF as IMPLS, type LayerStack, type M
 import { type CpuTimes, cpuDelta, cpuTimes } from './procstat.js';
 import { argOf, stats, writeResults } from './report.js';
 import { SYNTHETIC_PATHS, syntheticDataset } from './synthetic.js';
+import { fuseWakeHereForRun } from './wakeHere.js';
 import { LAYER_TAR } from '../storage/layerIndex.js';
 import { readLayerIndex } from '../storage/store.js';
 import { makeLayerObjects } from '../storage/objectStore.js';
@@ -305,6 +306,7 @@ async function main(): Promise<void> {
   const chosen = which === 'all' ? DATASETS : [which as DatasetName];
   const onlyArg = argOf('--only', '');
   const only = onlyArg === '' ? undefined : new RegExp(onlyArg);
+  const wakeHere = await fuseWakeHereForRun();
   const started = performance.now();
   const loadStart = await loadAverage();
   const work = await mkdtemp(join(tmpdir(), 'layerd-bench-mount-'));
@@ -313,6 +315,7 @@ async function main(): Promise<void> {
     for (const m of active) await m.stop().catch(() => undefined);
     await clearMountsUnder(work);
     await rm(work, { recursive: true, force: true });
+    await wakeHere.restore();
   };
   const onSignal = (): void => { void cleanup().finally(() => process.exit(130)); };
   process.once('SIGINT', onSignal);
@@ -334,6 +337,7 @@ async function main(): Promise<void> {
       'Server CPU s: user+system time of the mount server process during the workload (/proc/PID/stat utime+stime, plus cutime+cstime of helper processes it ran, shown as "children"); "kernel": overlayfs has no server process. For "mount until ready" it is the CPU from spawn until ready.',
       'Mount until ready: from spawning the server (or running mount(8)) until the mount shows in /proc/self/mountinfo; measured after one untimed warm-up mount.',
       `Cold rows: unmount, \`sync; echo 3 > /proc/sys/vm/drop_caches\`, mount again. "untar source tree": \`tar -xf\` of ${(untar.bytes / 1e6).toFixed(0)} MB (${untar.entries.toLocaleString('en')} entries, the host's /usr/include without node/ and llvm-14/) into a new directory of a fresh mount; input in the page cache.`,
+      wakeHere.note,
       `Whole run: ${minutes.toFixed(1)} min. Load average (1 min) at start ${loadStart}, at end ${await loadAverage()} on ${cpus().length} CPUs: other work on the machine shares them.`,
       '',
     );

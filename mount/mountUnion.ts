@@ -9,6 +9,7 @@ import { clearDeadMount, isDeadMount } from './deadMount.js';
 import type { FuseSession } from './fuseSession.js';
 import { InitFlag } from './fuseProtocol.js';
 import { KernelFuse } from './kernelFuse.js';
+import { preferWakeupsHereOnce } from './fuseWakeups.js';
 import { LiveLayer } from './liveLayer.js';
 import type { LowerMergeCache } from './lowerMerges.js';
 import { UnionFs } from './unionFs.js';
@@ -104,6 +105,7 @@ export async function mountUnion(options: MountUnionOptions): Promise<MountedUni
   if (union.skippedEntries > 0) logger.warn('index entries ignored while merging', { count: union.skippedEntries });
   // A live layer changes under the kernel's caches: keep them short, so an edit shows within a second.
   const cacheSeconds = options.cacheSeconds ?? (live ? LIVE_CACHE_SECONDS : undefined);
+  await preferWakeupsHereOnce(logger);
   let session: FuseSession;
   try {
     session = await KernelFuse.mount(mountpoint, union, {
