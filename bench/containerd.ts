@@ -28,6 +28,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { CORPUS, argOf, stats, time, writeResults } from './report.js';
+import { fuseWakeHereForRun } from './wakeHere.js';
 import { ContainerdEnv, missingTools, ok } from '../test/support/containerd.js';
 import { TestRegistry } from '../test/support/registry.js';
 import { waitFor } from '../test/support/daemon.js';
@@ -90,6 +91,7 @@ async function main(): Promise<void> {
   }
   const reps = Number(argOf('--reps', '3'));
   const laterRuns = Number(argOf('--runs', '4'));
+  const wakeHere = await fuseWakeHereForRun();
   const work = await mkdtemp(join(tmpdir(), 'layerd-bench-ctrd-'));
   const env = new ContainerdEnv(work, { namespace: 'bench-warmup' });
   let registry: TestRegistry | undefined;
@@ -168,6 +170,7 @@ async function main(): Promise<void> {
       `# containerd 1.6: layerd vs overlayfs snapshotter, debian-multi:${TAG} from a loopback registry, ${reps} repetitions (${laterRuns} later runs each), ${new Date().toISOString()}`,
       '',
       'layerd-fetch: `ctr-remote images rpull --snapshotter layerd` (layerd fetches the layers itself); the others: `ctr images pull`.',
+      wakeHere.note,
       '',
       '| ms, median (min–max) | layerd as | layerd | overlayfs | ratio | target |',
       '|---|---|---|---|---|---|',
@@ -187,6 +190,7 @@ async function main(): Promise<void> {
     await env.stop().catch((err: unknown) => console.error(`cleanup: ${String(err)}`));
     await registry?.stop();
     await rm(work, { recursive: true, force: true });
+    await wakeHere.restore();
   }
 }
 

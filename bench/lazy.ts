@@ -31,6 +31,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { argOf, stats, writeResults } from './report.js';
+import { fuseWakeHereForRun } from './wakeHere.js';
 import { type LazyImage, type LazyImageFormat, lazyBenchImage } from './lazyImage.js';
 import { type RelayCounters, type ThrottledRelay, startThrottledRelay } from './throttledRelay.js';
 import { ContainerdEnv, missingTools, ok } from '../test/support/containerd.js';
@@ -166,6 +167,7 @@ async function main(): Promise<void> {
   const chunkSize = Number(argOf('--chunk-size', String(4 * 1024 * 1024)));
   const formats = argOf('--images', 'estargz,gzip').split(',').filter((f): f is LazyImageFormat => f === 'estargz' || f === 'gzip');
   if (formats.length === 0) throw new Error('--images: estargz, gzip or both (comma-separated)');
+  const wakeHere = await fuseWakeHereForRun();
   const work = await mkdtemp(join(tmpdir(), 'layerd-bench-lazy-'));
   let registry: TestRegistry | undefined;
   let relay: ThrottledRelay | undefined;
@@ -233,6 +235,7 @@ async function main(): Promise<void> {
       `# Lazy pull: image not in the store → first output, through a ${rate / 1e6} MB/s relay, ${reps} repetitions, ${new Date().toISOString()}`,
       '',
       `Load average (1 min) ${load.toFixed(2)} before, ${loadAfter.toFixed(2)} after. Command: \`${COMMAND.join(' ')}\`.${containerdNote ? ` ${containerdNote}.` : ''}`,
+      wakeHere.note,
       '',
     ];
     const ratios: Record<string, Record<string, number>> = {};
@@ -250,6 +253,7 @@ async function main(): Promise<void> {
     await relay?.close();
     await registry?.stop();
     await rm(work, { recursive: true, force: true });
+    await wakeHere.restore();
   }
 }
 
