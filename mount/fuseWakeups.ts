@@ -9,9 +9,11 @@
  * with perf on the 2-CPU machines layerd is built on: 40 % of the server's
  * samples in `__wake_up` and `finish_task_switch`).
  *
- * The kernel layerd runs on (6.18, fuse module parameter `wake_here`) can
- * wake the other side on the waking CPU instead: caller and server then
- * take turns on one CPU, as a function call would. Measured in two runs of
+ * The kernel layerd runs on (6.18.44-fc, fuse module parameter `wake_here`,
+ * undocumented; its symbol `fuse_wakes_here` sits beside the scheduler's
+ * `__wake_up_on_current_cpu`) wakes the other side on the waking CPU
+ * instead: caller and server then take turns on one CPU, as a function
+ * call would. Measured in two runs of
  * bench/mount.ts on a quiet machine, one each way (the setting is the
  * host's, so it cannot be interleaved): create 10k files 5.3 → 1.5 s, untar
  * 3.6 → 0.9 s, read-all warm 0.72 → 0.30 s (docs/performance.md). It only moves wake-ups: what a
