@@ -26,6 +26,7 @@ import { Spool } from './spool.js';
 import { LazyFills } from '../storage/lazy/fill.js';
 import { DEFAULT_GATE_TIMING, ReadDemandGate } from '../storage/lazy/readDemand.js';
 import { systemRoutes } from './api/system.js';
+import { preferWakeupsHereOnce } from '../mount/fuseWakeups.js';
 import { type DaemonConfig, loadConfig } from './config.js';
 import { Router } from './http.js';
 import { DaemonMetrics } from './metrics.js';
@@ -120,6 +121,8 @@ export class Daemon {
         timeouts: timeoutsFrom(options.config.registryTimeouts), logger, gate: daemon.fillGate,
       });
       registryRoutes(router, store, options.config.registriesConfig, options.config.registryTimeouts, daemon.lazyFills);
+      // Once, before any mount host serves: they leave the setting to the daemon (mount/fuseWakeups.ts).
+      await preferWakeupsHereOnce(logger);
       await daemon.containers.adoptAll();
       daemon.containers.superviseHosts();
       // The snapshotter fetches the layers containerd names in Prepare labels itself (CRI, ctr-remote rpull).

@@ -20,9 +20,11 @@
  * request does and when it is answered are unchanged.
  *
  * The parameter is the host's, shared by every FUSE filesystem on it, so
- * turning it on is a host setting, as the sysctls kubelet sets are: layerd
- * turns it on when it serves its first mount (it runs as root), says so in
- * its log, and never turns it off (other mounts may rely on it by then).
+ * turning it on is a host setting, as the sysctls kubelet sets are: the
+ * daemon turns it on once when it starts (a standalone `layerd mount`, when
+ * it mounts), says so in its log, and never turns it off (other mounts may
+ * rely on it by then); its mount hosts leave it alone, so an admin who turns
+ * it off by hand is not overruled until the daemon starts again.
  * LAYERD_FUSE_WAKE_HERE=0 leaves it as found. Kernels without the
  * parameter, and read-only /sys (a container), are left alone.
  */

@@ -229,7 +229,7 @@ class MountHost {
         layers, upper: request.upper, mountpoint, readOnly: request.readOnly ?? false, logger: this.logger, lowerMerges: this.lowerMerges,
         ...(stats ? { stats } : {}), ...(request.liveLayer !== undefined ? { liveLayer: request.liveLayer } : {}),
         ...(typeof request.cacheSeconds === 'number' ? { cacheSeconds: request.cacheSeconds } : {}),
-        ...(record ? { record } : {}),
+        ...(record ? { record } : {}), preferWakeupsHere: false,
       });
       this.mounts.set(mountpoint, { mounted, stats, statsFile: request.statsFile, record });
       // Someone else may unmount it (umount, the daemon clearing a mount): forget it then.

@@ -46,6 +46,13 @@ export interface MountUnionOptions {
   writeback?: boolean;
   /** Record the mount's first accesses here (mount/accessRecord.ts). */
   record?: AccessRecorder;
+  /**
+   * Turn on the host's FUSE wake-ups on the waking CPU before the first
+   * mount of this process (mount/fuseWakeups.ts; default true). The
+   * daemon's mount hosts pass false: the daemon did it once when it started,
+   * so an admin who turns it off afterwards is not overruled by every new host.
+   */
+  preferWakeupsHere?: boolean;
 }
 
 /** The default of MountUnionOptions.writeback: LAYERD_FUSE_WRITEBACK=0 turns it off (benchmarks, the semantics suite run each way). */
@@ -105,7 +112,7 @@ export async function mountUnion(options: MountUnionOptions): Promise<MountedUni
   if (union.skippedEntries > 0) logger.warn('index entries ignored while merging', { count: union.skippedEntries });
   // A live layer changes under the kernel's caches: keep them short, so an edit shows within a second.
   const cacheSeconds = options.cacheSeconds ?? (live ? LIVE_CACHE_SECONDS : undefined);
-  await preferWakeupsHereOnce(logger);
+  if (options.preferWakeupsHere !== false) await preferWakeupsHereOnce(logger);
   let session: FuseSession;
   try {
     session = await KernelFuse.mount(mountpoint, union, {

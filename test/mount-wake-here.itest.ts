@@ -1,9 +1,11 @@
 /**
  * The host's FUSE wake-up setting (mount/fuseWakeups.ts): what
  * preferWakeupsHere does with each value it can find (on a file of the
- * test's own), and that a real `layerd mount` turns the kernel's parameter
- * on, or leaves it off with LAYERD_FUSE_WAKE_HERE=0. The parameter's value
- * found before the test is put back after it. Needs root.
+ * test's own), that a real `layerd mount` turns the kernel's parameter on,
+ * or leaves it off with LAYERD_FUSE_WAKE_HERE=0, and that the daemon turns
+ * it on once when it starts while its mount hosts leave it to the admin
+ * afterwards. The parameter's value found before the test is put back
+ * after it. Needs root.
  */
 import { expect } from 'chai';
 import { type ChildProcess } from 'node:child_process';
@@ -12,6 +14,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { WAKE_HERE_PARAMETER, preferWakeupsHere } from '../mount/fuseWakeups.js';
 import { makeWorkspace, removeWorkspace, startLayerdServer, stopLayerdServer, type Workspace } from './fixtures/mount/harness.js';
+import { type RunningDaemon, startDaemon } from './support/daemon.js';
+import { DEBIAN_MULTI, daemonCli, scratch } from './support/env.js';
 
 describe('FUSE wake-ups on the waking CPU (fuse wake_here)', function () {
   this.timeout(60_000);
@@ -85,6 +89,40 @@ describe('FUSE wake-ups on the waking CPU (fuse wake_here)', function () {
       await writeFile(WAKE_HERE_PARAMETER, 'N\n');
       server = await startLayerdServer(['--lower', ws.lowers.join(':'), '--upper', ws.upper], ws.mnt, { ...process.env, LAYERD_FUSE_WAKE_HERE: '0' });
       expect((await readFile(WAKE_HERE_PARAMETER, 'utf8')).trim()).to.equal('N');
+    });
+  });
+
+  describe('the daemon, with the kernel parameter', () => {
+    let work: { dir: string; remove(): Promise<void> } | undefined;
+    let daemon: RunningDaemon | undefined;
+    let found: string | undefined;
+    const { cli, json } = daemonCli(() => daemon!.socket);
+
+    before(async function () {
+      found = await readFile(WAKE_HERE_PARAMETER, 'utf8').then((v) => v.trim(), () => undefined);
+      if (found === undefined) this.skip();
+      work = await scratch('layerd-wake-here-daemon-');
+    });
+    after(async () => {
+      if (daemon) {
+        await cli('rm', 'wake').catch(() => undefined);
+        await daemon.stop();
+      }
+      if (found !== undefined) await writeFile(WAKE_HERE_PARAMETER, `${found}\n`);
+      await work?.remove();
+    });
+
+    it('turns it on when it starts; its mount hosts then leave it as the admin sets it', async () => {
+      await writeFile(WAKE_HERE_PARAMETER, 'N\n');
+      daemon = await startDaemon(work!.dir);
+      expect((await readFile(WAKE_HERE_PARAMETER, 'utf8')).trim(), 'after the daemon started').to.equal('Y');
+      expect(daemon.log()).to.contain('wake_here=Y');
+      await cli('import', DEBIAN_MULTI);
+      // An admin turns it off: a container's mount (a new mount host) must not turn it on again.
+      await writeFile(WAKE_HERE_PARAMETER, 'N\n');
+      const made = await json<{ mountpoint: string }>('create', 'debian-multi:latest', '--name', 'wake');
+      expect((await readFile(join(made.mountpoint, 'etc', 'os-release'), 'utf8'))).to.contain('bookworm');
+      expect((await readFile(WAKE_HERE_PARAMETER, 'utf8')).trim(), 'after a mount host served').to.equal('N');
     });
   });
 });
