@@ -2,7 +2,7 @@
  * The host's FUSE wake-up setting for one bench run (mount/fuseWakeups.ts).
  * It is one setting for the whole host, so a run cannot interleave both
  * ways: `--fuse-wake-here on|off|as-is` picks it for the run (default on,
- * what layerd sets when it serves), every FUSE implementation of the run
+ * what the daemon sets when it starts), every FUSE implementation of the run
  * (layerd and fuse-overlayfs alike) runs with it, the report says which,
  * and the value found is put back at the end.
  */
