@@ -35,6 +35,15 @@ import type { Logger } from '../common/log.js';
 export const WAKE_HERE_PARAMETER = '/sys/module/fuse/parameters/wake_here';
 
 /**
+ * Where this process looks for the parameter: WAKE_HERE_PARAMETER, or
+ * LAYERD_FUSE_WAKE_HERE_FILE (tests give their processes a file of their
+ * own, so test runs side by side never see each other's host setting).
+ */
+export function wakeHereParameter(): string {
+  return process.env['LAYERD_FUSE_WAKE_HERE_FILE'] || WAKE_HERE_PARAMETER;
+}
+
+/**
  * What was found and done: 'absent' (no such parameter), 'on' (found on),
  * 'turned-on', 'left-off' (LAYERD_FUSE_WAKE_HERE=0), 'refused' (could not
  * be written: no root, read-only /sys).
@@ -51,7 +60,7 @@ export interface WakeHereOptions {
 
 /** Read the parameter and turn it on where wanted; never throws. */
 export async function preferWakeupsHere(options: WakeHereOptions = {}): Promise<WakeHereState> {
-  const path = options.path ?? WAKE_HERE_PARAMETER;
+  const path = options.path ?? wakeHereParameter();
   const enable = options.enable ?? process.env['LAYERD_FUSE_WAKE_HERE'] !== '0';
   let value: string;
   try {
