@@ -141,7 +141,7 @@ describe('containerd: a layer `ctr images pull` unpacked keeps the image\'s diff
     expect(after.map((l) => l.diffId).sort()).to.deep.equal(before.map((l) => l.diffId).sort());
     const usedBy = new Map(after.map((l) => [l.diffId, l.usedBy]));
     expect(diffIds.map((d) => usedBy.get(d)), 'the image and a snapshot in each namespace').to.deep.equal([3, 3, 3]);
-    const out = await ctr('ns-b', 'run', '--rm', '--snapshotter', 'layerd', t.ref(), 'py42', 'python3', '-c', 'print(42)');
+    const out = await t.env().runScript(t.ref(), 'py42', 'python3 -c "print(42)"', { namespace: 'ns-b', timeoutMs: 300_000 });
     expect(out.trim()).to.equal('42');
   });
 
@@ -178,7 +178,7 @@ describe('containerd: with containerd\'s content store out of reach, unpacked la
     expect(stored).to.have.length(3);
     // (the rebuilt tars are not byte for byte the image's: layerd's own diffIDs)
     expect(stored.filter((d) => diffIds.includes(d)), 'no layer has the image\'s diffID').to.deep.equal([]);
-    const out = await t.env().ctrOk(['run', '--rm', '--snapshotter', 'layerd', t.ref(), 'py42', 'python3', '-c', 'print(42)'], { timeoutMs: 300_000 });
+    const out = await t.env().runScript(t.ref(), 'py42', 'python3 -c "print(42)"', { timeoutMs: 300_000 });
     expect(out.trim()).to.equal('42');
   });
 });

@@ -102,9 +102,9 @@ describe('containerd: the snapshotter fetches layers itself (CRI labels, ctr-rem
     expect(tree).to.contain(`    \\_ ${docs.chain[2]}`);
 
     // containerd takes the image as unpacked: a container runs on the fetched layers
-    const out = await env!.ctrOk(['run', '--rm', '--snapshotter', 'layerd', ref, 'cri-run', 'sh', '-c',
-      '/usr/bin/python3 -c "print(6 * 7)"; grep VERSION_CODENAME /etc/os-release; [ -e /etc/motd ] || echo motd-deleted'],
-    { namespace: CRI_NAMESPACE, timeoutMs: 120_000 });
+    const out = await env!.runScript(ref, 'cri-run',
+      '/usr/bin/python3 -c "print(6 * 7)"; grep VERSION_CODENAME /etc/os-release; [ -e /etc/motd ] || echo motd-deleted',
+      { namespace: CRI_NAMESPACE, timeoutMs: 120_000 });
     expect(out).to.equal('42\nVERSION_CODENAME=bookworm\nmotd-deleted\n');
   });
 
@@ -126,8 +126,7 @@ describe('containerd: the snapshotter fetches layers itself (CRI labels, ctr-rem
     expect(logged(logStart, /unpack snapshot prepared/), 'no unpack directory').to.deep.equal([]);
     expect(await storeLayers()).to.include(docs.diffIds[0]);
 
-    const out = await env!.ctrOk(['run', '--rm', '--snapshotter', 'layerd', ref, 'rpull-run', 'sh', '-c', 'echo fetched-by-layerd; ls /bin/busybox'],
-      { namespace, timeoutMs: 120_000 });
+    const out = await env!.runScript(ref, 'rpull-run', 'echo fetched-by-layerd; ls /bin/busybox', { namespace, timeoutMs: 120_000 });
     expect(out).to.equal('fetched-by-layerd\n/bin/busybox\n');
   });
 });

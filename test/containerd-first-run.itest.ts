@@ -90,7 +90,7 @@ describe('containerd: the first run after a pull does not wait for the backgroun
 
     // the first run: served from the three pending directories, whiteouts applied
     // (bounded: without this path the run would wait for the held ingest until the gate opens)
-    expectImageSeen(await env!.ctrOk(['run', '--rm', '--snapshotter', 'layerd', ref, 'first', 'sh', '-c', SCRIPT], { timeoutMs: 120_000 }));
+    expectImageSeen(await env!.runScript(ref, 'first', SCRIPT, { timeoutMs: 120_000 }));
     const prepared = logged(logStart, 'snapshot prepared');
     expect(prepared.map((l) => l['pendingDirs']), 'the container\'s mount read the pending directories').to.deep.equal([3]);
     // ... from the daemon's walks of them at their Commit: the mount host walked none on the run's critical path
@@ -123,7 +123,7 @@ describe('containerd: the first run after a pull does not wait for the backgroun
 
     // later runs read the stored layers
     const laterStart = env!.layerd!.log().length;
-    expectImageSeen(await ctr('run', '--rm', '--snapshotter', 'layerd', ref, 'later', 'sh', '-c', SCRIPT));
+    expectImageSeen(await env!.runScript(ref, 'later', SCRIPT, { timeoutMs: 300_000 }));
     expect(logged(laterStart, 'snapshot prepared').map((l) => l['pendingDirs'])).to.deep.equal([0]);
   });
 });

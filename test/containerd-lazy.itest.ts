@@ -117,9 +117,8 @@ describe('eStargz images made by ctr-remote, pulled lazily (containerd rpull, la
     const rangesBefore = rangeRequests;
 
     // A container on the lazy snapshots: its reads fetch chunks; the fills cannot have completed.
-    const out = await env!.ctrOk(['run', '--rm', '--snapshotter', 'layerd', ref, 'lazy-run', 'sh', '-c',
-      '/usr/bin/python3 -c "print([6 * 7])" 2>&1; grep VERSION_CODENAME /etc/os-release'],
-    { namespace, timeoutMs: 300_000 });
+    const out = await env!.runScript(ref, 'lazy-run', '/usr/bin/python3 -c "print([6 * 7])" 2>&1; grep VERSION_CODENAME /etc/os-release',
+      { namespace, timeoutMs: 300_000 });
     expect(out).to.equal('[42]\nVERSION_CODENAME=bookworm\n');
     expect(rangeRequests - rangesBefore, 'chunks fetched on demand').to.be.greaterThan(0);
     const during = await lazyStates();
@@ -135,8 +134,7 @@ describe('eStargz images made by ctr-remote, pulled lazily (containerd rpull, la
     // The state leaves the database before the fill's log line is written and piped to us.
     await waitFor('both fills logged complete', () => logged(/lazy layer complete/).length === 2, 30_000, 100);
     expect(logged(/lazy layer complete/)).to.have.length(2);
-    const again = await env!.ctrOk(['run', '--rm', '--snapshotter', 'layerd', ref, 'lazy-run-2', 'sh', '-c', 'grep VERSION_CODENAME /etc/os-release'],
-      { namespace, timeoutMs: 300_000 });
+    const again = await env!.runScript(ref, 'lazy-run-2', 'grep VERSION_CODENAME /etc/os-release', { namespace, timeoutMs: 300_000 });
     expect(again).to.equal('VERSION_CODENAME=bookworm\n');
     const fsck = await layerctlR(['--socket', env!.layerdSocket, 'fsck']);
     expect(fsck.code, fsck.stdout + fsck.stderr).to.equal(0);

@@ -113,8 +113,8 @@ describe('containerd: remote snapshots (layers already in layerd\'s store are no
     }
 
     // containerd sees the image as unpacked and runs it
-    const out = await env!.ctrOk(['run', '--rm', '--snapshotter', 'layerd', IMAGE, 'remote-1', 'sh', '-c',
-      '/usr/bin/python3 -c "print(6 * 7)"; grep VERSION_CODENAME /etc/os-release; ls /usr/share/doc; [ -e /etc/motd ] || echo motd-deleted'], { timeoutMs: 120_000 });
+    const out = await env!.runScript(IMAGE, 'remote-1',
+      '/usr/bin/python3 -c "print(6 * 7)"; grep VERSION_CODENAME /etc/os-release; ls /usr/share/doc; [ -e /etc/motd ] || echo motd-deleted', { timeoutMs: 120_000 });
     expect(out).to.equal('42\nVERSION_CODENAME=bookworm\nREADME.corpus\napt\ncorpus\nmotd-deleted\n');
 
     // the proof that no tar was applied: an unpack commits a writable layer, which ingests a new layer

@@ -70,7 +70,7 @@ describe('containerd: unpacking into layerd at disk speed, each layer stored onc
     for (const l of afterB.filter((x) => !before.some((b) => b.diffId === x.diffId))) {
       expect(l.usedBy, `${l.diffId}: a snapshot in each namespace`).to.equal(2);
     }
-    const out = await ctr('ns-b', 'run', '--rm', '--snapshotter', 'layerd', `corpus/debian-multi:${TAG}`, 'py42', 'python3', '-c', 'print(42)');
+    const out = await env!.runScript(`corpus/debian-multi:${TAG}`, 'py42', 'python3 -c "print(42)"', { namespace: 'ns-b', timeoutMs: 300_000 });
     expect(out.trim()).to.equal('42');
   });
 
