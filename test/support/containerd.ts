@@ -280,10 +280,11 @@ export class ContainerdEnv {
   /**
    * `ctr run --rm` of the shell script `script` in the image `ref` (it must exit 0); what it
    * wrote to its standard output. That comes back through a file on a bind mount at /mnt, not
-   * through ctr's own stdout: ctr 1.6 stops copying a task's output when the task exits (the
-   * client's task.Delete cancels the copy before it waits for it), so the last lines of a process
-   * that exits right after printing can be lost. Seen once in three CI runs side by side: a
-   * `grep` of one line came back as ''.
+   * through ctr's own stdout, which can lose the last lines of a process that exits right after
+   * printing: ctr copies a task's output from FIFOs in the background and stops when the task is
+   * deleted (a known kind of race in containerd clients, e.g. concourse/concourse#6775; ctr 1.6's
+   * own code was not read). Seen once in three CI runs side by side: a `grep` that exited 0 came
+   * back as ''.
    */
   async runScript(ref: string, id: string, script: string,
     options: { snapshotter?: string; timeoutMs?: number; namespace?: string; mounts?: string[] } = {}): Promise<string> {
