@@ -13,11 +13,11 @@
  * undocumented; its symbol `fuse_wakes_here` sits beside the scheduler's
  * `__wake_up_on_current_cpu`) wakes the other side on the waking CPU
  * instead: caller and server then take turns on one CPU, as a function
- * call would. Measured in two runs of
- * bench/mount.ts on a quiet machine, one each way (the setting is the
- * host's, so it cannot be interleaved): create 10k files 5.3 → 1.5 s, untar
- * 3.6 → 0.9 s, read-all warm 0.72 → 0.30 s (docs/performance.md). It only moves wake-ups: what a
- * request does and when it is answered are unchanged.
+ * call would. Measured in two runs of bench/mount.ts on a quiet machine,
+ * one each way (the setting is the host's, so it cannot be interleaved):
+ * create 10k files 5.3 → 1.7 s, untar 3.6 → 0.9 s, read-all warm 0.72 →
+ * 0.30 s (docs/performance.md). It changes where a woken task runs, not
+ * what a request does or when it is answered.
  *
  * The parameter is the host's, shared by every FUSE filesystem on it, so
  * turning it on is a host setting, as the sysctls kubelet sets are: the

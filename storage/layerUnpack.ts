@@ -323,7 +323,6 @@ function paxInt(value: string | Buffer | undefined): number | undefined {
 
 function ignore(): void {}
 
-/** tar-stream reports malformed archives with plain Errors. */
 /** A UTF-16 surrogate without its pair: no UTF-8 name decodes to one. */
 const LONE_SURROGATE = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/;
 
@@ -349,6 +348,7 @@ function utf8Names(header: RawHeaders): void {
   if (header.linkname) header.linkname = decode(header.linkname, 'linkpath');
 }
 
+/** tar-stream reports malformed archives with plain Errors. */
 function tarError(err: unknown): LayerdError {
   if (err instanceof LayerdError) return err;
   const message = err instanceof Error ? err.message : String(err);
