@@ -36,6 +36,8 @@ export class FuseNode {
    * `lower`: a lower file's read-only object (never for opens of its upper copy).
    */
   backing: { id: number; opens: number; lower: boolean } | undefined;
+  /** Its bytes were handed to the kernel's page cache at an open (kernelFuse.ts, `prefill`): not again. */
+  prefilled = false;
 
   constructor(readonly id: number, public ino: number, public type: number) {}
 }

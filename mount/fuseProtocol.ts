@@ -228,6 +228,20 @@ export function writeOutHeader(out: Buffer, length: number, errno: number, uniqu
   writeU64(out, unique, 8);
 }
 
+/** Unasked messages to the kernel carry their code where a reply has its error, and request number 0. */
+const FUSE_NOTIFY_STORE = 4;
+/** fuse_out_header, then struct fuse_notify_store_out { u64 nodeid; u64 offset; u32 size; u32 padding; }: the data follows. */
+export const NOTIFY_STORE_HEADER_SIZE = OUT_HEADER_SIZE + 24;
+
+/** The headers of a FUSE_NOTIFY_STORE of `size` bytes at offset 0 of node `nodeid`, `length` bytes in all. */
+export function writeNotifyStoreHeader(out: Buffer, length: number, nodeid: number, size: number): void {
+  writeOutHeader(out, length, FUSE_NOTIFY_STORE, 0);
+  writeU64(out, nodeid, OUT_HEADER_SIZE);
+  writeU64(out, 0, OUT_HEADER_SIZE + 8);
+  out.writeUInt32LE(size, OUT_HEADER_SIZE + 16);
+  out.writeUInt32LE(0, OUT_HEADER_SIZE + 20);
+}
+
 function writeTime(buf: Buffer, secondsAt: number, nsecAt: number, t: Timespec): void {
   // The kernel stores the u64 into a signed time64_t: times before 1970 travel as two's complement.
   if (t.sec >= 0) writeU64(buf, t.sec, secondsAt);

@@ -39,7 +39,8 @@ import { receiveFd, socketPair } from '../common/sys/fdPassing.js';
 import { findMount } from './deadMount.js';
 import {
   FUSE_DEV_IOC_BACKING_CLOSE, FUSE_DEV_IOC_BACKING_OPEN, FUSE_KERNEL_VERSION, FUSE_PASSTHROUGH_MINOR_VERSION, IN_HEADER_SIZE, InitFlag,
-  InitFlag2, OUT_HEADER_SIZE, Op, initOut, outHeader, readHeader, readInit, writeOutHeader, type RequestHeader,
+  InitFlag2, NOTIFY_STORE_HEADER_SIZE, OUT_HEADER_SIZE, Op, initOut, outHeader, readHeader, readInit, writeNotifyStoreHeader, writeOutHeader,
+  type RequestHeader,
 } from './fuseProtocol.js';
 import { ioctl } from '../common/sys/fs.js';
 import { MNT_DETACH, MS_RDONLY, mount as mountSyscall, unmount as unmountSyscall } from '../common/sys/mount.js';
@@ -306,6 +307,19 @@ export class FuseSession {
     writeOutHeader(REPLY_BUFFER, length, errno, unique);
     if (length > OUT_HEADER_SIZE) body!.copy(REPLY_BUFFER, OUT_HEADER_SIZE);
     this.write(REPLY_BUFFER.subarray(0, length));
+  }
+
+  /**
+   * Put `size` bytes of node `nodeid`'s content, from offset 0, into the
+   * kernel's page cache (FUSE_NOTIFY_STORE): `buf` holds them after
+   * NOTIFY_STORE_HEADER_SIZE bytes of room. Unasked: nobody waits for it,
+   * and a node the kernel no longer has is simply not stored (ENOENT).
+   */
+  notifyStore(nodeid: number, buf: Buffer, size: number): void {
+    if (this.isClosed) return;
+    const length = NOTIFY_STORE_HEADER_SIZE + size;
+    writeNotifyStoreHeader(buf, length, nodeid, size);
+    this.write(buf.subarray(0, length));
   }
 
   /**

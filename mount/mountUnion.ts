@@ -47,6 +47,12 @@ export interface MountUnionOptions {
   /** Record the mount's first accesses here (mount/accessRecord.ts). */
   record?: AccessRecorder;
   /**
+   * Hand small lower files' bytes to the kernel's page cache at their first
+   * open (kernelFuse.ts; default: on, unless the environment has
+   * LAYERD_FUSE_PREFILL=0).
+   */
+  prefill?: boolean;
+  /**
    * Turn on the host's FUSE wake-ups on the waking CPU before the first
    * mount of this process (mount/fuseWakeups.ts; default true). The
    * daemon's mount hosts pass false: the daemon did it once when it started,
@@ -58,6 +64,11 @@ export interface MountUnionOptions {
 /** The default of MountUnionOptions.writeback: LAYERD_FUSE_WRITEBACK=0 turns it off (benchmarks, the semantics suite run each way). */
 export function writebackByDefault(): boolean {
   return process.env['LAYERD_FUSE_WRITEBACK'] !== '0';
+}
+
+/** The default of MountUnionOptions.prefill: LAYERD_FUSE_PREFILL=0 turns it off (benchmarks, tests of the READ path). */
+export function prefillByDefault(): boolean {
+  return process.env['LAYERD_FUSE_PREFILL'] !== '0';
 }
 
 /** The default of MountUnionOptions.passthrough: LAYERD_FUSE_PASSTHROUGH=0 turns it off (benchmarks, the semantics suite run both ways). */
@@ -118,7 +129,7 @@ export async function mountUnion(options: MountUnionOptions): Promise<MountedUni
     session = await KernelFuse.mount(mountpoint, union, {
       readOnly, contentMayChange: live !== undefined, cacheSeconds: cacheSeconds ?? KERNEL_CACHE_SECONDS, logger,
       ...(options.stats ? { stats: options.stats } : {}), passthrough: options.passthrough ?? passthroughByDefault(),
-      writeback: live === undefined && (options.writeback ?? writebackByDefault()),
+      writeback: live === undefined && (options.writeback ?? writebackByDefault()), prefill: options.prefill ?? prefillByDefault(),
       ...(options.record && live === undefined ? { record: options.record } : {}),
     });
   } catch (err) {

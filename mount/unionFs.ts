@@ -474,6 +474,20 @@ export class UnionFs {
     return plainReadWrite === true ? { fd, owned: false, lower: false } : { fd: reopenFd(fd, O_RDWR, OPEN_FILE_PATH), owned: true, lower: false };
   }
 
+  /**
+   * How many bytes of an open file may be handed to the kernel's page cache
+   * before its first read (kernelFuse.ts, `prefill`): all of a lower file
+   * smaller than PASSTHROUGH_MIN_LOWER_SIZE whose bytes are all here (not
+   * lazily pulled). 0 for anything else: upper files, larger files (passed
+   * through, or read as asked), empty ones.
+   */
+  prefillSize(fh: number): number {
+    const { upper, lower, ready } = this.files.get(fh);
+    if (upper || lower === undefined || ready !== undefined) return 0;
+    const { size } = lower.entry;
+    return size < PASSTHROUGH_MIN_LOWER_SIZE ? size : 0;
+  }
+
   read(fh: number, buffer: Buffer, length: number, position: number): Promise<number> {
     return this.files.read(fh, buffer, length, position);
   }

@@ -187,3 +187,110 @@ print(len(held), fds() - before, h.hexdigest())`, JSON.stringify(run.map((f) => 
     expect(digest, 'the bytes read through the mount').to.equal(expected.digest('hex'));
   });
 });
+
+describe('mount kernel caches: small lower files handed to the page cache at open', function () {
+  this.timeout(120_000);
+  let work: { dir: string; remove(): Promise<void> } | undefined;
+  let server: ChildProcess | undefined;
+  let mnt: string;
+  let statsFile: string;
+  /** Small files of the image (a directory no layer above changes), with the bytes each must read. */
+  let files: { path: string; sha256: string }[];
+
+  const mount = async (env: NodeJS.ProcessEnv = process.env): Promise<void> => {
+    await writeFile(statsFile, '{}');
+    server = await startLayerdServer(['--root', join(work!.dir, 'store'), '--image', 'debian-multi:latest', '--upper', join(work!.dir, 'upper'),
+      '--stats-file', statsFile], mnt, env);
+  };
+  const unmountCounts = async (): Promise<Record<string, number>> => {
+    await stopLayerdServer(server!, mnt);
+    server = undefined;
+    const snap = JSON.parse(await readFile(statsFile, 'utf8')) as OpStatsSnapshot;
+    return Object.fromEntries(Object.entries(snap).map(([op, c]) => [op, c.count]));
+  };
+  /** What GNU tar does with each file: open, fstat, read to the end, fstat, close; the digests of what was read. */
+  const readLikeTar = (extra = ''): Promise<string> => mustRun('python3', ['-c', `
+import os, sys, json, hashlib
+out = []
+for p in json.loads(sys.argv[1]):
+    fd = os.open(os.path.join(${JSON.stringify(mnt)}, p), os.O_RDONLY)
+    size = os.fstat(fd).st_size
+    data = b''
+    while True:
+        chunk = os.read(fd, 10240)
+        if not chunk: break
+        data += chunk
+    os.fstat(fd)
+${extra}
+    os.close(fd)
+    out.append(hashlib.sha256(data).hexdigest() if len(data) == size else 'short')
+print(json.dumps(out))`, JSON.stringify(files.map((f) => f.path))]);
+
+  before(async () => {
+    work = await scratch();
+    await storeWithDebianMulti(join(work.dir, 'store'));
+    mnt = join(work.dir, 'mnt');
+    statsFile = join(work.dir, 'stats.json');
+    for (const d of [mnt, join(work.dir, 'upper')]) await mkdir(d);
+    // The expected bytes, read through a mount with the READ path (the corpus oracles check that one against the image).
+    await mount({ ...process.env, LAYERD_FUSE_PREFILL: '0' });
+    const listed = await mustRun('python3', ['-c', `
+import os, json, hashlib
+root = ${JSON.stringify(join(mnt, 'usr/share/zoneinfo'))}
+paths = sorted(os.path.join(r, n) for r, _, ns in os.walk(root) for n in ns)
+paths = [p for p in paths if not os.path.islink(p) and os.path.isfile(p) and 0 < os.path.getsize(p) < 65536][:200]
+print(json.dumps([[os.path.relpath(p, ${JSON.stringify(mnt)}), hashlib.sha256(open(p, 'rb').read()).hexdigest()] for p in paths]))`]);
+    files = (JSON.parse(listed) as [string, string][]).map(([path, sha256]) => ({ path, sha256 }));
+    await unmountCounts();
+  });
+  after(async () => {
+    if (server) await stopLayerdServer(server, mnt);
+    if (work) await clearMountsUnder(work.dir);
+    await work?.remove();
+  });
+  afterEach(async () => {
+    if (server) await stopLayerdServer(server, mnt);
+    server = undefined;
+  });
+
+  it('a first read of each small file asks no READ and no GETATTR after it, and reads the right bytes', async () => {
+    expect(files.length, 'small files').to.equal(200);
+    await mount();
+    const digests = JSON.parse(await readLikeTar()) as string[];
+    const counts = await unmountCounts();
+    expect(digests).to.deep.equal(files.map((f) => f.sha256));
+    expect(counts['prefill'] ?? 0, 'files handed to the page cache').to.equal(files.length);
+    // Before: one READ per file, and a GETATTR for the fstat after it (each READ drops the cached atime).
+    expect(counts['read'] ?? 0, 'READs').to.equal(0);
+    expect(counts['getattr'] ?? 0, 'GETATTRs').to.be.below(10);
+  });
+
+  it('with LAYERD_FUSE_PREFILL=0 each file is READ, and its fstat asks again (what the test above would see without it)', async () => {
+    await mount({ ...process.env, LAYERD_FUSE_PREFILL: '0' });
+    const digests = JSON.parse(await readLikeTar()) as string[];
+    const counts = await unmountCounts();
+    expect(digests).to.deep.equal(files.map((f) => f.sha256));
+    expect(counts['prefill'] ?? 0).to.equal(0);
+    expect(counts['read'] ?? 0, 'READs').to.be.at.least(files.length);
+    expect(counts['getattr'] ?? 0, 'GETATTRs').to.be.at.least(files.length);
+  });
+
+  it('pages the kernel dropped after the first open are read again as asked, with the same bytes', async () => {
+    await mount();
+    await readLikeTar();
+    // Drop each file's pages (it stays open), then read it again: the node was prefilled once, so this goes to READ.
+    const digests = JSON.parse(await readLikeTar(`
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.lseek(fd, 0, 0)
+    again = b''
+    while True:
+        chunk = os.read(fd, 10240)
+        if not chunk: break
+        again += chunk
+    if again != data: data = b'different'`)) as string[];
+    const counts = await unmountCounts();
+    expect(digests).to.deep.equal(files.map((f) => f.sha256));
+    expect(counts['prefill'] ?? 0, 'each node handed over once').to.equal(files.length);
+    expect(counts['read'] ?? 0, 'READs after the pages were dropped').to.be.at.least(files.length);
+  });
+});
