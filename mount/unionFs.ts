@@ -482,8 +482,8 @@ export class UnionFs {
    * through, or read as asked), empty ones.
    */
   prefillSize(fh: number): number {
-    const { upper, lower, ready } = this.files.get(fh);
-    if (upper || lower === undefined || ready !== undefined) return 0;
+    const { upper, lower, ready, node } = this.files.get(fh);
+    if (upper || lower === undefined || ready !== undefined || node.kind !== 'file') return 0;
     const { size } = lower.entry;
     return size < PASSTHROUGH_MIN_LOWER_SIZE ? size : 0;
   }
