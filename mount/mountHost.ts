@@ -97,6 +97,8 @@ interface HostedMount {
 
 class MountHost {
   private readonly mounts = new Map<string, HostedMount>();
+  /** Mounts being forgotten (their final counts being written), by mountpoint: see `forget`. */
+  private readonly forgetting = new Map<string, Promise<void>>();
   /** Mountpoints being mounted right now (a second request for one gets EEXIST). */
   private readonly pending = new Set<string>();
   /** Layer indexes by directory, loaded once and shared by every mount. */
@@ -250,12 +252,25 @@ class MountHost {
     return { ok: true, ...(hosted.record ? { accesses: hosted.record.ops } : {}) };
   }
 
-  private async forget(mountpoint: string): Promise<void> {
+  /**
+   * Drop a mount that is gone and write its final counts. Called twice for
+   * each unmount (by `unmount`, and when the mount's end is seen): both wait
+   * for the same write, so an unmount is answered only once its counts are
+   * on disk (the second call used to return at once, and a caller reading
+   * the stats file right after its Remove could find none).
+   */
+  private forget(mountpoint: string): Promise<void> {
+    const inFlight = this.forgetting.get(mountpoint);
+    if (inFlight !== undefined) return inFlight;
     const hosted = this.mounts.get(mountpoint);
-    if (hosted === undefined) return;
+    if (hosted === undefined) return Promise.resolve();
     this.mounts.delete(mountpoint);
-    if (hosted.stats && hosted.statsFile) await hosted.stats.writeTo(hosted.statsFile).catch(() => undefined);
-    this.armIdleExit();
+    const done = (async () => {
+      if (hosted.stats && hosted.statsFile) await hosted.stats.writeTo(hosted.statsFile).catch(() => undefined);
+      this.armIdleExit();
+    })().finally(() => this.forgetting.delete(mountpoint));
+    this.forgetting.set(mountpoint, done);
+    return done;
   }
 
   private housekeeping(): void {
